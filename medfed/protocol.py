@@ -1,0 +1,23 @@
+"""What sites and coordinator agree on beyond Flower's own message types.
+
+Error codes a site uses when it does not send an update; Flower's own codes are
+below 100, ours start at 4000 so the coordinator's report can tell them apart.
+"""
+
+from __future__ import annotations
+
+#: The site declined the round because it would cross its privacy cap.
+SITE_DECLINED = 4001
+#: The site refused the run's settings (e.g. δ not below 1/n, no DP); message says which.
+SITE_REFUSED = 4002
+#: The reply was stopped by the site's egress allow-list.
+EGRESS_BLOCKED = 4003
+#: The site failed; details stay in the site's own log (they may name local files).
+SITE_FAILED = 4004
+
+ERROR_NAMES = {
+    SITE_DECLINED: "declined",
+    SITE_REFUSED: "refused",
+    EGRESS_BLOCKED: "egress-blocked",
+    SITE_FAILED: "failed",
+}

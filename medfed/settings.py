@@ -1,0 +1,147 @@
+"""Run and site settings shared by the coordinator and the sites.
+
+One pydantic model per configuration file or table, so that a typo or a bad
+value is refused with the field's name before anything trains.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(Exception):
+    """A configuration file or table is invalid; the message names the field and the fix."""
+
+
+def _explain(source: str, err: ValidationError) -> ConfigError:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  - {field}: {e['msg']}")
+    lines.append("Fix the field(s) above and start again.")
+    return ConfigError("\n".join(lines))
+
+
+class RunConfig(BaseModel):
+    """Settings of one federated run: `[tool.flwr.app.config]` in pyproject.toml.
+
+    Keys use Flower's kebab-case (``num-server-rounds``); unknown keys are
+    refused so that a misspelt setting is never silently ignored.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    num_server_rounds: int = Field(3, ge=1, alias="num-server-rounds")
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0, alias="fraction-train")
+    fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0, alias="fraction-evaluate")
+    min_train_nodes: int = Field(2, ge=1, alias="min-train-nodes")
+    min_evaluate_nodes: int = Field(2, ge=1, alias="min-evaluate-nodes")
+    min_available_nodes: int = Field(2, ge=1, alias="min-available-nodes")
+    proximal_mu: float = Field(0.01, ge=0.0, alias="proximal-mu")
+    server_lr: float = Field(0.01, gt=0.0, alias="server-lr")
+    local_epochs: int = Field(1, ge=1, alias="local-epochs")
+    batch_size: int = Field(32, ge=1, alias="batch-size")
+    lr: float = Field(0.05, gt=0.0)
+    noise_multiplier: float = Field(1.0, ge=0.0, alias="noise-multiplier")
+    max_grad_norm: float = Field(1.0, gt=0.0, alias="max-grad-norm")
+    image_size: int = Field(64, ge=16, le=512, alias="image-size")
+    device: Literal["cpu", "cuda"] = "cpu"
+    out_dir: str = Field("medfed-out", alias="out-dir")
+    demo_dir: str = Field("", alias="demo-dir")
+    round_timeout: float = Field(900.0, gt=0.0, alias="round-timeout")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _minimums_consistent(self) -> "RunConfig":
+        if self.min_available_nodes < max(self.min_train_nodes, self.min_evaluate_nodes):
+            raise ValueError(
+                "min-available-nodes must be at least min-train-nodes and min-evaluate-nodes"
+            )
+        return self
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any], base: "RunConfig | None" = None) -> "RunConfig":
+        """Build from Flower's ``context.run_config`` layered over ``base`` (defaults if None)."""
+        merged: dict[str, Any] = {} if base is None else base.to_flower()
+        merged.update(dict(run_config))
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as err:
+            raise _explain("the run config ([tool.flwr.app.config] / --run-config)", err) from None
+
+    def to_flower(self) -> dict[str, Any]:
+        """The kebab-case mapping Flower passes around as ``run_config``."""
+        return self.model_dump(by_alias=True)
+
+    def with_overrides(self, **overrides: Any) -> "RunConfig":
+        """A copy with some fields changed (python names), validated again."""
+        data = self.model_dump()
+        data.update(overrides)
+        try:
+            return RunConfig.model_validate({RunConfig.model_fields[k].alias or k: v for k, v in data.items()})
+        except ValidationError as err:
+            raise _explain("run config overrides", err) from None
+
+
+class SiteConfig(BaseModel):
+    """What a site node needs to know about itself: its `site.toml`.
+
+    In a deployment these come from the SuperNode's ``node_config``; in the
+    simulation `medfed demo` writes one `site.toml` per synthetic hospital.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    data_dir: Path = Field(alias="data-dir")
+    state_dir: Path = Field(alias="state-dir")
+    audit_dir: Path | None = Field(None, alias="audit-dir")
+    epsilon_cap: float = Field(alias="epsilon-cap", gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+
+    @property
+    def audit_path(self) -> Path:
+        """The site's audit trail: by default the one de-identification writes (DATA/audit)."""
+        return self.audit_dir if self.audit_dir is not None else self.data_dir / "audit"
+
+    @classmethod
+    def from_toml(cls, path: Path) -> "SiteConfig":
+        """Read and validate a `site.toml`; relative paths are relative to the file."""
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"site config {path} does not exist; create it or pass the right path") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"site config {path} is not valid TOML: {err}") from None
+        for key in ("data-dir", "state-dir", "audit-dir"):
+            if key in raw and not Path(raw[key]).is_absolute():
+                raw[key] = str((path.parent / raw[key]).resolve())
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as err:
+            raise _explain(str(path), err) from None
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str) -> "SiteConfig":
+        """Validate a node_config-like mapping, naming ``source`` in errors."""
+        try:
+            return cls.model_validate(dict(values))
+        except ValidationError as err:
+            raise _explain(source, err) from None
+
+    def to_toml(self) -> str:
+        """Serialise as `site.toml` text (paths absolute)."""
+        lines = [
+            f'name = "{self.name}"',
+            f'data-dir = "{self.data_dir}"',
+            f'state-dir = "{self.state_dir}"',
+        ]
+        if self.audit_dir is not None:
+            lines.append(f'audit-dir = "{self.audit_dir}"')
+        lines += [f"epsilon-cap = {self.epsilon_cap!r}", f"delta = {self.delta!r}"]
+        return "\n".join(lines) + "\n"

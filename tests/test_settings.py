@@ -1,0 +1,70 @@
+"""Run and site configuration: bad values are refused with the field named."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from medfed.settings import ConfigError, RunConfig, SiteConfig
+
+
+def test_run_config_defaults_match_pyproject() -> None:
+    import tomllib
+
+    table = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    cfg = RunConfig.from_flower(table)
+    assert cfg.to_flower() == {**RunConfig().to_flower(), **table}
+    # every key of pyproject is a field and every field is in pyproject
+    assert set(table) == set(RunConfig().to_flower())
+
+
+def test_run_config_refuses_unknown_key_naming_it() -> None:
+    with pytest.raises(ConfigError, match="num-server-round"):
+        RunConfig.from_flower({"num-server-round": 3})
+
+
+def test_run_config_refuses_bad_value_naming_it() -> None:
+    with pytest.raises(ConfigError, match="strategy"):
+        RunConfig.from_flower({"strategy": "fedsgd"})
+    with pytest.raises(ConfigError, match="min-available-nodes"):
+        RunConfig.from_flower({"min-train-nodes": 5, "min-available-nodes": 2})
+
+
+def test_run_config_layers_over_base() -> None:
+    base = RunConfig().with_overrides(num_server_rounds=7, lr=0.1)
+    cfg = RunConfig.from_flower({"lr": 0.2}, base)
+    assert (cfg.num_server_rounds, cfg.lr) == (7, 0.2)
+
+
+def test_site_toml_roundtrip_and_relative_paths(tmp_path: Path) -> None:
+    cfg = SiteConfig(name="hospital-a", data_dir=tmp_path / "deid", state_dir=tmp_path / "state",
+                     epsilon_cap=8.0, delta=1e-5)
+    path = tmp_path / "site.toml"
+    path.write_text(cfg.to_toml())
+    assert SiteConfig.from_toml(path) == cfg
+    assert cfg.audit_path == tmp_path / "deid" / "audit"
+
+    rel = tmp_path / "rel.toml"
+    rel.write_text('name = "x"\ndata-dir = "deid"\nstate-dir = "state"\nepsilon-cap = 1.0\n')
+    got = SiteConfig.from_toml(rel)
+    assert got.data_dir == (tmp_path / "deid").resolve()
+
+
+def test_site_toml_errors_name_file_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text('name = "x"\ndata-dir = "d"\nstate-dir = "s"\nepsilon-cap = -1\n')
+    with pytest.raises(ConfigError) as err:
+        SiteConfig.from_toml(path)
+    assert str(path) in str(err.value) and "epsilon-cap" in str(err.value)
+    with pytest.raises(ConfigError, match="does not exist"):
+        SiteConfig.from_toml(tmp_path / "missing.toml")
+
+
+def test_hardening_env_is_set_on_import() -> None:
+    import medfed  # noqa: F401
+
+    assert os.environ["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert os.environ["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+    assert os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
