@@ -1,0 +1,79 @@
+"""The egress allow-list: only model arrays and named scalar metrics may leave a site."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from site_client.egress import EVALUATE_METRICS, TRAIN_METRICS, EgressViolation, check_reply
+
+
+def _global() -> ArrayRecord:
+    return ArrayRecord(torch.nn.Linear(4, 2).state_dict())
+
+
+def _train_reply(**extra_metrics: float) -> RecordDict:
+    metrics = {"num-examples": 10, "train-loss": 0.5, "epsilon": 1.2, **extra_metrics}
+    return RecordDict({"arrays": _global(), "metrics": MetricRecord(metrics)})
+
+
+def test_good_train_reply_is_reported() -> None:
+    report = check_reply(_train_reply(), "train", _global())
+    assert {a["name"] for a in report.arrays} == {"weight", "bias"}
+    assert report.bytes == sum(a["bytes"] for a in report.arrays) > 0
+    assert len(report.digest) == 64
+    assert report.metrics == ["epsilon", "num-examples", "train-loss"]
+
+
+def test_metric_off_the_allow_list_is_blocked() -> None:
+    with pytest.raises(EgressViolation, match="patient-age"):
+        check_reply(_train_reply(**{"patient-age": 54.0}), "train", _global())
+
+
+def test_list_metric_is_blocked() -> None:
+    reply = RecordDict({"arrays": _global(), "metrics": MetricRecord({"num-examples": 3, "train-loss": [0.1, 0.2]})})
+    with pytest.raises(EgressViolation, match="single number"):
+        check_reply(reply, "train", _global())
+
+
+def test_extra_array_is_blocked() -> None:
+    arrays = _global()
+    arrays["smuggled"] = ArrayRecord({"x": torch.zeros(3)})["x"]
+    reply = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})})
+    with pytest.raises(EgressViolation, match="smuggled"):
+        check_reply(reply, "train", _global())
+
+
+def test_reshaped_array_is_blocked() -> None:
+    reply = RecordDict({"arrays": ArrayRecord(torch.nn.Linear(4, 3).state_dict()),
+                        "metrics": MetricRecord({"num-examples": 1})})
+    with pytest.raises(EgressViolation, match="shapes"):
+        check_reply(reply, "train", _global())
+
+
+def test_config_record_and_extra_records_are_blocked() -> None:
+    reply = _train_reply()
+    reply["notes"] = ConfigRecord({"patient": "DOE^JOHN"})
+    with pytest.raises(EgressViolation):
+        check_reply(reply, "train", _global())
+
+
+def test_evaluate_reply_may_not_carry_arrays() -> None:
+    reply = RecordDict({"arrays": _global(), "metrics": MetricRecord({"num-examples": 1, "auc": 0.5})})
+    with pytest.raises(EgressViolation):
+        check_reply(reply, "evaluate", None)
+    ok = RecordDict({"metrics": MetricRecord({"num-examples": 1, "auc": 0.5})})
+    assert check_reply(ok, "evaluate", None).arrays == []
+
+
+def test_query_messages_never_leave() -> None:
+    with pytest.raises(EgressViolation, match="query"):
+        check_reply(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), "query", None)
+
+
+def test_allow_lists_hold_only_aggregate_scalars() -> None:
+    # A guard against someone widening the allow-list with per-record data.
+    assert TRAIN_METRICS <= {"num-examples", "train-loss", "epsilon", "epsilon-cap", "delta", "steps",
+                             "sample-rate", "noise-multiplier"}
+    assert "num-examples" in EVALUATE_METRICS and "auc" in EVALUATE_METRICS
