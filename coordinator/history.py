@@ -1,0 +1,82 @@
+"""What happened in a run, round by round: the source of metrics.json and the plot.
+
+Kept as plain data so checkpoints can carry it and a resumed run continues it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+def _clean(values: dict[str, Any]) -> dict[str, Any]:
+    # JSON has no NaN: an undefined metric (e.g. AUC on a one-class split) is null.
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()}
+
+
+@dataclass
+class SiteRound:
+    """One site's part in one round, as the coordinator saw it (scalars only)."""
+
+    status: str = "trained"  # trained | declined | refused | failed | egress-blocked | no-reply
+    reason: str | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+    evaluate: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RoundRecord:
+    """The aggregated and per-site metrics of one round."""
+
+    round: int
+    seconds: float = 0.0
+    train: dict[str, Any] = field(default_factory=dict)
+    evaluate: dict[str, Any] = field(default_factory=dict)
+    sites: dict[str, SiteRound] = field(default_factory=dict)
+
+    def site(self, node_id: int | str) -> SiteRound:
+        return self.sites.setdefault(str(node_id), SiteRound())
+
+
+@dataclass
+class RunHistory:
+    """Every round of a run so far."""
+
+    rounds: list[RoundRecord] = field(default_factory=list)
+
+    def round(self, number: int) -> RoundRecord:
+        for r in self.rounds:
+            if r.round == number:
+                return r
+        rec = RoundRecord(round=number)
+        self.rounds.append(rec)
+        self.rounds.sort(key=lambda r: r.round)
+        return rec
+
+    def to_json(self) -> list[dict[str, Any]]:
+        out = []
+        for r in self.rounds:
+            d = asdict(r)
+            d["train"] = _clean(d["train"])
+            d["evaluate"] = _clean(d["evaluate"])
+            d["auc"] = d["evaluate"].get("auc")
+            for s in d["sites"].values():
+                s["train"] = _clean(s["train"])
+                s["evaluate"] = _clean(s["evaluate"])
+                s["epsilon"] = s["evaluate"].get("epsilon", s["train"].get("epsilon"))
+                s["epsilon_cap"] = s["evaluate"].get("epsilon-cap", s["train"].get("epsilon-cap"))
+            out.append(d)
+        return out
+
+    @classmethod
+    def from_json(cls, data: list[dict[str, Any]]) -> "RunHistory":
+        hist = cls()
+        for d in data:
+            rec = RoundRecord(round=d["round"], seconds=d.get("seconds", 0.0), train=d.get("train", {}),
+                              evaluate=d.get("evaluate", {}))
+            for node, s in d.get("sites", {}).items():
+                rec.sites[node] = SiteRound(status=s.get("status", "trained"), reason=s.get("reason"),
+                                            train=s.get("train", {}), evaluate=s.get("evaluate", {}))
+            hist.rounds.append(rec)
+        return hist

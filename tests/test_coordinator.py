@@ -1,0 +1,79 @@
+"""Coordinator pieces without Flower's runtime: aggregation, history, checkpoints, report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import MetricRecord, RecordDict
+
+from coordinator.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from coordinator.history import RunHistory
+from coordinator.report import plot_metrics, write_metrics
+from coordinator.strategy import RecordingFedAdam, RecordingFedAvg, RecordingFedProx, build_strategy, weighted_mean_ignoring_nan
+from medfed.settings import RunConfig
+
+
+def _rec(n: int, **m: float) -> RecordDict:
+    return RecordDict({"metrics": MetricRecord({"num-examples": n, **m})})
+
+
+def test_weighted_mean_skips_nan_sites() -> None:
+    out = weighted_mean_ignoring_nan([_rec(30, auc=0.9, loss=1.0), _rec(10, auc=float("nan"), loss=3.0)], "num-examples")
+    assert out["auc"] == pytest.approx(0.9)
+    assert out["loss"] == pytest.approx((30 * 1.0 + 10 * 3.0) / 40)
+    assert out["num-examples"] == 40
+
+
+@pytest.mark.parametrize("name, cls", [("fedavg", RecordingFedAvg), ("fedprox", RecordingFedProx), ("fedadam", RecordingFedAdam)])
+def test_strategy_from_run_config(name: str, cls: type) -> None:
+    strategy = build_strategy(RunConfig().with_overrides(strategy=name, min_train_nodes=3, min_available_nodes=3), RunHistory())
+    assert isinstance(strategy, cls)
+    assert strategy.min_train_nodes == 3
+    if name == "fedprox":
+        assert strategy.proximal_mu == RunConfig().proximal_mu
+
+
+def _history() -> RunHistory:
+    h = RunHistory()
+    r = h.round(1)
+    r.seconds = 2.5
+    r.evaluate = {"auc": 0.7, "num-examples": 40}
+    r.site(11).train = {"epsilon": 1.5, "epsilon-cap": 8.0}
+    r.site(11).evaluate = {"epsilon": 1.5, "epsilon-cap": 8.0, "auc": float("nan")}
+    r.site(22).status, r.site(22).reason = "declined", "over cap"
+    return h
+
+
+def test_history_json_roundtrip_and_nan_becomes_null() -> None:
+    h = _history()
+    data = h.to_json()
+    assert data[0]["auc"] == 0.7
+    assert data[0]["sites"]["11"]["epsilon"] == 1.5 and data[0]["sites"]["11"]["epsilon_cap"] == 8.0
+    assert data[0]["sites"]["11"]["evaluate"]["auc"] is None
+    json.dumps(data, allow_nan=False)
+    assert RunHistory.from_json(data).to_json() == data
+
+
+def test_checkpoint_roundtrip_and_latest(tmp_path: Path) -> None:
+    state = torch.nn.Linear(3, 1).state_dict()
+    save_checkpoint(tmp_path, 1, state, _history(), {"lr": 0.1})
+    p2 = save_checkpoint(tmp_path, 2, state, _history(), {"lr": 0.1})
+    assert latest_checkpoint(tmp_path) == p2
+    ck = load_checkpoint(p2)
+    assert ck.round == 2 and torch.equal(ck.state_dict["weight"], state["weight"])
+    assert ck.history.to_json() == _history().to_json()
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_metrics_json_and_plot(tmp_path: Path) -> None:
+    write_metrics(tmp_path / "metrics.json", _history(), {"lr": 0.1})
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert doc["rounds"][0]["auc"] == 0.7
+    assert doc["rounds"][0]["sites"]["22"]["status"] == "declined"
+    plot_metrics(tmp_path / "metrics.png", _history())
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not math.isnan(doc["rounds"][0]["seconds"])
