@@ -1,0 +1,21 @@
+"""Errors the de-identification raises for bad arguments.
+
+Kept in a leaf module so that every other module (keys, labels, batch) can raise
+them without import cycles; :mod:`anonymization.batch` re-exports them.
+Messages never carry a patient identifier (invariant 4): they name files,
+lines and what to do, not values.
+"""
+
+from __future__ import annotations
+
+
+class DeidError(Exception):
+    """Bad arguments to a de-identification run; the message says what to do."""
+
+
+class KeyFileError(DeidError):
+    """The site secret's key file is missing, malformed or too widely readable."""
+
+
+class LabelsError(DeidError):
+    """The labels CSV is malformed (the message names the line, never a value)."""

@@ -1,0 +1,180 @@
+"""The PS3.15 table, its resolution for our profile, and the engine that applies it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage
+
+from anonymization.engine import Deidentifier, is_well_known_uid
+from anonymization.pseudonyms import Pseudonymizer
+from anonymization.table import (
+    Profile,
+    default_profile,
+    load_rows,
+    resolve_compound,
+)
+from tests.dicom_factory import NAME_TO_USE, PHI_MARKERS, make_ct, uid
+
+SECRET = b"\x07" * 32
+
+
+def roundtrip(ds: Dataset) -> Dataset:
+    """Write and read back, so elements are raw (as read from a real file)."""
+    buf = io.BytesIO()
+    ds.preamble = b"\x00" * 128
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return pydicom.dcmread(io.BytesIO(buf.getvalue()))
+
+
+def all_text(ds: Dataset) -> str:
+    return "\n".join(f"{e.tag} {e.value!r}" for e in ds.iterall() if e.VR not in ("OB", "OW"))
+
+
+@pytest.fixture()
+def cleaned() -> tuple[Dataset, Dataset, Deidentifier]:
+    original = roundtrip(make_ct())
+    ds = roundtrip(make_ct())
+    engine = Deidentifier(Pseudonymizer(SECRET))
+    engine.deidentify(ds)
+    return original, ds, engine
+
+
+# ---- table ------------------------------------------------------------------------
+def test_table_has_656_rows_including_patterns_and_unnamed_tags() -> None:
+    rows = load_rows()
+    assert len(rows) == 656
+    assert sum(r.is_pattern for r in rows) == 4  # 50xx, 60xx,3000, 60xx,4000, private
+    unnamed = [r for r in rows if r.keyword is None and not r.is_pattern]
+    assert len(unnamed) >= 20
+    assert keyword_for_tag(NAME_TO_USE) == ""  # pydicom does not know it...
+    assert any(r.value == NAME_TO_USE for r in unnamed)  # ...the table does
+
+
+def test_profile_resolution() -> None:
+    p = default_profile()
+    assert p.action_for(0x00100030) == "Z"  # birth date: basic Z, option column empty
+    assert p.action_for(0x00080020) == "C"  # study date: option column says C (shift)
+    assert p.action_for(0x00080018) == "U"
+    assert p.action_for(0x00081140) == "U*"  # X/Z/U*: keep sequence, replace UIDs
+    assert p.action_for(0x60023000) == "X" and p.action_for(0x601E4000) == "X"  # pattern rows
+    assert p.action_for(0x50101234) == "X"
+    assert p.action_for(0x00280010) is None  # Rows: not listed
+    assert p.private_action == "X"
+    basic = Profile(())
+    assert basic.action_for(0x00080020) == "Z" and basic.action_for(0x00080023) == "D"  # Z/D, Type 1 in SR
+    assert resolve_compound("X/Z/D", 0x00080080) == "Z"
+    assert resolve_compound("X/D", 0x00181030) == "X"
+    assert resolve_compound("X/Z/D", 0x00181000) == "D"
+
+
+# ---- engine -------------------------------------------------------------------------
+def test_no_planted_value_survives(cleaned: tuple[Dataset, Dataset, Deidentifier]) -> None:
+    _, ds, _ = cleaned
+    text = all_text(ds).lower()
+    for marker in PHI_MARKERS:
+        assert marker.lower() not in text, marker
+
+
+def test_private_overlay_curve_and_unknown_tag_removed(cleaned: tuple[Dataset, Dataset, Deidentifier]) -> None:
+    original, ds, _ = cleaned
+    assert any(e.tag.is_private for e in original.iterall())
+    assert not any(e.tag.is_private for e in ds.iterall())
+    assert 0x60003000 in original and NAME_TO_USE in original
+    assert not any(0x6000 <= (e.tag >> 16) <= 0x601E for e in ds)  # whole overlay group gone
+    assert not any(0x5000 <= (e.tag >> 16) <= 0x50FF for e in ds)
+    assert NAME_TO_USE not in ds  # acted on by tag number
+
+
+def test_uids_replaced_consistently_well_known_kept(cleaned: tuple[Dataset, Dataset, Deidentifier]) -> None:
+    original, ds, engine = cleaned
+    p = engine.pseudo
+    for kw in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "InstanceCreatorUID"):
+        assert ds[kw].value == p.uid(original[kw].value), kw
+    assert ds.SOPClassUID == CTImageStorage
+    ref = ds.ReferencedImageSequence[0]
+    assert ref.ReferencedSOPClassUID == CTImageStorage
+    assert ref.ReferencedSOPInstanceUID == p.uid(original.ReferencedImageSequence[0].ReferencedSOPInstanceUID)
+    deep = ds.AnatomicRegionSequence[0].DerivationCodeSequence[0]
+    assert deep.CodingSchemeUID == "2.16.840.1.113883.6.96"
+    assert deep[0x00081155].value == p.uid(uid(0, "deep"))
+    for e in ds.iterall():
+        if e.VR == "UI" and e.value:
+            assert e.value.startswith("2.25.") or is_well_known_uid(e.value) or e.tag == 0x0008010C
+            assert len(e.value) <= 64
+
+
+def test_dates_shifted_by_patient_offset_times_kept(cleaned: tuple[Dataset, Dataset, Deidentifier]) -> None:
+    original, ds, engine = cleaned
+    offset = engine.pseudo.date_offset_days(original.PatientID)
+    expected = (dt.date(2021, 3, 15) + dt.timedelta(days=offset)).strftime("%Y%m%d")
+    for kw in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "InstanceCreationDate"):
+        assert ds[kw].value == expected, kw
+    assert ds.AcquisitionDateTime == expected + "101530.123456+0100"
+    assert ds.StudyTime == original.StudyTime
+    assert ds.AnatomicRegionSequence[0].DerivationCodeSequence[0][0x00080021].value == expected  # deep, by VR
+    assert ds.PatientBirthDate in ("", None)  # table: Z (no option override)
+
+
+def test_identifiers_become_pseudonyms_and_marks_are_set(cleaned: tuple[Dataset, Dataset, Deidentifier]) -> None:
+    original, ds, engine = cleaned
+    p = engine.pseudo
+    assert ds.PatientID == p.patient_id(original.PatientID) == str(ds.PatientName)
+    assert ds.AccessionNumber == p.accession(original.AccessionNumber)
+    assert not ds.ReferringPhysicianName and not ds.OperatorsName  # Z / X/Z/D -> Z
+    assert "RequestAttributesSequence" not in ds  # X, with PHI two levels deep
+    assert ds.IssuerOfAccessionNumberSequence[0].LocalNamespaceEntityID in ("", None)  # unlisted UT
+    assert ds.PatientIdentityRemoved == "YES"
+    assert ds.LongitudinalTemporalInformationModified == "MODIFIED"
+    assert {i.CodeValue for i in ds.DeidentificationMethodCodeSequence} == {"113100", "113107"}
+    assert all(i.CodingSchemeDesignator == "DCM" for i in ds.DeidentificationMethodCodeSequence)
+    assert "Modified Dates" in " ".join(ds.DeidentificationMethod)
+
+
+def test_pixel_data_untouched_and_dataset_writable(cleaned: tuple[Dataset, Dataset, Deidentifier]) -> None:
+    original, ds, _ = cleaned
+    back = roundtrip(ds)
+    assert (back.pixel_array == original.pixel_array).all()
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA")
+def test_unparsable_date_is_emptied_not_kept() -> None:
+    ds = make_ct()
+    ds.StudyDate = "15/03/2021"
+    Deidentifier(Pseudonymizer(SECRET)).deidentify(ds)
+    assert ds.StudyDate in ("", None)
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "test-SR.dcm"])
+def test_pydicom_test_files(name: str) -> None:
+    path = get_testdata_file(name)
+    original = pydicom.dcmread(path)
+    ds = pydicom.dcmread(path)
+    counts = Deidentifier(Pseudonymizer(SECRET)).deidentify(ds)
+    assert counts["U"] >= 3
+    assert not any(e.tag.is_private for e in ds.iterall())
+    assert ds.SOPInstanceUID != original.SOPInstanceUID
+    if original.get("PatientName"):
+        assert str(original.PatientName) not in all_text(ds)
+    for e in ds.iterall():
+        if e.VR == "PN" and e.value and e.tag != 0x00100010:
+            assert str(e.value) == "ANONYMIZED"
+    roundtrip(ds)
+
+
+def test_package_imports_stay_light() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, anonymization.batch, anonymization.audit, anonymization.keys\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'flwr', 'ray', 'opacus', 'monai')]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
