@@ -1,0 +1,229 @@
+"""Local training: plain SGD, or DP-SGD through Opacus, optionally with a FedProx pull.
+
+Called by the site's Flower client once per round, and directly by tests. The
+model is trained in place and handed back as the same plain ``nn.Module``, so
+the caller can read its ``state_dict`` as the update to send.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+if TYPE_CHECKING:
+    from opacus.accountants import IAccountant
+
+logger = logging.getLogger(__name__)
+
+#: SGD momentum; with DP-SGD it averages the injected noise over a few steps.
+MOMENTUM = 0.9
+#: Accountant used when the caller does not pass one (RDP: robust for any number of steps).
+DEFAULT_ACCOUNTANT = "rdp"
+
+
+@dataclass
+class DPSettings:
+    """DP-SGD parameters: Gaussian noise scale (relative to the clip) and per-example clip norm."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+
+    def __post_init__(self) -> None:
+        if self.noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier must be >= 0 (got {self.noise_multiplier})")
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 (got {self.max_grad_norm})")
+
+
+@dataclass
+class TrainOutcome:
+    """What one call of :func:`train_local` did.
+
+    ``loss`` is the mean per-example training loss over the last epoch (NaN if
+    that epoch drew no example); ``sample_rate`` is the per-example sampling
+    probability the privacy accountant recorded (DP) or would record (no DP).
+    """
+
+    steps: int
+    sample_rate: float
+    loss: float
+    num_examples: int
+
+
+def planned_steps(num_examples: int, batch_size: int, epochs: int) -> tuple[int, float]:
+    """Return ``(steps, sample_rate)`` exactly as :func:`train_local` will run and account them.
+
+    Lets a site ledger price a round before training it. Mirrors Opacus 1.6's
+    ``make_private(poisson_sampling=True)``: it sets ``sample_rate = 1 / len(loader)``
+    where ``len(loader) = ceil(N / batch_size)`` and its Poisson sampler yields
+    ``int(1 / sample_rate)`` batches per epoch. That equals ``batch_size / N``
+    (capped at 1) when ``batch_size`` divides ``N``, and is slightly smaller otherwise.
+    """
+    if num_examples <= 0:
+        raise ValueError(f"num_examples must be positive (got {num_examples})")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive (got {batch_size})")
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0 (got {epochs})")
+    batches = math.ceil(num_examples / batch_size)
+    sample_rate = 1 / batches  # the same float expressions Opacus evaluates
+    steps_per_epoch = int(1 / sample_rate)
+    return epochs * steps_per_epoch, sample_rate
+
+
+def _make_generator(seed: int | None, device: str = "cpu") -> torch.Generator | None:
+    """A private, seeded generator, so seeding never touches torch's global RNG."""
+    if seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def train_local(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    device: str = "cpu",
+    dp: DPSettings | None = None,
+    accountant: IAccountant | None = None,
+    proximal_mu: float = 0.0,
+    seed: int | None = None,
+    pos_weight: float | None = None,
+) -> TrainOutcome:
+    """Train ``model`` in place on ``dataset``; with ``dp``, by DP-SGD recorded in ``accountant``.
+
+    ``accountant`` is the caller's long-lived accountant (the site ledger's):
+    this round's steps are appended to it so privacy spend composes across
+    rounds. ``seed`` fixes batch sampling and DP noise (tests, reproducibility);
+    leave it ``None`` in production so the noise is not predictable.
+    ``pos_weight`` weights positive examples in the loss; it must not be
+    derived from the private labels without accounting for it.
+    """
+    num_examples = len(dataset)  # type: ignore[arg-type]
+    steps_expected, sample_rate = planned_steps(num_examples, batch_size, epochs)
+    if lr <= 0:
+        raise ValueError(f"lr must be positive (got {lr})")
+    if proximal_mu < 0:
+        raise ValueError(f"proximal_mu must be >= 0 (got {proximal_mu})")
+    if accountant is not None and dp is None:
+        logger.warning("an accountant was given but dp is None: training without DP, nothing is recorded")
+
+    was_training = model.training
+    model.to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    # FedProx anchor: the global weights this round started from.
+    global_params = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    # Snapshot of Python attributes, to strip whatever Opacus attaches to
+    # modules and parameters (activations, grad_sample, ...) once we are done.
+    param_attrs_before = [set(vars(p)) for p in params]
+    module_attrs_before = [(mod, set(vars(mod)), mod._is_full_backward_hook) for mod in model.modules()]
+
+    gen = _make_generator(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen, drop_last=False)
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM)
+    pw = torch.tensor([pos_weight], device=device) if pos_weight is not None else None
+    criterion = nn.BCEWithLogitsLoss(pos_weight=pw, reduction="mean")
+
+    train_module: nn.Module = model
+    gsm = None
+    steps = 0
+    last_loss_sum = 0.0
+    last_seen = 0
+    try:
+        if dp is not None:
+            from opacus import PrivacyEngine
+
+            with warnings.catch_warnings():
+                # Opacus warns that secure_mode is off: secure mode needs torchcsprng, which
+                # is unmaintained and not installed; noise comes from torch's PRNG instead.
+                warnings.filterwarnings("ignore", message="Secure RNG turned off")
+                engine = PrivacyEngine(accountant=DEFAULT_ACCOUNTANT)
+            if accountant is not None:
+                # Use the caller's accountant so this round composes with earlier ones.
+                engine.accountant = accountant
+            noise_gen = _make_generator(None if seed is None else seed + 1, device)
+            gsm, optimizer, loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=dp.noise_multiplier,
+                max_grad_norm=dp.max_grad_norm,
+                poisson_sampling=True,
+                noise_generator=noise_gen,
+            )
+            train_module = gsm
+            if not math.isclose(loader.sample_rate, sample_rate) or len(loader) * epochs != steps_expected:
+                raise RuntimeError(
+                    f"Opacus sampling (rate {loader.sample_rate}, {len(loader)} batches/epoch) differs from "
+                    f"planned_steps ({sample_rate}, {steps_expected} steps); the ledger's estimate would be wrong"
+                )
+
+        with warnings.catch_warnings():
+            # Opacus' backward hooks on the first layer fire although images do not
+            # require grad; torch warns about that, harmlessly, on every step.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for epoch in range(epochs):
+                last_loss_sum, last_seen = 0.0, 0
+                for xb, yb in loader:
+                    xb = xb.to(device)
+                    yb = yb.to(device).float().view(-1)
+                    optimizer.zero_grad(set_to_none=True)
+                    logits = train_module(xb).view(-1)
+                    if xb.shape[0] > 0:
+                        loss = criterion(logits, yb)
+                        last_loss_sum += float(loss.detach()) * xb.shape[0]
+                        last_seen += xb.shape[0]
+                    else:
+                        # An empty Poisson batch still takes a (pure-noise) DP step: the
+                        # accountant counts it and planned_steps includes it. A zero loss
+                        # gives Opacus empty per-sample gradients to work with.
+                        loss = logits.sum()
+                    loss.backward()
+                    optimizer.step()
+                    steps += 1
+                    if proximal_mu > 0:
+                        # FedProx as post-processing: w <- w - lr*mu*(w - w_global). It reads
+                        # only the current and global weights, never the data, so by the
+                        # post-processing property it leaves the DP guarantee untouched
+                        # (a proximal *loss* term would not flow through Opacus'
+                        # per-sample gradients anyway, so it would be silently dropped).
+                        with torch.no_grad():
+                            for p, g in zip(params, global_params, strict=True):
+                                p.sub_(lr * proximal_mu * (p - g))
+                logger.debug("epoch %d/%d: %d examples seen", epoch + 1, epochs, last_seen)
+    finally:
+        if gsm is not None:
+            # Detach Opacus: remove its hooks and per-sample attributes so the
+            # caller gets back the same plain module it passed in.
+            gsm._close()
+        for p, before in zip(params, param_attrs_before, strict=True):
+            for attr in set(vars(p)) - before:
+                delattr(p, attr)
+            p.grad = None
+        for mod, before, full_hook_flag in module_attrs_before:
+            for attr in set(vars(mod)) - before:
+                delattr(mod, attr)
+            mod._is_full_backward_hook = full_hook_flag
+        model.train(was_training)
+
+    loss_value = last_loss_sum / last_seen if last_seen else float("nan")
+    logger.info(
+        "trained %d step(s) over %d example(s)%s, last-epoch loss %.4f",
+        steps,
+        num_examples,
+        f" with DP-SGD (noise {dp.noise_multiplier}, clip {dp.max_grad_norm})" if dp else "",
+        loss_value,
+    )
+    return TrainOutcome(steps=steps, sample_rate=sample_rate, loss=loss_value, num_examples=num_examples)

@@ -1,0 +1,163 @@
+"""train_local: trains in place, learns, accounts DP-SGD steps into the caller's accountant, FedProx."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from models.dataset import ManifestDataset
+from models.evaluation import evaluate
+from models.network import build_model
+from models.training import DPSettings, TrainOutcome, planned_steps, train_local
+from tests.models_factory import make_store, torch_threads
+
+SIZE = 32
+DELTA = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory: pytest.TempPathFactory) -> tuple[ManifestDataset, ManifestDataset]:
+    root = tmp_path_factory.mktemp("deid")
+    make_store(root, n_patients=40, images_per_patient=3, size=128, seed=11)
+    return ManifestDataset(root, "train", image_size=SIZE), ManifestDataset(root, "test", image_size=SIZE)
+
+
+def _tiny(n: int = 24) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 1, SIZE, SIZE, generator=g), (torch.arange(n) % 2).float())
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(SIZE)
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _logged_steps(acc: RDPAccountant) -> int:
+    return sum(num_steps for _, _, num_steps in acc.history)
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "epochs", "expected"),
+    [(100, 32, 2, (8, 0.25)), (64, 32, 3, (6, 0.5)), (10, 32, 1, (1, 1.0)), (5, 1, 4, (20, 0.2)), (7, 2, 0, (0, 0.25))],
+)
+def test_planned_steps(n: int, batch: int, epochs: int, expected: tuple[int, float]) -> None:
+    steps, rate = planned_steps(n, batch, epochs)
+    assert steps == expected[0] and rate == pytest.approx(expected[1])
+
+
+@pytest.mark.parametrize("args", [(0, 32, 1), (10, 0, 1), (10, 2, -1)])
+def test_planned_steps_rejects_nonsense(args: tuple[int, int, int]) -> None:
+    with pytest.raises(ValueError):
+        planned_steps(*args)
+
+
+def test_non_dp_training_learns_the_toy_task(splits: tuple[ManifestDataset, ManifestDataset]) -> None:
+    train, test = splits
+    model = _model()
+    keys = list(model.state_dict())
+    before = _flat(model)
+    loss_before = evaluate(model, train)["loss"]
+    out = train_local(model, train, epochs=8, batch_size=16, lr=0.02, seed=0)
+    assert isinstance(out, TrainOutcome)
+    assert (out.steps, out.sample_rate) == planned_steps(len(train), 16, 8)
+    assert out.num_examples == len(train)
+    assert list(model.state_dict()) == keys
+    assert not torch.equal(before, _flat(model))
+    assert out.loss < loss_before
+    assert evaluate(model, train)["loss"] < loss_before
+    metrics = evaluate(model, test)
+    assert metrics["auc"] > 0.8, metrics
+
+
+def test_dp_records_planned_steps_in_the_given_accountant() -> None:
+    data = _tiny()
+    model = _model()
+    keys = list(model.state_dict())
+    before = _flat(model)
+    acc = RDPAccountant()
+    out = train_local(model, data, epochs=2, batch_size=8, lr=0.05, dp=DPSettings(1.0, 1.0), accountant=acc, seed=1)
+    steps, rate = planned_steps(len(data), 8, 2)
+    assert (out.steps, out.sample_rate) == (steps, rate)
+    assert _logged_steps(acc) == steps
+    assert {(sigma, q) for sigma, q, _ in acc.history} == {(1.0, rate)}
+    # trained in place, handed back as the same plain module
+    assert type(model).__name__ == "SmallCTNet"
+    assert list(model.state_dict()) == keys
+    assert not torch.equal(before, _flat(model))
+    for p in model.parameters():
+        assert not hasattr(p, "grad_sample") and p.grad is None
+    for m in model.modules():
+        assert not m._forward_hooks and not m._backward_hooks and not m._forward_pre_hooks
+        assert not hasattr(m, "activations")
+
+
+def test_dp_spend_composes_across_calls() -> None:
+    data = _tiny()
+    model = _model()
+    acc = RDPAccountant()
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0)
+    train_local(model, data, epochs=1, batch_size=8, lr=0.05, dp=dp, accountant=acc, seed=1)
+    eps1 = acc.get_epsilon(DELTA)
+    # the ledger persists the accountant between rounds
+    restored = RDPAccountant()
+    restored.load_state_dict(acc.state_dict())
+    train_local(model, data, epochs=1, batch_size=8, lr=0.05, dp=dp, accountant=restored, seed=2)
+    eps2 = restored.get_epsilon(DELTA)
+    assert eps2 > eps1 > 0
+    assert _logged_steps(restored) == 2 * planned_steps(len(data), 8, 1)[0]
+
+
+def test_dp_without_accountant_and_with_empty_poisson_batches() -> None:
+    """Batch size 1 over 5 examples: some Poisson batches are empty and still count as steps."""
+    data = _tiny(5)
+    model = _model()
+    out = train_local(model, data, epochs=4, batch_size=1, lr=0.05, dp=DPSettings(1.0, 1.0), seed=3)
+    assert out.steps == planned_steps(5, 1, 4)[0] == 20
+    assert all(math.isfinite(v) for v in _flat(model).tolist())
+
+
+def test_seed_makes_training_reproducible() -> None:
+    data = _tiny()
+    for dp in (None, DPSettings(1.0, 1.0)):
+        a, b = _model(), _model()
+        train_local(a, data, epochs=1, batch_size=8, lr=0.05, dp=dp, seed=5)
+        train_local(b, data, epochs=1, batch_size=8, lr=0.05, dp=dp, seed=5)
+        assert torch.equal(_flat(a), _flat(b))
+
+
+@pytest.mark.parametrize("dp", [None, DPSettings(1.0, 1.0)])
+def test_proximal_term_pulls_towards_the_start_weights(dp: DPSettings | None) -> None:
+    data = _tiny()
+    start = _model()
+    w0 = _flat(start)
+    distances = {}
+    for mu in (0.0, 1.0):
+        model = _model()
+        train_local(model, data, epochs=2, batch_size=8, lr=0.1, dp=dp, proximal_mu=mu, seed=9)
+        distances[mu] = float((_flat(model) - w0).norm())
+    assert 0 < distances[1.0] < distances[0.0]
+
+
+def test_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        train_local(_model(), _tiny(), epochs=1, batch_size=8, lr=0.0)
+    with pytest.raises(ValueError):
+        train_local(_model(), _tiny(), epochs=1, batch_size=8, lr=0.1, proximal_mu=-1.0)
+    with pytest.raises(ValueError):
+        DPSettings(noise_multiplier=1.0, max_grad_norm=0.0)
