@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from rich.logging import RichHandler
 
@@ -17,6 +18,13 @@ def setup(verbose: bool = False) -> None:
         handlers=[RichHandler(rich_tracebacks=False, show_path=False)],
         force=True,
     )
+    # Flower logs through its own console handler; keep it from printing twice
+    # through ours, and keep its per-round dumps out of an operator's terminal.
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False
+    for handler in flwr_logger.handlers:
+        handler.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    os.environ["FLWR_LOG_LEVEL"] = "DEBUG" if verbose else "WARNING"  # Ray workers set theirs from this
     if not verbose:
-        for noisy in ("flwr", "ray", "filelock", "matplotlib", "PIL"):
+        for noisy in ("ray", "filelock", "matplotlib", "PIL"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

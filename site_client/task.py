@@ -1,0 +1,156 @@
+"""What a site does in a round, as plain functions the tests call without Flower.
+
+``train_round`` checks the privacy budget before training, trains with DP-SGD
+against the run's single accountant, commits the spend to the ledger, and only
+then hands back the update. ``evaluate_round`` scores the global model on the
+site's own test split.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from anonymization.audit import AuditTrail
+from medfed.settings import RunConfig, SiteConfig
+from models.dataset import ManifestDataset
+from models.evaluation import evaluate
+from models.network import build_model
+from models.training import DPSettings, planned_steps, train_local
+from site_client.ledger import PrivacyLedger
+
+log = logging.getLogger(__name__)
+
+
+class SiteRefusal(Exception):
+    """The site will not take part as asked (bad privacy settings); the message says why."""
+
+
+@dataclass
+class TrainReply:
+    """A site's answer to a train request: an update, or a decline with its reason."""
+
+    state_dict: dict[str, torch.Tensor] | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    declined: str | None = None
+
+
+@functools.lru_cache(maxsize=8)
+def _dataset(data_dir: str, split: str, image_size: int) -> ManifestDataset:
+    # Cached per process: a simulation actor or SuperNode serves many rounds.
+    return ManifestDataset(Path(data_dir), split=split, image_size=image_size)  # type: ignore[arg-type]
+
+
+def ledger_for(site: SiteConfig) -> PrivacyLedger:
+    """The site's privacy ledger in its state folder."""
+    return PrivacyLedger(site.state_dir / "privacy-ledger.sqlite")
+
+
+def _device(cfg: RunConfig) -> str:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SiteRefusal("run config asks for device=cuda but this site has no CUDA device; use device=cpu")
+    return cfg.device
+
+
+def train_round(
+    site: SiteConfig,
+    cfg: RunConfig,
+    run_id: str,
+    server_round: int,
+    global_state: dict[str, torch.Tensor],
+) -> TrainReply:
+    """One round of local DP-SGD, or a decline if it would cross the site's ε cap."""
+    dataset = _dataset(str(site.data_dir), "train", cfg.image_size)
+    n = len(dataset)
+    if site.delta >= 1.0 / n:
+        raise SiteRefusal(
+            f"delta={site.delta:g} is not below 1/n = 1/{n}; set the site's delta below {1.0 / n:.2g}"
+        )
+    if cfg.noise_multiplier <= 0:
+        raise SiteRefusal("noise-multiplier must be > 0: this site trains only with differential privacy")
+
+    ledger = ledger_for(site)
+    audit = AuditTrail(site.audit_path)
+    steps, sample_rate = planned_steps(n, cfg.batch_size, cfg.local_epochs)
+    eps_before = ledger.epsilon(run_id, site.delta)
+    eps_projected = ledger.project(
+        run_id, noise_multiplier=cfg.noise_multiplier, sample_rate=sample_rate, steps=steps, delta=site.delta
+    )
+    if eps_projected > site.epsilon_cap:
+        reason = (
+            f"site {site.name} declines round {server_round}: it would spend epsilon "
+            f"{eps_before:.3f} -> {eps_projected:.3f}, over its cap of {site.epsilon_cap:g} (delta={site.delta:g})"
+        )
+        ledger.record_decline(
+            run_id, server_round, reason=reason, epsilon_before=eps_before, epsilon_projected=eps_projected,
+            epsilon_cap=site.epsilon_cap, steps=steps, sample_rate=sample_rate,
+            noise_multiplier=cfg.noise_multiplier,
+        )
+        audit.append(
+            "round_declined", run_id=run_id, server_round=server_round, epsilon_before=eps_before,
+            epsilon_projected=eps_projected, epsilon_cap=site.epsilon_cap, delta=site.delta, steps=steps,
+            sample_rate=sample_rate, noise_multiplier=cfg.noise_multiplier,
+        )
+        log.info(reason)
+        return TrainReply(state_dict=None, declined=reason)
+
+    model = build_model(cfg.image_size)
+    model.load_state_dict(global_state)
+    accountant = ledger.accountant(run_id)
+    outcome = train_local(
+        model,
+        dataset,
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        device=_device(cfg),
+        dp=DPSettings(noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm),
+        accountant=accountant,
+        proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
+        seed=None,
+    )
+    # Invariant 3: the spend is durable before the update can be released.
+    eps_before, eps_after = ledger.commit_spend(
+        run_id, server_round, accountant, delta=site.delta, epsilon_cap=site.epsilon_cap,
+        steps=outcome.steps, sample_rate=outcome.sample_rate, noise_multiplier=cfg.noise_multiplier,
+    )
+    audit.append(
+        "round_trained", run_id=run_id, server_round=server_round, steps=outcome.steps,
+        sample_rate=outcome.sample_rate, noise_multiplier=cfg.noise_multiplier,
+        max_grad_norm=cfg.max_grad_norm, epsilon_before=eps_before, epsilon_after=eps_after,
+        epsilon_cap=site.epsilon_cap, delta=site.delta,
+    )
+    metrics = {
+        "num-examples": int(outcome.num_examples),
+        "train-loss": float(outcome.loss),
+        "epsilon": float(eps_after),
+        "epsilon-cap": float(site.epsilon_cap),
+        "delta": float(site.delta),
+        "steps": int(outcome.steps),
+        "sample-rate": float(outcome.sample_rate),
+        "noise-multiplier": float(cfg.noise_multiplier),
+    }
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return TrainReply(state_dict=state, metrics=metrics)
+
+
+def evaluate_round(site: SiteConfig, cfg: RunConfig, run_id: str, global_state: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Score the global model on this site's test split (scalars only)."""
+    dataset = _dataset(str(site.data_dir), "test", cfg.image_size)
+    model = build_model(cfg.image_size)
+    model.load_state_dict(global_state)
+    scores = evaluate(model, dataset, device=_device(cfg))
+    ledger = ledger_for(site)
+    metrics = {k: float(scores[k]) for k in ("auc", "accuracy", "sensitivity", "specificity", "f1", "loss")}
+    metrics["num-examples"] = int(scores["num_examples"])
+    metrics["epsilon"] = float(ledger.epsilon(run_id, site.delta))
+    metrics["epsilon-cap"] = float(site.epsilon_cap)
+    for k, v in metrics.items():
+        if isinstance(v, float) and math.isinf(v):
+            metrics[k] = float("nan")
+    return metrics

@@ -1,0 +1,138 @@
+"""The site's ClientApp called directly (no Flower runtime): DP training, declines, the egress guard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from anonymization.audit import AuditTrail
+from coordinator.federation import initial_state
+from medfed.protocol import EGRESS_BLOCKED, SITE_DECLINED, SITE_FAILED, SITE_REFUSED
+from medfed.settings import RunConfig, SiteConfig
+from site_client.client_app import build_app, make_egress_guard
+from site_client.task import ledger_for, train_round
+from tests.models_factory import make_store
+
+CFG = RunConfig().with_overrides(image_size=32, batch_size=8, lr=0.05)
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> object:
+    # Outside a Flower runtime, a Message built "as the coordinator would" needs the
+    # run and task ids Flower normally sets for the running task.
+    from flwr.supercore.task_identity import TaskIdentity
+
+    names = ("_run_id", "_task_id", "_node_id")
+    old = {n: getattr(TaskIdentity, n) for n in names}
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 1
+    yield
+    for n, v in old.items():
+        setattr(TaskIdentity, n, v)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("deid")
+    make_store(root, n_patients=16, images_per_patient=2, size=64, seed=1)
+    return root
+
+
+def _site(tmp_path: Path, store: Path, cap: float = 50.0, delta: float = 1e-3) -> SiteConfig:
+    return SiteConfig(name="hospital-t", data_dir=store, state_dir=tmp_path / "state",
+                      audit_dir=tmp_path / "audit", epsilon_cap=cap, delta=delta)
+
+
+def _context(site: SiteConfig, tmp_path: Path, run_id: int = 7) -> Context:
+    toml = tmp_path / "site.toml"
+    toml.write_text(site.to_toml())
+    return Context(run_id=run_id, node_id=1, node_config={"site-config": str(toml)}, state=RecordDict(),
+                   run_config={})
+
+
+def _train_msg(server_round: int = 1) -> Message:
+    content = RecordDict({"arrays": ArrayRecord(initial_state(CFG)),
+                          "config": ConfigRecord({"server-round": server_round})})
+    return Message(content=content, dst_node_id=1, message_type="train")
+
+
+def test_train_round_spends_and_composes(tmp_path: Path, store: Path) -> None:
+    site = _site(tmp_path, store)
+    first = train_round(site, CFG, "run-1", 1, initial_state(CFG))
+    second = train_round(site, CFG, "run-1", 2, first.state_dict)
+    assert first.declined is None and second.declined is None
+    assert 0 < first.metrics["epsilon"] < second.metrics["epsilon"] <= site.epsilon_cap
+    assert ledger_for(site).epsilon("run-1", site.delta) == pytest.approx(second.metrics["epsilon"])
+    assert any(not torch.equal(first.state_dict[k], initial_state(CFG)[k]) for k in first.state_dict)
+
+
+def test_train_round_declines_over_cap_without_spending(tmp_path: Path, store: Path) -> None:
+    site = _site(tmp_path, store, cap=0.01)
+    reply = train_round(site, CFG, "run-1", 1, initial_state(CFG))
+    assert reply.state_dict is None and reply.declined is not None
+    assert "cap of 0.01" in reply.declined
+    assert ledger_for(site).epsilon("run-1", site.delta) == 0.0
+    assert [r["kind"] for r in AuditTrail(site.audit_path).records()] == ["round_declined"]
+
+
+def test_delta_not_below_one_over_n_is_refused(tmp_path: Path, store: Path) -> None:
+    app = build_app(CFG)
+    site = _site(tmp_path, store, delta=0.5)
+    reply = app(_train_msg(), _context(site, tmp_path))
+    assert reply.has_error() and reply.error.code == SITE_REFUSED
+    assert "delta" in reply.error.reason and "1/n" in reply.error.reason
+
+
+def test_client_app_reply_passes_guard_and_is_audited(tmp_path: Path, store: Path) -> None:
+    app = build_app(CFG)
+    site = _site(tmp_path, store)
+    ctx = _context(site, tmp_path)
+    reply = app(_train_msg(), ctx)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert set(reply.content["arrays"].keys()) == set(initial_state(CFG).keys())
+    egress = [r for r in AuditTrail(site.audit_path).records() if r["kind"] == "egress"]
+    assert len(egress) == 1 and egress[0]["run_id"] == "7" and egress[0]["server_round"] == 1
+    assert egress[0]["bytes"] > 0 and "epsilon" in egress[0]["metrics"]
+
+    ev = app(Message(content=RecordDict({"arrays": reply.content["arrays"], "config": ConfigRecord({"server-round": 1})}),
+                     dst_node_id=1, message_type="evaluate"), ctx)
+    assert not ev.has_error()
+    metrics = ev.content["metrics"]
+    assert 0.0 <= metrics["auc"] <= 1.0 and metrics["epsilon"] > 0
+
+
+def test_client_app_declines_with_reason(tmp_path: Path, store: Path) -> None:
+    reply = build_app(CFG)(_train_msg(), _context(_site(tmp_path, store, cap=0.01), tmp_path))
+    assert reply.has_error() and reply.error.code == SITE_DECLINED
+    assert "declines round 1" in reply.error.reason
+
+
+def _rogue_app(handler_metrics: dict[str, float], raise_exc: Exception | None = None) -> ClientApp:
+    app = ClientApp(mods=[make_egress_guard(CFG)])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        if raise_exc is not None:
+            raise raise_exc
+        return Message(content=RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord(handler_metrics)}),
+                       reply_to=msg)
+
+    return app
+
+
+def test_guard_blocks_a_reply_off_the_allow_list(tmp_path: Path, store: Path) -> None:
+    site = _site(tmp_path, store)
+    reply = _rogue_app({"num-examples": 3, "patient-age": 61.0})(_train_msg(), _context(site, tmp_path))
+    assert reply.has_error() and reply.error.code == EGRESS_BLOCKED
+    kinds = [r["kind"] for r in AuditTrail(site.audit_path).records()]
+    assert kinds == ["egress_blocked"]
+
+
+def test_guard_hides_exception_details(tmp_path: Path, store: Path) -> None:
+    site = _site(tmp_path, store)
+    reply = _rogue_app({}, raise_exc=RuntimeError("failed on /pacs/DOE^JOHN/1.dcm"))(_train_msg(), _context(site, tmp_path))
+    assert reply.has_error() and reply.error.code == SITE_FAILED
+    assert "DOE" not in reply.error.reason and "RuntimeError" in reply.error.reason
