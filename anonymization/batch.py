@@ -4,10 +4,27 @@ One file at a time (optionally in a process pool); the parent is the only
 writer of the manifest, the audit trail and the quarantine log, renames each
 worker's temporary output into place, and never lets a bad file stop the run
 (invariant 7). Nothing it logs or records names a patient (invariant 4).
+
+Scale: files are listed lazily (a counting pass for the progress bar, then a
+streaming pass), results are folded into counts as they arrive, and duplicates
+within a run are found on disk (an output already written by this run has an
+mtime after the run's start mark), so memory stays flat in the number of files.
+
+Resume: ``DST/done/<fingerprint>.txt`` is a journal with one line per input
+already de-identified under this key, policy and version: the keyed digest of
+its bytes (HMAC with the site secret, 128 bits) and, for images, its manifest
+row (pseudonyms and the output path only; no identifier). A re-run skips those
+inputs. Outputs are made durable in batches (``syncfs``) before their lines are
+appended, so a power cut never leaves a "done" input whose output is not on
+disk. The manifest is rebuilt at the end of every run by a streaming merge of
+the earlier manifest and the journal (:func:`~anonymization.manifest.write_merged`,
+sorted chunks on disk), so even a run that was killed leaves nothing unlisted
+once the next run ends.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import hmac
 import json
@@ -15,28 +32,33 @@ import logging
 import multiprocessing
 import os
 import secrets
+import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 if TYPE_CHECKING:
     from rich.progress import Progress
 
-from anonymization.audit import AUDIT_FILE, AuditTrail
+from anonymization.audit import AUDIT_FILE, AuditError, open_trail, resolve_key_path
+from anonymization.audit_keys import SIGNING_KEY_NAME
 from anonymization.engine import MEDFED_VERSION
 from anonymization.errors import DeidError, KeyFileError, LabelsError
 from anonymization.keys import load_or_create_secret
 from anonymization.labels import load_labels
-from anonymization.manifest import MANIFEST_FILE, merge_rows, read_manifest, write_manifest
+from anonymization.manifest import MANIFEST_FILE, RowSpool, write_merged
 from anonymization.pseudonyms import Pseudonymizer
 from anonymization.quarantine import QUARANTINE_LOG, Quarantine
 from anonymization import screening
-from anonymization.table import DEFAULT_OPTIONS
+from anonymization.policy import Policy, load_policy
+from anonymization.reid import open_for_run as open_reid_for_run
 from anonymization.worker import (
+    DONE_DIGEST_HEX,
     IMAGES_DIR,
     KIND_DEIDENTIFIED,
+    KIND_DONE,
     KIND_QUARANTINED,
     KIND_SKIPPED,
     OBJECTS_DIR,
@@ -52,6 +74,10 @@ __all__ = ["DeidError", "KeyFileError", "LabelsError", "DeidSummary", "run_deid"
 log = logging.getLogger(__name__)
 
 STATE_FILE = "deid.json"  # which key and profile wrote this store (no identifiers)
+DONE_DIR = "done"  # resume index: keyed digests of inputs already de-identified
+CHECKPOINT_FILES = 1000  # make outputs durable and extend the done-index this often ...
+CHECKPOINT_SECONDS = 30.0  # ... or after this long, whichever comes first
+REASON_RESUMED = "already de-identified by an earlier run (done-index)"
 
 
 @dataclass
@@ -65,10 +91,14 @@ class DeidSummary:
     quarantine_dir: Path
     audit_dir: Path
     manifest: Path
+    resumed: int = 0  # of ``deidentified``: done by an earlier run, skipped this time
 
     def line(self) -> str:
         """One human line, e.g. for the end of ``medfed deid run``."""
-        text = f"de-identified {self.deidentified}, quarantined {self.quarantined}"
+        text = f"de-identified {self.deidentified}"
+        if self.resumed:
+            text += f" ({self.resumed} already done by an earlier run)"
+        text += f", quarantined {self.quarantined}"
         if self.quarantined:
             text += f" (see {self.quarantine_dir / QUARANTINE_LOG})"
         if self.skipped:
@@ -117,14 +147,19 @@ def _check_store(dst: Path, secret: bytes, options: tuple[str, ...]) -> None:
 
 def _files(src: Path, excluded: list[Path]) -> list[_Task]:
     """Every regular file under SRC in a stable order, minus our own outputs and inputs."""
+    return list(_iter_files(src, excluded))
+
+
+def _iter_files(src: Path, excluded: list[Path]) -> Iterator[_Task]:
+    """:func:`_files`, streamed: one directory listing in memory at a time."""
     if src.is_file():
-        return [_Task(src, src.name)]
+        yield _Task(src, src.name)
+        return
     skip = {p.resolve() for p in excluded}
 
     def skipped(path: Path) -> bool:
         return path in skip or any(parent in skip for parent in path.parents)
 
-    tasks: list[_Task] = []
     for root, dirs, names in os.walk(src, followlinks=False):
         here = Path(root)
         resolved = here.resolve()
@@ -133,8 +168,115 @@ def _files(src: Path, excluded: list[Path]) -> list[_Task]:
             path = here / name
             if skipped(resolved / name) or not path.is_file():
                 continue
-            tasks.append(_Task(path, path.relative_to(src).as_posix()))
-    return tasks
+            yield _Task(path, path.relative_to(src).as_posix())
+
+
+# ---- durability and resume ------------------------------------------------------
+_LIBC: ctypes.CDLL | None = None
+
+
+def _sync_filesystem(folder: Path) -> None:
+    """Flush every file written under ``folder`` to disk: one ``syncfs(2)``, else ``sync(2)``.
+
+    One journal commit for a whole batch of outputs instead of an fsync per
+    file (which cost more than de-identifying a small file).
+    """
+    global _LIBC
+    try:
+        if _LIBC is None:
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            if _LIBC.syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):
+        pass
+    os.sync()
+
+
+class DoneIndex:
+    """``DST/done/<fingerprint>.txt``: inputs already de-identified, by keyed content digest.
+
+    The fingerprint is keyed too and covers the medfed version and the policy, so a
+    new policy or release re-does everything. Lines are the first 128 bits (hex) of
+    the HMAC of the input's bytes: no identifier, and meaningless without the key.
+    Digests are appended only at a checkpoint, after the outputs are durable.
+    """
+
+    def __init__(self, dst: Path, secret: bytes, policy: Policy, before_commit: Callable[[], None] | None = None) -> None:
+        fingerprint = getattr(policy, "fingerprint", None)
+        policy_id = fingerprint() if callable(fingerprint) else repr(sorted(policy.applied_options))
+        label = f"medfed/done-index\x00{MEDFED_VERSION}\x00{policy_id}".encode()
+        name = hmac.new(secret, label, hashlib.sha256).hexdigest()[:16]
+        self.dst = dst
+        self.path = dst / DONE_DIR / f"{name}.txt"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()  # also the run's start mark: outputs newer than this are ours
+        self.mark_ns = self.path.stat().st_mtime_ns
+        self._pending: list[str] = []
+        self._last = time.monotonic()
+        self._before_commit = before_commit  # flush other per-file records first (re-identification table)
+
+    def add(self, digest: str, row: dict[str, str] | None = None) -> None:
+        """Journal an input as done, with its manifest row (images) - written at the next checkpoint."""
+        if len(digest) < DONE_DIGEST_HEX:
+            return
+        line = digest[:DONE_DIGEST_HEX]
+        if row is not None:
+            line += "\t" + "\t".join(_journal_field(row.get(c, "")) for c in JOURNAL_COLUMNS)
+        self._pending.append(line)
+
+    def rows(self, chunk_rows: int = 20_000) -> RowSpool:
+        """Every manifest row journaled under this fingerprint, as a rank-1 spool (bounded memory)."""
+        spool = RowSpool(chunk_rows, rank=1)
+        with open(self.path, encoding="utf-8") as fh:
+            for line in fh:
+                fields = line.rstrip("\n").split("\t")
+                if len(fields) == len(JOURNAL_COLUMNS) + 1:
+                    spool.add(dict(zip(JOURNAL_COLUMNS, fields[1:])))
+        return spool
+
+    def checkpoint(self, *, force: bool = False) -> None:
+        """If due (or ``force``): make outputs durable, then record their inputs as done."""
+        if not self._pending:
+            return
+        if not force and len(self._pending) < CHECKPOINT_FILES and time.monotonic() - self._last < CHECKPOINT_SECONDS:
+            return
+        if self._before_commit is not None:
+            self._before_commit()
+        _sync_filesystem(self.dst)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write("\n".join(self._pending) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self._pending.clear()
+        self._last = time.monotonic()
+
+
+JOURNAL_COLUMNS = ("patient", "study_uid", "series_uid", "sop_uid", "accession", "path")
+
+
+def _journal_field(value: str) -> str:
+    """Pseudonyms, UIDs and paths never hold tabs or newlines; make sure of it."""
+    return str(value).replace("\t", " ").replace("\n", " ").replace("\r", " ")
+
+
+def _written_this_run(path: Path, mark_ns: int) -> bool:
+    """True if ``path`` exists and was written after the run's start mark (by this run)."""
+    try:
+        return path.stat().st_mtime_ns >= mark_ns
+    except OSError:
+        return False
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _sweep_temporaries(dst: Path) -> None:
@@ -168,7 +310,7 @@ def _isolated(task: _Task, job: Job, fn: ProcessFn) -> FileResult:
 
 
 def _results(
-    tasks: list[_Task], job: Job, workers: int, fn: ProcessFn = process_path
+    tasks: Iterable[_Task], job: Job, workers: int, fn: ProcessFn = process_path
 ) -> Iterator[tuple[_Task, FileResult]]:
     """Results in task order: in this process, or from a spawn-based process pool.
 
@@ -218,14 +360,38 @@ def _results(
 
 
 def _progress(enabled: bool) -> Progress:
-    """A rich progress bar on stderr; it shows counts only, never a file name."""
+    """A rich progress bar on stderr: files/s and counts only, never a file name."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        Task,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class FilesPerSecond(ProgressColumn):
+        """Throughput over the whole run so far (rich's own speed is a short moving window)."""
+
+        def render(self, task: Task) -> Text:
+            elapsed = task.elapsed or 0.0
+            rate = task.completed / elapsed if elapsed > 0 else 0.0
+            return Text(f"{rate:,.1f} files/s", style="progress.data.speed")
 
     return Progress(
         TextColumn("de-identifying"),
         BarColumn(),
         MofNCompleteColumn(),
+        FilesPerSecond(),
+        TextColumn(
+            "[green]{task.fields[ok]} ok[/] [yellow]{task.fields[quarantined]} quarantined[/] "
+            "{task.fields[skipped]} skipped {task.fields[resumed]} done before"
+        ),
+        TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=Console(stderr=True),
         disable=not enabled,
@@ -242,10 +408,19 @@ def run_deid(
     labels: Path | None = None,
     quarantine: Path | None = None,
     audit: Path | None = None,
+    audit_key: Path | None = None,
     workers: int = 1,
     progress: bool = True,
+    policy: Policy | Path | None = None,
+    reid_table: Path | None = None,
+    clean_pixel_data: bool | None = None,
 ) -> DeidSummary:
-    """De-identify every file under ``src`` into ``dst``; see the module docstring."""
+    """De-identify every file under ``src`` into ``dst``; see the module docstring.
+
+    ``clean_pixel_data=True`` turns on the Clean Pixel Data option on top of the
+    policy (``medfed deid run --clean-pixels``): images that may carry burned-in
+    text are cleaned with OCR instead of quarantined (see :mod:`anonymization.pixels`).
+    """
     src, dst, key_file = Path(src), Path(dst), Path(key_file)
     if not src.exists():
         raise DeidError(f"source {src} does not exist; pass the folder holding the DICOM export")
@@ -269,27 +444,45 @@ def run_deid(
             "never be stored with de-identified data: keep it elsewhere"
         )
     audit_dir = Path(audit) if audit is not None else dst / "audit"
+    # The trail's signing key: --audit-key, else the one the trail records, else next to the site secret.
+    audit_key_path = resolve_key_path(audit_dir, audit_key, key_file.parent / SIGNING_KEY_NAME)
 
     secret = load_or_create_secret(key_file)
     pseudo = Pseudonymizer(secret)
     label_map = load_labels(labels, pseudo) if labels is not None else {}
 
+    site_policy = policy if isinstance(policy, Policy) else load_policy(policy)  # None: default policy
+    if clean_pixel_data is not None and bool(clean_pixel_data) != site_policy.clean_pixel_data:
+        site_policy = site_policy.model_copy(update={"clean_pixel_data": bool(clean_pixel_data)})
+    if site_policy.clean_pixel_data:
+        from anonymization.pixels import REASON_NO_OCR, tesseract_available
+
+        if not tesseract_available():
+            raise DeidError(REASON_NO_OCR)
+    reid_writer, reid_key_pem = open_reid_for_run(site_policy, reid_table, dst)
     dst.mkdir(parents=True, exist_ok=True)
-    options = DEFAULT_OPTIONS
+    options = site_policy.applied_options
     _check_store(dst, secret, options)
     _sweep_temporaries(dst)
 
-    excluded = [dst, quarantine_dir, audit_dir, key_file] + ([Path(labels)] if labels is not None else [])
-    tasks = _files(src, excluded)
-    log.info("de-identifying %d file(s) with %d worker(s)", len(tasks), workers)
+    excluded = [dst, quarantine_dir, audit_dir, key_file, audit_key_path] + ([Path(labels)] if labels is not None else [])
+    excluded += [reid_writer.path] if reid_writer is not None else []
+    total = sum(1 for _ in _iter_files(src, excluded))  # counting pass: the bar's total
+    log.info("de-identifying %d file(s) with %d worker(s)", total, workers)
+    reid_flush = getattr(reid_writer, "flush", None)  # a done input's sealed row must be on disk too
+    done = DoneIndex(dst, secret, site_policy, before_commit=reid_flush if callable(reid_flush) else None)
 
-    trail = AuditTrail(audit_dir, fsync=False)
+    try:
+        trail = open_trail(audit_dir, audit_key=audit_key_path, default_key=audit_key_path, forbidden=(dst,), fsync=False)
+    except AuditError as err:
+        raise DeidError(str(err)) from None
+    trail.record_policy("deidentification", {**site_policy.model_dump(mode="json", exclude={"reid"}),
+                                             "reid_table": site_policy.reid is not None, "tool": f"medfed {MEDFED_VERSION}"})
     quarantine_folder = Quarantine(quarantine_dir)
-    job = Job(secret=secret, dst=str(dst.resolve()), options=options)
+    job = Job(secret=secret, dst=str(dst.resolve()), options=site_policy.table_options, policy=site_policy,
+              reid_public_key=reid_key_pem, done_index=str(done.path))
     manifest_path = dst / MANIFEST_FILE
-    rows: list[dict[str, str]] = []
-    written: dict[str, str] = {}  # final relative path -> output digest, this run
-    deidentified = quarantined = skipped = 0
+    deidentified = quarantined = skipped = resumed = 0
 
     def refuse(task: _Task, result: FileResult, reason: str) -> None:
         nonlocal quarantined
@@ -302,19 +495,23 @@ def run_deid(
     pydicom_level = pydicom_logger.level
     try:
         with _progress(progress) as bar:
-            bar_task = bar.add_task("deid", total=len(tasks))
-            for task, result in _results(tasks, job, workers):
+            bar_task = bar.add_task("deid", total=total, ok=0, quarantined=0, skipped=0, resumed=0)
+            for task, result in _results(_iter_files(src, excluded), job, workers):
                 try:
+                    if result.kind == KIND_DONE:
+                        trail.append(KIND_SKIPPED, input_digest=result.input_digest, reason=REASON_RESUMED)
+                        resumed += 1
+                        continue
                     if result.kind != KIND_DEIDENTIFIED:
                         refuse(task, result, result.reason or screening.REASON_UNREADABLE)
                         continue
                     if result.rel_path is None or result.tmp_path is None:  # cannot happen: fail closed
                         refuse(task, result, screening.REASON_WRITE)
                         continue
-                    earlier = written.get(result.rel_path)
-                    if earlier is not None:
+                    target = dst / result.rel_path
+                    if _written_this_run(target, done.mark_ns):
                         Path(result.tmp_path).unlink(missing_ok=True)
-                        if earlier == result.output_digest:
+                        if _file_sha256(target) == result.output_digest:
                             trail.append(
                                 KIND_SKIPPED,
                                 input_digest=result.input_digest,
@@ -322,13 +519,11 @@ def run_deid(
                                 reason="duplicate of a file already de-identified in this run",
                             )
                             skipped += 1
+                            done.add(result.input_digest)  # its row is the first copy's
                         else:
                             refuse(task, result, screening.REASON_DUPLICATE)
                         continue
-                    os.replace(result.tmp_path, dst / result.rel_path)
-                    written[result.rel_path] = result.output_digest
-                    if result.row is not None:
-                        rows.append({**result.row, "label": label_map.get(result.row["accession"], "")})
+                    os.replace(result.tmp_path, target)
                     trail.append(
                         KIND_DEIDENTIFIED,
                         input_digest=result.input_digest,
@@ -336,27 +531,42 @@ def run_deid(
                         path=result.rel_path,
                         actions=result.actions,
                         output_digest=result.output_digest,
+                        **({"pixel_cleaning": result.pixel_cleaning} if result.pixel_cleaning else {}),
                     )
+                    done.add(result.input_digest, result.row)
                     deidentified += 1
+                    if reid_writer is not None and result.reid_row is not None:
+                        reid_writer.add(*result.reid_row)
                 finally:
-                    bar.advance(bar_task)
+                    done.checkpoint()
+                    bar.update(bar_task, advance=1, ok=deidentified, quarantined=quarantined, skipped=skipped,
+                               resumed=resumed)
     finally:
         pydicom_logger.setLevel(pydicom_level)
         _sweep_temporaries(dst)
+        if reid_writer is not None:
+            reid_writer.close()
+        done.checkpoint(force=True)  # even after an interruption: what is in place is done
 
-    write_manifest(manifest_path, merge_rows(read_manifest(manifest_path), rows, dst))
+    journal = done.rows()
+    try:
+        write_merged(manifest_path, journal, dst, labels=label_map if labels is not None else None)
+    finally:
+        journal.close()
     trail.append(
         "deid_run",
-        files=len(tasks),
-        deidentified=deidentified,
+        files=total,
+        deidentified=deidentified + resumed,
+        resumed=resumed,
         quarantined=quarantined,
         skipped=skipped,
         profile=list(options),
         key_fingerprint=_key_fingerprint(secret),
     )
-    trail.sync()
+    trail.close()  # seals the run
     summary = DeidSummary(
-        deidentified=deidentified,
+        deidentified=deidentified + resumed,
+        resumed=resumed,
         quarantined=quarantined,
         skipped=skipped,
         dst=dst,

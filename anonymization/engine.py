@@ -1,27 +1,36 @@
-"""Applies the resolved PS3.15 profile to a pydicom Dataset, recursively.
+"""Applies the site's policy (PS3.15 Table E.1-1 + options) to a pydicom Dataset, recursively.
 
-Driven by tag number from :mod:`anonymization.table`; what the table does not
-list is handled by VR (person names emptied, dates shifted, instance UIDs
-replaced, unlisted free text emptied), because the table is not exhaustive.
-Returns counts of what was done so the audit trail can say it without values.
+Driven by tag number from :mod:`anonymization.table`, in the main data set and in
+every sequence item at any depth. Compound actions are resolved per IOD and per
+position with the Types of :mod:`anonymization.iod`. What the table does not list is
+handled by VR, because the table is not exhaustive: person names emptied, dates
+shifted with the patient's offset (or kept / emptied, per the date option), instance
+UIDs replaced, unlisted free text emptied, and text inside sequences the table does
+not list (or inside kept private sequences) removed. Returns counts of what was done
+so the audit trail can say it without values.
 """
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from pydicom._uid_dict import UID_dictionary
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_sequence
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.tag import BaseTag, Tag
 
 from anonymization.dates import shift_da, shift_dt
+from anonymization.iod import load_iod_types
+from anonymization.policy import DEFAULT_POLICY, Policy
 from anonymization.pseudonyms import Pseudonymizer
+from anonymization.scrub import TextScrubber
 from anonymization.table import (
     CLEAN,
     DUMMY,
@@ -29,10 +38,11 @@ from anonymization.table import (
     KEEP,
     KEEP_REPLACING_UIDS,
     REMOVE,
-    RETAIN_LONGITUDINAL_MODIFIED_DATES,
     UID,
     Profile,
-    default_profile,
+    SafePrivateTags,
+    load_safe_private,
+    resolve_compound,
 )
 
 MEDFED_VERSION = "0.1.0"
@@ -40,8 +50,11 @@ MEDFED_VERSION = "0.1.0"
 PATIENT_ID = 0x00100020
 PATIENT_NAME = 0x00100010
 ACCESSION_NUMBER = 0x00080050
+SOP_CLASS_UID = 0x00080016
 TIMEZONE_OFFSET_FROM_UTC = 0x00080201  # kept: a whole-day shift leaves the offset true
+REASON_FOR_ATTRIBUTE_MODIFICATION = 0x04000565
 PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+OVERLAY_DATA = 0x60003000
 
 STANDARD_UID_ROOT = "1.2.840.10008."
 # Attributes whose UIDs name a *kind* of thing (class, syntax, coding scheme),
@@ -54,12 +67,39 @@ TYPE_UID_TAGS = frozenset(
         0x00080016, 0x0008001A, 0x0008001B,  # SOP Class, Related General / Original Specialized SOP Class
         0x0008010C, 0x00080117, 0x00080118,  # Coding Scheme, Context, Mapping Resource UID
         0x00081150, 0x0008115A,  # Referenced SOP Class UID, SOP Classes Supported
+        0x0008010D,  # Context Group Extension Creator UID
     }
 )
 
 FREE_TEXT_VRS = frozenset({"ST", "LT", "UT"})
+# Text that may carry anything a person typed: removed inside unlisted sequences.
+TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "AE", "UR"})
 BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 NUMBER_VRS = frozenset({"SL", "SS", "SV", "UL", "US", "UV", "FL", "FD"})
+
+# Text attributes that are coded values or structural labels, not free text: kept
+# inside unlisted sequences (removing them would break Type 1 code sequences and LUTs).
+STRUCTURAL_TEXT_TAGS = frozenset(
+    {
+        0x00080100,  # Code Value
+        0x00080102,  # Coding Scheme Designator
+        0x00080103,  # Coding Scheme Version
+        0x00080104,  # Code Meaning
+        0x00080105,  # Mapping Resource
+        0x0008010F,  # Context Identifier
+        0x00080119,  # Long Code Value
+        0x00080120,  # URN Code Value
+        0x00080122,  # Mapping Resource Name
+        0x00080070,  # Manufacturer (Type 1 in Contributing Equipment)
+        0x00081090,  # Manufacturer's Model Name
+        0x00181020,  # Software Versions
+        0x00281055,  # Window Center & Width Explanation
+        0x00283003,  # LUT Explanation
+        0x00283004,  # Modality LUT Type
+        0x00409210,  # LUT Label
+        0x00209421,  # Dimension Description Label
+    }
+)
 
 DUMMY_TEXT: dict[str, Any] = {
     "AE": "ANONYMIZED",
@@ -79,11 +119,14 @@ DUMMY_TEXT: dict[str, Any] = {
     "UR": "urn:medfed:anonymized",
     "UT": "ANONYMIZED",
 }
+# Reason for the Attribute Modification: defined terms only, anything else is free text.
+_MODIFICATION_REASONS = frozenset({"COERCE", "CORRECT"})
 
-PROFILE_TEXT = [
-    f"medfed {MEDFED_VERSION}: PS3.15 Basic Application Confidentiality Profile",
-    "Retain Longitudinal Temporal Information Modified Dates Option",
-]
+PROFILE_LINE = f"medfed {MEDFED_VERSION}: PS3.15 Basic Application Confidentiality Profile"
+# Kept for callers of the previous API: the text of the default policy.
+PROFILE_TEXT = [PROFILE_LINE, "Retain Longitudinal Temporal Information Modified Dates Option"]
+
+DATES_MODIFIED, DATES_FULL, DATES_REMOVED = "MODIFIED", "UNMODIFIED", "REMOVED"
 
 
 def is_well_known_uid(uid: str) -> bool:
@@ -96,21 +139,51 @@ def is_well_known_uid(uid: str) -> bool:
 class _Context:
     offset_days: int
     counts: Counter[str]
+    sop_class: str | None
+    scrubber: TextScrubber | None
 
 
 class Deidentifier:
-    """De-identifies datasets in place under one profile and one site secret."""
+    """De-identifies datasets in place under one policy and one site secret.
 
-    def __init__(self, pseudonymizer: Pseudonymizer, profile: Profile | None = None) -> None:
+    ``profile`` (the table resolved for a set of option columns) is accepted for
+    callers of the previous API; ``policy`` says everything, including the options
+    that are not table columns. Given neither, the default policy applies.
+    """
+
+    def __init__(
+        self,
+        pseudonymizer: Pseudonymizer,
+        profile: Profile | None = None,
+        *,
+        policy: Policy | None = None,
+    ) -> None:
         self.pseudo = pseudonymizer
-        self.profile = profile or default_profile()
+        if policy is None:
+            policy = Policy.from_options(profile.options) if profile is not None else DEFAULT_POLICY
+        self.policy = policy
+        self.profile = profile if profile is not None else Profile(policy.table_options)
+        if set(self.profile.options) != set(policy.table_options):
+            raise ValueError("the profile's options differ from the policy's; pass only the policy")
+        self.dates = policy.longitudinal_temporal_information
+        self.safe_private: SafePrivateTags | None = (
+            load_safe_private() if self.profile.private_action == CLEAN else None
+        )
+        self.types = load_iod_types()
+        # Free text an IOD requires (Type 1) is kept cleaned only where an option says
+        # text may be kept; elsewhere it becomes a dummy.
+        self._clean_free_text = any(
+            (policy.clean_descriptors, policy.clean_structured_content, policy.keep_text_in_unlisted_sequences)
+        )
 
     # ---- entry point ------------------------------------------------------------
     def deidentify(self, ds: Dataset) -> Counter[str]:
         """Clean ``ds`` (not its file meta) and mark it de-identified; return action counts."""
         original_pid = original_patient_id(ds)
-        ctx = _Context(self.pseudo.date_offset_days(original_pid), Counter())
-        self._clean(ds, ctx, depth=0)
+        sop_class = str(ds.get(SOP_CLASS_UID).value).strip() if SOP_CLASS_UID in ds else None
+        scrubber = TextScrubber.from_dataset(ds)
+        ctx = _Context(self.pseudo.date_offset_days(original_pid), Counter(), sop_class or None, scrubber)
+        self._clean(ds, ctx, parent=None, unlisted=False)
         patient = self.pseudo.patient_id(original_pid)
         ds.PatientID = patient
         ds.PatientName = patient
@@ -122,18 +195,28 @@ class Deidentifier:
         return self.pseudo.patient_id(original_patient_id(ds))
 
     # ---- recursion --------------------------------------------------------------
-    def _clean(self, ds: Dataset, ctx: _Context, depth: int) -> None:
-        for tag in list(ds.keys()):
-            self._clean_element(ds, BaseTag(tag), ctx, depth)
-        self._drop_orphan_overlays(ds, ctx)
+    def _clean(self, ds: Dataset, ctx: _Context, parent: int | None, unlisted: bool) -> None:
+        """Clean one data set or item; ``parent`` is the sequence holding it (None: top level).
 
-    def _drop_orphan_overlays(self, ds: Dataset, ctx: _Context) -> None:
-        """An overlay group whose Overlay Data (Type 1) was removed is removed whole.
-
-        Its header alone would make the Overlay Plane module invalid, and overlays
-        stored in unused pixel bits (no 60xx,3000) are graphics we cannot inspect.
+        ``unlisted`` is true inside a sequence that Table E.1-1 does not list (or a kept
+        private sequence): free text there is removed, not just emptied.
         """
-        if self.profile.action_for(0x60003000) != REMOVE:
+        for tag in list(ds.keys()):
+            # The data set's own key object: a fresh BaseTag makes every later dict
+            # lookup fall back to BaseTag.__eq__ (Python code) - perf, see bench/deid_throughput.py.
+            self._clean_element(ds, tag, ctx, parent, unlisted)
+        self._drop_overlays(ds, ctx)
+        if self.safe_private is not None:
+            _drop_orphan_creators(ds)
+
+    def _drop_overlays(self, ds: Dataset, ctx: _Context) -> None:
+        """An overlay group is removed whole once its Overlay Data (Type 1) is gone.
+
+        Overlay bitmaps are graphics we cannot inspect, so even the Clean Graphics
+        option cannot keep them (C falls back to the Basic Profile's X); the group's
+        header alone would make the Overlay Plane module invalid.
+        """
+        if self.profile.basic_action_for(OVERLAY_DATA) != REMOVE:
             return
         for tag in list(ds.keys()):
             group = tag >> 16
@@ -141,18 +224,27 @@ class Deidentifier:
                 del ds[tag]
                 ctx.counts["overlay"] += 1
 
-    def _clean_element(self, ds: Dataset, tag: BaseTag, ctx: _Context, depth: int) -> None:
+    def _clean_element(
+        self, ds: Dataset, tag: BaseTag, ctx: _Context, parent: int | None, unlisted: bool
+    ) -> None:
         counts = ctx.counts
         if tag.is_private:
-            if self.profile.private_action == REMOVE:
-                del ds[tag]
-                counts[REMOVE] += 1
-                counts["private"] += 1
-                return
+            self._private(ds, tag, ctx)
+            return
         if tag.element == 0x0000:  # group length: stale once anything changed
             del ds[tag]
             return
-        action = self.profile.action_for(int(tag))
+        if 0x5000 <= tag.group <= 0x50FF and tag.group % 2 == 0:
+            # Curves (retired): data no option can clean, so never a curve without it.
+            del ds[tag]
+            counts[REMOVE] += 1
+            return
+        raw_action = self.profile.raw_action(int(tag))
+        if (raw_action is None or raw_action == KEEP) and _untouched_raw(ds.get_item(tag), raw_action, int(tag)):
+            if raw_action == KEEP:
+                counts[KEEP] += 1
+            return  # kept exactly as read: no conversion (the writer copies its bytes)
+        action = None if raw_action is None else resolve_compound(raw_action, int(tag), ctx.sop_class, parent)
         if action == REMOVE:
             del ds[tag]
             counts[REMOVE] += 1
@@ -160,6 +252,15 @@ class Deidentifier:
 
         elem = ds[tag]  # converts a raw element; only for elements we keep in some form
         vr = elem.VR
+        if vr == "UN" and self.profile.is_sequence(int(tag)):
+            # A sequence pydicom does not know, read from implicit VR: parse its items
+            # so they can be cleaned, or drop it - never keep bytes we cannot inspect.
+            if not _parse_un_sequence(elem):
+                del ds[tag]
+                counts[REMOVE] += 1
+                counts["unparsable_sequence"] += 1
+                return
+            vr = elem.VR
 
         # Identifiers that become keyed pseudonyms rather than empty values, so
         # that images of a patient/study stay linkable and labels can be joined.
@@ -174,27 +275,21 @@ class Deidentifier:
             return
 
         if action is None:
-            self._by_vr(elem, ctx, depth)
+            self._by_vr(ds, tag, elem, ctx, parent, unlisted)
             return
         if action == EMPTY:
             _empty(elem)
             counts[EMPTY] += 1
         elif action == DUMMY:
-            if vr == "SQ":
-                self._recurse(elem, ctx, depth)
-            elif vr == "UI":
-                self._replace_uids(elem, ctx)
-            elif vr in ("DA", "DT"):
-                self._shift(elem, ctx)
-            else:
-                _dummy(elem)
+            self._dummy(elem, ctx)
             counts[DUMMY] += 1
         elif action == UID:
-            self._replace_uids(elem, ctx)
+            if not self.policy.retain_uids:
+                self._replace_uids(elem, ctx)
             counts[UID] += 1
         elif action == KEEP_REPLACING_UIDS:
             if vr == "SQ":
-                self._recurse(elem, ctx, depth)
+                self._recurse(elem, ctx, unlisted=False)
             elif vr == "UI":
                 self._replace_uids(elem, ctx)
             else:
@@ -202,73 +297,213 @@ class Deidentifier:
             counts[KEEP_REPLACING_UIDS] += 1
         elif action == KEEP:
             if vr == "SQ":
-                self._recurse(elem, ctx, depth)
+                self._recurse(elem, ctx, unlisted=False)
             counts[KEEP] += 1
         elif action == CLEAN:
-            self._clean_value(ds, tag, elem, ctx, depth)
+            self._clean_value(ds, tag, elem, ctx, parent)
         else:  # an action this engine does not know: fail closed
             del ds[tag]
             counts[REMOVE] += 1
 
-    def _by_vr(self, elem: DataElement, ctx: _Context, depth: int) -> None:
+    def _private(self, ds: Dataset, tag: BaseTag, ctx: _Context) -> None:
+        """Private attributes: removed, or under Retain Safe Private kept if known safe.
+
+        Safety is decided by (private creator, group, element within the block) from
+        the shipped safe list; the creators are kept for now and dropped afterwards
+        when no element of their block survived (:func:`_drop_orphan_creators`).
+        """
+        element = tag.element
+        if self.safe_private is None or element == 0x0000 or 0x0001 <= element <= 0x000F:
+            del ds[tag]
+            ctx.counts[REMOVE] += 1
+            ctx.counts["private"] += 1
+            return
+        if 0x0010 <= element <= 0x00FF:
+            return  # a private creator: decided once its block is done
+        creator_tag = (tag.group << 16) | (element >> 8)
+        creator = _as_text(ds[creator_tag]) if creator_tag in ds else None
+        if not self.safe_private.is_safe(creator, int(tag)):
+            del ds[tag]
+            ctx.counts[REMOVE] += 1
+            ctx.counts["private"] += 1
+            return
+        elem = ds[tag]
+        if elem.VR == "SQ":
+            for item in elem.value or []:
+                self._clean(item, ctx, parent=int(tag), unlisted=True)
+        ctx.counts["private_kept"] += 1
+
+    def _by_vr(
+        self, ds: Dataset, tag: BaseTag, elem: DataElement, ctx: _Context, parent: int | None, unlisted: bool
+    ) -> None:
         """Rules for attributes the table does not list."""
         vr = elem.VR
+        counts = ctx.counts
         if vr == "SQ":
-            self._recurse(elem, ctx, depth)
+            if elem.value is not None:
+                for item in elem.value:
+                    self._clean(item, ctx, parent=int(tag), unlisted=True)
         elif vr == "PN":
             if not _is_empty(elem):
-                _empty(elem)
-                ctx.counts["vr_pn"] += 1
+                if self.types.requirement(int(tag), ctx.sop_class, parent) == "1":
+                    _dummy(elem)
+                else:
+                    _empty(elem)
+                counts["vr_pn"] += 1
         elif vr in ("DA", "DT"):
-            if self._shift(elem, ctx):
-                ctx.counts["vr_date"] += 1
+            if self._date_by_option(elem, ctx):
+                counts["vr_date"] += 1
         elif vr == "UI":
-            if self._replace_uids(elem, ctx):
-                ctx.counts["vr_uid"] += 1
-        elif vr in FREE_TEXT_VRS:
-            if not _is_empty(elem):
-                _empty(elem)
-                ctx.counts["vr_text"] += 1
+            if not self.policy.retain_uids and self._replace_uids(elem, ctx):
+                counts["vr_uid"] += 1
+        elif vr == "UN":
+            # Neither pydicom nor the table knows this attribute: its meaning (and
+            # whether it identifies) is unknown, so it goes.
+            del ds[tag]
+            counts["vr_unknown"] += 1
+        elif vr in TEXT_VRS and int(tag) not in STRUCTURAL_TEXT_TAGS and (unlisted or vr in FREE_TEXT_VRS):
+            self._text_by_vr(ds, tag, elem, ctx, parent, unlisted)
 
-    def _recurse(self, elem: DataElement, ctx: _Context, depth: int) -> None:
+    def _text_by_vr(
+        self, ds: Dataset, tag: BaseTag, elem: DataElement, ctx: _Context, parent: int | None, unlisted: bool
+    ) -> None:
+        """Free text anywhere, and any text inside an unlisted sequence.
+
+        What the IOD requires here decides: Type 1 stays non-empty (cleaned text where
+        an option allows text, or short text such as a segment label; a dummy
+        otherwise), Type 2 is emptied, anything else is removed inside sequences and
+        emptied at the top level - unless the policy keeps text in unlisted sequences.
+        """
+        vr = elem.VR
+        counts = ctx.counts
+        if _is_empty(elem):
+            return
+        need = self.types.requirement(int(tag), ctx.sop_class, parent)
+        if need == "1":
+            may_clean = vr not in FREE_TEXT_VRS or self._clean_free_text
+            if may_clean and vr not in ("AE", "UR") and ctx.scrubber is not None and self._scrub(elem, ctx):
+                counts["vr_text_cleaned"] += 1
+            else:
+                _dummy(elem)
+                counts["vr_text"] += 1
+            return
+        if need == "2":
+            _empty(elem)
+            counts["vr_text"] += 1
+            return
+        if unlisted and self.policy.keep_text_in_unlisted_sequences and vr not in ("AE", "UR"):
+            if ctx.scrubber is not None and self._scrub(elem, ctx):
+                counts["vr_text_cleaned"] += 1
+                return
+        if unlisted or parent is not None:
+            del ds[tag]
+        else:
+            _empty(elem)
+        counts["vr_text"] += 1
+
+    def _recurse(self, elem: DataElement, ctx: _Context, *, unlisted: bool) -> None:
         if elem.VR != "SQ" or elem.value is None:
             return
         for item in elem.value:
-            self._clean(item, ctx, depth + 1)
+            self._clean(item, ctx, parent=int(elem.tag), unlisted=unlisted)
 
     def _clean_value(
-        self, ds: Dataset, tag: BaseTag, elem: DataElement, ctx: _Context, depth: int
+        self, ds: Dataset, tag: BaseTag, elem: DataElement, ctx: _Context, parent: int | None
     ) -> None:
-        """C under the Modified Dates option: shift dates, keep times (whole-day shift).
+        """C: keep the attribute with values of similar meaning that do not identify.
 
-        Anything else marked C (an opaque OB timestamp, or text under an option this
-        engine cannot clean) falls back to the Basic Profile's action.
+        Dates (Modified Dates option) are shifted by the patient's whole-day offset,
+        times and the UTC offset kept; sequences are kept and cleaned item by item;
+        text is scrubbed (:mod:`anonymization.scrub`); AE titles become keyed
+        pseudonyms. Anything that cannot be cleaned (opaque bytes, a value that
+        scrubbing empties) falls back to the Basic Profile's action.
         """
         vr = elem.VR
-        if vr in ("DA", "DT"):
-            self._shift(elem, ctx)
-            ctx.counts[CLEAN] += 1
+        counts = ctx.counts
+        if vr in ("DA", "DT") or (vr == "UN" and self.dates == DATES_MODIFIED and _looks_like_dt(elem)):
+            if self.dates == DATES_MODIFIED:
+                self._shift(elem, ctx, vr="DT" if vr == "UN" else vr)
+                counts[CLEAN] += 1
+                return
+            if self.dates == DATES_FULL:
+                counts[KEEP] += 1
+                return
         elif vr == "TM" or int(tag) == TIMEZONE_OFFSET_FROM_UTC:
-            ctx.counts[CLEAN] += 1
+            if self.dates != DATES_REMOVED:
+                counts[CLEAN] += 1
+                return
         elif vr == "SQ":
-            self._recurse(elem, ctx, depth)
-            ctx.counts[CLEAN] += 1
+            self._recurse(elem, ctx, unlisted=False)
+            counts[CLEAN] += 1
+            return
+        elif vr == "AE":
+            values = _values(elem)
+            _set_values(elem, [self.pseudo.digest(b"medfed/ae\x00" + v.strip().encode())[:16].upper() for v in values])
+            counts[CLEAN] += 1
+            return
+        elif vr in TEXT_VRS or vr == "PN":
+            if ctx.scrubber is not None and self._scrub(elem, ctx):
+                counts[CLEAN] += 1
+                return
+        elif vr == "CS" and int(tag) == REASON_FOR_ATTRIBUTE_MODIFICATION:
+            if all(v.strip().upper() in _MODIFICATION_REASONS for v in _values(elem)):
+                counts[CLEAN] += 1
+                return
+        basic = self.profile.basic_action_for(int(tag), ctx.sop_class, parent) or REMOVE
+        if basic == DUMMY:
+            self._dummy(elem, ctx)
+            counts[DUMMY] += 1
+        elif basic == EMPTY:
+            _empty(elem)
+            counts[EMPTY] += 1
+        elif basic == UID:
+            self._replace_uids(elem, ctx)
+            counts[UID] += 1
         else:
-            basic = self.profile.basic_action_for(int(tag)) or REMOVE
-            if basic == DUMMY:
-                _dummy(elem)
-                ctx.counts[DUMMY] += 1
-            elif basic == EMPTY:
-                _empty(elem)
-                ctx.counts[EMPTY] += 1
-            else:
-                del ds[tag]
-                ctx.counts[REMOVE] += 1
+            del ds[tag]
+            counts[REMOVE] += 1
 
     # ---- value rewriting --------------------------------------------------------
-    def _shift(self, elem: DataElement, ctx: _Context) -> bool:
+    def _scrub(self, elem: DataElement, ctx: _Context) -> bool:
+        """Scrub every value of a text element; False (element untouched) if nothing is left."""
+        assert ctx.scrubber is not None
+        values = _values(elem)
+        if not values:
+            return True
+        cleaned = [ctx.scrubber.clean(v) for v in values]
+        if not any(cleaned):
+            return False
+        _set_values(elem, cleaned)
+        return True
+
+    def _dummy(self, elem: DataElement, ctx: _Context) -> None:
+        """D: a value consistent with the VR that carries no information.
+
+        Sequences are kept and cleaned item by item; UIDs are replaced (a dummy UID
+        would break references); dates under the Modified Dates option are shifted.
+        """
+        vr = elem.VR
+        if vr == "SQ":
+            self._recurse(elem, ctx, unlisted=False)
+        elif vr == "UI":
+            self._replace_uids(elem, ctx)
+        elif vr in ("DA", "DT") and self.dates == DATES_MODIFIED and not _is_empty(elem):
+            self._shift(elem, ctx)
+        else:
+            _dummy(elem)
+
+    def _date_by_option(self, elem: DataElement, ctx: _Context) -> bool:
+        """An unlisted DA/DT: shifted (Modified Dates), kept (Full Dates) or emptied."""
+        if self.dates == DATES_MODIFIED:
+            return self._shift(elem, ctx)
+        if self.dates == DATES_FULL or _is_empty(elem):
+            return False
+        _empty(elem)
+        return True
+
+    def _shift(self, elem: DataElement, ctx: _Context, vr: str | None = None) -> bool:
         """Shift DA/DT values by the patient's offset; unparsable dates are emptied."""
-        shifter: Callable[[str, int], str | None] = shift_da if elem.VR == "DA" else shift_dt
+        shifter: Callable[[str, int], str | None] = shift_da if (vr or elem.VR) == "DA" else shift_dt
         values = _values(elem)
         if not values:
             return False
@@ -302,25 +537,70 @@ class Deidentifier:
         return changed
 
     def _mark(self, ds: Dataset) -> None:
-        """PS3.15 E.1.1 attributes saying what was done."""
+        """PS3.15 E.1.1 attributes saying exactly what was done (profile and options)."""
         ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = PROFILE_TEXT
-        items = []
-        method_codes = [codes.cid7050.BasicApplicationConfidentialityProfile]
-        if RETAIN_LONGITUDINAL_MODIFIED_DATES in self.profile.options:
-            method_codes.append(codes.cid7050.RetainLongitudinalTemporalInformationModifiedDatesOption)
-        for code in method_codes:
-            item = Dataset()
-            item.CodeValue = code.value
-            item.CodingSchemeDesignator = code.scheme_designator
-            item.CodeMeaning = code.meaning
-            items.append(item)
-        ds.DeidentificationMethodCodeSequence = Sequence(items)
-        if RETAIN_LONGITUDINAL_MODIFIED_DATES in self.profile.options:
-            ds.LongitudinalTemporalInformationModified = "MODIFIED"
+        codes = self.policy.method_codes()
+        ds.DeidentificationMethod = [PROFILE_LINE] + [code.meaning for code in codes[1:]]
+        ds.DeidentificationMethodCodeSequence = Sequence([_code_item(code) for code in codes])
+        ds.LongitudinalTemporalInformationModified = self.dates
 
 
 # ---- element helpers ------------------------------------------------------------
+# VRs the by-VR rules (:meth:`Deidentifier._by_vr`) may act on; anything else unlisted is kept.
+_BY_VR_ACTS_ON = frozenset({"SQ", "PN", "DA", "DT", "UI", "UN"}) | TEXT_VRS | FREE_TEXT_VRS
+
+
+def _untouched_raw(elem: Any, raw_action: str | None, tag: int) -> bool:
+    """True if a still-raw element is kept as is: K (not a sequence), or unlisted with a VR no rule touches.
+
+    Decided from the VR in the file, without converting the value (conversion was
+    the largest cost of de-identifying a file); implicit-VR elements (no VR read)
+    and the pseudonymized identifiers take the normal path.
+    """
+    if type(elem) is not RawDataElement or tag in (PATIENT_ID, ACCESSION_NUMBER):
+        return False
+    vr = elem.VR
+    if vr is None or vr in ("SQ", "UN"):
+        return False
+    return raw_action == KEEP or vr not in _BY_VR_ACTS_ON
+
+
+def _code_item(code: Code) -> Dataset:
+    item = Dataset()
+    item.CodeValue = code.value
+    item.CodingSchemeDesignator = code.scheme_designator
+    item.CodeMeaning = code.meaning
+    return item
+
+
+def _parse_un_sequence(elem: DataElement) -> bool:
+    """Turn a UN element holding an (implicit VR little endian) sequence into SQ, in place."""
+    value = elem.value
+    if isinstance(value, Sequence):
+        elem.VR = "SQ"
+        return True
+    if not isinstance(value, bytes):
+        return False
+    try:
+        seq = read_sequence(io.BytesIO(value), True, True, len(value), "iso8859")
+    except Exception:  # noqa: BLE001 - anything unparsable is dropped by the caller
+        return False
+    if len(value) and not len(seq):
+        return False
+    elem.VR = "SQ"
+    elem.value = seq
+    return True
+
+
+def _drop_orphan_creators(ds: Dataset) -> None:
+    """Remove private creators (gggg,0010-00FF) whose block lost every element."""
+    kept_blocks = {(t >> 16, (t & 0xFFFF) >> 8) for t in ds.keys() if BaseTag(t).is_private and (t & 0xFFFF) >= 0x1000}
+    for t in list(ds.keys()):
+        tag = BaseTag(t)
+        if tag.is_private and 0x0010 <= tag.element <= 0x00FF and (tag.group, tag.element) not in kept_blocks:
+            del ds[tag]
+
+
 def original_patient_id(ds: Dataset) -> str:
     """The top-level PatientID as text ("" if absent): the key for pseudonym and date offset."""
     return _as_text(ds[PATIENT_ID]) if PATIENT_ID in ds else ""
@@ -336,6 +616,11 @@ def _as_text(elem: Any) -> str:
     if isinstance(value, (list, MultiValue)):
         return str(value[0]).strip() if len(value) else ""
     return str(value).strip()
+
+
+def _looks_like_dt(elem: DataElement) -> bool:
+    values = _values(elem)
+    return bool(values) and all(v.strip()[:8].isdigit() for v in values)
 
 
 def _values(elem: DataElement) -> list[str]:

@@ -13,6 +13,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Iterable
 
+from anonymization.iod import load_iod_types
+
 TABLE_RESOURCE = "ps3.15_table_e1_1.json"
 
 # The option this product applies (PS3.15 E.3.6): dates shifted, not removed.
@@ -36,18 +38,8 @@ KEEP, REMOVE, EMPTY, DUMMY, UID, CLEAN = "K", "X", "Z", "D", "U", "C"
 # X/Z/U*: keep the sequence, recurse, replace the UIDs inside.
 KEEP_REPLACING_UIDS = "U*"
 
-# Attributes behind a compound action containing D that are Type 1 in common
-# IODs, so D (a dummy) is needed to keep those IODs valid. Everything else
-# takes the weaker of the allowed actions: Z if allowed, else X. A later issue
-# replaces this list with per-IOD module knowledge.
-TYPE1_IN_COMMON_IODS: frozenset[int] = frozenset(
-    {
-        0x00080023,  # Content Date: Type 1 in SR Document General, Presentation State
-        0x00080033,  # Content Time: idem
-        0x0008002A,  # Acquisition DateTime: Type 1C in Enhanced CT/MR images
-        0x00181000,  # Device Serial Number: Type 1 in Enhanced General Equipment
-    }
-)
+RESOLVABLE_COMPOUNDS = frozenset({"Z/D", "X/Z", "X/D", "X/Z/D", "X/Z/U*"})
+CTP_RESOURCE = "ctp_private_tag_dictionary.json"
 
 
 @dataclass(frozen=True)
@@ -67,6 +59,11 @@ class Row:
     @property
     def is_private_row(self) -> bool:
         return self.tag.lower().startswith("(gggg")
+
+    @property
+    def is_sequence(self) -> bool:
+        """True for sequences, also those pydicom does not know (their name says so)."""
+        return self.vr == "SQ" or (self.vr is None and self.name.rstrip().endswith("Sequence"))
 
 
 def _parse_tag(text: str) -> tuple[int, int]:
@@ -111,30 +108,45 @@ def load_rows() -> tuple[Row, ...]:
     return tuple(_row(r) for r in rows)
 
 
-def resolve_compound(action: str, tag: int) -> str:
+def resolve_compound(action: str, tag: int, sop_class: str | None = None, parent: int | None = None) -> str:
     """Pick one action out of a compound one (Z/D, X/Z, X/D, X/Z/D, X/Z/U*).
 
-    Weakest action that keeps the IOD valid without per-IOD knowledge: D only for
-    known Type 1 attributes, else Z (the attribute stays, empty: fine for Type 2),
-    else X.
+    PS3.15 E.1.1: the weakest action that keeps the IOD valid. The attribute's Type
+    in the IOD of ``sop_class`` (at the top level) or in items of the sequence
+    ``parent`` comes from :mod:`anonymization.iod`: Type 1 needs a dummy (D), Type 2
+    an empty value (Z; also for X/D, since an empty value is valid there and carries
+    less than a dummy), anything else is removed (X). Without a SOP class the strongest
+    Type in any IOD is used. X/Z/U* sequences are always kept with the UIDs inside
+    replaced: their references are what ties a derived image to its source.
     """
     parts = action.split("/")
     if len(parts) == 1:
         return action
     if "U*" in parts:
         return KEEP_REPLACING_UIDS
-    if DUMMY in parts and tag in TYPE1_IN_COMMON_IODS:
-        return DUMMY
-    if EMPTY in parts:
-        return EMPTY
-    if REMOVE in parts:
-        return REMOVE
+    need = load_iod_types().requirement(tag, sop_class, parent)
+    if need == "1":
+        preference = (DUMMY, EMPTY, REMOVE)
+    elif need == "2":
+        preference = (EMPTY, DUMMY, REMOVE)
+    else:
+        preference = (REMOVE, EMPTY, DUMMY)
+    if need == "2" and REMOVE in parts and DUMMY in parts:
+        return EMPTY  # X/D on a Type 2 attribute: empty keeps the IOD valid
+    for choice in preference:
+        if choice in parts:
+            return choice
     return parts[0]
 
 
 @dataclass
 class Profile:
-    """Table E.1-1 resolved for the Basic Profile plus a set of options."""
+    """Table E.1-1 resolved for the Basic Profile plus a set of options.
+
+    Single rows are looked up by tag number, pattern rows by mask; compound actions
+    are resolved per call, because the answer depends on the IOD (``sop_class``) and
+    on where the attribute sits (``parent``: the sequence whose item holds it).
+    """
 
     options: tuple[str, ...] = DEFAULT_OPTIONS
     rows: tuple[Row, ...] = field(default_factory=load_rows)
@@ -142,20 +154,25 @@ class Profile:
     def __post_init__(self) -> None:
         unknown = [o for o in self.options if o not in OPTION_COLUMNS]
         if unknown:
-            raise ValueError(f"unknown profile option(s): {unknown}")
-        self._single: dict[int, str] = {}
+            raise ValueError(f"unknown profile option(s): {unknown}; known: {list(OPTION_COLUMNS)}")
+        if "retain_longitudinal_full_dates" in self.options and RETAIN_LONGITUDINAL_MODIFIED_DATES in self.options:
+            raise ValueError("the Full Dates and Modified Dates options are mutually exclusive; choose one")
         self._table_action: dict[int, str] = {}
-        self._patterns: list[tuple[int, int, str]] = []
+        self._basic: dict[int, str] = {}
+        self._sequences: set[int] = set()
+        self._patterns: list[tuple[int, int, str, str]] = []
         self.private_action: str = REMOVE
         for row in self.rows:
             action = self.table_action(row)
             if row.is_private_row:
                 self.private_action = action
             elif row.is_pattern or row.mask != 0xFFFFFFFF:
-                self._patterns.append((row.mask, row.value, action))
+                self._patterns.append((row.mask, row.value, action, row.basic))
             else:
                 self._table_action[row.value] = action
-                self._single[row.value] = resolve_compound(action, row.value)
+                self._basic[row.value] = row.basic
+                if row.is_sequence:
+                    self._sequences.add(row.value)
 
     def table_action(self, row: Row) -> str:
         """The row's action under this profile: the last option column set wins over basic."""
@@ -166,29 +183,78 @@ class Profile:
                 action = override
         return action
 
-    def action_for(self, tag: int) -> str | None:
-        """Resolved action for a (non-private) tag number, or None if the table is silent."""
-        action = self._single.get(tag)
+    def raw_action(self, tag: int) -> str | None:
+        """The table's action for a (non-private) tag under this profile, compound unresolved."""
+        action = self._table_action.get(tag)
         if action is not None:
             return action
-        for mask, value, pattern_action in self._patterns:
+        for mask, value, pattern_action, _basic in self._patterns:
             if tag & mask == value:
-                return resolve_compound(pattern_action, tag)
+                return pattern_action
         return None
 
-    def basic_action_for(self, tag: int) -> str | None:
+    def action_for(self, tag: int, sop_class: str | None = None, parent: int | None = None) -> str | None:
+        """Resolved action for a (non-private) tag number, or None if the table is silent."""
+        action = self.raw_action(tag)
+        return None if action is None else resolve_compound(action, tag, sop_class, parent)
+
+    def basic_action_for(self, tag: int, sop_class: str | None = None, parent: int | None = None) -> str | None:
         """The Basic Profile's own (resolved) action, used when an option's C cannot apply."""
-        for row in self.rows:
-            if not row.is_pattern and not row.is_private_row and row.value == tag:
-                return resolve_compound(row.basic, tag)
-        return None
+        action = self._basic.get(tag)
+        if action is None:
+            for mask, value, _action, basic in self._patterns:
+                if tag & mask == value:
+                    action = basic
+                    break
+        return None if action is None else resolve_compound(action, tag, sop_class, parent)
+
+    def is_sequence(self, tag: int) -> bool:
+        """True if the table lists ``tag`` as a sequence (also for tags pydicom does not know)."""
+        return tag in self._sequences
 
     def listed(self) -> Iterable[int]:
         """Tag numbers of the single (non-pattern) rows."""
-        return self._single.keys()
+        return self._table_action.keys()
 
 
 @lru_cache(maxsize=4)
 def default_profile() -> Profile:
     """Basic Profile + Retain Longitudinal Temporal Information with Modified Dates."""
     return Profile(DEFAULT_OPTIONS)
+
+
+# ---- Retain Safe Private ------------------------------------------------------------
+@dataclass(frozen=True)
+class SafePrivateTags:
+    """Private attributes known to be safe, by (creator, group, element within block).
+
+    The list is RSNA CTP's private tag dictionary (TCIA), shipped as
+    ``data/ctp_private_tag_dictionary.json``; only its ``K`` (keep) entries count.
+    Anything else, and any private tag whose creator is missing or not in the list,
+    is unsafe: a private element means nothing without its creator, and the same
+    element number means different things under different creators.
+    """
+
+    safe: frozenset[tuple[str, int, int]]
+
+    def is_safe(self, creator: str | None, tag: int) -> bool:
+        """True if the private element ``tag`` under ``creator`` may be kept."""
+        if not creator:
+            return False
+        group, element = tag >> 16, tag & 0xFFFF
+        if element < 0x1000:  # (gggg,0010-00FF) are the creators themselves
+            return False
+        return (creator.strip().upper(), group, element & 0xFF) in self.safe
+
+
+@lru_cache(maxsize=1)
+def load_safe_private() -> SafePrivateTags:
+    """The shipped safe-private list (keep entries only)."""
+    text = resources.files("anonymization").joinpath("data", CTP_RESOURCE).read_text("utf-8")
+    data = json.loads(text)
+    safe = set()
+    for row in data["rows"]:
+        if row.get("disposition") != "K":
+            continue
+        safe.add((str(row["creator"]).strip().upper(), int(row["group"], 16), int(row["element_in_block"], 16)))
+    return SafePrivateTags(frozenset(safe))

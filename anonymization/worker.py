@@ -4,14 +4,21 @@ Runs in the parent or in a pool worker; it never writes records (manifest,
 audit, quarantine) - it returns a :class:`FileResult` and the parent, the only
 writer, renames the temporary output into place or quarantines the file.
 Nothing raised here escapes: any failure becomes a quarantine reason.
+
+The hot path is tuned (see bench/deid_throughput.py): the input is read once
+into memory and parsed lazily; pixel data is never decoded unless Clean Pixel
+Data has to look at it; untouched elements, pixel data included, are copied
+byte for byte into the output (:mod:`anonymization.writer`); nothing is
+fsync'ed per file - the parent makes outputs durable in batches before it
+records them as done (see :mod:`anonymization.batch`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import os
+import logging
 import re
 import secrets
 import uuid
@@ -20,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
@@ -33,8 +41,11 @@ from anonymization.engine import (
     PATIENT_NAME,
     Deidentifier,
 )
+from anonymization.policy import Policy
 from anonymization.pseudonyms import Pseudonymizer
-from anonymization.table import Profile
+from anonymization.reid import Sealer
+from anonymization.reid import originals as reid_originals
+from anonymization.writer import encode_file
 
 IMPLEMENTATION_VERSION_NAME = "MEDFED_010"
 # Our own implementation class UID: a fixed 2.25 UID derived from the product name.
@@ -47,6 +58,8 @@ TMP_SUFFIX = ".tmp"
 KIND_DEIDENTIFIED = "deidentified"
 KIND_QUARANTINED = "quarantined"
 KIND_SKIPPED = "skipped"
+KIND_DONE = "done"  # already de-identified by an earlier run (the done-index has its digest)
+DONE_DIGEST_HEX = 32  # the done-index keeps 128 bits of each keyed input digest
 
 # Marks written by the engine itself: not scanned for surviving identifiers.
 _OWN_TAGS = frozenset({PATIENT_ID, PATIENT_NAME, ACCESSION_NUMBER, 0x00120062, 0x00120063, 0x00120064, 0x00280303})
@@ -75,6 +88,8 @@ class FileResult:
     sop_uid: str = ""
     actions: dict[str, int] = field(default_factory=dict)
     output_digest: str = ""
+    reid_row: tuple[str, str] | None = None  # (dedupe key, row sealed to the privacy officer)
+    pixel_cleaning: dict[str, object] | None = None  # Clean Pixel Data: what was done (counts only)
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,9 @@ class Job:
     secret: bytes
     dst: str
     options: tuple[str, ...]
+    policy: Policy | None = None  # the site's policy; None: Policy.from_options(options)
+    reid_public_key: bytes | None = None  # officer's public key (PEM): seal re-identification rows
+    done_index: str | None = None  # file of keyed input digests already de-identified (resume)
 
 
 _state: dict[str, Any] = {}
@@ -94,7 +112,12 @@ def init_worker(job: Job) -> None:
     pseudo = Pseudonymizer(job.secret)
     _state["job"] = job
     _state["pseudo"] = pseudo
-    _state["engine"] = Deidentifier(pseudo, Profile(job.options))
+    policy = job.policy if job.policy is not None else Policy.from_options(job.options)
+    _state["policy"] = policy
+    _state["engine"] = Deidentifier(pseudo, policy=policy)
+    _state["sealer"] = Sealer(job.reid_public_key, pseudo) if job.reid_public_key else None
+    _state["done"] = load_done_index(Path(job.done_index)) if job.done_index else None
+    _state["dirs"] = set()  # output folders known to exist (bounded, see _ensure_dir)
     # pydicom may log offending values; none of that may reach our logs.
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 
@@ -107,6 +130,8 @@ def process_path(path: str) -> FileResult:
     except OSError:
         return FileResult(KIND_QUARANTINED, "", reason="the file could not be read")
     digest = pseudo.digest(data)
+    if is_done(_state.get("done"), digest):
+        return FileResult(KIND_DONE, digest)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -114,6 +139,54 @@ def process_path(path: str) -> FileResult:
         except Exception as exc:  # noqa: BLE001 - bad input must never crash the batch
             log.debug("file %s: %s", digest[:16], type(exc).__name__)
             return FileResult(KIND_QUARANTINED, digest, reason=f"{screening.REASON_FAILED} ({type(exc).__name__})")
+
+
+def load_done_index(path: Path) -> np.ndarray | None:
+    """The done-index as a sorted array of 16-byte digests (16 MB per million files)."""
+    digests = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:  # "<32 hex>[\t<manifest row>]"
+                head = line[:DONE_DIGEST_HEX]
+                if len(head) == DONE_DIGEST_HEX:
+                    try:
+                        digests.append(bytes.fromhex(head))
+                    except ValueError:
+                        continue  # a torn line from a crash: that input is simply done again
+    except OSError:
+        return None
+    if not digests:
+        return None
+    return np.unique(np.array(digests, dtype="S16"))
+
+
+def is_done(index: np.ndarray | None, digest: str) -> bool:
+    """True if the keyed digest ``digest`` (hex) is in the done-index."""
+    if index is None or len(digest) < DONE_DIGEST_HEX:
+        return False
+    key = np.array([bytes.fromhex(digest[:DONE_DIGEST_HEX])], dtype="S16")
+    at = int(np.searchsorted(index, key)[0])
+    return at < len(index) and index[at] == key[0]
+
+
+def _ensure_dir(folder: Path) -> None:
+    """mkdir -p, once per folder per process (a set bounded to 100k entries)."""
+    known: set[str] = _state["dirs"]
+    key = str(folder)
+    if key in known:
+        return
+    parent = str(folder.parent)
+    if parent not in known:  # a new patient: make its folder first (saves a failing mkdir)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(folder)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:  # its parent went away since we cached it
+        folder.mkdir(parents=True, exist_ok=True)
+    if len(known) > 100_000:
+        known.clear()
+    known.update((key, parent))
 
 
 def _read(data: bytes) -> tuple[Dataset | None, str | None]:
@@ -144,7 +217,9 @@ def _process(data: bytes, digest: str) -> FileResult:
     ds, reason = _read(data)
     if ds is None:
         return FileResult(KIND_QUARANTINED, digest, reason=reason or screening.REASON_NOT_DICOM)
-    reason = screening.truncation(ds, len(data)) or screening.refusal(ds)
+    policy: Policy = _state["policy"]
+    clean_pixels = bool(getattr(policy, "clean_pixel_data", False))
+    reason = screening.truncation(ds, len(data)) or screening.refusal(ds, clean_pixel_data=clean_pixels)
     if reason is not None:
         return FileResult(KIND_QUARANTINED, digest, reason=reason)
 
@@ -152,26 +227,38 @@ def _process(data: bytes, digest: str) -> FileResult:
     transfer_syntax = ds.file_meta.TransferSyntaxUID if had_meta_ts else _syntax_for(ds)
     identifiers = _identifiers(ds)
     is_image = screening.has_pixels(ds)
+    pixel_cleaning: dict[str, object] | None = None
+    if clean_pixels and screening.needs_pixel_cleaning(ds):
+        from anonymization import pixels  # OCR stack: imported only when a file needs it
 
+        try:
+            cleaned = pixels.clean_pixel_data(
+                ds, str(transfer_syntax), strict=screening.strict_text_search(ds),
+                identifiers=pixels.identifier_tokens(ds),
+            )
+        except pixels.PixelCleaningError as err:
+            return FileResult(KIND_QUARANTINED, digest, reason=err.reason)
+        transfer_syntax = cleaned.transfer_syntax
+        pixel_cleaning = cleaned.audit()
+
+    sealer: Sealer | None = _state.get("sealer")
+    before = reid_originals(ds) if sealer is not None else None
     counts = engine.deidentify(ds)
     leak = _residual(ds, identifiers)
     if leak:
         return FileResult(KIND_QUARANTINED, digest, reason=screening.REASON_RESIDUAL)
+    reid_row = sealer.seal(before, ds) if sealer is not None and before is not None else None
 
     sop_uid = str(ds.SOPInstanceUID)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = transfer_syntax
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    ds.file_meta = meta
-    ds.preamble = b"\x00" * 128
-    buffer = io.BytesIO()
+    meta = {  # File Meta Information, rebuilt from scratch (the source's may name its station)
+        "MediaStorageSOPClassUID": str(ds.SOPClassUID),
+        "MediaStorageSOPInstanceUID": sop_uid,
+        "TransferSyntaxUID": str(transfer_syntax),
+        "ImplementationClassUID": IMPLEMENTATION_CLASS_UID,
+        "ImplementationVersionName": IMPLEMENTATION_VERSION_NAME,
+    }
     try:
-        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-        out = buffer.getvalue()
-        pydicom.dcmread(io.BytesIO(out))  # what we write must read back
+        out = encode_file(ds, meta, data)
     except Exception as exc:  # noqa: BLE001
         return FileResult(KIND_QUARANTINED, digest, reason=f"{screening.REASON_WRITE} ({type(exc).__name__})")
 
@@ -184,12 +271,14 @@ def _process(data: bytes, digest: str) -> FileResult:
     top = IMAGES_DIR if is_image else OBJECTS_DIR
     rel = f"{top}/{patient}/{study}/{sop_uid}.dcm"
     final = Path(job.dst) / rel
-    final.parent.mkdir(parents=True, exist_ok=True)
+    _ensure_dir(final.parent)
     tmp = final.parent / f".{sop_uid}.{secrets.token_hex(4)}{TMP_SUFFIX}"
-    with open(tmp, "wb") as fh:
-        fh.write(out)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(out)  # made durable by the parent, in batches, before it is recorded as done
+    except OSError:
+        tmp.unlink(missing_ok=True)  # disk full, quota: never leave a half-written output behind
+        return FileResult(KIND_QUARANTINED, digest, reason=screening.REASON_WRITE)
     row = None
     if is_image:
         row = {
@@ -209,6 +298,8 @@ def _process(data: bytes, digest: str) -> FileResult:
         sop_uid=sop_uid,
         actions=dict(sorted(counts.items())),
         output_digest=hashlib.sha256(out).hexdigest(),
+        reid_row=reid_row,
+        pixel_cleaning=pixel_cleaning,
     )
 
 
@@ -257,10 +348,15 @@ def _residual(ds: Dataset, identifiers: list[str]) -> bool:
         return not words.isdisjoint(_WORD_SPLIT.split(text))
 
     def walk(item: Dataset, top: bool) -> bool:
-        for elem in item:
-            tag = int(elem.tag)
+        elements = getattr(item, "_dict", None)
+        for tag in list(elements) if isinstance(elements, dict) else list(item.keys()):
+            tag = int(tag)
             if (top and tag in _OWN_TAGS) or tag in _CODE_TAGS:
                 continue
+            raw_vr = getattr(elements.get(tag) if isinstance(elements, dict) else None, "VR", None)
+            if raw_vr is not None and raw_vr != "SQ" and raw_vr != "UN" and raw_vr not in _SCANNED_VRS:
+                continue  # numbers, dates, UIDs, bytes: not converted, nothing to scan
+            elem = item[tag]
             if elem.VR == "SQ":
                 if any(walk(child, False) for child in elem.value or []):
                     return True

@@ -1,0 +1,211 @@
+"""The site's de-identification policy: which PS3.15 options apply, chosen in a TOML file.
+
+The privacy officer signs off one file, not a command line: every option of PS3.15
+Annex E that this product implements is a field here, validated by pydantic, and an
+error names the field and says what to do. The default policy (no file) is the Basic
+Application Confidentiality Profile with Retain Longitudinal Temporal Information with
+Modified Dates, which is what medfed has always done.
+
+Relative paths in the file (the re-identification table, the officer's public key)
+are taken relative to the file's folder, so a policy and its key can travel together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydicom.sr.coding import Code
+from pydicom.sr.codedict import codes
+
+from anonymization.errors import DeidError
+
+POLICY_VERSION = 1
+EXAMPLE_RESOURCE = "policy.example.toml"
+
+# Table E.1-1 option columns, in the order they are applied (a later column wins a
+# conflict; the two date options are mutually exclusive so order never matters there).
+TABLE_OPTIONS: tuple[str, ...] = (
+    "retain_safe_private",
+    "retain_uids",
+    "retain_device_identity",
+    "retain_institution_identity",
+    "retain_patient_characteristics",
+    "retain_longitudinal_full_dates",
+    "retain_longitudinal_modified_dates",
+    "clean_descriptors",
+    "clean_structured_content",
+    "clean_graphics",
+)
+# Options that are not a column of the table (the pixel cleaning lives in pixels.py).
+OTHER_OPTIONS: tuple[str, ...] = ("clean_pixel_data",)
+
+# CID 7050 code of each option, in the order PS3.16 lists them.
+_CODES: dict[str, Code] = {
+    "clean_pixel_data": codes.cid7050.CleanPixelDataOption,
+    "clean_graphics": codes.cid7050.CleanGraphicsOption,
+    "clean_structured_content": codes.cid7050.CleanStructuredContentOption,
+    "clean_descriptors": codes.cid7050.CleanDescriptorsOption,
+    "retain_longitudinal_full_dates": codes.cid7050.RetainLongitudinalTemporalInformationFullDatesOption,
+    "retain_longitudinal_modified_dates": codes.cid7050.RetainLongitudinalTemporalInformationModifiedDatesOption,
+    "retain_patient_characteristics": codes.cid7050.RetainPatientCharacteristicsOption,
+    "retain_device_identity": codes.cid7050.RetainDeviceIdentityOption,
+    "retain_uids": codes.cid7050.RetainUidsOption,
+    "retain_safe_private": codes.cid7050.RetainSafePrivateOption,
+    "retain_institution_identity": codes.cid7050.RetainInstitutionIdentityOption,
+}
+BASIC_PROFILE_CODE: Code = codes.cid7050.BasicApplicationConfidentialityProfile
+
+
+class PolicyError(DeidError):
+    """The policy file is missing, not TOML, or has a field with a bad value."""
+
+
+class ReidSettings(BaseModel):
+    """Where the encrypted re-identification table goes and whose key can open it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    table: Path = Field(description="Append-only encrypted table (keep it outside the de-identified store).")
+    officer_public_key: Path = Field(
+        description="The privacy officer's X25519 public key (PEM), from `medfed deid reid-keygen`."
+    )
+
+
+class Policy(BaseModel):
+    """PS3.15 Annex E options for one site (field names follow Table E.1-1's columns)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = POLICY_VERSION
+    retain_safe_private: bool = False
+    retain_uids: bool = False
+    retain_device_identity: bool = False
+    retain_institution_identity: bool = False
+    retain_patient_characteristics: bool = False
+    retain_longitudinal_full_dates: bool = False
+    retain_longitudinal_modified_dates: bool = True
+    clean_descriptors: bool = False
+    clean_structured_content: bool = False
+    clean_graphics: bool = False
+    clean_pixel_data: bool = False
+    # Not a PS3.15 option: text (SH, LO, ST, LT, UT, UC) inside sequences the table does
+    # not list, and inside kept private sequences, is removed unless this keeps it
+    # (after cleaning with the same scrubber as Clean Descriptors).
+    keep_text_in_unlisted_sequences: bool = False
+    reid: ReidSettings | None = None
+
+    @model_validator(mode="after")
+    def _dates_exclusive(self) -> "Policy":
+        if self.retain_longitudinal_full_dates and self.retain_longitudinal_modified_dates:
+            raise ValueError(
+                "retain_longitudinal_full_dates and retain_longitudinal_modified_dates are "
+                "mutually exclusive: set one of them to false (the default policy sets "
+                "retain_longitudinal_modified_dates = true)"
+            )
+        return self
+
+    # ---- derived views ------------------------------------------------------------
+    @property
+    def table_options(self) -> tuple[str, ...]:
+        """The Table E.1-1 option columns this policy applies, in table order."""
+        return tuple(name for name in TABLE_OPTIONS if getattr(self, name))
+
+    @property
+    def applied_options(self) -> tuple[str, ...]:
+        """Every option applied (table columns and Clean Pixel Data), for records."""
+        return self.table_options + tuple(name for name in OTHER_OPTIONS if getattr(self, name))
+
+    @property
+    def longitudinal_temporal_information(self) -> str:
+        """Value of Longitudinal Temporal Information Modified (0028,0303)."""
+        if self.retain_longitudinal_modified_dates:
+            return "MODIFIED"
+        if self.retain_longitudinal_full_dates:
+            return "UNMODIFIED"
+        return "REMOVED"
+
+    def method_codes(self) -> list[Code]:
+        """CID 7050 codes for the De-identification Method Code Sequence: profile, then options."""
+        return [BASIC_PROFILE_CODE] + [code for name, code in _CODES.items() if getattr(self, name)]
+
+    def fingerprint(self) -> str:
+        """Short digest of the options (not paths), to tell policies apart in records."""
+        payload = json.dumps(self.applied_options + (f"text:{self.keep_text_in_unlisted_sequences}",))
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_options(cls, options: tuple[str, ...] | list[str]) -> "Policy":
+        """A policy with exactly these option names set (the others false)."""
+        unknown = [o for o in options if o not in TABLE_OPTIONS + OTHER_OPTIONS]
+        if unknown:
+            raise PolicyError(f"unknown de-identification option(s): {unknown}; known: {list(TABLE_OPTIONS + OTHER_OPTIONS)}")
+        values: dict[str, Any] = {name: (name in options) for name in TABLE_OPTIONS + OTHER_OPTIONS}
+        return cls(**values)
+
+
+DEFAULT_POLICY = Policy()
+
+
+def _field_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(file)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field; check its spelling against anonymization/data/policy.example.toml"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        lines.append(f"field `{loc}`: {msg}")
+    return "; ".join(lines)
+
+
+def parse_policy(data: dict[str, Any], *, base: Path | None = None, source: str = "policy") -> Policy:
+    """Validate a policy mapping (as read from TOML); relative paths are resolved against ``base``."""
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(f"{source}: {_field_errors(exc)}") from None
+    if policy.reid is not None and base is not None:
+        reid = ReidSettings(
+            table=policy.reid.table if policy.reid.table.is_absolute() else base / policy.reid.table,
+            officer_public_key=(
+                policy.reid.officer_public_key
+                if policy.reid.officer_public_key.is_absolute()
+                else base / policy.reid.officer_public_key
+            ),
+        )
+        policy = policy.model_copy(update={"reid": reid})
+    return policy
+
+
+def load_policy(path: Path | str | None) -> Policy:
+    """Read and validate a policy file; ``None`` gives the default policy."""
+    if path is None:
+        return DEFAULT_POLICY
+    path = Path(path)
+    try:
+        text = path.read_text("utf-8")
+    except OSError as exc:
+        raise PolicyError(
+            f"cannot read policy file {path}: {exc.strerror}; pass the site's policy TOML "
+            "(see anonymization/data/policy.example.toml)"
+        ) from None
+    except UnicodeDecodeError:
+        raise PolicyError(f"policy file {path} is not UTF-8 text") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"policy file {path} is not valid TOML: {exc}") from None
+    return parse_policy(data, base=path.resolve().parent, source=f"policy file {path}")
+
+
+def example_policy_text() -> str:
+    """The documented example policy shipped with the package."""
+    from importlib import resources
+
+    return resources.files("anonymization").joinpath("data", EXAMPLE_RESOURCE).read_text("utf-8")

@@ -1,0 +1,318 @@
+"""The site's re-identification table: pseudonym -> original identifiers, encrypted.
+
+A site may need to link a result (a flagged pseudonym, a model's error case) back to
+its own patient. The table that allows it must never exist in clear on the site
+machine, and the site machine must not be able to read it back: each row is sealed
+to the privacy officer's X25519 public key (ECIES: an ephemeral X25519 key per row,
+HKDF-SHA256, AES-256-GCM), so the de-identification run can append rows but only
+the holder of the officer's private key - kept off the site machine, encrypted with
+a passphrase - can open them (``medfed deid reid-lookup``).
+
+File format (JSON lines, append-only):
+
+* line 1, header: ``{"medfed_reid": 1, "officer_key": <SHA-256 of the public key>}``;
+  appending with another key is refused (rows would be unreadable by the officer).
+* one line per (patient, study): ``{"k": <keyed digest>, "epk": ..., "nonce": ...,
+  "ct": ...}`` (base64). ``k`` is an HMAC under the site secret of the identifiers,
+  only used to avoid appending the same row twice; it reveals nothing without the
+  secret. The plaintext (inside ``ct``) is a JSON object of :class:`ReidRecord`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import stat
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydicom.dataset import Dataset
+
+from anonymization.errors import DeidError
+from anonymization.policy import Policy
+from anonymization.pseudonyms import Pseudonymizer
+
+FORMAT_VERSION = 1
+_INFO = b"medfed/reid/v1"
+_AAD = b"medfed-reid-v1"
+
+
+class ReidError(DeidError):
+    """The re-identification table or a key is unusable; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ReidRecord:
+    """One (patient, study) of the site: pseudonyms and the originals they stand for."""
+
+    patient_pseudonym: str
+    patient_id: str
+    accession_pseudonym: str
+    accession_number: str
+    study_uid_pseudonym: str
+    study_uid: str
+
+    def matches(self, query: str) -> bool:
+        """True if ``query`` is one of this row's pseudonyms."""
+        q = query.strip()
+        return q in (self.patient_pseudonym, self.accession_pseudonym, self.study_uid_pseudonym)
+
+
+# ---- keys -------------------------------------------------------------------------
+def generate_officer_keys(private_path: Path, public_path: Path, passphrase: bytes) -> str:
+    """Create the privacy officer's key pair; return the public key's fingerprint.
+
+    The private key is written PKCS#8, encrypted with ``passphrase``, mode 0600; it
+    belongs on the officer's machine. Only the public key goes to the site.
+    """
+    if len(passphrase) < 8:
+        raise ReidError("choose a passphrase of at least 8 characters for the officer's private key")
+    private_path, public_path = Path(private_path), Path(public_path)
+    for path in (private_path, public_path):
+        if path.exists():
+            raise ReidError(f"{path} already exists; refusing to overwrite a key (move it away first)")
+    key = X25519PrivateKey.generate()
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(passphrase),
+    )
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    private_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(private_pem)
+    public_path.parent.mkdir(parents=True, exist_ok=True)
+    public_path.write_bytes(public_pem)
+    return fingerprint(key.public_key())
+
+
+def fingerprint(public_key: X25519PublicKey) -> str:
+    """SHA-256 (hex) of the raw public key: names the key in the table's header."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def load_public_key(path: Path) -> X25519PublicKey:
+    """The officer's public key from a PEM file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ReidError(
+            f"cannot read the privacy officer's public key {path}: {exc.strerror}; "
+            "ask the officer for the .pub.pem file made by `medfed deid reid-keygen`"
+        ) from None
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError:
+        raise ReidError(f"{path} is not a PEM public key; use the officer's .pub.pem file") from None
+    if not isinstance(key, X25519PublicKey):
+        raise ReidError(f"{path} is not an X25519 key; make one with `medfed deid reid-keygen`")
+    return key
+
+
+def load_private_key(path: Path, passphrase: bytes | None) -> X25519PrivateKey:
+    """The officer's private key, decrypted with its passphrase."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ReidError(f"cannot read the officer's private key {path}: {exc.strerror}") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=passphrase or None)
+    except (ValueError, TypeError):
+        raise ReidError(
+            f"cannot open the officer's private key {path}: wrong passphrase, or not a PEM private key"
+        ) from None
+    if not isinstance(key, X25519PrivateKey):
+        raise ReidError(f"{path} is not an X25519 private key made by `medfed deid reid-keygen`")
+    return key
+
+
+# ---- sealing ----------------------------------------------------------------------
+def _derive(shared: bytes, epk: bytes, recipient: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=epk + recipient, info=_INFO).derive(shared)
+
+
+def _raw(public_key: X25519PublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def seal(record: ReidRecord, public_key: X25519PublicKey, dedupe_key: str) -> str:
+    """One table line: ``record`` encrypted to ``public_key`` (no identifier in clear)."""
+    ephemeral = X25519PrivateKey.generate()
+    epk = _raw(ephemeral.public_key())
+    key = _derive(ephemeral.exchange(public_key), epk, _raw(public_key))
+    nonce = os.urandom(12)
+    plaintext = json.dumps(asdict(record), sort_keys=True).encode("utf-8")
+    ciphertext = AESGCM(key).encrypt(nonce, plaintext, _AAD + epk)
+    b64 = lambda b: base64.b64encode(b).decode("ascii")  # noqa: E731
+    return json.dumps({"k": dedupe_key, "epk": b64(epk), "nonce": b64(nonce), "ct": b64(ciphertext)})
+
+
+def open_line(line: str, private_key: X25519PrivateKey) -> ReidRecord:
+    """Decrypt one row line (raises ReidError if it was not sealed to this key or was altered)."""
+    try:
+        row = json.loads(line)
+        epk = base64.b64decode(row["epk"])
+        nonce = base64.b64decode(row["nonce"])
+        ciphertext = base64.b64decode(row["ct"])
+        shared = private_key.exchange(X25519PublicKey.from_public_bytes(epk))
+        key = _derive(shared, epk, _raw(private_key.public_key()))
+        plaintext = AESGCM(key).decrypt(nonce, ciphertext, _AAD + epk)
+        return ReidRecord(**json.loads(plaintext))
+    except (InvalidTag, ValueError, KeyError, TypeError) as exc:
+        raise ReidError(f"a row of the re-identification table cannot be opened ({type(exc).__name__})") from None
+
+
+def _header(public_key: X25519PublicKey) -> dict[str, object]:
+    return {"medfed_reid": FORMAT_VERSION, "officer_key": fingerprint(public_key)}
+
+
+class ReidTable:
+    """Append-only writer used by ``medfed deid run`` (the parent process only)."""
+
+    def __init__(self, path: Path, public_key: X25519PublicKey) -> None:
+        self.path = Path(path)
+        self.public_key = public_key
+        self._seen: set[str] = set()
+        self._fh = None
+        if self.path.exists():
+            lines = self.path.read_text("utf-8").splitlines()
+            header = json.loads(lines[0]) if lines else {}
+            if header.get("officer_key") != fingerprint(public_key):
+                raise ReidError(
+                    f"the re-identification table {self.path} was written for another officer key; "
+                    "use that key, or start a new table (the old one stays readable by its key)"
+                )
+            for line in lines[1:]:
+                if line.strip():
+                    self._seen.add(json.loads(line).get("k", ""))
+
+    def __enter__(self) -> "ReidTable":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add(self, dedupe_key: str, line: str) -> bool:
+        """Append a sealed line unless a row with the same key is already there."""
+        if dedupe_key in self._seen:
+            return False
+        if self._fh is None:
+            new = not self.path.exists()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._fh = os.fdopen(fd, "a", encoding="utf-8")
+            if new:
+                self._fh.write(json.dumps(_header(self.public_key)) + "\n")
+        self._fh.write(line + "\n")
+        self._seen.add(dedupe_key)
+        return True
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+
+
+def read_table(path: Path, private_key: X25519PrivateKey) -> Iterator[ReidRecord]:
+    """Every row of the table, decrypted (officer's side)."""
+    try:
+        lines = Path(path).read_text("utf-8").splitlines()
+    except OSError as exc:
+        raise ReidError(f"cannot read the re-identification table {path}: {exc.strerror}") from None
+    if not lines:
+        return
+    header = json.loads(lines[0])
+    if header.get("medfed_reid") != FORMAT_VERSION:
+        raise ReidError(f"{path} is not a medfed re-identification table (version {FORMAT_VERSION})")
+    if header.get("officer_key") != fingerprint(private_key.public_key()):
+        raise ReidError(f"{path} was sealed to another officer key; use the private key that matches it")
+    for line in lines[1:]:
+        if line.strip():
+            yield open_line(line, private_key)
+
+
+def lookup(path: Path, private_key: X25519PrivateKey, query: str) -> list[ReidRecord]:
+    """Rows whose patient, accession or study UID pseudonym equals ``query``."""
+    return [record for record in read_table(path, private_key) if record.matches(query)]
+
+
+def check_private_key_permissions(path: Path) -> None:
+    """Refuse a private key file others can read (it unlocks every row)."""
+    mode = stat.S_IMODE(Path(path).stat().st_mode)
+    if mode & 0o077:
+        raise ReidError(f"the officer's private key {path} is readable by others (mode {mode:04o}); run `chmod 600 {path}`")
+
+
+# ---- use in a de-identification run ---------------------------------------------------
+def originals(ds: Dataset) -> tuple[str, str, str]:
+    """(PatientID, AccessionNumber, StudyInstanceUID) of an *original* data set."""
+    out = []
+    for keyword in ("PatientID", "AccessionNumber", "StudyInstanceUID"):
+        value = ds.get(keyword)
+        out.append(str(value).strip().rstrip("\x00") if value is not None else "")
+    return out[0], out[1], out[2]
+
+
+class Sealer:
+    """Seals re-identification rows in a worker: it holds the public key only."""
+
+    def __init__(self, public_key_pem: bytes, pseudo: Pseudonymizer) -> None:
+        key = serialization.load_pem_public_key(public_key_pem)
+        if not isinstance(key, X25519PublicKey):
+            raise ReidError("the privacy officer's key is not an X25519 public key")
+        self.public_key = key
+        self.pseudo = pseudo
+
+    def seal(self, before: tuple[str, str, str], after: Dataset) -> tuple[str, str]:
+        """(dedupe key, sealed line) linking ``after``'s pseudonyms to the ``before`` values."""
+        patient_id, accession, study_uid = before
+        record = ReidRecord(
+            patient_pseudonym=str(after.get("PatientID", "") or ""),
+            patient_id=patient_id,
+            accession_pseudonym=str(after.get("AccessionNumber", "") or ""),
+            accession_number=accession,
+            study_uid_pseudonym=str(after.get("StudyInstanceUID", "") or ""),
+            study_uid=study_uid,
+        )
+        dedupe = self.pseudo.digest(b"medfed/reid\x00" + "\x00".join(before).encode("utf-8"))
+        return dedupe, seal(record, self.public_key, dedupe)
+
+
+def open_for_run(policy: Policy, table: Path | None, dst: Path) -> tuple[ReidTable | None, bytes | None]:
+    """The table writer and the officer's public key (PEM, for workers), or (None, None).
+
+    ``table`` (``--reid-table``) overrides the policy's ``[reid] table``; the officer's
+    public key always comes from the policy, which the privacy officer signs off.
+    """
+    settings = policy.reid
+    if table is None and settings is None:
+        return None, None
+    if settings is None:
+        raise ReidError(
+            "--reid-table needs the privacy officer's public key: add a [reid] section with "
+            "officer_public_key to the policy file (see anonymization/data/policy.example.toml)"
+        )
+    path = Path(table) if table is not None else settings.table
+    resolved, store = path.resolve(), Path(dst).resolve()
+    if resolved == store or store in resolved.parents:
+        raise ReidError(
+            f"the re-identification table {path} lies inside the destination {dst}; it links "
+            "pseudonyms to patients and must be kept apart from the de-identified store"
+        )
+    public_key = load_public_key(settings.officer_public_key)
+    pem = public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return ReidTable(path, public_key), pem

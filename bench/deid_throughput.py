@@ -1,0 +1,373 @@
+"""De-identification throughput: medfed against dicom-anonymizer, dicognito, deid and a bare loop.
+
+One corpus for every tool, built once and cached under ``--work``:
+
+* 1,000 copies of pydicom's ``CT_small.dcm`` (128x128, 16-bit), each with its
+  own patient (name, ID, accession) and its own study/series/SOP UIDs;
+* 200 synthetic 512x512 16-bit CT slices with full PHI headers (made from
+  ``medfed synth`` slices, upsampled; none with burned-in text, so every tool
+  has the same work to do).
+
+Each tool runs in its own subprocess pinned to one CPU (``os.sched_setaffinity``),
+reads every file and writes a de-identified copy; the clock covers the whole
+batch (for medfed: the whole ``run_deid`` call - file listing, keyed digests,
+screening, the header profile, writing, the audit trail, the manifest and the
+done-index). medfed then runs again with two worker processes and no pinning.
+
+A last section measures Clean Pixel Data on synthetic images with the patient's
+name burned in: the share of burned-in names that OCR still reads after medfed
+cleaned them (must be 0), and the share it read before (shows the OCR works).
+
+    .venv/bin/python bench/deid_throughput.py [--work DIR] [--copies 1000] [--synthetic 200]
+                                              [--tools medfed,dicom-anonymizer,...] [--no-ocr]
+
+The peers are optional dependencies: ``pip install -e '.[bench]'``
+(dicom-anonymizer 2.1.0, dicognito, deid); a missing one is reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TOOLS = ("medfed", "dicom-anonymizer", "dicognito", "deid", "bare-pydicom")
+PACKAGES = {
+    "medfed": "medfed",
+    "dicom-anonymizer": "dicom_anonymizer",
+    "dicognito": "dicognito",
+    "deid": "deid",
+    "bare-pydicom": "pydicom",
+}
+CORPUS_VERSION = 2  # bump when the corpus recipe changes
+
+
+# ---- corpus -------------------------------------------------------------------------
+def build_corpus(root: Path, copies: int, synthetic: int) -> Path:
+    """Write the corpus once (cached by its recipe); returns the folder of inputs."""
+    recipe = {"version": CORPUS_VERSION, "copies": copies, "synthetic": synthetic}
+    src = root / "corpus"
+    stamp = root / "corpus.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == recipe and src.is_dir():
+        return src
+    if src.exists():
+        shutil.rmtree(src)
+    src.mkdir(parents=True)
+    _ct_small_copies(src / "ct_small", copies)
+    _synthetic_512(src / "synthetic", synthetic, root)
+    stamp.write_text(json.dumps(recipe))
+    return src
+
+
+def _identity(ds, index: int, prefix: str) -> None:  # noqa: ANN001 - pydicom Dataset
+    from pydicom.uid import generate_uid
+
+    root = "1.2.826.0.1.3680043.8.498."
+    ds.PatientName = f"BENCH{prefix}^PATIENT{index:05d}^Q"
+    ds.PatientID = f"{prefix}MRN{index:07d}"
+    ds.AccessionNumber = f"{prefix}ACC{index:07d}"
+    ds.PatientBirthDate = f"19{40 + index % 50:02d}0{1 + index % 9}1{index % 9}"
+    ds.StudyInstanceUID = generate_uid(prefix=root, entropy_srcs=[prefix, str(index), "study"])
+    ds.SeriesInstanceUID = generate_uid(prefix=root, entropy_srcs=[prefix, str(index), "series"])
+    ds.SOPInstanceUID = generate_uid(prefix=root, entropy_srcs=[prefix, str(index), "sop"])
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+
+
+def _ct_small_copies(folder: Path, copies: int) -> None:
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    folder.mkdir(parents=True)
+    template = Path(get_testdata_file("CT_small.dcm"))
+    for i in range(copies):
+        ds = pydicom.dcmread(template)
+        _identity(ds, i, "CTS")
+        ds.save_as(folder / f"ct_small_{i:05d}.dcm")
+
+
+def _synthetic_512(folder: Path, count: int, root: Path) -> None:
+    """512x512 slices: ``medfed synth`` headers and anatomy, upsampled, text-free."""
+    import numpy as np
+    import pydicom
+
+    from medfed.synth import generate_hospitals
+
+    folder.mkdir(parents=True)
+    scratch = Path(tempfile.mkdtemp(prefix="synth-", dir=root))
+    try:
+        generate_hospitals(scratch, sites=1, patients=12, seed=7)
+        templates = [
+            p for p in sorted(scratch.rglob("*.dcm"))
+            if str(pydicom.dcmread(p, stop_before_pixels=True).get("BurnedInAnnotation", "NO")) != "YES"
+        ]
+        for i in range(count):
+            ds = pydicom.dcmread(templates[i % len(templates)])
+            arr = ds.pixel_array
+            factor = max(1, 512 // arr.shape[0])
+            big = np.kron(arr, np.ones((factor, factor), dtype=arr.dtype))[:512, :512]
+            if big.shape != (512, 512):
+                big = np.pad(big, ((0, 512 - big.shape[0]), (0, 512 - big.shape[1])), mode="edge")
+            ds.Rows, ds.Columns = big.shape
+            spacing = float(ds.PixelSpacing[0]) * arr.shape[0] / 512
+            ds.PixelSpacing = [f"{spacing:.6f}", f"{spacing:.6f}"]
+            ds.PixelData = big.astype(arr.dtype.newbyteorder("<")).tobytes()
+            _identity(ds, i, "SYN")
+            ds.save_as(folder / f"synthetic_{i:05d}.dcm")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def inputs(src: Path) -> list[Path]:
+    return sorted(p for p in src.rglob("*.dcm") if p.is_file())
+
+
+# ---- one tool, in a child process -------------------------------------------------------
+def run_tool(tool: str, src: Path, dst: Path, workers: int) -> dict[str, float]:
+    """Run in the child: de-identify every input with ``tool``; returns counts and seconds."""
+    files = inputs(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    if tool == "medfed":
+        return _run_medfed(src, dst, workers)
+    if tool == "dicom-anonymizer":
+        from functools import partial
+
+        from dicomanonymizer.simpledicomanonymizer import anonymize_dicom_file, initialize_actions
+
+        rules = partial(initialize_actions, "dicomfields_2026c")
+        start = time.perf_counter()
+        for i, path in enumerate(files):
+            anonymize_dicom_file(str(path), str(dst / f"{i:06d}.dcm"), base_rules_gen=rules)
+        return {"files": len(files), "seconds": time.perf_counter() - start}
+    if tool == "dicognito":
+        import pydicom
+        from dicognito.anonymizer import Anonymizer
+
+        start = time.perf_counter()
+        anonymizer = Anonymizer()
+        for i, path in enumerate(files):
+            with pydicom.dcmread(path) as ds:
+                anonymizer.anonymize(ds)
+                ds.save_as(dst / f"{i:06d}.dcm")
+        return {"files": len(files), "seconds": time.perf_counter() - start}
+    if tool == "deid":
+        import logging
+
+        from deid.config import DeidRecipe
+        from deid.dicom import replace_identifiers
+        from deid.logger import bot
+
+        bot.level = 0  # deid prints a line per file by default
+        logging.disable(logging.WARNING)
+        start = time.perf_counter()
+        recipe = DeidRecipe()  # its default "dicom" recipe
+        replace_identifiers([str(p) for p in files], deid=recipe, save=True, output_folder=str(dst), overwrite=True)
+        return {"files": len(files), "seconds": time.perf_counter() - start}
+    if tool == "bare-pydicom":
+        import pydicom
+
+        blank = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName",
+                 "ReferringPhysicianName", "StudyID")
+        start = time.perf_counter()
+        for i, path in enumerate(files):
+            ds = pydicom.dcmread(path)
+            for keyword in blank:
+                if keyword in ds:
+                    setattr(ds, keyword, "")
+            ds.save_as(dst / f"{i:06d}.dcm")
+        return {"files": len(files), "seconds": time.perf_counter() - start}
+    raise SystemExit(f"unknown tool {tool!r}; choose from {', '.join(TOOLS)}")
+
+
+def _run_medfed(src: Path, dst: Path, workers: int) -> dict[str, float]:
+    from anonymization.batch import run_deid
+
+    key = dst.parent / f"{dst.name}.key"
+    start = time.perf_counter()
+    summary = run_deid(src, dst, key, workers=workers, progress=False)
+    seconds = time.perf_counter() - start
+    if summary.quarantined:
+        print(f"warning: medfed quarantined {summary.quarantined} bench file(s)", file=sys.stderr)
+    return {"files": summary.deidentified + summary.quarantined + summary.skipped, "seconds": seconds}
+
+
+def child(tool: str, src: Path, dst: Path, workers: int, cpu: int | None, profile: Path | None) -> None:
+    """Entry point of the child process: pin, run, print one JSON line."""
+    if cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cpu})
+    if profile is not None:
+        from pyinstrument import Profiler
+
+        with Profiler(interval=0.0005) as profiler:
+            result = run_tool(tool, src, dst, workers)
+        profile.write_text(profiler.output_text(unicode=True, color=False, show_all=False))
+    else:
+        result = run_tool(tool, src, dst, workers)
+    print("RESULT " + json.dumps(result))
+
+
+def measure(tool: str, src: Path, work: Path, workers: int = 1, pin: bool = True,
+            profile: Path | None = None, repeat: int = 1) -> dict[str, float] | str:
+    """Best of ``repeat`` runs (shared machines are noisy; the best run is the least disturbed)."""
+    best: dict[str, float] | str = "not run"
+    for _ in range(max(1, repeat)):
+        result = _measure_once(tool, src, work, workers, pin, profile)
+        if isinstance(result, str):
+            return result
+        if isinstance(best, str) or result["seconds"] < best["seconds"]:
+            best = result
+        profile = None  # profile the first run only
+    return best
+
+
+def _measure_once(tool: str, src: Path, work: Path, workers: int, pin: bool,
+                  profile: Path | None) -> dict[str, float] | str:
+    """Run ``tool`` in a fresh interpreter; returns its result or why it could not run."""
+    dst = work / f"out-{tool}-{workers}"
+    if dst.exists():
+        shutil.rmtree(dst)
+    for stale in (work / f"{dst.name}-quarantine", work / f"{dst.name}.key"):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", tool, "--src", str(src), "--dst", str(dst),
+           "--workers", str(workers)]
+    if pin:
+        cmd += ["--cpu", str(min(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0)]
+    if profile is not None:
+        cmd += ["--profile", str(profile)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            shutil.rmtree(dst, ignore_errors=True)
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    return f"failed: {tail[0][:160]}"
+
+
+def version(tool: str) -> str:
+    try:
+        return importlib.metadata.version(PACKAGES[tool])
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+# ---- OCR residual ----------------------------------------------------------------------
+def ocr_residual(work: Path, patients: int) -> None:
+    """Clean Pixel Data on burned-in synthetic images; print what OCR reads before and after."""
+    import pydicom
+
+    from anonymization.batch import run_deid
+    from anonymization.keys import load_or_create_secret
+    from anonymization.pixels import burned_in_names_read, tesseract_available
+    from anonymization.pseudonyms import Pseudonymizer
+    from medfed.synth import generate_hospitals
+
+    if not tesseract_available():
+        print("\nOCR residual: tesseract is not installed (apt-get install tesseract-ocr); not measured")
+        return
+    root = work / "ocr"
+    if root.exists():
+        shutil.rmtree(root)
+    generate_hospitals(root / "synth", sites=5, patients=patients, seed=11, burned_in_fraction=1.0)
+    src = root / "synth"
+    for extra in [p for p in src.rglob("*") if p.is_file() and p.suffix != ".dcm"]:
+        extra.unlink()  # labels.csv, sites.json: not images
+    key = root / "site.key"
+    start = time.perf_counter()
+    summary = run_deid(src, root / "deid", key, clean_pixel_data=True, progress=False)
+    seconds = time.perf_counter() - start
+    pseudo = Pseudonymizer(load_or_create_secret(key))
+    before = after = total = 0
+    for path in sorted(src.rglob("*.dcm")):
+        original = pydicom.dcmread(path)
+        out = (root / "deid" / "images" / pseudo.patient_id(str(original.PatientID))
+               / pseudo.uid(original.StudyInstanceUID) / f"{pseudo.uid(original.SOPInstanceUID)}.dcm")
+        total += 1
+        before += bool(burned_in_names_read(original, original))
+        if out.exists():
+            after += bool(burned_in_names_read(pydicom.dcmread(out), original))
+    print(f"\nOCR residual on {total} synthetic CT slices with the patient's name burned in "
+          f"(5 sites, matrices 160-256, 12- and 16-bit):")
+    print(f"- OCR reads the name or MRN before cleaning: {before}/{total}")
+    print(f"- after medfed --clean-pixels: {after}/{total} (residual {after / max(1, total):.1%}); "
+          f"cleaned {summary.deidentified}, quarantined {summary.quarantined}, "
+          f"{total / seconds:.2f} files/s with OCR")
+
+
+# ---- report -----------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "medfed-deid-bench")
+    parser.add_argument("--copies", type=int, default=1000)
+    parser.add_argument("--synthetic", type=int, default=200)
+    parser.add_argument("--tools", default=",".join(TOOLS))
+    parser.add_argument("--repeat", type=int, default=3, help="runs per tool; the best is reported")
+    parser.add_argument("--no-ocr", action="store_true", help="skip the burned-in OCR residual section")
+    parser.add_argument("--ocr-patients", type=int, default=6)
+    parser.add_argument("--profile", type=Path, default=None, help="write a pyinstrument profile of medfed here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--src", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--dst", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--cpu", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.src, args.dst, args.workers, args.cpu, args.profile)
+        return
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    print(f"building the corpus in {args.work} ...", file=sys.stderr)
+    src = build_corpus(args.work, args.copies, args.synthetic)
+    n = len(inputs(src))
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    rows: list[tuple[str, str, str, dict[str, float] | str]] = []
+    for tool in tools:
+        print(f"running {tool} ...", file=sys.stderr)
+        profile = args.profile if tool == "medfed" else None
+        rows.append((tool, version(tool), "1 (pinned)", measure(tool, src, args.work, 1, True, profile, args.repeat)))
+    if "medfed" in tools:
+        print("running medfed with 2 workers ...", file=sys.stderr)
+        rows.append(("medfed", version("medfed"), "2 workers", measure("medfed", src, args.work, 2, False,
+                                                                      repeat=args.repeat)))
+
+    rate = {(t, c): r["files"] / r["seconds"] for t, _v, c, r in rows if isinstance(r, dict)}
+    print(f"\nCorpus: {args.copies} x CT_small.dcm (distinct identities) + {args.synthetic} synthetic "
+          f"512x512 CT = {n} files; {os.cpu_count()} CPUs, python {sys.version.split()[0]}; "
+          f"best of {args.repeat} runs per line\n")
+    print("| tool | version | cores | files | seconds | files/s |")
+    print("|---|---|---|---:|---:|---:|")
+    for tool, ver, cores, result in rows:
+        if isinstance(result, str):
+            print(f"| {tool} | {ver} | {cores} | - | - | {result} |")
+        else:
+            print(f"| {tool} | {ver} | {cores} | {int(result['files'])} | {result['seconds']:.2f} | "
+                  f"{result['files'] / result['seconds']:.1f} |")
+    ours = rate.get(("medfed", "1 (pinned)"))
+    if ours:
+        print()
+        for peer, goal in (("dicom-anonymizer", 2.5), ("bare-pydicom", 0.8), ("dicognito", None), ("deid", None)):
+            theirs = rate.get((peer, "1 (pinned)"))
+            if theirs:
+                verdict = "" if goal is None else (f" (goal >= {goal}x: {'met' if ours / theirs >= goal else 'NOT met'})")
+                print(f"- medfed / {peer} on one core: {ours / theirs:.2f}x{verdict}")
+        two = rate.get(("medfed", "2 workers"))
+        if two:
+            print(f"- medfed 2 workers / 1 core: {two / ours:.2f}x")
+    if not args.no_ocr:
+        ocr_residual(args.work, args.ocr_patients)
+
+
+if __name__ == "__main__":
+    main()

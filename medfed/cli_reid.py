@@ -1,0 +1,100 @@
+"""``medfed deid reid-keygen`` / ``reid-lookup`` / ``policy-check``: the privacy officer's side.
+
+The site machine only ever holds the officer's *public* key and appends sealed rows
+(``medfed deid run --policy ...``). These commands run on the officer's machine:
+make the key pair, and open rows with the private key. Lookups print identifiers to
+the officer's terminal only; nothing is logged (invariant 4).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+PASSPHRASE_ENV = "MEDFED_REID_PASSPHRASE"
+console = Console()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _passphrase(confirm: bool) -> bytes:
+    """From $MEDFED_REID_PASSPHRASE (scripts, tests) or a hidden prompt."""
+    value = os.environ.get(PASSPHRASE_ENV)
+    if value is None:
+        value = typer.prompt("passphrase for the officer's private key", hide_input=True,
+                             confirmation_prompt=confirm)
+    return value.encode("utf-8")
+
+
+def register_reid_commands(deid_app: typer.Typer) -> None:
+    """Add the officer's commands to ``medfed deid``."""
+
+    @deid_app.command("reid-keygen")
+    def reid_keygen(
+        private: Annotated[Path, typer.Option("--private", help="Private key to create (officer's machine only).")],
+        public: Annotated[Path, typer.Option("--public", help="Public key to create (goes in the site's policy).")],
+    ) -> None:
+        """Create the privacy officer's X25519 key pair for the re-identification table."""
+        from anonymization.reid import ReidError, generate_officer_keys
+
+        try:
+            fp = generate_officer_keys(private, public, _passphrase(confirm=True))
+        except ReidError as err:
+            _fail(str(err))
+        console.print(f"private key {private} (keep it off the site machine), public key {public}; fingerprint {fp[:16]}")
+
+    @deid_app.command("reid-lookup")
+    def reid_lookup(
+        table: Annotated[Path, typer.Argument(help="The site's encrypted re-identification table.")],
+        pseudonym: Annotated[Optional[str], typer.Argument(
+            help="Patient, accession or study UID pseudonym to look up (omit with --all).")] = None,
+        officer_key: Annotated[Path, typer.Option("--officer-key", help="The officer's private key (PEM).")] = Path(
+            "privacy-officer.key.pem"),
+        all_rows: Annotated[bool, typer.Option("--all", help="Print every row.")] = False,
+    ) -> None:
+        """Print the original identifiers behind a pseudonym (needs the officer's private key)."""
+        from anonymization.reid import ReidError, load_private_key, lookup, read_table
+
+        if pseudonym is None and not all_rows:
+            _fail("give a pseudonym to look up, or --all")
+        try:
+            key = load_private_key(officer_key, _passphrase(confirm=False))
+            rows = list(read_table(table, key)) if all_rows else lookup(table, key, pseudonym or "")
+        except ReidError as err:
+            _fail(str(err))
+        if not rows:
+            _fail("no row of the table has that pseudonym", code=1)
+        # One "field: value" line each (no table: UIDs must never be cut to fit a terminal).
+        for i, r in enumerate(rows):
+            if i:
+                typer.echo("")
+            for label, value in (
+                ("patient pseudonym", r.patient_pseudonym), ("Patient ID", r.patient_id),
+                ("accession pseudonym", r.accession_pseudonym), ("Accession Number", r.accession_number),
+                ("study UID pseudonym", r.study_uid_pseudonym), ("Study Instance UID", r.study_uid),
+            ):
+                typer.echo(f"{label:>20}: {value}")
+
+    @deid_app.command("policy-check")
+    def policy_check(
+        policy: Annotated[Path, typer.Argument(help="Policy file (TOML) to validate.")],
+    ) -> None:
+        """Validate a policy file and print the profile and options it applies."""
+        from anonymization.policy import PolicyError, load_policy
+
+        try:
+            loaded = load_policy(policy)
+        except PolicyError as err:
+            _fail(str(err))
+        for code in loaded.method_codes():
+            console.print(f"{code.value}  {code.meaning}")
+        console.print(f"Longitudinal Temporal Information Modified: {loaded.longitudinal_temporal_information}")
+        if loaded.reid is not None:
+            console.print(f"re-identification table: {loaded.reid.table} (key {loaded.reid.officer_public_key})")
