@@ -1,25 +1,88 @@
-"""An append-only, hash-chained JSON-lines audit trail, safe for several processes.
+"""The site's tamper-evident audit trail: hash-chained JSON Lines, sealed with an Ed25519 key.
 
 The privacy officer reads it to see what happened to every file and what left
-the site each round. Each record carries ``seq``, ``time`` (UTC) and ``prev``
-(the SHA-256 of the previous line), so a removed or edited line is detectable
-with :meth:`AuditTrail.verify`. Callers must only put pseudonyms, digests and
+the site each round; a third party checks it with the site's exported public
+key (``medfed audit verify``). Layout of a trail folder:
+
+* ``audit.jsonl`` - the active segment; when it reaches ``segment_records``
+  records or ``segment_bytes`` bytes it is sealed, renamed ``audit-000001.jsonl``
+  (then ``-000002``...), and a new ``audit.jsonl`` opens with a
+  ``segment_opened`` record, so a removed segment breaks the chain visibly.
+* ``audit.lock`` - every writer takes an exclusive ``flock`` on it (readers a
+  shared one), so many processes can append and roll over safely.
+* ``trail.json`` - a cache of which key seals the trail and where it is kept;
+  never trusted by verification.
+
+Every record carries ``seq`` (1, 2, 3... across segments), ``time`` (UTC),
+``kind`` and ``prev`` (SHA-256 of the previous record's line). A ``seal`` record
+is signed over its own line, and so over the whole chain before it: a run ends
+with one (:meth:`AuditTrail.close`), long runs seal every ``seal_every`` records
+or ``seal_seconds`` seconds. Callers must only put pseudonyms, digests and
 counts in it (invariant 4): nothing here can tell an identifier from a value.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import fcntl
 import hashlib
 import json
 import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
-AUDIT_FILE = "audit.jsonl"
+from anonymization.audit_keys import (
+    ALGORITHM,
+    SIGNING_KEY_NAME,
+    AuditError,
+    AuditKeyError,
+    AuditSigner,
+    b64,
+    check_location,
+    load_or_create_signing_key,
+    load_signing_key,
+    write_private_key,
+)
+
+__all__ = [
+    "AUDIT_FILE",
+    "AuditError",
+    "AuditKeyError",
+    "AuditTrail",
+    "GENESIS",
+    "open_trail",
+    "segment_files",
+    "utc_now",
+]
+
+AUDIT_FILE = "audit.jsonl"  # the active segment
+SEGMENT_NAME = "audit-{:06d}.jsonl"  # closed segments
+SEGMENT_RE = re.compile(r"^audit-(\d{6})\.jsonl$")
+LOCK_FILE = "audit.lock"
+META_FILE = "trail.json"
 GENESIS = "0" * 64
-_RESERVED = frozenset({"seq", "time", "kind", "prev"})
+FORMAT = "medfed-audit-trail/1"
+
+KIND_SEAL = "seal"
+KIND_KEY_CREATED = "key_created"
+KIND_KEY_ROTATED = "key_rotated"
+KIND_SEGMENT = "segment_opened"
+KIND_TORN = "torn_line"
+KIND_POLICY = "policy"
+#: Records the trail writes itself; :meth:`AuditTrail.records` leaves them out unless asked.
+TRAIL_KINDS = frozenset({KIND_SEAL, KIND_KEY_CREATED, KIND_KEY_ROTATED, KIND_SEGMENT, KIND_TORN, KIND_POLICY})
+
+SEAL_DOMAIN = b"medfed-audit-seal/1\n"
+ROTATION_DOMAIN = b"medfed-audit-key-rotation/1\n"
+#: A seal line ends with its signature over everything before it (with ``}`` closing).
+SIG_RE = re.compile(rb',"sig":"([0-9a-f]{128})"\}$')
+
+_RESERVED = frozenset({"seq", "time", "kind", "prev", "sig"})
 
 
 def utc_now() -> str:
@@ -27,109 +90,548 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-class AuditTrail:
-    """``<directory>/audit.jsonl``; every append takes an exclusive ``flock`` on the file."""
+def encode(record: Mapping[str, Any]) -> bytes:
+    """One record as its line (without the newline): compact, ASCII-only, key order kept."""
+    return json.dumps(record, separators=(",", ":"), default=str, ensure_ascii=True).encode("ascii")
 
-    def __init__(self, directory: Path, *, fsync: bool = True) -> None:
+
+def line_hash(raw: bytes) -> str:
+    """What the next record's ``prev`` holds: SHA-256 of the line's bytes."""
+    return hashlib.sha256(raw).hexdigest()
+
+
+def rotation_message(previous_key_id: str, new_public_raw: bytes) -> bytes:
+    """What the retiring key signs to vouch for its successor."""
+    return ROTATION_DOMAIN + previous_key_id.encode("ascii") + b"\n" + new_public_raw
+
+
+def segment_files(directory: Path) -> list[tuple[int, Path]]:
+    """The trail's segments in order: closed ones by number, then the active ``audit.jsonl``."""
+    directory = Path(directory)
+    closed: list[tuple[int, Path]] = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        m = SEGMENT_RE.match(name)
+        if m:
+            closed.append((int(m.group(1)), directory / name))
+    closed.sort()
+    active = directory / AUDIT_FILE
+    if active.exists():
+        closed.append(((closed[-1][0] if closed else 0) + 1, active))
+    return closed
+
+
+def read_segments(directory: Path) -> list[tuple[int, Path, bytes]]:
+    """Every segment's number, path and bytes, read under the trail's shared lock when it can
+    be taken (never created: the folder may be a read-only copy)."""
+    try:
+        fd: int | None = os.open(Path(directory) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        fd = None
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:
+            pass
+    try:
+        return [(n, p, p.read_bytes()) for n, p in segment_files(directory)]
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def read_records(directory: Path) -> list[dict[str, Any]]:
+    """Every parseable record of a trail folder, oldest first, without opening it for writing."""
+    out: list[dict[str, Any]] = []
+    for _n, _p, data in read_segments(directory):
+        for raw in data.split(b"\n"):
+            rec = _parse(raw) if raw else None
+            if rec is not None:
+                out.append(rec)
+    return out
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    """``trail.json`` (which key seals the trail, the policies last recorded); {} if absent."""
+    try:
+        value = json.loads((Path(directory) / META_FILE).read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _write_meta(directory: Path, meta: Mapping[str, Any]) -> None:
+    tmp = Path(directory) / f"{META_FILE}.{secrets.token_hex(4)}.part"
+    tmp.write_text(json.dumps(dict(meta), indent=1, sort_keys=True) + "\n", "utf-8")
+    os.replace(tmp, Path(directory) / META_FILE)
+
+
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _Tail:
+    """Where the trail ends, cached between appends while the active file is unchanged."""
+
+    seq: int = 0
+    prev: str = GENESIS
+    last_kind: str = ""
+    segment: int = 1  # number the active segment gets when it is closed
+    ino: int | None = None  # active file, None while it does not exist
+    size: int = 0
+    count: int = 0  # records in the active segment
+    newline: bool = False  # the active file ends in a torn line without "\n"
+    torn: bytes | None = None  # that torn line, when it is not a record
+    needs_opening: bool = False  # closed segments exist and the active one lacks its opening record
+
+
+def _last_record(data: bytes) -> tuple[bytes | None, bytes | None, int]:
+    """(last record line, torn tail that is not a record, number of record lines) of a segment."""
+    lines = data.split(b"\n")
+    torn = None
+    if lines and lines[-1] == b"":
+        lines.pop()
+    elif lines and _parse(lines[-1]) is None:
+        torn = lines.pop()
+    last = None
+    count = 0
+    for raw in lines:
+        if _parse(raw) is not None:
+            last = raw
+            count += 1
+    return last, torn, count
+
+
+class AuditTrail:
+    """A trail folder (see the module docstring); ``append`` may be called from many processes.
+
+    Without a ``signer`` the trail can be appended to but not sealed (tests, read-only use);
+    every site command passes one (see :func:`open_trail`). Use it as a context manager, or
+    call :meth:`close`, so that the run ends with a seal.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        fsync: bool = True,
+        signer: AuditSigner | None = None,
+        seal_every: int = 1000,
+        seal_seconds: float = 300.0,
+        segment_records: int = 100_000,
+        segment_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         self.directory = Path(directory)
         self.path = self.directory / AUDIT_FILE
         self.fsync = fsync
+        self.signer = signer
+        self.seal_every = max(1, int(seal_every))
+        self.seal_seconds = float(seal_seconds)
+        self.segment_records = max(2, int(segment_records))
+        self.segment_bytes = int(segment_bytes)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._tail_cache: _Tail | None = None
+        self._unsealed = 0
+        self._last_seal = time.monotonic()
+        if signer is not None:
+            if signer.path is not None:
+                check_location(signer.path, [self.directory])
+            with self._locked():
+                self._adopt(signer)
 
+    # ---- public API -------------------------------------------------------------------
     def append(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """Append one record (``seq``/``time``/``prev`` are assigned here) and return it."""
+        """Append one record (``seq``/``time``/``prev`` are assigned here) and return it.
+
+        Seals periodically and rolls the segment over when it is full (with a signer).
+        """
         clash = _RESERVED.intersection(fields)
         if clash:
             raise ValueError(f"audit fields reserved by the trail: {sorted(clash)}")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
-        with os.fdopen(fd, "r+b") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                last = _last_line(fh)
-                if last is None:
-                    seq, prev = 1, GENESIS
-                else:
-                    seq = int(json.loads(last).get("seq", 0)) + 1
-                    prev = hashlib.sha256(last).hexdigest()
-                record: dict[str, Any] = {"seq": seq, "time": utc_now(), "kind": kind, "prev": prev}
-                record.update(fields)
-                line = json.dumps(record, sort_keys=False, separators=(",", ":"), default=str)
-                fh.seek(0, os.SEEK_END)
-                if fh.tell() > 0 and last is not None and not _ends_with_newline(fh):
-                    fh.write(b"\n")  # a torn line from a crash: never glue onto it
-                fh.write(line.encode("utf-8") + b"\n")
-                fh.flush()
-                if self.fsync:
-                    os.fsync(fh.fileno())
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        if kind in TRAIL_KINDS:
+            raise ValueError(f"record kind {kind!r} is reserved by the trail; use another name")
+        with self._locked():
+            self._prepare()
+            record = self._emit(kind, fields)
+            self._unsealed += 1
+            if self.signer is not None:
+                tail = self._tail()
+                if tail.count >= self.segment_records or tail.size >= self.segment_bytes:
+                    self._rollover()
+                elif self._unsealed >= self.seal_every or time.monotonic() - self._last_seal >= self.seal_seconds:
+                    self._seal("periodic")
+            if self.fsync:
+                self._sync_active()
         return record
+
+    def seal(self, reason: str = "end of run") -> dict[str, Any] | None:
+        """Sign the chain up to here; None if the last record is already a seal."""
+        if self.signer is None:
+            raise AuditKeyError("this audit trail was opened without a signing key; open it with open_trail()")
+        with self._locked():
+            self._prepare()
+            if self._tail().last_kind == KIND_SEAL:
+                return None
+            return self._seal(reason)
+
+    def close(self) -> None:
+        """End the run: seal what this trail holds unsealed (if it has a signer) and sync."""
+        if self.signer is not None:
+            self.seal("end of run")
+        self.sync()
+
+    def __enter__(self) -> "AuditTrail":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def record_policy(self, scope: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Record ``settings`` (no identifiers) as the ``scope`` policy in force, if it changed.
+
+        The record carries the settings and their SHA-256, so the report can say which
+        policy was in force and when it changed.
+        """
+        canonical = json.dumps(dict(settings), sort_keys=True, separators=(",", ":"), default=str)
+        digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        with self._locked():
+            meta = read_meta(self.directory)
+            policies = dict(meta.get("policies") or {})
+            previous = policies.get(scope)
+            if previous == digest:
+                return None
+            self._prepare()
+            record = self._emit(
+                KIND_POLICY,
+                {"scope": scope, "digest": digest, "previous_digest": previous or "", "settings": json.loads(canonical)},
+            )
+            policies[scope] = digest
+            _write_meta(self.directory, {**meta, "policies": policies})
+        return record
+
+    def rotate_key(self) -> AuditSigner:
+        """Replace the signing key: the old key seals, vouches for the new one, the new key seals.
+
+        The new private key replaces the old one in its file (the old one is gone); the
+        trail keeps both public keys, so older seals still verify.
+        """
+        old = self.signer
+        if old is None or old.path is None:
+            raise AuditKeyError("rotating needs the trail's current signing key file (--audit-key)")
+        staged = old.path.with_name(old.path.name + ".new")
+        new = AuditSigner.generate(old.path)
+        try:
+            write_private_key(staged, new)
+        except FileExistsError:
+            raise AuditKeyError(
+                f"{staged} exists: an earlier rotation was interrupted. If the trail's key is the one in "
+                f"{staged} (`medfed audit verify` names it), move it over {old.path}; otherwise delete it, then retry"
+            ) from None
+        with self._locked():
+            self._prepare()
+            self._check_current_key()
+            if self._tail().last_kind != KIND_SEAL:
+                self._seal("key rotation")
+            endorsement = old.sign(rotation_message(old.key_id, new.public_raw))
+            self._emit(
+                KIND_KEY_ROTATED,
+                {
+                    "key_id": new.key_id,
+                    "algorithm": ALGORITHM,
+                    "public_key": b64(new.public_raw),
+                    "previous_key_id": old.key_id,
+                    "endorsement": endorsement.hex(),
+                },
+            )
+            meta = read_meta(self.directory)
+            meta.update(key_id=new.key_id, public_key=b64(new.public_raw))
+            _write_meta(self.directory, meta)
+            os.replace(staged, old.path)
+            self.signer = new
+            self._seal("key rotation")
+        return new
 
     def sync(self) -> None:
         """Force appended records to disk (for callers that append with ``fsync=False``)."""
         if self.path.exists():
+            self._sync_active()
+
+    def records(self, *, everything: bool = False) -> list[dict[str, Any]]:
+        """The records callers appended, oldest first (torn lines skipped).
+
+        With ``everything``, also the trail's own records (seals, keys, segments, policies).
+        """
+        return [r for r in self.iter_records() if everything or r.get("kind") not in TRAIL_KINDS]
+
+    def iter_records(self) -> Iterator[dict[str, Any]]:
+        """Every parseable record of every segment, in order (a shared lock while listing)."""
+        with self._locked(shared=True):
+            files = segment_files(self.directory)
+            blobs = [path.read_bytes() for _n, path in files]
+        for data in blobs:
+            for raw in data.split(b"\n"):
+                if raw:
+                    rec = _parse(raw)
+                    if rec is not None:
+                        yield rec
+
+    def verify(self, public_key: bytes | None = None) -> bool:
+        """True if the chain, every segment and every seal check (see :mod:`audit_verify`)."""
+        from anonymization.audit_verify import verify_trail
+
+        return verify_trail(self.directory, public_key=public_key).ok
+
+    # ---- locking and the tail -------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self, shared: bool = False) -> Iterator[None]:
+        """Hold the trail's ``flock``; opened per use, so a forked child never shares the parent's."""
+        path = self.directory / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+        except OSError:
+            if not shared:
+                raise
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:  # a read-only copy of a trail: read without a lock
+                yield
+                return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _tail(self) -> _Tail:
+        """Where the trail ends (lock held): cached while the active file's inode and size hold."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        cached = self._tail_cache
+        if cached is not None:
+            if st is None and cached.ino is None:
+                return cached  # no active file yet (new trail, or just rolled over by us)
+            if st is not None and cached.ino == st.st_ino and cached.size == st.st_size:
+                return cached
+        tail = _Tail()
+        files = segment_files(self.directory)
+        closed = [(n, p) for n, p in files if p.name != AUDIT_FILE]
+        tail.segment = (closed[-1][0] if closed else 0) + 1
+        last: bytes | None = None
+        if st is not None and st.st_size > 0:
+            data = self.path.read_bytes()
+            last, tail.torn, tail.count = _last_record(data)
+            tail.newline = not data.endswith(b"\n")
+            tail.ino, tail.size = st.st_ino, st.st_size
+            if tail.count == 0 and closed:
+                tail.needs_opening = True
+        elif st is not None:
+            tail.ino, tail.size = st.st_ino, 0
+            tail.needs_opening = bool(closed)
+        else:
+            tail.needs_opening = bool(closed)
+        if last is None and closed:
+            last, _torn, _count = _last_record(closed[-1][1].read_bytes())
+        if last is not None:
+            record = _parse(last) or {}
+            tail.seq = int(record.get("seq", 0))
+            tail.prev = line_hash(last)
+            tail.last_kind = str(record.get("kind", ""))
+        self._tail_cache = tail
+        return tail
+
+    def _write(self, data: bytes, tail: _Tail) -> None:
+        """Append bytes to the active file (lock held) and move the cached tail along."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        tail.ino, tail.size = st.st_ino, st.st_size
+
+    def _sync_active(self) -> None:
+        try:
             fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _emit(self, kind: str, fields: Mapping[str, Any], *, sign: bool = False) -> dict[str, Any]:
+        """Write one record after the current tail (lock held); seals are signed over their line."""
+        tail = self._tail()
+        record: dict[str, Any] = {"seq": tail.seq + 1, "time": utc_now(), "kind": kind, "prev": tail.prev}
+        record.update(fields)
+        raw = encode(record)
+        if sign:
+            assert self.signer is not None
+            signature = self.signer.sign(SEAL_DOMAIN + raw)
+            raw = raw[:-1] + b',"sig":"' + signature.hex().encode("ascii") + b'"}'
+            record["sig"] = signature.hex()
+        self._write(raw + b"\n", tail)
+        tail.seq, tail.prev, tail.last_kind = record["seq"], line_hash(raw), kind
+        tail.count += 1
+        return record
+
+    def _prepare(self) -> None:
+        """Before writing (lock held): close a torn line, account for it, open a new segment."""
+        tail = self._tail()
+        if tail.newline:
+            self._write(b"\n", tail)  # never glue a record onto a torn line
+            tail.newline = False
+        if tail.torn is not None:
+            torn, tail.torn = tail.torn, None
+            self._emit(KIND_TORN, {"torn_bytes": len(torn), "torn_sha256": hashlib.sha256(torn).hexdigest()})
+        if tail.needs_opening:
+            tail.needs_opening = False
+            self._emit(KIND_SEGMENT, {"segment": tail.segment})
+
+    def _seal(self, reason: str, **extra: Any) -> dict[str, Any]:
+        """Append a signed seal (lock held) and make it durable."""
+        assert self.signer is not None
+        self._check_current_key()
+        record = self._emit(KIND_SEAL, {"key_id": self.signer.key_id, "reason": reason, **extra}, sign=True)
+        self._sync_active()
+        self._unsealed = 0
+        self._last_seal = time.monotonic()
+        return record
+
+    def _rollover(self) -> None:
+        """Seal and close the active segment, then open the next one (lock held)."""
+        tail = self._tail()
+        number = tail.segment
+        self._seal("rollover", segment=number)
+        target = self.directory / SEGMENT_NAME.format(number)
+        if target.exists():
+            raise AuditError(f"cannot close segment {number}: {target} already exists; the trail folder is damaged")
+        os.rename(self.path, target)
+        _fsync_dir(self.directory)
+        tail.segment, tail.ino, tail.size, tail.count = number + 1, None, 0, 0
+        self._emit(KIND_SEGMENT, {"segment": number + 1})
+        self._sync_active()
+
+    # ---- keys -----------------------------------------------------------------------------
+    def _adopt(self, signer: AuditSigner) -> None:
+        """Make ``signer`` this trail's key (lock held): refuse another key, record a new one."""
+        meta = read_meta(self.directory)
+        current = meta.get("key_id") or self._scan_key_id()
+        if current and current != signer.key_id:
+            hint = ""
+            if signer.path is not None and signer.path.with_name(signer.path.name + ".new").exists():
+                hint = f" ({signer.path}.new is left from an interrupted rotation: it may hold key {current})"
+            raise AuditKeyError(
+                f"the audit trail {self.directory} is sealed with key {current}, but {signer.path or 'the given key'} "
+                f"holds key {signer.key_id}{hint}; pass the site's audit key (--audit-key, or audit-key in site.toml). "
+                "If that key is lost, start a new trail folder: a trail cannot change keys except by "
+                "`medfed audit rotate-key`"
+            )
+        if not current:
+            self._prepare()
+            self._emit(
+                KIND_KEY_CREATED,
+                {"key_id": signer.key_id, "algorithm": ALGORITHM, "public_key": b64(signer.public_raw)},
+            )
+        if meta.get("key_id") != signer.key_id or not meta.get("signing_key"):
+            meta.update(format=FORMAT, key_id=signer.key_id, public_key=b64(signer.public_raw))
+            if signer.path is not None:
+                meta["signing_key"] = str(Path(signer.path).resolve())
+            _write_meta(self.directory, meta)
+
+    def _scan_key_id(self) -> str:
+        """The key in force according to the records (when ``trail.json`` is missing)."""
+        current = ""
+        for rec in self.iter_records_unlocked():
+            kind = rec.get("kind")
+            if (kind == KIND_KEY_CREATED and not current) or kind == KIND_KEY_ROTATED:
+                current = str(rec.get("key_id", ""))
+        return current
+
+    def iter_records_unlocked(self) -> Iterator[dict[str, Any]]:
+        """Like :meth:`iter_records`, for callers that already hold the lock."""
+        for _n, path in segment_files(self.directory):
+            for raw in path.read_bytes().split(b"\n"):
+                rec = _parse(raw) if raw else None
+                if rec is not None:
+                    yield rec
+
+    def _check_current_key(self) -> None:
+        """Before signing: follow a rotation done by another process, or refuse a stale key."""
+        assert self.signer is not None
+        meta_id = read_meta(self.directory).get("key_id")
+        if not meta_id or meta_id == self.signer.key_id:
+            return
+        if self.signer.path is not None:
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    def records(self) -> list[dict[str, Any]]:
-        """All complete records, oldest first (a torn last line is ignored)."""
-        if not self.path.exists():
-            return []
-        out = []
-        for raw in self.path.read_bytes().splitlines():
-            try:
-                out.append(json.loads(raw))
-            except json.JSONDecodeError:
-                continue
-        return out
-
-    def verify(self) -> bool:
-        """True if every record chains to the previous line and ``seq`` runs 1, 2, 3..."""
-        if not self.path.exists():
-            return True
-        prev, expected = GENESIS, 1
-        for raw in self.path.read_bytes().splitlines():
-            try:
-                record = json.loads(raw)
-            except json.JSONDecodeError:
-                return False
-            if record.get("prev") != prev or record.get("seq") != expected:
-                return False
-            prev, expected = hashlib.sha256(raw).hexdigest(), expected + 1
-        return True
+                fresh = load_signing_key(self.signer.path)
+            except AuditKeyError:
+                fresh = None
+            if fresh is not None and fresh.key_id == meta_id:
+                self.signer = fresh
+                return
+        raise AuditKeyError(
+            f"the audit trail {self.directory} is now sealed with key {meta_id} (rotated), not {self.signer.key_id}; "
+            "reopen the trail with the current audit key"
+        )
 
 
-def _ends_with_newline(fh: Any) -> bool:
-    fh.seek(-1, os.SEEK_END)
-    return fh.read(1) == b"\n"
+def resolve_key_path(directory: Path, explicit: Path | None, default: Path) -> Path:
+    """Which key file seals the trail: ``explicit``, else the one the trail records, else ``default``.
+
+    The trail records its key file when the first writer creates it, so de-identification
+    (default: next to the site secret) and the site client (default: its state folder)
+    sealing the same trail folder find the same key without configuration.
+    """
+    if explicit is not None:
+        return Path(explicit)
+    recorded = read_meta(directory).get("signing_key")
+    if recorded:
+        return Path(recorded)
+    return Path(default)
 
 
-def _last_line(fh: Any) -> bytes | None:
-    """The last complete, parseable line of the file (reads backwards in blocks)."""
-    fh.seek(0, os.SEEK_END)
-    end = fh.tell()
-    if end == 0:
-        return None
-    block = 65536
-    pos = end
-    tail = b""
-    while pos > 0:
-        step = min(block, pos)
-        pos -= step
-        fh.seek(pos)
-        tail = fh.read(step) + tail
-        lines = tail.splitlines()
-        # Need at least one full line not cut at the start of the buffer.
-        candidates = lines[1:] if pos > 0 else lines
-        for raw in reversed(candidates):
-            if not raw.strip():
-                continue
-            try:
-                json.loads(raw)
-                return raw
-            except json.JSONDecodeError:
-                continue
-    return None
+def open_trail(
+    directory: Path,
+    *,
+    audit_key: Path | None,
+    default_key: Path,
+    forbidden: tuple[Path, ...] = (),
+    **options: Any,
+) -> AuditTrail:
+    """Open a trail with the site's signing key (see :func:`resolve_key_path`), creating the key
+    only for a trail that has none yet. ``forbidden``: folders the key must not lie in (DST)."""
+    directory = Path(directory)
+    path = resolve_key_path(directory, audit_key, default_key)
+    meta = read_meta(directory)
+    if meta.get("key_id") and not path.exists():
+        raise AuditKeyError(
+            f"the audit trail {directory} is sealed with key {meta['key_id']}, kept at {path}, which does not exist; "
+            "restore that file from the site's backup or pass it with --audit-key (audit-key in site.toml)"
+        )
+    signer, _created = load_or_create_signing_key(path, forbidden=(*forbidden, directory))
+    return AuditTrail(directory, signer=signer, **options)
+
+
+__all__ += ["SIGNING_KEY_NAME", "read_records", "read_segments", "resolve_key_path"]

@@ -1,0 +1,129 @@
+"""`medfed audit ...`: verify a site's audit trail, report on it, export and rotate its key.
+
+Kept apart from `medfed/cli.py` and light to import (no torch, no Flower): a
+privacy officer or an outside auditor runs these on a plain machine with a
+copy of the trail folder and the site's exported public key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+audit_app = typer.Typer(
+    help="The site's tamper-evident audit trail: verify it, report on it, export or rotate its signing key.",
+    no_args_is_help=True,
+)
+
+_DIR = Annotated[Path, typer.Argument(help="Audit trail folder (e.g. DST/audit).")]
+_PUBLIC = Annotated[
+    Optional[Path],
+    typer.Option("--public-key", help="The site's exported public key (PEM): check the seals against it."),
+]
+_KEY = Annotated[
+    Optional[Path],
+    typer.Option("--audit-key", help="The site's private audit key (default: the one the trail records)."),
+]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _public(path: Optional[Path]) -> bytes | None:
+    from anonymization.audit_keys import AuditKeyError, load_public_key
+
+    if path is None:
+        return None
+    try:
+        return load_public_key(path)
+    except AuditKeyError as err:
+        _fail(str(err))
+    return None
+
+
+def _signer_path(directory: Optional[Path], audit_key: Optional[Path]) -> Path:
+    from anonymization.audit import read_meta
+
+    if audit_key is not None:
+        return audit_key
+    if directory is None:
+        _fail("say which key: pass the trail folder (DIR) or --audit-key FILE")
+    assert directory is not None
+    recorded = read_meta(directory).get("signing_key")
+    if not recorded:
+        _fail(f"{directory} records no signing key (is it an audit trail folder?); pass --audit-key FILE")
+    return Path(str(recorded))
+
+
+@audit_app.command("verify")
+def verify(directory: _DIR, public_key: _PUBLIC = None) -> None:
+    """Check the hash chain, the segments and every seal. Exit 0 if all check, 1 if the trail is
+    broken (the first break is named), 3 if its end is not sealed (a crash, or records cut off)."""
+    from anonymization.audit_verify import verify_trail
+
+    if not directory.is_dir():
+        _fail(f"{directory} is not a folder; pass the audit trail folder (e.g. DST/audit)")
+    result = verify_trail(directory, public_key=_public(public_key))
+    typer.echo(f"{result.summary()} [{result.seconds:.2f}s]")
+    raise typer.Exit(result.exit_code)
+
+
+@audit_app.command("report")
+def report(
+    directory: _DIR,
+    out: Annotated[Path, typer.Option("--out", help="HTML file to write (self-contained).")] = Path("audit-report.html"),
+    public_key: _PUBLIC = None,
+) -> None:
+    """Write one self-contained HTML page for the privacy officer (verification status, files,
+    actions, policy, privacy budget per round, what left the site)."""
+    from anonymization.audit_report import write_report
+
+    if not directory.is_dir():
+        _fail(f"{directory} is not a folder; pass the audit trail folder (e.g. DST/audit)")
+    result = write_report(directory, out, public_key=_public(public_key))
+    typer.echo(f"wrote {out}: {result.summary()}")
+
+
+@audit_app.command("export-key")
+def export_key(
+    directory: Annotated[Optional[Path], typer.Argument(help="Audit trail folder (finds its key).")] = None,
+    audit_key: _KEY = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the PEM here instead of stdout.")] = None,
+) -> None:
+    """Print the public half of the site's audit key (PEM): give it to whoever verifies the trail."""
+    from anonymization.audit_keys import AuditKeyError, load_signing_key
+
+    try:
+        signer = load_signing_key(_signer_path(directory, audit_key))
+    except AuditKeyError as err:
+        _fail(str(err))
+        return
+    pem = signer.public_pem()
+    if out is None:
+        typer.echo(pem.decode("ascii"), nl=False)
+    else:
+        out.write_bytes(pem)
+        typer.echo(f"wrote public key {signer.key_id} to {out}", err=True)
+
+
+@audit_app.command("rotate-key")
+def rotate_key(directory: _DIR, audit_key: _KEY = None) -> None:
+    """Replace the trail's signing key: the old key seals and endorses the new one, which replaces
+    it in its file. Export the new public key afterwards."""
+    from anonymization.audit import AuditError, AuditTrail
+    from anonymization.audit_keys import load_signing_key
+
+    try:
+        path = _signer_path(directory, audit_key)
+        with AuditTrail(directory, signer=load_signing_key(path)) as trail:
+            old = trail.signer.key_id if trail.signer else "?"
+            new = trail.rotate_key()
+    except AuditError as err:
+        _fail(str(err))
+        return
+    typer.echo(f"rotated the audit key of {directory}: {old} -> {new.key_id} (in {path}); "
+               "export the new public key with `medfed audit export-key`")

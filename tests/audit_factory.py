@@ -1,0 +1,96 @@
+"""Builders of sealed audit trails, and the surgery the tampering tests perform on them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from anonymization.audit import AuditTrail, line_hash, segment_files
+from anonymization.audit_keys import AuditSigner, write_private_key
+
+
+def signer_file(path: Path) -> AuditSigner:
+    """A fresh signing key written 0600 at ``path`` (outside any trail folder)."""
+    signer = AuditSigner.generate(path)
+    write_private_key(path, signer)
+    return signer
+
+
+def sealed_trail(directory: Path, signer: AuditSigner, *, events: int = 60, seal_every: int = 7,
+                 segment_records: int = 25) -> AuditTrail:
+    """A closed trail of ``events`` records over several segments, sealed periodically and at the end."""
+    with AuditTrail(directory, signer=signer, fsync=False, seal_every=seal_every,
+                    segment_records=segment_records) as trail:
+        for i in range(events):
+            trail.append("event", n=i, digest=f"{i:064x}")
+    return trail
+
+
+def realistic_trail(directory: Path, signer: AuditSigner) -> AuditTrail:
+    """What a site's trail looks like after de-identification and a few rounds (no identifiers)."""
+    with AuditTrail(directory, signer=signer, fsync=False) as trail:
+        trail.record_policy("deidentification", {"profile": ["retain_device_identity"], "tool": "medfed 0.1.0"})
+        for i in range(12):
+            trail.append("deidentified", input_digest=f"{i:064x}", sop_uid=f"2.25.{1000 + i}",
+                         path=f"images/P{i}/2.25.{i}/2.25.{1000 + i}.dcm",
+                         actions={"X": 40 + i, "D": 6, "U": 5, "Z": 3, "pseudonym": 2}, output_digest=f"{i + 99:064x}")
+        for reason in ("Burned In Annotation is YES: text burned into the pixels",
+                       "not a DICOM file (no DICM prefix and no readable data set)",
+                       "Burned In Annotation is YES: text burned into the pixels"):
+            trail.append("quarantined", input_digest="ab" * 32, reason=reason)
+        trail.append("deid_run", files=15, deidentified=12, quarantined=3, skipped=0, profile=["retain_device_identity"])
+        trail.record_policy("privacy", {"site": "hospital-r", "epsilon_cap": 3.0, "delta": 1e-5})
+        eps = 0.0
+        for rnd in (1, 2, 3):
+            before, eps = eps, eps + 0.9
+            trail.append("round_trained", run_id="4242", server_round=rnd, steps=40, sample_rate=0.0625,
+                         noise_multiplier=1.1, max_grad_norm=1.0, epsilon_before=before, epsilon_after=eps,
+                         epsilon_cap=3.0, delta=1e-5)
+            trail.append("egress", run_id="4242", server_round=rnd, message_type="train",
+                         arrays=[{"name": "features.0.weight", "shape": [16, 1, 3, 3], "dtype": "float32", "bytes": 576},
+                                 {"name": "head.bias", "shape": [1], "dtype": "float32", "bytes": 4}],
+                         metrics=["epsilon", "num-examples"], bytes=580, digest=f"{rnd:064x}")
+        trail.append("round_declined", run_id="4242", server_round=4, epsilon_before=eps, epsilon_projected=3.6,
+                     epsilon_cap=3.0, delta=1e-5, steps=40, sample_rate=0.0625, noise_multiplier=1.1)
+    return trail
+
+
+# ---- surgery --------------------------------------------------------------------------------------
+def locate(directory: Path, seq: int) -> tuple[Path, int]:
+    """(segment file, line index) of record ``seq``."""
+    for _n, path in segment_files(directory):
+        for i, raw in enumerate(path.read_bytes().splitlines()):
+            try:
+                if json.loads(raw).get("seq") == seq:
+                    return path, i
+            except ValueError:
+                continue
+    raise KeyError(seq)
+
+
+def lines_of(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines()
+
+
+def write_lines(path: Path, lines: list[bytes], *, newline: bool = True) -> None:
+    path.write_bytes(b"\n".join(lines) + (b"\n" if newline and lines else b""))
+
+
+def record(directory: Path, seq: int) -> dict[str, Any]:
+    path, i = locate(directory, seq)
+    return json.loads(lines_of(path)[i])
+
+
+def rechain(directory: Path) -> None:
+    """Recompute every ``prev`` after an edit, as a forger without the key would (seals untouched)."""
+    prev = "0" * 64
+    for _n, path in segment_files(directory):
+        out = []
+        for raw in lines_of(path):
+            rec = json.loads(raw)
+            if rec["prev"] != prev:
+                raw = raw.replace(rec["prev"].encode(), prev.encode(), 1)
+            out.append(raw)
+            prev = line_hash(raw)
+        write_lines(path, out)
