@@ -19,7 +19,8 @@ def _clean(values: dict[str, Any]) -> dict[str, Any]:
 class SiteRound:
     """One site's part in one round, as the coordinator saw it (scalars only)."""
 
-    status: str = "trained"  # trained | declined | refused | failed | egress-blocked | no-reply
+    # not-sampled (evaluated only) | trained | declined | refused | failed | egress-blocked | no-reply
+    status: str = "not-sampled"
     reason: str | None = None
     train: dict[str, Any] = field(default_factory=dict)
     evaluate: dict[str, Any] = field(default_factory=dict)
@@ -76,7 +77,7 @@ class RunHistory:
             rec = RoundRecord(round=d["round"], seconds=d.get("seconds", 0.0), train=d.get("train", {}),
                               evaluate=d.get("evaluate", {}))
             for node, s in d.get("sites", {}).items():
-                rec.sites[node] = SiteRound(status=s.get("status", "trained"), reason=s.get("reason"),
+                rec.sites[node] = SiteRound(status=s.get("status", "not-sampled"), reason=s.get("reason"),
                                             train=s.get("train", {}), evaluate=s.get("evaluate", {}))
             hist.rounds.append(rec)
         return hist

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Iterable
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from coordinator.history import RunHistory
@@ -43,11 +45,43 @@ def weighted_mean_ignoring_nan(records: list[RecordDict], weighted_by_key: str) 
     return MetricRecord(out)
 
 
+class NodesUnavailable(RuntimeError):
+    """Too few sites connected within the wait the run allows."""
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 0.5) -> int:
+    """Wait until ``minimum`` nodes are connected, at most ``timeout`` seconds; return how many are.
+
+    Flower's own wait has no bound (a run whose minimum exceeds the sites
+    present would hang for ever), and it sizes the sample from the nodes seen
+    *before* waiting, so the first round of a fraction-1.0 run can leave sites
+    out. Waiting here first fixes both.
+    """
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < minimum:
+        if time.monotonic() >= deadline:
+            raise NodesUnavailable(
+                f"only {connected} of the {minimum} sites the run needs (min-available-nodes) connected "
+                f"within {timeout:g}s; start the missing sites' SuperNodes or lower min-available-nodes"
+            )
+        time.sleep(poll)
+    return connected
+
+
 class _Recording:
     """Mixin: remember each site's reply (metrics, or the reason it gave none)."""
 
     history: RunHistory
     round_offset: int = 0  # rounds already done before a resume
+    node_wait_timeout: float = 900.0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)  # type: ignore[attr-defined]
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)  # type: ignore[attr-defined]
+        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def _record(self, server_round: int, replies: list[Message], phase: str) -> None:
         rec = self.history.round(server_round + self.round_offset)
@@ -60,6 +94,8 @@ class _Recording:
                 log.warning("round %d: site node %d sent no %s result: %s", server_round,
                             msg.metadata.src_node_id, phase, msg.error.reason)
                 continue
+            if phase == "train":
+                site.status, site.reason = "trained", None
             metrics = next(iter(msg.content.metric_records.values()), None)
             if metrics is not None:
                 getattr(site, phase).update(dict(metrics))
@@ -111,4 +147,5 @@ def build_strategy(cfg: RunConfig, history: RunHistory) -> Strategy:
     else:
         strategy = RecordingFedAdam(**common, eta=cfg.server_lr, eta_l=cfg.lr)
     strategy.history = history  # type: ignore[attr-defined]
+    strategy.node_wait_timeout = cfg.round_timeout  # type: ignore[attr-defined]
     return strategy

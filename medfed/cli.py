@@ -27,6 +27,10 @@ app = typer.Typer(
 )
 deid_app = typer.Typer(help="De-identify DICOM at the site (PS3.15 Annex E).", no_args_is_help=True)
 app.add_typer(deid_app, name="deid")
+from medfed.cli_reid import register_reid_commands  # noqa: E402 - light: cryptography only
+register_reid_commands(deid_app)
+from medfed.cli_audit import audit_app  # noqa: E402 - light: no torch/flwr at import
+app.add_typer(audit_app, name="audit")
 
 console = Console()
 log = logging.getLogger("medfed")
@@ -77,15 +81,26 @@ def deid_run(
     labels: Annotated[Optional[Path], typer.Option(help="CSV with AccessionNumber,label.")] = None,
     quarantine: Annotated[Optional[Path], typer.Option(help="Where refused files go (default: DST-quarantine).")] = None,
     audit: Annotated[Optional[Path], typer.Option(help="Audit trail folder (default: DST/audit).")] = None,
+    audit_key: Annotated[Optional[Path], typer.Option(
+        "--audit-key", help="Ed25519 key sealing the audit trail (default: the trail's own, else next to --key).")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    policy: Annotated[Optional[Path], typer.Option(
+        "--policy", help="Site de-identification policy (TOML; see anonymization/data/policy.example.toml).")] = None,
+    reid_table: Annotated[Optional[Path], typer.Option(
+        "--reid-table", help="Encrypted re-identification table to append to (overrides the policy's [reid] table).")] = None,
+    clean_pixels: Annotated[bool, typer.Option(
+        "--clean-pixels", help="Clean Pixel Data option: blank burned-in text found by OCR (needs tesseract-ocr) "
+        "instead of quarantining such images; recorded in the audit trail's policy.")] = False,
 ) -> None:
     """De-identify every file under SRC into DST, or quarantine it with a reason."""
     from anonymization.batch import DeidError, run_deid
 
     try:
         summary = run_deid(src, dst, key, labels=labels, quarantine=quarantine, audit=audit, workers=workers,
-                           progress=not no_progress)
+                           audit_key=audit_key,
+                           progress=not no_progress, policy=policy, reid_table=reid_table,
+                           clean_pixel_data=True if clean_pixels else None)
     except DeidError as err:
         _fail(str(err))
     console.print(summary.line())
@@ -131,8 +146,9 @@ def _print_demo(s: "DemoSummary") -> None:  # type: ignore[name-defined]  # noqa
                        "n/a" if acc is None else f"{acc:.3f}", f"{trained}/{len(r['sites'])}", f"{r['seconds']:.1f}")
     console.print(rounds)
     sites = Table(title="Privacy spent per site (record-level DP, RDP accountant)")
-    for col in ("site", "images", "quarantined", "ε spent", "cap", "δ", "rounds trained", "declined"):
-        sites.add_column(col)
+    sites.add_column("site", no_wrap=True)
+    for col in ("images", "quarant.", "ε spent", "ε cap", "δ", "trained", "declined"):
+        sites.add_column(col, justify="right", no_wrap=True)
     for o in s.sites:
         sites.add_row(o.name, str(o.images), str(o.quarantined), f"{o.epsilon:.2f}", f"{o.epsilon_cap:g}",
                       f"{o.delta:g}", str(o.rounds_trained), str(o.rounds_declined))

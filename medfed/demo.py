@@ -62,13 +62,14 @@ def prepare_sites(
     for info, cap in zip(infos, epsilon_caps, strict=True):
         site_dir = out / "sites" / info.name
         site_dir.mkdir(parents=True, exist_ok=True)
+        audit_key = site_dir / "audit-signing.key"  # one key seals the site's trail: de-id and training
         summary = run_deid(
             info.dicom_dir, site_dir / "deid", site_dir / "site.key", labels=info.labels_csv,
-            workers=workers, progress=progress,
+            audit_key=audit_key, workers=workers, progress=progress,
         )
         log.info("%s: %s", info.name, summary.line())
         cfg = SiteConfig(name=info.name, data_dir=site_dir / "deid", state_dir=site_dir / "state",
-                         epsilon_cap=cap, delta=delta)
+                         audit_key=audit_key, epsilon_cap=cap, delta=delta)
         (site_dir / "site.toml").write_text(cfg.to_toml())
         configs.append(cfg)
     return configs

@@ -101,6 +101,8 @@ class SiteConfig(BaseModel):
     data_dir: Path = Field(alias="data-dir")
     state_dir: Path = Field(alias="state-dir")
     audit_dir: Path | None = Field(None, alias="audit-dir")
+    # Ed25519 key that seals the audit trail; default: the one the trail records, else STATE/audit-signing.key.
+    audit_key: Path | None = Field(None, alias="audit-key")
     epsilon_cap: float = Field(alias="epsilon-cap", gt=0.0)
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
 
@@ -118,7 +120,7 @@ class SiteConfig(BaseModel):
             raise ConfigError(f"site config {path} does not exist; create it or pass the right path") from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"site config {path} is not valid TOML: {err}") from None
-        for key in ("data-dir", "state-dir", "audit-dir"):
+        for key in ("data-dir", "state-dir", "audit-dir", "audit-key"):
             if key in raw and not Path(raw[key]).is_absolute():
                 raw[key] = str((path.parent / raw[key]).resolve())
         try:
@@ -143,5 +145,7 @@ class SiteConfig(BaseModel):
         ]
         if self.audit_dir is not None:
             lines.append(f'audit-dir = "{self.audit_dir}"')
+        if self.audit_key is not None:
+            lines.append(f'audit-key = "{self.audit_key}"')
         lines += [f"epsilon-cap = {self.epsilon_cap!r}", f"delta = {self.delta!r}"]
         return "\n".join(lines) + "\n"

@@ -12,12 +12,12 @@ from typing import Callable
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from anonymization.audit import AuditTrail
+from anonymization.audit import AuditError
 from medfed.protocol import EGRESS_BLOCKED, SITE_DECLINED, SITE_FAILED, SITE_REFUSED
 from medfed.settings import ConfigError, RunConfig
 from site_client.egress import ARRAYS_KEY, METRICS_KEY, EgressViolation, check_reply
 from site_client.site import resolve_site
-from site_client.task import SiteRefusal, evaluate_round, train_round
+from site_client.task import SiteRefusal, audit_for, evaluate_round, train_round
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +33,17 @@ def make_egress_guard(base: RunConfig | None) -> Callable[[Message, Context, Cal
         try:
             cfg = RunConfig.from_flower(context.run_config, base)
             site = resolve_site(context.node_config, cfg)
-        except ConfigError as err:
+            audit = audit_for(site)
+        except (ConfigError, AuditError) as err:
             log.error("%s", err)
             return _error(msg, SITE_REFUSED, str(err))
-        audit = AuditTrail(site.audit_path)
         server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
         try:
             reply = call_next(msg, context)
         except (SiteRefusal, ConfigError) as err:
             log.error("%s", err)
             audit.append("round_refused", run_id=str(context.run_id), server_round=server_round, reason=str(err))
+            audit.close()
             return _error(msg, SITE_REFUSED, str(err))
         except Exception as err:  # noqa: BLE001 - the site must answer, but without its internals
             log.exception("site %s failed on %s", site.name, msg.metadata.message_type)
@@ -57,9 +58,11 @@ def make_egress_guard(base: RunConfig | None) -> Callable[[Message, Context, Cal
                 "egress_blocked", run_id=str(context.run_id), server_round=server_round,
                 message_type=msg.metadata.message_type, reason=str(err),
             )
+            audit.close()
             log.error("reply blocked by the egress allow-list: %s", err)
             return _error(msg, EGRESS_BLOCKED, f"site {site.name}: reply blocked by the egress allow-list: {err}")
         audit.append("egress", run_id=str(context.run_id), server_round=server_round, **report.as_record())
+        audit.close()  # seals what left the site
         return reply
 
     return egress_guard

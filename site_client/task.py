@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from anonymization.audit import AuditTrail
+from anonymization.audit import AuditTrail, open_trail
+from anonymization.audit_keys import SIGNING_KEY_NAME
 from medfed.settings import RunConfig, SiteConfig
 from models.dataset import ManifestDataset
 from models.evaluation import evaluate
@@ -51,6 +52,14 @@ def ledger_for(site: SiteConfig) -> PrivacyLedger:
     return PrivacyLedger(site.state_dir / "privacy-ledger.sqlite")
 
 
+def audit_for(site: SiteConfig) -> AuditTrail:
+    """The site's audit trail, sealed with the same key de-identification uses for it.
+
+    Key: ``audit-key`` from site.toml, else the key the trail records, else STATE/audit-signing.key.
+    """
+    return open_trail(site.audit_path, audit_key=site.audit_key, default_key=site.state_dir / SIGNING_KEY_NAME)
+
+
 def _device(cfg: RunConfig) -> str:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise SiteRefusal("run config asks for device=cuda but this site has no CUDA device; use device=cpu")
@@ -75,7 +84,8 @@ def train_round(
         raise SiteRefusal("noise-multiplier must be > 0: this site trains only with differential privacy")
 
     ledger = ledger_for(site)
-    audit = AuditTrail(site.audit_path)
+    audit = audit_for(site)
+    audit.record_policy("privacy", {"site": site.name, "epsilon_cap": site.epsilon_cap, "delta": site.delta})
     steps, sample_rate = planned_steps(n, cfg.batch_size, cfg.local_epochs)
     eps_before = ledger.epsilon(run_id, site.delta)
     eps_projected = ledger.project(
@@ -96,6 +106,7 @@ def train_round(
             epsilon_projected=eps_projected, epsilon_cap=site.epsilon_cap, delta=site.delta, steps=steps,
             sample_rate=sample_rate, noise_multiplier=cfg.noise_multiplier,
         )
+        audit.close()  # seals the round
         log.info(reason)
         return TrainReply(state_dict=None, declined=reason)
 
@@ -125,6 +136,7 @@ def train_round(
         max_grad_norm=cfg.max_grad_norm, epsilon_before=eps_before, epsilon_after=eps_after,
         epsilon_cap=site.epsilon_cap, delta=site.delta,
     )
+    audit.close()  # seals the round
     metrics = {
         "num-examples": int(outcome.num_examples),
         "train-loss": float(outcome.loss),

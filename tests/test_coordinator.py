@@ -77,3 +77,50 @@ def test_metrics_json_and_plot(tmp_path: Path) -> None:
     plot_metrics(tmp_path / "metrics.png", _history())
     assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not math.isnan(doc["rounds"][0]["seconds"])
+
+
+class _Grid:
+    """Just enough of a Flower Grid for the node wait: nodes join after some polls."""
+
+    def __init__(self, joins: list[int]) -> None:
+        self.joins = joins
+        self.polls = 0
+
+    def get_node_ids(self) -> list[int]:
+        self.polls += 1
+        return list(range(self.joins[min(self.polls, len(self.joins)) - 1]))
+
+
+def test_wait_for_nodes_returns_once_enough_connected() -> None:
+    from coordinator.strategy import wait_for_nodes
+
+    grid = _Grid([0, 1, 3])
+    assert wait_for_nodes(grid, 3, timeout=5.0, poll=0.01) == 3  # type: ignore[arg-type]
+    assert grid.polls == 3
+
+
+def test_wait_for_nodes_is_bounded_and_says_what_to_do() -> None:
+    from coordinator.strategy import NodesUnavailable, wait_for_nodes
+
+    with pytest.raises(NodesUnavailable, match=r"only 1 of the 3 sites.*min-available-nodes"):
+        wait_for_nodes(_Grid([1]), 3, timeout=0.05, poll=0.01)  # type: ignore[arg-type]
+
+
+def test_configure_train_samples_every_site_once_they_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower sizes the sample before waiting; ours waits first, so fraction 1.0 means every site."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    strategy = build_strategy(RunConfig().with_overrides(min_train_nodes=1, min_available_nodes=3), RunHistory())
+    grid = _Grid([0, 3])
+    strategy.node_wait_timeout = 5.0  # type: ignore[attr-defined]
+    # Messages need a Flower run context; record whom they would go to instead.
+    monkeypatch.setattr(strategy, "_construct_messages", lambda record, node_ids, message_type: list(node_ids))
+    monkeypatch.setattr("coordinator.strategy.time.sleep", lambda s: None)
+    msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))  # type: ignore[arg-type]
+    assert sorted(msgs) == [0, 1, 2]
+
+
+def test_site_that_only_evaluated_is_not_marked_trained() -> None:
+    h = RunHistory()
+    h.round(1).site(7).evaluate = {"auc": 0.5}
+    assert h.to_json()[0]["sites"]["7"]["status"] == "not-sampled"
