@@ -74,6 +74,13 @@ KIND_KEY_ROTATED = "key_rotated"
 KIND_SEGMENT = "segment_opened"
 KIND_TORN = "torn_line"
 KIND_POLICY = "policy"
+#: Why a seal was written. A run that finishes ends the trail with an end-of-run (or key
+#: rotation) seal; a trail whose last seal is periodic was cut off, or its run has not finished.
+SEAL_PERIODIC = "periodic"
+SEAL_ROLLOVER = "rollover"
+SEAL_END = "end of run"
+SEAL_ROTATION = "key rotation"
+END_SEALS = frozenset({SEAL_END, SEAL_ROTATION})
 #: Records the trail writes itself; :meth:`AuditTrail.records` leaves them out unless asked.
 TRAIL_KINDS = frozenset({KIND_SEAL, KIND_KEY_CREATED, KIND_KEY_ROTATED, KIND_SEGMENT, KIND_TORN, KIND_POLICY})
 
@@ -192,6 +199,7 @@ class _Tail:
     seq: int = 0
     prev: str = GENESIS
     last_kind: str = ""
+    last_reason: str = ""  # of the last record, when it is a seal
     segment: int = 1  # number the active segment gets when it is closed
     ino: int | None = None  # active file, None while it does not exist
     size: int = 0
@@ -275,25 +283,30 @@ class AuditTrail:
                 if tail.count >= self.segment_records or tail.size >= self.segment_bytes:
                     self._rollover()
                 elif self._unsealed >= self.seal_every or time.monotonic() - self._last_seal >= self.seal_seconds:
-                    self._seal("periodic")
+                    self._seal(SEAL_PERIODIC)
             if self.fsync:
                 self._sync_active()
         return record
 
-    def seal(self, reason: str = "end of run") -> dict[str, Any] | None:
-        """Sign the chain up to here; None if the last record is already a seal."""
+    def seal(self, reason: str = SEAL_END) -> dict[str, Any] | None:
+        """Sign the chain up to here; None if the last record is already a seal that says as much.
+
+        A periodic seal does not end a run: an end-of-run seal follows it, so that verification
+        can tell a finished run from one cut back to a periodic seal.
+        """
         if self.signer is None:
             raise AuditKeyError("this audit trail was opened without a signing key; open it with open_trail()")
         with self._locked():
             self._prepare()
-            if self._tail().last_kind == KIND_SEAL:
+            tail = self._tail()
+            if tail.last_kind == KIND_SEAL and (tail.last_reason != SEAL_PERIODIC or reason == SEAL_PERIODIC):
                 return None
             return self._seal(reason)
 
     def close(self) -> None:
         """End the run: seal what this trail holds unsealed (if it has a signer) and sync."""
         if self.signer is not None:
-            self.seal("end of run")
+            self.seal(SEAL_END)
         self.sync()
 
     def __enter__(self) -> "AuditTrail":
@@ -347,7 +360,7 @@ class AuditTrail:
             self._prepare()
             self._check_current_key()
             if self._tail().last_kind != KIND_SEAL:
-                self._seal("key rotation")
+                self._seal(SEAL_ROTATION)
             endorsement = old.sign(rotation_message(old.key_id, new.public_raw))
             self._emit(
                 KIND_KEY_ROTATED,
@@ -364,7 +377,7 @@ class AuditTrail:
             _write_meta(self.directory, meta)
             os.replace(staged, old.path)
             self.signer = new
-            self._seal("key rotation")
+            self._seal(SEAL_ROTATION)
         return new
 
     def sync(self) -> None:
@@ -454,6 +467,7 @@ class AuditTrail:
             tail.seq = int(record.get("seq", 0))
             tail.prev = line_hash(last)
             tail.last_kind = str(record.get("kind", ""))
+            tail.last_reason = str(record.get("reason", "")) if tail.last_kind == KIND_SEAL else ""
         self._tail_cache = tail
         return tail
 
@@ -493,6 +507,7 @@ class AuditTrail:
             record["sig"] = signature.hex()
         self._write(raw + b"\n", tail)
         tail.seq, tail.prev, tail.last_kind = record["seq"], line_hash(raw), kind
+        tail.last_reason = str(fields.get("reason", "")) if kind == KIND_SEAL else ""
         tail.count += 1
         return record
 
@@ -523,7 +538,7 @@ class AuditTrail:
         """Seal and close the active segment, then open the next one (lock held)."""
         tail = self._tail()
         number = tail.segment
-        self._seal("rollover", segment=number)
+        self._seal(SEAL_ROLLOVER, segment=number)
         target = self.directory / SEGMENT_NAME.format(number)
         if target.exists():
             raise AuditError(f"cannot close segment {number}: {target} already exists; the trail folder is damaged")

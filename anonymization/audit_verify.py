@@ -6,9 +6,11 @@ also insists that the trail is signed by that key or by keys it endorsed, so a
 trail rewritten and re-signed by someone else fails. The first problem found is
 named with the record and the file line where the trail breaks.
 
-What it cannot see on its own: a trail cut back to an earlier seal, with whole
-runs removed, still verifies. Compare the summary's last seal (number, time,
-head hash) with what an earlier verification printed to catch that.
+A finished run ends with an end-of-run seal, so a trail cut back to one of its
+periodic seals is reported as incomplete. What it cannot see on its own: a trail
+cut back to an earlier run's end, with whole runs removed, still verifies.
+Compare the summary's last seal (number, time, head hash) with what an earlier
+verification printed to catch that.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from anonymization.audit import (
     KIND_SEGMENT,
     KIND_TORN,
     SEAL_DOMAIN,
+    SEAL_PERIODIC,
+    SEAL_ROLLOVER,
     SEGMENT_NAME,
     SIG_RE,
     _parse,
@@ -122,6 +126,7 @@ class _Verifier:
         self.prev = GENESIS
         self.prev_where = ""
         self.last_kind = ""
+        self.last_seal_reason = ""
 
     def run(self, segments: list[tuple[int, Path, bytes]]) -> None:
         result = self.result
@@ -151,8 +156,15 @@ class _Verifier:
             raise _Break(
                 STATUS_INCOMPLETE,
                 f"records #{result.last_seal_seq + 1} to #{self.expected - 1} (to {self.prev_where}) are not sealed: "
-                "the run that wrote them did not finish (crash or interrupt), or the end of the trail, with its "
-                "seal, was cut off",
+                "the run that wrote them has not finished (still running, crash or interrupt), or the end of the "
+                "trail, with its seal, was cut off",
+            )
+        if self.last_seal_reason == SEAL_PERIODIC:
+            raise _Break(
+                STATUS_INCOMPLETE,
+                f"the trail ends with periodic seal #{result.last_seal_seq} ({self.prev_where}), not with the seal "
+                "that ends a run: the run that wrote it has not finished (still running, or crashed), or the "
+                "records after that seal were cut off",
             )
         if self.anchor is not None:
             anchor_id = key_id(self.anchor)
@@ -204,7 +216,7 @@ class _Verifier:
             if (
                 last_record is None
                 or last_record.get("kind") != KIND_SEAL
-                or last_record.get("reason") != "rollover"
+                or last_record.get("reason") != SEAL_ROLLOVER
                 or last_record.get("segment") != number
             ):
                 raise _Break(
@@ -286,9 +298,10 @@ class _Verifier:
                 f"seal #{seq} ({where}) does not verify with key {kid}: the seal was forged or edited, or records "
                 f"since {since} were altered and the chain recomputed",
             )
-        if rec.get("reason") == "rollover" and rec.get("segment") != number:
+        if rec.get("reason") == SEAL_ROLLOVER and rec.get("segment") != number:
             raise _Break(STATUS_BROKEN, f"seal #{seq} ({where}) closes segment {rec.get('segment')} inside segment {number}")
         self.result.seals += 1
+        self.last_seal_reason = str(rec.get("reason", ""))
         self.result.last_seal_seq = seq
         self.result.last_seal_time = str(rec.get("time", ""))
 

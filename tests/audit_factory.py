@@ -94,3 +94,26 @@ def rechain(directory: Path) -> None:
             out.append(raw)
             prev = line_hash(raw)
         write_lines(path, out)
+
+
+def forge_append(directory: Path, records: list[dict[str, Any]], signer: AuditSigner | None = None) -> None:
+    """Append ``records`` to the active segment with a correct chain, as a forger's own tool would;
+    seals among them are signed with ``signer`` (the forger's key, not the site's)."""
+    from anonymization.audit import SEAL_DOMAIN, encode
+
+    active = directory / "audit.jsonl"
+    last = json.loads(lines_of(active)[-1])
+    seq, prev = last["seq"], line_hash(lines_of(active)[-1])
+    out = []
+    for fields in records:
+        seq += 1
+        rec = {"seq": seq, "time": "2026-01-01T00:00:00.000+00:00", **fields, "prev": prev}
+        rec = {k: rec[k] for k in ("seq", "time", "kind", "prev")} | {k: v for k, v in rec.items()
+                                                                     if k not in ("seq", "time", "kind", "prev")}
+        raw = encode(rec)
+        if rec["kind"] == "seal":
+            assert signer is not None
+            raw = raw[:-1] + b',"sig":"' + signer.sign(SEAL_DOMAIN + raw).hex().encode() + b'"}'
+        out.append(raw)
+        prev = line_hash(raw)
+    write_lines(active, lines_of(active) + out)

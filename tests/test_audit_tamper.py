@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from anonymization.audit import AuditTrail, segment_files
 from anonymization.audit_keys import AuditSigner
 from medfed.cli_audit import audit_app as app
-from tests.audit_factory import lines_of, locate, rechain, record, sealed_trail, signer_file, write_lines
+from anonymization.audit_keys import b64
+from tests.audit_factory import forge_append, lines_of, locate, rechain, record, sealed_trail, signer_file, write_lines
 
 runner = CliRunner()
 
@@ -108,6 +109,48 @@ def test_records_cut_off_the_end_short_seal(trail: tuple[Path, AuditSigner, Path
     assert code == 3 and f"the last line (audit.jsonl line {n}" in out and "is torn" in out
 
 
+def test_records_cut_back_to_a_periodic_seal_are_caught(trail: tuple[Path, AuditSigner, Path]) -> None:
+    """Cut exactly after a periodic seal: every remaining seal checks, but the run's end is gone."""
+    directory, _s, pub = trail
+    active = directory / "audit.jsonl"
+    lines = lines_of(active)
+    periodic = [i for i, raw in enumerate(lines) if json.loads(raw).get("reason") == "periodic"]
+    assert periodic and periodic[-1] < len(lines) - 2
+    cut = periodic[-1]
+    write_lines(active, lines[: cut + 1])
+    seq = json.loads(lines[cut])["seq"]
+    code, out = verify(directory, pub)
+    assert code == 3 and "INCOMPLETE" in out
+    assert f"ends with periodic seal #{seq} (audit.jsonl line {cut + 1})" in out and "cut off" in out
+
+
+def test_seal_with_its_signature_stripped_is_caught(trail: tuple[Path, AuditSigner, Path]) -> None:
+    directory, _s, pub = trail
+    active = directory / "audit.jsonl"
+    lines = lines_of(active)
+    seal = json.loads(lines[-1])
+    lines[-1] = lines[-1].split(b',"sig":')[0] + b"}"
+    write_lines(active, lines)
+    code, out = verify(directory, pub)
+    assert code == 1 and f"seal #{seal['seq']} (audit.jsonl line {len(lines)}) carries no signature" in out
+
+
+def test_forged_key_rotation_is_caught(trail: tuple[Path, AuditSigner, Path], tmp_path: Path) -> None:
+    """A forger "rotates" to their own key, without the retiring key's endorsement, and seals with it."""
+    directory, signer, pub = trail
+    forger = AuditSigner.generate(tmp_path / "forger.key")
+    last = json.loads(lines_of(directory / "audit.jsonl")[-1])["seq"]
+    forge_append(directory, [
+        {"kind": "event", "n": 999},
+        {"kind": "key_rotated", "key_id": forger.key_id, "algorithm": "Ed25519", "public_key": b64(forger.public_raw),
+         "previous_key_id": signer.key_id, "endorsement": forger.sign(b"whatever").hex()},
+        {"kind": "seal", "key_id": forger.key_id, "reason": "end of run"},
+    ], forger)
+    assert record(directory, last + 2)["kind"] == "key_rotated"
+    code, out = verify(directory, pub)
+    assert code == 1 and f"key rotation #{last + 2} (audit.jsonl line" in out and "not endorsed by the retiring key" in out
+
+
 def test_forged_seal_signature_is_caught(trail: tuple[Path, AuditSigner, Path]) -> None:
     directory, _s, pub = trail
     seal_seq = next(s for s in range(1, 99) if record(directory, s)["kind"] == "seal")
@@ -119,6 +162,25 @@ def test_forged_seal_signature_is_caught(trail: tuple[Path, AuditSigner, Path]) 
     write_lines(path, lines)
     code, out = verify(directory, pub)
     assert code == 1 and f"seal #{seal_seq} ({path.name} line {i + 1}) does not verify" in out
+
+
+def test_appending_with_the_sites_own_key_verifies(trail: tuple[Path, AuditSigner, Path]) -> None:
+    """Control for the forgeries below: the same surgery, signed with the site's key, verifies."""
+    directory, signer, pub = trail
+    forge_append(directory, [{"kind": "event", "n": 999}, {"kind": "seal", "key_id": signer.key_id,
+                                                           "reason": "end of run"}], signer)
+    code, out = verify(directory, pub)
+    assert code == 0, out
+
+
+def test_seal_signed_by_an_unknown_key_is_caught(trail: tuple[Path, AuditSigner, Path], tmp_path: Path) -> None:
+    """A forger appends records and a seal of their own key, never introduced in the trail."""
+    directory, _s, pub = trail
+    forger = AuditSigner.generate(tmp_path / "forger.key")
+    forge_append(directory, [{"kind": "event", "n": 999}, {"kind": "seal", "key_id": forger.key_id,
+                                                           "reason": "end of run"}], forger)
+    code, out = verify(directory, pub)
+    assert code == 1 and f"is signed by key {forger.key_id}, which no earlier record introduces: a forged seal" in out
 
 
 def test_seal_by_a_key_smuggled_into_the_trail_is_caught(

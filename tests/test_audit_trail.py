@@ -42,20 +42,33 @@ def test_segments_roll_over_sealed_and_chained(tmp_path: Path) -> None:
     assert verify_trail(tmp_path / "audit", public_key=signer.public_raw).ok
 
 
+def seal_reasons(directory: Path) -> list[str]:
+    return [r["reason"] for r in AuditTrail(directory).records(everything=True) if r["kind"] == "seal"]
+
+
 def test_periodic_seals_by_count_and_time(tmp_path: Path) -> None:
     signer = AuditSigner.generate()
     trail = AuditTrail(tmp_path / "a", signer=signer, seal_every=3, fsync=False)
     for i in range(7):
         trail.append("event", n=i)
-    assert kinds(tmp_path / "a").count("seal") == 2
+    assert kinds(tmp_path / "a").count("seal") == 2 and seal_reasons(tmp_path / "a") == ["periodic"] * 2
+    assert verify_trail(tmp_path / "a").status == "incomplete"  # still running: not ended
+    trail.close()
+    assert seal_reasons(tmp_path / "a") == ["periodic", "periodic", "end of run"]
+    assert verify_trail(tmp_path / "a").ok
+
     timed = AuditTrail(tmp_path / "b", signer=signer, seal_every=10_000, seal_seconds=0.05, fsync=False)
     timed.append("event", n=0)
     time.sleep(0.06)
     timed.append("event", n=1)
     assert kinds(tmp_path / "b") == ["key_created", "event", "event", "seal"]
+    assert seal_reasons(tmp_path / "b") == ["periodic"]
+    # A run whose last append was sealed periodically still ends with its own end-of-run seal.
     timed.close()
-    timed.close()  # nothing new: no second seal
-    assert kinds(tmp_path / "b").count("seal") == 1
+    timed.close()  # nothing new: no third seal
+    assert kinds(tmp_path / "b") == ["key_created", "event", "event", "seal", "seal"]
+    assert seal_reasons(tmp_path / "b") == ["periodic", "end of run"]
+    assert verify_trail(tmp_path / "b", public_key=signer.public_raw).ok
 
 
 def test_records_hides_the_trails_own_records_and_reserved_names(tmp_path: Path) -> None:
