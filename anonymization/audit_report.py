@@ -47,7 +47,9 @@ ACTION_MEANINGS = {
 }
 
 _FILE_KINDS = ("deidentified", "quarantined", "skipped")
-_ROUND_KINDS = ("round_trained", "round_declined", "round_refused")
+_ROUND_KINDS = ("round_trained", "round_declined", "round_refused", "round_failed")
+_ROUND_STATUS = {"round_trained": "trained", "round_declined": "DECLINED (over cap)", "round_refused": "REFUSED",
+                 "round_failed": "FAILED"}
 _EGRESS_KINDS = ("egress", "egress_blocked")
 
 _CSS = """
@@ -154,8 +156,8 @@ def _verification(result: VerifyResult) -> str:
         f'<section id="verification"><h2>Verification</h2><div class="status {cls}"><strong>{_e(title)}</strong>'
         f"{_e(result.summary())}{notes}</div>"
         '<p class="muted">Every record holds the SHA-256 of the one before it; seals are Ed25519 signatures over '
-        "that chain. A trail cut back to an earlier seal still verifies: compare the last seal below with the "
-        "last one you saw.</p></section>"
+        "that chain, and every finished run ends with a seal. A trail cut back to the end of an earlier run "
+        "still verifies: compare the last seal below with the last one you saw.</p></section>"
     )
 
 
@@ -173,13 +175,15 @@ def _files(records: list[dict[str, Any]]) -> str:
     files = [r for r in records if r.get("kind") in _FILE_KINDS]
     counts = Counter(r["kind"] for r in files)
     pixel_cleaned = sum(1 for r in files if r.get("kind") == "deidentified" and _pixels_cleaned(r))
+    regions = sum(_regions_blanked(r) for r in files if r.get("kind") == "deidentified")
     cards = "".join(
         f'<div class="card">{_e(label)}<b>{n}</b></div>'
         for label, n in (
             ("files de-identified", counts["deidentified"]),
             ("files quarantined", counts["quarantined"]),
-            ("duplicates skipped", counts["skipped"]),
+            ("skipped (duplicate or done)", counts["skipped"]),
             ("pixel data cleaned", pixel_cleaned),
+            ("text regions blanked", regions),
         )
     )
     chart = ""
@@ -229,14 +233,17 @@ def _files(records: list[dict[str, Any]]) -> str:
 
 
 def _pixels_cleaned(record: dict[str, Any]) -> bool:
-    """Whether the record says burned-in pixels were cleaned (field name chosen by the engine)."""
-    for key in ("pixels", "pixel_cleaning", "pixels_cleaned"):
-        value = record.get(key)
-        if isinstance(value, dict):
-            return bool(value.get("cleaned") or value.get("regions"))
-        if value:
-            return bool(value)
-    return False
+    """Whether Clean Pixel Data ran on the file (the engine records what it did, even 0 regions)."""
+    value = record.get("pixel_cleaning")
+    if isinstance(value, dict):
+        return value.get("pixel_cleaning") == "done"
+    return bool(value)
+
+
+def _regions_blanked(record: dict[str, Any]) -> int:
+    value = record.get("pixel_cleaning")
+    regions = value.get("regions") if isinstance(value, dict) else 0
+    return int(regions) if isinstance(regions, int) and not isinstance(regions, bool) else 0
 
 
 def _actions(records: list[dict[str, Any]]) -> str:
@@ -335,7 +342,7 @@ def _privacy(records: list[dict[str, Any]]) -> str:
     rows, classes = [], []
     for r in rounds:
         kind = r.get("kind")
-        status = {"round_trained": "trained", "round_declined": "DECLINED (over cap)", "round_refused": "REFUSED"}[str(kind)]
+        status = _ROUND_STATUS[str(kind)]
         eps_after = r.get("epsilon_after") if kind == "round_trained" else r.get("epsilon_projected")
         rows.append((
             _e(r.get("run_id")), _num(r.get("server_round")), _short_time(r.get("time")), _e(status),
@@ -343,29 +350,49 @@ def _privacy(records: list[dict[str, Any]]) -> str:
             _num(r.get("max_grad_norm")), _num(r.get("epsilon_before")),
             (_num(eps_after) + (" (would reach)" if kind == "round_declined" else "")) if eps_after is not None else "",
             _num(r.get("epsilon_cap"), 2), _num(r.get("delta"), 7) if r.get("delta") is not None else "",
-            _e(r.get("reason", "")),
+            _update_cell(r.get("update")), _e(r.get("reason", "")),
         ))
         classes.append("declined" if kind != "round_trained" else "")
     return (
         '<section id="privacy"><h2>Privacy budget per round</h2>' + chart
         + _table(
             ("run", "round", "time", "status", "steps", "sample rate", "noise σ", "clip norm", "ε before", "ε after",
-             "ε cap", "δ", "reason"),
+             "ε cap", "δ", "update released", "reason"),
             rows, row_classes=classes,
         )
         + "</section>"
     )
 
 
+def _update_cell(update: Any) -> str:
+    """The update a trained round released: size and digest (what the egress record must match)."""
+    if not isinstance(update, dict):
+        return ""
+    arrays = update.get("arrays") if isinstance(update.get("arrays"), list) else []
+    return (f"{len(arrays)} arrays, {_bytes(update.get('bytes'))}<br>"
+            f"<code>{_e(str(update.get('digest', ''))[:16])}</code>")
+
+
 def _egress(records: list[dict[str, Any]]) -> str:
     out = [r for r in records if r.get("kind") in _EGRESS_KINDS]
+    released = {
+        (str(r.get("run_id")), r.get("server_round")): str(r["update"].get("digest", ""))
+        for r in records if r.get("kind") == "round_trained" and isinstance(r.get("update"), dict)
+    }
     rows, classes = [], []
     total = 0
     for r in out:
         if r.get("kind") == "egress_blocked":
             rows.append((_e(r.get("run_id")), _num(r.get("server_round")), _short_time(r.get("time")),
-                         _e(r.get("message_type")), "BLOCKED: nothing left", "", "", _e(r.get("reason"))))
+                         _e(r.get("message_type")), "BLOCKED: nothing left", "", "", "", _e(r.get("reason"))))
             classes.append("blocked")
+            continue
+        error = r.get("error") if isinstance(r.get("error"), dict) else None
+        if error is not None:
+            rows.append((_e(r.get("run_id")), _num(r.get("server_round")), _short_time(r.get("time")),
+                         _e(r.get("message_type")), f"error reply only (code {_e(error.get('code'))})", _bytes(0),
+                         "", "", _e(error.get("reason"))))
+            classes.append("declined")
             continue
         arrays = r.get("arrays") if isinstance(r.get("arrays"), list) else []
         total += int(r.get("bytes") or 0)
@@ -374,18 +401,29 @@ def _egress(records: list[dict[str, Any]]) -> str:
             arows = [(f"<code>{_e(a.get('name'))}</code>", _e("×".join(map(str, a.get("shape") or [])) or "scalar"),
                       _e(a.get("dtype")), _bytes(a.get("bytes"))) for a in arrays if isinstance(a, dict)]
             detail = f"<details><summary>{len(arrays)} arrays</summary>{_table(('name', 'shape', 'dtype', 'bytes'), arows)}</details>"
+        digest = str(r.get("digest", ""))
+        match, row_class = "", ""
+        if arrays:
+            expected = released.get((str(r.get("run_id")), r.get("server_round")))
+            if expected is None:
+                match = '<span class="muted">no round record</span>'
+            elif expected == digest:
+                match = "matches the round's update"
+            else:
+                match, row_class = "<b>DIFFERS from the round's update</b>", "blocked"
+        classes.append(row_class)
         rows.append((
             _e(r.get("run_id")), _num(r.get("server_round")), _short_time(r.get("time")), _e(r.get("message_type")),
-            (detail or "no arrays"), _bytes(r.get("bytes")), f"<code>{_e(str(r.get('digest', ''))[:16])}</code>",
+            (detail or "no arrays"), _bytes(r.get("bytes")), f"<code>{_e(digest[:16])}</code>", match,
             _e(", ".join(map(str, r.get("metrics") or []))),
         ))
-        classes.append("")
     return (
         '<section id="egress"><h2>What left the site</h2>'
         f"<p>{len(out)} replies checked against the egress allow-list; {_bytes(total)} of model arrays sent in all. "
-        "Only model arrays and the listed scalar metrics can leave; the digest is the SHA-256 of the arrays sent.</p>"
-        + _table(("run", "round", "time", "message", "arrays", "bytes", "digest", "scalar metrics"), rows,
-                 row_classes=classes)
+        "Only model arrays and the listed scalar metrics can leave; the digest is the SHA-256 of the arrays sent, "
+        "checked against the update the round recorded before releasing it.</p>"
+        + _table(("run", "round", "time", "message", "arrays", "bytes", "digest", "digest check",
+                  "scalar metrics / reason"), rows, row_classes=classes)
         + "</section>"
     )
 

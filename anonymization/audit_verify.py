@@ -159,6 +159,12 @@ class _Verifier:
                 "the run that wrote them has not finished (still running, crash or interrupt), or the end of the "
                 "trail, with its seal, was cut off",
             )
+        if self.last_seal_reason == SEAL_ROLLOVER:
+            raise _Break(
+                STATUS_INCOMPLETE,
+                f"the active segment {AUDIT_FILE} holds no records after roll-over seal #{result.last_seal_seq} "
+                f"({self.prev_where}): its records were cut off, or a crash hit the roll-over",
+            )
         if self.last_seal_reason == SEAL_PERIODIC:
             raise _Break(
                 STATUS_INCOMPLETE,

@@ -47,8 +47,16 @@ def make_egress_guard(base: RunConfig | None) -> Callable[[Message, Context, Cal
             return _error(msg, SITE_REFUSED, str(err))
         except Exception as err:  # noqa: BLE001 - the site must answer, but without its internals
             log.exception("site %s failed on %s", site.name, msg.metadata.message_type)
-            return _error(msg, SITE_FAILED, f"site {site.name} failed ({type(err).__name__}); see the site's log")
-        if reply.has_error():
+            reason = f"site {site.name} failed ({type(err).__name__}); see the site's log"
+            audit.append("round_failed", run_id=str(context.run_id), server_round=server_round,
+                         message_type=msg.metadata.message_type, reason=reason)
+            audit.close()  # a failed round still ends its run with a seal
+            return _error(msg, SITE_FAILED, reason)
+        if reply.has_error():  # a decline: only its code and reason leave; record them
+            audit.append("egress", run_id=str(context.run_id), server_round=server_round,
+                         message_type=msg.metadata.message_type, arrays=[], metrics=[], bytes=0, digest="",
+                         error={"code": int(reply.error.code), "reason": str(reply.error.reason)})
+            audit.close()
             return reply
         expected = msg.content[ARRAYS_KEY] if ARRAYS_KEY in msg.content else None
         try:

@@ -9,6 +9,7 @@ site's own test split.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -60,6 +61,25 @@ def audit_for(site: SiteConfig) -> AuditTrail:
     return open_trail(site.audit_path, audit_key=site.audit_key, default_key=site.state_dir / SIGNING_KEY_NAME)
 
 
+def update_summary(state: dict[str, torch.Tensor]) -> dict[str, object]:
+    """What an update puts on the wire (names, shapes, dtypes, bytes, SHA-256) for the audit trail.
+
+    Serialized as Flower's ArrayRecord does and hashed as the egress guard hashes, so the
+    round's record and the egress record of the reply carry the same digest.
+    """
+    from flwr.app import ArrayRecord
+
+    digest = hashlib.sha256()
+    arrays: list[dict[str, object]] = []
+    total = 0
+    for name, arr in ArrayRecord(state).items():
+        digest.update(name.encode())
+        digest.update(arr.data)
+        arrays.append({"name": name, "shape": list(arr.shape), "dtype": arr.dtype, "bytes": len(arr.data)})
+        total += len(arr.data)
+    return {"arrays": arrays, "bytes": total, "digest": digest.hexdigest()}
+
+
 def _device(cfg: RunConfig) -> str:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise SiteRefusal("run config asks for device=cuda but this site has no CUDA device; use device=cpu")
@@ -104,7 +124,8 @@ def train_round(
         audit.append(
             "round_declined", run_id=run_id, server_round=server_round, epsilon_before=eps_before,
             epsilon_projected=eps_projected, epsilon_cap=site.epsilon_cap, delta=site.delta, steps=steps,
-            sample_rate=sample_rate, noise_multiplier=cfg.noise_multiplier,
+            sample_rate=sample_rate, noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+            declined=True, reason=reason,
         )
         audit.close()  # seals the round
         log.info(reason)
@@ -130,11 +151,12 @@ def train_round(
         run_id, server_round, accountant, delta=site.delta, epsilon_cap=site.epsilon_cap,
         steps=outcome.steps, sample_rate=outcome.sample_rate, noise_multiplier=cfg.noise_multiplier,
     )
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     audit.append(
         "round_trained", run_id=run_id, server_round=server_round, steps=outcome.steps,
         sample_rate=outcome.sample_rate, noise_multiplier=cfg.noise_multiplier,
         max_grad_norm=cfg.max_grad_norm, epsilon_before=eps_before, epsilon_after=eps_after,
-        epsilon_cap=site.epsilon_cap, delta=site.delta,
+        epsilon_cap=site.epsilon_cap, delta=site.delta, declined=False, update=update_summary(state),
     )
     audit.close()  # seals the round
     metrics = {
@@ -147,7 +169,6 @@ def train_round(
         "sample-rate": float(outcome.sample_rate),
         "noise-multiplier": float(cfg.noise_multiplier),
     }
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return TrainReply(state_dict=state, metrics=metrics)
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +36,13 @@ def realistic_trail(directory: Path, signer: AuditSigner) -> AuditTrail:
     with AuditTrail(directory, signer=signer, fsync=False) as trail:
         trail.record_policy("deidentification", {"profile": ["retain_device_identity"], "tool": "medfed 0.1.0"})
         for i in range(12):
+            cleaning = ({"pixel_cleaning": {"pixel_cleaning": "done", "regions": 2, "frames": 1, "ocr_rounds": 2,
+                                            "transfer_syntax": "1.2.840.10008.1.2.1", "overlays_removed": 0}}
+                        if i == 3 else {})
             trail.append("deidentified", input_digest=f"{i:064x}", sop_uid=f"2.25.{1000 + i}",
                          path=f"images/P{i}/2.25.{i}/2.25.{1000 + i}.dcm",
-                         actions={"X": 40 + i, "D": 6, "U": 5, "Z": 3, "pseudonym": 2}, output_digest=f"{i + 99:064x}")
+                         actions={"X": 40 + i, "D": 6, "U": 5, "Z": 3, "pseudonym": 2}, output_digest=f"{i + 99:064x}",
+                         **cleaning)
         for reason in ("Burned In Annotation is YES: text burned into the pixels",
                        "not a DICOM file (no DICM prefix and no readable data set)",
                        "Burned In Annotation is YES: text burned into the pixels"):
@@ -42,17 +50,22 @@ def realistic_trail(directory: Path, signer: AuditSigner) -> AuditTrail:
         trail.append("deid_run", files=15, deidentified=12, quarantined=3, skipped=0, profile=["retain_device_identity"])
         trail.record_policy("privacy", {"site": "hospital-r", "epsilon_cap": 3.0, "delta": 1e-5})
         eps = 0.0
+        arrays = [{"name": "features.0.weight", "shape": [16, 1, 3, 3], "dtype": "float32", "bytes": 576},
+                  {"name": "head.bias", "shape": [1], "dtype": "float32", "bytes": 4}]
         for rnd in (1, 2, 3):
             before, eps = eps, eps + 0.9
             trail.append("round_trained", run_id="4242", server_round=rnd, steps=40, sample_rate=0.0625,
                          noise_multiplier=1.1, max_grad_norm=1.0, epsilon_before=before, epsilon_after=eps,
-                         epsilon_cap=3.0, delta=1e-5)
-            trail.append("egress", run_id="4242", server_round=rnd, message_type="train",
-                         arrays=[{"name": "features.0.weight", "shape": [16, 1, 3, 3], "dtype": "float32", "bytes": 576},
-                                 {"name": "head.bias", "shape": [1], "dtype": "float32", "bytes": 4}],
+                         epsilon_cap=3.0, delta=1e-5, declined=False,
+                         update={"arrays": arrays, "bytes": 580, "digest": f"{rnd:064x}"})
+            trail.append("egress", run_id="4242", server_round=rnd, message_type="train", arrays=arrays,
                          metrics=["epsilon", "num-examples"], bytes=580, digest=f"{rnd:064x}")
+        reason = "site hospital-r declines round 4: it would spend epsilon 2.700 -> 3.600, over its cap of 3"
         trail.append("round_declined", run_id="4242", server_round=4, epsilon_before=eps, epsilon_projected=3.6,
-                     epsilon_cap=3.0, delta=1e-5, steps=40, sample_rate=0.0625, noise_multiplier=1.1)
+                     epsilon_cap=3.0, delta=1e-5, steps=40, sample_rate=0.0625, noise_multiplier=1.1,
+                     max_grad_norm=1.0, declined=True, reason=reason)
+        trail.append("egress", run_id="4242", server_round=4, message_type="train", arrays=[], metrics=[], bytes=0,
+                     digest="", error={"code": 4001, "reason": reason})
     return trail
 
 
@@ -117,3 +130,70 @@ def forge_append(directory: Path, records: list[dict[str, Any]], signer: AuditSi
         out.append(raw)
         prev = line_hash(raw)
     write_lines(active, lines_of(active) + out)
+
+
+# ---- a real browser ---------------------------------------------------------------------------
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+
+
+def chromium() -> str:
+    """Debian's headless Chromium: skip loudly where it is missing, fail under CI."""
+    import pytest
+
+    found = next((p for p in map(shutil.which, CHROMIUM_NAMES) if p), None)
+    if found is None:
+        reason = ("HEADLESS CHROMIUM NOT FOUND: the audit report was NOT rendered in a browser. "
+                  "Install Debian's `chromium` (make system-deps) to run this test.")
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return found
+
+
+def render(browser: str, page: Path, png: Path, profile: Path, *, height: int = 4200,
+           netlog: Path | None = None) -> str:
+    """Render ``page`` headless: a screenshot to ``png``, the DOM after rendering returned;
+    with ``netlog``, Chromium logs every network request it makes there (see :func:`page_fetches`)."""
+    cmd = [
+        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--hide-scrollbars", f"--window-size=1200,{height}", f"--user-data-dir={profile}",
+        *([f"--log-net-log={netlog}", "--net-log-capture-mode=Default"] if netlog is not None else []),
+        f"--screenshot={png}", "--dump-dom", page.resolve().as_uri(),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=90, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert png.exists() and png.stat().st_size > 10_000
+    return done.stdout
+
+
+def page_fetches(netlog: Path) -> set[str]:
+    """URLs the rendered page itself asked the network for (Chromium's NetLog).
+
+    A request made for a page opened from disk carries a ``file://`` network isolation key;
+    the browser's own background traffic does not, and is left out."""
+    log = json.loads(netlog.read_text("utf-8", errors="replace") or "{}")
+    urls = set()
+    for event in log.get("events", []):
+        params = event.get("params") or {}
+        url = str(params.get("url", ""))
+        if url and not url.startswith("file:") and str(params.get("network_isolation_key", "")).startswith("file://"):
+            urls.add(url)
+    return urls
+
+
+def visible_text(dom: str) -> str:
+    """The text a reader sees: tags, styles and images stripped, whitespace collapsed."""
+    dom = re.sub(r"<(style|script)[^>]*>.*?</\1>", " ", dom, flags=re.S)
+    dom = re.sub(r"<img[^>]*>", " ", dom)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+
+
+def painted(png: Path, rgb: tuple[int, int, int], tolerance: int = 12) -> int:
+    """How many pixels of the screenshot have colour ``rgb`` (charts' bars are drawn in it)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(png) as shot:
+        pixels = np.asarray(shot.convert("RGB")).astype(int)
+    return int((np.abs(pixels - np.array(rgb)) < tolerance).all(axis=-1).sum())

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from medfed.cli_audit import audit_app as app
-from tests.audit_factory import lines_of, locate, realistic_trail, signer_file, write_lines
+from tests.audit_factory import (
+    chromium,
+    lines_of,
+    locate,
+    page_fetches,
+    painted,
+    realistic_trail,
+    render,
+    signer_file,
+    visible_text,
+    write_lines,
+)
 
 runner = CliRunner()
-CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 
 
 def _report(tmp_path: Path) -> tuple[Path, Path]:
@@ -43,43 +50,13 @@ def test_report_is_self_contained(tmp_path: Path) -> None:
         assert text in page
 
 
-def _chromium() -> str:
-    found = next((p for p in map(shutil.which, CHROMIUM_NAMES) if p), None)
-    if found is None:
-        reason = ("HEADLESS CHROMIUM NOT FOUND: the audit report was NOT rendered in a browser. "
-                  "Install Debian's `chromium` (make system-deps) to run this test.")
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return found
-
-
-def _render(chromium: str, page: Path, png: Path, profile: Path) -> str:
-    """Render ``page`` headless: a full-height screenshot to ``png``, the rendered DOM returned."""
-    cmd = [
-        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--hide-scrollbars", "--window-size=1200,4200", f"--user-data-dir={profile}",
-        f"--screenshot={png}", "--dump-dom", page.resolve().as_uri(),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert png.exists() and png.stat().st_size > 10_000
-    return done.stdout
-
-
-def _visible_text(dom: str) -> str:
-    dom = re.sub(r"<(style|script)[^>]*>.*?</\1>", " ", dom, flags=re.S)
-    dom = re.sub(r"<img[^>]*>", " ", dom)
-    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
-
-
 @pytest.mark.integration
 def test_report_renders_in_headless_chromium(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    chromium = _chromium()
+    browser = chromium()
     out, pub = _report(tmp_path)
     png = tmp_path / "audit-report.png"
-    text = _visible_text(_render(chromium, out, png, tmp_path / "profile"))
+    text = visible_text(render(browser, out, png, tmp_path / "profile", netlog=tmp_path / "net.json"))
+    assert page_fetches(tmp_path / "net.json") == set()  # the page fetched nothing
     with capsys.disabled():
         print(f"\naudit report screenshot: {png}")
     for expected in (
@@ -88,17 +65,13 @@ def test_report_renders_in_headless_chromium(tmp_path: Path, capsys: pytest.Capt
         "Burned In Annotation is YES: text burned into the pixels 2",
         "Actions applied, by kind", "removed (X)", "Policy in force", "retain_device_identity",
         "Privacy budget per round", "DECLINED (over cap)", "3.600 (would reach)",
-        "What left the site", "features.0.weight", "16×1×3×3", "Signing keys and seals",
+        "pixel data cleaned 1", "text regions blanked 2",
+        "What left the site", "features.0.weight", "16×1×3×3", "matches the round's update",
+        "error reply only (code 4001)", "Signing keys and seals",
     ):
         assert expected in text, expected
     # The charts were decoded and painted: the bar colour of the charts fills many pixels.
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(png) as shot:
-        rgb = np.asarray(shot.convert("RGB")).astype(int)
-    blue = int((np.abs(rgb - np.array([59, 125, 216])) < 12).all(axis=-1).sum())
-    assert blue > 5_000, "the embedded charts did not render"
+    assert painted(png, (59, 125, 216)) > 5_000, "the embedded charts did not render"
 
     # A tampered trail: the browser shows the failure at the top of the page.
     audit = tmp_path / "audit"
@@ -109,5 +82,17 @@ def test_report_renders_in_headless_chromium(tmp_path: Path, capsys: pytest.Capt
     bad = tmp_path / "tampered.html"
     result = runner.invoke(app, ["report", str(audit), "--out", str(bad), "--public-key", str(pub)])
     assert result.exit_code == 0 and "BROKEN" in result.output
-    text = _visible_text(_render(chromium, bad, tmp_path / "tampered.png", tmp_path / "profile"))
+    text = visible_text(render(browser, bad, tmp_path / "tampered.png", tmp_path / "profile"))
     assert "Trail FAILED verification" in text and "record #5" in text
+
+
+@pytest.mark.integration
+def test_browser_network_log_sees_a_page_that_fetches(tmp_path: Path) -> None:
+    """Control for the check above: a page with an external image and stylesheet is caught."""
+    page = tmp_path / "fetching.html"
+    page.write_text('<!doctype html><html><body><h1>fetching page</h1>' + "<p>padding</p>" * 400
+                    + '<img src="http://example.invalid/chart.png">'
+                    '<link rel="stylesheet" href="https://cdn.example.invalid/style.css"></body></html>')
+    render(chromium(), page, tmp_path / "fetching.png", tmp_path / "profile", height=900, netlog=tmp_path / "net.json")
+    assert page_fetches(tmp_path / "net.json") == {"http://example.invalid/chart.png",
+                                                    "https://cdn.example.invalid/style.css"}

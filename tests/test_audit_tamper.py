@@ -124,6 +124,16 @@ def test_records_cut_back_to_a_periodic_seal_are_caught(trail: tuple[Path, Audit
     assert f"ends with periodic seal #{seq} (audit.jsonl line {cut + 1})" in out and "cut off" in out
 
 
+def test_active_segment_emptied_is_caught(trail: tuple[Path, AuditSigner, Path]) -> None:
+    """Every record of the active segment cut off: the trail would end at the last roll-over seal."""
+    directory, _s, pub = trail
+    (directory / "audit.jsonl").write_bytes(b"")
+    last_closed = [p for _n, p in segment_files(directory) if p.name != "audit.jsonl"][-1]
+    code, out = verify(directory, pub)
+    assert code == 3 and "the active segment audit.jsonl holds no records after roll-over seal" in out
+    assert f"({last_closed.name} line {len(lines_of(last_closed))})" in out
+
+
 def test_seal_with_its_signature_stripped_is_caught(trail: tuple[Path, AuditSigner, Path]) -> None:
     directory, _s, pub = trail
     active = directory / "audit.jsonl"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -111,6 +113,43 @@ def test_many_processes_append_roll_over_and_seal_safely(tmp_path: Path) -> None
     assert len(segment_files(tmp_path / "audit")) >= 5
     result = verify_trail(tmp_path / "audit", public_key=load_public_key_pem(key, tmp_path))
     assert result.ok, result.problem
+
+
+def _append_until_killed(directory: str, key: str, ready: Any) -> None:
+    trail = open_trail(Path(directory), audit_key=Path(key), default_key=Path(key), fsync=False, seal_every=50)
+    i = 0
+    while True:
+        trail.append("event", i=i, pad="x" * 4000)  # long lines, so a kill may well land mid-write
+        i += 1
+        if i == 300:
+            ready.set()
+
+
+def test_a_writer_killed_mid_run_leaves_an_incomplete_trail_that_the_next_run_seals(tmp_path: Path) -> None:
+    """A real crash (SIGKILL): verification says incomplete, never OK or silently shorter; nothing is lost."""
+    key = tmp_path / "keys" / SIGNING_KEY_NAME
+    signer = signer_file(key)
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_append_until_killed, args=(str(tmp_path / "audit"), str(key), ready))
+    proc.start()
+    try:
+        assert ready.wait(60), "the writer did not start"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(30)
+    assert proc.exitcode == -signal.SIGKILL
+    result = verify_trail(tmp_path / "audit", public_key=signer.public_raw)
+    assert result.status == "incomplete" and result.exit_code == 3, result.summary()
+    assert any(s in result.problem for s in ("are not sealed", "is torn", "ends with periodic seal")), result.problem
+    written = AuditTrail(tmp_path / "audit").records()
+    assert [r["i"] for r in written] == list(range(len(written))) and len(written) >= 300
+
+    with open_trail(tmp_path / "audit", audit_key=key, default_key=key) as again:
+        again.append("event", i=-1)
+    result = verify_trail(tmp_path / "audit", public_key=signer.public_raw)
+    assert result.ok, result.problem
+    assert AuditTrail(tmp_path / "audit").records()[: len(written)] == written  # nothing dropped
 
 
 def load_public_key_pem(key: Path, tmp_path: Path) -> bytes:
