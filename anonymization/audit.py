@@ -17,7 +17,9 @@ Every record carries ``seq`` (1, 2, 3... across segments), ``time`` (UTC),
 ``kind`` and ``prev`` (SHA-256 of the previous record's line). A ``seal`` record
 is signed over its own line, and so over the whole chain before it: a run ends
 with one (:meth:`AuditTrail.close`), long runs seal every ``seal_every`` records
-or ``seal_seconds`` seconds. Callers must only put pseudonyms, digests and
+or ``seal_seconds`` seconds. A periodic seal never ends a run (``close`` seals
+again after one), so verification can tell a finished run from a trail cut back
+to a periodic seal. Callers must only put pseudonyms, digests and
 counts in it (invariant 4): nothing here can tell an identifier from a value.
 """
 

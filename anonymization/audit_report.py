@@ -50,7 +50,7 @@ _FILE_KINDS = ("deidentified", "quarantined", "skipped")
 _ROUND_KINDS = ("round_trained", "round_declined", "round_refused", "round_failed")
 _ROUND_STATUS = {"round_trained": "trained", "round_declined": "DECLINED (over cap)", "round_refused": "REFUSED",
                  "round_failed": "FAILED"}
-_EGRESS_KINDS = ("egress", "egress_blocked")
+_EGRESS_KINDS = ("egress", "egress_blocked", "egress_error")
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1100px;padding:24px;color:#1d2330}
@@ -387,11 +387,10 @@ def _egress(records: list[dict[str, Any]]) -> str:
                          _e(r.get("message_type")), "BLOCKED: nothing left", "", "", "", _e(r.get("reason"))))
             classes.append("blocked")
             continue
-        error = r.get("error") if isinstance(r.get("error"), dict) else None
-        if error is not None:
+        if r.get("kind") == "egress_error":
             rows.append((_e(r.get("run_id")), _num(r.get("server_round")), _short_time(r.get("time")),
-                         _e(r.get("message_type")), f"error reply only (code {_e(error.get('code'))})", _bytes(0),
-                         "", "", _e(error.get("reason"))))
+                         _e(r.get("message_type")), f"error reply only (code {_e(r.get('code'))})", _bytes(0),
+                         "", "", _e(r.get("reason"))))
             classes.append("declined")
             continue
         arrays = r.get("arrays") if isinstance(r.get("arrays"), list) else []

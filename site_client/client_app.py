@@ -53,9 +53,9 @@ def make_egress_guard(base: RunConfig | None) -> Callable[[Message, Context, Cal
             audit.close()  # a failed round still ends its run with a seal
             return _error(msg, SITE_FAILED, reason)
         if reply.has_error():  # a decline: only its code and reason leave; record them
-            audit.append("egress", run_id=str(context.run_id), server_round=server_round,
-                         message_type=msg.metadata.message_type, arrays=[], metrics=[], bytes=0, digest="",
-                         error={"code": int(reply.error.code), "reason": str(reply.error.reason)})
+            audit.append("egress_error", run_id=str(context.run_id), server_round=server_round,
+                         message_type=msg.metadata.message_type, code=int(reply.error.code),
+                         reason=str(reply.error.reason))
             audit.close()
             return reply
         expected = msg.content[ARRAYS_KEY] if ARRAYS_KEY in msg.content else None

@@ -64,8 +64,7 @@ def realistic_trail(directory: Path, signer: AuditSigner) -> AuditTrail:
         trail.append("round_declined", run_id="4242", server_round=4, epsilon_before=eps, epsilon_projected=3.6,
                      epsilon_cap=3.0, delta=1e-5, steps=40, sample_rate=0.0625, noise_multiplier=1.1,
                      max_grad_norm=1.0, declined=True, reason=reason)
-        trail.append("egress", run_id="4242", server_round=4, message_type="train", arrays=[], metrics=[], bytes=0,
-                     digest="", error={"code": 4001, "reason": reason})
+        trail.append("egress_error", run_id="4242", server_round=4, message_type="train", code=4001, reason=reason)
     return trail
 
 
