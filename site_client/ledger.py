@@ -1,9 +1,14 @@
-"""The site's privacy budget ledger: one durable accountant per run.
+"""The site's privacy budget ledger: one durable account per run.
 
 SQLite in WAL mode with synchronous=FULL, so a round's spend survives a crash
 once committed. The spend is committed *before* the update is released
 (DESIGN.md invariant 3): if the site dies between the two, the spend stands —
 over-counting is safe, under-counting never is.
+
+Each run's account keeps its accountant ("rdp" or "prv", fixed when the account
+is opened, so a restarted site prices the run the same way) and the Opacus
+history of every DP-SGD step, from which ε is recomputed by
+:mod:`models.accounting`.
 """
 
 from __future__ import annotations
@@ -15,12 +20,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from opacus.accountants import RDPAccountant
+from models.accounting import Segment, check_accountant, epsilon_of_history, make_accountant
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
     run_id      TEXT PRIMARY KEY,
-    mechanism   TEXT NOT NULL,
+    mechanism   TEXT NOT NULL,          -- the run's accountant: rdp | prv
     history     TEXT NOT NULL,          -- Opacus accountant history, JSON
     delta       REAL NOT NULL,
     epsilon     REAL NOT NULL,
@@ -42,9 +47,34 @@ CREATE TABLE IF NOT EXISTS rounds (
 );
 """
 
+#: Accountant of an account opened before accountants were selectable.
+LEGACY_ACCOUNTANT = "rdp"
+
+
+class LedgerError(Exception):
+    """The ledger refuses an operation that could under-count the privacy spent; the message says why."""
+
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _segments(raw: Any) -> list[Segment]:
+    return [(float(s), float(q), int(t)) for s, q, t in raw]
+
+
+def _total_steps(history: list[Segment]) -> int:
+    return sum(t for _, _, t in history)
+
+
+def _extends(old: list[Segment], new: list[Segment]) -> bool:
+    """Whether ``new`` is ``old`` plus more steps (Opacus merges a repeated (σ, q) into the last segment)."""
+    if not old:
+        return True
+    if len(new) < len(old) or new[: len(old) - 1] != old[:-1]:
+        return False
+    (s0, q0, t0), (s1, q1, t1) = old[-1], new[len(old) - 1]
+    return s0 == s1 and q0 == q1 and t1 >= t0
 
 
 class PrivacyLedger:
@@ -63,31 +93,82 @@ class PrivacyLedger:
         db.row_factory = sqlite3.Row
         return db
 
-    def accountant(self, run_id: str) -> RDPAccountant:
-        """The run's accountant, restored with every step spent so far."""
-        acc = RDPAccountant()
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _row(self, db: sqlite3.Connection, run_id: str) -> sqlite3.Row | None:
+        return db.execute("SELECT mechanism, history FROM accounts WHERE run_id = ?", (run_id,)).fetchone()
+
+    def accountant_name(self, run_id: str) -> str | None:
+        """The run's accountant ("rdp" | "prv"), or None before the account is opened."""
         with closing(self._connect()) as db:
-            row = db.execute("SELECT history FROM accounts WHERE run_id = ?", (run_id,)).fetchone()
-        if row is not None:
-            acc.history = [tuple(h) for h in json.loads(row["history"])]
-        return acc
+            row = self._row(db, run_id)
+        return None if row is None else str(row["mechanism"])
+
+    def history(self, run_id: str) -> list[Segment]:
+        """Every DP-SGD step committed in this run, as Opacus segments (σ, q, steps)."""
+        with closing(self._connect()) as db:
+            row = self._row(db, run_id)
+        return [] if row is None else _segments(json.loads(row["history"]))
+
+    def open_account(self, run_id: str, accountant: str) -> str:
+        """Open the run's account with ``accountant`` (persisted), or check an open one uses it.
+
+        The accountant is fixed for the life of the run so that a restarted site (or
+        an edited run config) never switches how the spend so far is priced.
+        """
+        check_accountant(accountant)
+        with closing(self._connect()) as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._row(db, run_id)
+                if row is None:
+                    db.execute(
+                        "INSERT INTO accounts(run_id, mechanism, history, delta, epsilon, updated_at) "
+                        "VALUES (?, ?, '[]', 0.0, 0.0, ?)",
+                        (run_id, accountant, _now()),
+                    )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        stored = accountant if row is None else str(row["mechanism"])
+        if stored != accountant:
+            raise LedgerError(
+                f"run {run_id} is accounted with the {stored} accountant in {self.path}; the run config now "
+                f"asks for {accountant}. An account never changes accountant mid-run: set accountant = "
+                f'"{stored}" for this run, or start a new run'
+            )
+        return stored
+
+    def accountant(self, run_id: str, accountant: str | None = None):  # -> opacus IAccountant
+        """The run's Opacus accountant, restored with every step spent so far.
+
+        ``accountant`` opens the account with that kind if it is new (and must match
+        an open one); without it an unopened run gets the legacy RDP accountant.
+        """
+        if accountant is not None:
+            kind = self.open_account(run_id, accountant)
+        else:
+            kind = self.accountant_name(run_id) or LEGACY_ACCOUNTANT
+        return make_accountant(kind, self.history(run_id))
 
     def epsilon(self, run_id: str, delta: float) -> float:
         """ε spent so far in this run (0 before the first round)."""
-        acc = self.accountant(run_id)
-        return float(acc.get_epsilon(delta)) if acc.history else 0.0
+        kind = self.accountant_name(run_id) or LEGACY_ACCOUNTANT
+        return epsilon_of_history(self.history(run_id), delta, kind)
 
     def project(self, run_id: str, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
         """ε the run would have spent after ``steps`` more DP-SGD steps."""
-        acc = self.accountant(run_id)
-        acc.history.append((noise_multiplier, sample_rate, steps))
-        return float(acc.get_epsilon(delta))
+        kind = self.accountant_name(run_id) or LEGACY_ACCOUNTANT
+        return epsilon_of_history(self.history(run_id) + [(noise_multiplier, sample_rate, steps)], delta, kind)
+
+    # -- writing ---------------------------------------------------------------------------------
 
     def commit_spend(
         self,
         run_id: str,
         server_round: int,
-        accountant: RDPAccountant,
+        accountant: Any,
         *,
         delta: float,
         epsilon_cap: float,
@@ -95,22 +176,38 @@ class PrivacyLedger:
         sample_rate: float,
         noise_multiplier: float,
     ) -> tuple[float, float]:
-        """Persist the accountant after a round, atomically; returns (ε before, ε after)."""
-        eps_after = float(accountant.get_epsilon(delta)) if accountant.history else 0.0
+        """Persist the accountant after a round, atomically; returns (ε before, ε after).
+
+        Refuses (:class:`LedgerError`) an accountant whose history does not extend the
+        committed one by exactly ``steps`` steps: committing it would forget spend.
+        """
+        new = _segments(accountant.history)
+        kind = str(accountant.mechanism())
+        check_accountant(kind)
         with closing(self._connect()) as db:
             db.execute("BEGIN IMMEDIATE")
             try:
-                row = db.execute("SELECT history FROM accounts WHERE run_id = ?", (run_id,)).fetchone()
-                prev = RDPAccountant()
-                if row is not None:
-                    prev.history = [tuple(h) for h in json.loads(row["history"])]
-                eps_before = float(prev.get_epsilon(delta)) if prev.history else 0.0
+                row = self._row(db, run_id)
+                old = [] if row is None else _segments(json.loads(row["history"]))
+                stored_kind = kind if row is None else str(row["mechanism"])
+                if stored_kind != kind:
+                    raise LedgerError(
+                        f"run {run_id} is accounted with {stored_kind}, not {kind}; refusing to commit round "
+                        f"{server_round}"
+                    )
+                if not _extends(old, new) or _total_steps(new) - _total_steps(old) != steps:
+                    raise LedgerError(
+                        f"round {server_round} of run {run_id}: the accountant's history {new} does not extend "
+                        f"the committed {old} by {steps} step(s); refusing a commit that could under-count"
+                    )
+                eps_before = epsilon_of_history(old, delta, kind)
+                eps_after = epsilon_of_history(new, delta, kind)
                 db.execute(
                     "INSERT INTO accounts(run_id, mechanism, history, delta, epsilon, updated_at) "
                     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(run_id) DO UPDATE SET "
                     "history=excluded.history, delta=excluded.delta, epsilon=excluded.epsilon, "
                     "updated_at=excluded.updated_at",
-                    (run_id, accountant.mechanism(), json.dumps(accountant.history), delta, eps_after, _now()),
+                    (run_id, kind, json.dumps(new), delta, eps_after, _now()),
                 )
                 db.execute(
                     "INSERT INTO rounds(run_id, server_round, status, steps, sample_rate, noise_multiplier, "
@@ -158,7 +255,9 @@ class PrivacyLedger:
         return [dict(r) for r in rows]
 
     def runs(self) -> list[dict[str, Any]]:
-        """One row per run: its ε so far and δ."""
+        """One row per run: its accountant, ε so far and δ."""
         with closing(self._connect()) as db:
-            rows = db.execute("SELECT run_id, delta, epsilon, updated_at FROM accounts ORDER BY updated_at").fetchall()
+            rows = db.execute(
+                "SELECT run_id, mechanism AS accountant, delta, epsilon, updated_at FROM accounts ORDER BY updated_at"
+            ).fetchall()
         return [dict(r) for r in rows]
