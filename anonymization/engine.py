@@ -14,23 +14,25 @@ from __future__ import annotations
 
 import io
 from collections import Counter
+from functools import lru_cache
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from pydicom import config
 from pydicom._uid_dict import UID_dictionary
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_sequence
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.sr.coding import Code
 from pydicom.tag import BaseTag, Tag
 
 from anonymization.dates import shift_da, shift_dt
 from anonymization.iod import load_iod_types
-from anonymization.policy import DEFAULT_POLICY, Policy
+from anonymization.policy import DEFAULT_POLICY, Code, Policy
 from anonymization.pseudonyms import Pseudonymizer
-from anonymization.scrub import TextScrubber
+from anonymization.scrub import LazyScrubber, TextScrubber
 from anonymization.table import (
     CLEAN,
     DUMMY,
@@ -53,6 +55,10 @@ ACCESSION_NUMBER = 0x00080050
 SOP_CLASS_UID = 0x00080016
 TIMEZONE_OFFSET_FROM_UTC = 0x00080201  # kept: a whole-day shift leaves the offset true
 REASON_FOR_ATTRIBUTE_MODIFICATION = 0x04000565
+PATIENT_IDENTITY_REMOVED = 0x00120062
+DEIDENTIFICATION_METHOD = 0x00120063
+DEIDENTIFICATION_METHOD_CODE_SEQUENCE = 0x00120064
+LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED = 0x00280303
 PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 OVERLAY_DATA = 0x60003000
 
@@ -140,7 +146,7 @@ class _Context:
     offset_days: int
     counts: Counter[str]
     sop_class: str | None
-    scrubber: TextScrubber | None
+    scrubber: TextScrubber | LazyScrubber | None
 
 
 class Deidentifier:
@@ -170,23 +176,37 @@ class Deidentifier:
             load_safe_private() if self.profile.private_action == CLEAN else None
         )
         self.types = load_iod_types()
+        self._codes = tuple(policy.method_codes())
         # Free text an IOD requires (Type 1) is kept cleaned only where an option says
         # text may be kept; elsewhere it becomes a dummy.
         self._clean_free_text = any(
             (policy.clean_descriptors, policy.clean_structured_content, policy.keep_text_in_unlisted_sequences)
         )
+        # Options under which most files have text to scrub: collect identifiers up front.
+        self._scrubs_often = self._clean_free_text or policy.clean_graphics or policy.retain_patient_characteristics
 
     # ---- entry point ------------------------------------------------------------
-    def deidentify(self, ds: Dataset) -> Counter[str]:
-        """Clean ``ds`` (not its file meta) and mark it de-identified; return action counts."""
+    def deidentify(self, ds: Dataset, *, original: Callable[[], Dataset] | None = None) -> Counter[str]:
+        """Clean ``ds`` (not its file meta) and mark it de-identified; return action counts.
+
+        ``original`` re-reads the untouched data set (the worker passes a parse of the
+        input bytes). With it, and a policy that rarely cleans text, the identifiers the
+        text scrubber needs are collected from a fresh copy only when some text is
+        actually scrubbed - most files never need it, and collecting them up front was
+        a sixth of the time per file.
+        """
         original_pid = original_patient_id(ds)
         sop_class = str(ds.get(SOP_CLASS_UID).value).strip() if SOP_CLASS_UID in ds else None
-        scrubber = TextScrubber.from_dataset(ds)
+        scrubber: TextScrubber | LazyScrubber
+        if original is None or self._scrubs_often:
+            scrubber = TextScrubber.from_dataset(ds)
+        else:
+            scrubber = LazyScrubber(original)
         ctx = _Context(self.pseudo.date_offset_days(original_pid), Counter(), sop_class or None, scrubber)
         self._clean(ds, ctx, parent=None, unlisted=False)
         patient = self.pseudo.patient_id(original_pid)
-        ds.PatientID = patient
-        ds.PatientName = patient
+        _put(ds, Tag(PATIENT_ID), "LO", patient)
+        ds[PATIENT_NAME] = DataElement(PATIENT_NAME, "PN", patient, validation_mode=config.IGNORE)
         self._mark(ds)
         return ctx.counts
 
@@ -201,9 +221,20 @@ class Deidentifier:
         ``unlisted`` is true inside a sequence that Table E.1-1 does not list (or a kept
         private sequence): free text there is removed, not just emptied.
         """
-        for tag in list(ds.keys()):
-            # The data set's own key object: a fresh BaseTag makes every later dict
-            # lookup fall back to BaseTag.__eq__ (Python code) - perf, see bench/deid_throughput.py.
+        # The data set's own key objects: a fresh BaseTag makes every later dict
+        # lookup fall back to BaseTag.__eq__ (Python code) - perf, see bench/deid_throughput.py.
+        tags = list(ds.keys())
+        if self.safe_private is None:
+            # Without Retain Safe Private every private element goes: in one sweep (a CT
+            # often has hundreds of them), with plain integer tests on the tags.
+            private = [tag for tag in tags if tag >> 16 & 1]
+            if private:
+                for tag in private:
+                    del ds[tag]
+                ctx.counts[REMOVE] += len(private)
+                ctx.counts["private"] += len(private)
+                tags = [tag for tag in tags if not tag >> 16 & 1]
+        for tag in tags:
             self._clean_element(ds, tag, ctx, parent, unlisted)
         self._drop_overlays(ds, ctx)
         if self.safe_private is not None:
@@ -228,26 +259,28 @@ class Deidentifier:
         self, ds: Dataset, tag: BaseTag, ctx: _Context, parent: int | None, unlisted: bool
     ) -> None:
         counts = ctx.counts
-        if tag.is_private:
+        group = tag >> 16  # integer arithmetic: BaseTag's properties are Python code
+        if group & 1:
             self._private(ds, tag, ctx)
             return
-        if tag.element == 0x0000:  # group length: stale once anything changed
+        if not tag & 0xFFFF:  # group length: stale once anything changed
             del ds[tag]
             return
-        if 0x5000 <= tag.group <= 0x50FF and tag.group % 2 == 0:
+        if 0x5000 <= group <= 0x50FF:  # (even: private groups were handled above)
             # Curves (retired): data no option can clean, so never a curve without it.
             del ds[tag]
             counts[REMOVE] += 1
             return
         raw_action = self.profile.raw_action(int(tag))
-        if (raw_action is None or raw_action == KEEP) and _untouched_raw(ds.get_item(tag), raw_action, int(tag)):
-            if raw_action == KEEP:
-                counts[KEEP] += 1
+        raw = ds.get_item(tag)
+        if raw_action in _MAYBE_UNTOUCHED and self._untouched_raw(raw, raw_action, int(tag), unlisted, counts):
             return  # kept exactly as read: no conversion (the writer copies its bytes)
         action = None if raw_action is None else resolve_compound(raw_action, int(tag), ctx.sop_class, parent)
         if action == REMOVE:
             del ds[tag]
             counts[REMOVE] += 1
+            return
+        if type(raw) is RawDataElement and self._raw_fast_path(ds, tag, raw, action, ctx, parent, unlisted):
             return
 
         elem = ds[tag]  # converts a raw element; only for elements we keep in some form
@@ -304,6 +337,133 @@ class Deidentifier:
         else:  # an action this engine does not know: fail closed
             del ds[tag]
             counts[REMOVE] += 1
+
+    # ---- raw elements: decided and rewritten without pydicom's value conversion ------------
+    def _untouched_raw(self, raw: Any, raw_action: str | None, tag: int, unlisted: bool, counts: Counter[str]) -> bool:
+        """True (and counted) if a still-raw element is kept exactly as read.
+
+        Decided from the VR in the file, without converting the value (conversion was
+        the largest cost of de-identifying a file): K that is not a sequence; C on a
+        time (or the UTC offset) while dates are kept or shifted; an unlisted element
+        with a VR no by-VR rule touches where it sits (top-level short text is kept,
+        text in unlisted sequences is not). Implicit-VR elements (no VR read) and the
+        pseudonymized identifiers take the normal path.
+        """
+        if type(raw) is not RawDataElement or tag in (PATIENT_ID, ACCESSION_NUMBER):
+            return False
+        vr = raw.VR
+        if vr is None or vr in ("SQ", "UN"):
+            return False
+        if raw_action == KEEP:
+            counts[KEEP] += 1
+            return True
+        if raw_action == CLEAN:
+            if (vr == "TM" or tag == TIMEZONE_OFFSET_FROM_UTC) and self.dates != DATES_REMOVED:
+                counts[CLEAN] += 1
+                return True
+            return False
+        if vr in _BY_VR_ACTS_ON_ANYWHERE:
+            return False
+        return not (unlisted and vr in TEXT_VRS and tag not in STRUCTURAL_TEXT_TAGS)
+
+    def _raw_fast_path(
+        self, ds: Dataset, tag: BaseTag, raw: RawDataElement, action: str | None, ctx: _Context, parent: int | None,
+        unlisted: bool,
+    ) -> bool:
+        """Apply Z, D, U, C-on-dates or a by-VR rule to a raw element without converting it.
+
+        Returns False (nothing done) where the value must be decoded by pydicom: text
+        in a character set, sequences, UN, ambiguous VRs, the pseudonymized identifiers.
+        The values written are the same as on the normal path (the tests run both).
+        """
+        vr = raw.VR or _dictionary_vr(int(tag))
+        if vr is None or vr not in _FAST_VRS or raw.value is None or int(tag) in (PATIENT_ID, ACCESSION_NUMBER):
+            return False
+        counts = ctx.counts
+        if action == KEEP:  # (implicit VR: the VR came from the dictionary)
+            counts[KEEP] += 1
+            return True
+        if action == EMPTY:
+            _put(ds, tag, vr, _EMPTY_VALUE.get(vr))
+            counts[EMPTY] += 1
+            return True
+        if action == DUMMY:
+            if vr == "UI":
+                self._replace_raw_uids(ds, tag, raw, ctx)
+            elif not (vr in ("DA", "DT") and self.dates == DATES_MODIFIED and self._shift_raw(ds, tag, vr, raw, ctx)):
+                _put(ds, tag, vr, _dummy_value(vr))  # (a blank date gets the dummy date, as on the normal path)
+            counts[DUMMY] += 1
+            return True
+        if action == UID and vr == "UI":
+            if not self.policy.retain_uids:
+                self._replace_raw_uids(ds, tag, raw, ctx)
+            counts[UID] += 1
+            return True
+        if action == CLEAN and (vr == "TM" or int(tag) == TIMEZONE_OFFSET_FROM_UTC) and self.dates != DATES_REMOVED:
+            counts[CLEAN] += 1
+            return True
+        if action == CLEAN and vr in ("DA", "DT"):
+            if self.dates == DATES_MODIFIED:
+                self._shift_raw(ds, tag, vr, raw, ctx)
+                counts[CLEAN] += 1
+                return True
+            if self.dates == DATES_FULL:
+                counts[KEEP] += 1
+                return True
+            return False
+        if action is not None:
+            return False
+        if vr == "PN":
+            if raw.length:
+                if self.types.requirement(int(tag), ctx.sop_class, parent) == "1":
+                    _put(ds, tag, vr, DUMMY_TEXT["PN"])
+                else:
+                    _put(ds, tag, vr, None)
+                counts["vr_pn"] += 1
+            return True
+        if vr in ("DA", "DT"):
+            if self.dates == DATES_MODIFIED:
+                if raw.length and self._shift_raw(ds, tag, vr, raw, ctx):
+                    counts["vr_date"] += 1
+            elif self.dates == DATES_REMOVED and raw.length and _raw_texts(raw):
+                _put(ds, tag, vr, None)
+                counts["vr_date"] += 1
+            return True
+        if vr == "UI":
+            if not self.policy.retain_uids and self._replace_raw_uids(ds, tag, raw, ctx):
+                counts["vr_uid"] += 1
+            return True
+        # no by-VR rule for it here (implicit VR: the VR came from the dictionary)
+        return vr not in _BY_VR_ACTS_ON_ANYWHERE and not (
+            unlisted and vr in TEXT_VRS and int(tag) not in STRUCTURAL_TEXT_TAGS)
+
+    def _shift_raw(self, ds: Dataset, tag: BaseTag, vr: str, raw: RawDataElement, ctx: _Context) -> bool:
+        """:meth:`_shift` on the bytes of a raw DA/DT element."""
+        values = _raw_texts(raw)
+        if not values:
+            return False
+        shifter = shift_da if vr == "DA" else shift_dt
+        shifted = [shifter(v, ctx.offset_days) for v in values]
+        if any(s is None for s in shifted):
+            _put(ds, tag, vr, None)
+            ctx.counts["unparsable_date"] += 1
+            return True
+        _put(ds, tag, vr, shifted)  # type: ignore[arg-type]
+        ctx.counts["shifted"] += 1
+        return True
+
+    def _replace_raw_uids(self, ds: Dataset, tag: BaseTag, raw: RawDataElement, ctx: _Context) -> bool:
+        """:meth:`_replace_uids` on the bytes of a raw UI element."""
+        if int(tag) in TYPE_UID_TAGS:
+            return False
+        values = _raw_texts(raw)
+        if not values:
+            return False
+        out = [self.pseudo.uid(v) if v and not is_well_known_uid(v) else v for v in values]
+        if out == values:
+            return False
+        _put(ds, tag, "UI", out)
+        return True
 
     def _private(self, ds: Dataset, tag: BaseTag, ctx: _Context) -> None:
         """Private attributes: removed, or under Retain Safe Private kept if known safe.
@@ -537,39 +697,77 @@ class Deidentifier:
         return changed
 
     def _mark(self, ds: Dataset) -> None:
-        """PS3.15 E.1.1 attributes saying exactly what was done (profile and options)."""
-        ds.PatientIdentityRemoved = "YES"
-        codes = self.policy.method_codes()
-        ds.DeidentificationMethod = [PROFILE_LINE] + [code.meaning for code in codes[1:]]
-        ds.DeidentificationMethodCodeSequence = Sequence([_code_item(code) for code in codes])
-        ds.LongitudinalTemporalInformationModified = self.dates
+        """PS3.15 E.1.1 attributes saying exactly what was done (profile and options).
+
+        Built from fixed, valid values without pydicom's keyword lookup and validation
+        (a tenth of a millisecond per file, paid by every file).
+        """
+        codes = self._codes
+        _put(ds, Tag(PATIENT_IDENTITY_REMOVED), "CS", "YES")
+        _put(ds, Tag(DEIDENTIFICATION_METHOD), "LO", [PROFILE_LINE] + [code.meaning for code in codes[1:]])
+        sequence = DataElement(DEIDENTIFICATION_METHOD_CODE_SEQUENCE, "SQ", Sequence([_code_item(c) for c in codes]))
+        ds[sequence.tag] = sequence
+        _put(ds, Tag(LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED), "CS", self.dates)
 
 
 # ---- element helpers ------------------------------------------------------------
-# VRs the by-VR rules (:meth:`Deidentifier._by_vr`) may act on; anything else unlisted is kept.
-_BY_VR_ACTS_ON = frozenset({"SQ", "PN", "DA", "DT", "UI", "UN"}) | TEXT_VRS | FREE_TEXT_VRS
+# VRs the by-VR rules (:meth:`Deidentifier._by_vr`) act on wherever the element sits;
+# short text (SH, LO, ...) only inside unlisted sequences. Anything else unlisted is kept.
+_BY_VR_ACTS_ON_ANYWHERE = frozenset({"SQ", "PN", "DA", "DT", "UI", "UN"}) | FREE_TEXT_VRS
+_MAYBE_UNTOUCHED = frozenset({None, KEEP, CLEAN})
+# VRs whose new value the raw fast path can write without decoding the old one (text in
+# a character set, numbers and bytes only when emptied or given a dummy).
+_FAST_VRS = frozenset(DUMMY_TEXT) | {"UI", "AT"} | NUMBER_VRS | (BYTES_VRS - {"UN"})
+_EMPTY_VALUE: dict[str, Any] = {vr: b"" for vr in BYTES_VRS}
 
 
-def _untouched_raw(elem: Any, raw_action: str | None, tag: int) -> bool:
-    """True if a still-raw element is kept as is: K (not a sequence), or unlisted with a VR no rule touches.
+@lru_cache(maxsize=8192)
+def _dictionary_vr(tag: int) -> str | None:
+    """The dictionary VR of an implicit-VR element; None if unknown or ambiguous (US or SS...)."""
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return None
+    return None if " or " in vr else vr
 
-    Decided from the VR in the file, without converting the value (conversion was
-    the largest cost of de-identifying a file); implicit-VR elements (no VR read)
-    and the pseudonymized identifiers take the normal path.
-    """
-    if type(elem) is not RawDataElement or tag in (PATIENT_ID, ACCESSION_NUMBER):
-        return False
-    vr = elem.VR
-    if vr is None or vr in ("SQ", "UN"):
-        return False
-    return raw_action == KEEP or vr not in _BY_VR_ACTS_ON
+
+def _raw_texts(raw: RawDataElement) -> list[str]:
+    """The values of a raw element of an ASCII VR (DA, DT, UI), as pydicom would split them."""
+    value = raw.value
+    if not value:
+        return []
+    text = value.decode("latin-1").strip(" \x00")
+    return [v.strip(" \x00") for v in text.split("\\")] if text else []
+
+
+def _dummy_value(vr: str) -> Any:
+    """What :func:`_dummy` would set, for a VR."""
+    if vr in DUMMY_TEXT:
+        return DUMMY_TEXT[vr]
+    if vr in NUMBER_VRS:
+        return 0
+    if vr == "AT":
+        return Tag(0)
+    if vr in BYTES_VRS:
+        return b"\x00" * 8
+    return None
+
+
+def _put(ds: Dataset, tag: BaseTag, vr: str, value: Any) -> None:
+    """Replace an element with a new, already valid value (no conversion, no validation)."""
+    if vr == "PN":  # person names are PersonName objects (pydicom writes them by component)
+        ds[tag] = DataElement(tag, vr, value, validation_mode=config.IGNORE)
+        return
+    if isinstance(value, list):
+        value = value[0] if len(value) == 1 else MultiValue(str, value)
+    ds[tag] = DataElement(tag, vr, value, already_converted=True, validation_mode=config.IGNORE)
 
 
 def _code_item(code: Code) -> Dataset:
     item = Dataset()
-    item.CodeValue = code.value
-    item.CodingSchemeDesignator = code.scheme_designator
-    item.CodeMeaning = code.meaning
+    for tag, vr, value in ((0x00080100, "SH", code.value), (0x00080102, "SH", code.scheme_designator),
+                           (0x00080104, "LO", code.meaning)):
+        _put(item, Tag(tag), vr, value)
     return item
 
 

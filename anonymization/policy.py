@@ -16,11 +16,9 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydicom.sr.coding import Code
-from pydicom.sr.codedict import codes
 
 from anonymization.errors import DeidError
 
@@ -44,21 +42,37 @@ TABLE_OPTIONS: tuple[str, ...] = (
 # Options that are not a column of the table (the pixel cleaning lives in pixels.py).
 OTHER_OPTIONS: tuple[str, ...] = ("clean_pixel_data",)
 
-# CID 7050 code of each option, in the order PS3.16 lists them.
+
+
+class Code(NamedTuple):
+    """A coded concept (Code Value, Coding Scheme Designator, Code Meaning)."""
+
+    value: str
+    scheme_designator: str
+    meaning: str
+
+
+# PS3.16 CID 7050 (De-identification Method), written out rather than taken from
+# pydicom.sr.codedict: importing pydicom.sr loads every SR concept pydicom knows
+# (~0.15 s per process, paid by each `deid run` and each of its workers).
+# tests/test_deid_policy.py checks every code here against pydicom's CID 7050.
+BASIC_PROFILE_CODE = Code("113100", "DCM", "Basic Application Confidentiality Profile")
+# The code of each option, in the order PS3.16 lists them.
 _CODES: dict[str, Code] = {
-    "clean_pixel_data": codes.cid7050.CleanPixelDataOption,
-    "clean_graphics": codes.cid7050.CleanGraphicsOption,
-    "clean_structured_content": codes.cid7050.CleanStructuredContentOption,
-    "clean_descriptors": codes.cid7050.CleanDescriptorsOption,
-    "retain_longitudinal_full_dates": codes.cid7050.RetainLongitudinalTemporalInformationFullDatesOption,
-    "retain_longitudinal_modified_dates": codes.cid7050.RetainLongitudinalTemporalInformationModifiedDatesOption,
-    "retain_patient_characteristics": codes.cid7050.RetainPatientCharacteristicsOption,
-    "retain_device_identity": codes.cid7050.RetainDeviceIdentityOption,
-    "retain_uids": codes.cid7050.RetainUidsOption,
-    "retain_safe_private": codes.cid7050.RetainSafePrivateOption,
-    "retain_institution_identity": codes.cid7050.RetainInstitutionIdentityOption,
+    "clean_pixel_data": Code("113101", "DCM", "Clean Pixel Data Option"),
+    "clean_graphics": Code("113103", "DCM", "Clean Graphics Option"),
+    "clean_structured_content": Code("113104", "DCM", "Clean Structured Content Option"),
+    "clean_descriptors": Code("113105", "DCM", "Clean Descriptors Option"),
+    "retain_longitudinal_full_dates": Code(
+        "113106", "DCM", "Retain Longitudinal Temporal Information Full Dates Option"),
+    "retain_longitudinal_modified_dates": Code(
+        "113107", "DCM", "Retain Longitudinal Temporal Information Modified Dates Option"),
+    "retain_patient_characteristics": Code("113108", "DCM", "Retain Patient Characteristics Option"),
+    "retain_device_identity": Code("113109", "DCM", "Retain Device Identity Option"),
+    "retain_uids": Code("113110", "DCM", "Retain UIDs Option"),
+    "retain_safe_private": Code("113111", "DCM", "Retain Safe Private Option"),
+    "retain_institution_identity": Code("113112", "DCM", "Retain Institution Identity Option"),
 }
-BASIC_PROFILE_CODE: Code = codes.cid7050.BasicApplicationConfidentialityProfile
 
 
 class PolicyError(DeidError):

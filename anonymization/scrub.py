@@ -18,7 +18,7 @@ result again for the patient's identifiers, as a second line of defence.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from pydicom.dataelem import DataElement
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -175,3 +175,27 @@ class TextScrubber:
         if not any(ch.isalnum() for ch in out.replace(MASK, "")):
             return ""
         return out.strip()
+
+
+class LazyScrubber:
+    """A :class:`TextScrubber` built on first use from a fresh copy of the original data set.
+
+    The engine changes the data set as it walks it, so identifiers cannot be collected
+    from it half-way; ``original`` returns an untouched copy (the worker re-parses the
+    input bytes), read only if some text is actually scrubbed.
+    """
+
+    def __init__(self, original: Callable[[], Dataset]) -> None:
+        self._original = original
+        self._scrubber: TextScrubber | None = None
+
+    @property
+    def built(self) -> bool:
+        """Whether the identifiers were collected (some text was scrubbed)."""
+        return self._scrubber is not None
+
+    def clean(self, text: str) -> str:
+        """:meth:`TextScrubber.clean`, collecting the identifiers first if not done yet."""
+        if self._scrubber is None:
+            self._scrubber = TextScrubber.from_dataset(self._original())
+        return self._scrubber.clean(text)

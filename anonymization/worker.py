@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -243,7 +244,7 @@ def _process(data: bytes, digest: str) -> FileResult:
 
     sealer: Sealer | None = _state.get("sealer")
     before = reid_originals(ds) if sealer is not None else None
-    counts = engine.deidentify(ds)
+    counts = engine.deidentify(ds, original=lambda: _read(data)[0])
     leak = _residual(ds, identifiers)
     if leak:
         return FileResult(KIND_QUARANTINED, digest, reason=screening.REASON_RESIDUAL)
@@ -329,6 +330,23 @@ def _identifiers(ds: Dataset) -> list[str]:
     return sorted(found)
 
 
+# Character sets whose text can be decoded with a plain codec: the residual check reads
+# raw elements directly instead of having pydicom convert them (ISO 2022 escapes need pydicom).
+_RAW_CODECS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
+
+
+def _charset_key(ds: Dataset) -> str:
+    raw = ds.get_item(0x00080005)
+    if raw is None:
+        return ""
+    value = raw.value
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if isinstance(value, (list, MultiValue)):
+        value = "\\".join(str(v) for v in value)
+    return str(value or "").strip(" \x00").upper()
+
+
 def _residual(ds: Dataset, identifiers: list[str]) -> bool:
     """True if an identifier survives in a text value of the cleaned data set.
 
@@ -347,15 +365,22 @@ def _residual(ds: Dataset, identifiers: list[str]) -> bool:
             return True
         return not words.isdisjoint(_WORD_SPLIT.split(text))
 
+    codec = _RAW_CODECS.get(_charset_key(ds))  # raw text decoded directly where the character set allows
+
     def walk(item: Dataset, top: bool) -> bool:
         elements = getattr(item, "_dict", None)
         for tag in list(elements) if isinstance(elements, dict) else list(item.keys()):
             tag = int(tag)
             if (top and tag in _OWN_TAGS) or tag in _CODE_TAGS:
                 continue
-            raw_vr = getattr(elements.get(tag) if isinstance(elements, dict) else None, "VR", None)
+            raw = elements.get(tag) if isinstance(elements, dict) else None
+            raw_vr = getattr(raw, "VR", None)
             if raw_vr is not None and raw_vr != "SQ" and raw_vr != "UN" and raw_vr not in _SCANNED_VRS:
                 continue  # numbers, dates, UIDs, bytes: not converted, nothing to scan
+            if codec is not None and raw_vr in _SCANNED_VRS and type(raw) is RawDataElement:
+                if isinstance(raw.value, bytes) and leaks(raw.value.decode(codec, "replace")):
+                    return True
+                continue  # kept exactly as read: scanned without converting it
             elem = item[tag]
             if elem.VR == "SQ":
                 if any(walk(child, False) for child in elem.value or []):

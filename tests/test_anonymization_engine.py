@@ -183,3 +183,56 @@ def test_package_imports_stay_light() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _converted(ds: Dataset) -> Dataset:
+    """``ds`` with every element converted by pydicom (so the engine cannot take a raw fast path)."""
+    for _ in ds.iterall():
+        pass
+    return ds
+
+
+def _snapshot(ds: Dataset) -> list[tuple[int, str, object]]:
+    out = []
+    for e in ds.iterall():
+        value = e.value
+        if e.VR == "SQ":
+            value = len(value)
+        elif isinstance(value, (list, pydicom.multival.MultiValue)):
+            value = [str(v) for v in value]
+        elif not isinstance(value, bytes):
+            value = "" if value is None else str(value)
+        out.append((int(e.tag), str(e.VR), value))
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"retain_longitudinal_modified_dates": False},
+     {"retain_longitudinal_modified_dates": False, "retain_longitudinal_full_dates": True},
+     {"retain_uids": True, "retain_device_identity": True}],
+    ids=["default", "basic", "full-dates", "retain-uids"],
+)
+def test_raw_fast_paths_give_what_the_normal_path_gives(options: dict[str, bool]) -> None:
+    """On every pydicom test file: the engine on raw elements (dates, UIDs, emptied and dummy
+    values written without pydicom's conversion) and on fully converted elements agree."""
+    from pathlib import Path
+
+    from anonymization.policy import Policy
+
+    engine = Deidentifier(Pseudonymizer(SECRET), policy=Policy(**options))
+    compared = 0
+    for path in sorted(Path(get_testdata_file("CT_small.dcm")).parent.rglob("*.dcm")):
+        data = path.read_bytes()
+        try:
+            fast, slow = pydicom.dcmread(io.BytesIO(data)), _converted(pydicom.dcmread(io.BytesIO(data)))
+        except Exception:  # noqa: BLE001 - files pydicom itself cannot read
+            continue
+        original = lambda: pydicom.dcmread(io.BytesIO(data))  # noqa: E731
+        fast_counts = engine.deidentify(fast, original=original)
+        slow_counts = engine.deidentify(slow, original=original)
+        assert _snapshot(fast) == _snapshot(slow), path.name
+        assert fast_counts == slow_counts, path.name
+        compared += 1
+    assert compared > 60

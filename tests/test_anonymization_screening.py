@@ -34,7 +34,8 @@ def variant(**changes: object) -> Dataset:
         ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.6.1"}, screening.REASON_ULTRASOUND),
         ({"Modality": "US"}, screening.REASON_ULTRASOUND),
         ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.77.1.4"}, screening.REASON_VISIBLE_LIGHT),
-        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.104.1"}, screening.REASON_ENCAPSULATED),
+        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.104.1"}, screening.REASON_ENCAPSULATED),  # PDF
+        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.104.2"}, screening.REASON_ENCAPSULATED),  # CDA
         ({"SOPClassUID": "1.2.840.10008.1.3.10"}, screening.REASON_DICOMDIR),
         ({"ImageType": ["DERIVED", "SECONDARY", "SCREEN SAVE"]}, screening.REASON_SCREEN_CAPTURE),
     ],

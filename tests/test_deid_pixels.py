@@ -26,6 +26,7 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     RLELossless,
@@ -94,6 +95,8 @@ def _as(ds: Dataset, syntax: str) -> Dataset:
     arr = ds.pixel_array
     if syntax in (RLELossless, JPEG2000Lossless):
         ds.compress(syntax, arr, generate_instance_uid=False)
+    elif syntax == JPEG2000:
+        ds.compress(syntax, arr, j2k_cr=[12], generate_instance_uid=False)  # lossy, 12:1
     elif syntax == JPEGBaseline8Bit:
         eight = np.clip((arr.astype(np.float32) + 1000) / 4071 * 255, 0, 255).astype(np.uint8)
         buffer = io.BytesIO()
@@ -236,6 +239,7 @@ def test_every_transfer_syntax_cleaned_and_written_to_match(ocr: None, tmp_path:
         "deflated": (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian),
         "rle": (RLELossless, RLELossless),
         "j2k": (JPEG2000Lossless, JPEG2000Lossless),
+        "j2k-lossy": (JPEG2000, ExplicitVRLittleEndian),
         "jpeg": (JPEGBaseline8Bit, ExplicitVRLittleEndian),
     }
     src = tmp_path / "src"
@@ -257,10 +261,48 @@ def test_every_transfer_syntax_cleaned_and_written_to_match(ocr: None, tmp_path:
         assert pixels.burned_in_names_read(out, originals[name]) == [], name
         arr = out.pixel_array
         assert arr.shape == (base.Rows, base.Columns)
-        if name != "jpeg":  # lossless paths: everything outside the text is untouched
+        if name not in ("jpeg", "j2k-lossy"):  # lossless paths: everything outside the text is untouched
             assert np.array_equal(arr[150:, :], base.pixel_array[150:, :]), name
     jpeg = pydicom.dcmread(outputs["jpeg"])
     assert jpeg.LossyImageCompression == "01" and jpeg.LossyImageCompressionMethod == "ISO_10918_1"
+    j2k = pydicom.dcmread(outputs["j2k-lossy"])  # decoded once lossy: flagged lossy though now stored native
+    assert j2k.LossyImageCompression == "01" and j2k.LossyImageCompressionMethod == "ISO_15444_1"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("name", "lossy"),
+    [
+        ("JPGExtended.dcm", True),  # JPEG Extended (process 2 and 4), 12-bit
+        ("SC_rgb_jpeg_gdcm.dcm", False),  # JPEG Lossless, first-order prediction, RGB
+        ("MR_small_jpeg_ls_lossless.dcm", False),  # JPEG-LS lossless
+        ("JPEGLSNearLossless_16.dcm", True),  # JPEG-LS near-lossless
+        ("SC_rgb_gdcm_KY.dcm", True),  # JPEG 2000 (lossy allowed)
+    ],
+)
+def test_syntaxes_this_machine_cannot_encode_are_cleaned_and_stored_native(ocr: None, name: str, lossy: bool) -> None:
+    """Real files in the other syntaxes pydicom decodes: OCR reads every frame, the pixels are
+    written uncompressed (no encoder for the syntax here) with a transfer syntax saying so."""
+    from anonymization.writer import encode_file
+
+    path = Path(get_testdata_file(name))
+    data = path.read_bytes()
+    ds = pydicom.dcmread(io.BytesIO(data))
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    before = ds.pixel_array.copy()
+    result = pixels.clean_pixel_data(ds, syntax)
+    assert result.transfer_syntax == ExplicitVRLittleEndian, name
+    meta = {"MediaStorageSOPClassUID": str(ds.SOPClassUID), "MediaStorageSOPInstanceUID": str(ds.SOPInstanceUID),
+            "TransferSyntaxUID": result.transfer_syntax, "ImplementationClassUID": "2.25.1",
+            "ImplementationVersionName": "TEST"}
+    out = pydicom.dcmread(io.BytesIO(encode_file(ds, meta, data)))
+    assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian and "PixelData" in out
+    after = out.pixel_array
+    assert after.shape == before.shape
+    if result.regions == 0:
+        assert np.array_equal(after, before), name  # nothing read as text: pixels as decoded
+    if lossy:
+        assert out.LossyImageCompression == "01" and out.get("LossyImageCompressionMethod"), name
 
 
 @pytest.mark.integration
@@ -326,13 +368,27 @@ def test_what_cannot_be_cleaned_is_quarantined_with_its_reason(ocr: None, tmp_pa
     faces = burned_ct(Patient(9))
     faces.RecognizableVisualFeatures = "YES"
     write(faces, src / "face.dcm")
+    cda = make_ct(Patient(10))
+    cda.SOPClassUID = "1.2.840.10008.5.1.4.1.1.104.2"  # Encapsulated CDA
+    cda.file_meta.MediaStorageSOPClassUID = cda.SOPClassUID
+    write(cda, src / "cda.dcm")
+    page = burn(np.zeros((256, 256), dtype=np.uint8), [f"LINE {i} REPORT TEXT {MRN}" for i in range(13)], 255,
+                size=14, at=(4, 2))
+    screen = make_ct(Patient(11))  # an ultrasound "image" that is a page of text: not cleanable reliably
+    screen.Modality = "US"
+    screen.Rows, screen.Columns = page.shape
+    screen.BitsAllocated, screen.BitsStored, screen.HighBit, screen.PixelRepresentation = 8, 8, 7, 0
+    screen.PixelData = page.tobytes()
+    del screen[0x60003000]
+    write(screen, src / "us-page.dcm")
     summary = run_deid(src, tmp_path / "out", tmp_path / "k.key", clean_pixel_data=True, progress=False)
-    assert (summary.deidentified, summary.quarantined) == (0, 3)
+    assert (summary.deidentified, summary.quarantined) == (0, 5)
     reasons = {json.loads(line)["source"]: json.loads(line)["reason"]
                for line in (summary.quarantine_dir / "quarantine.jsonl").read_text().splitlines()}
     assert "cannot be decoded" in reasons["undecodable.dcm"]
-    assert reasons["report.dcm"] == screening.REASON_ENCAPSULATED
+    assert reasons["report.dcm"] == reasons["cda.dcm"] == screening.REASON_ENCAPSULATED
     assert reasons["face.dcm"] == screening.REASON_VISUAL
+    assert reasons["us-page.dcm"] in (pixels.REASON_TOO_MUCH_TEXT, pixels.REASON_UNRELIABLE)
 
 
 @pytest.mark.integration

@@ -255,3 +255,51 @@ def test_reid_keygen_and_lookup_commands(tmp_path: Path) -> None:
     bad_env = {**env, "MEDFED_REID_PASSPHRASE": "wrong passphrase"}
     result = runner.invoke(app, ["deid", "reid-lookup", str(table), "--all", "--officer-key", str(private)], env=bad_env)
     assert result.exit_code == 2 and "wrong" in result.output and "passphrase" in result.output
+
+
+# ---- CID 7050: the exact code of each option ---------------------------------------------------
+CID7050 = {  # PS3.16 CID 7050 De-identification Method: option -> (Code Value, Code Meaning); scheme DCM
+    "clean_pixel_data": ("113101", "Clean Pixel Data Option"),
+    "clean_graphics": ("113103", "Clean Graphics Option"),
+    "clean_structured_content": ("113104", "Clean Structured Content Option"),
+    "clean_descriptors": ("113105", "Clean Descriptors Option"),
+    "retain_longitudinal_full_dates": ("113106", "Retain Longitudinal Temporal Information Full Dates Option"),
+    "retain_longitudinal_modified_dates": (
+        "113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
+    "retain_patient_characteristics": ("113108", "Retain Patient Characteristics Option"),
+    "retain_device_identity": ("113109", "Retain Device Identity Option"),
+    "retain_uids": ("113110", "Retain UIDs Option"),
+    "retain_safe_private": ("113111", "Retain Safe Private Option"),
+    "retain_institution_identity": ("113112", "Retain Institution Identity Option"),
+}
+BASIC = ("113100", "DCM", "Basic Application Confidentiality Profile")
+
+
+@pytest.mark.parametrize("option", sorted(CID7050))
+def test_each_option_writes_its_cid7050_code(option: str) -> None:
+    from anonymization.engine import Deidentifier
+    from anonymization.pseudonyms import Pseudonymizer
+
+    ds = make_ct()
+    Deidentifier(Pseudonymizer(b"\x01" * 32), policy=Policy.from_options([option])).deidentify(ds)
+    items = [(i.CodeValue, i.CodingSchemeDesignator, i.CodeMeaning) for i in ds.DeidentificationMethodCodeSequence]
+    value, meaning = CID7050[option]
+    assert items == [BASIC, (value, "DCM", meaning)]
+    method = list(ds.DeidentificationMethod)
+    assert len(method) == 2 and method[1] == meaning
+    assert ds.PatientIdentityRemoved == "YES"
+
+
+def test_shipped_codes_are_pydicoms_cid7050() -> None:
+    """The codes are written out (importing pydicom.sr is slow); they must be the standard's."""
+    from pydicom.sr.codedict import codes
+
+    from anonymization.policy import _CODES, BASIC_PROFILE_CODE
+
+    standard = {c.value: c for c in (getattr(codes.cid7050, name) for name in codes.cid7050.dir())}
+    for code in (BASIC_PROFILE_CODE, *_CODES.values()):
+        theirs = standard[code.value]
+        assert (code.scheme_designator, code.meaning) == (theirs.scheme_designator, theirs.meaning), code
+    assert {name: (c.value, c.meaning) for name, c in _CODES.items()} == CID7050
+    # every CID 7050 code but Clean Recognizable Visual Features (no such option here) is used
+    assert set(standard) - {c.value for c in _CODES.values()} - {BASIC_PROFILE_CODE.value} == {"113102"}

@@ -2,7 +2,8 @@
 
 Every file pydicom ships for its own tests, and every file of the ``pydicom-data``
 package (a dev dependency), is copied into one source folder and de-identified in
-one batch: each must come out de-identified or quarantined with a reason, none may
+one batch by the ``medfed deid run`` command (the second batch with a policy file
+and two workers): each must come out de-identified or quarantined with a reason, none may
 crash the batch, no identifying value of any input (names, IDs, UIDs, institution,
 dates) may appear in any byte of the output tree, and pixel data that decoded
 before must still decode to the same pixels. A second batch does the same under a
@@ -155,13 +156,44 @@ class Run:
     records: list[dict[str, str]]
 
 
+def _deid_command(src: Path, dst: Path, key: Path, policy_file: Path | None, workers: int) -> DeidSummary:
+    """``medfed deid run`` itself (the Typer command, in this process); its summary line parsed back."""
+    from typer.testing import CliRunner
+
+    from medfed.cli import app
+
+    args = ["deid", "run", str(src), str(dst), "--key", str(key), "--no-progress", "--workers", str(workers)]
+    if policy_file is not None:
+        args += ["--policy", str(policy_file)]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    line = " ".join(result.output.split())
+    counts = {}
+    for name, pattern in (("deidentified", r"de-identified (\d+)"), ("quarantined", r"quarantined (\d+)"),
+                          ("skipped", r"skipped (\d+) duplicate")):
+        match = re.search(pattern, line)
+        counts[name] = int(match.group(1)) if match else 0
+    return DeidSummary(dst=dst, quarantine_dir=dst.parent / f"{dst.name}-quarantine", audit_dir=dst / "audit",
+                       manifest=dst / "manifest.csv", **counts)
+
+
+def _policy_file(root: Path, policy: Policy | None) -> Path | None:
+    """The policy as the site's TOML file (what a privacy officer signs off)."""
+    if policy is None:
+        return None
+    path = root / "policy.toml"
+    fields = policy.model_dump(exclude={"reid"})
+    path.write_text("".join(f"{k} = {str(v).lower() if isinstance(v, bool) else v}\n" for k, v in fields.items()))
+    return path
+
+
 def _run(root: Path, policy: Policy | None, workers: int = 1) -> Run:
     src = root / "src"
     src.mkdir(parents=True)
     files = real_files()
     for i, path in enumerate(files):
         shutil.copyfile(path, src / f"{i:03d}_{path.name}")
-    summary = run_deid(src, root / "dst", root / "site.key", policy=policy, progress=False, workers=workers)
+    summary = _deid_command(src, root / "dst", root / "site.key", _policy_file(root, policy), workers)
     log = summary.quarantine_dir / QUARANTINE_LOG
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     pseudo = Pseudonymizer(load_or_create_secret(root / "site.key"))
