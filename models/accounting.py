@@ -280,6 +280,11 @@ def calibrate_noise(
         )
     if eps_at(floor) <= epsilon_cap:
         return floor
+    if past and past[-1][1] == sample_rate and past[-1][0] > floor:
+        # Warm start: a run calibrated last round needs (almost) the same σ now; two checks confirm it.
+        last = past[-1][0]
+        if eps_at(last) <= epsilon_cap < eps_at(last / (1 + rtol)):
+            return last
     hi: float | None = None
     if accountant == "prv":
         # RDP is never below our PRV figure (we keep the smaller of the two), so the σ that

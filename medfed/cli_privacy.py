@@ -1,0 +1,136 @@
+"""`medfed privacy ...`: price a DP-SGD run, plan its noise, and audit a trained model.
+
+Kept apart from `medfed/cli.py`; the heavy imports (Opacus, torch) happen inside
+the commands. ``epsilon`` and ``plan`` print their answer as the last line so
+that scripts can read it with ``tail -1``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+privacy_app = typer.Typer(
+    help="Record-level differential privacy: compute ε, plan the noise for a target ε, "
+    "audit a model with membership-inference attacks.",
+    no_args_is_help=True,
+)
+
+
+class Accountant(str, Enum):
+    rdp = "rdp"
+    prv = "prv"
+
+
+_ACCOUNTANT = Annotated[Accountant, typer.Option(help="Privacy accountant (Opacus): RDP or PRV.")]
+_DELTA = Annotated[float, typer.Option("--delta", help="δ; must be below 1/n for a dataset of n records.")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@privacy_app.command("epsilon")
+def epsilon_cmd(
+    sample_rate: Annotated[float, typer.Option("--sample-rate", help="q: expected batch / dataset size.")],
+    noise_multiplier: Annotated[float, typer.Option("--noise-multiplier", help="σ: noise std / clip norm.")],
+    steps: Annotated[int, typer.Option("--steps", help="T: DP-SGD steps in all (every round).")],
+    delta: _DELTA,
+    accountant: _ACCOUNTANT = Accountant.rdp,
+) -> None:
+    """ε of T DP-SGD steps at sampling rate q and noise multiplier σ (printed as the last line)."""
+    from models.accounting import AccountingError, epsilon
+
+    try:
+        eps = epsilon(sample_rate, noise_multiplier, steps, delta, accountant.value)
+    except AccountingError as err:
+        _fail(str(err))
+    typer.echo(f"q={sample_rate:g} sigma={noise_multiplier:g} steps={steps} delta={delta:g} "
+               f"accountant={accountant.value}")
+    typer.echo(f"{eps:.6g}")
+
+
+@privacy_app.command("plan")
+def plan_cmd(
+    epsilon: Annotated[float, typer.Option("--epsilon", help="Target ε for the whole run.")],
+    delta: _DELTA,
+    dataset_size: Annotated[int, typer.Option("--dataset-size", help="n: training records at the site.")],
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Expected batch size B.")],
+    rounds: Annotated[int, typer.Option("--rounds", help="Federated rounds R the site trains in.")],
+    local_epochs: Annotated[int, typer.Option("--local-epochs", help="Local epochs L per round.")],
+    accountant: _ACCOUNTANT = Accountant.rdp,
+) -> None:
+    """The smallest noise multiplier that keeps R rounds of L local epochs within ε, and the ε it gives."""
+    from models.accounting import AccountingError, plan
+
+    try:
+        p = plan(epsilon, delta, dataset_size, batch_size, rounds, local_epochs, accountant.value)
+    except AccountingError as err:
+        _fail(str(err))
+    typer.echo(f"q={p.sample_rate:.6g} steps/round={p.steps_per_round} rounds={p.rounds} steps={p.steps} "
+               f"delta={delta:g} accountant={p.accountant}")
+    typer.echo(f"noise-multiplier {p.noise_multiplier:g} epsilon {p.epsilon:.4f}")
+
+
+@privacy_app.command("audit")
+def audit_cmd(
+    model: Annotated[Path, typer.Argument(help="model.pt: a state dict of the consortium model.")],
+    members: Annotated[Path, typer.Option("--members", help="De-identified store of training records.")],
+    non_members: Annotated[Path, typer.Option("--non-members", help="De-identified store of records not trained on.")],
+    image_size: Annotated[int, typer.Option(help="Image size the model was trained at.")] = 64,
+    shadows: Annotated[int, typer.Option(min=0, help="LiRA shadow models (0: loss-threshold attack only).")] = 8,
+    shadow_epochs: Annotated[int, typer.Option(min=1, help="Shadow training: epochs (match the target's).")] = 10,
+    shadow_batch_size: Annotated[int, typer.Option(min=1, help="Shadow training: batch size.")] = 32,
+    shadow_lr: Annotated[float, typer.Option(help="Shadow training: learning rate.")] = 0.05,
+    shadow_noise_multiplier: Annotated[float, typer.Option(
+        help="Shadow training: DP-SGD noise multiplier (0: no DP, the strongest shadows).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the shadows' data split and training.")] = 0,
+) -> None:
+    """Membership inference on MODEL: loss threshold and LiRA; attack AUC and TPR at 1% FPR."""
+    import torch
+
+    from models.dataset import DatasetError, ManifestDataset
+    from models.membership import loss_threshold_attack, lira_attack
+    from models.network import build_model
+    from models.training import DPSettings, train_local
+
+    if members.resolve() == non_members.resolve():
+        _fail("--members and --non-members are the same store; pass two disjoint stores")
+    try:
+        state = torch.load(model, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        _fail(f"{model} does not exist; pass the model.pt a run wrote")
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
+        _fail(f"{model} is not a saved state dict ({type(err).__name__}); pass the model.pt a run wrote")
+    target = build_model(image_size)
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        _fail(f"{model} does not fit the consortium model: {str(err).splitlines()[0]}")
+    try:
+        member_ds = ManifestDataset(members, split="all", image_size=image_size)
+        non_member_ds = ManifestDataset(non_members, split="all", image_size=image_size)
+    except DatasetError as err:
+        _fail(str(err))
+
+    results = [loss_threshold_attack(target, member_ds, non_member_ds)]
+    if shadows:
+        if shadows < 2:
+            _fail("LiRA needs at least 2 shadow models; pass --shadows 0 or >= 2")
+
+        def train_shadow(ds, shadow_seed: int) -> torch.nn.Module:
+            torch.manual_seed(shadow_seed)
+            shadow = build_model(image_size)
+            dp = DPSettings(shadow_noise_multiplier, 1.0) if shadow_noise_multiplier > 0 else None
+            train_local(shadow, ds, epochs=shadow_epochs, batch_size=shadow_batch_size, lr=shadow_lr, dp=dp,
+                        seed=shadow_seed)
+            return shadow
+
+        results.append(lira_attack(target, member_ds, non_member_ds, train_shadow, num_shadows=shadows, seed=seed))
+    typer.echo(f"members={len(member_ds)} non-members={len(non_member_ds)}")
+    for r in results:
+        typer.echo(f"{r.attack}: AUC {r.auc:.4f}  TPR@1%FPR {r.tpr_at_low_fpr:.4f}")
