@@ -23,7 +23,7 @@ from site_client.client_app import build_app
 from site_client.task import SiteRefusal, ledger_for, train_round
 from tests.models_factory import make_store
 
-CFG = RunConfig().with_overrides(image_size=16, batch_size=8, lr=0.05, num_server_rounds=3, grad_sample_mode="hooks")
+CFG = RunConfig().with_overrides(image_size=16, batch_size=3, lr=0.05, num_server_rounds=3, grad_sample_mode="hooks")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -176,7 +176,7 @@ _CHILD = textwrap.dedent(
     from site_client.client_app import build_app
 
     toml, signal_file = sys.argv[1], Path(sys.argv[2])
-    cfg = RunConfig.from_flower({"image-size": 16, "batch-size": 8, "grad-sample-mode": "hooks"})
+    cfg = RunConfig.from_flower({"image-size": 16, "batch-size": 3, "grad-sample-mode": "hooks"})  # as CFG
     real_commit = ledger_mod.PrivacyLedger.commit_spend
 
     def commit_then_wait(self, *args, **kwargs):
