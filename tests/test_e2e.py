@@ -119,8 +119,9 @@ def test_site_over_its_cap_declines_and_run_completes(demo: DemoSummary) -> None
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     statuses = [sorted(s["status"] for s in r["sites"].values()) for r in metrics["rounds"]]
-    assert statuses == [["declined", "trained"], ["declined", "trained"]]
-    reasons = [s["reason"] for r in metrics["rounds"] for s in r["sites"].values() if s["status"] == "declined"]
+    # a cap that not even one round can meet is refused before training (issue 5), every round
+    assert statuses == [["refused", "trained"], ["refused", "trained"]]
+    reasons = [s["reason"] for r in metrics["rounds"] for s in r["sites"].values() if s["status"] == "refused"]
     assert all("cap" in reason and tiny.name in reason for reason in reasons)
     assert (out / "model.pt").exists()
     # the declining site spent nothing in that run; its ledger says why

@@ -70,12 +70,14 @@ def test_train_round_spends_and_composes(tmp_path: Path, store: Path) -> None:
 
 
 def test_train_round_declines_over_cap_without_spending(tmp_path: Path, store: Path) -> None:
-    site = _site(tmp_path, store, cap=0.01)
-    reply = train_round(site, CFG, "run-1", 1, initial_state(CFG))
+    first = train_round(_site(tmp_path, store), CFG, "run-1", 1, initial_state(CFG))
+    eps = first.metrics["epsilon"]
+    site = _site(tmp_path, store, cap=round(eps * 1.2, 3))  # the cap lowered: room for no second round
+    reply = train_round(site, CFG, "run-1", 2, first.state_dict)
     assert reply.state_dict is None and reply.declined is not None
-    assert "cap of 0.01" in reply.declined
-    assert ledger_for(site).epsilon("run-1", site.delta) == 0.0
-    assert [r["kind"] for r in AuditTrail(site.audit_path).records()] == ["round_declined"]
+    assert f"cap of {site.epsilon_cap:g}" in reply.declined
+    assert ledger_for(site).epsilon("run-1", site.delta) == pytest.approx(eps)
+    assert [r["kind"] for r in AuditTrail(site.audit_path).records()] == ["round_trained", "round_declined"]
 
 
 def test_delta_not_below_one_over_n_is_refused(tmp_path: Path, store: Path) -> None:
@@ -105,9 +107,16 @@ def test_client_app_reply_passes_guard_and_is_audited(tmp_path: Path, store: Pat
 
 
 def test_client_app_declines_with_reason(tmp_path: Path, store: Path) -> None:
-    reply = build_app(CFG)(_train_msg(), _context(_site(tmp_path, store, cap=0.01), tmp_path))
+    app = build_app(CFG)
+    first = app(_train_msg(1), _context(_site(tmp_path, store), tmp_path))
+    eps = first.content["metrics"]["epsilon"]
+    reply = app(_train_msg(2), _context(_site(tmp_path, store, cap=eps * 1.2), tmp_path))
     assert reply.has_error() and reply.error.code == SITE_DECLINED
-    assert "declines round 1" in reply.error.reason
+    assert "declines round 2" in reply.error.reason
+    # a cap no round can meet is refused before training, with the numbers
+    refused = app(_train_msg(1), _context(_site(tmp_path / "other", store, cap=0.01), tmp_path))
+    assert refused.has_error() and refused.error.code == SITE_REFUSED
+    assert "refuses the run" in refused.error.reason and "cap 0.01" in refused.error.reason
 
 
 def _rogue_app(handler_metrics: dict[str, float], raise_exc: Exception | None = None) -> ClientApp:
