@@ -24,8 +24,17 @@ logger = logging.getLogger(__name__)
 
 #: SGD momentum; with DP-SGD it averages the injected noise over a few steps.
 MOMENTUM = 0.9
+#: Optimizers a site may use. Adam on the privatised gradient is still DP (post-processing)
+#: and, on small sites with few steps, learns far more per unit of ε than SGD.
+OPTIMIZERS = ("sgd", "adam")
 #: Accountant used when the caller does not pass one (RDP: robust for any number of steps).
 DEFAULT_ACCOUNTANT = "rdp"
+#: Opacus' per-sample-gradient implementations a site may pick (RunConfig ``grad-sample-mode``).
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch", "ew", "ghost")
+#: The fastest mode for our model on CPU as measured by bench/dp_overhead.py (see the README).
+DEFAULT_GRAD_SAMPLE_MODE = "ew"
+#: Modes that cannot take an empty Poisson batch through the model.
+_NO_EMPTY_BATCH_MODES = ("functorch", "ew")
 
 
 @dataclass
@@ -100,6 +109,8 @@ def train_local(
     proximal_mu: float = 0.0,
     seed: int | None = None,
     pos_weight: float | None = None,
+    optimizer: str = "sgd",
+    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
 ) -> TrainOutcome:
     """Train ``model`` in place on ``dataset``; with ``dp``, by DP-SGD recorded in ``accountant``.
 
@@ -109,6 +120,11 @@ def train_local(
     leave it ``None`` in production so the noise is not predictable.
     ``pos_weight`` weights positive examples in the loss; it must not be
     derived from the private labels without accounting for it.
+    ``optimizer`` is ``"sgd"`` (momentum 0.9) or ``"adam"``; a fresh one each call,
+    so no optimizer state carries information from one round to the next.
+    ``grad_sample_mode`` is how Opacus computes per-sample gradients (one of
+    :data:`GRAD_SAMPLE_MODES`; "ghost" clips without materialising them); the
+    privacy guarantee is the same in every mode, only speed and memory differ.
     """
     num_examples = len(dataset)  # type: ignore[arg-type]
     steps_expected, sample_rate = planned_steps(num_examples, batch_size, epochs)
@@ -116,6 +132,10 @@ def train_local(
         raise ValueError(f"lr must be positive (got {lr})")
     if proximal_mu < 0:
         raise ValueError(f"proximal_mu must be >= 0 (got {proximal_mu})")
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)} (got {grad_sample_mode!r})")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)} (got {optimizer!r})")
     if accountant is not None and dp is None:
         logger.warning("an accountant was given but dp is None: training without DP, nothing is recorded")
 
@@ -132,7 +152,9 @@ def train_local(
 
     gen = _make_generator(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen, drop_last=False)
-    optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM)
+    optim: torch.optim.Optimizer = (
+        torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr, momentum=MOMENTUM)
+    )
     pw = torch.tensor([pos_weight], device=device) if pos_weight is not None else None
     criterion = nn.BCEWithLogitsLoss(pos_weight=pw, reduction="mean")
 
@@ -154,15 +176,22 @@ def train_local(
                 # Use the caller's accountant so this round composes with earlier ones.
                 engine.accountant = accountant
             noise_gen = _make_generator(None if seed is None else seed + 1, device)
-            gsm, optimizer, loader = engine.make_private(
+            private = engine.make_private(
                 module=model,
-                optimizer=optimizer,
+                optimizer=optim,
+                criterion=criterion,
                 data_loader=loader,
                 noise_multiplier=dp.noise_multiplier,
                 max_grad_norm=dp.max_grad_norm,
                 poisson_sampling=True,
                 noise_generator=noise_gen,
+                grad_sample_mode=grad_sample_mode,
             )
+            if grad_sample_mode == "ghost":
+                # Ghost clipping needs Opacus' criterion: it runs the two backward passes in loss.backward().
+                gsm, optim, criterion, loader = private
+            else:
+                gsm, optim, loader = private
             train_module = gsm
             if not math.isclose(loader.sample_rate, sample_rate) or len(loader) * epochs != steps_expected:
                 raise RuntimeError(
@@ -179,19 +208,25 @@ def train_local(
                 for xb, yb in loader:
                     xb = xb.to(device)
                     yb = yb.to(device).float().view(-1)
-                    optimizer.zero_grad(set_to_none=True)
-                    logits = train_module(xb).view(-1)
-                    if xb.shape[0] > 0:
-                        loss = criterion(logits, yb)
-                        last_loss_sum += float(loss.detach()) * xb.shape[0]
-                        last_seen += xb.shape[0]
+                    optim.zero_grad(set_to_none=True)
+                    if xb.shape[0] == 0 and gsm is not None and grad_sample_mode in _NO_EMPTY_BATCH_MODES:
+                        # These modes cannot run a batch of 0 (ExpandedWeights / vmap refuse it); hand
+                        # Opacus the empty per-sample gradients the other modes would produce.
+                        for p in params:
+                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                     else:
-                        # An empty Poisson batch still takes a (pure-noise) DP step: the
-                        # accountant counts it and planned_steps includes it. A zero loss
-                        # gives Opacus empty per-sample gradients to work with.
-                        loss = logits.sum()
-                    loss.backward()
-                    optimizer.step()
+                        logits = train_module(xb).view(-1)
+                        if xb.shape[0] > 0:
+                            loss = criterion(logits, yb)
+                            last_loss_sum += float(loss.detach()) * xb.shape[0]
+                            last_seen += xb.shape[0]
+                        else:
+                            # An empty Poisson batch still takes a (pure-noise) DP step: the
+                            # accountant counts it and planned_steps includes it. A zero loss
+                            # gives Opacus empty per-sample gradients to work with.
+                            loss = logits.sum()
+                        loss.backward()
+                    optim.step()
                     steps += 1
                     if proximal_mu > 0:
                         # FedProx as post-processing: w <- w - lr*mu*(w - w_global). It reads

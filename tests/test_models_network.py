@@ -24,9 +24,10 @@ def test_output_is_one_logit_per_image(size: int) -> None:
     assert out.shape == (3, 1) and out.dtype == torch.float32
 
 
-def test_small_enough_for_cpu_dp() -> None:
+def test_small_enough_for_dp() -> None:
+    """DP noise grows with the parameter count: the model must stay a few thousand weights."""
     n = sum(p.numel() for p in build_model(64).parameters())
-    assert 10_000 <= n <= 60_000
+    assert 3_000 <= n <= 10_000
 
 
 def test_same_parameter_layout_for_every_site() -> None:
