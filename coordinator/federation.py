@@ -16,10 +16,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
+from coordinator import site_dp
 from coordinator.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from coordinator.history import RunHistory
+from coordinator.receipts import Receipts
 from coordinator.report import plot_metrics, write_metrics
-from coordinator.strategy import build_strategy
+from coordinator.secure import UNIFORM_WEIGHT_KEY, SecAggPlusGrid
+from coordinator.strategy import build_strategy, wait_for_nodes
 from medfed.settings import RunConfig
 from models.network import build_model
 
@@ -29,6 +32,7 @@ MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.json"
 PLOT_FILE = "metrics.png"
 CHECKPOINTS = "checkpoints"
+SITE_DP_FILE = "site-dp.json"
 
 
 @dataclass
@@ -70,6 +74,37 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Feder
     last_tick = [time.monotonic()]
     run_config = cfg.to_flower()
 
+    # Deployment options (issue 6): receipts of what arrived, site-level DP, secure aggregation.
+    receipts = Receipts(out)
+    strategy.receipts = receipts  # type: ignore[attr-defined]
+    strategy.secure = cfg.secagg  # type: ignore[attr-defined]
+    dp_plan: site_dp.SiteDPPlan | None = None
+    released: list[int] = _released_rounds(out, start_round) if resume else []
+    top = strategy
+    if cfg.site_dp != "off" and remaining > 0:
+        n_sites = wait_for_nodes(grid, cfg.min_available_nodes, cfg.round_timeout)
+        dp_plan = site_dp.plan(cfg, n_sites)
+        strategy.uniform_weights = True  # type: ignore[attr-defined]
+        strategy.num_sites = n_sites  # type: ignore[attr-defined]
+        if cfg.site_sampling == "poisson":
+            strategy.poisson_rate = cfg.fraction_train  # type: ignore[attr-defined]
+        top = site_dp.wrap(strategy, cfg, dp_plan)
+        log.info("site-level DP: %s, %s sampling (%s), sigma=%g, C=%g", dp_plan.mode, dp_plan.sampling,
+                 dp_plan.relation, dp_plan.noise_multiplier, dp_plan.clipping_norm)
+    run_grid = grid
+    if cfg.secagg:
+        run_grid = SecAggPlusGrid(  # type: ignore[assignment]
+            grid, num_shares=cfg.secagg_num_shares, threshold=cfg.secagg_threshold,
+            clipping_range=cfg.secagg_clipping_range, max_weight=cfg.secagg_max_weight, timeout=cfg.round_timeout,
+            on_reply=lambda rnd, stage, msg, node: receipts.received(rnd, "train", msg, stage, node))
+
+    def site_dp_extra() -> dict[str, object]:
+        if dp_plan is None:
+            return {}
+        rep = dp_plan.report(len(released))
+        rep["epsilon_by_round"] = {str(r): dp_plan.epsilon(i + 1) for i, r in enumerate(released)}
+        return {"site_dp": rep}
+
     def checkpoint(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         # Flower calls this before round 1 (local_round 0) and after every round.
         now = time.monotonic()
@@ -77,8 +112,12 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Feder
         if local_round > 0:
             rec = history.round(server_round)
             rec.seconds = round(now - last_tick[0], 3)
+            if dp_plan is not None and strategy.released_rounds > len(  # type: ignore[attr-defined]
+                    [r for r in released if r > start_round]):
+                released.append(server_round)
+                _write_released(out, released)
             save_checkpoint(ckpt_dir, server_round, arrays.to_torch_state_dict(), history, run_config)
-            write_metrics(out / METRICS_FILE, history, run_config)
+            write_metrics(out / METRICS_FILE, history, run_config, site_dp_extra())
             auc = rec.evaluate.get("auc")
             log.info("round %d/%d done in %.1fs, global AUC %s", server_round, cfg.num_server_rounds,
                      rec.seconds, "n/a" if auc is None else f"{auc:.3f}")
@@ -90,12 +129,15 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Feder
 
     result = None
     if remaining > 0:
-        result = strategy.start(
-            grid=grid,
+        train_config = ConfigRecord({"lr": cfg.lr, "local-epochs": cfg.local_epochs})
+        if cfg.secagg and cfg.site_dp != "off":
+            train_config[UNIFORM_WEIGHT_KEY] = True  # the SecAgg+ weight of every site is 1
+        result = top.start(
+            grid=run_grid,
             initial_arrays=ArrayRecord(state),
             num_rounds=remaining,
             timeout=cfg.round_timeout,
-            train_config=ConfigRecord({"lr": cfg.lr, "local-epochs": cfg.local_epochs}),
+            train_config=train_config,
             evaluate_config=ConfigRecord(),
             evaluate_fn=checkpoint,
         )
@@ -105,8 +147,26 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Feder
     tmp = out / f".{MODEL_FILE}.tmp"
     torch.save(final_state, tmp)
     tmp.replace(model_path)
-    write_metrics(out / METRICS_FILE, history, run_config, {"final_model": MODEL_FILE})
+    write_metrics(out / METRICS_FILE, history, run_config, {"final_model": MODEL_FILE, **site_dp_extra()})
     plot_metrics(out / PLOT_FILE, history)
     return FederationResult(out, model_path, out / METRICS_FILE, out / PLOT_FILE, history,
                             max((r.round for r in history.rounds), default=0))
 
+
+
+def _released_rounds(out: Path, upto: int) -> list[int]:
+    """Rounds that released a model under site-level DP before a resume (they count towards ε)."""
+    import json
+
+    path = out / SITE_DP_FILE
+    if not path.is_file():
+        return []
+    return [int(r) for r in json.loads(path.read_text()).get("released", []) if int(r) <= upto]
+
+
+def _write_released(out: Path, released: list[int]) -> None:
+    import json
+
+    tmp = out / f".{SITE_DP_FILE}.tmp"
+    tmp.write_text(json.dumps({"released": released}))
+    tmp.replace(out / SITE_DP_FILE)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -15,10 +17,21 @@ def build_app(base: RunConfig | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        _progress_to_stderr()
         cfg = RunConfig.from_flower(context.run_config, base)
-        run_federation(grid, cfg)
+        run_federation(grid, cfg, resume=cfg.resume)
 
     return app
+
+
+def _progress_to_stderr() -> None:
+    """Round-by-round progress lines reach `flwr run --stream` (the ServerApp process has no logging set up)."""
+    logger = logging.getLogger("coordinator")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s medfed: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 #: What `flwr run` / the SuperLink loads (pyproject: serverapp = "coordinator.server_app:app").

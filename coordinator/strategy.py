@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from typing import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from coordinator.history import RunHistory
+from coordinator.receipts import Receipts
 from medfed.protocol import ERROR_NAMES
 from medfed.settings import RunConfig
 
@@ -68,31 +72,90 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 0.5) 
     return connected
 
 
+#: Metric a uniformly weighted aggregation weights by (site-level DP: every site counts the same).
+UNIFORM_KEY = "site-weight"
+
+
 class _Recording:
-    """Mixin: remember each site's reply (metrics, or the reason it gave none)."""
+    """Mixin: remember each site's reply (metrics, or the reason it gave none).
+
+    Deployment additions (issue 6): what arrived is written to the run's
+    receipts (``receipts``); ``uniform_weights`` averages sites equally (needed
+    for site-level DP: each site's clipped update must weigh 1/m); with
+    ``poisson_rate`` each site is sampled independently and the mean update is
+    taken over the *expected* number of sites; ``released_rounds`` counts the
+    rounds that produced a model (for the site-level ε).
+    """
 
     history: RunHistory
     round_offset: int = 0  # rounds already done before a resume
     node_wait_timeout: float = 900.0
+    receipts: "Receipts | None" = None
+    secure: bool = False
+    uniform_weights: bool = False
+    poisson_rate: float | None = None
+    num_sites: int | None = None
+    released_rounds: int = 0
+    _current: ArrayRecord | None = None
+    _sent: list[Message] | None = None  # the last messages configured (their ids name a reply's site)
+
+    def _remember(self, messages: Iterable[Message]) -> list[Message]:
+        self._sent = list(messages)
+        return self._sent
+
+    def _sites_of(self, replies: list[Message]) -> list[int]:
+        """The site each reply is about. The SuperLink answers for an unavailable node under its own id
+        (1): such a reply names the message it answers, else it is one of the sites that did not reply."""
+        sent = self._sent or []
+        by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+        answered = {r.metadata.src_node_id for r in replies if r.metadata.src_node_id != SUPERLINK_NODE_ID}
+        missing = [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in answered]
+        out = []
+        for r in replies:
+            nid = r.metadata.src_node_id
+            if nid == SUPERLINK_NODE_ID:
+                nid = by_id.get(r.metadata.reply_to_message_id) or (missing[0] if missing else nid)
+                if nid in missing:
+                    missing.remove(nid)
+            out.append(nid)
+        return out
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)  # type: ignore[attr-defined]
-        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        connected = wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)  # type: ignore[attr-defined]
+        if self.num_sites is None:
+            self.num_sites = connected
+        self._current = arrays
+        if self.poisson_rate is None:
+            messages = self._remember(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+            config["server-round"] = server_round + self.round_offset  # the sites see the run's round, resumed or not
+            return messages
+        # Poisson sampling: each site joins with probability q, independently (site-level DP accounting).
+        nodes = [n for n in grid.get_node_ids() if random.random() < self.poisson_rate]
+        log.info("configure_train: Poisson-sampled %d of %d sites (q=%g)", len(nodes), connected, self.poisson_rate)
+        config["server-round"] = server_round + self.round_offset
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})  # type: ignore[attr-defined]
+        return self._remember(self._construct_messages(record, nodes, MessageType.TRAIN))  # type: ignore[attr-defined]
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)  # type: ignore[attr-defined]
-        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
+        messages = self._remember(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[misc]
+        config["server-round"] = server_round + self.round_offset
+        return messages
 
     def _record(self, server_round: int, replies: list[Message], phase: str) -> None:
         rec = self.history.round(server_round + self.round_offset)
-        for msg in replies:
-            site = rec.site(msg.metadata.src_node_id)
+        for msg, node in zip(replies, self._sites_of(replies), strict=True):
+            # Under SecAgg+ the train "replies" are the secure aggregate; their raw messages were logged
+            # stage by stage by coordinator.secure.SecAggPlusGrid.
+            if self.receipts is not None and not (self.secure and phase == "train"):
+                self.receipts.received(server_round + self.round_offset, phase, msg, node=node)
+            site = rec.site(node)
             if msg.has_error():
                 code = msg.error.code
                 site.status = ERROR_NAMES.get(code, "no-reply") if phase == "train" else site.status
                 site.reason = msg.error.reason
                 log.warning("round %d: site node %d sent no %s result: %s", server_round,
-                            msg.metadata.src_node_id, phase, msg.error.reason)
+                            node, phase, msg.error.reason)
                 continue
             if phase == "train":
                 site.status, site.reason = "trained", None
@@ -103,9 +166,42 @@ class _Recording:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self._record(server_round, replies, "train")
-        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        valid = [m for m in replies if not m.has_error()]
+        if self.poisson_rate is not None and not valid and self._current is not None:
+            # Nobody sampled: the release is the current model (the DP wrapper adds its noise).
+            arrays, metrics = self._current, MetricRecord()
+        elif self.uniform_weights:
+            arrays, metrics = self._aggregate_uniform(server_round, replies)
+        else:
+            arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        if arrays is not None and self.poisson_rate is not None and valid and self._current is not None:
+            arrays = _fixed_denominator(self._current, arrays, len(valid), self.poisson_rate * (self.num_sites or 1))
+        if self.receipts is not None:
+            self.receipts.aggregation(server_round + self.round_offset, replies, arrays, self.secure)
+        if arrays is not None:
+            self.released_rounds += 1
         self.history.round(server_round + self.round_offset).train = dict(metrics) if metrics is not None else {}
         return arrays, metrics
+
+    def _aggregate_uniform(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The strategy's aggregation with every site weighing the same (clipped updates, 1/m each)."""
+        rewritten = []
+        for m in replies:
+            if m.has_error():
+                rewritten.append(m)
+                continue
+            metrics = next(iter(m.content.metric_records.values()))
+            content = RecordDict({
+                **{k: v for k, v in m.content.array_records.items()},
+                "metrics": MetricRecord({**dict(metrics), UNIFORM_KEY: 1}),
+            })
+            rewritten.append(Message(content=content, metadata=m.metadata))
+        key = self.weighted_by_key  # type: ignore[attr-defined,has-type]
+        self.weighted_by_key = UNIFORM_KEY  # type: ignore[attr-defined]
+        try:
+            return super().aggregate_train(server_round, rewritten)  # type: ignore[misc]
+        finally:
+            self.weighted_by_key = key  # type: ignore[attr-defined]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
@@ -113,6 +209,16 @@ class _Recording:
         metrics = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
         self.history.round(server_round + self.round_offset).evaluate = dict(metrics) if metrics is not None else {}
         return metrics
+
+
+def _fixed_denominator(current: ArrayRecord, mean: ArrayRecord, sampled: int, expected: float) -> ArrayRecord:
+    """current + (sum of updates) / (expected number of sites): the Poisson DP-FedAvg estimator."""
+    scale = sampled / expected
+    return ArrayRecord({
+        k: Array(np.asarray(current[k].numpy() + scale * (mean[k].numpy() - current[k].numpy()),
+                            dtype=current[k].numpy().dtype))
+        for k in current.keys()
+    })
 
 
 class RecordingFedAvg(_Recording, FedAvg):

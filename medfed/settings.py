@@ -55,12 +55,44 @@ class RunConfig(BaseModel):
     demo_dir: str = Field("", alias="demo-dir")
     round_timeout: float = Field(900.0, gt=0.0, alias="round-timeout")
     seed: int = 0
+    # Deployment (issue 6): a stable run name keys each site's ledger across a resume.
+    run_name: str = Field("", alias="run-name", pattern=r"^[A-Za-z0-9._-]*$")
+    resume: bool = False
+    # Secure aggregation (Flower's SecAgg+): the strategy only ever sees the sum of the updates.
+    secagg: bool = False
+    secagg_num_shares: float = Field(1.0, gt=0.0, alias="secagg-num-shares")  # <=1: fraction of sampled sites
+    secagg_threshold: float = Field(0.67, gt=0.0, alias="secagg-threshold")   # <=1: fraction of the shares
+    secagg_clipping_range: float = Field(8.0, gt=0.0, alias="secagg-clipping-range")
+    secagg_max_weight: float = Field(1000.0, gt=0.0, alias="secagg-max-weight")
+    # Site-level DP (issue 5, second layer): Flower's DP wrappers; the coordinator reports site-level ε.
+    site_dp: Literal["off", "client-fixed", "server-fixed", "server-adaptive"] = Field("off", alias="site-dp")
+    site_dp_noise_multiplier: float = Field(1.0, gt=0.0, alias="site-dp-noise-multiplier")
+    site_dp_clipping_norm: float = Field(1.0, gt=0.0, alias="site-dp-clipping-norm")
+    site_dp_delta: float = Field(1e-5, gt=0.0, lt=1.0, alias="site-dp-delta")
+    site_dp_target_quantile: float = Field(0.5, ge=0.0, le=1.0, alias="site-dp-target-quantile")
+    site_dp_clip_lr: float = Field(0.2, gt=0.0, alias="site-dp-clip-lr")
+    site_sampling: Literal["fixed", "poisson"] = Field("fixed", alias="site-sampling")
 
     @model_validator(mode="after")
     def _minimums_consistent(self) -> "RunConfig":
         if self.min_available_nodes < max(self.min_train_nodes, self.min_evaluate_nodes):
             raise ValueError(
                 "min-available-nodes must be at least min-train-nodes and min-evaluate-nodes"
+            )
+        if self.site_dp != "off" and self.strategy == "fedadam":
+            raise ValueError(
+                "site-dp needs an averaging strategy (fedavg or fedprox): noise added after FedAdam's "
+                "server optimizer is not the Gaussian mechanism on the mean update; set strategy=fedavg"
+            )
+        if self.secagg and self.site_dp in ("server-fixed", "server-adaptive"):
+            raise ValueError(
+                "secagg hides each site's update from the coordinator, so it cannot clip them: with "
+                "secagg use site-dp=client-fixed (clipping at the sites) or site-dp=off"
+            )
+        if self.secagg and self.site_sampling == "poisson" and self.site_dp != "off":
+            raise ValueError(
+                "secagg needs at least 2 sites in every round, which Poisson sampling cannot promise; "
+                "with secagg use site-sampling=fixed"
             )
         return self
 

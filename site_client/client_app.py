@@ -7,6 +7,7 @@ the allow-list can leave the site whatever the handlers do.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Callable
 
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -15,15 +16,39 @@ from flwr.clientapp import ClientApp
 from anonymization.audit import AuditError
 from medfed.protocol import EGRESS_BLOCKED, SITE_DECLINED, SITE_FAILED, SITE_REFUSED
 from medfed.settings import ConfigError, RunConfig
-from site_client.egress import ARRAYS_KEY, METRICS_KEY, EgressViolation, check_reply
+from site_client.egress import (
+    ARRAYS_KEY,
+    METRICS_KEY,
+    EgressViolation,
+    check_reply,
+    check_secagg_reply,
+    is_secagg_reply,
+)
+from site_client.secagg import clipping_mod, is_secagg, legacy_arrays, secagg_mod
 from site_client.site import resolve_site
-from site_client.task import SiteRefusal, audit_for, evaluate_round, train_round
+from site_client.trail import audit_for
+
+# site_client.task (torch, Opacus, MONAI) is imported by the handlers only: SecAgg+'s key-exchange
+# stages run in short-lived ClientApp processes that never train.
 
 log = logging.getLogger(__name__)
 
 
 def _error(msg: Message, code: int, reason: str) -> Message:
     return Message(error=Error(code=code, reason=reason), reply_to=msg)
+
+
+def _is_refusal(err: Exception) -> bool:
+    task = sys.modules.get("site_client.task")
+    return isinstance(err, ConfigError) or (task is not None and isinstance(err, task.SiteRefusal))
+
+
+def run_key(cfg: RunConfig, context: Context) -> str:
+    """The run a site's ledger and audit records are keyed on: ``run-name``, else Flower's run id.
+
+    A resumed run gets a new Flower run id; the stable run name keeps its privacy account.
+    """
+    return cfg.run_name or str(context.run_id)
 
 
 def make_egress_guard(base: RunConfig | None) -> Callable[[Message, Context, Callable[[Message, Context], Message]], Message]:
@@ -38,38 +63,48 @@ def make_egress_guard(base: RunConfig | None) -> Callable[[Message, Context, Cal
             log.error("%s", err)
             return _error(msg, SITE_REFUSED, str(err))
         server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
+        if not server_round and msg.metadata.group_id.isdigit():  # SecAgg+ stages carry the round as group id
+            server_round = int(msg.metadata.group_id)
+        run = run_key(cfg, context)
+        secure = is_secagg(msg)
         try:
+            expected = legacy_arrays(msg.content) if secure else (
+                msg.content[ARRAYS_KEY] if ARRAYS_KEY in msg.content else None)
             reply = call_next(msg, context)
-        except (SiteRefusal, ConfigError) as err:
-            log.error("%s", err)
-            audit.append("round_refused", run_id=str(context.run_id), server_round=server_round, reason=str(err))
-            audit.close()
-            return _error(msg, SITE_REFUSED, str(err))
         except Exception as err:  # noqa: BLE001 - the site must answer, but without its internals
+            if _is_refusal(err):
+                log.error("%s", err)
+                audit.append("round_refused", run_id=run, server_round=server_round, reason=str(err))
+                audit.close()
+                return _error(msg, SITE_REFUSED, str(err))
             log.exception("site %s failed on %s", site.name, msg.metadata.message_type)
             reason = f"site {site.name} failed ({type(err).__name__}); see the site's log"
-            audit.append("round_failed", run_id=str(context.run_id), server_round=server_round,
+            audit.append("round_failed", run_id=run, server_round=server_round,
                          message_type=msg.metadata.message_type, reason=reason)
             audit.close()  # a failed round still ends its run with a seal
             return _error(msg, SITE_FAILED, reason)
         if reply.has_error():  # a decline: only its code and reason leave; record them
-            audit.append("egress_error", run_id=str(context.run_id), server_round=server_round,
+            audit.append("egress_error", run_id=run, server_round=server_round,
                          message_type=msg.metadata.message_type, code=int(reply.error.code),
                          reason=str(reply.error.reason))
             audit.close()
             return reply
-        expected = msg.content[ARRAYS_KEY] if ARRAYS_KEY in msg.content else None
         try:
-            report = check_reply(reply.content, msg.metadata.message_type, expected)
+            if is_secagg_reply(reply.content):
+                report = check_secagg_reply(reply.content, msg.metadata.message_type, expected)
+            else:
+                report = check_reply(reply.content, msg.metadata.message_type, expected)
         except EgressViolation as err:
             audit.append(
-                "egress_blocked", run_id=str(context.run_id), server_round=server_round,
+                "egress_blocked", run_id=run, server_round=server_round,
                 message_type=msg.metadata.message_type, reason=str(err),
             )
             audit.close()
             log.error("reply blocked by the egress allow-list: %s", err)
             return _error(msg, EGRESS_BLOCKED, f"site {site.name}: reply blocked by the egress allow-list: {err}")
-        audit.append("egress", run_id=str(context.run_id), server_round=server_round, **report.as_record())
+        # SecAgg+ replies carry key material or a masked update, not the update itself: their own kind.
+        audit.append("egress_secagg" if secure else "egress", run_id=run, server_round=server_round,
+                     **report.as_record())
         audit.close()  # seals what left the site
         return reply
 
@@ -78,15 +113,22 @@ def make_egress_guard(base: RunConfig | None) -> Callable[[Message, Context, Cal
 
 def build_app(base: RunConfig | None = None) -> ClientApp:
     """The ClientApp; ``base`` supplies run settings where Flower passes none (in-process simulation)."""
-    app = ClientApp(mods=[make_egress_guard(base)])
+    # Outermost first: the egress guard sees exactly what leaves; SecAgg+ masks the update after the
+    # (optional) site-level DP clipping; both switch themselves on per message (site_client/secagg.py).
+    app = ClientApp(mods=[make_egress_guard(base), secagg_mod, clipping_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        from site_client.replay import train_once
+        from site_client.task import train_round  # imports torch, which to_torch_state_dict needs
+
         cfg = RunConfig.from_flower(context.run_config, base)
         site = resolve_site(context.node_config, cfg)
         server_round = int(msg.content["config"]["server-round"])
         global_state = msg.content[ARRAYS_KEY].to_torch_state_dict()
-        reply = train_round(site, cfg, str(context.run_id), server_round, global_state)
+        # A repeated (run, round, global model) request re-sends the update already paid for.
+        reply = train_once(site, cfg, run_key(cfg, context), server_round, global_state, train_round,
+                           audit=lambda: audit_for(site))
         if reply.declined is not None:
             return _error(msg, SITE_DECLINED, reply.declined)
         assert reply.state_dict is not None
@@ -95,10 +137,12 @@ def build_app(base: RunConfig | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        from site_client.task import evaluate_round  # imports torch, which to_torch_state_dict needs
+
         cfg = RunConfig.from_flower(context.run_config, base)
         site = resolve_site(context.node_config, cfg)
         global_state = msg.content[ARRAYS_KEY].to_torch_state_dict()
-        metrics = evaluate_round(site, cfg, str(context.run_id), global_state)
+        metrics = evaluate_round(site, cfg, run_key(cfg, context), global_state)
         return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
 
     return app

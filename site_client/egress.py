@@ -10,6 +10,7 @@ recorded in the site's audit trail: names, shapes, dtypes, bytes and a digest
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,5 +125,126 @@ def check_reply(content: RecordDict, message_type: str, expected_arrays: ArrayRe
                 {"name": name, "shape": list(arr.shape), "dtype": arr.dtype, "bytes": len(payload)}
             )
             report.bytes += len(payload)
+    report.digest = digest.hexdigest()
+    return report
+
+
+# ---- SecAgg+ (issue 6) ------------------------------------------------------------------------------
+# With secure aggregation on, a training round is four messages of Flower's SecAgg+ protocol and what a
+# site sends is key material and its *masked* update (integers that reveal nothing without the other
+# sites' masks). Each stage's reply has exactly these records and keys, nothing else.
+
+#: Flower's SecAgg+ reply record (flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS).
+SECAGG_RECORD = "secaggplus_configs"
+#: stage -> the keys of its SecAgg+ reply record.
+SECAGG_STAGE_KEYS: dict[str, frozenset[str]] = {
+    "setup": frozenset({"pk1", "pk2"}),
+    "share_keys": frozenset({"dsts", "ctxts"}),
+    "collect_masked_vectors": frozenset({"masked_params"}),
+    "unmask": frozenset({"nids", "shares"}),
+}
+#: Records of the masked-vector reply besides SECAGG_RECORD (Flower's legacy FitRes layout).
+SECAGG_FITRES_RECORDS = frozenset({"fitres.parameters", "fitres.num_examples", "fitres.metrics", "fitres.status"})
+_MAX_KEY_BYTES = 4096  # a serialized EC public key, a Shamir share or an encrypted share pair: < 1 KiB
+
+
+def is_secagg_reply(content: RecordDict) -> bool:
+    return SECAGG_RECORD in content.config_records
+
+
+def check_secagg_reply(content: RecordDict, message_type: str, expected_arrays: ArrayRecord | None) -> EgressReport:
+    """Validate one SecAgg+ reply (any stage) against the allow-list, or raise :class:`EgressViolation`.
+
+    ``expected_arrays`` is the global model of the masked-vector stage: the masked update must be one
+    integer array per model array, of the same shape.
+    """
+    import numpy as np
+
+    if _category(message_type) != "train":
+        raise EgressViolation(f"SecAgg+ records may only answer a train message, not {message_type!r}")
+    rec = content.config_records[SECAGG_RECORD]
+    keys = frozenset(rec.keys())
+    stage = next((s for s, k in SECAGG_STAGE_KEYS.items() if k == keys), None)
+    if stage is None:
+        raise EgressViolation(f"SecAgg+ record keys {sorted(keys)} match no protocol stage")
+    extra = set(content.keys()) - {SECAGG_RECORD}
+    allowed_extra = SECAGG_FITRES_RECORDS if stage == "collect_masked_vectors" else frozenset()
+    if not extra <= allowed_extra:
+        raise EgressViolation(f"records {sorted(extra - allowed_extra)} may not leave with SecAgg+ stage {stage}")
+
+    report = EgressReport(message_type=f"{message_type}:secagg:{stage}")
+    digest = hashlib.sha256()
+
+    def _bytes_list(name: str, limit: int | None) -> list[bytes]:
+        value = rec[name]
+        if not isinstance(value, list) or not all(isinstance(b, bytes) for b in value):
+            raise EgressViolation(f"SecAgg+ {stage}: {name!r} must be a list of bytes")
+        for b in value:
+            if limit is not None and len(b) > limit:
+                raise EgressViolation(f"SecAgg+ {stage}: an item of {name!r} is {len(b)} bytes, over {limit}")
+        return value
+
+    def _ints(name: str) -> list[int]:
+        value = rec[name]
+        if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+            raise EgressViolation(f"SecAgg+ {stage}: {name!r} must be a list of node ids")
+        return value
+
+    if stage == "setup":
+        for k in ("pk1", "pk2"):
+            v = rec[k]
+            if not isinstance(v, bytes) or len(v) > _MAX_KEY_BYTES:
+                raise EgressViolation(f"SecAgg+ setup: {k!r} must be one public key (bytes)")
+            digest.update(v)
+            report.bytes += len(v)
+    elif stage in ("share_keys", "unmask"):
+        ids_key, blobs_key = ("dsts", "ctxts") if stage == "share_keys" else ("nids", "shares")
+        ids = _ints(ids_key)
+        blobs = _bytes_list(blobs_key, _MAX_KEY_BYTES)
+        if len(ids) != len(blobs):
+            raise EgressViolation(f"SecAgg+ {stage}: {ids_key!r} and {blobs_key!r} differ in length")
+        for b in blobs:
+            digest.update(b)
+            report.bytes += len(b)
+    else:  # collect_masked_vectors: the masked update, shaped like the model
+        masked = _bytes_list("masked_params", None)
+        if expected_arrays is None:
+            raise EgressViolation("SecAgg+ masked update without the global model it answers")
+        # Flower's SecAgg+ puts the (masked, quantized) weight first, as a one-element array.
+        names = ["(weight)", *expected_arrays.keys()]
+        want = [(1,), *(tuple(a.shape) for a in expected_arrays.values())]
+        if len(masked) != len(want):
+            raise EgressViolation(f"SecAgg+ masked update has {len(masked)} arrays, the model needs {len(want)} "
+                                  "(weight + one per model array)")
+        for name, blob, shape in zip(names, masked, want, strict=True):
+            try:
+                arr = np.load(io.BytesIO(blob), allow_pickle=False)
+            except (ValueError, OSError) as err:
+                raise EgressViolation(f"SecAgg+ masked array {name!r} is not a plain array: {err}") from None
+            if tuple(arr.shape) != shape or arr.dtype.kind not in "iu":
+                raise EgressViolation(f"SecAgg+ masked array {name!r} is {arr.dtype}{list(arr.shape)}, "
+                                      f"not an integer array of shape {list(shape)}")
+            digest.update(name.encode())
+            digest.update(blob)
+            report.arrays.append({"name": name, "shape": list(arr.shape), "dtype": str(arr.dtype),
+                                  "bytes": len(blob), "masked": True})
+            report.bytes += len(blob)
+        params = content.array_records["fitres.parameters"]
+        if any(len(a.data) for a in params.values()):
+            raise EgressViolation("SecAgg+ masked-vector reply still carries unmasked arrays")
+        num = content.metric_records["fitres.num_examples"]
+        if set(num.keys()) != {"num_examples"}:
+            raise EgressViolation("SecAgg+ fitres.num_examples must hold only num_examples")
+        status = content.config_records["fitres.status"]
+        if set(status.keys()) != {"code", "message"} or status["message"] not in ("", None):
+            raise EgressViolation("SecAgg+ fitres.status must be an empty status")
+        metrics = content.config_records["fitres.metrics"]
+        for name, value in metrics.items():
+            if name not in TRAIN_METRICS:
+                raise EgressViolation(f"metric {name!r} is not on the train allow-list")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                    isinstance(value, float) and math.isinf(value)):
+                raise EgressViolation(f"metric {name!r} must be a single finite number")
+        report.metrics = sorted(metrics.keys())
     report.digest = digest.hexdigest()
     return report

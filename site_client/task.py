@@ -14,6 +14,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -25,6 +26,7 @@ from models.evaluation import evaluate
 from models.network import build_model
 from models.training import DPSettings, planned_steps, train_local
 from site_client.ledger import PrivacyLedger
+from site_client.trail import audit_for  # noqa: F401 - re-exported; light for the egress guard
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +53,6 @@ def _dataset(data_dir: str, split: str, image_size: int) -> ManifestDataset:
 def ledger_for(site: SiteConfig) -> PrivacyLedger:
     """The site's privacy ledger in its state folder."""
     return PrivacyLedger(site.state_dir / "privacy-ledger.sqlite")
-
-
-def audit_for(site: SiteConfig) -> AuditTrail:
-    """The site's audit trail, sealed with the same key de-identification uses for it.
-
-    Key: ``audit-key`` from site.toml, else the key the trail records, else STATE/audit-signing.key.
-    """
-    return open_trail(site.audit_path, audit_key=site.audit_key, default_key=site.state_dir / SIGNING_KEY_NAME)
 
 
 def update_summary(state: dict[str, torch.Tensor]) -> dict[str, object]:
@@ -92,8 +86,12 @@ def train_round(
     run_id: str,
     server_round: int,
     global_state: dict[str, torch.Tensor],
+    before_commit: Callable[[dict[str, torch.Tensor]], None] | None = None,
 ) -> TrainReply:
-    """One round of local DP-SGD, or a decline if it would cross the site's ε cap."""
+    """One round of local DP-SGD, or a decline if it would cross the site's ε cap.
+
+    ``before_commit`` gets the update just before its spend is committed (site_client.replay keeps it).
+    """
     dataset = _dataset(str(site.data_dir), "train", cfg.image_size)
     n = len(dataset)
     if site.delta >= 1.0 / n:
@@ -146,6 +144,8 @@ def train_round(
         proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
         seed=None,
     )
+    if before_commit is not None:
+        before_commit({k: v.detach().cpu() for k, v in model.state_dict().items()})
     # Invariant 3: the spend is durable before the update can be released.
     eps_before, eps_after = ledger.commit_spend(
         run_id, server_round, accountant, delta=site.delta, epsilon_cap=site.epsilon_cap,

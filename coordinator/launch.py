@@ -1,0 +1,222 @@
+"""`medfed run DIR`: start a run on the deployment with Flower's own `flwr run`.
+
+The app is this project (its pyproject.toml holds the Flower app); `flwr run`
+talks to the SuperLink's Control API over TLS using the connection
+`medfed coordinator start` wrote (FLWR_HOME in the coordinator folder), with
+runtime dependency installation off. The run's outputs (checkpoints,
+metrics.json, model.pt, receipts) go to ``coordinator/runs/RUN_NAME``; the
+run name is also what every site keys its privacy ledger on, so ``--resume``
+continues the same account from the last checkpoint in a new Flower run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import re
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from coordinator.checkpoint import latest_checkpoint, load_checkpoint
+from coordinator.provision import Layout, load_consortium
+from coordinator.superlink import CONNECTION, CoordinatorError, CoordinatorPaths, coordinator_env, flower_bin
+from medfed.settings import ConfigError, RunConfig
+
+log = logging.getLogger(__name__)
+
+LATEST = "LATEST"
+#: Keys `medfed run` sets itself; the operator names them with options, not --run-config.
+MANAGED_KEYS = ("out-dir", "run-name", "resume", "demo-dir")
+
+
+def app_dir() -> Path:
+    """The Flower app to submit: the project folder holding pyproject.toml's [tool.flwr.app]."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise CoordinatorError(f"{root} holds no pyproject.toml: run medfed from its source folder "
+                               "(an editable install, or the container image), or pass --app DIR")
+    return root
+
+
+def _app_defaults(app: Path) -> dict[str, Any]:
+    try:
+        return dict(tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    except (KeyError, tomllib.TOMLDecodeError) as err:
+        raise CoordinatorError(f"{app / 'pyproject.toml'} has no valid [tool.flwr.app.config] ({err})") from None
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`--run-config` strings ('k=v k2=v2', TOML values) as a dict, as `flwr run` parses them."""
+    from flwr.common.config import parse_config_args
+
+    try:
+        return dict(parse_config_args([i for i in items if i]))
+    except Exception as err:  # noqa: BLE001 - click/TOML errors: say what was wrong
+        raise ConfigError(f"--run-config {' '.join(items)!r} is not 'key=value key2=value2' with TOML values "
+                          f"(strings in quotes): {err}") from None
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    s = str(v)
+    if "'" in s:
+        raise ConfigError(f"value {s!r} contains a single quote, which a --run-config string cannot carry")
+    return f"'{s}'"
+
+
+@dataclass
+class RunPlan:
+    """A validated run, ready for `flwr run`."""
+
+    run_name: str
+    out_dir: Path
+    config: RunConfig
+    overrides: dict[str, Any]
+    resume_from: int  # checkpointed round the run continues from (0: fresh)
+
+    def run_config_arg(self) -> str:
+        return " ".join(f"{k}={_toml_value(v)}" for k, v in self.overrides.items())
+
+
+def plan_run(directory: Path, *, rounds: int | None = None, run_config: list[str] | None = None,
+             resume: bool = False, run_name: str | None = None, app: Path | None = None) -> RunPlan:
+    """Validate what the operator asked for (before anything is submitted)."""
+    directory = directory.resolve()
+    load_consortium(directory)
+    paths = CoordinatorPaths(Layout(directory))
+    app = (app or app_dir()).resolve()
+    overrides = parse_overrides(run_config or [])
+    for key in MANAGED_KEYS:
+        if key in overrides:
+            raise ConfigError(f"--run-config sets {key!r}, which medfed run manages; use --run-name / --resume "
+                              "(outputs always go to the coordinator folder)")
+    if resume and run_name is None:
+        latest = paths.runs / LATEST
+        if not latest.is_file():
+            raise ConfigError(f"--resume: no earlier run in {paths.runs}; start one with `medfed run {directory}`")
+        run_name = latest.read_text().strip()
+    if run_name is None:
+        run_name = "run-" + dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", run_name):
+        raise ConfigError(f"--run-name {run_name!r}: use letters, digits, '.', '_' or '-'")
+    out_dir = paths.runs / run_name
+    resume_from = 0
+    if resume:
+        last = latest_checkpoint(out_dir / "checkpoints")
+        if last is None:
+            raise ConfigError(f"--resume: run {run_name} has no checkpoint in {out_dir / 'checkpoints'}; "
+                              "nothing to resume — start it again without --resume")
+        ckpt = load_checkpoint(last)
+        resume_from = ckpt.round
+        # The run goes on with the settings it was started with; --run-config / --rounds change them.
+        previous = {k: v for k, v in ckpt.run_config.items() if k not in MANAGED_KEYS}
+        overrides = {**previous, **overrides}
+    if rounds is not None:
+        overrides["num-server-rounds"] = rounds
+    overrides.update({"out-dir": str(out_dir), "run-name": run_name, "resume": bool(resume)})
+    cfg = RunConfig.from_flower({**_app_defaults(app), **overrides})
+    if resume and resume_from >= cfg.num_server_rounds:
+        raise ConfigError(f"--resume: run {run_name} already has {resume_from} of {cfg.num_server_rounds} rounds; "
+                          "pass --rounds R with a larger R to train further")
+    return RunPlan(run_name, out_dir, cfg, overrides, resume_from)
+
+
+#: Files that must never ship inside the app (they belong to a consortium, a site, or its audit trail).
+_NEVER_SHIP = ("consortium.toml", "kit.toml", "site.toml")
+
+
+def check_app_contents(app: Path) -> None:
+    """Refuse to submit an app whose FAB would carry a consortium, kit, site config or audit records.
+
+    The FAB goes to the SuperLink and every site; a consortium or demo folder provisioned inside the
+    checkout (deploy/README.md's compose walk-through does) must not travel with it. Built with
+    Flower's own FAB builder, so this sees exactly what `flwr run` would ship.
+    """
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))).namelist()
+    bad = [n for n in names if Path(n).name in _NEVER_SHIP or n.endswith(".jsonl") or "/audit/" in n]
+    if bad:
+        raise CoordinatorError(
+            f"the app folder {app} would ship {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} to the SuperLink "
+            "and every site: a consortium, kit or site folder lies inside the checkout — move it out of "
+            f"{app} (or run from the coordinator image) and start the run again")
+
+
+def flwr_run_command(plan: RunPlan, app: Path | None = None) -> list[str]:
+    return [flower_bin("flwr"), "run", str((app or app_dir()).resolve()), CONNECTION, "--stream",
+            "--run-config", plan.run_config_arg()]
+
+
+def run(directory: Path, plan: RunPlan, *, app: Path | None = None, timeout: float | None = None,
+        echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Submit the run, stream its log (bounded by ``timeout``), and return its metrics.json."""
+    directory = directory.resolve()
+    paths = CoordinatorPaths(Layout(directory))
+    if not (paths.flwr_home / "config.toml").is_file():
+        raise CoordinatorError(f"{paths.flwr_home / 'config.toml'} is missing: start the coordinator first "
+                               f"(`medfed coordinator start {directory}`)")
+    check_app_contents((app or app_dir()).resolve())
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    (paths.runs / LATEST).write_text(plan.run_name + "\n")
+    if timeout is None:
+        timeout = 600.0 + 3 * plan.config.round_timeout * plan.config.num_server_rounds
+    cmd = flwr_run_command(plan, app)
+    log.info("submitting run %s: %s", plan.run_name, " ".join(cmd[1:]))
+    deadline = time.monotonic() + timeout
+    proc = subprocess.Popen(cmd, env=coordinator_env(directory), cwd=str((app or app_dir()).resolve()),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    assert proc.stdout is not None
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                proc.terminate()
+                raise CoordinatorError(f"run {plan.run_name} did not finish within {timeout:.0f}s; it was left "
+                                       "running on the SuperLink — stop it with `flwr stop` or restart the "
+                                       "coordinator, then `medfed run --resume`")
+            if not sel.select(timeout=1.0):
+                if proc.poll() is not None:
+                    break
+                continue
+            line = proc.stdout.readline()
+            if not line:
+                if proc.poll() is not None:
+                    break
+                continue
+            (echo or (lambda s: print(s, end="", flush=True)))(line)
+        rc = proc.wait(timeout=30)
+    finally:
+        sel.close()
+        if proc.poll() is None:
+            proc.kill()
+    metrics_path = plan.out_dir / "metrics.json"
+    if rc != 0:
+        raise CoordinatorError(f"`flwr run` exited with code {rc} for run {plan.run_name}; see the output above "
+                               f"and {paths.log_file}")
+    if not metrics_path.is_file():
+        raise CoordinatorError(f"run {plan.run_name} ended without writing {metrics_path}; see {paths.log_file}")
+    metrics = json.loads(metrics_path.read_text())
+    if "final_model" not in metrics:
+        raise CoordinatorError(f"run {plan.run_name} stopped before its last round ({metrics_path} has no final "
+                               "model); continue it with `medfed run --resume`")
+    return metrics
+
+
+def main_exit(code: int) -> None:  # pragma: no cover - CLI helper
+    sys.exit(code)

@@ -1,0 +1,492 @@
+"""Consortium provisioning: a CA, the coordinator's TLS identity, and one startup kit per site.
+
+Like NVFlare's startup kits, in one command: ``medfed consortium init`` makes
+the consortium's certificate authority, the SuperLink's TLS certificate (with
+SANs for the coordinator's host names), and for each site a folder to hand to
+its IT: the CA certificate (to check the coordinator), the site's SuperNode
+authentication key pair (EC P-384 in the OpenSSH format `flower-supernode
+--auth-supernode-private-key` and `flwr supernode register` read), a `kit.toml`
+and ready-to-use service files. The coordinator keeps only the sites' *public*
+keys; a site's private key exists in its own kit and nowhere else.
+
+Everything is written to a temporary name and renamed; private keys are
+created with mode 0600. Keys and certificates come from `cryptography`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+import shutil
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+CONSORTIUM_FILE = "consortium.toml"
+KIT_FILE = "kit.toml"
+#: Flower's own default SuperLink port (Fleet, Control and Runtime APIs share it in flwr 1.41).
+DEFAULT_PORT = 9093
+#: Port of the SuperNode's local ClientApp runtime API (loopback only).
+DEFAULT_CLIENTAPP_PORT = 9094
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+#: EC curve of the SuperNode authentication keys (Flower's own choice in `generate_key_pairs`).
+NODE_CURVE = ec.SECP384R1()
+
+
+class ProvisionError(Exception):
+    """Provisioning cannot go on; the message names the file or field and what to do."""
+
+
+def explain(source: Path | str, err: ValidationError) -> ProvisionError:
+    """A pydantic error as one message naming the file, each field, and the fix."""
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  - {field}: {e['msg']}")
+    lines.append(f"Fix the field(s) above in {source} (or provision again) and retry.")
+    return ProvisionError("\n".join(lines))
+
+
+# ---- configuration files ------------------------------------------------------------------------
+
+
+class SiteEntry(BaseModel):
+    """One site as the coordinator knows it: its name and the public key it authenticates with."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str
+    public_key: str = Field(alias="public-key", description="OpenSSH public key, relative to the consortium folder")
+    status: Literal["active", "revoked"] = "active"
+    added: str = ""
+    revoked: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not SITE_NAME.match(v):
+            raise ValueError("site names are letters, digits, '.', '_' or '-' (at most 63), starting with a letter or digit")
+        return v
+
+
+class ConsortiumConfig(BaseModel):
+    """`consortium.toml`: the coordinator's view of the consortium (no private key in it)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1)
+    coordinator_hosts: list[str] = Field(alias="coordinator-hosts", min_length=1)
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535)
+    bind_host: str = Field("0.0.0.0", alias="bind-host")
+    sites: list[SiteEntry] = Field(default_factory=list)
+
+    def site(self, name: str) -> SiteEntry | None:
+        return next((s for s in self.sites if s.name == name), None)
+
+    @property
+    def active_sites(self) -> list[SiteEntry]:
+        return [s for s in self.sites if s.status == "active"]
+
+    def to_toml(self) -> str:
+        hosts = ", ".join(_q(h) for h in self.coordinator_hosts)
+        lines = [
+            "# medfed consortium: read by `medfed coordinator start` and `medfed run`.",
+            "# Sites are added and revoked with `medfed consortium add-site` / `revoke-site`.",
+            f"name = {_q(self.name)}",
+            f"coordinator-hosts = [{hosts}]",
+            f"port = {self.port}",
+            f"bind-host = {_q(self.bind_host)}",
+        ]
+        for s in self.sites:
+            lines += ["", "[[sites]]", f"name = {_q(s.name)}", f"public-key = {_q(s.public_key)}",
+                      f"status = {_q(s.status)}", f"added = {_q(s.added)}"]
+            if s.revoked:
+                lines.append(f"revoked = {_q(s.revoked)}")
+        return "\n".join(lines) + "\n"
+
+
+def load_consortium(directory: Path) -> ConsortiumConfig:
+    """Read and validate DIR/consortium.toml."""
+    path = directory / CONSORTIUM_FILE
+    if not path.is_file():
+        raise ProvisionError(
+            f"{path} does not exist: {directory} is not a consortium folder; "
+            "create one with `medfed consortium init DIR --name NAME --coordinator-host HOST --sites A,B`"
+        )
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ProvisionError(f"{path} is not valid TOML: {err}; fix it or provision again") from None
+    try:
+        return ConsortiumConfig.model_validate(raw)
+    except ValidationError as err:
+        raise explain(path, err) from None
+
+
+def _q(value: str) -> str:
+    """A TOML basic string (paths and names only; no control characters)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+
+def write_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` via a temporary name, created with ``mode`` (never wider)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.chmod(tmp, mode)  # the umask may have narrowed it; never widen a private key
+    os.replace(tmp, path)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+# ---- keys and certificates -----------------------------------------------------------------------
+
+
+@dataclass
+class CertificateAuthority:
+    """The consortium CA: signs the coordinator's TLS certificate."""
+
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+    @classmethod
+    def create(cls, name: str, years: int = 10) -> "CertificateAuthority":
+        key = ec.generate_private_key(ec.SECP384R1())
+        subject = x509.Name([
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{name} medfed consortium CA"),
+        ])
+        now = _now()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=365 * years))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA384())
+        )
+        return cls(key, cert)
+
+    @classmethod
+    def load(cls, directory: Path) -> "CertificateAuthority":
+        key_path, cert_path = directory / "ca.key", directory / "ca.pem"
+        if not key_path.is_file() or not cert_path.is_file():
+            raise ProvisionError(
+                f"the consortium CA is missing ({key_path}, {cert_path}); it is needed to issue certificates — "
+                "restore it from your backup (it never leaves the operator)"
+            )
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ProvisionError(f"{key_path} is not an EC private key; restore the consortium CA key")
+        return cls(key, x509.load_pem_x509_certificate(cert_path.read_bytes()))
+
+    def save(self, directory: Path) -> None:
+        write_file(directory / "ca.key", private_pem(self.key), 0o600)
+        write_file(directory / "ca.pem", self.cert_pem)
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def issue_server(self, hosts: list[str], days: int = 825) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        """A TLS server certificate for the SuperLink, valid for every name and address in ``hosts``."""
+        key = ec.generate_private_key(ec.SECP384R1())
+        names: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        now = _now()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+            .issuer_name(self.cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=True,
+                                         data_encipherment=False, key_agreement=True, key_cert_sign=False,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
+            .sign(self.key, hashes.SHA384())
+        )
+        return key, cert
+
+
+def private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def node_keypair() -> tuple[bytes, bytes]:
+    """A SuperNode authentication key pair: (OpenSSH private key, OpenSSH public key line)."""
+    key = ec.generate_private_key(NODE_CURVE)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public + b"\n"
+
+
+def coordinator_hosts(hosts: list[str]) -> list[str]:
+    """The certificate's names: those given, then localhost and 127.0.0.1.
+
+    The SuperLink's own SuperExec and `medfed run` on the coordinator host reach
+    the SuperLink over loopback, with TLS, so the certificate must name it too.
+    """
+    out: list[str] = []
+    for h in [*hosts, "localhost", "127.0.0.1"]:
+        h = h.strip()
+        if h and h not in out:
+            out.append(h)
+    return out
+
+
+# ---- layout --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where everything lives in a consortium folder."""
+
+    root: Path
+
+    @property
+    def ca_dir(self) -> Path:  # the CA private key: operator only
+        return self.root / "ca"
+
+    @property
+    def coordinator(self) -> Path:
+        return self.root / "coordinator"
+
+    @property
+    def tls(self) -> Path:
+        return self.coordinator / "tls"
+
+    @property
+    def nodes(self) -> Path:  # registered sites' public keys
+        return self.coordinator / "nodes"
+
+    @property
+    def kits(self) -> Path:
+        return self.root / "kits"
+
+    def kit(self, site: str) -> Path:
+        return self.kits / site
+
+
+def _site_kit(layout: Layout, cfg: ConsortiumConfig, ca: CertificateAuthority, site: str) -> SiteEntry:
+    kit = layout.kit(site)
+    if kit.exists():
+        raise ProvisionError(f"{kit} already exists; a site keeps its key — remove the folder first to re-issue it")
+    private, public = node_keypair()
+    write_file(kit / "auth" / "node.key", private, 0o600)
+    write_file(kit / "auth" / "node.pub", public)
+    write_file(kit / "ca.pem", ca.cert_pem)
+    address = f"{cfg.coordinator_hosts[0]}:{cfg.port}"
+    write_file(kit / KIT_FILE, kit_toml(cfg.name, site, address).encode())
+    for name, text in site_service_files(site).items():
+        write_file(kit / name, text.encode())
+    write_file(kit / "README.md", kit_readme(cfg.name, site, address).encode())
+    pub_rel = Path("coordinator") / "nodes" / f"{site}.pub"
+    write_file(layout.root / pub_rel, public)
+    return SiteEntry(name=site, public_key=str(pub_rel), status="active", added=_now().isoformat(timespec="seconds"))
+
+
+def kit_toml(consortium: str, site: str, superlink: str) -> str:
+    """The site's kit.toml (validated at the site by site_client.kit.KitConfig)."""
+    return f"""# medfed site kit for {site} in consortium {consortium}.
+# `medfed site start KIT --data DEID_DIR` reads this file. Paths are relative to this folder.
+consortium = {_q(consortium)}
+name = {_q(site)}                   # this site
+superlink = {_q(superlink)}         # the coordinator's SuperLink (HTTPS, outbound only)
+ca-cert = "ca.pem"                  # checks the coordinator's TLS certificate
+auth-key = "auth/node.key"          # this site's SuperNode key (mode 0600; never leaves the site)
+clientapp-port = {DEFAULT_CLIENTAPP_PORT}             # loopback port between the SuperNode and its ClientApp
+reconnect-seconds = 3600            # how long the SuperNode keeps retrying a lost coordinator
+
+# Template of the site's own settings (site.toml); `--data` fills data-dir.
+[site]
+name = {_q(site)}
+state-dir = "state"                 # privacy ledger, committed updates (keep and back up)
+epsilon-cap = 8.0                   # the site's privacy budget per run
+delta = 1e-5                        # must be below 1/n for the site's n training images
+"""
+
+
+def site_service_files(site: str) -> dict[str, str]:
+    """Ready-to-use systemd unit for the site (paths as installed by deploy/README.md)."""
+    unit = f"""[Unit]
+Description=medfed site node ({site}): Flower SuperNode with TLS and node authentication
+Documentation=file:///opt/medfed/deploy/README.md
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+User=medfed
+Group=medfed
+WorkingDirectory=/srv/medfed
+Environment=FLWR_TELEMETRY_ENABLED=0
+Environment=FLWR_DISABLE_UPDATE_CHECK=1
+Environment=FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+ExecStart=/opt/medfed/.venv/bin/medfed site start /srv/medfed/kit --data /srv/medfed/deid
+Restart=on-failure
+RestartSec=10
+NoNewPrivileges=true
+PrivateTmp=true
+ProtectSystem=strict
+ProtectHome=true
+ReadWritePaths=/srv/medfed
+UMask=0077
+
+[Install]
+WantedBy=multi-user.target
+"""
+    return {"medfed-site.service": unit}
+
+
+def kit_readme(consortium: str, site: str, superlink: str) -> str:
+    return f"""# medfed site kit: {site} ({consortium})
+
+Keep this folder at the site. `auth/node.key` is this site's private key: mode 0600,
+never copy it anywhere else. The coordinator holds only `auth/node.pub`.
+
+1. De-identify: `medfed deid run RAW DEID --key /srv/medfed/site.key --labels labels.csv`
+2. Start the node: `medfed site start {site}-kit --data DEID` (connects out to {superlink}, HTTPS only)
+3. As a service: install `medfed-site.service` (see deploy/README.md in the medfed sources).
+"""
+
+
+# ---- operations ----------------------------------------------------------------------------------
+
+
+def _parse_sites(sites: list[str]) -> list[str]:
+    out: list[str] = []
+    for raw in sites:
+        for s in raw.split(","):
+            s = s.strip()
+            if not s:
+                continue
+            if not SITE_NAME.match(s):
+                raise ProvisionError(
+                    f"site name {s!r} is not allowed: use letters, digits, '.', '_' or '-' (e.g. hospital-a)")
+            if s in out:
+                raise ProvisionError(f"site {s!r} is listed twice in --sites; list each site once")
+            out.append(s)
+    return out
+
+
+def init_consortium(directory: Path, name: str, hosts: list[str], sites: list[str], *, port: int = DEFAULT_PORT,
+                    bind_host: str = "0.0.0.0") -> ConsortiumConfig:
+    """Create a consortium folder: CA, coordinator TLS identity, one kit per site."""
+    directory = directory.resolve()
+    if (directory / CONSORTIUM_FILE).exists():
+        raise ProvisionError(f"{directory} already holds a consortium ({CONSORTIUM_FILE}); use add-site, or another DIR")
+    if directory.exists() and any(directory.iterdir()):
+        raise ProvisionError(f"{directory} is not empty; choose an empty or new folder")
+    host_list = [h.strip() for raw in hosts for h in raw.split(",") if h.strip()]
+    if not host_list:
+        raise ProvisionError("--coordinator-host is empty: give the name or address sites use to reach the coordinator")
+    site_list = _parse_sites(sites)
+    try:
+        cfg = ConsortiumConfig(name=name, coordinator_hosts=coordinator_hosts(host_list), port=port,
+                               bind_host=bind_host)
+    except ValidationError as err:
+        raise explain("the command line", err) from None
+    layout = Layout(directory)
+    ca = CertificateAuthority.create(name)
+    ca.save(layout.ca_dir)
+    key, cert = ca.issue_server(cfg.coordinator_hosts)
+    write_file(layout.tls / "ca.pem", ca.cert_pem)
+    write_file(layout.tls / "server.pem", cert.public_bytes(serialization.Encoding.PEM))
+    write_file(layout.tls / "server.key", private_pem(key), 0o600)
+    for site in site_list:
+        cfg.sites.append(_site_kit(layout, cfg, ca, site))
+    write_file(directory / CONSORTIUM_FILE, cfg.to_toml().encode())
+    return cfg
+
+
+def add_site(directory: Path, site: str) -> SiteEntry:
+    """Provision one more site (a new kit; the coordinator registers it at its next start)."""
+    directory = directory.resolve()
+    cfg = load_consortium(directory)
+    (site,) = _parse_sites([site]) or [""]
+    if (existing := cfg.site(site)) is not None:
+        raise ProvisionError(
+            f"site {site!r} is already in the consortium ({existing.status}); a revoked site gets a new name")
+    layout = Layout(directory)
+    entry = _site_kit(layout, cfg, CertificateAuthority.load(layout.ca_dir), site)
+    cfg.sites.append(entry)
+    write_file(directory / CONSORTIUM_FILE, cfg.to_toml().encode())
+    return entry
+
+
+def revoke_site(directory: Path, site: str) -> SiteEntry:
+    """Mark a site revoked: its key is unregistered at the SuperLink and refused from then on."""
+    directory = directory.resolve()
+    cfg = load_consortium(directory)
+    entry = cfg.site(site)
+    if entry is None:
+        names = ", ".join(s.name for s in cfg.sites) or "none"
+        raise ProvisionError(f"site {site!r} is not in the consortium (sites: {names})")
+    if entry.status == "revoked":
+        return entry
+    entry.status = "revoked"
+    entry.revoked = _now().isoformat(timespec="seconds")
+    write_file(directory / CONSORTIUM_FILE, cfg.to_toml().encode())
+    return entry
+
+
+def public_key_line(directory: Path, entry: SiteEntry) -> bytes:
+    """The site's registered public key (OpenSSH line), as the coordinator keeps it."""
+    path = directory / entry.public_key
+    if not path.is_file():
+        raise ProvisionError(
+            f"{path} (public key of site {entry.name}, in {directory / CONSORTIUM_FILE}) is missing; "
+            f"copy it back from the site's kit (auth/node.pub)")
+    return path.read_bytes()
+
+
+def remove_kit(directory: Path, site: str) -> None:
+    """Delete a site's kit folder at the operator once it has been handed over."""
+    kit = Layout(directory).kit(site)
+    if kit.exists():
+        shutil.rmtree(kit)
+
+
+def describe(cfg: ConsortiumConfig) -> dict[str, Any]:
+    return {"name": cfg.name, "hosts": cfg.coordinator_hosts, "port": cfg.port,
+            "sites": {s.name: s.status for s in cfg.sites}}

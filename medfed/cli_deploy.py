@@ -1,0 +1,200 @@
+"""`medfed consortium|coordinator|site ...` and `medfed run`: deployment across hospitals.
+
+Thin Typer wiring over coordinator.provision / coordinator.superlink /
+coordinator.launch (operator side) and site_client.kit (site side). Light to
+import: no torch or Flower until a command runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+log = logging.getLogger("medfed")
+
+consortium_app = typer.Typer(help="Provision a consortium: CA, coordinator TLS identity, one startup kit per site.",
+                             no_args_is_help=True)
+coordinator_app = typer.Typer(help="Run the coordinator's Flower SuperLink (TLS, SuperNode authentication).",
+                              no_args_is_help=True)
+site_app = typer.Typer(help="Run a site's Flower SuperNode from its startup kit.", no_args_is_help=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+_DIR = Annotated[Path, typer.Argument(help="Consortium folder (made by `medfed consortium init`).")]
+
+
+@consortium_app.command("init")
+def consortium_init(
+    directory: Annotated[Path, typer.Argument(help="New consortium folder to create.")],
+    name: Annotated[str, typer.Option("--name", help="Consortium name (goes into the CA certificate).")],
+    coordinator_host: Annotated[list[str], typer.Option(
+        "--coordinator-host", help="Name or address sites use to reach the coordinator (repeat, or comma-separate); "
+        "localhost and 127.0.0.1 are always added.")],
+    sites: Annotated[list[str], typer.Option("--sites", help="Site names, comma-separated (e.g. A,B,C).")],
+    port: Annotated[int, typer.Option(help="The SuperLink's HTTPS port.")] = 9093,
+    bind_host: Annotated[str, typer.Option("--bind-host", help="Address the SuperLink listens on.")] = "0.0.0.0",
+) -> None:
+    """Create the CA, the coordinator's TLS certificate and key, and a kit per site (kits/NAME)."""
+    from coordinator.provision import ProvisionError, init_consortium
+
+    try:
+        cfg = init_consortium(directory, name, coordinator_host, sites, port=port, bind_host=bind_host)
+    except ProvisionError as err:
+        _fail(str(err))
+        return
+    typer.echo(f"consortium {cfg.name} in {directory.resolve()}: coordinator https://{cfg.coordinator_hosts[0]}:"
+               f"{cfg.port}, {len(cfg.sites)} site kits in {directory.resolve() / 'kits'} "
+               "(hand each site its own folder; keep ca/ca.key offline)")
+
+
+@consortium_app.command("add-site")
+def consortium_add_site(directory: _DIR, site: Annotated[str, typer.Argument(help="New site's name.")]) -> None:
+    """Provision one more site: a new kit; a running coordinator registers it at once."""
+    from coordinator.provision import ProvisionError, add_site
+    from coordinator.superlink import running_pid, sync_registrations
+
+    try:
+        entry = add_site(directory, site)
+        live = running_pid(directory) is not None
+        if live:
+            sync_registrations(directory)
+    except ProvisionError as err:
+        _fail(str(err))
+        return
+    typer.echo(f"site {entry.name} added: kit in {directory.resolve() / 'kits' / entry.name}"
+               + ("; registered at the running SuperLink" if live else "; registered at the next coordinator start"))
+
+
+@consortium_app.command("revoke-site")
+def consortium_revoke_site(directory: _DIR, site: Annotated[str, typer.Argument(help="Site to revoke.")]) -> None:
+    """Revoke a site: its key is unregistered (at once if the coordinator runs) and refused from then on."""
+    from coordinator.provision import ProvisionError, revoke_site
+    from coordinator.superlink import running_pid, sync_registrations
+
+    try:
+        entry = revoke_site(directory, site)
+        live = running_pid(directory) is not None
+        if live:
+            sync_registrations(directory)
+    except ProvisionError as err:
+        _fail(str(err))
+        return
+    typer.echo(f"site {entry.name} revoked ({entry.revoked})"
+               + ("; unregistered at the running SuperLink" if live else "; refused from the next coordinator start"))
+
+
+@coordinator_app.command("start")
+def coordinator_start(
+    directory: _DIR,
+    port: Annotated[Optional[int], typer.Option(help="Override the port in consortium.toml.")] = None,
+    bind_host: Annotated[Optional[str], typer.Option("--bind-host", help="Override the listen address.")] = None,
+) -> None:
+    """Run the SuperLink in the foreground (TLS, node authentication, state on disk, no telemetry)."""
+    from coordinator.provision import ProvisionError
+    from coordinator.superlink import CoordinatorError, start_coordinator
+
+    try:
+        raise typer.Exit(start_coordinator(directory, port=port, bind_host=bind_host))
+    except (ProvisionError, CoordinatorError) as err:
+        _fail(str(err))
+
+
+@coordinator_app.command("nodes")
+def coordinator_nodes(directory: _DIR) -> None:
+    """List the SuperNodes the running SuperLink knows (registered, online, offline)."""
+    from coordinator.superlink import list_nodes
+
+    for n in list_nodes(directory):
+        typer.echo(f"{n['name'] or '-':<24} {n['node_id']:>22} {n['status']}")
+
+
+@site_app.command("start")
+def site_start(
+    kit: Annotated[Path, typer.Argument(help="This site's kit folder (from the consortium operator).")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="De-identified store (`medfed deid run` output).")] = None,
+    superlink: Annotated[Optional[str], typer.Option(help="Override the coordinator address (host:port).")] = None,
+    reconnect_seconds: Annotated[Optional[float], typer.Option(
+        "--reconnect-seconds", help="Give up after the coordinator has been unreachable this long.")] = None,
+    clientapp_port: Annotated[Optional[int], typer.Option(
+        "--clientapp-port", help="Override the loopback port between the SuperNode and its ClientApps.")] = None,
+) -> None:
+    """Run this site's SuperNode: TLS to the coordinator, its authentication key, its node config."""
+    from site_client.kit import KitError, load_kit, run_site, write_site_config
+
+    try:
+        k = load_kit(kit)
+        if superlink:
+            k.config.superlink = superlink
+        if clientapp_port:
+            k.config.clientapp_port = clientapp_port
+        site, path = write_site_config(k, data)
+    except KitError as err:
+        _fail(str(err))
+        return
+    typer.echo(f"site {site.name}: data {site.data_dir}, state {site.state_dir}, privacy cap ε={site.epsilon_cap:g} "
+               f"(δ={site.delta:g}); connecting to {k.config.superlink}")
+    raise typer.Exit(run_site(k, path, reconnect_seconds=reconnect_seconds))
+
+
+def run_command(
+    directory: _DIR,
+    rounds: Annotated[Optional[int], typer.Option("--rounds", min=1, help="Federated rounds (num-server-rounds).")] = None,
+    run_config: Annotated[Optional[list[str]], typer.Option(
+        "--run-config", help="Run settings, 'key=value key2=value2' (see [tool.flwr.app.config]).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the last run from its last checkpoint.")] = False,
+    run_name: Annotated[Optional[str], typer.Option("--run-name", help="Name of the run (default: run-DATE; "
+                                                    "with --resume: the last run).")] = None,
+    timeout: Annotated[Optional[float], typer.Option(help="Give up waiting after this many seconds.")] = None,
+) -> None:
+    """Start a run on the deployment (`flwr run` over TLS), stream its progress, print its summary."""
+    from coordinator.launch import plan_run, run
+    from coordinator.provision import ProvisionError
+    from coordinator.superlink import CoordinatorError
+    from medfed.settings import ConfigError
+
+    try:
+        plan = plan_run(directory, rounds=rounds, run_config=run_config, resume=resume, run_name=run_name)
+        if plan.resume_from:
+            typer.echo(f"resuming run {plan.run_name} after round {plan.resume_from}")
+        metrics = run(directory, plan, timeout=timeout)
+    except (ConfigError, ProvisionError, CoordinatorError) as err:
+        _fail(str(err))
+        return
+    _summary(plan.run_name, plan.out_dir, metrics)
+
+
+def _summary(name: str, out: Path, metrics: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"run {name}")
+    for col in ("round", "AUC", "sites trained", "seconds"):
+        table.add_column(col, justify="right")
+    for r in metrics["rounds"]:
+        trained = sum(1 for v in r["sites"].values() if v["status"] == "trained")
+        auc = r.get("auc")
+        table.add_row(str(r["round"]), "n/a" if auc is None else f"{auc:.3f}", f"{trained}/{len(r['sites'])}",
+                      f"{r.get('seconds', 0):.1f}")
+    console = Console()
+    console.print(table)
+    if (dp := metrics.get("site_dp")) is not None:
+        eps = dp.get("epsilon")
+        console.print(f"site-level DP ({dp['mode']}, {dp['sampling']} sampling, {dp['neighbouring']}): "
+                      f"ε = {'∞' if eps is None else f'{eps:.2f}'} at δ = {dp['delta']:g} after "
+                      f"{dp['rounds_released']} rounds")
+    console.print(f"model:   {out / 'model.pt'}\nmetrics: {out / 'metrics.json'}\ncheckpoints: {out / 'checkpoints'}")
+
+
+def register_deploy_commands(app: typer.Typer) -> None:
+    """Add `consortium`, `coordinator`, `site` and `run` to the `medfed` command."""
+    app.add_typer(consortium_app, name="consortium")
+    app.add_typer(coordinator_app, name="coordinator")
+    app.add_typer(site_app, name="site")
+    app.command("run")(run_command)

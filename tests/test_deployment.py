@@ -1,0 +1,526 @@
+"""The deployment, for real: `flower-superlink` and three `flower-supernode`s on loopback.
+
+Everything goes through the medfed commands an operator and site IT use
+(`medfed consortium init`, `medfed coordinator start`, `medfed site start`,
+`medfed run`), with TLS from the consortium CA and SuperNode authentication.
+Every process is started in its own session and stopped by its process id
+(its process group); every wait is bounded; ports are chosen at run time.
+One consortium and one set of synthetic sites are shared by the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from anonymization.audit import read_records
+from coordinator.federation import initial_state
+from coordinator.provision import CertificateAuthority, node_keypair
+from coordinator.receipts import arrays_digest, read_jsonl
+from coordinator.superlink import list_nodes
+from medfed import hardening
+from medfed.demo import prepare_sites
+from medfed.settings import RunConfig, SiteConfig
+from site_client.egress import EVALUATE_METRICS, TRAIN_METRICS
+from site_client.ledger import PrivacyLedger
+
+pytestmark = [pytest.mark.deployment, pytest.mark.timeout(1500)]
+
+MEDFED = str(Path(sys.executable).parent / "medfed")
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+REVOKED = "hospital-r"
+#: Small and fast: 32x32 images, batches of 8.
+BASE_CONFIG = ("image-size=32 batch-size=8 min-available-nodes=3 min-train-nodes=3 min-evaluate-nodes=1 "
+               "round-timeout=300.0")
+
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "docker"
+
+
+def entrypoint(dockerfile: str, paths: dict[str, Path]) -> list[str]:
+    """The image's ENTRYPOINT as a plain process here: container paths mapped to ours, `medfed` to this venv's."""
+    line = next(ln for ln in (DEPLOY / dockerfile).read_text().splitlines() if ln.startswith("ENTRYPOINT"))
+    argv = json.loads(line.split(None, 1)[1])
+    assert argv[0] == "medfed"
+    return [MEDFED, *(str(paths.get(a, a)) for a in argv[1:])]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, poll: float = 0.5) -> Any:
+    """Poll ``check`` until it returns something truthy, at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@dataclass
+class Proc:
+    """A medfed command in its own session (so its Flower children go with it), logging to a file."""
+
+    name: str
+    cmd: list[str]
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "Proc":
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.log, "ab")  # noqa: SIM115 - the child holds it
+        self.popen = subprocess.Popen(self.cmd, stdout=fh, stderr=subprocess.STDOUT, env=hardening.child_env(),
+                                      start_new_session=True)
+        fh.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)  # the group this process leads: it and the Flower processes it started
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        self.signal_group(signal.SIGKILL)
+        if self.popen is not None:
+            self.popen.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.popen is None:
+            return
+        if self.popen.poll() is None:
+            self.signal_group(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=25)
+            except subprocess.TimeoutExpired:
+                pass
+        self.signal_group(signal.SIGKILL)  # whatever of the group is left
+        if self.popen.poll() is None:
+            self.popen.wait(timeout=30)
+
+    def wait(self, timeout: float) -> int:
+        assert self.popen is not None
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} still running after {timeout:.0f}s; log:\n{self.text()[-3000:]}")
+
+
+@dataclass
+class World:
+    """A running consortium: coordinator + three sites."""
+
+    root: Path
+    cons: Path
+    port: int
+    data: dict[str, Path]
+    coordinator: Proc | None = None
+    sites: dict[str, Proc] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def kit(self, name: str) -> Path:
+        return self.cons / "kits" / name
+
+    def start_coordinator(self) -> Proc:
+        n = sum(1 for p in (self.root / "logs").glob("coordinator-*.log"))
+        cmd = entrypoint("Dockerfile.coordinator", {"/consortium": self.cons})
+        proc = Proc("coordinator", [*cmd, "--port", str(self.port), "--bind-host", "127.0.0.1"],
+                    self.root / "logs" / f"coordinator-{n}.log").start()
+        wait_for(lambda: "medfed coordinator ready" in proc.text() or not proc.alive(), 180, "the coordinator")
+        assert proc.alive(), proc.text()[-3000:]
+        self.coordinator = proc
+        return proc
+
+    def start_site(self, name: str, kit: Path | None = None, reconnect: float = 600.0, data: Path | None = None,
+                   tag: str = "") -> Proc:
+        port = self.ports.setdefault(name + tag, free_port())
+        n = sum(1 for p in (self.root / "logs").glob(f"site-{name}{tag}-*.log"))
+        cmd = entrypoint("Dockerfile.site-cpu", {"/kit": kit or self.kit(name), "/data": data or self.data[name]})
+        proc = Proc(name + tag, [*cmd, "--superlink", f"localhost:{self.port}", "--clientapp-port", str(port),
+                                 "--reconnect-seconds", f"{reconnect:g}"],
+                    self.root / "logs" / f"site-{name}{tag}-{n}.log").start()
+        if not tag:
+            self.sites[name] = proc
+        return proc
+
+    def nodes(self) -> dict[str, str]:
+        try:
+            return {n["name"]: n["status"] for n in list_nodes(self.cons, self.port)}
+        except Exception:  # noqa: BLE001 - the SuperLink may be restarting
+            return {}
+
+    def wait_online(self, names: tuple[str, ...] = SITES, timeout: float = 240) -> None:
+        wait_for(lambda: all(self.nodes().get(n) == "online" for n in names), timeout, f"sites {names} online")
+
+    def node_ids(self) -> dict[str, int]:
+        regs = json.loads((self.cons / "coordinator" / "state" / "registrations.json").read_text())
+        return {k: int(v["node_id"]) for k, v in regs.items() if v["node_id"] is not None}
+
+    def run(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([MEDFED, "run", str(self.cons), *args], capture_output=True, text=True,
+                              timeout=timeout, env=hardening.child_env())
+
+    def run_dir(self, name: str) -> Path:
+        return self.cons / "coordinator" / "runs" / name
+
+    def site_config(self, name: str) -> SiteConfig:
+        return SiteConfig.from_toml(self.kit(name) / "site.toml")
+
+    def stop_all(self) -> None:
+        for proc in [*self.sites.values(), self.coordinator]:
+            if proc is not None:
+                proc.stop()
+
+
+def _set_kit_template(kit: Path, **values: str) -> None:
+    text = (kit / "kit.toml").read_text()
+    for key, value in values.items():
+        text = re.sub(rf"(?m)^{re.escape(key)} = .*$", f"{key} = {value}", text)
+    (kit / "kit.toml").write_text(text)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    root = tmp_path_factory.mktemp("deployment")
+    sites = prepare_sites(root / "data", sites=3, patients=24, seed=5, epsilon_caps=[1000.0] * 3, delta=1e-5,
+                          progress=False)
+    data = {s.name: s.data_dir for s in sites}
+    data[REVOKED] = data["hospital-c"]  # a fourth site for the revocation test; its data is never trained on
+    port = free_port()
+    cons = root / "consortium"
+    out = subprocess.run([MEDFED, "consortium", "init", str(cons), "--name", "deploytest", "--coordinator-host",
+                          "localhost", "--sites", ",".join([*SITES, REVOKED]), "--port", str(port),
+                          "--bind-host", "127.0.0.1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for name in [*SITES, REVOKED]:
+        _set_kit_template(cons / "kits" / name, **{"epsilon-cap": "1000.0"})
+    w = World(root=root, cons=cons, port=port, data=data)
+    try:
+        w.start_coordinator()
+        for name in SITES:
+            w.start_site(name)
+        w.wait_online()
+        yield w
+    finally:
+        w.stop_all()
+
+
+def _model_keys() -> list[str]:
+    return list(initial_state(RunConfig().with_overrides(image_size=32)).keys())
+
+
+# ---- transport: TLS only ------------------------------------------------------------------------
+
+
+def _listening_ports(pid: int) -> set[int]:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return set()
+    ports = set()
+    for p in procs:
+        try:
+            for c in p.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN:
+                    ports.add(int(c.laddr.port))
+        except psutil.NoSuchProcess:
+            continue
+    return ports
+
+
+def _tls_ok(port: int, ca: Path) -> bool:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        with ctx.wrap_socket(sock, server_hostname="localhost"):
+            return True
+
+
+def _plaintext_http_answered(port: int) -> bool:
+    """Whether a plain-HTTP request gets an HTTP answer (it must not: the port speaks TLS only)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        sock.settimeout(5)
+        try:
+            data = sock.recv(64)
+        except (TimeoutError, ConnectionResetError):
+            return False
+    return data.startswith(b"HTTP/")
+
+
+def test_every_listening_port_speaks_tls_only(world: World) -> None:
+    assert world.coordinator is not None
+    coord_ports = _listening_ports(world.coordinator.pid)
+    assert coord_ports == {world.port}, f"the coordinator listens on {coord_ports}, expected only {world.port}"
+    ca = world.cons / "coordinator" / "tls" / "ca.pem"
+    assert _tls_ok(world.port, ca)
+    assert not _plaintext_http_answered(world.port)
+    # A client that trusts only the system CAs (no consortium CA) cannot connect.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        with socket.create_connection(("127.0.0.1", world.port), timeout=5) as sock:
+            ssl.create_default_context().wrap_socket(sock, server_hostname="localhost")
+    for name, proc in world.sites.items():
+        ports = _listening_ports(proc.pid)
+        assert ports == {world.ports[name]}, f"{name} listens on {ports}"
+        for port in ports:  # the SuperNode's loopback ClientApp API, with the site's own loopback CA
+            assert _tls_ok(port, world.kit(name) / "runtime-tls" / "ca.pem")
+            assert not _plaintext_http_answered(port)
+
+
+# ---- a normal run ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def basic_run(world: World) -> dict[str, Any]:
+    res = world.run("--rounds", "2", "--run-name", "basic", "--run-config", BASE_CONFIG + " fraction-evaluate=0.34")
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return json.loads((world.run_dir("basic") / "metrics.json").read_text())
+
+
+def test_two_rounds_over_tls_with_auth_complete_and_change_the_model(world: World, basic_run: dict[str, Any]) -> None:
+    assert [r["round"] for r in basic_run["rounds"]] == [1, 2]
+    ids = world.node_ids()
+    for r in basic_run["rounds"]:
+        assert {int(n) for n, s in r["sites"].items() if s["status"] == "trained"} == {ids[s] for s in SITES}
+    out = world.run_dir("basic")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-0001.pt", "round-0002.pt"]
+    initial = initial_state(RunConfig().with_overrides(image_size=32, seed=0))
+    final = torch.load(out / "model.pt", weights_only=True)
+    assert final.keys() == initial.keys()
+    assert any(not torch.equal(final[k], initial[k]) for k in final)
+    # each site accounted the run under its run name, once per round
+    for name in SITES:
+        rows = PrivacyLedger(world.site_config(name).state_dir / "privacy-ledger.sqlite").rounds("basic")
+        assert [r["server_round"] for r in rows if r["status"] == "spent"] == [1, 2]
+
+
+def test_egress_only_model_arrays_and_allowed_scalars(world: World, basic_run: dict[str, Any]) -> None:
+    keys = _model_keys()
+    # what the sites recorded sending
+    site_digests: set[str] = set()
+    for name in SITES:
+        recs = [r for r in read_records(world.site_config(name).audit_path) if r.get("run_id") == "basic"]
+        assert not [r for r in recs if r["kind"] in ("egress_blocked", "egress_secagg")]
+        egress = [r for r in recs if r["kind"] == "egress"]
+        assert {r["message_type"] for r in egress} <= {"train", "evaluate"} and egress
+        for r in egress:
+            if r["message_type"] == "train":
+                assert [a["name"] for a in r["arrays"]] == keys
+                assert all(a["dtype"] == "float32" for a in r["arrays"])
+                assert set(r["metrics"]) <= TRAIN_METRICS
+                site_digests.add(r["digest"])
+            else:
+                assert r["arrays"] == [] and set(r["metrics"]) <= EVALUATE_METRICS
+    # what the coordinator received
+    received = read_jsonl(world.run_dir("basic") / "received.jsonl")
+    assert {r["phase"] for r in received} == {"train", "evaluate"}
+    coord_digests: set[str] = set()
+    for r in received:
+        assert "error" not in r, r
+        recs = r["records"]
+        if r["phase"] == "train":
+            assert set(recs) == {"arrays", "metrics"}
+            assert recs["arrays"]["type"] == "arrays" and [a["name"] for a in recs["arrays"]["arrays"]] == keys
+            coord_digests.add(recs["arrays"]["digest"])
+            assert set(recs["metrics"]["keys"]) <= TRAIN_METRICS and recs["metrics"]["scalar"]
+        else:
+            assert set(recs) == {"metrics"} and set(recs["metrics"]["keys"]) <= EVALUATE_METRICS
+    assert len(coord_digests) == 6 and coord_digests == site_digests  # the same bytes, end to end
+
+
+# ---- secure aggregation ----------------------------------------------------------------------------
+
+
+def test_secagg_strategy_receives_only_the_aggregate(world: World) -> None:
+    res = world.run("--rounds", "1", "--run-name", "secure", "--run-config", BASE_CONFIG + " secagg=true "
+                    "fraction-evaluate=0.0")
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    out = world.run_dir("secure")
+    agg = read_jsonl(out / "aggregation.jsonl")
+    assert len(agg) == 1 and agg[0]["secure"] is True and len(agg[0]["inputs"]) == 3
+    inputs = {i["digest"] for i in agg[0]["inputs"]}
+    assert len(inputs) == 1  # every input is the same secure aggregate ...
+    from flwr.app import ArrayRecord
+
+    updates, weights = [], []
+    for name in SITES:
+        (entry,) = [e for e in _released(world, name, "secure") if e["round"] == 1]
+        state = torch.load(entry["path"], weights_only=True)
+        assert arrays_digest(ArrayRecord(state)) not in inputs  # ... and none is a site's own update
+        updates.append(state)
+        weights.append(entry["metrics"]["num-examples"])
+    final = torch.load(out / "model.pt", weights_only=True)
+    total = sum(weights)
+    for k in final:  # the aggregate is the example-weighted mean of the sites' updates (up to quantization)
+        mean = sum(w * u[k].double() for w, u in zip(weights, updates)) / total
+        spread = max(float((u[k].double() - mean).abs().max()) for u in updates)
+        err = float((final[k].double() - mean).abs().max())
+        assert err < 5e-3 and (spread == 0 or err < spread), (k, err, spread)
+    # the coordinator received key material and masked vectors only; the sites recorded each stage
+    received = [r for r in read_jsonl(out / "received.jsonl") if r["phase"] == "train"]
+    assert {r["stage"] for r in received} == {"setup", "share_keys", "collect_masked_vectors", "unmask"}
+    for r in received:
+        for rec in r["records"].values():
+            assert rec["type"] != "arrays" or rec["bytes"] == 0, r
+    for name in SITES:
+        recs = [r for r in read_records(world.site_config(name).audit_path) if r.get("run_id") == "secure"]
+        stages = {r["message_type"].rsplit(":", 1)[-1] for r in recs if r["kind"] == "egress_secagg"}
+        assert stages == {"setup", "share_keys", "collect_masked_vectors", "unmask"}
+        assert not [r for r in recs if r["kind"] == "egress" and r["message_type"] == "train"]
+
+
+def _released(world: World, name: str, run: str) -> list[dict[str, Any]]:
+    from site_client.replay import ReplayStore
+
+    return ReplayStore(world.site_config(name).state_dir).released(run)
+
+
+# ---- who may connect -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def refusals(world: World) -> dict[str, Any]:
+    root = world.root / "refusal-kits"
+    # a key the coordinator never registered
+    rogue = root / "rogue"
+    shutil.copytree(world.kit("hospital-a"), rogue, ignore=shutil.ignore_patterns("state", "runtime-tls", "site.toml"))
+    private, _ = node_keypair()
+    (rogue / "auth" / "node.key").write_bytes(private)
+    os.chmod(rogue / "auth" / "node.key", 0o600)
+    # a kit that trusts another CA than the consortium's
+    noca = root / "noca"
+    shutil.copytree(world.kit("hospital-a"), noca, ignore=shutil.ignore_patterns("state", "runtime-tls", "site.toml"))
+    (noca / "ca.pem").write_bytes(CertificateAuthority.create("some other consortium").cert_pem)
+
+    # a registered site that connects, is revoked while connected, and comes back
+    revoked = world.start_site(REVOKED, reconnect=20.0)
+    world.wait_online((REVOKED,))
+    res = subprocess.run([MEDFED, "consortium", "revoke-site", str(world.cons), REVOKED], capture_output=True,
+                         text=True, timeout=120, env=hardening.child_env())
+    assert res.returncode == 0, res.stderr
+    procs = {
+        "rogue": world.start_site("hospital-a", kit=rogue, reconnect=10.0, tag="-rogue"),
+        "noca": world.start_site("hospital-a", kit=noca, reconnect=10.0, tag="-noca"),
+        "revoked": revoked,
+    }
+    codes = {k: p.wait(timeout=180) for k, p in procs.items()}
+    assert world.coordinator is not None
+    return {"codes": codes, "logs": {k: p.text() for k, p in procs.items()}, "nodes": world.nodes(),
+            "superlink_log": (world.cons / "coordinator" / "state" / "superlink.log").read_text(errors="replace")}
+
+
+def test_unregistered_key_is_refused(refusals: dict[str, Any]) -> None:
+    assert refusals["codes"]["rogue"] != 0
+    assert "Failed to activate SuperNode" in refusals["logs"]["rogue"]
+    assert "No SuperNode found with the given public key" in refusals["superlink_log"]
+    assert "SuperNode ID" not in refusals["logs"]["rogue"]  # it never got a node id
+
+
+def test_revoked_key_is_refused(refusals: dict[str, Any]) -> None:
+    assert refusals["codes"]["revoked"] != 0
+    log = refusals["logs"]["revoked"]
+    assert "SuperNode ID" in log  # it was connected before the revocation ...
+    assert log.rfind("Failed to activate SuperNode") > log.find("SuperNode ID")  # ... and refused after it
+    assert refusals["nodes"].get(REVOKED) in (None, "unregistered")
+    assert all(refusals["nodes"].get(s) == "online" for s in SITES)  # the others are unaffected
+
+
+def test_client_without_the_ca_certificate_cannot_connect(refusals: dict[str, Any]) -> None:
+    assert refusals["codes"]["noca"] != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in refusals["logs"]["noca"]
+    assert "SuperNode ID" not in refusals["logs"]["noca"]
+
+
+# ---- faults ----------------------------------------------------------------------------------------
+
+
+def _count(text: str, needle: str) -> int:
+    return text.count(needle)
+
+
+def test_site_killed_mid_round_round_completes_and_site_rejoins(world: World) -> None:
+    victim = "hospital-c"
+    before = _count(world.sites[victim].text(), "Receiving: train message")
+    run = Proc("run-sitekill", [MEDFED, "run", str(world.cons), "--rounds", "2", "--run-name", "sitekill",
+                                "--run-config", BASE_CONFIG.replace("min-train-nodes=3", "min-train-nodes=2")
+                                + " fraction-evaluate=0.0"], world.root / "logs" / "run-sitekill.log").start()
+    try:
+        wait_for(lambda: _count(world.sites[victim].text(), "Receiving: train message") > before, 300,
+                 f"{victim} to receive its round-1 training message")
+        world.sites[victim].kill()  # SIGKILL, mid-round: no goodbye to the coordinator
+        world.start_site(victim)  # site IT's service manager restarts it
+        assert run.wait(timeout=900) == 0, run.text()[-4000:]
+    finally:
+        run.stop()
+    metrics = json.loads((world.run_dir("sitekill") / "metrics.json").read_text())
+    ids = world.node_ids()
+    r1, r2 = metrics["rounds"]
+    assert str(ids[victim]) in r1["sites"], (ids, r1["sites"])
+    assert r1["sites"][str(ids[victim])]["status"] != "trained"
+    assert all(r1["sites"][str(ids[s])]["status"] == "trained" for s in SITES if s != victim)
+    assert r1["train"], "round 1 aggregated the surviving sites"
+    assert all(r2["sites"][str(ids[s])]["status"] == "trained" for s in SITES)
+
+
+def test_coordinator_killed_after_round_1_resumes_without_losing_or_double_counting_spend(world: World) -> None:
+    out = world.run_dir("resumable")
+    run = Proc("run-resumable", [MEDFED, "run", str(world.cons), "--rounds", "2", "--run-name", "resumable",
+                                 "--run-config", BASE_CONFIG + " fraction-evaluate=0.0"],
+               world.root / "logs" / "run-resumable.log").start()
+    try:
+        wait_for(lambda: (out / "checkpoints" / "round-0001.pt").exists(), 600, "the round-1 checkpoint")
+        assert world.coordinator is not None
+        world.coordinator.kill()  # the coordinator host dies: SuperLink, SuperExec and ServerApp at once
+        assert "final_model" not in json.loads((out / "metrics.json").read_text())
+    finally:
+        run.stop()
+    world.start_coordinator()  # same state database, same port
+    world.wait_online(timeout=300)  # the sites reconnect by themselves
+    res = world.run("--resume", "--run-name", "resumable")
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "resuming run resumable after round 1" in res.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2] and metrics["final_model"] == "model.pt"
+    assert (out / "checkpoints" / "round-0002.pt").exists()
+    ids = world.node_ids()
+    for name in SITES:
+        site = world.site_config(name)
+        ledger = PrivacyLedger(site.state_dir / "privacy-ledger.sqlite")
+        spent = [r["server_round"] for r in ledger.rounds("resumable") if r["status"] == "spent"]
+        assert spent == [1, 2], f"{name} spent for rounds {spent}: each round exactly once"
+        # what the coordinator reported is what the ledger holds
+        reported = metrics["rounds"][-1]["sites"][str(ids[name])]["train"]["epsilon"]
+        assert np.isclose(reported, ledger.epsilon("resumable", site.delta))

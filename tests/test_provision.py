@@ -1,0 +1,173 @@
+"""Provisioning: CA, coordinator TLS identity, site kits — keys in the right places and nowhere else."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import stat
+import tomllib
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from typer.testing import CliRunner
+
+from coordinator.provision import (
+    CONSORTIUM_FILE,
+    ConsortiumConfig,
+    ProvisionError,
+    add_site,
+    init_consortium,
+    load_consortium,
+    revoke_site,
+)
+from medfed.cli import app
+from site_client.kit import KitConfig, KitError, load_kit, supernode_command, write_site_config
+
+SITES = ["hospital-a", "hospital-b", "hospital-c"]
+
+
+@pytest.fixture()
+def cons(tmp_path: Path) -> Path:
+    d = tmp_path / "cons"
+    init_consortium(d, "Test Consortium", ["coord.example.org", "10.0.0.7"], [",".join(SITES)], port=9443)
+    return d
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_server_certificate_names_the_hosts_and_chains_to_the_ca(cons: Path) -> None:
+    ca = x509.load_pem_x509_certificate((cons / "coordinator" / "tls" / "ca.pem").read_bytes())
+    cert = x509.load_pem_x509_certificate((cons / "coordinator" / "tls" / "server.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"coord.example.org", "localhost"}
+    assert set(san.get_values_for_type(x509.IPAddress)) == {ipaddress.ip_address("10.0.0.7"),
+                                                             ipaddress.ip_address("127.0.0.1")}
+    cert.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    key = serialization.load_pem_private_key((cons / "coordinator" / "tls" / "server.key").read_bytes(), None)
+    assert key.public_key().public_numbers() == cert.public_key().public_numbers()  # type: ignore[union-attr]
+
+
+def test_private_keys_are_0600_and_never_in_another_sites_kit(cons: Path) -> None:
+    private = {p for p in cons.rglob("*") if p.is_file() and p.suffix == ".key"}
+    assert {p.relative_to(cons).as_posix() for p in private} == {
+        "ca/ca.key", "coordinator/tls/server.key", *(f"kits/{s}/auth/node.key" for s in SITES)}
+    assert all(_mode(p) == 0o600 for p in private)
+    keys = {s: (cons / "kits" / s / "auth" / "node.key").read_bytes() for s in SITES}
+    ca_key = (cons / "ca" / "ca.key").read_bytes()
+    for kit in (cons / "kits").iterdir():
+        for f in kit.rglob("*"):
+            if f.is_file():
+                data = f.read_bytes()
+                assert ca_key not in data and b"PRIVATE KEY" not in data or f.name == "node.key"
+                for site, key in keys.items():
+                    if site != kit.name:
+                        assert key not in data, f"{site}'s key in {f}"
+    # the coordinator holds only public keys of the sites
+    for f in (cons / "coordinator").rglob("*"):
+        if f.is_file() and f.name != "server.key":
+            assert b"PRIVATE KEY" not in f.read_bytes(), f
+
+
+def test_node_key_pair_is_what_flower_supernode_auth_reads(cons: Path) -> None:
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    kit = cons / "kits" / "hospital-b"
+    private = serialization.load_ssh_private_key((kit / "auth" / "node.key").read_bytes(), None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+    # the coordinator's copy of the public key is what `flwr supernode register` loads
+    registered = try_load_public_key(cons / "coordinator" / "nodes" / "hospital-b.pub")
+    assert registered == public_key_to_bytes(private.public_key())
+    assert (kit / "auth" / "node.pub").read_bytes() == (cons / "coordinator" / "nodes" / "hospital-b.pub").read_bytes()
+
+
+def test_consortium_and_kit_files_validate(cons: Path) -> None:
+    cfg = load_consortium(cons)
+    assert [s.name for s in cfg.sites] == SITES and all(s.status == "active" for s in cfg.sites)
+    assert cfg.coordinator_hosts[:2] == ["coord.example.org", "10.0.0.7"] and cfg.port == 9443
+    for s in SITES:
+        kit = KitConfig.model_validate(tomllib.loads((cons / "kits" / s / "kit.toml").read_text()))
+        assert kit.name == s and kit.superlink == "coord.example.org:9443"
+        assert (cons / "kits" / s / "medfed-site.service").read_text().count("ExecStart=") == 1
+
+
+def test_add_and_revoke_site(cons: Path) -> None:
+    entry = add_site(cons, "hospital-d")
+    assert entry.status == "active" and (cons / "kits" / "hospital-d" / "auth" / "node.key").is_file()
+    revoked = revoke_site(cons, "hospital-a")
+    assert revoked.status == "revoked" and revoked.revoked
+    cfg = load_consortium(cons)
+    assert {s.name: s.status for s in cfg.sites} == {"hospital-a": "revoked", "hospital-b": "active",
+                                                      "hospital-c": "active", "hospital-d": "active"}
+    with pytest.raises(ProvisionError, match="already in the consortium"):
+        add_site(cons, "hospital-a")
+    with pytest.raises(ProvisionError, match="not in the consortium"):
+        revoke_site(cons, "hospital-z")
+
+
+def test_bad_input_is_refused_with_the_fix(tmp_path: Path, cons: Path) -> None:
+    with pytest.raises(ProvisionError, match="not allowed"):
+        init_consortium(tmp_path / "x", "n", ["h"], ["good,bad name"])
+    with pytest.raises(ProvisionError, match="twice"):
+        init_consortium(tmp_path / "y", "n", ["h"], ["a,a"])
+    with pytest.raises(ProvisionError, match="already holds a consortium"):
+        init_consortium(cons, "n", ["h"], ["a"])
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(ProvisionError, match="not empty"):
+        init_consortium(tmp_path / "full", "n", ["h"], ["a"])
+    # a broken consortium.toml: the error names the file, the field and what to do
+    path = cons / CONSORTIUM_FILE
+    path.write_text(path.read_text().replace("port = 9443", 'port = "ninety"'))
+    with pytest.raises(ProvisionError) as err:
+        load_consortium(cons)
+    assert str(path) in str(err.value) and "port" in str(err.value) and "Fix" in str(err.value)
+    with pytest.raises(ProvisionError, match="not a consortium folder"):
+        load_consortium(tmp_path)
+
+
+def test_site_start_checks_the_kit_and_builds_the_supernode_command(cons: Path, tmp_path: Path) -> None:
+    kit_dir = cons / "kits" / "hospital-c"
+    kit = load_kit(kit_dir)
+    with pytest.raises(KitError, match="manifest.csv"):
+        write_site_config(kit, tmp_path)  # a raw folder, not a de-identified store
+    deid = tmp_path / "deid"
+    deid.mkdir()
+    (deid / "manifest.csv").write_text("patient,label\n")
+    site, path = write_site_config(kit, deid)
+    assert site.data_dir == deid and site.state_dir == kit_dir / "state" and path == kit_dir / "site.toml"
+    cmd = supernode_command(kit, path)
+    assert cmd[cmd.index("--superlink") + 1] == "coord.example.org:9443"
+    assert cmd[cmd.index("--root-certificates") + 1] == str(kit_dir / "ca.pem")
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(kit_dir / "auth" / "node.key")
+    assert "--insecure" not in cmd and "--ssl-certfile" in cmd  # even the loopback ClientApp API is TLS
+    assert _mode(kit_dir / "runtime-tls" / "runtime.key") == 0o600
+    os.chmod(kit_dir / "auth" / "node.key", 0o644)
+    with pytest.raises(KitError, match="chmod 600"):
+        load_kit(kit_dir)
+    os.chmod(kit_dir / "auth" / "node.key", 0o600)
+    (kit_dir / "kit.toml").write_text((kit_dir / "kit.toml").read_text().replace("reconnect-seconds", "reconect"))
+    with pytest.raises(KitError) as err:
+        load_kit(kit_dir)
+    assert "kit.toml" in str(err.value) and "reconect" in str(err.value)
+
+
+def test_cli_init_add_revoke(tmp_path: Path) -> None:
+    runner = CliRunner()
+    d = tmp_path / "c"
+    res = runner.invoke(app, ["consortium", "init", str(d), "--name", "n", "--coordinator-host", "localhost",
+                              "--sites", "a,b"])
+    assert res.exit_code == 0, res.output
+    assert ConsortiumConfig.model_validate(tomllib.loads((d / CONSORTIUM_FILE).read_text())).sites[1].name == "b"
+    assert runner.invoke(app, ["consortium", "add-site", str(d), "c"]).exit_code == 0
+    res = runner.invoke(app, ["consortium", "revoke-site", str(d), "a"])
+    assert res.exit_code == 0 and "revoked" in res.output
+    res = runner.invoke(app, ["consortium", "init", str(d), "--name", "n", "--coordinator-host", "x", "--sites", "a"])
+    assert res.exit_code == 2 and "already holds a consortium" in res.output
