@@ -94,6 +94,8 @@ def _encode(ds: Dataset, meta_bytes: bytes, encoding: tuple[bool, bool], source:
         simple = _simple_bytes(elem, encoding) if type(elem) is DataElement else None
         if simple is not None:
             out.write(simple)
+        elif type(elem) is RawDataElement and (elem.is_implicit_VR, elem.is_little_endian) != encoding:
+            write_data_element(out, ds[tag], charset)  # read in another encoding: converted first
         else:
             write_data_element(out, ds.get_item(tag), charset)  # as dcmwrite does
     if run_end >= 0:
@@ -227,7 +229,26 @@ def _raw_span(elem: RawDataElement, source: bytes, encoding: tuple[bool, bool]) 
     return start, tell + length
 
 
+def _convert_misread(ds: Dataset) -> None:
+    """Convert raw elements read in another encoding than the data set says (at any depth).
+
+    pydicom reads a data set encoded implicitly although its transfer syntax says
+    explicit (and the reverse), but keeps saying the syntax's encoding, and its writer
+    then fails on those raw elements (no VR). Converted, they are written correctly.
+    """
+    encoding = tuple(ds.original_encoding)
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag)
+        if type(elem) is RawDataElement and (elem.is_implicit_VR, elem.is_little_endian) != encoding:
+            elem = ds[tag]
+        if getattr(elem, "VR", None) == "SQ" and elem.value is not None and not isinstance(elem.value, bytes):
+            for item in elem.value:
+                for _ in item.iterall():  # converts every element of the item
+                    pass
+
+
 def _dcmwrite(ds: Dataset, meta: FileMetaDataset) -> bytes:
+    _convert_misread(ds)
     ds.file_meta = meta
     ds.preamble = b"\x00" * 128
     buffer = io.BytesIO()

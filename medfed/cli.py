@@ -90,7 +90,8 @@ def deid_run(
     policy: Annotated[Optional[Path], typer.Option(
         "--policy", help="Site de-identification policy (TOML; see anonymization/data/policy.example.toml).")] = None,
     reid_table: Annotated[Optional[Path], typer.Option(
-        "--reid-table", help="Encrypted re-identification table to append to (overrides the policy's [reid] table).")] = None,
+        "--reid-table", help="Encrypted re-identification table to append to (overrides table = ... in the "
+        "policy's reid section).")] = None,
     clean_pixels: Annotated[bool, typer.Option(
         "--clean-pixels", help="Clean Pixel Data option: blank burned-in text found by OCR (needs tesseract-ocr) "
         "instead of quarantining such images; recorded in the audit trail's policy.")] = False,

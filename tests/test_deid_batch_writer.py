@@ -110,3 +110,19 @@ def test_deidentified_data_sets_written_exactly_as_dcmwrite_would(policy_name: s
         assert ours == expected.getvalue(), Path(name).name
         compared += 1
     assert compared > 50
+
+
+@pytest.mark.filterwarnings("ignore:Expected explicit VR, but found implicit VR:UserWarning")
+@pytest.mark.parametrize("syntax", [None, "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+def test_data_set_read_in_another_encoding_than_its_syntax_says_is_written(syntax: str | None) -> None:
+    """SC_rgb_jpeg.dcm says JPEG Baseline (explicit VR) but its data set is implicit VR:
+    pydicom reads it, and its own writer fails on it; ours converts those elements and writes."""
+    data = Path(get_testdata_file("SC_rgb_jpeg.dcm")).read_bytes()
+    ds = pydicom.dcmread(io.BytesIO(data))
+    assert ds.get_item(0x00080008).is_implicit_VR and not ds.original_encoding[0]  # the odd case
+    meta = _meta(ds)
+    if syntax is not None:
+        meta.TransferSyntaxUID = syntax
+    back = pydicom.dcmread(io.BytesIO(encode_file(ds, meta, data)))
+    assert back.ImageType == ["DERIVED", "SECONDARY", "OTHER"] and back["ImageType"].VR == "CS"
+    assert back.file_meta.TransferSyntaxUID == meta.TransferSyntaxUID

@@ -396,11 +396,15 @@ def test_pydicom_ultrasound_files_cleaned_or_refused(ocr: None, tmp_path: Path) 
     """Real vendor ultrasound (palette colour, JPEG lossless, big-endian RGB): never written with text left."""
     src = tmp_path / "src"
     src.mkdir()
-    names = ["OBXXXX1A.dcm", "ExplVR_BigEnd.dcm", "color-px.dcm"]
+    # ... and a JPEG secondary capture whose data set is implicit VR although its syntax says explicit
+    names = ["OBXXXX1A.dcm", "ExplVR_BigEnd.dcm", "color-px.dcm", "SC_rgb_jpeg.dcm"]
     for name in names:
         (src / name).write_bytes(Path(get_testdata_file(name)).read_bytes())
     summary = run_deid(src, tmp_path / "out", tmp_path / "k.key", clean_pixel_data=True, progress=False)
     assert summary.deidentified + summary.quarantined == len(names)
+    log = summary.quarantine_dir / "quarantine.jsonl"
+    reasons = [json.loads(line)["reason"] for line in log.read_text().splitlines()] if log.exists() else []
+    assert not [r for r in reasons if r.startswith((screening.REASON_WRITE, screening.REASON_FAILED))], reasons
     for path in (tmp_path / "out" / "images").rglob("*.dcm"):
         out = pydicom.dcmread(path)
         assert out.BurnedInAnnotation == "NO"
