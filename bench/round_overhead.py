@@ -305,6 +305,34 @@ def print_table(rows: list[Row]) -> None:
     print("\n".join(goals))
 
 
+def framing_sweep() -> None:
+    """Flower's serialized size of a train reply over the model size, for this model's 22-array layout
+    scaled up: the framing is a fixed few KB per message (object headers and ids, .npy headers)."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+    from rich.console import Console
+    from rich.table import Table
+
+    from coordinator.federation import initial_state
+    from coordinator.receipts import wire_bytes
+    from medfed.settings import RunConfig
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # to build a Message here
+    sizes = [v.numel() for v in initial_state(RunConfig().with_overrides(**SMALL)).values()]
+    rng = np.random.default_rng(0)
+    t = Table(title=f"Serialized train reply / model size ({len(sizes)} arrays, random float32, as Flower sends it)")
+    for col in ("model bytes", "reply bytes", "ratio"):
+        t.add_column(col, justify="right")
+    for k in (1, 10, 100, 1000):
+        arrays = ArrayRecord({f"a{i}": Array(rng.standard_normal(n * k).astype(np.float32)) for i, n in enumerate(sizes)})
+        msg = Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10, "epsilon": 1.0})}),
+                      dst_node_id=2, message_type="train")
+        model = sum(n * k * 4 for n in sizes)
+        t.add_row(f"{model:,}", f"{wire_bytes(msg):,}", f"{wire_bytes(msg) / model:.3f}x")
+    Console(width=200).print(t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3, help="rounds per setting (the first is reported apart)")
@@ -344,6 +372,7 @@ def main() -> None:
                             "--work", str(work), "--row", str(out)], check=True, env=hardening.child_env())
             rows.append(Row(**json.loads(out.read_text())))
         print_table(rows)
+        framing_sweep()
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
