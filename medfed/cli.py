@@ -31,6 +31,8 @@ from medfed.cli_reid import register_reid_commands  # noqa: E402 - light: crypto
 register_reid_commands(deid_app)
 from medfed.cli_audit import audit_app  # noqa: E402 - light: no torch/flwr at import
 app.add_typer(audit_app, name="audit")
+from medfed.cli_privacy import privacy_app  # noqa: E402 - light: torch/opacus only inside its commands
+app.add_typer(privacy_app, name="privacy")
 from medfed.cli_deploy import register_deploy_commands  # noqa: E402 - light: no torch/flwr at import
 register_deploy_commands(app)
 

@@ -47,8 +47,15 @@ class RunConfig(BaseModel):
     local_epochs: int = Field(1, ge=1, alias="local-epochs")
     batch_size: int = Field(32, ge=1, alias="batch-size")
     lr: float = Field(0.05, gt=0.0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
     noise_multiplier: float = Field(1.0, ge=0.0, alias="noise-multiplier")
     max_grad_norm: float = Field(1.0, gt=0.0, alias="max-grad-norm")
+    # Record-level DP at the sites (issue 5): the run's accountant, noise calibration to each
+    # site's cap (noise-multiplier is then the floor), Opacus' per-sample-gradient mode (same
+    # guarantee in every mode; default = models.training.DEFAULT_GRAD_SAMPLE_MODE, the fastest here).
+    accountant: Literal["rdp", "prv"] = "rdp"
+    calibrate_noise: bool = Field(False, alias="calibrate-noise")
+    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = Field("ew", alias="grad-sample-mode")
     image_size: int = Field(64, ge=16, le=512, alias="image-size")
     device: Literal["cpu", "cuda"] = "cpu"
     out_dir: str = Field("medfed-out", alias="out-dir")

@@ -24,8 +24,9 @@ from medfed.settings import RunConfig, SiteConfig
 from models.dataset import ManifestDataset
 from models.evaluation import evaluate
 from models.network import build_model
+from models.accounting import MAX_NOISE_MULTIPLIER, AccountingError, calibrate_noise
 from models.training import DPSettings, planned_steps, train_local
-from site_client.ledger import PrivacyLedger
+from site_client.ledger import LedgerError, PrivacyLedger
 from site_client.trail import audit_for  # noqa: F401 - re-exported; light for the egress guard
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,49 @@ def _device(cfg: RunConfig) -> str:
     return cfg.device
 
 
+def _round_noise(
+    site: SiteConfig, cfg: RunConfig, ledger: PrivacyLedger, run_id: str, server_round: int, n: int, steps: int,
+    q: float,
+) -> tuple[float, str | None]:
+    """The noise multiplier this round trains at, or (floor, reason) to decline it.
+
+    Raises :class:`SiteRefusal` before the run's first spend when the run cannot meet the
+    site's cap at all (one round at the floor σ crosses it, or calibration needs an absurd σ).
+    """
+    history = ledger.history(run_id)
+    sigma = cfg.noise_multiplier
+    rounds_left = max(1, cfg.num_server_rounds - server_round + 1)
+    where = (f"site {site.name} (n={n}, sample rate {q:.4g}, {steps} step(s)/round, "
+             f"cap {site.epsilon_cap:g}, delta={site.delta:g}, accountant {cfg.accountant})")
+    if cfg.calibrate_noise:
+        try:
+            return calibrate_noise(history, q, steps, rounds_left, site.epsilon_cap, site.delta, cfg.accountant,
+                                   floor=cfg.noise_multiplier, ceiling=max(MAX_NOISE_MULTIPLIER, sigma)), None
+        except AccountingError as err:
+            if not history:
+                raise SiteRefusal(f"{where} refuses the run: calibrate-noise over {rounds_left} round(s): {err}") from None
+            return sigma, f"site {site.name} declines round {server_round}: calibrate-noise: {err}"
+    if not history and ledger.project(run_id, noise_multiplier=sigma, sample_rate=q, steps=steps,
+                                      delta=site.delta) > site.epsilon_cap:
+        one = ledger.project(run_id, noise_multiplier=sigma, sample_rate=q, steps=steps, delta=site.delta)
+        hints = []
+        for rounds in sorted({1, rounds_left}):
+            try:
+                need = calibrate_noise((), q, steps, rounds, site.epsilon_cap, site.delta, cfg.accountant, floor=sigma)
+                hints.append(f"noise-multiplier >= {need:g} fits {rounds} round(s)")
+            except AccountingError:
+                most = ledger.project(run_id, noise_multiplier=MAX_NOISE_MULTIPLIER, sample_rate=q,
+                                      steps=steps * rounds, delta=site.delta)
+                hints.append(f"even noise-multiplier {MAX_NOISE_MULTIPLIER:g} spends epsilon {most:.3g} in "
+                             f"{rounds} round(s)")
+        raise SiteRefusal(
+            f"{where} refuses the run: one round at noise-multiplier {sigma:g} alone spends epsilon {one:.4g}, over "
+            f"the cap; {'; '.join(hints)}. Raise noise-multiplier (or set calibrate-noise = true), lower "
+            "local-epochs or raise batch-size, or raise the site's epsilon-cap"
+        )
+    return sigma, None
+
+
 def train_round(
     site: SiteConfig,
     cfg: RunConfig,
@@ -102,27 +146,41 @@ def train_round(
         raise SiteRefusal("noise-multiplier must be > 0: this site trains only with differential privacy")
 
     ledger = ledger_for(site)
+    try:
+        ledger.open_account(run_id, cfg.accountant)  # the run's accountant, fixed from its first round
+    except LedgerError as err:
+        raise SiteRefusal(str(err)) from None
     audit = audit_for(site)
     audit.record_policy("privacy", {"site": site.name, "epsilon_cap": site.epsilon_cap, "delta": site.delta})
     steps, sample_rate = planned_steps(n, cfg.batch_size, cfg.local_epochs)
     eps_before = ledger.epsilon(run_id, site.delta)
+    try:
+        sigma, decline = _round_noise(site, cfg, ledger, run_id, server_round, n, steps, sample_rate)
+    except SiteRefusal as err:  # the ledger says why this run spent nothing here
+        ledger.record_decline(
+            run_id, server_round, reason=str(err), epsilon_before=eps_before,
+            epsilon_projected=ledger.project(run_id, noise_multiplier=cfg.noise_multiplier, sample_rate=sample_rate,
+                                             steps=steps, delta=site.delta),
+            epsilon_cap=site.epsilon_cap, steps=steps, sample_rate=sample_rate, noise_multiplier=cfg.noise_multiplier,
+        )
+        raise
     eps_projected = ledger.project(
-        run_id, noise_multiplier=cfg.noise_multiplier, sample_rate=sample_rate, steps=steps, delta=site.delta
+        run_id, noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=site.delta
     )
-    if eps_projected > site.epsilon_cap:
-        reason = (
+    if decline is not None or eps_projected > site.epsilon_cap:
+        reason = decline or (
             f"site {site.name} declines round {server_round}: it would spend epsilon "
             f"{eps_before:.3f} -> {eps_projected:.3f}, over its cap of {site.epsilon_cap:g} (delta={site.delta:g})"
         )
         ledger.record_decline(
             run_id, server_round, reason=reason, epsilon_before=eps_before, epsilon_projected=eps_projected,
             epsilon_cap=site.epsilon_cap, steps=steps, sample_rate=sample_rate,
-            noise_multiplier=cfg.noise_multiplier,
+            noise_multiplier=sigma,
         )
         audit.append(
             "round_declined", run_id=run_id, server_round=server_round, epsilon_before=eps_before,
             epsilon_projected=eps_projected, epsilon_cap=site.epsilon_cap, delta=site.delta, steps=steps,
-            sample_rate=sample_rate, noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+            sample_rate=sample_rate, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
             declined=True, reason=reason,
         )
         audit.close()  # seals the round
@@ -131,16 +189,18 @@ def train_round(
 
     model = build_model(cfg.image_size)
     model.load_state_dict(global_state)
-    accountant = ledger.accountant(run_id)
+    accountant = ledger.accountant(run_id, cfg.accountant)
     outcome = train_local(
         model,
         dataset,
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
+        optimizer=cfg.optimizer,
         device=_device(cfg),
-        dp=DPSettings(noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm),
+        dp=DPSettings(noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm),
         accountant=accountant,
+        grad_sample_mode=cfg.grad_sample_mode,
         proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
         seed=None,
     )
@@ -149,12 +209,13 @@ def train_round(
     # Invariant 3: the spend is durable before the update can be released.
     eps_before, eps_after = ledger.commit_spend(
         run_id, server_round, accountant, delta=site.delta, epsilon_cap=site.epsilon_cap,
-        steps=outcome.steps, sample_rate=outcome.sample_rate, noise_multiplier=cfg.noise_multiplier,
+        steps=outcome.steps, sample_rate=outcome.sample_rate, noise_multiplier=sigma,
     )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     audit.append(
         "round_trained", run_id=run_id, server_round=server_round, steps=outcome.steps,
-        sample_rate=outcome.sample_rate, noise_multiplier=cfg.noise_multiplier,
+        sample_rate=outcome.sample_rate, noise_multiplier=sigma, noise_calibrated=cfg.calibrate_noise,
+        accountant=cfg.accountant, grad_sample_mode=cfg.grad_sample_mode,
         max_grad_norm=cfg.max_grad_norm, epsilon_before=eps_before, epsilon_after=eps_after,
         epsilon_cap=site.epsilon_cap, delta=site.delta, declined=False, update=update_summary(state),
     )
@@ -167,7 +228,7 @@ def train_round(
         "delta": float(site.delta),
         "steps": int(outcome.steps),
         "sample-rate": float(outcome.sample_rate),
-        "noise-multiplier": float(cfg.noise_multiplier),
+        "noise-multiplier": float(sigma),
     }
     return TrainReply(state_dict=state, metrics=metrics)
 
