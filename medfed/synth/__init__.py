@@ -40,7 +40,7 @@ __all__ = ["SiteInfo", "generate_hospitals", "site_name", "MAX_SITES", "GENERATO
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MAX_SITES = 26
 _SITE_DIR = re.compile(r"^hospital-[a-z]$")
 _FIRST_STUDY = dt.date(2018, 1, 8)
