@@ -115,11 +115,11 @@ def deid_run(
 def demo(
     out: Annotated[Path, typer.Option(help="Working folder for the demo (replaced if it holds an old demo).")] = Path("demo-out"),
     sites: Annotated[int, typer.Option(min=2, help="Number of synthetic hospitals.")] = 3,
-    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 5,
+    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 20,
     device: Annotated[Device, typer.Option(help="Where sites train.")] = Device.cpu,
-    patients: Annotated[int, typer.Option(min=4, help="Patients at the largest hospital.")] = 300,
+    patients: Annotated[int, typer.Option(min=4, help="Patients at the largest hospital.")] = 2000,
     seed: Annotated[int, typer.Option(help="Seed for data and model.")] = 0,
-    epsilon_cap: Annotated[float, typer.Option(help="Each site's privacy cap ε.")] = 10.0,
+    epsilon_cap: Annotated[float, typer.Option(help="Each site's privacy cap ε.")] = 8.0,
     delta: Annotated[float, typer.Option(help="Each site's δ (must be below 1/n).")] = 1e-5,
 ) -> None:
     """Synthetic hospitals → local de-identification → DP federated training (Flower simulation) → summary."""

@@ -117,14 +117,14 @@ def site_outcome(site: SiteConfig) -> SiteOutcome:
 
 
 def run_demo(
-    out: Path, *, sites: int = 3, rounds: int = 5, device: str = "cpu", patients: int = 300, seed: int = 0,
+    out: Path, *, sites: int = 3, rounds: int = 20, device: str = "cpu", patients: int = 2000, seed: int = 0,
     epsilon_caps: list[float] | None = None, delta: float = 1e-5, run_overrides: dict[str, Any] | None = None,
     workers: int = 1, progress: bool = True,
 ) -> DemoSummary:
     """The whole pipeline on synthetic hospitals; returns what happened."""
     t0 = time.monotonic()
     out = out.resolve()
-    caps = epsilon_caps if epsilon_caps is not None else [10.0] * sites
+    caps = epsilon_caps if epsilon_caps is not None else [8.0] * sites
     if len(caps) != sites:
         raise ValueError(f"{len(caps)} epsilon caps given for {sites} sites; give one per site")
     site_cfgs = prepare_sites(out, sites=sites, patients=patients, seed=seed, epsilon_caps=caps, delta=delta,

@@ -35,7 +35,7 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
-    num_server_rounds: int = Field(3, ge=1, alias="num-server-rounds")
+    num_server_rounds: int = Field(20, ge=1, alias="num-server-rounds")
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
     fraction_train: float = Field(1.0, gt=0.0, le=1.0, alias="fraction-train")
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0, alias="fraction-evaluate")
@@ -44,17 +44,18 @@ class RunConfig(BaseModel):
     min_available_nodes: int = Field(2, ge=1, alias="min-available-nodes")
     proximal_mu: float = Field(0.01, ge=0.0, alias="proximal-mu")
     server_lr: float = Field(0.01, gt=0.0, alias="server-lr")
-    local_epochs: int = Field(1, ge=1, alias="local-epochs")
-    batch_size: int = Field(32, ge=1, alias="batch-size")
-    lr: float = Field(0.05, gt=0.0)
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    noise_multiplier: float = Field(1.0, ge=0.0, alias="noise-multiplier")
+    local_epochs: int = Field(2, ge=1, alias="local-epochs")
+    batch_size: int = Field(256, ge=1, alias="batch-size")
+    lr: float = Field(0.02, gt=0.0)
+    optimizer: Literal["sgd", "adam"] = "adam"
+    keep_optimizer_state: bool = Field(True, alias="keep-optimizer-state")  # on the site's disk, never sent
+    noise_multiplier: float = Field(0.5, ge=0.0, alias="noise-multiplier")
     max_grad_norm: float = Field(1.0, gt=0.0, alias="max-grad-norm")
     # Record-level DP at the sites (issue 5): the run's accountant, noise calibration to each
     # site's cap (noise-multiplier is then the floor), Opacus' per-sample-gradient mode (same
     # guarantee in every mode; default = models.training.DEFAULT_GRAD_SAMPLE_MODE, the fastest here).
     accountant: Literal["rdp", "prv"] = "rdp"
-    calibrate_noise: bool = Field(False, alias="calibrate-noise")
+    calibrate_noise: bool = Field(True, alias="calibrate-noise")
     grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = Field("ew", alias="grad-sample-mode")
     image_size: int = Field(64, ge=16, le=512, alias="image-size")
     device: Literal["cpu", "cuda"] = "cpu"

@@ -11,7 +11,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -110,6 +110,7 @@ def train_local(
     seed: int | None = None,
     pos_weight: float | None = None,
     optimizer: str = "sgd",
+    optimizer_state: dict[str, Any] | None = None,
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
 ) -> TrainOutcome:
     """Train ``model`` in place on ``dataset``; with ``dp``, by DP-SGD recorded in ``accountant``.
@@ -120,8 +121,10 @@ def train_local(
     leave it ``None`` in production so the noise is not predictable.
     ``pos_weight`` weights positive examples in the loss; it must not be
     derived from the private labels without accounting for it.
-    ``optimizer`` is ``"sgd"`` (momentum 0.9) or ``"adam"``; a fresh one each call,
-    so no optimizer state carries information from one round to the next.
+    ``optimizer`` is ``"sgd"`` (momentum 0.9) or ``"adam"``. ``optimizer_state``,
+    when given, is loaded into it first and replaced by its state at the end, so a
+    site can keep Adam's moments across rounds (they are functions of the noised
+    gradients only, so post-processing under DP; they never leave the site).
     ``grad_sample_mode`` is how Opacus computes per-sample gradients (one of
     :data:`GRAD_SAMPLE_MODES`; "ghost" clips without materialising them); the
     privacy guarantee is the same in every mode, only speed and memory differ.
@@ -155,6 +158,13 @@ def train_local(
     optim: torch.optim.Optimizer = (
         torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr, momentum=MOMENTUM)
     )
+    if optimizer_state:
+        try:
+            optim.load_state_dict(optimizer_state)
+        except (ValueError, KeyError) as err:
+            raise ValueError(
+                f"optimizer_state does not fit this model and optimizer ({err}); start without it"
+            ) from None
     pw = torch.tensor([pos_weight], device=device) if pos_weight is not None else None
     criterion = nn.BCEWithLogitsLoss(pos_weight=pw, reduction="mean")
 
@@ -238,6 +248,10 @@ def train_local(
                             for p, g in zip(params, global_params, strict=True):
                                 p.sub_(lr * proximal_mu * (p - g))
                 logger.debug("epoch %d/%d: %d examples seen", epoch + 1, epochs, last_seen)
+        if optimizer_state is not None:
+            inner = getattr(optim, "original_optimizer", optim)  # Opacus' DPOptimizer wraps the real one
+            optimizer_state.clear()
+            optimizer_state.update(inner.state_dict())
     finally:
         if gsm is not None:
             # Detach Opacus: remove its hooks and per-sample attributes so the

@@ -56,6 +56,36 @@ def ledger_for(site: SiteConfig) -> PrivacyLedger:
     return PrivacyLedger(site.state_dir / "privacy-ledger.sqlite")
 
 
+def _optimizer_state_path(site: SiteConfig, run_id: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in run_id) or "run"
+    return site.state_dir / "optimizer-state" / f"{safe}.pt"
+
+
+def load_optimizer_state(site: SiteConfig, run_id: str) -> dict[str, object]:
+    """The site's optimizer state from its last round of this run (empty at the first).
+
+    Kept on the site's own disk, never sent: Adam's moments let each round go on
+    where the last stopped instead of re-warming, which DP training needs most.
+    """
+    path = _optimizer_state_path(site, run_id)
+    if not path.exists():
+        return {}
+    try:
+        return dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as err:  # noqa: BLE001 - a torn file costs only warm-up, never privacy
+        log.warning("optimizer state %s unreadable (%s); this round starts a fresh optimizer", path, err)
+        return {}
+
+
+def save_optimizer_state(site: SiteConfig, run_id: str, state: dict[str, object]) -> None:
+    """Write atomically (temporary name, then rename), so a crash leaves the last good state."""
+    path = _optimizer_state_path(site, run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
 def update_summary(state: dict[str, torch.Tensor]) -> dict[str, object]:
     """What an update puts on the wire (names, shapes, dtypes, bytes, SHA-256) for the audit trail.
 
@@ -190,6 +220,7 @@ def train_round(
     model = build_model(cfg.image_size)
     model.load_state_dict(global_state)
     accountant = ledger.accountant(run_id, cfg.accountant)
+    opt_state = load_optimizer_state(site, run_id) if cfg.keep_optimizer_state else None
     outcome = train_local(
         model,
         dataset,
@@ -197,6 +228,7 @@ def train_round(
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         optimizer=cfg.optimizer,
+        optimizer_state=opt_state,
         device=_device(cfg),
         dp=DPSettings(noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm),
         accountant=accountant,
@@ -211,6 +243,8 @@ def train_round(
         run_id, server_round, accountant, delta=site.delta, epsilon_cap=site.epsilon_cap,
         steps=outcome.steps, sample_rate=outcome.sample_rate, noise_multiplier=sigma,
     )
+    if opt_state is not None:
+        save_optimizer_state(site, run_id, opt_state)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     audit.append(
         "round_trained", run_id=run_id, server_round=server_round, steps=outcome.steps,

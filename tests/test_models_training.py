@@ -161,3 +161,36 @@ def test_rejects_bad_arguments() -> None:
         train_local(_model(), _tiny(), epochs=1, batch_size=8, lr=0.1, proximal_mu=-1.0)
     with pytest.raises(ValueError):
         DPSettings(noise_multiplier=1.0, max_grad_norm=0.0)
+
+
+@pytest.mark.parametrize("dp", [None, DPSettings(1.0, 1.0)])
+def test_optimizer_state_carries_adam_moments_across_calls(dp: DPSettings | None) -> None:
+    """Round 2 continues round 1's Adam (step count and moments), so it does not re-warm."""
+    data = _tiny()
+    steps = planned_steps(len(data), 8, 1)[0]
+    state: dict[str, object] = {}
+    model = _model()
+    train_local(model, data, epochs=1, batch_size=8, lr=0.01, optimizer="adam", dp=dp, optimizer_state=state, seed=1)
+    first = {i: float(s["step"]) for i, s in state["state"].items()}  # type: ignore[index]
+    assert first and set(first.values()) == {float(steps)}
+    moments = state["state"][0]["exp_avg"].clone()  # type: ignore[index]
+    train_local(model, data, epochs=1, batch_size=8, lr=0.01, optimizer="adam", dp=dp, optimizer_state=state, seed=2)
+    assert {float(s["step"]) for s in state["state"].values()} == {2.0 * steps}  # type: ignore[union-attr]
+    assert not torch.equal(moments, state["state"][0]["exp_avg"])  # type: ignore[index]
+    # Without it, every call starts from zero moments: the carried state is what differs.
+    a, b = _model(), _model()
+    warm: dict[str, object] = {}
+    train_local(a, data, epochs=1, batch_size=8, lr=0.01, optimizer="adam", dp=dp, optimizer_state=warm, seed=1)
+    train_local(b, data, epochs=1, batch_size=8, lr=0.01, optimizer="adam", dp=dp, seed=1)
+    assert torch.equal(_flat(a), _flat(b))
+    train_local(a, data, epochs=1, batch_size=8, lr=0.01, optimizer="adam", dp=dp, optimizer_state=warm, seed=3)
+    train_local(b, data, epochs=1, batch_size=8, lr=0.01, optimizer="adam", dp=dp, seed=3)
+    assert not torch.equal(_flat(a), _flat(b))
+
+
+def test_optimizer_state_of_another_model_is_refused() -> None:
+    state: dict[str, object] = {}
+    train_local(_model(), _tiny(), epochs=1, batch_size=8, lr=0.01, optimizer="adam", optimizer_state=state)
+    state["param_groups"][0]["params"] = [0]  # type: ignore[index]  # one parameter: not this model
+    with pytest.raises(ValueError, match="optimizer_state does not fit"):
+        train_local(_model(), _tiny(), epochs=1, batch_size=8, lr=0.01, optimizer="adam", optimizer_state=state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -23,7 +24,9 @@ from site_client.client_app import build_app
 from site_client.task import SiteRefusal, ledger_for, train_round
 from tests.models_factory import make_store
 
-CFG = RunConfig().with_overrides(image_size=16, batch_size=3, lr=0.05, num_server_rounds=3, grad_sample_mode="hooks")
+# A fixed noise multiplier (no calibration), so each round's spend is known in advance.
+CFG = RunConfig().with_overrides(image_size=16, batch_size=3, lr=0.05, num_server_rounds=3, grad_sample_mode="hooks",
+                                  optimizer="sgd", local_epochs=1, noise_multiplier=1.0, calibrate_noise=False)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -166,7 +169,7 @@ def test_the_accountant_is_fixed_for_the_run(tmp_path: Path, store: Path) -> Non
 
 _CHILD = textwrap.dedent(
     """
-    import sys, time
+    import json, sys, time
     from pathlib import Path
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
@@ -176,7 +179,7 @@ _CHILD = textwrap.dedent(
     from site_client.client_app import build_app
 
     toml, signal_file = sys.argv[1], Path(sys.argv[2])
-    cfg = RunConfig.from_flower({"image-size": 16, "batch-size": 3, "grad-sample-mode": "hooks"})  # as CFG
+    cfg = RunConfig.from_flower(json.loads(sys.argv[3]))  # the test's CFG
     real_commit = ledger_mod.PrivacyLedger.commit_spend
 
     def commit_then_wait(self, *args, **kwargs):
@@ -206,7 +209,7 @@ def test_spend_stands_when_the_site_dies_between_commit_and_send(tmp_path: Path,
     script.write_text(_CHILD)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen([sys.executable, str(script), str(toml), str(signal_file)], cwd=ROOT, env=env,
+    child = subprocess.Popen([sys.executable, str(script), str(toml), str(signal_file), json.dumps(CFG.to_flower())], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300

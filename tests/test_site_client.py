@@ -17,7 +17,9 @@ from site_client.client_app import build_app, make_egress_guard
 from site_client.task import ledger_for, train_round
 from tests.models_factory import make_store
 
-CFG = RunConfig().with_overrides(image_size=32, batch_size=8, lr=0.05)
+# A fixed noise multiplier (no calibration), so each round's spend is known in advance.
+CFG = RunConfig().with_overrides(image_size=32, batch_size=8, lr=0.05,
+                                  optimizer="sgd", local_epochs=1, noise_multiplier=1.0, calibrate_noise=False, num_server_rounds=3)
 
 
 @pytest.fixture(autouse=True)
@@ -145,3 +147,28 @@ def test_guard_hides_exception_details(tmp_path: Path, store: Path) -> None:
     reply = _rogue_app({}, raise_exc=RuntimeError("failed on /pacs/DOE^JOHN/1.dcm"))(_train_msg(), _context(site, tmp_path))
     assert reply.has_error() and reply.error.code == SITE_FAILED
     assert "DOE" not in reply.error.reason and "RuntimeError" in reply.error.reason
+
+
+def test_site_keeps_its_optimizer_state_on_its_own_disk(tmp_path: Path, store: Path) -> None:
+    """Adam's moments carry from round to round in the site's state folder, and never ride in the reply."""
+    from site_client.task import load_optimizer_state
+
+    site = _site(tmp_path, store)
+    cfg = CFG.with_overrides(optimizer="adam", lr=0.01, keep_optimizer_state=True)
+    first = train_round(site, cfg, "run-1", 1, initial_state(cfg))
+    steps = first.metrics["steps"]
+    saved = load_optimizer_state(site, "run-1")
+    assert {float(s["step"]) for s in saved["state"].values()} == {float(steps)}  # type: ignore[union-attr]
+    second = train_round(site, cfg, "run-1", 2, first.state_dict)
+    after = load_optimizer_state(site, "run-1")
+    assert {float(s["step"]) for s in after["state"].values()} == {2.0 * steps}  # type: ignore[union-attr]
+    assert set(second.state_dict) == set(initial_state(cfg))  # the model's arrays only
+    assert load_optimizer_state(site, "run-2") == {}  # another run starts fresh
+    # A torn state file costs only the warm-up: the round trains with a fresh optimizer.
+    path = next((site.state_dir / "optimizer-state").glob("*.pt"))
+    path.write_bytes(b"torn")
+    assert load_optimizer_state(site, "run-1") == {}
+    assert train_round(site, cfg, "run-1", 3, second.state_dict).declined is None
+    off = _site(tmp_path / "off", store)
+    train_round(off, cfg.with_overrides(keep_optimizer_state=False), "run-1", 1, initial_state(cfg))
+    assert not (off.state_dir / "optimizer-state").exists()
