@@ -66,6 +66,26 @@ class TrainOutcome:
     num_examples: int
 
 
+LR_SCHEDULES = ("cosine", "constant")
+LR_FLOOR = 0.1  # cosine ends at this fraction of the base rate, not at zero
+
+
+def round_lr(lr: float, server_round: int, num_rounds: int, schedule: str = "cosine") -> float:
+    """The learning rate of a round (1-based): cosine from ``lr`` down to ``LR_FLOOR * lr``.
+
+    Decaying the step size lets a DP-noised model settle instead of wandering at
+    the noise floor; every site computes the same rate from the round number alone.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)} (got {schedule!r})")
+    if num_rounds < 1 or not 1 <= server_round:
+        raise ValueError(f"need 1 <= server_round and num_rounds >= 1 (got {server_round}, {num_rounds})")
+    if schedule == "constant":
+        return lr
+    progress = min(server_round - 1, num_rounds - 1) / max(1, num_rounds)
+    return lr * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def planned_steps(num_examples: int, batch_size: int, epochs: int) -> tuple[int, float]:
     """Return ``(steps, sample_rate)`` exactly as :func:`train_local` will run and account them.
 
@@ -165,6 +185,8 @@ def train_local(
             raise ValueError(
                 f"optimizer_state does not fit this model and optimizer ({err}); start without it"
             ) from None
+        for group in optim.param_groups:  # the moments carry over; this call's learning rate rules
+            group["lr"] = lr
     pw = torch.tensor([pos_weight], device=device) if pos_weight is not None else None
     criterion = nn.BCEWithLogitsLoss(pos_weight=pw, reduction="mean")
 

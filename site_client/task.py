@@ -25,7 +25,7 @@ from models.dataset import ManifestDataset
 from models.evaluation import evaluate
 from models.network import build_model
 from models.accounting import MAX_NOISE_MULTIPLIER, AccountingError, calibrate_noise
-from models.training import DPSettings, planned_steps, train_local
+from models.training import DPSettings, planned_steps, round_lr, train_local
 from site_client.ledger import LedgerError, PrivacyLedger
 from site_client.trail import audit_for  # noqa: F401 - re-exported; light for the egress guard
 
@@ -226,7 +226,7 @@ def train_round(
         dataset,
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
-        lr=cfg.lr,
+        lr=round_lr(cfg.lr, server_round, cfg.num_server_rounds, cfg.lr_schedule),
         optimizer=cfg.optimizer,
         optimizer_state=opt_state,
         device=_device(cfg),
@@ -249,6 +249,7 @@ def train_round(
     audit.append(
         "round_trained", run_id=run_id, server_round=server_round, steps=outcome.steps,
         sample_rate=outcome.sample_rate, noise_multiplier=sigma, noise_calibrated=cfg.calibrate_noise,
+        lr=round_lr(cfg.lr, server_round, cfg.num_server_rounds, cfg.lr_schedule),
         accountant=cfg.accountant, grad_sample_mode=cfg.grad_sample_mode,
         max_grad_norm=cfg.max_grad_norm, epsilon_before=eps_before, epsilon_after=eps_after,
         epsilon_cap=site.epsilon_cap, delta=site.delta, declined=False, update=update_summary(state),

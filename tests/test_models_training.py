@@ -176,7 +176,10 @@ def test_optimizer_state_carries_adam_moments_across_calls(dp: DPSettings | None
     moments = state["state"][0]["exp_avg"].clone()  # type: ignore[index]
     train_local(model, data, epochs=1, batch_size=8, lr=0.01, optimizer="adam", dp=dp, optimizer_state=state, seed=2)
     assert {float(s["step"]) for s in state["state"].values()} == {2.0 * steps}  # type: ignore[union-attr]
+    train_local(model, data, epochs=1, batch_size=8, lr=0.002, optimizer="adam", dp=dp, optimizer_state=state, seed=2)
+    assert [g["lr"] for g in state["param_groups"]] == [0.002]  # type: ignore[index]  # the call's lr, not the saved one
     assert not torch.equal(moments, state["state"][0]["exp_avg"])  # type: ignore[index]
+    assert {float(s["step"]) for s in state["state"].values()} == {3.0 * steps}  # type: ignore[union-attr]
     # Without it, every call starts from zero moments: the carried state is what differs.
     a, b = _model(), _model()
     warm: dict[str, object] = {}
@@ -194,3 +197,19 @@ def test_optimizer_state_of_another_model_is_refused() -> None:
     state["param_groups"][0]["params"] = [0]  # type: ignore[index]  # one parameter: not this model
     with pytest.raises(ValueError, match="optimizer_state does not fit"):
         train_local(_model(), _tiny(), epochs=1, batch_size=8, lr=0.01, optimizer="adam", optimizer_state=state)
+
+
+def test_round_lr_cosine_decays_to_the_floor_and_constant_stays() -> None:
+    from models.training import LR_FLOOR, round_lr
+
+    rates = [round_lr(0.02, r, 20) for r in range(1, 21)]
+    assert rates[0] == pytest.approx(0.02)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert LR_FLOOR * 0.02 < rates[-1] < 0.2 * 0.02
+    assert round_lr(0.02, 25, 20) == rates[-1]  # past the planned rounds (a resumed run): stays at the end
+    assert [round_lr(0.02, r, 20, "constant") for r in (1, 20)] == [0.02, 0.02]
+    assert round_lr(0.5, 1, 1) == 0.5
+    with pytest.raises(ValueError, match="lr schedule"):
+        round_lr(0.02, 1, 20, "step")
+    with pytest.raises(ValueError):
+        round_lr(0.02, 0, 20)
