@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -107,12 +108,15 @@ def planned_steps(num_examples: int, batch_size: int, epochs: int) -> tuple[int,
     return epochs * steps_per_epoch, sample_rate
 
 
-def _make_generator(seed: int | None, device: str = "cpu") -> torch.Generator | None:
-    """A private, seeded generator, so seeding never touches torch's global RNG."""
-    if seed is None:
-        return None
+def _make_generator(seed: int | None, device: str = "cpu") -> torch.Generator:
+    """A private generator, so seeding never touches torch's global RNG.
+
+    Without a seed it is seeded from the OS's entropy: DP noise and Poisson
+    sampling must not follow torch's global RNG, which any code in the process
+    (a library, a model initialiser) may have seeded with a known value.
+    """
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
+    gen.manual_seed(secrets.randbits(63) if seed is None else seed)
     return gen
 
 

@@ -213,3 +213,15 @@ def test_round_lr_cosine_decays_to_the_floor_and_constant_stays() -> None:
         round_lr(0.02, 1, 20, "step")
     with pytest.raises(ValueError):
         round_lr(0.02, 0, 20)
+
+
+def test_unseeded_dp_noise_does_not_follow_the_global_rng() -> None:
+    """Production (seed=None): the noise must not be predictable from torch's global seed."""
+    data = _tiny()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)  # as if some code in the process had seeded torch with a known value
+        model = _model()
+        train_local(model, data, epochs=1, batch_size=8, lr=0.05, dp=DPSettings(1.0, 1.0))
+        runs.append(_flat(model))
+    assert not torch.equal(runs[0], runs[1])
