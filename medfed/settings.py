@@ -47,7 +47,7 @@ class RunConfig(BaseModel):
     local_epochs: int = Field(2, ge=1, alias="local-epochs")
     batch_size: int = Field(256, ge=1, alias="batch-size")
     lr: float = Field(0.02, gt=0.0)
-    lr_schedule: Literal["cosine", "constant"] = Field("cosine", alias="lr-schedule")  # over the run's rounds
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", alias="lr-schedule")  # over the run's rounds
     optimizer: Literal["sgd", "adam"] = "adam"
     keep_optimizer_state: bool = Field(True, alias="keep-optimizer-state")  # on the site's disk, never sent
     noise_multiplier: float = Field(0.5, ge=0.0, alias="noise-multiplier")
