@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from medfed.settings import describe_validation
+
 CONSORTIUM_FILE = "consortium.toml"
 KIT_FILE = "kit.toml"
 #: Flower's own default SuperLink port (Fleet, Control and Runtime APIs share it in flwr 1.41).
@@ -48,12 +50,7 @@ class ProvisionError(Exception):
 
 def explain(source: Path | str, err: ValidationError) -> ProvisionError:
     """A pydantic error as one message naming the file, each field, and the fix."""
-    lines = [f"invalid configuration in {source}:"]
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  - {field}: {e['msg']}")
-    lines.append(f"Fix the field(s) above in {source} (or provision again) and retry.")
-    return ProvisionError("\n".join(lines))
+    return ProvisionError(describe_validation(source, err, f"Fix the field(s) above in {source} (or provision again) and retry."))
 
 
 # ---- configuration files ------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, NoReturn, Optional
 
 import typer
 
@@ -22,7 +22,7 @@ coordinator_app = typer.Typer(help="Run the coordinator's Flower SuperLink (TLS,
 site_app = typer.Typer(help="Run a site's Flower SuperNode from its startup kit.", no_args_is_help=True)
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -54,20 +54,27 @@ def consortium_init(
                "(hand each site its own folder; keep ca/ca.key offline)")
 
 
-@consortium_app.command("add-site")
-def consortium_add_site(directory: _DIR, site: Annotated[str, typer.Argument(help="New site's name.")]) -> None:
-    """Provision one more site: a new kit; a running coordinator registers it at once."""
-    from coordinator.provision import ProvisionError, add_site
+def _change_sites(directory: Path, site: str, change: Callable[[Path, str], Any]) -> tuple[Any, bool]:
+    """Apply ``change`` to the consortium; a running SuperLink picks the new registrations up at once."""
+    from coordinator.provision import ProvisionError
     from coordinator.superlink import running_pid, sync_registrations
 
     try:
-        entry = add_site(directory, site)
+        entry = change(directory, site)
         live = running_pid(directory) is not None
         if live:
             sync_registrations(directory)
     except ProvisionError as err:
         _fail(str(err))
-        return
+    return entry, live
+
+
+@consortium_app.command("add-site")
+def consortium_add_site(directory: _DIR, site: Annotated[str, typer.Argument(help="New site's name.")]) -> None:
+    """Provision one more site: a new kit; a running coordinator registers it at once."""
+    from coordinator.provision import add_site
+
+    entry, live = _change_sites(directory, site, add_site)
     typer.echo(f"site {entry.name} added: kit in {directory.resolve() / 'kits' / entry.name}"
                + ("; registered at the running SuperLink" if live else "; registered at the next coordinator start"))
 
@@ -75,17 +82,9 @@ def consortium_add_site(directory: _DIR, site: Annotated[str, typer.Argument(hel
 @consortium_app.command("revoke-site")
 def consortium_revoke_site(directory: _DIR, site: Annotated[str, typer.Argument(help="Site to revoke.")]) -> None:
     """Revoke a site: its key is unregistered (at once if the coordinator runs) and refused from then on."""
-    from coordinator.provision import ProvisionError, revoke_site
-    from coordinator.superlink import running_pid, sync_registrations
+    from coordinator.provision import revoke_site
 
-    try:
-        entry = revoke_site(directory, site)
-        live = running_pid(directory) is not None
-        if live:
-            sync_registrations(directory)
-    except ProvisionError as err:
-        _fail(str(err))
-        return
+    entry, live = _change_sites(directory, site, revoke_site)
     typer.echo(f"site {entry.name} revoked ({entry.revoked})"
                + ("; unregistered at the running SuperLink" if live else "; refused from the next coordinator start"))
 

@@ -17,13 +17,18 @@ class ConfigError(Exception):
     """A configuration file or table is invalid; the message names the field and the fix."""
 
 
-def _explain(source: str, err: ValidationError) -> ConfigError:
+def describe_validation(source: str | Path, err: ValidationError, fix: str) -> str:
+    """A pydantic error as one message: the file, each field and its problem, then ``fix``."""
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
         lines.append(f"  - {field}: {e['msg']}")
-    lines.append("Fix the field(s) above and start again.")
-    return ConfigError("\n".join(lines))
+    lines.append(fix)
+    return "\n".join(lines)
+
+
+def _explain(source: str, err: ValidationError) -> ConfigError:
+    return ConfigError(describe_validation(source, err, "Fix the field(s) above and start again."))
 
 
 class RunConfig(BaseModel):

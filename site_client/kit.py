@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medfed import hardening
-from medfed.settings import ConfigError, SiteConfig
+from medfed.settings import ConfigError, SiteConfig, describe_validation
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,7 @@ class KitError(Exception):
 
 
 def _explain(source: Path, err: ValidationError) -> KitError:
-    lines = [f"invalid configuration in {source}:"]
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  - {field}: {e['msg']}")
-    lines.append(f"Fix the field(s) above in {source}, or ask the consortium operator for a new kit.")
-    return KitError("\n".join(lines))
+    return KitError(describe_validation(source, err, f"Fix the field(s) above in {source}, or ask the consortium operator for a new kit."))
 
 
 class SiteTemplate(BaseModel):

@@ -221,12 +221,13 @@ def train_round(
     model.load_state_dict(global_state)
     accountant = ledger.accountant(run_id, cfg.accountant)
     opt_state = load_optimizer_state(site, run_id) if cfg.keep_optimizer_state else None
+    lr = round_lr(cfg.lr, server_round, cfg.num_server_rounds, cfg.lr_schedule)
     outcome = train_local(
         model,
         dataset,
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
-        lr=round_lr(cfg.lr, server_round, cfg.num_server_rounds, cfg.lr_schedule),
+        lr=lr,
         optimizer=cfg.optimizer,
         optimizer_state=opt_state,
         device=_device(cfg),
@@ -249,7 +250,7 @@ def train_round(
     audit.append(
         "round_trained", run_id=run_id, server_round=server_round, steps=outcome.steps,
         sample_rate=outcome.sample_rate, noise_multiplier=sigma, noise_calibrated=cfg.calibrate_noise,
-        lr=round_lr(cfg.lr, server_round, cfg.num_server_rounds, cfg.lr_schedule),
+        lr=lr,
         accountant=cfg.accountant, grad_sample_mode=cfg.grad_sample_mode,
         max_grad_norm=cfg.max_grad_norm, epsilon_before=eps_before, epsilon_after=eps_after,
         epsilon_cap=site.epsilon_cap, delta=site.delta, declined=False, update=update_summary(state),
