@@ -21,7 +21,8 @@ class SiteRound:
 
     # not-sampled (evaluated only) | trained | declined | refused | failed | egress-blocked | no-reply
     status: str = "not-sampled"
-    reason: str | None = None
+    reason: str | None = None  # why it did not train (its train reply's error)
+    evaluate_error: str | None = None  # why it did not evaluate, kept apart so it cannot hide the train reason
     train: dict[str, Any] = field(default_factory=dict)
     evaluate: dict[str, Any] = field(default_factory=dict)
 
@@ -78,6 +79,6 @@ class RunHistory:
                               evaluate=d.get("evaluate", {}))
             for node, s in d.get("sites", {}).items():
                 rec.sites[node] = SiteRound(status=s.get("status", "not-sampled"), reason=s.get("reason"),
-                                            train=s.get("train", {}), evaluate=s.get("evaluate", {}))
+                                            evaluate_error=s.get("evaluate_error"), train=s.get("train", {}), evaluate=s.get("evaluate", {}))
             hist.rounds.append(rec)
         return hist

@@ -151,9 +151,10 @@ class _Recording:
                 self.receipts.received(server_round + self.round_offset, phase, msg, node=node)
             site = rec.site(node)
             if msg.has_error():
-                code = msg.error.code
-                site.status = ERROR_NAMES.get(code, "no-reply") if phase == "train" else site.status
-                site.reason = msg.error.reason
+                if phase == "train":
+                    site.status, site.reason = ERROR_NAMES.get(msg.error.code, "no-reply"), msg.error.reason
+                else:
+                    site.evaluate_error = msg.error.reason
                 log.warning("round %d: site node %d sent no %s result: %s", server_round,
                             node, phase, msg.error.reason)
                 continue

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
@@ -60,6 +61,25 @@ def patient_fraction(patient: str) -> float:
 def split_of(patient: str, test_fraction: float) -> Literal["train", "test"]:
     """Return which split a patient belongs to; all images of a patient go together."""
     return "test" if patient_fraction(patient) < test_fraction else "train"
+
+
+def assign_splits(patients: Iterable[str], test_fraction: float) -> dict[str, Literal["train", "test"]]:
+    """Assign each patient a split by `split_of`, keeping both splits non-empty when there are two or more.
+
+    Pseudonyms come from each site's own secret, so a small site can by chance
+    hash all its patients to one side; it would then have nothing to evaluate
+    (or to train on). The patient nearest the boundary moves over instead —
+    still a pure function of the pseudonyms, so every run agrees.
+    """
+    unique = sorted(set(patients), key=patient_fraction)
+    splits: dict[str, Literal["train", "test"]] = {p: split_of(p, test_fraction) for p in unique}
+    if len(unique) >= 2:
+        values = set(splits.values())
+        if 0.0 < test_fraction and values == {"train"}:
+            splits[unique[0]] = "test"
+        elif test_fraction < 1.0 and values == {"test"}:
+            splits[unique[-1]] = "train"
+    return splits
 
 
 def _safe_relative(deid_root: Path, rel: str, row: int) -> Path:
@@ -186,10 +206,9 @@ class ManifestDataset(Dataset):
                 "Provide the label table to `medfed deid run` so that the manifest carries labels."
             )
 
+        splits = assign_splits((row["patient"].strip() for _, row in labelled), test_fraction)
         selected = [
-            (row_no, row)
-            for row_no, row in labelled
-            if split == "all" or split_of(row["patient"].strip(), test_fraction) == split
+            (row_no, row) for row_no, row in labelled if split == "all" or splits[row["patient"].strip()] == split
         ]
         if not selected:
             n_patients = len({row["patient"].strip() for _, row in labelled})

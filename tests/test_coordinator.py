@@ -124,3 +124,30 @@ def test_site_that_only_evaluated_is_not_marked_trained() -> None:
     h = RunHistory()
     h.round(1).site(7).evaluate = {"auc": 0.5}
     assert h.to_json()[0]["sites"]["7"]["status"] == "not-sampled"
+
+
+def test_an_evaluate_failure_does_not_hide_why_a_site_did_not_train(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site that refused to train and then failed to evaluate keeps its refusal as the round's reason."""
+    from flwr.app import ArrayRecord, Error, Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from medfed.protocol import SITE_REFUSED
+
+    # Real Flower messages need the identity of a running task; give them one.
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    history = RunHistory()
+    strategy = build_strategy(RunConfig(), history)
+    train = [Message(RecordDict({"arrays": ArrayRecord()}), dst_node_id=n, message_type="train") for n in (7, 8)]
+    strategy._remember(train)  # type: ignore[attr-defined]
+    ok = Message(RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord({"num-examples": 5})}), reply_to=train[1])
+    strategy._record(1, [Message(Error(SITE_REFUSED, "site b refuses: cap 0.05"), reply_to=train[0]), ok], "train")  # type: ignore[attr-defined]
+    evaluate = [Message(RecordDict(), dst_node_id=n, message_type="evaluate") for n in (7, 8)]
+    strategy._remember(evaluate)  # type: ignore[attr-defined]
+    ev_ok = Message(RecordDict({"metrics": MetricRecord({"num-examples": 2, "auc": 0.7})}), reply_to=evaluate[1])
+    strategy._record(1, [Message(Error(4004, "site b failed (DatasetError)"), reply_to=evaluate[0]), ev_ok], "evaluate")  # type: ignore[attr-defined]
+    sites = history.to_json()[0]["sites"]
+    assert (sites["7"]["status"], sites["7"]["reason"]) == ("refused", "site b refuses: cap 0.05")
+    assert sites["7"]["evaluate_error"] == "site b failed (DatasetError)"
+    assert (sites["8"]["status"], sites["8"]["reason"], sites["8"]["evaluate_error"]) == ("trained", None, None)
+    assert sites["8"]["evaluate"]["auc"] == 0.7

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.dataset import DatasetError, ManifestDataset, patient_fraction, split_of
+from models.dataset import DatasetError, ManifestDataset, assign_splits, patient_fraction, split_of
 from tests.models_factory import Store, make_store, write_ct
 
 
@@ -40,10 +40,42 @@ def test_split_is_patient_level_disjoint_and_complete(store: Store) -> None:
     assert len(train) > 0 and len(test) > 0
     assert not set(train.patients) & set(test.patients)
     assert sorted(train.paths + test.paths) == sorted(everything.paths)
+    splits = assign_splits(everything.patients, 0.25)
     for p in train.patients:
-        assert split_of(p, 0.25) == "train"
+        assert splits[p] == "train"
     for p in test.patients:
-        assert split_of(p, 0.25) == "test"
+        assert splits[p] == "test"
+
+
+def _patients_on(side: str, count: int, test_fraction: float) -> list[str]:
+    """Pseudonyms that `split_of` alone puts on one side (found by search, so the test needs no key)."""
+    found = [f"p{i}" for i in range(10_000) if split_of(f"p{i}", test_fraction) == side]
+    return found[:count]
+
+
+def test_a_small_site_whose_patients_all_hash_to_train_still_gets_a_test_patient() -> None:
+    patients = _patients_on("train", 3, 0.25)
+    splits = assign_splits(patients, 0.25)
+    nearest = min(patients, key=patient_fraction)
+    assert splits[nearest] == "test"
+    assert [splits[p] for p in patients if p != nearest] == ["train", "train"]
+    # a pure function of the pseudonyms: order and duplicates do not matter
+    assert assign_splits(list(reversed(patients)) + patients, 0.25) == splits
+
+
+def test_all_test_moves_the_patient_farthest_from_the_boundary_back_to_train() -> None:
+    patients = _patients_on("test", 3, 0.5)
+    splits = assign_splits(patients, 0.5)
+    assert splits[max(patients, key=patient_fraction)] == "train"
+    assert sorted(splits.values()) == ["test", "test", "train"]
+
+
+def test_one_patient_or_a_degenerate_fraction_is_left_as_hashed() -> None:
+    lone = _patients_on("train", 1, 0.25)
+    assert assign_splits(lone, 0.25) == {lone[0]: "train"}
+    many = _patients_on("train", 4, 0.25)
+    assert set(assign_splits(many, 0.0).values()) == {"train"}  # test_fraction 0 asks for no test split
+    assert set(assign_splits(many, 1.0).values()) == {"test"}
 
 
 def test_split_is_deterministic_and_machine_independent(store: Store) -> None:
