@@ -306,9 +306,11 @@ def print_table(rows: list[Row]) -> None:
 
 
 def framing_sweep() -> None:
-    """Flower's serialized size of a train reply over the model size, for this model's 22-array layout
-    scaled up: the framing is a fixed few KB per message (object headers and ids, .npy headers)."""
+    """Flower's serialized size of a train reply over the model size: the per-tensor layout (one Array per
+    tensor, Flower's default) against medfed's wire format (medfed.wire: one flat array), for this model's
+    tensor sizes scaled up. Flower's framing is a few hundred bytes per array (object ids, .npy header)."""
     import numpy as np
+    import torch
     from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
     from rich.console import Console
@@ -317,19 +319,26 @@ def framing_sweep() -> None:
     from coordinator.federation import initial_state
     from coordinator.receipts import wire_bytes
     from medfed.settings import RunConfig
+    from medfed.wire import pack
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # to build a Message here
     sizes = [v.numel() for v in initial_state(RunConfig().with_overrides(**SMALL)).values()]
     rng = np.random.default_rng(0)
-    t = Table(title=f"Serialized train reply / model size ({len(sizes)} arrays, random float32, as Flower sends it)")
-    for col in ("model bytes", "reply bytes", "ratio"):
+    t = Table(title=f"Serialized train reply / model size ({len(sizes)} tensors, random float32, as Flower sends it)")
+    for col in ("model bytes", "per-tensor reply", "ratio", "packed reply (medfed.wire)", "ratio"):
         t.add_column(col, justify="right")
+
+    def reply(arrays: ArrayRecord) -> int:
+        metrics = MetricRecord({"num-examples": 10, "epsilon": 1.0})
+        return wire_bytes(Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), dst_node_id=2,
+                                  message_type="train"))
+
     for k in (1, 10, 100, 1000):
-        arrays = ArrayRecord({f"a{i}": Array(rng.standard_normal(n * k).astype(np.float32)) for i, n in enumerate(sizes)})
-        msg = Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10, "epsilon": 1.0})}),
-                      dst_node_id=2, message_type="train")
+        state = {f"a{i}": torch.from_numpy(rng.standard_normal(n * k).astype(np.float32)) for i, n in enumerate(sizes)}
         model = sum(n * k * 4 for n in sizes)
-        t.add_row(f"{model:,}", f"{wire_bytes(msg):,}", f"{wire_bytes(msg) / model:.3f}x")
+        per_tensor = reply(ArrayRecord({name: Array(v.numpy()) for name, v in state.items()}))
+        packed = reply(pack(state))
+        t.add_row(f"{model:,}", f"{per_tensor:,}", f"{per_tensor / model:.3f}x", f"{packed:,}", f"{packed / model:.3f}x")
     Console(width=200).print(t)
 
 

@@ -24,6 +24,7 @@ from coordinator.report import plot_metrics, write_metrics
 from coordinator.secure import UNIFORM_WEIGHT_KEY, SecAggPlusGrid
 from coordinator.strategy import build_strategy, wait_for_nodes
 from medfed.settings import RunConfig
+from medfed.wire import pack, unpack
 from models.network import build_model
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Feder
                     [r for r in released if r > start_round]):
                 released.append(server_round)
                 _write_released(out, released)
-            save_checkpoint(ckpt_dir, server_round, arrays.to_torch_state_dict(), history, run_config)
+            save_checkpoint(ckpt_dir, server_round, unpack(arrays, state), history, run_config)
             write_metrics(out / METRICS_FILE, history, run_config, site_dp_extra())
             auc = rec.evaluate.get("auc")
             log.info("round %d/%d done in %.1fs, global AUC %s", server_round, cfg.num_server_rounds,
@@ -134,14 +135,14 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Feder
             train_config[UNIFORM_WEIGHT_KEY] = True  # the SecAgg+ weight of every site is 1
         result = top.start(
             grid=run_grid,
-            initial_arrays=ArrayRecord(state),
+            initial_arrays=pack(state),
             num_rounds=remaining,
             timeout=cfg.round_timeout,
             train_config=train_config,
             evaluate_config=ConfigRecord(),
             evaluate_fn=checkpoint,
         )
-    final_state = result.arrays.to_torch_state_dict() if result is not None and len(result.arrays) else state
+    final_state = unpack(result.arrays, state) if result is not None and len(result.arrays) else state
 
     model_path = out / MODEL_FILE
     tmp = out / f".{MODEL_FILE}.tmp"

@@ -163,6 +163,20 @@ class _Recording:
             metrics = next(iter(msg.content.metric_records.values()), None)
             if metrics is not None:
                 getattr(site, phase).update(dict(metrics))
+        # Flower hands over only the replies that came; a site that stayed silent (e.g. killed mid-round
+        # and back too late) must still show in the round, or the operator cannot tell who was missing.
+        answered = set(self._sites_of(replies)) if replies else set()
+        for m in self._sent or []:
+            nid = m.metadata.dst_node_id
+            if nid in answered:
+                continue
+            site = rec.site(nid)
+            reason = f"no {phase} reply from site node {nid} before the round's timeout"
+            if phase == "train":
+                site.status, site.reason = "no-reply", reason
+            else:
+                site.evaluate_error = reason
+            log.warning("round %d: %s", server_round, reason)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)

@@ -10,12 +10,13 @@ import logging
 import sys
 from typing import Callable
 
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from anonymization.audit import AuditError
 from medfed.protocol import EGRESS_BLOCKED, SITE_DECLINED, SITE_FAILED, SITE_REFUSED
 from medfed.settings import ConfigError, RunConfig
+from medfed.wire import WireError, pack, unpack
 from site_client.egress import (
     ARRAYS_KEY,
     METRICS_KEY,
@@ -40,7 +41,7 @@ def _error(msg: Message, code: int, reason: str) -> Message:
 
 def _is_refusal(err: Exception) -> bool:
     task = sys.modules.get("site_client.task")
-    return isinstance(err, ConfigError) or (task is not None and isinstance(err, task.SiteRefusal))
+    return isinstance(err, (ConfigError, WireError)) or (task is not None and isinstance(err, task.SiteRefusal))
 
 
 def run_key(cfg: RunConfig, context: Context) -> str:
@@ -120,28 +121,28 @@ def build_app(base: RunConfig | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         from site_client.replay import train_once
-        from site_client.task import train_round  # imports torch, which to_torch_state_dict needs
+        from site_client.task import model_template, train_round
 
         cfg = RunConfig.from_flower(context.run_config, base)
         site = resolve_site(context.node_config, cfg)
         server_round = int(msg.content["config"]["server-round"])
-        global_state = msg.content[ARRAYS_KEY].to_torch_state_dict()
+        global_state = unpack(msg.content[ARRAYS_KEY], model_template(cfg))
         # A repeated (run, round, global model) request re-sends the update already paid for.
         reply = train_once(site, cfg, run_key(cfg, context), server_round, global_state, train_round,
                            audit=lambda: audit_for(site))
         if reply.declined is not None:
             return _error(msg, SITE_DECLINED, reply.declined)
         assert reply.state_dict is not None
-        content = RecordDict({ARRAYS_KEY: ArrayRecord(reply.state_dict), METRICS_KEY: MetricRecord(reply.metrics)})
+        content = RecordDict({ARRAYS_KEY: pack(reply.state_dict), METRICS_KEY: MetricRecord(reply.metrics)})
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        from site_client.task import evaluate_round  # imports torch, which to_torch_state_dict needs
+        from site_client.task import evaluate_round, model_template
 
         cfg = RunConfig.from_flower(context.run_config, base)
         site = resolve_site(context.node_config, cfg)
-        global_state = msg.content[ARRAYS_KEY].to_torch_state_dict()
+        global_state = unpack(msg.content[ARRAYS_KEY], model_template(cfg))
         metrics = evaluate_round(site, cfg, run_key(cfg, context), global_state)
         return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
 

@@ -89,20 +89,25 @@ def save_optimizer_state(site: SiteConfig, run_id: str, state: dict[str, object]
 def update_summary(state: dict[str, torch.Tensor]) -> dict[str, object]:
     """What an update puts on the wire (names, shapes, dtypes, bytes, SHA-256) for the audit trail.
 
-    Serialized as Flower's ArrayRecord does and hashed as the egress guard hashes, so the
+    Packed as the ClientApp sends it (medfed.wire), serialized as Flower's ArrayRecord does and hashed as the egress guard hashes, so the
     round's record and the egress record of the reply carry the same digest.
     """
-    from flwr.app import ArrayRecord
+    from medfed.wire import pack  # Flower's types; the training itself never needs them
 
     digest = hashlib.sha256()
     arrays: list[dict[str, object]] = []
     total = 0
-    for name, arr in ArrayRecord(state).items():
+    for name, arr in pack(state).items():
         digest.update(name.encode())
         digest.update(arr.data)
         arrays.append({"name": name, "shape": list(arr.shape), "dtype": arr.dtype, "bytes": len(arr.data)})
         total += len(arr.data)
     return {"arrays": arrays, "bytes": total, "digest": digest.hexdigest()}
+
+
+def model_template(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """This site's network for the run (names, shapes, dtypes): what an arriving model is cut back into."""
+    return build_model(cfg.image_size).state_dict()
 
 
 def _device(cfg: RunConfig) -> str:

@@ -32,6 +32,7 @@ from anonymization.audit_keys import SIGNING_KEY_NAME, load_signing_key
 from anonymization.audit_report import ACTION_MEANINGS
 from anonymization.keys import load_or_create_secret
 from coordinator.federation import initial_state
+from medfed.wire import MODEL_ARRAY, pack
 from medfed.cli import app as medfed
 from medfed.protocol import SITE_DECLINED
 from medfed.settings import RunConfig, SiteConfig
@@ -107,7 +108,7 @@ def site_trail(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SiteTrail]:
             toml.write_text(site.to_toml())
             ctx = Context(run_id=7, node_id=1, node_config={"site-config": str(toml)}, state=RecordDict(),
                           run_config={})
-            msg = Message(content=RecordDict({"arrays": ArrayRecord(initial_state(CFG)),
+            msg = Message(content=RecordDict({"arrays": pack(initial_state(CFG)),
                                               "config": ConfigRecord({"server-round": server_round})}),
                           dst_node_id=1, message_type="train")
             trail.replies.append(build_app(CFG)(msg, ctx))
@@ -222,13 +223,13 @@ def test_train_round_alone_records_the_round_and_its_update(site_trail: SiteTrai
         assert name in record, name
     assert (record["run_id"], record["server_round"], record["declined"]) == ("direct-run", 3, False)
     assert record["epsilon_after"] == reply.metrics["epsilon"] and record["steps"] == reply.metrics["steps"]
-    wire = ArrayRecord(reply.state_dict)  # what the ClientApp puts in its reply
+    wire = pack(reply.state_dict)  # what the ClientApp puts in its reply
     digest = hashlib.sha256()
     for name, arr in wire.items():
         digest.update(name.encode())
         digest.update(arr.data)
-    assert [a["name"] for a in record["update"]["arrays"]] == list(reply.state_dict)
-    assert [a["shape"] for a in record["update"]["arrays"]] == [list(t.shape) for t in reply.state_dict.values()]
+    assert [a["name"] for a in record["update"]["arrays"]] == [MODEL_ARRAY]  # one flat array (medfed.wire)
+    assert [a["shape"] for a in record["update"]["arrays"]] == [[sum(t.numel() for t in reply.state_dict.values())]]
     assert {a["dtype"] for a in record["update"]["arrays"]} == {"float32"}
     assert record["update"]["digest"] == digest.hexdigest()
     assert read_records(tmp_path / "audit")[-1]["kind"] == "seal"

@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 from anonymization.audit import read_records
 from anonymization.audit_verify import verify_trail
 from coordinator.federation import initial_state
+from medfed.wire import pack
 from medfed.protocol import EGRESS_BLOCKED, SITE_FAILED
 from medfed.settings import RunConfig, SiteConfig
 from site_client.client_app import make_egress_guard
@@ -52,7 +53,7 @@ def _call(app: ClientApp, tmp_path: Path) -> tuple[Message, Path]:
     toml = tmp_path / "site.toml"
     toml.write_text(site.to_toml())
     ctx = Context(run_id=7, node_id=1, node_config={"site-config": str(toml)}, state=RecordDict(), run_config={})
-    msg = Message(content=RecordDict({"arrays": ArrayRecord(initial_state(CFG)),
+    msg = Message(content=RecordDict({"arrays": pack(initial_state(CFG)),
                                       "config": ConfigRecord({"server-round": 3})}), dst_node_id=1, message_type="train")
     return app(msg, ctx), site.audit_path
 

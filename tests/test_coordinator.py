@@ -151,3 +151,25 @@ def test_an_evaluate_failure_does_not_hide_why_a_site_did_not_train(monkeypatch:
     assert sites["7"]["evaluate_error"] == "site b failed (DatasetError)"
     assert (sites["8"]["status"], sites["8"]["reason"], sites["8"]["evaluate_error"]) == ("trained", None, None)
     assert sites["8"]["evaluate"]["auc"] == 0.7
+
+
+def test_a_site_that_stays_silent_is_recorded_as_no_reply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower passes on only the replies that came; the round must still name the site that sent none."""
+    from flwr.app import ArrayRecord, Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    history = RunHistory()
+    strategy = build_strategy(RunConfig(), history)
+    train = [Message(RecordDict({"arrays": ArrayRecord()}), dst_node_id=n, message_type="train") for n in (7, 8)]
+    strategy._remember(train)  # type: ignore[attr-defined]
+    ok = Message(RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord({"num-examples": 5})}), reply_to=train[1])
+    strategy._record(2, [ok], "train")  # type: ignore[attr-defined]
+    evaluate = [Message(RecordDict(), dst_node_id=n, message_type="evaluate") for n in (7, 8)]
+    strategy._remember(evaluate)  # type: ignore[attr-defined]
+    strategy._record(2, [], "evaluate")  # type: ignore[attr-defined]
+    sites = history.to_json()[0]["sites"]
+    assert sites["7"]["status"] == "no-reply" and "no train reply" in sites["7"]["reason"]
+    assert sites["8"]["status"] == "trained"
+    assert all("no evaluate reply" in sites[n]["evaluate_error"] for n in ("7", "8"))

@@ -30,6 +30,7 @@ import torch
 
 from anonymization.audit import read_records
 from coordinator.federation import initial_state
+from medfed.wire import MODEL_ARRAY, pack
 from coordinator.provision import CertificateAuthority, node_keypair
 from coordinator.receipts import arrays_digest, read_jsonl
 from coordinator.superlink import list_nodes
@@ -237,7 +238,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 def _model_keys() -> list[str]:
-    return list(initial_state(RunConfig().with_overrides(image_size=32)).keys())
+    return [MODEL_ARRAY]  # the model travels as one flat array (medfed.wire)
 
 
 # ---- transport: TLS only ------------------------------------------------------------------------
@@ -373,13 +374,11 @@ def test_secagg_strategy_receives_only_the_aggregate(world: World) -> None:
     assert len(agg) == 1 and agg[0]["secure"] is True and len(agg[0]["inputs"]) == 3
     inputs = {i["digest"] for i in agg[0]["inputs"]}
     assert len(inputs) == 1  # every input is the same secure aggregate ...
-    from flwr.app import ArrayRecord
-
     updates, weights = [], []
     for name in SITES:
         (entry,) = [e for e in _released(world, name, "secure") if e["round"] == 1]
         state = torch.load(entry["path"], weights_only=True)
-        assert arrays_digest(ArrayRecord(state)) not in inputs  # ... and none is a site's own update
+        assert arrays_digest(pack(state)) not in inputs  # ... and none is a site's own update
         updates.append(state)
         weights.append(entry["metrics"]["num-examples"])
     final = torch.load(out / "model.pt", weights_only=True)
@@ -475,7 +474,10 @@ def test_site_killed_mid_round_round_completes_and_site_rejoins(world: World) ->
     victim = "hospital-c"
     before = _count(world.sites[victim].text(), "Receiving: train message")
     run = Proc("run-sitekill", [MEDFED, "run", str(world.cons), "--rounds", "2", "--run-name", "sitekill",
+                                # the killed site's round-1 message may go unanswered: round 1 then ends at
+                                # the round timeout, so keep it short (the others train in seconds)
                                 "--run-config", BASE_CONFIG.replace("min-train-nodes=3", "min-train-nodes=2")
+                                .replace("round-timeout=300.0", "round-timeout=120.0")
                                 + " fraction-evaluate=0.0"], world.root / "logs" / "run-sitekill.log").start()
     try:
         wait_for(lambda: _count(world.sites[victim].text(), "Receiving: train message") > before, 300,
@@ -488,8 +490,8 @@ def test_site_killed_mid_round_round_completes_and_site_rejoins(world: World) ->
     metrics = json.loads((world.run_dir("sitekill") / "metrics.json").read_text())
     ids = world.node_ids()
     r1, r2 = metrics["rounds"]
-    assert str(ids[victim]) in r1["sites"], (ids, r1["sites"])
-    assert r1["sites"][str(ids[victim])]["status"] != "trained"
+    assert str(ids[victim]) in r1["sites"], (ids, r1["sites"])  # a silent site is named, not left out
+    assert r1["sites"][str(ids[victim])]["status"] in ("no-reply", "failed"), r1["sites"][str(ids[victim])]
     assert all(r1["sites"][str(ids[s])]["status"] == "trained" for s in SITES if s != victim)
     assert r1["train"], "round 1 aggregated the surviving sites"
     assert all(r2["sites"][str(ids[s])]["status"] == "trained" for s in SITES)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from coordinator.federation import initial_state
+from medfed.wire import MODEL_ARRAY
 from medfed.demo import DemoSummary, run_demo, simulate
 from medfed.settings import RunConfig, SiteConfig
 from site_client.egress import EVALUATE_METRICS, TRAIN_METRICS
@@ -88,7 +89,7 @@ def test_no_original_identifier_in_any_byte_of_the_store(demo: DemoSummary) -> N
 
 
 def test_every_reply_stayed_on_the_allow_list(demo: DemoSummary) -> None:
-    model_keys = set(initial_state(RunConfig().with_overrides(**OVERRIDES)).keys())
+    model_keys = {MODEL_ARRAY}  # the model travels as one flat array (medfed.wire)
     for site in _sites(demo):
         lines = (site.audit_path / "audit.jsonl").read_text().splitlines()
         records = [json.loads(line) for line in lines]

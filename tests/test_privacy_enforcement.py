@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from anonymization.audit import AuditTrail
 from coordinator.federation import initial_state
+from medfed.wire import pack
 from medfed.protocol import SITE_DECLINED, SITE_REFUSED
 from medfed.settings import RunConfig, SiteConfig
 from models.accounting import calibrate_noise, epsilon_of_history
@@ -73,7 +74,7 @@ def _context(site: SiteConfig, tmp_path: Path) -> Context:
 
 
 def _msg(server_round: int) -> Message:
-    return Message(content=RecordDict({"arrays": ArrayRecord(initial_state(CFG)),
+    return Message(content=RecordDict({"arrays": pack(initial_state(CFG)),
                                        "config": ConfigRecord({"server-round": server_round})}),
                    dst_node_id=1, message_type="train")
 
@@ -175,6 +176,7 @@ _CHILD = textwrap.dedent(
     from flwr.supercore.task_identity import TaskIdentity
     from coordinator.federation import initial_state
     from medfed.settings import RunConfig
+    from medfed.wire import pack
     from site_client import ledger as ledger_mod
     from site_client.client_app import build_app
 
@@ -190,7 +192,7 @@ _CHILD = textwrap.dedent(
 
     ledger_mod.PrivacyLedger.commit_spend = commit_then_wait
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 1
-    msg = Message(content=RecordDict({"arrays": ArrayRecord(initial_state(cfg)),
+    msg = Message(content=RecordDict({"arrays": pack(initial_state(cfg)),
                                       "config": ConfigRecord({"server-round": 1})}),
                   dst_node_id=1, message_type="train")
     ctx = Context(run_id=7, node_id=1, node_config={"site-config": toml}, state=RecordDict(), run_config={})

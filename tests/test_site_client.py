@@ -11,6 +11,7 @@ from flwr.clientapp import ClientApp
 
 from anonymization.audit import AuditTrail
 from coordinator.federation import initial_state
+from medfed.wire import MODEL_ARRAY, pack, unpack
 from medfed.protocol import EGRESS_BLOCKED, SITE_DECLINED, SITE_FAILED, SITE_REFUSED
 from medfed.settings import RunConfig, SiteConfig
 from site_client.client_app import build_app, make_egress_guard
@@ -56,7 +57,7 @@ def _context(site: SiteConfig, tmp_path: Path, run_id: int = 7) -> Context:
 
 
 def _train_msg(server_round: int = 1) -> Message:
-    content = RecordDict({"arrays": ArrayRecord(initial_state(CFG)),
+    content = RecordDict({"arrays": pack(initial_state(CFG)),
                           "config": ConfigRecord({"server-round": server_round})})
     return Message(content=content, dst_node_id=1, message_type="train")
 
@@ -96,7 +97,10 @@ def test_client_app_reply_passes_guard_and_is_audited(tmp_path: Path, store: Pat
     ctx = _context(site, tmp_path)
     reply = app(_train_msg(), ctx)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    assert set(reply.content["arrays"].keys()) == set(initial_state(CFG).keys())
+    # the model leaves as one flat array (medfed.wire) and cuts back into the network's tensors
+    assert list(reply.content["arrays"].keys()) == [MODEL_ARRAY]
+    back = unpack(reply.content["arrays"], initial_state(CFG))
+    assert [(k, v.shape) for k, v in back.items()] == [(k, v.shape) for k, v in initial_state(CFG).items()]
     egress = [r for r in AuditTrail(site.audit_path).records() if r["kind"] == "egress"]
     assert len(egress) == 1 and egress[0]["run_id"] == "7" and egress[0]["server_round"] == 1
     assert egress[0]["bytes"] > 0 and "epsilon" in egress[0]["metrics"]
