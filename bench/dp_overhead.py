@@ -10,7 +10,10 @@ plain step's median in the same repeat). On CPU with one thread the step time is
 the thread's CPU time (``time.thread_time``), which other processes on a shared
 machine cannot inflate; wall-clock ratios are printed beside it. Peak memory of one step: CUDA
 ``max_memory_allocated`` on a GPU, the torch profiler's allocation events on CPU.
-The last line is the ratio of the default configuration (train_local's default mode).
+"ew" runs as train_local runs it, with per-sample conv gradients by grouped
+convolution (models/conv_grad_sample.py); "ew-unfold" is Opacus' "ew" as torch
+ships it, for comparison. The last line is the ratio of the default
+configuration (train_local's default mode).
 
     .venv/bin/python bench/dp_overhead.py [--steps 20] [--repeats 7] [--threads 1] [--device cpu]
 """
@@ -31,10 +34,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from medfed.settings import RunConfig
+from models.conv_grad_sample import grouped_conv_grad_samples
 from models.network import build_model
 from models.training import DEFAULT_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES, MOMENTUM
 
 BASELINE = "no-dp"
+#: Opacus' "ew" as torch ships it (per-sample conv gradients by unfold at batches of 32 and more), for comparison.
+EW_UNFOLD = "ew-unfold"
+EW_UNFOLD_MODE = "ew"
 
 
 @dataclass
@@ -49,7 +56,8 @@ class Runner:
     error: str | None = None
 
 
-def _make(mode: str, x: torch.Tensor, y: torch.Tensor, device: str, lr: float) -> Runner:
+def _make(name: str, x: torch.Tensor, y: torch.Tensor, device: str, lr: float) -> Runner:
+    mode = EW_UNFOLD_MODE if name == EW_UNFOLD else name
     torch.manual_seed(0)
     model = build_model(x.shape[-1]).to(device)
     optim = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
@@ -71,13 +79,18 @@ def _make(mode: str, x: torch.Tensor, y: torch.Tensor, device: str, lr: float) -
         else:
             module, optim, _ = out
 
-    def step() -> None:
+    def plain_step() -> None:
         optim.zero_grad(set_to_none=True)
         loss = criterion(module(x).view(-1), y)
         loss.backward()
         optim.step()
 
-    return Runner(mode, step)
+    def step() -> None:
+        # as train_local runs "ew": with grouped-convolution per-sample gradients (models/conv_grad_sample.py)
+        with grouped_conv_grad_samples():
+            plain_step()
+
+    return Runner(name, step if mode == "ew" and name == "ew" else plain_step)
 
 
 def _sync(device: str) -> None:
@@ -134,7 +147,7 @@ def main() -> None:
           f"device {args.device}; threads {torch.get_num_threads()}; torch {torch.__version__}")
 
     runners: list[Runner] = []
-    for mode in [BASELINE, *args.modes]:
+    for mode in [BASELINE, *args.modes, *([EW_UNFOLD] if "ew" in args.modes else [])]:
         try:
             r = _make(mode, x, y, args.device, cfg.lr)
             for _ in range(args.warmup):
@@ -182,7 +195,7 @@ def main() -> None:
         p10, p90 = flat[len(flat) // 10], flat[(9 * len(flat)) // 10]
         print(f"{r.name:<10} {1000 * statistics.median(flat):>15.2f} {1000 * p10:>7.2f}-{1000 * p90:<7.2f} "
               f"{ratio:>7.2f}x {wall_ratio:>11.2f}x {(r.peak_bytes or 0) / 2**20:>9.2f}")
-    fastest = min((m for m in ratios if m != BASELINE), key=ratios.__getitem__, default=None)
+    fastest = min((m for m in ratios if m not in (BASELINE, EW_UNFOLD)), key=ratios.__getitem__, default=None)
     print(f"\nfastest DP mode here: {fastest} ({ratios.get(fastest, float('nan')):.2f}x); "
           f"{args.repeats} repeats x {args.steps} steps per mode")
     default = DEFAULT_GRAD_SAMPLE_MODE

@@ -11,12 +11,15 @@ import logging
 import math
 import secrets
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from models.conv_grad_sample import grouped_conv_grad_samples
 
 if TYPE_CHECKING:
     from opacus.accountants import IAccountant
@@ -235,7 +238,8 @@ def train_local(
                     f"planned_steps ({sample_rate}, {steps_expected} steps); the ledger's estimate would be wrong"
                 )
 
-        with warnings.catch_warnings():
+        fast_conv = grouped_conv_grad_samples() if gsm is not None and grad_sample_mode == "ew" else nullcontext()
+        with warnings.catch_warnings(), fast_conv:
             # Opacus' backward hooks on the first layer fire although images do not
             # require grad; torch warns about that, harmlessly, on every step.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
