@@ -4,8 +4,8 @@ Flower frames every array of an ArrayRecord as its own content-addressed objects
 (object ids, an .npy header: about 440 bytes each), so the default network's 22
 small tensors cost 42% on top of their 25 KB of values in every message
 (the framing table of `bench/round_overhead.py`). Coordinator and sites build the same
-network from the run config, so only the values travel, in the state dict's
-order; the receiver checks the count against its own network.
+network from the run config, so only the values travel, ordered by tensor name;
+the receiver checks the count against its own network.
 """
 
 from __future__ import annotations
@@ -25,19 +25,20 @@ class WireError(ValueError):
 
 
 def layout(template: Mapping[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...]]]:
-    """The tensors' names and shapes, in the order their values travel."""
-    return [(name, tuple(t.shape)) for name, t in template.items()]
+    """The tensors' names and shapes, in the order their values travel: by name, so that two state
+    dicts that list the same tensors in another order still pack alike (sizes alone cannot tell)."""
+    return [(name, tuple(template[name].shape)) for name in sorted(template)]
 
 
 def pack(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """All of ``state``'s values, concatenated in its order, as one float32 array."""
+    """All of ``state``'s values, concatenated in :func:`layout` order, as one float32 array."""
     odd = [f"{name} ({t.dtype})" for name, t in state.items() if t.dtype != torch.float32]
     if odd:
         raise WireError(f"only float32 tensors travel as the model; {', '.join(odd[:3])} are not. "
                         "Keep integer buffers (e.g. BatchNorm's counters) out of the network's state.")
     if not state:
         raise WireError("an empty state has no model to send")
-    flat = torch.cat([t.detach().reshape(-1).cpu() for t in state.values()])
+    flat = torch.cat([state[name].detach().reshape(-1).cpu() for name, _ in layout(state)])
     return ArrayRecord({MODEL_ARRAY: Array(flat.numpy())})
 
 
@@ -53,10 +54,10 @@ def unpack(arrays: ArrayRecord, template: Mapping[str, torch.Tensor]) -> dict[st
     if flat.ndim != 1 or flat.dtype != np.float32 or flat.size != need:
         raise WireError(f"the model arrived as {flat.dtype}{list(flat.shape)}; this network needs float32[{need}]. "
                         "Coordinator and sites must use the same run config (image-size) and medfed version.")
-    out: dict[str, torch.Tensor] = {}
+    cut: dict[str, torch.Tensor] = {}
     offset = 0
     for name, shape in layout(template):
         n = int(np.prod(shape, dtype=np.int64))
-        out[name] = torch.from_numpy(flat[offset:offset + n].copy()).reshape(shape)
+        cut[name] = torch.from_numpy(flat[offset:offset + n].copy()).reshape(shape)
         offset += n
-    return out
+    return {name: cut[name] for name in template}  # in the template's own order, as load_state_dict lists it

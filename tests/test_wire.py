@@ -28,12 +28,15 @@ def test_pack_then_unpack_gives_back_every_tensor_exactly() -> None:
         assert back[name].dtype == torch.float32 and torch.equal(back[name], tensor), name
 
 
-def test_values_travel_in_the_state_dicts_order() -> None:
+def test_values_travel_by_tensor_name_whatever_order_a_dict_lists_them() -> None:
     state = {"b": torch.tensor([1.0, 2.0]), "a": torch.tensor([[3.0], [4.0]])}
-    assert pack(state)[MODEL_ARRAY].numpy().tolist() == [1.0, 2.0, 3.0, 4.0]
-    assert layout(state) == [("b", (2,)), ("a", (2, 1))]
+    assert pack(state)[MODEL_ARRAY].numpy().tolist() == [3.0, 4.0, 1.0, 2.0]
+    assert layout(state) == [("a", (2, 1)), ("b", (2,))]
+    # a receiver whose network lists the tensors in another order cuts them right
     back = unpack(pack(state), {"b": torch.zeros(2), "a": torch.zeros(2, 1)})
-    assert back["a"].tolist() == [[3.0], [4.0]]
+    assert list(back) == ["b", "a"] and back["a"].tolist() == [[3.0], [4.0]] and back["b"].tolist() == [1.0, 2.0]
+    swapped = unpack(pack({"a": state["a"], "b": state["b"]}), state)
+    assert all(torch.equal(swapped[k], state[k]) for k in state)
 
 
 def test_a_record_in_another_format_or_of_another_network_is_refused_with_what_to_do() -> None:
