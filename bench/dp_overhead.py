@@ -41,7 +41,6 @@ from models.training import DEFAULT_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES, MOMENTU
 BASELINE = "no-dp"
 #: Opacus' "ew" as torch ships it (per-sample conv gradients by unfold at batches of 32 and more), for comparison.
 EW_UNFOLD = "ew-unfold"
-EW_UNFOLD_MODE = "ew"
 
 
 @dataclass
@@ -57,7 +56,7 @@ class Runner:
 
 
 def _make(name: str, x: torch.Tensor, y: torch.Tensor, device: str, lr: float) -> Runner:
-    mode = EW_UNFOLD_MODE if name == EW_UNFOLD else name
+    mode = "ew" if name == EW_UNFOLD else name
     torch.manual_seed(0)
     model = build_model(x.shape[-1]).to(device)
     optim = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
@@ -90,7 +89,7 @@ def _make(name: str, x: torch.Tensor, y: torch.Tensor, device: str, lr: float) -
         with grouped_conv_grad_samples():
             plain_step()
 
-    return Runner(name, step if mode == "ew" and name == "ew" else plain_step)
+    return Runner(name, step if name == "ew" else plain_step)
 
 
 def _sync(device: str) -> None:

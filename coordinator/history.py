@@ -26,6 +26,13 @@ class SiteRound:
     train: dict[str, Any] = field(default_factory=dict)
     evaluate: dict[str, Any] = field(default_factory=dict)
 
+    def no_result(self, phase: str, status: str, reason: str) -> None:
+        """Record why the site gave no ``phase`` result; ``status`` applies to training only."""
+        if phase == "train":
+            self.status, self.reason = status, reason
+        else:
+            self.evaluate_error = reason
+
 
 @dataclass
 class RoundRecord:
@@ -79,6 +86,7 @@ class RunHistory:
                               evaluate=d.get("evaluate", {}))
             for node, s in d.get("sites", {}).items():
                 rec.sites[node] = SiteRound(status=s.get("status", "not-sampled"), reason=s.get("reason"),
-                                            evaluate_error=s.get("evaluate_error"), train=s.get("train", {}), evaluate=s.get("evaluate", {}))
+                                            evaluate_error=s.get("evaluate_error"), train=s.get("train", {}),
+                                            evaluate=s.get("evaluate", {}))
             hist.rounds.append(rec)
         return hist

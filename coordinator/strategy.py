@@ -144,17 +144,15 @@ class _Recording:
 
     def _record(self, server_round: int, replies: list[Message], phase: str) -> None:
         rec = self.history.round(server_round + self.round_offset)
-        for msg, node in zip(replies, self._sites_of(replies), strict=True):
+        nodes = self._sites_of(replies)
+        for msg, node in zip(replies, nodes, strict=True):
             # Under SecAgg+ the train "replies" are the secure aggregate; their raw messages were logged
             # stage by stage by coordinator.secure.SecAggPlusGrid.
             if self.receipts is not None and not (self.secure and phase == "train"):
                 self.receipts.received(server_round + self.round_offset, phase, msg, node=node)
             site = rec.site(node)
             if msg.has_error():
-                if phase == "train":
-                    site.status, site.reason = ERROR_NAMES.get(msg.error.code, "no-reply"), msg.error.reason
-                else:
-                    site.evaluate_error = msg.error.reason
+                site.no_result(phase, ERROR_NAMES.get(msg.error.code, "no-reply"), msg.error.reason)
                 log.warning("round %d: site node %d sent no %s result: %s", server_round,
                             node, phase, msg.error.reason)
                 continue
@@ -165,17 +163,9 @@ class _Recording:
                 getattr(site, phase).update(dict(metrics))
         # Flower hands over only the replies that came; a site that stayed silent (e.g. killed mid-round
         # and back too late) must still show in the round, or the operator cannot tell who was missing.
-        answered = set(self._sites_of(replies)) if replies else set()
-        for m in self._sent or []:
-            nid = m.metadata.dst_node_id
-            if nid in answered:
-                continue
-            site = rec.site(nid)
+        for nid in {m.metadata.dst_node_id for m in self._sent or []} - set(nodes):
             reason = f"no {phase} reply from site node {nid} before the round's timeout"
-            if phase == "train":
-                site.status, site.reason = "no-reply", reason
-            else:
-                site.evaluate_error = reason
+            rec.site(nid).no_result(phase, "no-reply", reason)
             log.warning("round %d: %s", server_round, reason)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:

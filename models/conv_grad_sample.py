@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -30,6 +31,7 @@ MIN_GROUPED_PIXELS = 32 * 32
 
 _lock = threading.Lock()
 _depth = 0
+_original: Any = None  # torch's own function while a block holds the swap
 
 
 def _conv_utils() -> Any | None:
@@ -45,10 +47,7 @@ def _conv_utils() -> Any | None:
 def _picker(unfold: Any, grouped: Any) -> Any:
     def weight_grad_sample(input: Any, grad_output: Any, weight_shape: Any, kernel_size: Any, stride: Any,
                            padding: Any, dilation: Any, groups: int, func: Any) -> Any:
-        pixels = 1
-        for s in input.shape[2:]:
-            pixels *= int(s)
-        if groups == 1 and input.device.type == "cpu" and pixels >= MIN_GROUPED_PIXELS:
+        if groups == 1 and input.device.type == "cpu" and math.prod(input.shape[2:]) >= MIN_GROUPED_PIXELS:
             return grouped(input, grad_output, weight_shape, stride, padding, dilation, input.shape[0], func)
         return unfold(input, grad_output, weight_shape, kernel_size, stride, padding, dilation, groups, func)
 
@@ -63,7 +62,7 @@ def grouped_conv_grad_samples() -> Iterator[bool]:
     Yields whether the faster path is active. Re-entrant and thread-safe: the
     original function is restored when the outermost block ends.
     """
-    global _depth
+    global _depth, _original
     cu = _conv_utils()
     if cu is None:
         logger.info("torch's expanded-weights conv helpers moved; per-sample conv gradients use torch's own choice")
@@ -71,9 +70,8 @@ def grouped_conv_grad_samples() -> Iterator[bool]:
         return
     with _lock:
         if _depth == 0:
-            original = cu.conv_unfold_weight_grad_sample
-            cu.conv_unfold_weight_grad_sample = _picker(original, cu.conv_group_weight_grad_sample)
-            cu._medfed_original_unfold = original
+            _original = cu.conv_unfold_weight_grad_sample
+            cu.conv_unfold_weight_grad_sample = _picker(_original, cu.conv_group_weight_grad_sample)
         _depth += 1
     try:
         yield True
@@ -81,5 +79,4 @@ def grouped_conv_grad_samples() -> Iterator[bool]:
         with _lock:
             _depth -= 1
             if _depth == 0:
-                cu.conv_unfold_weight_grad_sample = cu._medfed_original_unfold
-                del cu._medfed_original_unfold
+                cu.conv_unfold_weight_grad_sample, _original = _original, None

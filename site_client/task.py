@@ -89,8 +89,9 @@ def save_optimizer_state(site: SiteConfig, run_id: str, state: dict[str, object]
 def update_summary(state: dict[str, torch.Tensor]) -> dict[str, object]:
     """What an update puts on the wire (names, shapes, dtypes, bytes, SHA-256) for the audit trail.
 
-    Packed as the ClientApp sends it (medfed.wire), serialized as Flower's ArrayRecord does and hashed as the egress guard hashes, so the
-    round's record and the egress record of the reply carry the same digest.
+    Packed as the ClientApp sends it (medfed.wire), serialized as Flower's ArrayRecord does and
+    hashed as the egress guard hashes, so the round's record and the egress record of the reply
+    carry the same digest.
     """
     from medfed.wire import pack  # Flower's types; the training itself never needs them
 

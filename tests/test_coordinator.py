@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -126,26 +127,38 @@ def test_site_that_only_evaluated_is_not_marked_trained() -> None:
     assert h.to_json()[0]["sites"]["7"]["status"] == "not-sampled"
 
 
-def test_an_evaluate_failure_does_not_hide_why_a_site_did_not_train(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A site that refused to train and then failed to evaluate keeps its refusal as the round's reason."""
-    from flwr.app import ArrayRecord, Error, Message
+@pytest.fixture
+def recording(monkeypatch: pytest.MonkeyPatch) -> tuple[RunHistory, Any]:
+    """A strategy, its history, and the identity of a running task that real Flower messages need."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    from medfed.protocol import SITE_REFUSED
-
-    # Real Flower messages need the identity of a running task; give them one.
     for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, value)
     history = RunHistory()
-    strategy = build_strategy(RunConfig(), history)
-    train = [Message(RecordDict({"arrays": ArrayRecord()}), dst_node_id=n, message_type="train") for n in (7, 8)]
-    strategy._remember(train)  # type: ignore[attr-defined]
+    return history, build_strategy(RunConfig(), history)
+
+
+def _send(strategy: Any, message_type: str, nodes: tuple[int, ...]) -> list[Any]:
+    """The messages the strategy sent to ``nodes`` (remembered, as configure_train/evaluate do)."""
+    from flwr.app import ArrayRecord, Message
+
+    content = {"arrays": ArrayRecord()} if message_type == "train" else {}
+    return strategy._remember([Message(RecordDict(content), dst_node_id=n, message_type=message_type) for n in nodes])
+
+
+def test_an_evaluate_failure_does_not_hide_why_a_site_did_not_train(recording: tuple[RunHistory, Any]) -> None:
+    """A site that refused to train and then failed to evaluate keeps its refusal as the round's reason."""
+    from flwr.app import ArrayRecord, Error, Message
+
+    from medfed.protocol import SITE_REFUSED
+
+    history, strategy = recording
+    train = _send(strategy, "train", (7, 8))
     ok = Message(RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord({"num-examples": 5})}), reply_to=train[1])
-    strategy._record(1, [Message(Error(SITE_REFUSED, "site b refuses: cap 0.05"), reply_to=train[0]), ok], "train")  # type: ignore[attr-defined]
-    evaluate = [Message(RecordDict(), dst_node_id=n, message_type="evaluate") for n in (7, 8)]
-    strategy._remember(evaluate)  # type: ignore[attr-defined]
+    strategy._record(1, [Message(Error(SITE_REFUSED, "site b refuses: cap 0.05"), reply_to=train[0]), ok], "train")
+    evaluate = _send(strategy, "evaluate", (7, 8))
     ev_ok = Message(RecordDict({"metrics": MetricRecord({"num-examples": 2, "auc": 0.7})}), reply_to=evaluate[1])
-    strategy._record(1, [Message(Error(4004, "site b failed (DatasetError)"), reply_to=evaluate[0]), ev_ok], "evaluate")  # type: ignore[attr-defined]
+    strategy._record(1, [Message(Error(4004, "site b failed (DatasetError)"), reply_to=evaluate[0]), ev_ok], "evaluate")
     sites = history.to_json()[0]["sites"]
     assert (sites["7"]["status"], sites["7"]["reason"]) == ("refused", "site b refuses: cap 0.05")
     assert sites["7"]["evaluate_error"] == "site b failed (DatasetError)"
@@ -153,22 +166,16 @@ def test_an_evaluate_failure_does_not_hide_why_a_site_did_not_train(monkeypatch:
     assert sites["8"]["evaluate"]["auc"] == 0.7
 
 
-def test_a_site_that_stays_silent_is_recorded_as_no_reply(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_site_that_stays_silent_is_recorded_as_no_reply(recording: tuple[RunHistory, Any]) -> None:
     """Flower passes on only the replies that came; the round must still name the site that sent none."""
     from flwr.app import ArrayRecord, Message
-    from flwr.supercore.task_identity import TaskIdentity
 
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-    history = RunHistory()
-    strategy = build_strategy(RunConfig(), history)
-    train = [Message(RecordDict({"arrays": ArrayRecord()}), dst_node_id=n, message_type="train") for n in (7, 8)]
-    strategy._remember(train)  # type: ignore[attr-defined]
+    history, strategy = recording
+    train = _send(strategy, "train", (7, 8))
     ok = Message(RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord({"num-examples": 5})}), reply_to=train[1])
-    strategy._record(2, [ok], "train")  # type: ignore[attr-defined]
-    evaluate = [Message(RecordDict(), dst_node_id=n, message_type="evaluate") for n in (7, 8)]
-    strategy._remember(evaluate)  # type: ignore[attr-defined]
-    strategy._record(2, [], "evaluate")  # type: ignore[attr-defined]
+    strategy._record(2, [ok], "train")
+    _send(strategy, "evaluate", (7, 8))
+    strategy._record(2, [], "evaluate")
     sites = history.to_json()[0]["sites"]
     assert sites["7"]["status"] == "no-reply" and "no train reply" in sites["7"]["reason"]
     assert sites["8"]["status"] == "trained"
