@@ -17,10 +17,13 @@ local epochs), with the same optimizer, batch size and per-round learning rate
   its cap over the run (`calibrate-noise`), its ledger accounting every step.
 
 AUC is reported on each site's test split, on the pooled test splits, and on all
-images of the unseen site. The goal lines compare on the pooled test splits.
+images of the unseen site. The goal lines compare on the pooled test splits, for
+FedAvg + DP on the mean of ``--goal-repeats`` runs at ε = 8: its noise is unseeded,
+as at a real site, and one run's AUC moves by several hundredths with the noise alone.
 
     .venv/bin/python bench/utility.py [--work DIR] [--patients 2000] [--rounds 20]
                                       [--local-epochs 2] [--batch-size 256] [--lr 0.02]
+                                      [--goal-repeats 3]
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from models.training import LR_SCHEDULES, DPSettings, planned_steps, round_lr, t
 
 DELTA = 1e-5
 EPSILONS = (1.0, 3.0, 8.0)
+GOAL_EPSILON = 8.0  # the issue's goals are stated at this ε
 NOISE_FLOOR = RunConfig().noise_multiplier  # calibration never goes below this sigma
 UNSEEN = "unseen"
 
@@ -143,12 +147,13 @@ def fedavg_in_process(train: list[TensorDataset], args: argparse.Namespace, seed
     return model
 
 
-def fedavg_flower(work: Path, sites: list[SiteConfig], args: argparse.Namespace, eps: float) -> tuple[torch.nn.Module, dict]:
+def fedavg_flower(work: Path, sites: list[SiteConfig], args: argparse.Namespace, eps: float,
+                  repeat: int = 1) -> tuple[torch.nn.Module, dict]:
     """FedAvg with record-level DP at every site (cap ``eps``), through the real Flower apps."""
     for site in sites:  # each site's cap is its privacy officer's: here the same for all
         capped = site.model_copy(update={"epsilon_cap": eps})
         (site.data_dir.parent / "site.toml").write_text(capped.to_toml())
-    out = work / f"fedavg-dp-eps{eps:g}"
+    out = work / (f"fedavg-dp-eps{eps:g}" + (f"-{repeat}" if repeat > 1 else ""))
     if out.exists():
         shutil.rmtree(out)
     cfg = RunConfig().with_overrides(
@@ -188,6 +193,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=run.image_size)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epsilons", default=",".join(f"{e:g}" for e in EPSILONS))
+    parser.add_argument("--goal-repeats", type=int, default=3, help="FedAvg + DP runs at the goal's ε (8): the noise "
+                        "is unseeded, as in production, so one run is one draw; the goal is judged on their mean")
     parser.add_argument("--no-round-eval", action="store_true", help="skip per-round federated evaluation (faster)")
     args = parser.parse_args()
     logs.setup(False)
@@ -229,13 +236,16 @@ def main() -> None:
     pooled_dp = score("pooled DP", "8", train_alone(ConcatDataset(train), args, epochs, 8.0, args.seed), t)
     t = time.monotonic()
     score("FedAvg", "-", fedavg_in_process(train, args, args.seed), t)
-    fed: dict[float, dict[str, float]] = {}
-    spends = {}
+    fed: dict[float, list[dict[str, float]]] = {}
+    spends: dict[str, dict] = {}
     for eps in (float(e) for e in args.epsilons.split(",")):
-        t = time.monotonic()
-        model, spent = fedavg_flower(work, sites, args, eps)
-        fed[eps] = score("FedAvg + DP (Flower)", f"{eps:g}", model, t)
-        spends[eps] = spent
+        repeats = max(1, args.goal_repeats) if eps == GOAL_EPSILON else 1
+        for i in range(repeats):
+            t = time.monotonic()
+            model, spent = fedavg_flower(work, sites, args, eps, i + 1)
+            label = f"{eps:g}" if repeats == 1 else f"{eps:g} #{i + 1}"
+            fed.setdefault(eps, []).append(score("FedAvg + DP (Flower)", label, model, t))
+            spends[label] = spent
 
     cols = [s.name for s in sites] + ["pooled", UNSEEN]
     print()
@@ -247,24 +257,31 @@ def main() -> None:
     for method, eps, aucs, secs in rows:
         print(f"| {method} | {eps} | " + " | ".join(f"{aucs[c]:.3f}" for c in cols) + f" | {secs:.0f} |")
     mean_local = statistics.mean(r["pooled"] for r in local_rows)
-    for label, eps_label, group in (("local-only, mean of sites", "-", local_rows),
-                                    ("local-only DP, mean of sites", "8", local_dp_rows)):
+    summaries = [("local-only, mean of sites", "-", local_rows), ("local-only DP, mean of sites", "8", local_dp_rows)]
+    if len(fed.get(GOAL_EPSILON, [])) > 1:
+        summaries.append((f"FedAvg + DP (Flower), mean of {len(fed[GOAL_EPSILON])} runs", f"{GOAL_EPSILON:g}",
+                          fed[GOAL_EPSILON]))
+    for label, eps_label, group in summaries:
         print(f"| {label} | {eps_label} | " + " | ".join(
             f"{statistics.mean(r[c] for r in group):.3f}" for c in cols) + " | |")
     for eps, spent in spends.items():
-        print(f"FedAvg + DP at ε={eps:g}: sites' ε spent {[round(e, 3) for e in spent['epsilon'] if e is not None]}, "
+        print(f"FedAvg + DP at ε={eps}: sites' ε spent {[round(e, 3) for e in spent['epsilon'] if e is not None]}, "
               f"σ of the last round {[round(s, 3) for s in spent['noise-multiplier'] if s is not None]}, "
               f"rounds trained {spent['trained']}")
     n_pooled = sum(len(d) for d in train)
     steps, q = planned_steps(n_pooled, args.batch_size, epochs)
     sigma = dp_sigma(n_pooled, args.batch_size, epochs, 8.0)
     print(f"pooled DP: σ {sigma:.3f}, q {q:.4f}, {steps} steps, ε {epsilon(q, sigma, steps, DELTA):.3f}")
-    if 8.0 in fed:
-        gap = pooled["pooled"] - fed[8.0]["pooled"]
-        print(f"goal: FedAvg+DP ε=8 within 0.03 AUC of pooled non-private: {fed[8.0]['pooled']:.3f} vs "
+    if GOAL_EPSILON in fed:
+        runs = [r["pooled"] for r in fed[GOAL_EPSILON]]
+        fed_auc = statistics.mean(runs)
+        spread = (f" (mean of {len(runs)} runs: {', '.join(f'{r:.3f}' for r in runs)}; "
+                  f"sd {statistics.stdev(runs):.3f})" if len(runs) > 1 else "")
+        gap = pooled["pooled"] - fed_auc
+        print(f"goal: FedAvg+DP ε=8 within 0.03 AUC of pooled non-private: {fed_auc:.3f}{spread} vs "
               f"{pooled['pooled']:.3f} (gap {gap:+.3f}) -> {'met' if gap <= 0.03 else 'MISSED'}")
-        print(f"goal: FedAvg+DP ε=8 above the mean local-only AUC: {fed[8.0]['pooled']:.3f} vs {mean_local:.3f} -> "
-              f"{'met' if fed[8.0]['pooled'] > mean_local else 'MISSED'}")
+        print(f"goal: FedAvg+DP ε=8 above the mean local-only AUC: {fed_auc:.3f} vs {mean_local:.3f} -> "
+              f"{'met' if fed_auc > mean_local else 'MISSED'}")
     print(f"pooled DP ε=8 vs pooled: {pooled_dp['pooled']:.3f} vs {pooled['pooled']:.3f}")
     print(f"total {time.monotonic() - t0:.0f}s; work folder {work}")
 
