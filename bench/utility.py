@@ -36,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,11 +125,22 @@ def train_alone(data: Dataset, args: argparse.Namespace, epochs: int, eps: float
     return model
 
 
-def fedavg_in_process(train: list[TensorDataset], args: argparse.Namespace, seed: int) -> torch.nn.Module:
-    """Plain FedAvg without DP: each round every site trains from the global model; weighted mean."""
+def fedavg_in_process(train: list[TensorDataset], args: argparse.Namespace, seed: int, eps: float | None = None,
+                      after_round: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> torch.nn.Module:
+    """FedAvg in one process: each round every site trains from the global model; weighted mean.
+
+    Without ``eps`` it is the table's plain FedAvg. With ``eps`` each site runs DP-SGD
+    with one σ calibrated to spend ``eps`` over the whole run, as the ClientApp does
+    (same `train_local`, same calibration), but with seeded noise so that recipes can
+    be compared draw for draw (`bench/dp_recipe.py`). ``after_round(r, state)`` sees
+    each round's global state.
+    """
     torch.manual_seed(seed)
     global_state = build_model(args.image_size).state_dict()
     weights = [len(d) for d in train]
+    epochs = args.rounds * args.local_epochs
+    dps = [None if eps is None else DPSettings(dp_sigma(len(d), args.batch_size, epochs, eps), args.max_grad_norm)
+           for d in train]
     optimizer_states: list[dict] = [{} for _ in train]  # each site keeps its own, as the ClientApp does
     for rnd in range(args.rounds):
         states = []
@@ -137,11 +149,13 @@ def fedavg_in_process(train: list[TensorDataset], args: argparse.Namespace, seed
             model.load_state_dict(global_state)
             train_local(model, data, epochs=args.local_epochs, batch_size=args.batch_size,
                         lr=round_lr(args.lr, rnd + 1, args.rounds, args.lr_schedule),
-                        optimizer=args.optimizer, optimizer_state=optimizer_states[i],
+                        optimizer=args.optimizer, optimizer_state=optimizer_states[i], dp=dps[i],
                         seed=seed * 10_000 + rnd * 100 + i)
             states.append(model.state_dict())
         global_state = {k: sum(w * s[k].float() for w, s in zip(weights, states, strict=True)) / sum(weights)
                         for k in global_state}
+        if after_round is not None:
+            after_round(rnd + 1, global_state)
     model = build_model(args.image_size)
     model.load_state_dict(global_state)
     return model
