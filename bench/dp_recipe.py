@@ -30,28 +30,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from torch.utils.data import ConcatDataset  # noqa: E402
-from utility import fedavg_in_process, prepare, tensors, train_alone  # noqa: E402
+from utility import add_recipe_args, fedavg_in_process, prepare, tensors, train_alone  # noqa: E402
 
 from medfed import logs  # noqa: E402
-from medfed.settings import RunConfig  # noqa: E402
 from models.evaluation import evaluate  # noqa: E402
 from models.network import build_model  # noqa: E402
-from models.training import LR_SCHEDULES  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="utility.py's working folder (prepared if missing)")
     parser.add_argument("--patients", type=int, default=2000)
-    run = RunConfig()
-    parser.add_argument("--rounds", type=int, default=run.num_server_rounds)
-    parser.add_argument("--local-epochs", type=int, default=run.local_epochs)
-    parser.add_argument("--batch-size", type=int, default=run.batch_size)
-    parser.add_argument("--lr", type=float, default=run.lr)
-    parser.add_argument("--lr-schedule", default=run.lr_schedule, choices=LR_SCHEDULES)
-    parser.add_argument("--optimizer", default=run.optimizer, choices=("sgd", "adam"))
-    parser.add_argument("--max-grad-norm", type=float, default=run.max_grad_norm)
-    parser.add_argument("--image-size", type=int, default=run.image_size)
+    add_recipe_args(parser)
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--ema", type=float, default=0.8, help="decay of the moving average of global models")

@@ -191,12 +191,9 @@ def fedavg_flower(work: Path, sites: list[SiteConfig], args: argparse.Namespace,
     return model, spent
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one); "
-                        "prepared sites are reused when the recipe matches")
-    parser.add_argument("--patients", type=int, default=2000, help="patients at the largest site")
-    run = RunConfig()  # the run config's defaults: what a consortium gets without tuning
+def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    """The training recipe's options, defaulting to the run config's: what a consortium gets without tuning."""
+    run = RunConfig()
     parser.add_argument("--rounds", type=int, default=run.num_server_rounds)
     parser.add_argument("--local-epochs", type=int, default=run.local_epochs)
     parser.add_argument("--batch-size", type=int, default=run.batch_size)
@@ -205,6 +202,14 @@ def main() -> None:
     parser.add_argument("--optimizer", default=run.optimizer, choices=("sgd", "adam"))
     parser.add_argument("--max-grad-norm", type=float, default=run.max_grad_norm)
     parser.add_argument("--image-size", type=int, default=run.image_size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one); "
+                        "prepared sites are reused when the recipe matches")
+    parser.add_argument("--patients", type=int, default=2000, help="patients at the largest site")
+    add_recipe_args(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epsilons", default=",".join(f"{e:g}" for e in EPSILONS))
     parser.add_argument("--goal-repeats", type=int, default=3, help="FedAvg + DP runs at the goal's ε (8): the noise "
