@@ -96,7 +96,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Feder
     if cfg.secagg:
         run_grid = SecAggPlusGrid(  # type: ignore[assignment]
             grid, num_shares=cfg.secagg_num_shares, threshold=cfg.secagg_threshold,
-            clipping_range=cfg.secagg_clipping_range, max_weight=cfg.secagg_max_weight, timeout=cfg.round_timeout,
+            clipping_range=cfg.secagg_clipping_range, max_weight=cfg.secagg_weight_bound, timeout=cfg.round_timeout,
             on_reply=lambda rnd, stage, msg, node: receipts.received(rnd, "train", msg, stage, node))
 
     def site_dp_extra() -> dict[str, object]:
@@ -131,7 +131,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Feder
     result = None
     if remaining > 0:
         train_config = ConfigRecord({"lr": cfg.lr, "local-epochs": cfg.local_epochs})
-        if cfg.secagg and cfg.site_dp != "off":
+        if cfg.secagg_uniform_weights:
             train_config[UNIFORM_WEIGHT_KEY] = True  # the SecAgg+ weight of every site is 1
         result = top.start(
             grid=run_grid,

@@ -77,7 +77,9 @@ class RunConfig(BaseModel):
     secagg_num_shares: float = Field(1.0, gt=0.0, alias="secagg-num-shares")  # <=1: fraction of sampled sites
     secagg_threshold: float = Field(0.67, gt=0.0, alias="secagg-threshold")   # <=1: fraction of the shares
     secagg_clipping_range: float = Field(8.0, gt=0.0, alias="secagg-clipping-range")
-    secagg_max_weight: float = Field(1000.0, gt=0.0, alias="secagg-max-weight")
+    # SecAgg+ scales each model by its weight (training examples) / max-weight before clipping it to
+    # ± clipping-range; a site refuses when that would clip (site_client.secagg.range_problem).
+    secagg_max_weight: float = Field(10000.0, gt=0.0, alias="secagg-max-weight")
     # Site-level DP (issue 5, second layer): Flower's DP wrappers; the coordinator reports site-level ε.
     site_dp: Literal["off", "client-fixed", "server-fixed", "server-adaptive"] = Field("off", alias="site-dp")
     site_dp_noise_multiplier: float = Field(1.0, gt=0.0, alias="site-dp-noise-multiplier")
@@ -132,6 +134,16 @@ class RunConfig(BaseModel):
             return RunConfig.model_validate({RunConfig.model_fields[k].alias or k: v for k, v in data.items()})
         except ValidationError as err:
             raise _explain("run config overrides", err) from None
+
+    @property
+    def secagg_uniform_weights(self) -> bool:
+        """Site-level DP weighs every site 1, so SecAgg+ sums unweighted models."""
+        return self.secagg and self.site_dp != "off"
+
+    @property
+    def secagg_weight_bound(self) -> float:
+        """SecAgg+'s ``max_weight``: 1 when every weight is 1 (no precision lost), else secagg-max-weight."""
+        return 1.0 if self.secagg_uniform_weights else self.secagg_max_weight
 
 
 class SiteConfig(BaseModel):

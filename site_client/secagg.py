@@ -11,21 +11,31 @@ on per message:
   clipped (if asked) *before* it is quantized and masked.
 - :func:`clipping_mod` runs Flower's ``fixedclipping_mod`` when the coordinator
   sent a clipping norm (``DifferentialPrivacyClientSideFixedClipping``).
+
+SecAgg+ multiplies each site's model by weight / max-weight and then clips it to
+± clipping-range before quantizing; Flower only logs a warning when that clips.
+:func:`range_problem` is our check, before training (site_client.task) and on
+the update itself (here), so a site refuses instead of sending a distorted model.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Callable
+
+import numpy as np
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common import Code, FitRes, Parameters, Status, bytes_to_ndarray, ndarrays_to_parameters
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
 from flwr.client.mod import secaggplus_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from medfed.settings import ConfigError
 from site_client.egress import ARRAYS_KEY, METRICS_KEY
 
 Next = Callable[[Message, Context], Message]
@@ -42,6 +52,23 @@ class _InnerError(Exception):
     def __init__(self, reply: Message) -> None:
         super().__init__(reply.error.reason)
         self.reply = reply
+
+
+def range_problem(values: Iterable[np.ndarray], weight: float, max_weight: float, clipping_range: float) -> str | None:
+    """Why SecAgg+ would distort these values (weighted by ``weight / max_weight``), or None if they fit."""
+    ratio = weight / max_weight
+    peak = max((float(np.max(np.abs(v))) for v in values if np.size(v)), default=0.0)
+    if not np.isfinite(peak):
+        return "the model holds NaN or infinite values; secure aggregation cannot carry them"
+    if peak * ratio <= clipping_range:
+        return None
+    return (
+        f"secure aggregation would clip this site's model: SecAgg+ scales it by weight {weight:g} / "
+        f"secagg-max-weight {max_weight:g} = {ratio:.3g}, which takes its largest value {peak:.3g} to "
+        f"{peak * ratio:.3g}, beyond secagg-clipping-range {clipping_range:g}; in the run config set "
+        f"secagg-clipping-range to at least {peak * ratio * 1.5:.3g}, or secagg-max-weight to at least "
+        f"{math.ceil(weight * peak * 1.5 / clipping_range)}"
+    )
 
 
 def is_secagg(msg: Message) -> bool:
@@ -76,6 +103,11 @@ def _adapter(call_next: Next) -> Next:
         out = reply.content[ARRAYS_KEY]
         metrics = dict(reply.content[METRICS_KEY])
         weight = 1 if fit_cfg.get(UNIFORM_WEIGHT_KEY, False) else int(metrics.get("num-examples", 1))
+        state = ctx.state.config_records.get(RECORD_KEY_STATE, ConfigRecord())
+        problem = range_problem((out[n].numpy() for n in arrays.keys()), weight,
+                                float(state.get("max_weight", 1.0)), float(state.get("clipping_range", 0.0)))
+        if problem is not None:  # refuse rather than let Flower clip it with only a warning
+            raise ConfigError(f"{problem} (this round's privacy spend stands; nothing was sent)")
         params: Parameters = ndarrays_to_parameters([out[n].numpy() for n in arrays.keys()])
         fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=params, num_examples=weight,
                         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})

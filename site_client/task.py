@@ -27,6 +27,7 @@ from models.network import build_model
 from models.accounting import MAX_NOISE_MULTIPLIER, AccountingError, calibrate_noise
 from models.training import DPSettings, planned_steps, round_lr, train_local
 from site_client.ledger import LedgerError, PrivacyLedger
+from site_client.secagg import range_problem
 from site_client.trail import audit_for  # noqa: F401 - re-exported; light for the egress guard
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,12 @@ def train_round(
         )
     if cfg.noise_multiplier <= 0:
         raise SiteRefusal("noise-multiplier must be > 0: this site trains only with differential privacy")
+    if cfg.secagg:  # before any spend: refuse a model SecAgg+ would already clip (the update is checked again)
+        problem = range_problem((v.detach().cpu().numpy() for v in global_state.values()),
+                                1 if cfg.secagg_uniform_weights else n, cfg.secagg_weight_bound,
+                                cfg.secagg_clipping_range)
+        if problem is not None:
+            raise SiteRefusal(f"{problem} (nothing was spent)")
 
     ledger = ledger_for(site)
     try:
