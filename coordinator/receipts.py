@@ -14,7 +14,6 @@ claims can be checked from the coordinator's side too:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -23,17 +22,15 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
+from medfed.wire import summarize
+
 RECEIVED_FILE = "received.jsonl"
 AGGREGATION_FILE = "aggregation.jsonl"
 
 
 def arrays_digest(arrays: ArrayRecord) -> str:
     """SHA-256 over each array's name and serialized bytes, in order (as the site's egress guard hashes)."""
-    h = hashlib.sha256()
-    for name, arr in arrays.items():
-        h.update(name.encode())
-        h.update(arr.data)
-    return h.hexdigest()
+    return str(summarize(arrays)["digest"])
 
 
 def describe(msg: Message, node: int | None = None) -> dict[str, Any]:

@@ -10,7 +10,9 @@ the receiver checks the count against its own network.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,3 +63,18 @@ def unpack(arrays: ArrayRecord, template: Mapping[str, torch.Tensor]) -> dict[st
         cut[name] = torch.from_numpy(flat[offset:offset + n].copy()).reshape(shape)
         offset += n
     return {name: cut[name] for name in template}  # in the template's own order, as load_state_dict lists it
+
+
+def summarize(arrays: ArrayRecord) -> dict[str, Any]:
+    """Each array's name, shape, dtype and bytes as sent, their total, and SHA-256 over (name, bytes) in order.
+
+    The one digest of what crosses the wire: the site's round record, its egress
+    guard and the coordinator's receipt all record it, so the three can be matched.
+    """
+    digest = hashlib.sha256()
+    listed: list[dict[str, object]] = []
+    for name, arr in arrays.items():
+        digest.update(name.encode())
+        digest.update(arr.data)
+        listed.append({"name": name, "shape": list(arr.shape), "dtype": arr.dtype, "bytes": len(arr.data)})
+    return {"arrays": listed, "bytes": sum(int(a["bytes"]) for a in listed), "digest": digest.hexdigest()}

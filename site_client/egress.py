@@ -17,6 +17,8 @@ from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
+from medfed.wire import summarize
+
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 
@@ -83,7 +85,6 @@ def check_reply(content: RecordDict, message_type: str, expected_arrays: ArrayRe
         raise EgressViolation(f"message type {message_type!r} is not allowed to leave the site")
 
     report = EgressReport(message_type=message_type)
-    digest = hashlib.sha256()
     keys = set(content.keys())
     expected_keys = {METRICS_KEY, ARRAYS_KEY} if category == "train" else {METRICS_KEY}
     if keys != expected_keys:
@@ -117,15 +118,10 @@ def check_reply(content: RecordDict, message_type: str, expected_arrays: ArrayRe
                     f"model arrays differ from the global model (extra {extra}, missing {missing}, "
                     "or shapes changed)"
                 )
-        for name, arr in arrays.items():
-            payload = arr.data
-            digest.update(name.encode())
-            digest.update(payload)
-            report.arrays.append(
-                {"name": name, "shape": list(arr.shape), "dtype": arr.dtype, "bytes": len(payload)}
-            )
-            report.bytes += len(payload)
-    report.digest = digest.hexdigest()
+        summary = summarize(arrays)
+        report.arrays, report.bytes, report.digest = summary["arrays"], summary["bytes"], summary["digest"]
+    else:
+        report.digest = summarize(ArrayRecord())["digest"]  # the digest of nothing: no arrays left
     return report
 
 

@@ -9,7 +9,6 @@ site's own test split.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -94,17 +93,9 @@ def update_summary(state: dict[str, torch.Tensor]) -> dict[str, object]:
     hashed as the egress guard hashes, so the round's record and the egress record of the reply
     carry the same digest.
     """
-    from medfed.wire import pack  # Flower's types; the training itself never needs them
+    from medfed.wire import pack, summarize  # Flower's types; the training itself never needs them
 
-    digest = hashlib.sha256()
-    arrays: list[dict[str, object]] = []
-    total = 0
-    for name, arr in pack(state).items():
-        digest.update(name.encode())
-        digest.update(arr.data)
-        arrays.append({"name": name, "shape": list(arr.shape), "dtype": arr.dtype, "bytes": len(arr.data)})
-        total += len(arr.data)
-    return {"arrays": arrays, "bytes": total, "digest": digest.hexdigest()}
+    return summarize(pack(state))
 
 
 def model_template(cfg: RunConfig) -> dict[str, torch.Tensor]:

@@ -75,3 +75,26 @@ def test_the_packed_reply_is_within_a_tenth_of_the_model_on_the_wire(monkeypatch
 
     assert reply_bytes(pack(state)) <= 1.1 * model_bytes
     assert reply_bytes(ArrayRecord(state)) > 1.1 * model_bytes  # the per-tensor layout is not
+
+
+def test_site_egress_and_coordinator_record_the_same_digest_of_an_update() -> None:
+    """One digest links a site's round record, its egress record and the coordinator's receipt."""
+    import hashlib
+
+    from coordinator.receipts import arrays_digest
+    from site_client.egress import check_reply
+    from site_client.task import update_summary
+
+    state = initial_state(RunConfig().with_overrides(image_size=32))
+    record = pack(state)
+    flat = record[MODEL_ARRAY]
+    expected = hashlib.sha256(MODEL_ARRAY.encode() + flat.data).hexdigest()
+    summary = update_summary(state)
+    assert summary["digest"] == expected and summary["bytes"] == len(flat.data) > 4 * flat.numpy().size  # .npy framing
+    assert summary["arrays"] == [{"name": MODEL_ARRAY, "shape": list(flat.shape), "dtype": flat.dtype,
+                                  "bytes": len(flat.data)}]
+    assert arrays_digest(record) == expected
+    reply = RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 3})})
+    assert check_reply(reply, "train", record).digest == expected
+    state["head.bias"] = state["head.bias"] + 1.0  # another update, another digest
+    assert update_summary(state)["digest"] != expected
