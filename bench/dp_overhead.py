@@ -10,8 +10,8 @@ plain step's median in the same repeat). On CPU with one thread the step time is
 the thread's CPU time (``time.thread_time``), which other processes on a shared
 machine cannot inflate; wall-clock ratios are printed beside it. Peak memory of one step: CUDA
 ``max_memory_allocated`` on a GPU, the torch profiler's allocation events on CPU.
-"ew" runs as train_local runs it, with per-sample conv gradients by grouped
-convolution (models/conv_grad_sample.py); "ew-unfold" is Opacus' "ew" as torch
+"ew" runs as train_local runs it, with per-sample conv gradients tap by tap
+(models/conv_grad_sample.py); "ew-unfold" is Opacus' "ew" as torch
 ships it, for comparison. The last line is the ratio of the default
 configuration (train_local's default mode).
 
@@ -34,7 +34,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from medfed.settings import RunConfig
-from models.conv_grad_sample import grouped_conv_grad_samples
+from models import features
+from models.conv_grad_sample import fast_conv_grad_samples
 from models.network import build_model
 from models.training import DEFAULT_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES, MOMENTUM
 
@@ -55,10 +56,11 @@ class Runner:
     error: str | None = None
 
 
-def _make(name: str, x: torch.Tensor, y: torch.Tensor, device: str, lr: float) -> Runner:
+def _make(name: str, image_size: int, x: torch.Tensor, y: torch.Tensor, device: str, lr: float) -> Runner:
+    """A step of what train_local trains: the model's trained part, fed ``x`` (the front end's output)."""
     mode = "ew" if name == EW_UNFOLD else name
     torch.manual_seed(0)
-    model = build_model(x.shape[-1]).to(device)
+    _, model = features.split(build_model(image_size).to(device))
     optim = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
     criterion: Any = nn.BCEWithLogitsLoss()
     module: nn.Module = model
@@ -85,8 +87,8 @@ def _make(name: str, x: torch.Tensor, y: torch.Tensor, device: str, lr: float) -
         optim.step()
 
     def step() -> None:
-        # as train_local runs "ew": with grouped-convolution per-sample gradients (models/conv_grad_sample.py)
-        with grouped_conv_grad_samples():
+        # as train_local runs "ew": per-sample conv gradients tap by tap (models/conv_grad_sample.py)
+        with fast_conv_grad_samples():
             plain_step()
 
     return Runner(name, step if name == "ew" else plain_step)
@@ -139,16 +141,30 @@ def main() -> None:
     # Opacus' hooks on the first layer fire although images need no gradient; harmless, noisy.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch_size, 1, args.image_size, args.image_size, generator=gen).to(args.device)
+    images = torch.randn(args.batch_size, 1, args.image_size, args.image_size, generator=gen).to(args.device)
     y = (torch.rand(args.batch_size, generator=gen) < 0.5).float().to(args.device)
-    n_params = sum(p.numel() for p in build_model(args.image_size).parameters())
-    print(f"model: build_model({args.image_size}), {n_params} parameters; batch {args.batch_size}; "
+    model = build_model(args.image_size).to(args.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    front, _ = features.split(model)
+    x = images
+    if front is not None:
+        # train_local runs the fixed front end once per dataset, not per step: time it apart.
+        with torch.no_grad():
+            front(images)  # warm-up
+            _sync(args.device)
+            t0 = time.perf_counter()
+            x = front(images)
+            _sync(args.device)
+        front_ms = 1000 * (time.perf_counter() - t0) / len(images)
+        print(f"fixed front end ({type(front).__name__}): {front_ms:.2f} ms per image, once per dataset; "
+              f"the trained part takes {tuple(x.shape[1:])} inputs")
+    print(f"model: build_model({args.image_size}), {n_params} trained parameters; batch {args.batch_size}; "
           f"device {args.device}; threads {torch.get_num_threads()}; torch {torch.__version__}")
 
     runners: list[Runner] = []
     for mode in [BASELINE, *args.modes, *([EW_UNFOLD] if "ew" in args.modes else [])]:
         try:
-            r = _make(mode, x, y, args.device, cfg.lr)
+            r = _make(mode, args.image_size, x, y, args.device, cfg.lr)
             for _ in range(args.warmup):
                 r.step()
             r.peak_bytes = _peak_memory(r, args.device)

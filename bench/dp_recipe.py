@@ -10,7 +10,7 @@ global models (post-processing of released models, so free under DP) and, once,
 pooled non-private training with the same recipe: the utility goal's reference.
 
     .venv/bin/python bench/dp_recipe.py --work /tmp/utilwork [--seeds 0,1,2] [--epsilon 8]
-        [--rounds 20] [--local-epochs 2] [--lr 0.02] [--optimizer adam] [--max-grad-norm 1]
+        [--rounds 20] [--local-epochs 2] [--lr 0.01] [--optimizer adam] [--max-grad-norm 1]
         [--lr-schedule constant] [--ema 0.8] [--no-pooled]
 
 The sites are `utility.py`'s (same `--work` and `--patients` reuse them).

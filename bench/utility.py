@@ -22,7 +22,7 @@ FedAvg + DP on the mean of ``--goal-repeats`` runs at ε = 8: its noise is unsee
 as at a real site, and one run's AUC moves by several hundredths with the noise alone.
 
     .venv/bin/python bench/utility.py [--work DIR] [--patients 2000] [--rounds 20]
-                                      [--local-epochs 2] [--batch-size 256] [--lr 0.02]
+                                      [--local-epochs 2] [--batch-size 256] [--lr 0.01]
                                       [--goal-repeats 3]
 """
 

@@ -85,7 +85,8 @@ def audit_cmd(
     shadows: Annotated[int, typer.Option(min=0, help="LiRA shadow models (0: loss-threshold attack only).")] = 8,
     shadow_epochs: Annotated[int, typer.Option(min=1, help="Shadow training: epochs (match the target's).")] = 10,
     shadow_batch_size: Annotated[int, typer.Option(min=1, help="Shadow training: batch size.")] = 32,
-    shadow_lr: Annotated[float, typer.Option(help="Shadow training: learning rate.")] = 0.05,
+    shadow_lr: Annotated[float, typer.Option(help="Shadow training: learning rate.")] = 0.01,
+    shadow_optimizer: Annotated[str, typer.Option(help="Shadow training: adam or sgd (match the target's).")] = "adam",
     shadow_noise_multiplier: Annotated[float, typer.Option(
         help="Shadow training: DP-SGD noise multiplier (0: no DP, the strongest shadows).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the shadows' data split and training.")] = 0,
@@ -100,6 +101,8 @@ def audit_cmd(
 
     if members.resolve() == non_members.resolve():
         _fail("--members and --non-members are the same store; pass two disjoint stores")
+    if shadow_optimizer not in ("adam", "sgd"):
+        _fail(f"--shadow-optimizer must be adam or sgd (got {shadow_optimizer!r})")
     try:
         state = torch.load(model, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -127,7 +130,7 @@ def audit_cmd(
             shadow = build_model(image_size)
             dp = DPSettings(shadow_noise_multiplier, 1.0) if shadow_noise_multiplier > 0 else None
             train_local(shadow, ds, epochs=shadow_epochs, batch_size=shadow_batch_size, lr=shadow_lr, dp=dp,
-                        seed=shadow_seed)
+                        optimizer=shadow_optimizer, seed=shadow_seed)
             return shadow
 
         results.append(lira_attack(target, member_ds, non_member_ds, train_shadow, num_shadows=shadows, seed=seed))

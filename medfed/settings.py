@@ -51,7 +51,7 @@ class RunConfig(BaseModel):
     server_lr: float = Field(0.01, gt=0.0, alias="server-lr")
     local_epochs: int = Field(2, ge=1, alias="local-epochs")
     batch_size: int = Field(256, ge=1, alias="batch-size")
-    lr: float = Field(0.02, gt=0.0)
+    lr: float = Field(0.01, gt=0.0)
     lr_schedule: Literal["constant", "cosine"] = Field("constant", alias="lr-schedule")  # over the run's rounds
     optimizer: Literal["sgd", "adam"] = "adam"
     keep_optimizer_state: bool = Field(True, alias="keep-optimizer-state")  # on the site's disk, never sent
@@ -63,7 +63,8 @@ class RunConfig(BaseModel):
     accountant: Literal["rdp", "prv"] = "rdp"
     calibrate_noise: bool = Field(True, alias="calibrate-noise")
     grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = Field("ew", alias="grad-sample-mode")
-    image_size: int = Field(64, ge=16, le=512, alias="image-size")
+    # A multiple of 4 (models.network.IMAGE_MULTIPLE): the scattering front end subsamples by 4.
+    image_size: int = Field(64, ge=16, le=512, multiple_of=4, alias="image-size")
     device: Literal["cpu", "cuda"] = "cpu"
     out_dir: str = Field("medfed-out", alias="out-dir")
     demo_dir: str = Field("", alias="demo-dir")

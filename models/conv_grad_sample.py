@@ -1,14 +1,25 @@
-"""Per-sample convolution gradients by grouped convolution for Opacus' "ew" mode on CPU.
+"""Faster per-sample convolution gradients for Opacus' "ew" mode on CPU.
 
 Opacus' "ew" mode uses torch's expanded weights, which compute a conv layer's
-per-sample weight gradients by grouped convolution only for batches under 32
-and by unfold (im2col) above: at full resolution that copies nine times the
-layer's input per step. On CPU, for inputs of 32x32 and more, the grouped
-convolution (torch's own ``conv_group_weight_grad_sample``) is faster at any
-batch; measured on the default network at batch 256, one thread: first layer
-21 ms against 73 ms, second 53 against 86 (`bench/dp_overhead.py` gives the
-step ratio). No library exposes this choice, so we make it here; the gradients
-are the same numbers, only the order of the additions differs.
+per-sample weight gradients by grouped convolution for batches under 32 and by
+unfold (im2col) above: one large copy of the input with every kernel tap laid
+out, then one batched product. On CPU it is faster to loop over the kernel's
+taps instead, each tap one batched product of the output gradient with a
+shifted (strided) view of the padded input, written straight into its slot of
+the result. Measured at batch 256 on one thread, per layer of the default
+network's head (`bench/dp_overhead.py` gives the whole step):
+
+=====================================  ========  =================  =======
+layer (in -> out, kernel, grid)         unfold    grouped (torch)    taps
+=====================================  ========  =================  =======
+81 -> 16, 1x1, 16x16                    14.4 ms   34.9 ms            5.8 ms
+16 -> 16, 3x3, 16x16                    41.8 ms   20.0 ms            11.5 ms
+16 -> 16, 3x3 stride 2, 16x16 -> 8x8    6.8 ms    8.1 ms             4.7 ms
+16 -> 16, 3x3 stride 2, 8x8 -> 4x4      1.9 ms    3.2 ms             2.0 ms
+=====================================  ========  =================  =======
+
+No library exposes this choice, so we make it here; the gradients are the same
+numbers, only the order of the additions differs (a test compares them).
 
 It swaps one function of torch's private ``_expanded_weights.conv_utils`` for
 the duration of a ``with`` block; if a torch release moves it, the block
@@ -19,15 +30,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 from collections.abc import Iterator
 from typing import Any
 
-logger = logging.getLogger(__name__)
+import torch
 
-#: Inputs with at least this many pixels per channel take the grouped convolution.
-MIN_GROUPED_PIXELS = 32 * 32
+logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _depth = 0
@@ -39,16 +48,38 @@ def _conv_utils() -> Any | None:
         from torch.nn.utils._expanded_weights import conv_utils
     except ImportError:  # pragma: no cover - depends on the torch release
         return None
-    if not all(hasattr(conv_utils, f) for f in ("conv_unfold_weight_grad_sample", "conv_group_weight_grad_sample")):
+    if not hasattr(conv_utils, "conv_unfold_weight_grad_sample"):
         return None  # pragma: no cover - depends on the torch release
     return conv_utils
 
 
-def _picker(unfold: Any, grouped: Any) -> Any:
+def _by_taps(input: torch.Tensor, grad_output: torch.Tensor, weight_shape: Any, stride: Any, padding: Any) -> torch.Tensor:
+    """Per-sample weight gradients of a 2-D convolution (no groups, no dilation), one kernel tap at a time."""
+    batch, in_ch = input.shape[:2]
+    out_ch, out_h, out_w = grad_output.shape[1:]
+    kh, kw = weight_shape[-2:]
+    (sh, sw), (ph, pw) = stride, padding
+    padded = torch.nn.functional.pad(input, (pw, pw, ph, ph)) if ph or pw else input
+    grad = grad_output.reshape(batch, out_ch, out_h * out_w)
+    out = input.new_empty(batch, out_ch, in_ch, kh, kw)
+    for a in range(kh):
+        for b in range(kw):
+            view = padded[:, :, a : a + sh * (out_h - 1) + 1 : sh, b : b + sw * (out_w - 1) + 1 : sw]
+            out[..., a, b] = torch.bmm(grad, view.reshape(batch, in_ch, out_h * out_w).transpose(1, 2))
+    return out
+
+
+def _picker(unfold: Any) -> Any:
     def weight_grad_sample(input: Any, grad_output: Any, weight_shape: Any, kernel_size: Any, stride: Any,
                            padding: Any, dilation: Any, groups: int, func: Any) -> Any:
-        if groups == 1 and input.device.type == "cpu" and math.prod(input.shape[2:]) >= MIN_GROUPED_PIXELS:
-            return grouped(input, grad_output, weight_shape, stride, padding, dilation, input.shape[0], func)
+        if (
+            groups == 1
+            and input.device.type == "cpu"
+            and input.dim() == 4
+            and not isinstance(padding, str)
+            and all(d == 1 for d in dilation)
+        ):
+            return _by_taps(input, grad_output, weight_shape, stride, padding)
         return unfold(input, grad_output, weight_shape, kernel_size, stride, padding, dilation, groups, func)
 
     weight_grad_sample.medfed_picker = True  # type: ignore[attr-defined]
@@ -56,8 +87,8 @@ def _picker(unfold: Any, grouped: Any) -> Any:
 
 
 @contextlib.contextmanager
-def grouped_conv_grad_samples() -> Iterator[bool]:
-    """Within the block, large CPU conv inputs get per-sample gradients by grouped convolution.
+def fast_conv_grad_samples() -> Iterator[bool]:
+    """Within the block, 2-D CPU convolutions get their per-sample weight gradients tap by tap.
 
     Yields whether the faster path is active. Re-entrant and thread-safe: the
     original function is restored when the outermost block ends.
@@ -71,7 +102,7 @@ def grouped_conv_grad_samples() -> Iterator[bool]:
     with _lock:
         if _depth == 0:
             _original = cu.conv_unfold_weight_grad_sample
-            cu.conv_unfold_weight_grad_sample = _picker(_original, cu.conv_group_weight_grad_sample)
+            cu.conv_unfold_weight_grad_sample = _picker(_original)
         _depth += 1
     try:
         yield True

@@ -15,6 +15,8 @@ from monai.metrics import compute_roc_auc
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from models import features
+
 logger = logging.getLogger(__name__)
 
 #: The exact keys :func:`evaluate` returns.
@@ -29,6 +31,29 @@ def _ratio(num: float, den: float) -> float:
 
 
 @torch.no_grad()
+def predict(
+    model: nn.Module, dataset: Dataset, *, batch_size: int = 64, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logit and the label of every example, in dataset order (1-D float tensors on the CPU).
+
+    A fixed front end runs once per dataset (`models.features`), so a site that
+    evaluates the same split every round computes it once.
+    """
+    was_training = model.training
+    model.to(device)
+    model.eval()
+    module, data = features.apply_front(model, dataset, device)
+    logits_parts: list[torch.Tensor] = [torch.zeros(0)]
+    label_parts: list[torch.Tensor] = [torch.zeros(0)]
+    try:
+        for xb, yb in DataLoader(data, batch_size=batch_size, shuffle=False):
+            logits_parts.append(module(xb.to(device)).reshape(-1).float().cpu())
+            label_parts.append(torch.as_tensor(yb).reshape(-1).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(logits_parts), torch.cat(label_parts)
+
+
 def evaluate(
     model: nn.Module,
     dataset: Dataset,
@@ -44,25 +69,12 @@ def evaluate(
     ``f1`` when there are neither true nor predicted positives, and all but
     ``num_examples`` on an empty dataset. Callers must treat NaN as "not available".
     """
-    was_training = model.training
-    model.to(device)
-    model.eval()
-    logits_parts: list[torch.Tensor] = []
-    label_parts: list[torch.Tensor] = []
-    try:
-        for xb, yb in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            logits_parts.append(model(xb.to(device)).reshape(-1).float().cpu())
-            label_parts.append(yb.reshape(-1).float().cpu())
-    finally:
-        model.train(was_training)
-
-    n = sum(len(t) for t in label_parts)
+    logits, labels = predict(model, dataset, batch_size=batch_size, device=device)
+    n = len(labels)
     nan = float("nan")
     if n == 0:
         return {k: (0.0 if k == "num_examples" else nan) for k in METRIC_KEYS}
 
-    logits = torch.cat(logits_parts)
-    labels = torch.cat(label_parts)
     loss = float(nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="mean"))
     probs = torch.sigmoid(logits)
 

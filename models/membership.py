@@ -23,10 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+from torch.utils.data import ConcatDataset, Dataset, Subset
+
+from models.evaluation import predict
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +59,10 @@ def attack_metrics(attack: str, member_scores: np.ndarray, non_member_scores: np
                         members=len(member_scores), non_members=len(non_member_scores))
 
 
-@torch.no_grad()
 def logits_and_labels(model: nn.Module, dataset: Dataset, device: str = "cpu", batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """The model's logit and the label of every example, in dataset order."""
-    was_training = model.training
-    model.eval().to(device)
-    zs, ys = [], []
-    for xb, yb in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        zs.append(model(xb.to(device)).view(-1).float().cpu())
-        ys.append(yb.view(-1).float())
-    model.train(was_training)
-    return torch.cat(zs).numpy().astype(np.float64), torch.cat(ys).numpy().astype(np.float64)
+    logits, labels = predict(model, dataset, batch_size=batch_size, device=device)
+    return logits.numpy().astype(np.float64), labels.numpy().astype(np.float64)
 
 
 def per_example_loss(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from models.conv_grad_sample import grouped_conv_grad_samples
+from models import features
+from models.conv_grad_sample import fast_conv_grad_samples
 
 if TYPE_CHECKING:
     from opacus.accountants import IAccountant
@@ -172,13 +173,16 @@ def train_local(
     was_training = model.training
     model.to(device)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    # A fixed front end (the scattering transform) runs once over the dataset; what
+    # is trained, clipped and noised is the rest of the model, fed its output.
+    trained, dataset = features.apply_front(model, dataset, device)
+    params = [p for p in trained.parameters() if p.requires_grad]
     # FedProx anchor: the global weights this round started from.
     global_params = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     # Snapshot of Python attributes, to strip whatever Opacus attaches to
     # modules and parameters (activations, grad_sample, ...) once we are done.
     param_attrs_before = [set(vars(p)) for p in params]
-    module_attrs_before = [(mod, set(vars(mod)), mod._is_full_backward_hook) for mod in model.modules()]
+    module_attrs_before = [(mod, set(vars(mod)), mod._is_full_backward_hook) for mod in trained.modules()]
 
     gen = _make_generator(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen, drop_last=False)
@@ -197,7 +201,7 @@ def train_local(
     pw = torch.tensor([pos_weight], device=device) if pos_weight is not None else None
     criterion = nn.BCEWithLogitsLoss(pos_weight=pw, reduction="mean")
 
-    train_module: nn.Module = model
+    train_module: nn.Module = trained
     gsm = None
     steps = 0
     last_loss_sum = 0.0
@@ -216,7 +220,7 @@ def train_local(
                 engine.accountant = accountant
             noise_gen = _make_generator(None if seed is None else seed + 1, device)
             private = engine.make_private(
-                module=model,
+                module=trained,
                 optimizer=optim,
                 criterion=criterion,
                 data_loader=loader,
@@ -238,7 +242,7 @@ def train_local(
                     f"planned_steps ({sample_rate}, {steps_expected} steps); the ledger's estimate would be wrong"
                 )
 
-        fast_conv = grouped_conv_grad_samples() if gsm is not None and grad_sample_mode == "ew" else nullcontext()
+        fast_conv = fast_conv_grad_samples() if gsm is not None and grad_sample_mode == "ew" else nullcontext()
         with warnings.catch_warnings(), fast_conv:
             # Opacus' backward hooks on the first layer fire although images do not
             # require grad; torch warns about that, harmlessly, on every step.

@@ -1,4 +1,4 @@
-"""The shared network: Opacus-compatible, right shapes, small."""
+"""The shared network: Opacus-compatible, right shapes, small, a fixed front end and a trained head."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import torch
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from models.network import build_model
+from medfed.settings import ConfigError, RunConfig
+from models.network import IMAGE_MULTIPLE, MIN_IMAGE_SIZE, build_model
+from models.scattering import Scattering2D
 
 
 def test_opacus_strict_validation_finds_nothing() -> None:
@@ -36,6 +38,32 @@ def test_same_parameter_layout_for_every_site() -> None:
     assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
 
 
-def test_rejects_too_small_images() -> None:
-    with pytest.raises(ValueError):
-        build_model(8)
+def test_front_end_is_fixed_and_never_sent() -> None:
+    """Only the head is trained and exchanged; the scattering filters are the same everywhere."""
+    model = build_model(64)
+    assert isinstance(model.fixed_front, Scattering2D)
+    assert list(model.fixed_front.parameters()) == []
+    head_keys = {f"classifier.{k}" for k in model.trainable.state_dict()}
+    assert set(model.state_dict()) == head_keys
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in model.trainable.parameters())
+
+
+def test_model_is_head_after_front() -> None:
+    model = build_model(32).eval()
+    x = torch.randn(4, 1, 32, 32)
+    torch.testing.assert_close(model(x), model.trainable(model.fixed_front(x)))
+
+
+@pytest.mark.parametrize("size", [8, 30, 62])
+def test_rejects_sizes_the_front_end_cannot_take(size: int) -> None:
+    with pytest.raises(ValueError, match="multiple of 4"):
+        build_model(size)
+
+
+def test_run_config_admits_exactly_the_sizes_the_network_takes() -> None:
+    """The run config refuses an image size before any site tries to build the model."""
+    assert RunConfig().image_size % IMAGE_MULTIPLE == 0
+    build_model(MIN_IMAGE_SIZE)
+    RunConfig().with_overrides(image_size=MIN_IMAGE_SIZE)
+    with pytest.raises(ConfigError, match="image-size: Input should be a multiple of 4"):
+        RunConfig().with_overrides(image_size=MIN_IMAGE_SIZE + 2)

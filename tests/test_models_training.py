@@ -97,7 +97,7 @@ def test_dp_records_planned_steps_in_the_given_accountant() -> None:
     assert _logged_steps(acc) == steps
     assert {(sigma, q) for sigma, q, _ in acc.history} == {(1.0, rate)}
     # trained in place, handed back as the same plain module
-    assert type(model).__name__ == "SmallCTNet"
+    assert type(model).__name__ == "ScatterCTNet"
     assert list(model.state_dict()) == keys
     assert not torch.equal(before, _flat(model))
     for p in model.parameters():

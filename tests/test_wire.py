@@ -96,5 +96,5 @@ def test_site_egress_and_coordinator_record_the_same_digest_of_an_update() -> No
     assert arrays_digest(record) == expected
     reply = RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 3})})
     assert check_reply(reply, "train", record).digest == expected
-    state["head.bias"] = state["head.bias"] + 1.0  # another update, another digest
+    state["classifier.head.bias"] = state["classifier.head.bias"] + 1.0  # another update, another digest
     assert update_summary(state)["digest"] != expected
