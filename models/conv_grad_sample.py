@@ -5,21 +5,23 @@ per-sample weight gradients by grouped convolution for batches under 32 and by
 unfold (im2col) above: one large copy of the input with every kernel tap laid
 out, then one batched product. On CPU it is faster to loop over the kernel's
 taps instead, each tap one batched product of the output gradient with a
-shifted (strided) view of the padded input, written straight into its slot of
-the result. Measured at batch 256 on one thread, per layer of the default
-network's head (`bench/dp_overhead.py` gives the whole step):
+shifted view of the padded input, written straight into its slot of the
+result (for stride 1 the view is a contiguous slice of the flattened rows, so
+nothing is copied). Measured at batch 256 on one thread, per layer of the
+default network's head (`bench/dp_overhead.py` gives the whole step):
 
 =====================================  ========  =================  =======
 layer (in -> out, kernel, grid)         unfold    grouped (torch)    taps
 =====================================  ========  =================  =======
-81 -> 16, 1x1, 16x16                    14.4 ms   34.9 ms            5.8 ms
-16 -> 16, 3x3, 16x16                    41.8 ms   20.0 ms            11.5 ms
-16 -> 16, 3x3 stride 2, 16x16 -> 8x8    6.8 ms    8.1 ms             4.7 ms
-16 -> 16, 3x3 stride 2, 8x8 -> 4x4      1.9 ms    3.2 ms             2.0 ms
+81 -> 16, 1x1, 16x16                    16.0 ms   32.3 ms            5.9 ms
+16 -> 16, 3x3, 16x16                    42.6 ms   21.6 ms            12.0 ms
+16 -> 16, 3x3 stride 2, 16x16 -> 8x8    6.8 ms    8.1 ms             4.9 ms
+16 -> 16, 3x3 stride 2, 8x8 -> 4x4      1.8 ms    4.2 ms             2.4 ms
 =====================================  ========  =================  =======
 
-No library exposes this choice, so we make it here; the gradients are the same
-numbers, only the order of the additions differs (a test compares them).
+so outputs smaller than 8x8 keep torch's unfold. No library exposes this
+choice, so we make it here; the gradients are the same numbers, only the order
+of the additions differs (a test compares them).
 
 It swaps one function of torch's private ``_expanded_weights.conv_utils`` for
 the duration of a ``with`` block; if a torch release moves it, the block
@@ -37,6 +39,9 @@ from typing import Any
 import torch
 
 logger = logging.getLogger(__name__)
+
+#: Outputs with fewer positions than this (8x8) keep torch's unfold, which is faster there.
+MIN_TAP_OUTPUT = 8 * 8
 
 _lock = threading.Lock()
 _depth = 0
@@ -59,9 +64,22 @@ def _by_taps(input: torch.Tensor, grad_output: torch.Tensor, weight_shape: Any, 
     out_ch, out_h, out_w = grad_output.shape[1:]
     kh, kw = weight_shape[-2:]
     (sh, sw), (ph, pw) = stride, padding
+    out = input.new_empty(batch, out_ch, in_ch, kh, kw)
+    if (sh, sw) == (1, 1) and (kh, kw) != (1, 1):
+        # Stride 1: in the padded input flattened row by row, tap (a, b) of output pixel (i, j) sits
+        # at (i * width + j) + (a * width + b). With the output gradient padded to the same row
+        # width (zeros where no output is), every tap is one contiguous slice: no copies.
+        width = input.shape[-1] + 2 * pw
+        flat_in = torch.nn.functional.pad(input, (pw, pw, ph, ph + 1)).reshape(batch, in_ch, -1)
+        flat_grad = torch.nn.functional.pad(grad_output, (0, width - out_w)).reshape(batch, out_ch, out_h * width)
+        span = out_h * width
+        for a in range(kh):
+            for b in range(kw):
+                start = a * width + b
+                out[..., a, b] = torch.bmm(flat_grad, flat_in[:, :, start : start + span].transpose(1, 2))
+        return out
     padded = torch.nn.functional.pad(input, (pw, pw, ph, ph)) if ph or pw else input
     grad = grad_output.reshape(batch, out_ch, out_h * out_w)
-    out = input.new_empty(batch, out_ch, in_ch, kh, kw)
     for a in range(kh):
         for b in range(kw):
             view = padded[:, :, a : a + sh * (out_h - 1) + 1 : sh, b : b + sw * (out_w - 1) + 1 : sw]
@@ -76,6 +94,7 @@ def _picker(unfold: Any) -> Any:
             groups == 1
             and input.device.type == "cpu"
             and input.dim() == 4
+            and grad_output.shape[-2] * grad_output.shape[-1] >= MIN_TAP_OUTPUT
             and not isinstance(padding, str)
             and all(d == 1 for d in dilation)
         ):

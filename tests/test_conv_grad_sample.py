@@ -50,7 +50,7 @@ def test_the_fast_path_runs_only_inside_the_block_and_nests() -> None:
 
 
 def test_torchs_unfold_stays_for_what_the_tap_loop_does_not_cover(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dilated and grouped convolutions keep torch's own per-sample gradients, inside the block too."""
+    """Dilated, grouped and tiny-output convolutions keep torch's own per-sample gradients, inside the block too."""
     calls: list[str] = []
     original = conv_utils.conv_unfold_weight_grad_sample
 
@@ -60,19 +60,37 @@ def test_torchs_unfold_stays_for_what_the_tap_loop_does_not_cover(monkeypatch: p
 
     monkeypatch.setattr(conv_utils, "conv_unfold_weight_grad_sample", spy)
     x = torch.randn(40, 4, 12, 12)
-    y = torch.randn(40, 4, 12, 12)
     for conv, expected in [
         (torch.nn.Conv2d(4, 4, 3, padding=1), []),
         (torch.nn.Conv2d(4, 4, 3, padding=2, dilation=2), ["unfold"]),
         (torch.nn.Conv2d(4, 4, 3, padding=1, groups=2), ["unfold"]),
+        (torch.nn.Conv2d(4, 4, 3, padding=1, stride=4), ["unfold"]),  # 3x3 output: below 8x8
     ]:
         calls.clear()
         stock = GradSampleModuleExpandedWeights(conv, batch_first=True, loss_reduction="sum")
-        (stock(x) * y).sum().backward()
+        (stock(x) ** 2).sum().backward()
         want = conv.weight.grad_sample.detach().clone()
         del conv.weight.grad_sample, conv.bias.grad_sample
         calls.clear()
         with fast_conv_grad_samples():
-            (stock(x) * y).sum().backward()
+            (stock(x) ** 2).sum().backward()
         assert calls == expected
         torch.testing.assert_close(conv.weight.grad_sample, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "shape"),
+    [(3, 1, 1, (9, 12)), (3, 1, 0, (10, 11)), (5, 1, 2, (8, 9)), (1, 1, 0, (8, 10)), (3, 2, 1, (17, 19)), (2, 2, 0, (16, 18))],
+)
+def test_tap_loop_equals_unfold_for_every_layout(kernel: int, stride: int, padding: int, shape: tuple[int, int]) -> None:
+    """Stride 1 takes the flattened-rows path, other strides the strided views: both give torch's numbers."""
+    g = torch.Generator().manual_seed(kernel * 10 + stride)
+    conv = torch.nn.Conv2d(3, 5, kernel, stride=stride, padding=padding)
+    x = torch.randn(33, 3, *shape, generator=g)
+    out_shape = conv(x).shape
+    grad_out = torch.randn(out_shape, generator=g)
+    args = (conv.weight.shape, (kernel, kernel), (stride, stride), (padding, padding), (1, 1), 1, torch.nn.functional.conv2d)
+    want = conv_utils.conv_unfold_weight_grad_sample(x, grad_out, *args)
+    with fast_conv_grad_samples():
+        got = conv_utils.conv_unfold_weight_grad_sample(x, grad_out, *args)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
