@@ -7,7 +7,7 @@ prevalence for the first quarter of a run; in-process FedAvg with DP at ε = 8
 on the 4,000-patient synthetic hospitals of bench/utility.py ended at AUC 0.875
 (mean of 6 noise seeds) against 0.908 for pooled non-private training. With
 the scattering front end (`models.scattering`; Tramèr & Boneh 2021) the head
-learns from the first round and the same loop ends at 0.895 against 0.912
+learns from the first round and the same loop ends at 0.896 against 0.914
 (README, Differential privacy, has the table).
 
 Why our own stack of MONAI blocks instead of ``monai.networks.nets.Classifier``:
