@@ -25,6 +25,11 @@ class Accountant(str, Enum):
     prv = "prv"
 
 
+class ShadowOptimizer(str, Enum):
+    adam = "adam"
+    sgd = "sgd"
+
+
 _ACCOUNTANT = Annotated[Accountant, typer.Option(help="Privacy accountant (Opacus): RDP or PRV.")]
 _DELTA = Annotated[float, typer.Option("--delta", help="δ; must be below 1/n for a dataset of n records.")]
 
@@ -86,7 +91,8 @@ def audit_cmd(
     shadow_epochs: Annotated[int, typer.Option(min=1, help="Shadow training: epochs (match the target's).")] = 10,
     shadow_batch_size: Annotated[int, typer.Option(min=1, help="Shadow training: batch size.")] = 32,
     shadow_lr: Annotated[float, typer.Option(help="Shadow training: learning rate.")] = 0.01,
-    shadow_optimizer: Annotated[str, typer.Option(help="Shadow training: adam or sgd (match the target's).")] = "adam",
+    shadow_optimizer: Annotated[ShadowOptimizer, typer.Option(
+        help="Shadow training: the optimizer (match the target's).")] = ShadowOptimizer.adam,
     shadow_noise_multiplier: Annotated[float, typer.Option(
         help="Shadow training: DP-SGD noise multiplier (0: no DP, the strongest shadows).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the shadows' data split and training.")] = 0,
@@ -101,8 +107,6 @@ def audit_cmd(
 
     if members.resolve() == non_members.resolve():
         _fail("--members and --non-members are the same store; pass two disjoint stores")
-    if shadow_optimizer not in ("adam", "sgd"):
-        _fail(f"--shadow-optimizer must be adam or sgd (got {shadow_optimizer!r})")
     try:
         state = torch.load(model, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -130,7 +134,7 @@ def audit_cmd(
             shadow = build_model(image_size)
             dp = DPSettings(shadow_noise_multiplier, 1.0) if shadow_noise_multiplier > 0 else None
             train_local(shadow, ds, epochs=shadow_epochs, batch_size=shadow_batch_size, lr=shadow_lr, dp=dp,
-                        optimizer=shadow_optimizer, seed=shadow_seed)
+                        optimizer=shadow_optimizer.value, seed=shadow_seed)
             return shadow
 
         results.append(lira_attack(target, member_ds, non_member_ds, train_shadow, num_shadows=shadows, seed=seed))
