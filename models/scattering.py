@@ -164,7 +164,10 @@ class Scattering2D(nn.Module):
         before, after = self.pad
         x_hat = torch.fft.fft2(F.pad(x[:, 0], (before, after, before, after), mode="reflect"))  # (B, n, n)
         batch = x.shape[0]
-        order0 = [self._lowpass(x_hat, 0).unsqueeze(1)]
+        size = self.out_size
+        # The reference order: low-pass, first order by (j1, theta1), then second
+        # order by (j1, theta1) and within that by (j2, theta2).
+        order0 = self._lowpass(x_hat, 0).unsqueeze(1)
         order1: list[torch.Tensor] = []
         order2: list[torch.Tensor] = []
         for j1 in range(self.J):
@@ -172,23 +175,12 @@ class Scattering2D(nn.Module):
             u1 = torch.fft.ifft2(_fold(x_hat.unsqueeze(1) * self._buf(f"psi_{j1}_0"), 2**j1)).abs()
             u1_hat = torch.fft.fft2(u1)  # (B, L, n / 2**j1, n / 2**j1)
             order1.append(self._lowpass(u1_hat, j1))
+            from_j1: list[torch.Tensor] = []
             for j2 in range(j1 + 1, self.J):
                 # (B, L1, 1, m, m) * (L2, m, m): every (theta1, theta2) pair in one product.
                 prod = u1_hat.unsqueeze(2) * self._buf(f"psi_{j2}_{j1}")
                 u2 = torch.fft.ifft2(_fold(prod, 2 ** (j2 - j1))).abs()
-                s2 = self._lowpass(torch.fft.fft2(u2), j2)  # (B, L1, L2, o, o)
-                order2.append(s2)
-        out1 = torch.cat(order1, dim=1)  # (B, J*L, o, o) ordered by (j1, theta1)
-        if order2:
-            # reference order: by (j1, theta1), then (j2, theta2)
-            size = out1.shape[-1]
-            per_j1: list[torch.Tensor] = []
-            idx = 0
-            for j1 in range(self.J):
-                blocks = order2[idx : idx + self.J - j1 - 1]
-                idx += self.J - j1 - 1
-                if blocks:
-                    per_j1.append(torch.cat(blocks, dim=2).reshape(batch, -1, size, size))
-            out2 = torch.cat(per_j1, dim=1)
-            return torch.cat(order0 + [out1, out2], dim=1)
-        return torch.cat(order0 + [out1], dim=1)
+                from_j1.append(self._lowpass(torch.fft.fft2(u2), j2))  # (B, L1, L2, o, o)
+            if from_j1:
+                order2.append(torch.cat(from_j1, dim=2).reshape(batch, -1, size, size))
+        return torch.cat([order0, *order1, *order2], dim=1)
