@@ -24,6 +24,7 @@ Goals (issue 6): overhead < 1 s per round at 10 sites, bytes per round within
 
     .venv/bin/python bench/round_overhead.py            # everything (about 10-20 minutes on 2 cores)
     .venv/bin/python bench/round_overhead.py --no-deploy --sim-sites 10
+    .venv/bin/python bench/round_overhead.py --no-sim --rounds 4   # the deployment only; last line its overhead
 """
 
 from __future__ import annotations
@@ -186,9 +187,10 @@ def _wait(check: Any, timeout: float, what: str) -> None:
 class _TlsBytes(threading.Thread):
     """Bytes the SuperNodes sent on their TCP connections to the SuperLink port, from `ss -tnip` (sampled)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, site_pids: set[int]) -> None:
         super().__init__(daemon=True)
         self.port = port
+        self.site_pids = site_pids  # the sites' process trees (the ServerApp reaches the same port too)
         self.seen: dict[str, int] = {}
         self.stop_flag = threading.Event()
 
@@ -205,7 +207,8 @@ class _TlsBytes(threading.Thread):
                 if not line[:1].isspace():  # a socket: Recv-Q Send-Q Local Peer (no State column when filtered)
                     parts = line.split()
                     # only the SuperNodes' connections (the ServerApp reaches the same port over loopback)
-                    local = parts[2] if len(parts) > 2 and "flower-supernod" in line else None
+                    pids = {int(p) for p in re.findall(r"pid=(\d+)", line)}
+                    local = parts[2] if len(parts) > 2 and pids & self.site_pids else None
                     line = " ".join(parts[4:])
                 m = pat.search(line)
                 if m and local:
@@ -245,7 +248,11 @@ def deployment(base_sites: list[Any], work: Path, rounds: int) -> Row:
                 return False
 
         _wait(online, 240, "the sites")
-        tls = _TlsBytes(port)
+        import psutil
+
+        site_pids = {c.pid for p in procs[1:] for c in [psutil.Process(p.p.pid),
+                                                         *psutil.Process(p.p.pid).children(recursive=True)]}
+        tls = _TlsBytes(port, site_pids)
         tls.start()
         run = "bench"
         res = subprocess.run([MEDFED, "run", str(cons), "--rounds", str(rounds), "--run-name", run, "--run-config",
@@ -262,7 +269,7 @@ def deployment(base_sites: list[Any], work: Path, rounds: int) -> Row:
         tls_total = tls.total()
         return Row("deployment (3 SuperNodes, TLS)", len(names), len(names), rounds_s, train, sent, model_bytes(),
                    tls_per_site_round=tls_total / len(names) / rounds if tls_total else None,
-                   notes=["a ClientApp process per message: imports torch/Opacus/MONAI each time"])
+                   notes=["each site's long-lived executor runs every message (site_client.executor)"])
     finally:
         for p in reversed(procs):
             p.stop()
@@ -347,6 +354,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds per setting (the first is reported apart)")
     ap.add_argument("--sim-sites", default="10,50,100", help="simulated federation sizes, comma-separated")
     ap.add_argument("--no-deploy", action="store_true", help="skip the real SuperNodes")
+    ap.add_argument("--no-sim", action="store_true", help="measure only the deployment (3 real SuperNodes)")
     ap.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     ap.add_argument("--one-simulation", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--row", type=Path, default=None, help=argparse.SUPPRESS)
@@ -374,14 +382,19 @@ def main() -> None:
         rows = []
         if not args.no_deploy:
             rows.append(deployment(base, work / "deploy", args.rounds))
-        for n in [int(x) for x in args.sim_sites.split(",") if x.strip()]:
+        for n in [] if args.no_sim else [int(x) for x in args.sim_sites.split(",") if x.strip()]:
             # each simulation in its own process: its own Ray instance, its own peak memory
             out = work / f"row-{n}.json"
             subprocess.run([sys.executable, __file__, "--one-simulation", str(n), "--rounds", str(args.rounds),
                             "--work", str(work), "--row", str(out)], check=True, env=hardening.child_env())
             rows.append(Row(**json.loads(out.read_text())))
         print_table(rows)
-        framing_sweep()
+        if not args.no_sim:
+            framing_sweep()
+        for r in rows:
+            if r.setting.startswith("deployment"):
+                print(f"deployment overhead {statistics.mean(r.overhead(i) for i in r.steady()):.2f} s/round "
+                      f"at {r.sites} sites")
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

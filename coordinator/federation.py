@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 
 from coordinator import site_dp
 from coordinator.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from coordinator.grid import PromptGrid
 from coordinator.history import RunHistory
 from coordinator.receipts import Receipts
 from coordinator.report import plot_metrics, write_metrics
@@ -56,6 +57,7 @@ def initial_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
 
 def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> FederationResult:
     """Run (or, with ``resume``, continue) the federation described by ``cfg``."""
+    grid = PromptGrid(grid)  # type: ignore[assignment]
     out = Path(cfg.out_dir)
     ckpt_dir = out / CHECKPOINTS
     out.mkdir(parents=True, exist_ok=True)

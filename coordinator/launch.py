@@ -26,6 +26,7 @@ from typing import Any, Callable
 from coordinator.checkpoint import latest_checkpoint, load_checkpoint
 from coordinator.provision import Layout, load_consortium
 from coordinator.superlink import CONNECTION, CoordinatorError, CoordinatorPaths, coordinator_env, flower_bin
+from medfed.fab import installed_app_dir
 from medfed.settings import ConfigError, RunConfig
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,11 @@ MANAGED_KEYS = ("out-dir", "run-name", "resume", "demo-dir")
 
 
 def app_dir() -> Path:
-    """The Flower app to submit: the project folder holding pyproject.toml's [tool.flwr.app]."""
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "pyproject.toml").is_file():
-        raise CoordinatorError(f"{root} holds no pyproject.toml: run medfed from its source folder "
-                               "(an editable install, or the container image), or pass --app DIR")
+    """The Flower app to submit: the installed release's folder (pyproject.toml's [tool.flwr.app])."""
+    root = installed_app_dir()
+    if root is None:
+        raise CoordinatorError(f"{Path(__file__).resolve().parent.parent} holds no pyproject.toml: run medfed from "
+                               "its source folder (an editable install, or the container image), or pass --app DIR")
     return root
 
 
@@ -144,9 +145,12 @@ def check_app_contents(app: Path) -> None:
     import io
     import zipfile
 
-    from flwr.cli.build import build_fab_from_disk
+    from medfed.fab import FabError, build_fab
 
-    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))).namelist()
+    try:
+        names = zipfile.ZipFile(io.BytesIO(build_fab(app))).namelist()
+    except FabError as err:
+        raise CoordinatorError(str(err)) from None
     bad = [n for n in names if Path(n).name in _NEVER_SHIP or n.endswith(".jsonl") or "/audit/" in n]
     if bad:
         raise CoordinatorError(

@@ -142,6 +142,40 @@ def site_start(
     raise typer.Exit(run_site(k, path, reconnect_seconds=reconnect_seconds))
 
 
+@site_app.command("approve")
+def site_approve(
+    kit: Annotated[Path, typer.Argument(help="This site's kit folder.")],
+    app: Annotated[Path, typer.Option("--app", help="The reviewed app: a .fab file or an app folder.")],
+) -> None:
+    """Approve an app bundle (FAB) for this site, by the SHA-256 of its bytes, after review."""
+    from site_client.approval import ApprovalError, approve
+
+    try:
+        entry = approve(kit, app)
+    except ApprovalError as err:
+        _fail(str(err))
+        return
+    typer.echo(f"approved sha256:{entry.sha256} ({entry.source}) for the site in {kit}")
+
+
+@site_app.command("approvals")
+def site_approvals(kit: Annotated[Path, typer.Argument(help="This site's kit folder.")]) -> None:
+    """List the app bundles (FAB SHA-256) this site runs; anything else is refused before it is imported."""
+    from medfed.fab import FabError
+    from site_client.approval import ApprovalError, approvals
+
+    try:
+        items = approvals(kit)
+    except (ApprovalError, FabError) as err:
+        _fail(str(err))
+        return
+    if not items:
+        typer.echo("no app is approved: this site refuses every run (approve one with `medfed site approve`)")
+    for a in items:
+        when = "installed release" if a.release else f"approved {a.approved_at} by {a.approved_by}"
+        typer.echo(f"sha256:{a.sha256}  {when}  {a.source}")
+
+
 def run_command(
     directory: _DIR,
     rounds: Annotated[Optional[int], typer.Option("--rounds", min=1, help="Federated rounds (num-server-rounds).")] = None,
@@ -151,6 +185,8 @@ def run_command(
     run_name: Annotated[Optional[str], typer.Option("--run-name", help="Name of the run (default: run-DATE; "
                                                     "with --resume: the last run).")] = None,
     timeout: Annotated[Optional[float], typer.Option(help="Give up waiting after this many seconds.")] = None,
+    app: Annotated[Optional[Path], typer.Option(
+        "--app", help="Submit this Flower app folder instead of the installed release (sites must approve it).")] = None,
 ) -> None:
     """Start a run on the deployment (`flwr run` over TLS), stream its progress, print its summary."""
     from coordinator.launch import plan_run, run
@@ -159,10 +195,10 @@ def run_command(
     from medfed.settings import ConfigError
 
     try:
-        plan = plan_run(directory, rounds=rounds, run_config=run_config, resume=resume, run_name=run_name)
+        plan = plan_run(directory, rounds=rounds, run_config=run_config, resume=resume, run_name=run_name, app=app)
         if plan.resume_from:
             typer.echo(f"resuming run {plan.run_name} after round {plan.resume_from}")
-        metrics = run(directory, plan, timeout=timeout)
+        metrics = run(directory, plan, app=app, timeout=timeout)
     except (ConfigError, ProvisionError, CoordinatorError) as err:
         _fail(str(err))
         return

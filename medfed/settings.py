@@ -6,6 +6,7 @@ value is refused with the field's name before anything trains.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -147,6 +148,48 @@ class RunConfig(BaseModel):
         return 1.0 if self.secagg_uniform_weights else self.secagg_max_weight
 
 
+class RunBounds(BaseModel):
+    """What a run may ask of this site (site.toml ``[run-bounds]``); a run outside them is refused.
+
+    The coordinator chooses the run config; these bounds are the site's own, checked
+    at the site before anything is trained or evaluated.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    max_server_rounds: int = Field(100, ge=1, alias="max-server-rounds")
+    max_local_epochs: int = Field(10, ge=1, alias="max-local-epochs")
+    min_batch_size: int = Field(8, ge=1, alias="min-batch-size")
+    max_batch_size: int = Field(4096, ge=1, alias="max-batch-size")
+    max_lr: float = Field(1.0, gt=0.0, alias="max-lr")
+    strategies: tuple[Literal["fedavg", "fedprox", "fedadam"], ...] = ("fedavg", "fedprox", "fedadam")
+    max_evaluations: int = Field(100, ge=0, alias="max-evaluations")  # evaluate requests answered per run
+
+    def violations(self, cfg: "RunConfig") -> list[str]:
+        """Each setting of ``cfg`` outside these bounds, as 'field value vs bound' (empty: within)."""
+        out = []
+        evaluations = cfg.num_server_rounds if cfg.fraction_evaluate > 0 else 0
+        for field, value, key, bound, limit_is_max in (
+            ("num-server-rounds", cfg.num_server_rounds, "max-server-rounds", self.max_server_rounds, True),
+            ("local-epochs", cfg.local_epochs, "max-local-epochs", self.max_local_epochs, True),
+            ("batch-size", cfg.batch_size, "min-batch-size", self.min_batch_size, False),
+            ("batch-size", cfg.batch_size, "max-batch-size", self.max_batch_size, True),
+            ("lr", cfg.lr, "max-lr", self.max_lr, True),
+            ("evaluations (rounds with fraction-evaluate > 0)", evaluations, "max-evaluations", self.max_evaluations,
+             True),
+        ):
+            if (value > bound) if limit_is_max else (value < bound):
+                side = "above" if limit_is_max else "below"
+                out.append(f"{field} {value:g} is {side} the site's bound {key} = {bound:g}")
+        if cfg.strategy not in self.strategies:
+            out.append(f"strategy {cfg.strategy!r} is not one of the site's strategies {list(self.strategies)}")
+        return out
+
+
+class OutOfBounds(ConfigError):
+    """The run asks more of the site than its ``[run-bounds]`` allow; the message names field and bound."""
+
+
 class SiteConfig(BaseModel):
     """What a site node needs to know about itself: its `site.toml`.
 
@@ -164,6 +207,14 @@ class SiteConfig(BaseModel):
     audit_key: Path | None = Field(None, alias="audit-key")
     epsilon_cap: float = Field(alias="epsilon-cap", gt=0.0)
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    run_bounds: RunBounds = Field(default_factory=RunBounds, alias="run-bounds")
+
+    def check_run(self, cfg: RunConfig) -> None:
+        """Refuse (:class:`OutOfBounds`) a run config outside this site's ``[run-bounds]``."""
+        problems = self.run_bounds.violations(cfg)
+        if problems:
+            raise OutOfBounds(f"site {self.name} refuses the run: {'; '.join(problems)} (site.toml [run-bounds]; "
+                              "the operator can lower the setting, or the site's privacy officer raise the bound)")
 
     @property
     def audit_path(self) -> Path:
@@ -207,4 +258,7 @@ class SiteConfig(BaseModel):
         if self.audit_key is not None:
             lines.append(f'audit-key = "{self.audit_key}"')
         lines += [f"epsilon-cap = {self.epsilon_cap!r}", f"delta = {self.delta!r}"]
+        lines += ["", "[run-bounds]"]
+        for key, value in self.run_bounds.model_dump(by_alias=True).items():
+            lines.append(f"{key} = {json.dumps(list(value) if isinstance(value, tuple) else value)}")
         return "\n".join(lines) + "\n"

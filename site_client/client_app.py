@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from anonymization.audit import AuditError
 from medfed.protocol import EGRESS_BLOCKED, SITE_DECLINED, SITE_FAILED, SITE_REFUSED
-from medfed.settings import ConfigError, RunConfig
+from medfed.settings import ConfigError, OutOfBounds, RunConfig
 from medfed.wire import WireError, pack, unpack
 from site_client.egress import (
     ARRAYS_KEY,
@@ -67,6 +67,13 @@ def make_egress_guard(base: RunConfig | None) -> Callable[[Message, Context, Cal
         if not server_round and msg.metadata.group_id.isdigit():  # SecAgg+ stages carry the round as group id
             server_round = int(msg.metadata.group_id)
         run = run_key(cfg, context)
+        try:
+            site.check_run(cfg)  # the site's own [run-bounds], before anything runs on its data
+        except OutOfBounds as err:
+            log.error("%s", err)
+            audit.append("round_refused", run_id=run, server_round=server_round, reason=str(err))
+            audit.close()
+            return _error(msg, SITE_REFUSED, str(err))
         secure = is_secagg(msg)
         try:
             expected = legacy_arrays(msg.content) if secure else (

@@ -17,7 +17,6 @@ import datetime as dt
 import ipaddress
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medfed import hardening
-from medfed.settings import ConfigError, SiteConfig, describe_validation
+from medfed.settings import ConfigError, RunBounds, SiteConfig, describe_validation
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +57,7 @@ class SiteTemplate(BaseModel):
     audit_key: str = Field("", alias="audit-key")
     epsilon_cap: float = Field(alias="epsilon-cap", gt=0.0)
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    run_bounds: RunBounds = Field(default_factory=RunBounds, alias="run-bounds")
 
 
 class KitConfig(BaseModel):
@@ -140,6 +140,7 @@ def write_site_config(kit: Kit, data_dir: Path | None) -> tuple[SiteConfig, Path
         "state-dir": str(kit._path(tpl.state_dir)),
         "epsilon-cap": tpl.epsilon_cap,
         "delta": tpl.delta,
+        "run-bounds": tpl.run_bounds.model_dump(by_alias=True),
     }
     if tpl.audit_dir:
         values["audit-dir"] = str(kit._path(tpl.audit_dir))
@@ -210,28 +211,19 @@ def ensure_runtime_tls(kit: Kit) -> tuple[Path, Path, Path]:
     return ca_pem, cert_pem, key_pem
 
 
-def flower_bin(name: str) -> str:
-    """Path of a Flower console script installed next to this Python (not whatever PATH finds)."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which(name)
-    if found is None:
-        raise KitError(f"`{name}` is not installed next to {sys.executable}; install medfed with its dependencies")
-    return found
-
-
 def supernode_command(kit: Kit, site_toml: Path, *, superlink: str | None = None,
                       max_wait: float | None = None) -> list[str]:
     """The `flower-supernode` command line for this kit."""
     ca, cert, key = ensure_runtime_tls(kit)
     return [
-        flower_bin("flower-supernode"),
+        # Flower's own SuperNode, through site_client.supernode (a shorter wait between pulls).
+        sys.executable, "-m", "site_client.supernode",
         "--superlink", superlink or kit.config.superlink,
         "--root-certificates", str(kit.ca_cert),
         "--auth-supernode-private-key", str(kit.auth_key),
         "--node-config", f"site-config='{site_toml}'",
-        "--isolation", "subprocess",
+        # The site's own executor (site_client.executor) runs the tasks: only approved apps, one process.
+        "--isolation", "process",
         "--host", "127.0.0.1",
         "--port", str(kit.config.clientapp_port),
         "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--ssl-ca-certfile", str(ca),
@@ -250,54 +242,80 @@ def supernode_env(kit: Kit) -> dict[str, str]:
     return env
 
 
+def executor_command(kit: Kit, site_toml: Path) -> list[str]:
+    """The site's long-lived task executor (site_client.executor) next to its SuperNode."""
+    ca, _, _ = ensure_runtime_tls(kit)
+    return [sys.executable, "-m", "site_client.executor", "--kit", str(kit.root), "--site-toml", str(site_toml),
+            "--runtime", f"127.0.0.1:{kit.config.clientapp_port}", "--runtime-ca", str(ca)]
+
+
+def _stop_child(child: subprocess.Popen[bytes] | None) -> None:
+    if child is not None and child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait(timeout=15)
+
+
 def run_site(kit: Kit, site_toml: Path, *, reconnect_seconds: float | None = None, backoff: float = 5.0) -> int:
-    """Run the SuperNode in the foreground; start it again while the coordinator is away.
+    """Run the SuperNode and the site's executor in the foreground; start them again when they exit.
 
     Flower's SuperNode retries a lost SuperLink by itself (``--max-wait-time``),
     but it exits when it cannot (re)activate — e.g. the coordinator restarted
-    and still counts the node as online. Bounded by ``reconnect-seconds``.
+    and still counts the node as online. Bounded by ``reconnect-seconds``. The
+    executor runs every task (site_client.executor); if it dies it is started again.
     """
     budget = reconnect_seconds if reconnect_seconds is not None else kit.config.reconnect_seconds
     deadline = time.monotonic() + budget
-    child: subprocess.Popen[bytes] | None = None
+    node: subprocess.Popen[bytes] | None = None
+    executor: subprocess.Popen[bytes] | None = None
     stopping = False
 
     def _stop(signum: int, _frame: Any) -> None:
         nonlocal stopping
         stopping = True
-        if child is not None and child.poll() is None:
-            child.send_signal(signal.SIGTERM)
+        for child in (node, executor):
+            if child is not None and child.poll() is None:
+                child.send_signal(signal.SIGTERM)
 
     old_term = signal.signal(signal.SIGTERM, _stop)
     old_int = signal.signal(signal.SIGINT, _stop)
+    env = supernode_env(kit)
     try:
         attempt = 0
-        while True:
-            attempt += 1
-            remaining = max(1.0, deadline - time.monotonic())
-            cmd = supernode_command(kit, site_toml, max_wait=remaining)
-            log.info("site %s: starting the SuperNode towards %s (attempt %d)", kit.config.name,
-                     kit.config.superlink, attempt)
-            started = time.monotonic()
-            child = subprocess.Popen(cmd, env=supernode_env(kit), cwd=kit.root)
-            rc = child.wait()
-            if stopping:
-                return 0
-            if time.monotonic() - started > 60:
-                deadline = time.monotonic() + budget  # it was connected: the budget is per outage
-            if time.monotonic() >= deadline:
-                log.error("site %s: the SuperNode could not reach %s for %.0fs (last exit code %d); giving up",
-                          kit.config.name, kit.config.superlink, budget, rc)
-                return rc or 1
-            log.warning("site %s: the SuperNode exited (code %d); starting it again in %.0fs",
-                        kit.config.name, rc, backoff)
-            time.sleep(backoff)
+        started = time.monotonic()
+        while not stopping:
+            if executor is None or executor.poll() is not None:
+                if executor is not None:
+                    log.warning("site %s: the task executor exited (code %s); starting it again",
+                                kit.config.name, executor.returncode)
+                executor = subprocess.Popen(executor_command(kit, site_toml), env=env, cwd=kit.root)
+            if node is None or node.poll() is not None:
+                if node is not None:
+                    rc = node.returncode
+                    if time.monotonic() - started > 60:
+                        deadline = time.monotonic() + budget  # it was connected: the budget is per outage
+                    if time.monotonic() >= deadline:
+                        log.error("site %s: the SuperNode could not reach %s for %.0fs (last exit code %d); "
+                                  "giving up", kit.config.name, kit.config.superlink, budget, rc)
+                        return rc or 1
+                    log.warning("site %s: the SuperNode exited (code %d); starting it again in %.0fs",
+                                kit.config.name, rc, backoff)
+                    time.sleep(backoff)
+                    if stopping:
+                        break
+                attempt += 1
+                remaining = max(1.0, deadline - time.monotonic())
+                log.info("site %s: starting the SuperNode towards %s (attempt %d)", kit.config.name,
+                         kit.config.superlink, attempt)
+                started = time.monotonic()
+                node = subprocess.Popen(supernode_command(kit, site_toml, max_wait=remaining), env=env, cwd=kit.root)
+            time.sleep(0.5)
+        return 0
     finally:
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
-        if child is not None and child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        _stop_child(node)
+        _stop_child(executor)

@@ -216,11 +216,16 @@ def test_medfed_run_refuses_an_app_that_would_ship_a_site_or_consortium_folder(t
     app = tmp_path / "app"
     app.mkdir()
     shutil.copy(Path(__file__).resolve().parent.parent / "pyproject.toml", app / "pyproject.toml")
-    (app / "coordinator").mkdir()
-    (app / "coordinator" / "server_app.py").write_text("app = None\n")
+    for pkg in ("medfed", "anonymization", "models", "site_client", "coordinator"):
+        (app / pkg).mkdir()
+        (app / pkg / "__init__.py").write_text("")
     check_app_contents(app)  # code only: fine
-    (app / "deploy" / "demo-data" / "sites" / "a" / "deid" / "audit").mkdir(parents=True)
-    (app / "deploy" / "demo-data" / "sites" / "a" / "site.toml").write_text('name = "a"\n')
-    (app / "deploy" / "demo-data" / "sites" / "a" / "deid" / "audit" / "audit-0001.jsonl").write_text("{}\n")
+    (app / "deploy" / "sites" / "a").mkdir(parents=True)
+    (app / "deploy" / "sites" / "a" / "site.toml").write_text('name = "a"\n')
+    check_app_contents(app)  # outside the packages fab-include ships: never in the FAB
+    demo = app / "coordinator" / "demo-data" / "sites" / "a"
+    (demo / "deid" / "audit").mkdir(parents=True)
+    (demo / "site.toml").write_text('name = "a"\n')
+    (demo / "deid" / "audit" / "audit-0001.jsonl").write_text("{}\n")
     with pytest.raises(CoordinatorError, match="site.toml"):
         check_app_contents(app)
