@@ -222,13 +222,17 @@ class _TlsBytes(threading.Thread):
 def deployment(base_sites: list[Any], work: Path, rounds: int) -> Row:
     """3 SuperNodes + a SuperLink on loopback, TLS and SuperNode authentication on."""
     from coordinator.provision import init_consortium
+    from site_client.kit import generate_site_key
 
     port = _free_port()
     cons = work / "consortium"
     names = [s.name for s in base_sites]
-    init_consortium(cons, "bench", ["localhost"], [",".join(names)], port=port, bind_host="127.0.0.1")
+    kits = {n: work / "sites" / n for n in names}  # each site's own kit: its key is made there
+    init_consortium(cons, "bench", ["localhost"], [(n, generate_site_key(kits[n]).public) for n in names],
+                    port=port, bind_host="127.0.0.1")
     for n in names:
-        kit = cons / "kits" / n / "kit.toml"
+        shutil.copytree(cons / "kits" / n, kits[n], dirs_exist_ok=True)  # the operator's kit back to the site
+        kit = kits[n] / "kit.toml"
         kit.write_text(re.sub(r"(?m)^epsilon-cap = .*$", "epsilon-cap = 1000000.0", kit.read_text()))
     logs = work / "logs"
     logs.mkdir()
@@ -236,7 +240,7 @@ def deployment(base_sites: list[Any], work: Path, rounds: int) -> Row:
     try:
         _wait(lambda: "medfed coordinator ready" in procs[0].text(), 180, "the coordinator")
         for s in base_sites:
-            procs.append(_Proc([MEDFED, "site", "start", str(cons / "kits" / s.name), "--data", str(s.data_dir),
+            procs.append(_Proc([MEDFED, "site", "start", str(kits[s.name]), "--data", str(s.data_dir),
                                 "--clientapp-port", str(_free_port()), "--reconnect-seconds", "600"],
                                logs / f"{s.name}.log"))
         from coordinator.superlink import list_nodes
@@ -264,7 +268,7 @@ def deployment(base_sites: list[Any], work: Path, rounds: int) -> Row:
         tls.join(timeout=15)
         if res.returncode != 0:
             raise RuntimeError(f"medfed run failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-        states = [cons / "kits" / n / "state" for n in names]
+        states = [kits[n] / "state" for n in names]
         rounds_s, train, sent = _results(cons / "coordinator" / "runs" / run, run, states)
         tls_total = tls.total()
         return Row("deployment (3 SuperNodes, TLS)", len(names), len(names), rounds_s, train, sent, model_bytes(),

@@ -1,13 +1,14 @@
 """Consortium provisioning: a CA, the coordinator's TLS identity, and one startup kit per site.
 
-Like NVFlare's startup kits, in one command: ``medfed consortium init`` makes
-the consortium's certificate authority, the SuperLink's TLS certificate (with
-SANs for the coordinator's host names), and for each site a folder to hand to
-its IT: the CA certificate (to check the coordinator), the site's SuperNode
-authentication key pair (EC P-384 in the OpenSSH format `flower-supernode
---auth-supernode-private-key` and `flwr supernode register` read), a `kit.toml`
-and ready-to-use service files. The coordinator keeps only the sites' *public*
-keys; a site's private key exists in its own kit and nowhere else.
+``medfed consortium init`` makes the consortium's certificate authority (its
+key optionally passphrase-encrypted) and the SuperLink's TLS certificate (with
+SANs for the coordinator's host names). Sites are enrolled by their *public*
+SuperNode key only: each site makes its key pair itself (`medfed site keygen`,
+EC P-384 in the OpenSSH format `flower-supernode --auth-supernode-private-key`
+and `flwr supernode register` read) and sends `auth/node.pub`; `init --site
+NAME=FILE` or `add-site NAME --public-key FILE` registers it and writes the
+site's kit (kit.toml, the CA certificate, node.pub, service files) with no
+private key in it. No command here makes or holds a site's private key.
 
 Everything is written to a temporary name and renamed; private keys are
 created with mode 0600. Keys and certificates come from `cryptography`.
@@ -21,6 +22,7 @@ import os
 import re
 import shutil
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +33,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from medfed.files import write_file
+from medfed.node_keys import NodeKeyError, fingerprint, load_public_key, parse_public_key, public_line
 from medfed.settings import describe_validation
 
 CONSORTIUM_FILE = "consortium.toml"
@@ -40,8 +44,10 @@ DEFAULT_PORT = 9093
 #: Port of the SuperNode's local ClientApp runtime API (loopback only).
 DEFAULT_CLIENTAPP_PORT = 9094
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-#: EC curve of the SuperNode authentication keys (Flower's own choice in `generate_key_pairs`).
-NODE_CURVE = ec.SECP384R1()
+#: Environment variable holding the consortium CA key's passphrase (or use --ca-passphrase-file).
+CA_PASSPHRASE_ENV = "MEDFED_CA_PASSPHRASE"
+#: Shortest passphrase accepted when the CA key is encrypted.
+MIN_PASSPHRASE = 8
 
 
 class ProvisionError(Exception):
@@ -117,7 +123,7 @@ def load_consortium(directory: Path) -> ConsortiumConfig:
     if not path.is_file():
         raise ProvisionError(
             f"{path} does not exist: {directory} is not a consortium folder; "
-            "create one with `medfed consortium init DIR --name NAME --coordinator-host HOST --sites A,B`"
+            "create one with `medfed consortium init DIR --name NAME --coordinator-host HOST`"
         )
     try:
         raw = tomllib.loads(path.read_text())
@@ -135,25 +141,6 @@ def _q(value: str) -> str:
 
 
 # ---- files ---------------------------------------------------------------------------------------
-
-
-def write_file(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` via a temporary name, created with ``mode`` (never wider)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if tmp.exists():
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.chmod(tmp, mode)  # the umask may have narrowed it; never widen a private key
-    os.replace(tmp, path)
 
 
 def _now() -> dt.datetime:
@@ -194,20 +181,37 @@ class CertificateAuthority:
         return cls(key, cert)
 
     @classmethod
-    def load(cls, directory: Path) -> "CertificateAuthority":
+    def load(cls, directory: Path, passphrase: bytes | None = None) -> "CertificateAuthority":
+        """The CA key and certificate from ``directory``; ``passphrase`` if the key is encrypted."""
         key_path, cert_path = directory / "ca.key", directory / "ca.pem"
         if not key_path.is_file() or not cert_path.is_file():
             raise ProvisionError(
                 f"the consortium CA is missing ({key_path}, {cert_path}); it is needed to issue certificates — "
-                "restore it from your backup (it never leaves the operator)"
+                "restore the ca/ folder from the operator's offline copy"
             )
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        try:
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=passphrase)
+        except TypeError:
+            if passphrase is None:
+                raise ProvisionError(
+                    f"{key_path} is encrypted: give its passphrase with --ca-passphrase-file FILE or the "
+                    f"{CA_PASSPHRASE_ENV} environment variable") from None
+            raise ProvisionError(
+                f"{key_path} is not encrypted, but a CA passphrase was given; drop --ca-passphrase-file / "
+                f"{CA_PASSPHRASE_ENV}") from None
+        except ValueError:
+            if passphrase is None:
+                raise ProvisionError(f"{key_path} is not a PEM private key; restore ca/ from the offline copy") from None
+            raise ProvisionError(
+                f"cannot decrypt {key_path}: wrong CA passphrase (from --ca-passphrase-file or "
+                f"{CA_PASSPHRASE_ENV}); nothing was changed — retry with the right one") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ProvisionError(f"{key_path} is not an EC private key; restore the consortium CA key")
         return cls(key, x509.load_pem_x509_certificate(cert_path.read_bytes()))
 
-    def save(self, directory: Path) -> None:
-        write_file(directory / "ca.key", private_pem(self.key), 0o600)
+    def save(self, directory: Path, passphrase: bytes | None = None) -> None:
+        """Write ca.key (0600, encrypted with ``passphrase`` if given) and ca.pem."""
+        write_file(directory / "ca.key", private_pem(self.key, passphrase), 0o600, dir_mode=0o700)
         write_file(directory / "ca.pem", self.cert_pem)
 
     @property
@@ -243,18 +247,32 @@ class CertificateAuthority:
         return key, cert
 
 
-def private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+def private_pem(key: ec.EllipticCurvePrivateKey, passphrase: bytes | None = None) -> bytes:
+    """PKCS#8 PEM; encrypted with cryptography's best available scheme when ``passphrase`` is given."""
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption())
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
 
 
-def node_keypair() -> tuple[bytes, bytes]:
-    """A SuperNode authentication key pair: (OpenSSH private key, OpenSSH public key line)."""
-    key = ec.generate_private_key(NODE_CURVE)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return private, public + b"\n"
+def ca_passphrase(passphrase_file: Path | None) -> bytes | None:
+    """The CA key's passphrase: from ``passphrase_file`` (one trailing newline dropped), else $MEDFED_CA_PASSPHRASE.
+
+    None when neither is given (the CA key is then stored, or expected, unencrypted).
+    """
+    if passphrase_file is not None:
+        try:
+            text = passphrase_file.read_bytes()
+        except OSError as err:
+            raise ProvisionError(f"cannot read the CA passphrase file {passphrase_file}: {err.strerror}") from None
+        source = str(passphrase_file)
+    elif (env := os.environ.get(CA_PASSPHRASE_ENV)) is not None:
+        text, source = env.encode("utf-8"), f"${CA_PASSPHRASE_ENV}"
+    else:
+        return None
+    value = text.removesuffix(b"\n").removesuffix(b"\r")
+    if not value:
+        raise ProvisionError(f"the CA passphrase from {source} is empty; put the passphrase in it")
+    return value
 
 
 def coordinator_hosts(hosts: list[str]) -> list[str]:
@@ -304,14 +322,12 @@ class Layout:
         return self.kits / site
 
 
-def _site_kit(layout: Layout, cfg: ConsortiumConfig, ca: CertificateAuthority, site: str) -> SiteEntry:
+def _site_kit(layout: Layout, cfg: ConsortiumConfig, site: str, public: bytes) -> SiteEntry:
+    """Register ``public`` (an OpenSSH line, checked) for ``site`` and write its kit: no private key in it."""
     kit = layout.kit(site)
-    if kit.exists():
-        raise ProvisionError(f"{kit} already exists; a site keeps its key — remove the folder first to re-issue it")
-    private, public = node_keypair()
-    write_file(kit / "auth" / "node.key", private, 0o600)
-    write_file(kit / "auth" / "node.pub", public)
-    write_file(kit / "ca.pem", ca.cert_pem)
+    # auth/ 0700 as at the site, so copying the kit over the site's folder (cp -a, rsync -a) keeps it narrow
+    write_file(kit / "auth" / "node.pub", public, dir_mode=0o700)
+    write_file(kit / "ca.pem", (layout.tls / "ca.pem").read_bytes())
     address = f"{cfg.coordinator_hosts[0]}:{cfg.port}"
     write_file(kit / KIT_FILE, kit_toml(cfg.name, site, address).encode())
     for name, text in site_service_files(site).items():
@@ -330,7 +346,7 @@ consortium = {_q(consortium)}
 name = {_q(site)}                   # this site
 superlink = {_q(superlink)}         # the coordinator's SuperLink (HTTPS, outbound only)
 ca-cert = "ca.pem"                  # checks the coordinator's TLS certificate
-auth-key = "auth/node.key"          # this site's SuperNode key (mode 0600; never leaves the site)
+auth-key = "auth/node.key"          # made here by `medfed site keygen` (mode 0600; never leaves the site)
 clientapp-port = {DEFAULT_CLIENTAPP_PORT}             # loopback port between the SuperNode and its ClientApp
 reconnect-seconds = 3600            # how long the SuperNode keeps retrying a lost coordinator
 
@@ -378,11 +394,17 @@ WantedBy=multi-user.target
 def kit_readme(consortium: str, site: str, superlink: str) -> str:
     return f"""# medfed site kit: {site} ({consortium})
 
-Keep this folder at the site. `auth/node.key` is this site's private key: mode 0600,
-never copy it anywhere else. The coordinator holds only `auth/node.pub`.
+From the consortium operator. It holds no private key: `kit.toml`, `ca.pem`
+(checks the coordinator), `auth/node.pub` (the public key the operator enrolled
+for {site}) and `medfed-site.service`.
+
+Copy its contents *into* the site's kit folder, the one where `medfed site keygen`
+made `auth/node.key` (e.g. `cp -r {site}/. /srv/medfed/kit/`). Never replace that
+folder: the private key exists there and nowhere else. `medfed site start` checks
+that `auth/node.pub` matches `auth/node.key`.
 
 1. De-identify: `medfed deid run RAW DEID --key /srv/medfed/site.key --labels labels.csv`
-2. Start the node: `medfed site start {site}-kit --data DEID` (connects out to {superlink}, HTTPS only)
+2. Start the node: `medfed site start /srv/medfed/kit --data DEID` (connects out to {superlink}, HTTPS only)
 3. As a service: install `medfed-site.service` (see deploy/README.md in the medfed sources).
 """
 
@@ -390,25 +412,61 @@ never copy it anywhere else. The coordinator holds only `auth/node.pub`.
 # ---- operations ----------------------------------------------------------------------------------
 
 
-def _parse_sites(sites: list[str]) -> list[str]:
-    out: list[str] = []
-    for raw in sites:
-        for s in raw.split(","):
-            s = s.strip()
-            if not s:
-                continue
-            if not SITE_NAME.match(s):
-                raise ProvisionError(
-                    f"site name {s!r} is not allowed: use letters, digits, '.', '_' or '-' (e.g. hospital-a)")
-            if s in out:
-                raise ProvisionError(f"site {s!r} is listed twice in --sites; list each site once")
-            out.append(s)
+def parse_site_spec(spec: str) -> tuple[str, Path]:
+    """``NAME=PUBLIC_KEY_FILE`` (`consortium init --site`) as (name, file)."""
+    name, sep, file = spec.partition("=")
+    if not sep or not name.strip() or not file.strip():
+        raise ProvisionError(f"--site {spec!r} is not NAME=PUBLIC_KEY_FILE; give the site's name and the "
+                             "auth/node.pub it sent, e.g. --site hospital-a=hospital-a.pub")
+    return name.strip(), Path(file.strip())
+
+
+def _normalized_key(data: bytes, source: str) -> bytes:
+    try:
+        return public_line(parse_public_key(data, source))
+    except NodeKeyError as err:
+        raise ProvisionError(str(err)) from None
+
+
+def _enrolments(directory: Path, cfg: ConsortiumConfig, sites: Sequence[tuple[str, Path]]) -> list[tuple[str, bytes]]:
+    """Check new sites' names and public keys against the consortium and each other, before anything is written.
+
+    A key may belong to one site only, revoked ones included: a revoked key stays refused.
+    """
+    layout = Layout(directory)
+    owner: dict[bytes, str] = {}  # key -> "site (status)"
+    for entry in cfg.sites:
+        line = _normalized_key(public_key_line(directory, entry), str(directory / entry.public_key))
+        owner[line] = f"{entry.name} ({entry.status})"
+    out: list[tuple[str, bytes]] = []
+    for site, path in sites:
+        if not SITE_NAME.match(site):
+            raise ProvisionError(
+                f"site name {site!r} is not allowed: use letters, digits, '.', '_' or '-' (e.g. hospital-a)")
+        if (existing := cfg.site(site)) is not None:
+            raise ProvisionError(
+                f"site {site!r} is already in the consortium ({existing.status}); a revoked site gets a new name")
+        if any(site == s for s, _ in out):
+            raise ProvisionError(f"site {site!r} is given twice; enrol each site once")
+        try:
+            line = public_line(load_public_key(path))
+        except NodeKeyError as err:
+            raise ProvisionError(f"site {site}: {err}") from None
+        if (other := owner.get(line)) is not None:
+            raise ProvisionError(
+                f"the public key in {path} is already enrolled for site {other}; every site makes its own key "
+                f"with `medfed site keygen KIT` — ask {site} for its own auth/node.pub")
+        if layout.kit(site).exists():
+            raise ProvisionError(f"{layout.kit(site)} already exists (an old kit); remove it and retry")
+        owner[line] = f"{site} (given just before)"
+        out.append((site, line))
     return out
 
 
-def init_consortium(directory: Path, name: str, hosts: list[str], sites: list[str], *, port: int = DEFAULT_PORT,
-                    bind_host: str = "0.0.0.0") -> ConsortiumConfig:
-    """Create a consortium folder: CA, coordinator TLS identity, one kit per site."""
+def init_consortium(directory: Path, name: str, hosts: list[str], sites: Sequence[tuple[str, Path]] = (), *,
+                    port: int = DEFAULT_PORT, bind_host: str = "0.0.0.0",
+                    ca_passphrase: bytes | None = None) -> ConsortiumConfig:
+    """Create a consortium folder: CA, coordinator TLS identity, and a kit per enrolled site (name, public key)."""
     directory = directory.resolve()
     if (directory / CONSORTIUM_FILE).exists():
         raise ProvisionError(f"{directory} already holds a consortium ({CONSORTIUM_FILE}); use add-site, or another DIR")
@@ -417,38 +475,61 @@ def init_consortium(directory: Path, name: str, hosts: list[str], sites: list[st
     host_list = [h.strip() for raw in hosts for h in raw.split(",") if h.strip()]
     if not host_list:
         raise ProvisionError("--coordinator-host is empty: give the name or address sites use to reach the coordinator")
-    site_list = _parse_sites(sites)
+    if ca_passphrase is not None and len(ca_passphrase) < MIN_PASSPHRASE:
+        raise ProvisionError(f"the CA passphrase is {len(ca_passphrase)} characters; choose one of at least "
+                             f"{MIN_PASSPHRASE}")
     try:
         cfg = ConsortiumConfig(name=name, coordinator_hosts=coordinator_hosts(host_list), port=port,
                                bind_host=bind_host)
     except ValidationError as err:
         raise explain("the command line", err) from None
+    enrol = _enrolments(directory, cfg, sites)
     layout = Layout(directory)
     ca = CertificateAuthority.create(name)
-    ca.save(layout.ca_dir)
+    ca.save(layout.ca_dir, ca_passphrase)
     key, cert = ca.issue_server(cfg.coordinator_hosts)
     write_file(layout.tls / "ca.pem", ca.cert_pem)
     write_file(layout.tls / "server.pem", cert.public_bytes(serialization.Encoding.PEM))
-    write_file(layout.tls / "server.key", private_pem(key), 0o600)
-    for site in site_list:
-        cfg.sites.append(_site_kit(layout, cfg, ca, site))
+    write_file(layout.tls / "server.key", private_pem(key), 0o600, dir_mode=0o700)
+    for site, public in enrol:
+        cfg.sites.append(_site_kit(layout, cfg, site, public))
     write_file(directory / CONSORTIUM_FILE, cfg.to_toml().encode())
     return cfg
 
 
-def add_site(directory: Path, site: str) -> SiteEntry:
-    """Provision one more site (a new kit; the coordinator registers it at its next start)."""
+def add_site(directory: Path, site: str, public_key: Path) -> SiteEntry:
+    """Enrol one more site by the public key it made (`medfed site keygen`) and write its kit."""
     directory = directory.resolve()
     cfg = load_consortium(directory)
-    (site,) = _parse_sites([site]) or [""]
-    if (existing := cfg.site(site)) is not None:
-        raise ProvisionError(
-            f"site {site!r} is already in the consortium ({existing.status}); a revoked site gets a new name")
-    layout = Layout(directory)
-    entry = _site_kit(layout, cfg, CertificateAuthority.load(layout.ca_dir), site)
+    ((site, public),) = _enrolments(directory, cfg, [(site, public_key)])
+    entry = _site_kit(Layout(directory), cfg, site, public)
     cfg.sites.append(entry)
     write_file(directory / CONSORTIUM_FILE, cfg.to_toml().encode())
     return entry
+
+
+def site_fingerprint(directory: Path, entry: SiteEntry) -> str:
+    """SHA-256 fingerprint of a site's registered key (what `medfed site keygen` printed at the site)."""
+    return fingerprint(parse_public_key(public_key_line(directory, entry), str(directory / entry.public_key)))
+
+
+def renew_tls(directory: Path, ca_passphrase: bytes | None = None) -> x509.Certificate:
+    """Issue the coordinator a new TLS certificate for the hosts in consortium.toml (needs the CA key).
+
+    For an expiring certificate or new host names (edit coordinator-hosts first).
+    Nothing is written unless the CA key opens and belongs to this consortium.
+    """
+    directory = directory.resolve()
+    cfg = load_consortium(directory)
+    layout = Layout(directory)
+    ca = CertificateAuthority.load(layout.ca_dir, ca_passphrase)
+    if (layout.tls / "ca.pem").is_file() and (layout.tls / "ca.pem").read_bytes() != ca.cert_pem:
+        raise ProvisionError(f"the CA in {layout.ca_dir} is not the one in {layout.tls / 'ca.pem'}: restore this "
+                             "consortium's own ca/ folder")
+    key, cert = ca.issue_server(coordinator_hosts(cfg.coordinator_hosts))
+    write_file(layout.tls / "server.key", private_pem(key), 0o600, dir_mode=0o700)
+    write_file(layout.tls / "server.pem", cert.public_bytes(serialization.Encoding.PEM))
+    return cert
 
 
 def revoke_site(directory: Path, site: str) -> SiteEntry:

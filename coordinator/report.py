@@ -14,11 +14,11 @@ matplotlib.use("Agg")  # the coordinator has no screen
 import matplotlib.pyplot as plt  # noqa: E402
 
 from coordinator.history import RunHistory  # noqa: E402
-from medfed.atomic import write_atomic  # noqa: E402
+from medfed.files import write_file  # noqa: E402
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    write_atomic(path, text.encode())
+    write_file(path, text.encode())
 
 
 def write_metrics(path: Path, history: RunHistory, run_config: dict[str, Any], extra: dict[str, Any] | None = None) -> None:

@@ -15,11 +15,12 @@ import typer
 
 log = logging.getLogger("medfed")
 
-consortium_app = typer.Typer(help="Provision a consortium: CA, coordinator TLS identity, one startup kit per site.",
+consortium_app = typer.Typer(help="Provision a consortium: CA, coordinator TLS identity, enrol sites by public key.",
                              no_args_is_help=True)
 coordinator_app = typer.Typer(help="Run the coordinator's Flower SuperLink (TLS, SuperNode authentication).",
                               no_args_is_help=True)
-site_app = typer.Typer(help="Run a site's Flower SuperNode from its startup kit.", no_args_is_help=True)
+site_app = typer.Typer(help="Make the site's key (keygen) and run its Flower SuperNode from its kit.",
+                        no_args_is_help=True)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -30,6 +31,11 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 _DIR = Annotated[Path, typer.Argument(help="Consortium folder (made by `medfed consortium init`).")]
 
 
+_CA_PASSPHRASE = Annotated[Optional[Path], typer.Option(
+    "--ca-passphrase-file", help="File holding the passphrase of the consortium CA key (ca/ca.key); "
+    "or set MEDFED_CA_PASSPHRASE. Without either the key is unencrypted.")]
+
+
 @consortium_app.command("init")
 def consortium_init(
     directory: Annotated[Path, typer.Argument(help="New consortium folder to create.")],
@@ -37,21 +43,41 @@ def consortium_init(
     coordinator_host: Annotated[list[str], typer.Option(
         "--coordinator-host", help="Name or address sites use to reach the coordinator (repeat, or comma-separate); "
         "localhost and 127.0.0.1 are always added.")],
-    sites: Annotated[list[str], typer.Option("--sites", help="Site names, comma-separated (e.g. A,B,C).")],
+    site: Annotated[Optional[list[str]], typer.Option(
+        "--site", help="Enrol a site by the public key it made with `medfed site keygen`: NAME=PATH/TO/node.pub "
+        "(repeat per site; or enrol later with add-site).")] = None,
     port: Annotated[int, typer.Option(help="The SuperLink's HTTPS port.")] = 9093,
     bind_host: Annotated[str, typer.Option("--bind-host", help="Address the SuperLink listens on.")] = "0.0.0.0",
+    ca_passphrase_file: _CA_PASSPHRASE = None,
 ) -> None:
-    """Create the CA, the coordinator's TLS certificate and key, and a kit per site (kits/NAME)."""
-    from coordinator.provision import ProvisionError, init_consortium
+    """Create the CA, the coordinator's TLS certificate and key, and a kit (no private key) per enrolled site."""
+    from coordinator.provision import ProvisionError, ca_passphrase, init_consortium, parse_site_spec
 
     try:
-        cfg = init_consortium(directory, name, coordinator_host, sites, port=port, bind_host=bind_host)
+        sites = [parse_site_spec(s) for s in site or []]
+        passphrase = ca_passphrase(ca_passphrase_file)
+        cfg = init_consortium(directory, name, coordinator_host, sites, port=port, bind_host=bind_host,
+                              ca_passphrase=passphrase)
     except ProvisionError as err:
         _fail(str(err))
         return
-    typer.echo(f"consortium {cfg.name} in {directory.resolve()}: coordinator https://{cfg.coordinator_hosts[0]}:"
-               f"{cfg.port}, {len(cfg.sites)} site kits in {directory.resolve() / 'kits'} "
-               "(hand each site its own folder; keep ca/ca.key offline)")
+    root = directory.resolve()
+    typer.echo(f"consortium {cfg.name} in {root}: coordinator https://{cfg.coordinator_hosts[0]}:{cfg.port}, "
+               f"CA key {root / 'ca' / 'ca.key'} ({'passphrase-encrypted' if passphrase else 'NOT encrypted'}; "
+               "keep ca/ offline)")
+    _print_kits(root, cfg.sites)
+    if not cfg.sites:
+        typer.echo("enrol sites: each runs `medfed site keygen KIT` and sends its auth/node.pub; then "
+                   f"`medfed consortium add-site {directory} NAME --public-key node.pub`")
+
+
+def _print_kits(root: Path, entries: list[Any]) -> None:
+    """Each enrolled site's key fingerprint (to compare with the site's) and the kit to send back."""
+    from coordinator.provision import site_fingerprint
+
+    for e in entries:
+        typer.echo(f"  site {e.name}: key {site_fingerprint(root, e)} (must equal what `medfed site keygen` printed "
+                   f"at the site); send it {root / 'kits' / e.name} — the kit holds no private key")
 
 
 def _change_sites(directory: Path, site: str, change: Callable[[Path, str], Any]) -> tuple[Any, bool]:
@@ -70,13 +96,20 @@ def _change_sites(directory: Path, site: str, change: Callable[[Path, str], Any]
 
 
 @consortium_app.command("add-site")
-def consortium_add_site(directory: _DIR, site: Annotated[str, typer.Argument(help="New site's name.")]) -> None:
-    """Provision one more site: a new kit; a running coordinator registers it at once."""
+def consortium_add_site(
+    directory: _DIR,
+    site: Annotated[str, typer.Argument(help="New site's name.")],
+    public_key: Annotated[Path, typer.Option(
+        "--public-key", help="The site's public key (auth/node.pub from `medfed site keygen` at the site; "
+        "OpenSSH or PEM). Never a private key.")],
+) -> None:
+    """Enrol a site by its public key and write its kit; a running coordinator registers it at once."""
     from coordinator.provision import add_site
 
-    entry, live = _change_sites(directory, site, add_site)
-    typer.echo(f"site {entry.name} added: kit in {directory.resolve() / 'kits' / entry.name}"
+    entry, live = _change_sites(directory, site, lambda d, s: add_site(d, s, public_key))
+    typer.echo(f"site {entry.name} added"
                + ("; registered at the running SuperLink" if live else "; registered at the next coordinator start"))
+    _print_kits(directory.resolve(), [entry])
 
 
 @consortium_app.command("revoke-site")
@@ -87,6 +120,20 @@ def consortium_revoke_site(directory: _DIR, site: Annotated[str, typer.Argument(
     entry, live = _change_sites(directory, site, revoke_site)
     typer.echo(f"site {entry.name} revoked ({entry.revoked})"
                + ("; unregistered at the running SuperLink" if live else "; refused from the next coordinator start"))
+
+
+@consortium_app.command("renew-tls")
+def consortium_renew_tls(directory: _DIR, ca_passphrase_file: _CA_PASSPHRASE = None) -> None:
+    """Issue the coordinator a new TLS certificate (hosts from consortium.toml); needs the CA key."""
+    from coordinator.provision import ProvisionError, ca_passphrase, renew_tls
+
+    try:
+        cert = renew_tls(directory, ca_passphrase(ca_passphrase_file))
+    except ProvisionError as err:
+        _fail(str(err))
+        return
+    typer.echo(f"new coordinator certificate in {directory.resolve() / 'coordinator' / 'tls'}, valid until "
+               f"{cert.not_valid_after_utc:%Y-%m-%d}; restart the coordinator to use it")
 
 
 @coordinator_app.command("start")
@@ -112,6 +159,32 @@ def coordinator_nodes(directory: _DIR) -> None:
 
     for n in list_nodes(directory):
         typer.echo(f"{n['name'] or '-':<24} {n['node_id']:>22} {n['status']}")
+
+
+@site_app.command("keygen")
+def site_keygen(
+    kit: Annotated[Path, typer.Argument(help="This site's kit folder (may not exist yet).")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing key (it must then be enrolled again).")]
+    = False,
+) -> None:
+    """Make this site's SuperNode key pair here; only auth/node.pub goes to the consortium operator."""
+    from site_client.kit import KitError, generate_site_key
+
+    try:
+        key = generate_site_key(kit, force=force)
+    except KitError as err:
+        _fail(str(err))
+        return
+    typer.echo(f"{'replaced the' if key.replaced else 'made this'} site's SuperNode key pair:\n"
+               f"  private key {key.private} (mode 600; never leaves this site)\n"
+               f"  public key  {key.public}\n"
+               f"  fingerprint {key.fingerprint}")
+    typer.echo(f"next: send {key.public} (only that file) to the consortium operator, who runs\n"
+               f"  medfed consortium add-site DIR {key.site or 'NAME'} --public-key node.pub\n"
+               "and reads you the fingerprint it prints; then copy the kit they send back into "
+               f"{kit.resolve()} (cp -r KIT/. {kit.resolve()}/), keeping auth/node.key")
+    if key.replaced:
+        typer.echo("the old key is gone: the operator revokes this site's old enrolment and adds the new key")
 
 
 @site_app.command("start")

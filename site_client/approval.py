@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from medfed.atomic import write_atomic
+from medfed.files import write_file
 from medfed.fab import FabError, fab_sha256, read_fab, release_fab_sha256
 
 APPROVALS_FILE = "approvals.json"
@@ -92,5 +92,5 @@ def approve(kit: Path, app: Path) -> Approval:
     entry = Approval(digest, str(app.resolve()), datetime.now(UTC).isoformat(timespec="seconds"), who)
     items.append(entry)
     body = {"approved": [{k: v for k, v in a.__dict__.items() if k != "release"} for a in items]}
-    write_atomic(_path(kit), (json.dumps(body, indent=2) + "\n").encode(), mode=0o644)
+    write_file(_path(kit), (json.dumps(body, indent=2) + "\n").encode(), mode=0o644)
     return entry

@@ -1,7 +1,9 @@
-"""The site's startup kit and its SuperNode: `medfed site start KIT --data DEID_DIR`.
+"""The site's startup kit and its SuperNode: `medfed site keygen KIT`, `medfed site start KIT --data DEID_DIR`.
 
-A kit (made by `medfed consortium init` / `add-site`) holds the consortium CA
-certificate, the site's SuperNode authentication key and `kit.toml`. Starting
+A kit holds the site's SuperNode authentication key pair, made here at the
+site by `medfed site keygen` (the private key never leaves the site), and what
+the consortium operator sends back after enrolling the public key
+(`medfed consortium add-site`): the consortium CA certificate and `kit.toml`. Starting
 the site writes the site's effective `site.toml` (from the kit's ``[site]``
 template and ``--data``), makes a loopback-only TLS certificate for the
 SuperNode's local ClientApp API (so no port of ours speaks plaintext, even on
@@ -29,12 +31,16 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medfed import hardening
+from medfed.files import write_file
+from medfed.node_keys import NodeKeyError, fingerprint, load_private_key, node_keypair, parse_public_key
 from medfed.settings import ConfigError, RunBounds, SiteConfig, describe_validation
 
 log = logging.getLogger(__name__)
 
 KIT_FILE = "kit.toml"
 SITE_FILE = "site.toml"
+#: Where `medfed site keygen` puts the SuperNode private key (kit.toml's auth-key may name another file).
+AUTH_KEY = "auth/node.key"
 
 
 class KitError(Exception):
@@ -69,7 +75,8 @@ class KitConfig(BaseModel):
     name: str = Field(description="this site's name in the consortium")
     superlink: str = Field(pattern=r"^[^\s/]+:\d{1,5}$", description="host:port of the coordinator's SuperLink")
     ca_cert: str = Field("ca.pem", alias="ca-cert")
-    auth_key: str = Field("auth/node.key", alias="auth-key")
+    auth_key: str = Field(AUTH_KEY, alias="auth-key", description="this site's SuperNode private key; "
+                          "its public key is the same path with .pub")
     clientapp_port: int = Field(9094, alias="clientapp-port", ge=1, le=65535)
     reconnect_seconds: float = Field(3600.0, alias="reconnect-seconds", gt=0.0)
     site_template: SiteTemplate = Field(alias="site")
@@ -91,6 +98,10 @@ class Kit:
         return self._path(self.config.auth_key)
 
     @property
+    def auth_pub(self) -> Path:  # the public key sits next to the private one
+        return self.auth_key.with_suffix(".pub")
+
+    @property
     def runtime_tls(self) -> Path:
         return self.root / "runtime-tls"
 
@@ -99,30 +110,97 @@ class Kit:
         return p if p.is_absolute() else (self.root / p)
 
 
-def load_kit(root: Path) -> Kit:
-    """Read and check KIT/kit.toml and the files it names."""
-    root = root.resolve()
+def _read_config(root: Path) -> KitConfig:
     path = root / KIT_FILE
-    if not path.is_file():
-        raise KitError(f"{path} does not exist: {root} is not a medfed site kit (made by `medfed consortium init`)")
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise KitError(f"{path} is not valid TOML: {err}; fix it or ask the operator for a new kit") from None
     try:
-        kit = Kit(root, KitConfig.model_validate(raw))
+        return KitConfig.model_validate(raw)
     except ValidationError as err:
         raise _explain(path, err) from None
+
+
+def load_kit(root: Path) -> Kit:
+    """Read and check KIT/kit.toml and the files it names, the site's own key pair included."""
+    root = root.resolve()
+    path = root / KIT_FILE
+    if not path.is_file():
+        hint = (f"; it has this site's key (auth/): copy the kit the operator sent into it (`cp -r KIT_FROM_OPERATOR/. "
+                f"{root}/`)" if (root / AUTH_KEY).is_file() else
+                f": run `medfed site keygen {root}`, send auth/node.pub to the consortium operator, and copy the kit "
+                "they send back into this folder")
+        raise KitError(f"{path} does not exist: {root} is not a complete medfed site kit{hint}")
+    kit = Kit(root, _read_config(root))
     if not kit.ca_cert.is_file():
         raise KitError(f"{kit.ca_cert} (ca-cert in {path}) is missing: copy the consortium CA certificate into the kit")
     if not kit.auth_key.is_file():
-        raise KitError(f"{kit.auth_key} (auth-key in {path}) is missing: the site's SuperNode key must be in the kit")
+        raise KitError(
+            f"{kit.auth_key} (auth-key in {path}) is missing: this site has no SuperNode key. Run "
+            f"`medfed site keygen {root}` here at the site and give only {kit.auth_pub.name} to the consortium "
+            f"operator (`medfed consortium add-site DIR {kit.config.name} --public-key {kit.auth_pub.name}`); "
+            "the private key never leaves the site")
     mode = kit.auth_key.stat().st_mode & 0o777
     if mode & 0o077:
         raise KitError(
             f"{kit.auth_key} (auth-key in {path}) is readable by others (mode {mode:o}); "
             f"run `chmod 600 {kit.auth_key}` — it is this site's private key")
+    try:
+        own = load_private_key(kit.auth_key).public_key()
+        enrolled = (parse_public_key(kit.auth_pub.read_bytes(), str(kit.auth_pub))
+                    if kit.auth_pub.is_file() else None)
+    except NodeKeyError as err:
+        raise KitError(str(err)) from None
+    if enrolled is not None and enrolled.public_numbers() != own.public_numbers():
+        raise KitError(
+            f"{kit.auth_pub} (the public key in the operator's kit, {fingerprint(enrolled)}) does not match this "
+            f"site's private key {kit.auth_key} ({fingerprint(own)}); the coordinator would refuse this node. "
+            f"Either the kit is another site's or the operator enrolled an old key: send the operator this site's "
+            f"public key (`ssh-keygen -y -f {kit.auth_key}` prints it) and copy the new kit in")
     return kit
+
+
+@dataclass(frozen=True)
+class SiteKey:
+    """What `medfed site keygen` made: where the two halves are, and the public key's fingerprint."""
+
+    private: Path
+    public: Path
+    fingerprint: str
+    site: str | None  # from kit.toml, when the kit already has one
+    replaced: bool
+
+
+def generate_site_key(root: Path, *, force: bool = False) -> SiteKey:
+    """Make this site's SuperNode key pair in KIT (which may not exist yet); the private key stays here.
+
+    Written atomically: the private key 0600 in a 0700 folder. An existing key is
+    kept unless ``force`` (the coordinator knows it; a new one must be enrolled again).
+    """
+    root = root.resolve()
+    if root.exists() and not root.is_dir():
+        raise KitError(f"{root} is not a folder; give the site's kit folder (it may not exist yet)")
+    kit = Kit(root, _read_config(root)) if (root / KIT_FILE).is_file() else None
+    private = kit.auth_key if kit is not None else root / AUTH_KEY
+    public = private.with_suffix(".pub")
+    existed = private.exists()
+    if existed and not force:
+        try:
+            fp = f" (fingerprint {fingerprint(load_private_key(private).public_key())})"
+        except NodeKeyError:
+            fp = ""
+        raise KitError(
+            f"{private} already exists: this site already has a SuperNode key{fp}. Keep it (the consortium operator "
+            "enrolled its node.pub), or pass --force to replace it — the operator must then enrol the new node.pub "
+            "(revoke-site, then add-site)")
+    private_bytes, public_bytes = node_keypair()
+    # public first: a crash in between never leaves a new private key without its public half
+    write_file(public, public_bytes, 0o644, dir_mode=0o700)
+    write_file(private, private_bytes, 0o600, dir_mode=0o700)
+    fp = fingerprint(parse_public_key(public_bytes, str(public)))
+    return SiteKey(private=private, public=public, fingerprint=fp, site=kit.config.name if kit else None,
+                   replaced=existed)
 
 
 def write_site_config(kit: Kit, data_dir: Path | None) -> tuple[SiteConfig, Path]:

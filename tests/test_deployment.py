@@ -1,8 +1,10 @@
 """The deployment, for real: `flower-superlink` and three `flower-supernode`s on loopback.
 
 Everything goes through the medfed commands an operator and site IT use
-(`medfed consortium init`, `medfed coordinator start`, `medfed site start`,
-`medfed run`), with TLS from the consortium CA and SuperNode authentication.
+(`medfed site keygen` at each site, `medfed consortium init --site` /
+`add-site` with the public keys, `medfed coordinator start`, `medfed site
+start`, `medfed run`), with TLS from the consortium CA (its key
+passphrase-encrypted) and SuperNode authentication.
 Every process is started in its own session and stopped by its process id
 (its process group); every wait is bounded; ports are chosen at run time.
 One consortium and one set of synthetic sites are shared by the module.
@@ -31,13 +33,14 @@ import torch
 from anonymization.audit import read_records
 from coordinator.federation import initial_state
 from medfed.wire import MODEL_ARRAY, pack
-from coordinator.provision import CertificateAuthority, node_keypair
+from coordinator.provision import CertificateAuthority
 from coordinator.receipts import arrays_digest, read_jsonl
 from coordinator.superlink import list_nodes
 from medfed import hardening
 from medfed.demo import prepare_sites
 from medfed.settings import RunConfig, SiteConfig
 from site_client.egress import EVALUATE_METRICS, TRAIN_METRICS
+from site_client.kit import generate_site_key
 from site_client.ledger import PrivacyLedger
 
 pytestmark = [pytest.mark.deployment, pytest.mark.timeout(1500)]
@@ -151,7 +154,8 @@ class World:
     ports: dict[str, int] = field(default_factory=dict)
 
     def kit(self, name: str) -> Path:
-        return self.cons / "kits" / name
+        """The site's own kit folder: its key made there, the operator's kit copied in."""
+        return self.root / "sites" / name
 
     def start_coordinator(self) -> Proc:
         n = sum(1 for p in (self.root / "logs").glob("coordinator-*.log"))
@@ -220,13 +224,26 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     data[REVOKED] = data["hospital-c"]  # a fourth site for the revocation test; its data is never trained on
     port = free_port()
     cons = root / "consortium"
-    out = subprocess.run([MEDFED, "consortium", "init", str(cons), "--name", "deploytest", "--coordinator-host",
-                          "localhost", "--sites", ",".join([*SITES, REVOKED]), "--port", str(port),
-                          "--bind-host", "127.0.0.1"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    for name in [*SITES, REVOKED]:
-        _set_kit_template(cons / "kits" / name, **{"epsilon-cap": "1000.0"})
     w = World(root=root, cons=cons, port=port, data=data)
+
+    def medfed(*args: str | Path) -> str:
+        res = subprocess.run([MEDFED, *map(str, args)], capture_output=True, text=True, timeout=120,
+                             env=hardening.child_env())
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout
+
+    # each site makes its key pair; only node.pub goes to the operator
+    for name in [*SITES, REVOKED]:
+        assert "fingerprint SHA256:" in medfed("site", "keygen", w.kit(name))
+    passphrase = root / "ca-passphrase"
+    passphrase.write_text("deployment test CA passphrase\n")
+    medfed("consortium", "init", cons, "--name", "deploytest", "--coordinator-host", "localhost",
+           *(a for n in SITES for a in ("--site", f"{n}={w.kit(n) / 'auth' / 'node.pub'}")),
+           "--port", str(port), "--bind-host", "127.0.0.1", "--ca-passphrase-file", passphrase)
+    medfed("consortium", "add-site", cons, REVOKED, "--public-key", w.kit(REVOKED) / "auth" / "node.pub")
+    for name in [*SITES, REVOKED]:  # the operator's kit back to the site, copied into its folder
+        shutil.copytree(cons / "kits" / name, w.kit(name), dirs_exist_ok=True)
+        _set_kit_template(w.kit(name), **{"epsilon-cap": "1000.0"})
     try:
         w.start_coordinator()
         for name in SITES:
@@ -235,6 +252,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         yield w
     finally:
         w.stop_all()
+
+
+def test_operator_holds_no_site_private_key_and_the_ca_key_is_encrypted(world: World) -> None:
+    private = {p.relative_to(world.cons).as_posix() for p in world.cons.rglob("*")
+               if p.is_file() and b"PRIVATE KEY" in p.read_bytes()}
+    assert private == {"ca/ca.key", "coordinator/tls/server.key"}
+    assert b"ENCRYPTED PRIVATE KEY" in (world.cons / "ca" / "ca.key").read_bytes()
+    for name in [*SITES, REVOKED]:
+        assert (world.kit(name) / "auth" / "node.key").stat().st_mode & 0o077 == 0
 
 
 def _model_keys() -> list[str]:
@@ -416,9 +442,7 @@ def refusals(world: World) -> dict[str, Any]:
     # a key the coordinator never registered
     rogue = root / "rogue"
     shutil.copytree(world.kit("hospital-a"), rogue, ignore=shutil.ignore_patterns("state", "runtime-tls", "site.toml"))
-    private, _ = node_keypair()
-    (rogue / "auth" / "node.key").write_bytes(private)
-    os.chmod(rogue / "auth" / "node.key", 0o600)
+    generate_site_key(rogue, force=True)  # its own, consistent key pair that no operator enrolled
     # a kit that trusts another CA than the consortium's
     noca = root / "noca"
     shutil.copytree(world.kit("hospital-a"), noca, ignore=shutil.ignore_patterns("state", "runtime-tls", "site.toml"))

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from coordinator.provision import init_consortium
 from medfed.cli import app
+from site_client.kit import generate_site_key, load_kit
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -71,21 +72,30 @@ def test_compose_brings_up_a_coordinator_and_three_sites_with_tls_and_auth(tmp_p
         assert ctx == ROOT and (ctx / svc["build"]["dockerfile"]).is_file()
     assert services["coordinator"]["ports"] == ["9093:9093"]  # one port, HTTPS
     assert "EXPOSE 9093" in (DEPLOY / "docker" / "Dockerfile.coordinator").read_text()
-    # provisioned as the compose file's header says, every file the services mount exists
+    # provisioned as the compose file's header says (keys made in sites/, public keys enrolled, kits copied
+    # back), every file the services mount exists
     work = tmp_path / "deploy"
     work.mkdir()
     shutil.copy(DEPLOY / "compose.yaml", work / "compose.yaml")
-    init_consortium(work / "consortium", "demo", ["coordinator"], ["hospital-a,hospital-b,hospital-c"])
+    sites = [n for n in services if n != "coordinator"]
+    pubs = [(n, generate_site_key(work / "sites" / n).public) for n in sites]
+    init_consortium(work / "consortium", "demo", ["coordinator"], pubs)
+    for n in sites:
+        shutil.copytree(work / "consortium" / "kits" / n, work / "sites" / n, dirs_exist_ok=True)
+    shutil.move(work / "consortium" / "ca", tmp_path / "offline-ca")
     for name, svc in services.items():
         for vol in svc["volumes"]:
             host, container = vol.split(":")[:2]
             if host.startswith("./consortium"):
-                assert (work / host).exists(), f"{name} mounts {host}, which provisioning does not create"
+                assert name == "coordinator" and (work / host).exists(), f"{name} mounts {host}"
+            elif container == "/kit":
+                assert host == f"./sites/{name}", host  # the site's own folder, with its own key
+                assert load_kit(work / host).auth_key.is_file()
             else:
                 assert re.fullmatch(rf"\./demo-data/sites/{name}/deid", host), host  # `medfed demo` layout
         if name != "coordinator":
             # the kit's certificate names the coordinator as the sites reach it on the compose network
-            kit = (work / "consortium" / "kits" / name / "kit.toml").read_text()
+            kit = (work / "sites" / name / "kit.toml").read_text()
             assert 'superlink = "coordinator:9093"' in kit
             assert svc["command"] == ["--superlink", "coordinator:9093"]
             assert "--superlink" in _help_ok(["site", "start"])
@@ -100,7 +110,7 @@ def test_compose_brings_up_a_coordinator_and_three_sites_with_tls_and_auth(tmp_p
 @pytest.mark.parametrize("unit", ["medfed-site.service", "medfed-coordinator.service", "kit"])
 def test_systemd_units_verify(unit: str, tmp_path: Path) -> None:
     if unit == "kit":  # the unit every site kit ships
-        init_consortium(tmp_path / "c", "n", ["h"], ["a"])
+        init_consortium(tmp_path / "c", "n", ["h"], [("a", generate_site_key(tmp_path / "site-a").public)])
         text = (tmp_path / "c" / "kits" / "a" / "medfed-site.service").read_text()
         unit = "medfed-site.service"
     else:

@@ -1,9 +1,14 @@
-"""Provisioning: CA, coordinator TLS identity, site kits — keys in the right places and nowhere else."""
+"""Provisioning: CA, coordinator TLS identity, site kits — keys in the right places and nowhere else.
+
+Each site makes its own key pair in its kit folder (as `medfed site keygen` at the
+site); the operator enrols only the public keys. (Key handling in depth:
+tests/test_site_keys.py.)"""
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import stat
 import tomllib
 from pathlib import Path
@@ -24,15 +29,34 @@ from coordinator.provision import (
     revoke_site,
 )
 from medfed.cli import app
-from site_client.kit import KitConfig, KitError, load_kit, supernode_command, write_site_config
+from site_client.kit import KitConfig, KitError, generate_site_key, load_kit, supernode_command, write_site_config
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
+
+
+def site_dir(cons: Path, site: str) -> Path:
+    """The site's own kit folder (at the site, not in the consortium folder)."""
+    return cons.parent / "sites" / site
+
+
+def keygen(cons: Path, site: str) -> Path:
+    """`medfed site keygen` at ``site``; the public key file it sends to the operator."""
+    return generate_site_key(site_dir(cons, site)).public
+
+
+def receive_kit(cons: Path, site: str) -> Path:
+    """The site copies the operator's kit into its own folder (as `cp -r kits/SITE/. KIT/`)."""
+    shutil.copytree(cons / "kits" / site, site_dir(cons, site), dirs_exist_ok=True)
+    return site_dir(cons, site)
 
 
 @pytest.fixture()
 def cons(tmp_path: Path) -> Path:
     d = tmp_path / "cons"
-    init_consortium(d, "Test Consortium", ["coord.example.org", "10.0.0.7"], [",".join(SITES)], port=9443)
+    init_consortium(d, "Test Consortium", ["coord.example.org", "10.0.0.7"], [(s, keygen(d, s)) for s in SITES],
+                    port=9443)
+    for s in SITES:
+        receive_kit(d, s)
     return d
 
 
@@ -54,32 +78,26 @@ def test_server_certificate_names_the_hosts_and_chains_to_the_ca(cons: Path) -> 
     assert key.public_key().public_numbers() == cert.public_key().public_numbers()  # type: ignore[union-attr]
 
 
-def test_private_keys_are_0600_and_never_in_another_sites_kit(cons: Path) -> None:
-    private = {p for p in cons.rglob("*") if p.is_file() and p.suffix == ".key"}
-    assert {p.relative_to(cons).as_posix() for p in private} == {
-        "ca/ca.key", "coordinator/tls/server.key", *(f"kits/{s}/auth/node.key" for s in SITES)}
+def test_operator_holds_no_site_private_key_and_sites_keys_are_0600(cons: Path) -> None:
+    private = {p for p in cons.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()}
+    assert {p.relative_to(cons).as_posix() for p in private} == {"ca/ca.key", "coordinator/tls/server.key"}
     assert all(_mode(p) == 0o600 for p in private)
-    keys = {s: (cons / "kits" / s / "auth" / "node.key").read_bytes() for s in SITES}
-    ca_key = (cons / "ca" / "ca.key").read_bytes()
-    for kit in (cons / "kits").iterdir():
-        for f in kit.rglob("*"):
-            if f.is_file():
-                data = f.read_bytes()
-                assert ca_key not in data and b"PRIVATE KEY" not in data or f.name == "node.key"
-                for site, key in keys.items():
-                    if site != kit.name:
-                        assert key not in data, f"{site}'s key in {f}"
-    # the coordinator holds only public keys of the sites
-    for f in (cons / "coordinator").rglob("*"):
-        if f.is_file() and f.name != "server.key":
-            assert b"PRIVATE KEY" not in f.read_bytes(), f
+    for s in SITES:
+        key = site_dir(cons, s) / "auth" / "node.key"
+        assert _mode(key) == 0o600 and _mode(key.parent) == 0o700
+        secret = key.read_bytes()
+        for f in cons.rglob("*"):
+            assert not f.is_file() or secret not in f.read_bytes(), f"{s}'s private key in {f}"
+        # every kit the operator writes: the kit files and the site's public key, nothing else
+        assert {p.relative_to(cons / "kits" / s).as_posix() for p in (cons / "kits" / s).rglob("*") if p.is_file()} \
+            == {"kit.toml", "ca.pem", "auth/node.pub", "medfed-site.service", "README.md"}
 
 
 def test_node_key_pair_is_what_flower_supernode_auth_reads(cons: Path) -> None:
     from flwr.cli.supernode.register import try_load_public_key
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-    kit = cons / "kits" / "hospital-b"
+    kit = site_dir(cons, "hospital-b")
     private = serialization.load_ssh_private_key((kit / "auth" / "node.key").read_bytes(), None)
     assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
     # the coordinator's copy of the public key is what `flwr supernode register` loads
@@ -99,30 +117,34 @@ def test_consortium_and_kit_files_validate(cons: Path) -> None:
 
 
 def test_add_and_revoke_site(cons: Path) -> None:
-    entry = add_site(cons, "hospital-d")
-    assert entry.status == "active" and (cons / "kits" / "hospital-d" / "auth" / "node.key").is_file()
+    entry = add_site(cons, "hospital-d", keygen(cons, "hospital-d"))
+    assert entry.status == "active" and (cons / "kits" / "hospital-d" / "auth" / "node.pub").is_file()
+    assert not (cons / "kits" / "hospital-d" / "auth" / "node.key").exists()
     revoked = revoke_site(cons, "hospital-a")
     assert revoked.status == "revoked" and revoked.revoked
     cfg = load_consortium(cons)
     assert {s.name: s.status for s in cfg.sites} == {"hospital-a": "revoked", "hospital-b": "active",
                                                       "hospital-c": "active", "hospital-d": "active"}
     with pytest.raises(ProvisionError, match="already in the consortium"):
-        add_site(cons, "hospital-a")
+        add_site(cons, "hospital-a", keygen(cons, "hospital-e"))
     with pytest.raises(ProvisionError, match="not in the consortium"):
         revoke_site(cons, "hospital-z")
 
 
 def test_bad_input_is_refused_with_the_fix(tmp_path: Path, cons: Path) -> None:
+    pub = site_dir(cons, "hospital-a") / "auth" / "node.pub"
+    other = keygen(cons, "hospital-z")
     with pytest.raises(ProvisionError, match="not allowed"):
-        init_consortium(tmp_path / "x", "n", ["h"], ["good,bad name"])
+        init_consortium(tmp_path / "x", "n", ["h"], [("bad name", pub)])
     with pytest.raises(ProvisionError, match="twice"):
-        init_consortium(tmp_path / "y", "n", ["h"], ["a,a"])
+        init_consortium(tmp_path / "y", "n", ["h"], [("a", pub), ("a", other)])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before anything is written
     with pytest.raises(ProvisionError, match="already holds a consortium"):
-        init_consortium(cons, "n", ["h"], ["a"])
+        init_consortium(cons, "n", ["h"])
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ProvisionError, match="not empty"):
-        init_consortium(tmp_path / "full", "n", ["h"], ["a"])
+        init_consortium(tmp_path / "full", "n", ["h"])
     # a broken consortium.toml: the error names the file, the field and what to do
     path = cons / CONSORTIUM_FILE
     path.write_text(path.read_text().replace("port = 9443", 'port = "ninety"'))
@@ -134,7 +156,7 @@ def test_bad_input_is_refused_with_the_fix(tmp_path: Path, cons: Path) -> None:
 
 
 def test_site_start_checks_the_kit_and_builds_the_supernode_command(cons: Path, tmp_path: Path) -> None:
-    kit_dir = cons / "kits" / "hospital-c"
+    kit_dir = site_dir(cons, "hospital-c")
     kit = load_kit(kit_dir)
     with pytest.raises(KitError, match="manifest.csv"):
         write_site_config(kit, tmp_path)  # a raw folder, not a de-identified store
@@ -162,12 +184,21 @@ def test_site_start_checks_the_kit_and_builds_the_supernode_command(cons: Path, 
 def test_cli_init_add_revoke(tmp_path: Path) -> None:
     runner = CliRunner()
     d = tmp_path / "c"
+    keys = {}
+    for s in "abc":
+        res = runner.invoke(app, ["site", "keygen", str(tmp_path / "sites" / s)])
+        assert res.exit_code == 0, res.output
+        keys[s] = tmp_path / "sites" / s / "auth" / "node.pub"
     res = runner.invoke(app, ["consortium", "init", str(d), "--name", "n", "--coordinator-host", "localhost",
-                              "--sites", "a,b"])
+                              "--site", f"a={keys['a']}", "--site", f"b={keys['b']}"])
     assert res.exit_code == 0, res.output
     assert ConsortiumConfig.model_validate(tomllib.loads((d / CONSORTIUM_FILE).read_text())).sites[1].name == "b"
-    assert runner.invoke(app, ["consortium", "add-site", str(d), "c"]).exit_code == 0
+    res = runner.invoke(app, ["consortium", "add-site", str(d), "c", "--public-key", str(keys["c"])])
+    assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["consortium", "revoke-site", str(d), "a"])
     assert res.exit_code == 0 and "revoked" in res.output
-    res = runner.invoke(app, ["consortium", "init", str(d), "--name", "n", "--coordinator-host", "x", "--sites", "a"])
+    res = runner.invoke(app, ["consortium", "init", str(d), "--name", "n", "--coordinator-host", "x"])
     assert res.exit_code == 2 and "already holds a consortium" in res.output
+    res = runner.invoke(app, ["consortium", "init", str(tmp_path / "e"), "--name", "n", "--coordinator-host", "x",
+                              "--site", "a"])
+    assert res.exit_code == 2 and "NAME=PUBLIC_KEY_FILE" in res.output
