@@ -550,3 +550,49 @@ def test_coordinator_killed_after_round_1_resumes_without_losing_or_double_count
         # what the coordinator reported is what the ledger holds
         reported = metrics["rounds"][-1]["sites"][str(ids[name])]["train"]["epsilon"]
         assert np.isclose(reported, ledger.epsilon("resumable", site.delta))
+
+
+# ---- the site is sovereign: approved code, its own bounds ---------------------------------------
+
+
+def _site_records(name: str, world: World, kind: str) -> list[dict[str, Any]]:
+    return [r for r in read_records(world.site_config(name).audit_path) if r.get("kind") == kind]
+
+
+def _errors(world: World, run: str) -> dict[int, str]:
+    return {int(r["node"]): r["error"]["reason"] for r in read_jsonl(world.run_dir(run) / "received.jsonl")
+            if "error" in r}
+
+
+def test_a_changed_app_is_refused_before_any_of_its_code_runs(world: World, tmp_path: Path) -> None:
+    from medfed.fab import build_fab, fab_sha256
+    from tests.fab_factory import copy_app, plant_marker
+
+    marker = tmp_path / "imported"
+    app = copy_app(tmp_path / "app")
+    plant_marker(app, marker)  # one line in site_client/client_app.py, run the moment it is imported
+    digest = fab_sha256(build_fab(app))
+    res = world.run("--rounds", "1", "--run-name", "unapproved", "--app", str(app), "--run-config", BASE_CONFIG,
+                    timeout=600)
+    errors = _errors(world, "unapproved")
+    ids = world.node_ids()
+    for name in SITES:
+        reason = errors.get(ids[name], "")
+        assert "not approved" in reason and digest in reason, (name, reason, res.stdout[-2000:])
+        refused = _site_records(name, world, "app_refused")
+        assert refused and refused[-1]["fab_sha256"] == digest and "not approved" in refused[-1]["reason"]
+    assert not marker.exists(), "the unapproved app's code ran at a site"
+    assert not any(r["phase"] == "train" and "error" not in r
+                   for r in read_jsonl(world.run_dir("unapproved") / "received.jsonl"))
+
+
+def test_a_run_outside_the_sites_bounds_is_refused_and_recorded(world: World) -> None:
+    res = world.run("--rounds", "1", "--run-name", "greedy", "--run-config", BASE_CONFIG + " local-epochs=11",
+                    timeout=600)
+    errors = _errors(world, "greedy")
+    ids = world.node_ids()
+    for name in SITES:
+        reason = errors.get(ids[name], "")
+        assert "local-epochs 11 is above the site's bound max-local-epochs = 10" in reason, (name, res.stdout[-2000:])
+        assert any("max-local-epochs" in r["reason"] for r in _site_records(name, world, "round_refused"))
+        assert not PrivacyLedger(world.site_config(name).state_dir / "privacy-ledger.sqlite").rounds("greedy")

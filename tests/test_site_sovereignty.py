@@ -7,7 +7,6 @@ a run outside the site's ``[run-bounds]``, recorded in its audit trail.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -18,28 +17,17 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from anonymization.audit import read_records
 from coordinator.federation import initial_state
-from medfed.fab import build_fab, fab_sha256, installed_app_dir, release_fab_sha256
+from medfed.fab import build_fab, fab_sha256, release_fab_sha256
 from medfed.protocol import SITE_REFUSED
 from medfed.settings import OutOfBounds, RunBounds, RunConfig, SiteConfig
 from medfed.wire import pack
 from site_client.approval import ApprovalError, approve, approved_hashes, approvals
 from site_client.client_app import build_app
 from site_client.executor import refusal_reason
+from tests.fab_factory import copy_app, plant_marker
 from tests.models_factory import make_store
 
 MEDFED = str(Path(sys.executable).parent / "medfed")
-APP = installed_app_dir()
-PACKAGES = ("medfed", "anonymization", "models", "site_client", "coordinator")
-
-
-def copy_app(dst: Path) -> Path:
-    """A copy of the installed app's FAB sources (what `flwr run` ships)."""
-    assert APP is not None
-    dst.mkdir(parents=True)
-    shutil.copy(APP / "pyproject.toml", dst / "pyproject.toml")
-    for pkg in PACKAGES:
-        shutil.copytree(APP / pkg, dst / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    return dst
 
 
 def test_the_installed_release_builds_the_same_fab_from_a_copy(tmp_path: Path) -> None:
@@ -52,8 +40,7 @@ def test_the_installed_release_builds_the_same_fab_from_a_copy(tmp_path: Path) -
 
 def test_one_changed_line_changes_the_hash_and_is_not_approved(tmp_path: Path) -> None:
     app = copy_app(tmp_path / "app")
-    client_app = app / "site_client" / "client_app.py"
-    client_app.write_text(client_app.read_text() + "\nopen('/tmp/pwned', 'w').write('x')\n")
+    plant_marker(app, tmp_path / "marker")
     changed = fab_sha256(build_fab(app))
     kit = tmp_path / "kit"
     kit.mkdir()
