@@ -382,6 +382,13 @@ class AuditTrail:
             self._seal(SEAL_ROTATION)
         return new
 
+    def head(self) -> tuple[int, str]:
+        """(number, line hash) of the trail's last record: what the next record's ``prev`` will hold,
+        and what a reply anchors off-site (:mod:`anonymization.audit_anchors`)."""
+        with self._locked(shared=True):
+            tail = self._tail()
+            return tail.seq, tail.prev
+
     def sync(self) -> None:
         """Force appended records to disk (for callers that append with ``fsync=False``)."""
         if self.path.exists():

@@ -10,7 +10,9 @@ A finished run ends with an end-of-run seal, so a trail cut back to one of its
 periodic seals is reported as incomplete. What it cannot see on its own: a trail
 cut back to an earlier run's end, with whole runs removed, still verifies.
 Compare the summary's last seal (number, time, head hash) with what an earlier
-verification printed to catch that.
+verification printed to catch that, or check the trail against the anchors the
+coordinator kept (``anchors``, see :mod:`anonymization.audit_anchors`): they
+also catch a trail rewritten and re-sealed with the site's own key.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from anonymization.audit import (
     AUDIT_FILE,
@@ -41,15 +43,17 @@ from anonymization.audit import (
     read_segments,
     rotation_message,
 )
+from anonymization.audit_anchors import Anchor, anchored_site, first_mismatch
 from anonymization.audit_keys import key_id, verify_signature
 
 STATUS_OK = "ok"
 STATUS_BROKEN = "broken"  # evidence of tampering or damage
 STATUS_INCOMPLETE = "incomplete"  # intact so far, but the end is not sealed (crash, or records cut off)
 STATUS_EMPTY = "empty"
+STATUS_UNANCHORED = "unanchored"  # anchors were asked for, but the receipts hold none of this site
 
 #: Exit codes of ``medfed audit verify``.
-EXIT_CODES = {STATUS_OK: 0, STATUS_BROKEN: 1, STATUS_EMPTY: 1, STATUS_INCOMPLETE: 3}
+EXIT_CODES = {STATUS_OK: 0, STATUS_BROKEN: 1, STATUS_EMPTY: 1, STATUS_UNANCHORED: 1, STATUS_INCOMPLETE: 3}
 
 
 @dataclass
@@ -69,6 +73,9 @@ class VerifyResult:
     head: str = GENESIS
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    anchor_sites: list[str] = field(default_factory=list)  # sites whose anchors were checked
+    anchors_matched: int = 0
+    last_anchor: Anchor | None = None
 
     @property
     def ok(self) -> bool:
@@ -82,6 +89,8 @@ class VerifyResult:
         """One line for the command line and the report."""
         if self.status == STATUS_EMPTY:
             return f"NO TRAIL: {self.problem}"
+        if self.status == STATUS_UNANCHORED:
+            return f"NOT ANCHORED: {self.problem}"
         if not self.ok:
             label = "BROKEN" if self.status == STATUS_BROKEN else "INCOMPLETE"
             return f"{label}: {self.problem}"
@@ -92,10 +101,14 @@ class VerifyResult:
             else "checked against keys recorded in the trail (pass --public-key for an independent check)"
         )
         notes = f"; {len(self.notes)} note(s): {' '.join(self.notes)}" if self.notes else ""
+        anchors = ""
+        if self.last_anchor is not None:
+            anchors = (f"; {self.anchors_matched} anchor(s) of site {', '.join(self.anchor_sites)} from the "
+                       f"coordinator's receipts match, the latest of the {self.last_anchor.describe(with_site=False)}")
         return (
             f"OK: {self.records} records in {self.segments} segment(s), hash chain intact, {self.seals} seals "
             f"verified with key(s) {keys}, {trust}; last seal #{self.last_seal_seq} at {self.last_seal_time}, "
-            f"head {self.head[:16]}{notes}"
+            f"head {self.head[:16]}{anchors}{notes}"
         )
 
 
@@ -116,9 +129,12 @@ def _decode_key(value: Any) -> bytes | None:
 class _Verifier:
     """Walks the trail once, line by line; raises :class:`_Break` at the first problem."""
 
-    def __init__(self, result: VerifyResult, anchor: bytes | None) -> None:
+    def __init__(self, result: VerifyResult, anchor: bytes | None, wanted: frozenset[int] = frozenset()) -> None:
         self.result = result
         self.anchor = anchor
+        self.wanted = wanted  # record numbers the coordinator's anchors name
+        self.hashes: dict[int, str] = {}
+        self.sites: list[str] = []  # site names the trail's egress records anchored as
         self.keys: dict[str, bytes] = {}
         self.active_key: str | None = None
         self.retired: set[str] = set()
@@ -276,6 +292,11 @@ class _Verifier:
         elif kind == KIND_KEY_ROTATED:
             self._key_rotated(rec, where)
         self.prev, self.prev_where = line_hash(raw), where
+        if seq in self.wanted:
+            self.hashes[seq] = self.prev
+        site = anchored_site(rec)
+        if site is not None and site not in self.sites:
+            self.sites.append(site)
         self.expected += 1
         self.last_kind = str(kind)
         self.result.records += 1
@@ -349,17 +370,67 @@ class _Verifier:
         self.active_key = kid
 
 
-def verify_trail(directory: Path, *, public_key: bytes | None = None) -> VerifyResult:
-    """Verify the trail in ``directory``; ``public_key`` (raw Ed25519 bytes) anchors the signing keys."""
+def verify_trail(
+    directory: Path,
+    *,
+    public_key: bytes | None = None,
+    anchors: Sequence[Anchor] | None = None,
+    site: str | None = None,
+) -> VerifyResult:
+    """Verify the trail in ``directory``; ``public_key`` (raw Ed25519 bytes) anchors the signing keys.
+
+    With ``anchors`` (the coordinator's, :func:`~anonymization.audit_anchors.load_anchors`), every anchor of
+    ``site`` must name a record of the trail with that exact hash. ``site`` defaults to the names the
+    trail's egress records say its replies carried, else to the only site in ``anchors``.
+    """
     directory = Path(directory)
     result = VerifyResult(directory=directory)
     start = time.perf_counter()
-    verifier = _Verifier(result, public_key)
+    verifier = _Verifier(result, public_key, frozenset(a.seq for a in anchors or ()))
     try:
         verifier.run(read_segments(directory))
     except _Break as err:
         result.status = err.status
         result.problem = str(err)
         result.keys = list(verifier.keys)
+    if anchors is not None and result.status in (STATUS_OK, STATUS_INCOMPLETE):
+        _check_anchors(result, verifier, anchors, site)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _check_anchors(result: VerifyResult, verifier: _Verifier, anchors: Sequence[Anchor], site: str | None) -> None:
+    """Hold the walked trail against the anchors of its site; a mismatch is tampering, whatever else."""
+    held = sorted({a.site for a in anchors})
+    if site is not None:
+        sites = [site]
+    elif verifier.sites:
+        sites = verifier.sites
+    elif len(held) == 1:
+        sites = held
+    else:
+        _unanchored(result, f"the trail's egress records name no site and the receipts hold anchors of several "
+                            f"sites ({', '.join(held) or 'none'}); pass --site NAME")
+        return
+    mine = [a for a in anchors if a.site in sites]
+    if not mine:
+        named = "" if site is not None else " (the name the trail's egress records give)"
+        _unanchored(result, f"the receipts hold no anchors of site {', '.join(sites)}{named}; they hold anchors of "
+                            f"{', '.join(held) or 'no site'}. Pass the receipts of a run this site took part in, or "
+                            "--site NAME with the site's name as the coordinator recorded it")
+        return
+    problem = first_mismatch(mine, verifier.hashes, verifier.expected - 1)
+    if problem is not None:
+        result.status, result.problem = STATUS_BROKEN, problem
+        return
+    result.anchor_sites = sites
+    result.anchors_matched = len(mine)
+    result.last_anchor = max(mine, key=lambda a: a.seq)
+
+
+def _unanchored(result: VerifyResult, problem: str) -> None:
+    """No anchor of the site to check: never OK; an unsealed end keeps its own status and says so too."""
+    if result.status == STATUS_OK:
+        result.status, result.problem = STATUS_UNANCHORED, problem
+    else:
+        result.problem += f"; and {problem}"

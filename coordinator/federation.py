@@ -78,7 +78,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Feder
     run_config = cfg.to_flower()
 
     # Deployment options (issue 6): receipts of what arrived, site-level DP, secure aggregation.
-    receipts = Receipts(out)
+    receipts = Receipts(out, run=cfg.run_name or _run_id(grid))
     strategy.receipts = receipts  # type: ignore[attr-defined]
     strategy.secure = cfg.secagg  # type: ignore[attr-defined]
     dp_plan: site_dp.SiteDPPlan | None = None
@@ -155,6 +155,14 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Feder
     return FederationResult(out, model_path, out / METRICS_FILE, out / PLOT_FILE, history,
                             max((r.round for r in history.rounds), default=0))
 
+
+
+def _run_id(grid: Grid) -> str:
+    """Flower's id of this run (what a site keys the run on when it has no run-name); "" if unknown."""
+    try:
+        return str(grid.run.run_id)
+    except Exception:  # noqa: BLE001 - a label for the receipts, never a reason to fail a run
+        return ""
 
 
 def _released_rounds(out: Path, upto: int) -> list[int]:

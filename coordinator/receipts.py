@@ -9,12 +9,16 @@ claims can be checked from the coordinator's side too:
   every SecAgg+ stage;
 - ``aggregation.jsonl``: per round, the digest of each set of arrays handed to
   the strategy's aggregation, whether it was a secure aggregate, and the
-  digest of the result.
+  digest of the result;
+- ``anchors.jsonl``: per site reply that carried one, the anchor of the site's
+  audit trail (site, run, round, record number and hash of the trail's head),
+  which ``medfed audit verify DIR --anchors`` checks the site's trail against.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -22,7 +26,10 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
+from anonymization.audit_anchors import ANCHOR_RECORD, ANCHORS_FILE, AnchorError, parse_anchor
 from medfed.wire import summarize
+
+log = logging.getLogger(__name__)
 
 RECEIVED_FILE = "received.jsonl"
 AGGREGATION_FILE = "aggregation.jsonl"
@@ -77,10 +84,12 @@ def wire_bytes(msg: Message) -> int:
 
 
 class Receipts:
-    """Appends to received.jsonl and aggregation.jsonl in ``out_dir``."""
+    """Appends to received.jsonl, aggregation.jsonl and anchors.jsonl in ``out_dir``; ``run`` names the run
+    as the sites key it (run-name, else Flower's run id)."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, run: str = "") -> None:
         self.out_dir = out_dir
+        self.run = run
         self._lock = threading.Lock()
 
     def _append(self, name: str, record: dict[str, Any]) -> None:
@@ -93,6 +102,25 @@ class Receipts:
 
     def received(self, server_round: int, phase: str, msg: Message, stage: str = "", node: int | None = None) -> None:
         self._append(RECEIVED_FILE, {"round": server_round, "phase": phase, "stage": stage, **describe(msg, node)})
+        self._anchor(server_round, phase, msg, node)
+
+    def _anchor(self, server_round: int, phase: str, msg: Message, node: int | None) -> None:
+        """Keep the audit anchor a reply carried (SecAgg+ stages and error replies carry none)."""
+        if msg.has_error() or ANCHOR_RECORD not in msg.content:
+            return
+        record = msg.content[ANCHOR_RECORD]
+        try:
+            if not isinstance(record, ConfigRecord):
+                raise AnchorError(f"'{ANCHOR_RECORD}' is a {type(record).__name__}, not a ConfigRecord")
+            site, seq, head = parse_anchor(dict(record))
+        except AnchorError as err:
+            log.warning("round %d: the audit anchor of site node %s is malformed and not kept: %s",
+                        server_round, node if node is not None else msg.metadata.src_node_id, err)
+            return
+        self._append(ANCHORS_FILE, {
+            "site": site, "run": self.run, "round": server_round, "phase": phase,
+            "node": int(node if node is not None else msg.metadata.src_node_id), "seq": seq, "head": head,
+        })
 
     def aggregation(self, server_round: int, replies: list[Message], result: ArrayRecord | None,
                     secure: bool) -> None:

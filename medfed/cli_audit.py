@@ -22,6 +22,17 @@ _PUBLIC = Annotated[
     Optional[Path],
     typer.Option("--public-key", help="The site's exported public key (PEM): check the seals against it."),
 ]
+_ANCHORS = Annotated[
+    Optional[list[Path]],
+    typer.Option("--anchors", help="The coordinator's receipts of the site's audit anchors: a run's out-dir (or "
+                 "a folder of runs) or its anchors.jsonl; repeat for several runs. Every anchor of the site must "
+                 "name a record of the trail with that exact hash."),
+]
+_SITE = Annotated[
+    Optional[str],
+    typer.Option("--site", help="Check the anchors of this site (default: the name the trail's egress records "
+                 "give)."),
+]
 _KEY = Annotated[
     Optional[Path],
     typer.Option("--audit-key", help="The site's private audit key (default: the one the trail records)."),
@@ -60,14 +71,24 @@ def _signer_path(directory: Optional[Path], audit_key: Optional[Path]) -> Path:
 
 
 @audit_app.command("verify")
-def verify(directory: _DIR, public_key: _PUBLIC = None) -> None:
-    """Check the hash chain, the segments and every seal. Exit 0 if all check, 1 if the trail is
-    broken (the first break is named), 3 if its end is not sealed (a crash, or records cut off)."""
+def verify(directory: _DIR, public_key: _PUBLIC = None, anchors: _ANCHORS = None, site: _SITE = None) -> None:
+    """Check the hash chain, the segments and every seal, and with --anchors the heads the coordinator
+    received. Exit 0 if all check, 1 if the trail is broken (the first break is named) or the receipts
+    hold no anchor of the site, 3 if its end is not sealed (a crash, or records cut off)."""
+    from anonymization.audit_anchors import AnchorError, load_anchors
     from anonymization.audit_verify import verify_trail
 
     if not directory.is_dir():
         _fail(f"{directory} is not a folder; pass the audit trail folder (e.g. DST/audit)")
-    result = verify_trail(directory, public_key=_public(public_key))
+    if site is not None and not anchors:
+        _fail("--site picks whose anchors to check; pass the coordinator's receipts with --anchors too")
+    kept = None
+    if anchors:
+        try:
+            kept = load_anchors(anchors)
+        except AnchorError as err:
+            _fail(str(err))
+    result = verify_trail(directory, public_key=_public(public_key), anchors=kept, site=site)
     typer.echo(f"{result.summary()} [{result.seconds:.2f}s]")
     raise typer.Exit(result.exit_code)
 

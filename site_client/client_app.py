@@ -17,6 +17,7 @@ from anonymization.audit import AuditError
 from medfed.protocol import EGRESS_BLOCKED, SITE_DECLINED, SITE_FAILED, SITE_REFUSED
 from medfed.settings import ConfigError, OutOfBounds, RunConfig
 from medfed.wire import WireError, pack, unpack
+from site_client.anchor import anchor_reply
 from site_client.egress import (
     ARRAYS_KEY,
     METRICS_KEY,
@@ -97,6 +98,8 @@ def make_egress_guard(base: RunConfig | None) -> Callable[[Message, Context, Cal
                          reason=str(reply.error.reason))
             audit.close()
             return reply
+        if not is_secagg_reply(reply.content):
+            anchor_reply(reply, site, audit)  # the trail's head, kept off-site by the coordinator
         try:
             if is_secagg_reply(reply.content):
                 report = check_secagg_reply(reply.content, msg.metadata.message_type, expected)

@@ -1,10 +1,11 @@
-"""The site's egress allow-list: nothing but model arrays and named scalar metrics leaves.
+"""The site's egress allow-list: nothing but model arrays, named scalar metrics and the trail's anchor leaves.
 
 Every reply the ClientApp produces passes through :func:`check_reply` (wired in
 as a Flower mod in `client_app.py`); a reply that carries anything else is
 replaced by an error that says only that it was blocked. What did leave is
 recorded in the site's audit trail: names, shapes, dtypes, bytes and a digest
-(DESIGN.md invariant 1).
+(DESIGN.md invariant 1), and the anchor (site name, record number, line hash:
+see :mod:`anonymization.audit_anchors`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from anonymization.audit_anchors import ANCHOR_RECORD, EGRESS_ANCHOR_FIELD, AnchorError, parse_anchor
 from medfed.wire import summarize
 
 ARRAYS_KEY = "arrays"
@@ -54,15 +56,19 @@ class EgressReport:
     metrics: list[str] = field(default_factory=list)
     bytes: int = 0
     digest: str = ""
+    anchor: dict[str, Any] | None = None  # the trail's head the reply carried (not with SecAgg+)
 
     def as_record(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "message_type": self.message_type,
             "arrays": self.arrays,
             "metrics": self.metrics,
             "bytes": self.bytes,
             "digest": self.digest,
         }
+        if self.anchor is not None:
+            out[EGRESS_ANCHOR_FIELD] = self.anchor
+        return out
 
 
 def _category(message_type: str) -> str:
@@ -86,11 +92,10 @@ def check_reply(content: RecordDict, message_type: str, expected_arrays: ArrayRe
 
     report = EgressReport(message_type=message_type)
     keys = set(content.keys())
-    expected_keys = {METRICS_KEY, ARRAYS_KEY} if category == "train" else {METRICS_KEY}
+    expected_keys = {METRICS_KEY, ARRAYS_KEY, ANCHOR_RECORD} if category == "train" else {METRICS_KEY, ANCHOR_RECORD}
     if keys != expected_keys:
         raise EgressViolation(f"reply records {sorted(keys)} differ from the allowed {sorted(expected_keys)}")
-    if content.config_records:
-        raise EgressViolation("config records may not leave the site")
+    report.anchor = _check_anchor(content[ANCHOR_RECORD])  # the only config record that may leave
 
     metrics = content[METRICS_KEY]
     if not isinstance(metrics, MetricRecord):
@@ -123,6 +128,17 @@ def check_reply(content: RecordDict, message_type: str, expected_arrays: ArrayRe
     else:
         report.digest = summarize(ArrayRecord())["digest"]  # the digest of nothing: no arrays left
     return report
+
+
+def _check_anchor(record: Any) -> dict[str, Any]:
+    """The anchor record: a ConfigRecord of exactly site, seq and head, each of its allowed form."""
+    if not isinstance(record, ConfigRecord):
+        raise EgressViolation(f"'{ANCHOR_RECORD}' must be a ConfigRecord holding the audit trail's anchor")
+    try:
+        site, seq, head = parse_anchor(dict(record))
+    except AnchorError as err:
+        raise EgressViolation(str(err)) from None
+    return {"site": site, "seq": seq, "head": head}
 
 
 # ---- SecAgg+ (issue 6) ------------------------------------------------------------------------------

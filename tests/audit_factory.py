@@ -131,6 +131,32 @@ def forge_append(directory: Path, records: list[dict[str, Any]], signer: AuditSi
     write_lines(active, lines_of(active) + out)
 
 
+def reseal_without(directory: Path, signer: AuditSigner, drop: set[int] | None = None, *,
+                   upto: int | None = None) -> None:
+    """The attack of someone with the site account: delete records (``drop``, or every record after
+    ``upto``), renumber and re-chain the rest, re-sign every seal with the site's own key."""
+    from anonymization.audit import SEAL_DOMAIN, encode
+
+    drop = set(drop or ())
+    seq, prev = 0, "0" * 64
+    files = segment_files(directory)
+    for _n, path in files:
+        out = []
+        for raw in lines_of(path):
+            rec = json.loads(raw)
+            if rec["seq"] in drop or (upto is not None and rec["seq"] > upto):
+                continue
+            seq += 1
+            rec["seq"], rec["prev"] = seq, prev
+            sig = rec.pop("sig", None)
+            raw = encode(rec)
+            if sig is not None:
+                raw = raw[:-1] + b',"sig":"' + signer.sign(SEAL_DOMAIN + raw).hex().encode() + b'"}'
+            out.append(raw)
+            prev = line_hash(raw)
+        write_lines(path, out)
+
+
 # ---- a real browser ---------------------------------------------------------------------------
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 

@@ -130,3 +130,26 @@ def test_site_over_its_cap_declines_and_run_completes(demo: DemoSummary) -> None
     declined = [r for r in ledger.rounds() if r["status"] == "declined"]
     assert len(declined) == 2 and all("cap" in r["reason"] for r in declined)
     assert all(ledger.epsilon(r["run_id"], tiny.delta) == 0.0 for r in declined)
+
+
+def test_every_sites_trail_matches_the_anchors_the_coordinator_kept(demo: DemoSummary) -> None:
+    """Through Flower's runtime each train and evaluate reply carried its trail's head; the run's receipts
+    hold them, keyed on the run as the site keys it, and each site's trail verifies against them."""
+    from typer.testing import CliRunner
+
+    from anonymization.audit import read_records
+    from anonymization.audit_anchors import ANCHORS_FILE
+    from coordinator.receipts import read_jsonl
+    from medfed.cli_audit import audit_app
+
+    anchors = read_jsonl(demo.out / "coordinator" / ANCHORS_FILE)
+    for site in _sites(demo):
+        mine = [a for a in anchors if a["site"] == site.name]
+        assert sorted((a["round"], a["phase"]) for a in mine) == [(1, "evaluate"), (1, "train"), (2, "evaluate"),
+                                                                   (2, "train")]
+        egress = {(r["anchor"]["seq"], r["anchor"]["head"]): r["run_id"] for r in read_records(site.audit_path)
+                  if r["kind"] == "egress" and "anchor" in r}
+        assert all(egress.get((a["seq"], a["head"])) == a["run"] for a in mine)  # the anchor it sent, same run
+        result = CliRunner().invoke(audit_app, ["verify", str(site.audit_path), "--anchors",
+                                                str(demo.out / "coordinator")])
+        assert result.exit_code == 0 and f"4 anchor(s) of site {site.name}" in result.output, result.output

@@ -6,16 +6,23 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from anonymization.audit_anchors import anchor_fields
 from site_client.egress import EVALUATE_METRICS, TRAIN_METRICS, EgressViolation, check_reply
+
+ANCHOR = anchor_fields("hospital-a", 12, "ab" * 32)  # every reply carries the audit trail's head
 
 
 def _global() -> ArrayRecord:
     return ArrayRecord(torch.nn.Linear(4, 2).state_dict())
 
 
+def _reply(**records: object) -> RecordDict:
+    return RecordDict({**records, "audit": ConfigRecord(ANCHOR)})  # type: ignore[dict-item]
+
+
 def _train_reply(**extra_metrics: float) -> RecordDict:
     metrics = {"num-examples": 10, "train-loss": 0.5, "epsilon": 1.2, **extra_metrics}
-    return RecordDict({"arrays": _global(), "metrics": MetricRecord(metrics)})
+    return _reply(arrays=_global(), metrics=MetricRecord(metrics))
 
 
 def test_good_train_reply_is_reported() -> None:
@@ -24,6 +31,7 @@ def test_good_train_reply_is_reported() -> None:
     assert report.bytes == sum(a["bytes"] for a in report.arrays) > 0
     assert len(report.digest) == 64
     assert report.metrics == ["epsilon", "num-examples", "train-loss"]
+    assert report.anchor == ANCHOR and report.as_record()["anchor"] == ANCHOR
 
 
 def test_metric_off_the_allow_list_is_blocked() -> None:
@@ -32,7 +40,7 @@ def test_metric_off_the_allow_list_is_blocked() -> None:
 
 
 def test_list_metric_is_blocked() -> None:
-    reply = RecordDict({"arrays": _global(), "metrics": MetricRecord({"num-examples": 3, "train-loss": [0.1, 0.2]})})
+    reply = _reply(arrays=_global(), metrics=MetricRecord({"num-examples": 3, "train-loss": [0.1, 0.2]}))
     with pytest.raises(EgressViolation, match="single number"):
         check_reply(reply, "train", _global())
 
@@ -40,14 +48,13 @@ def test_list_metric_is_blocked() -> None:
 def test_extra_array_is_blocked() -> None:
     arrays = _global()
     arrays["smuggled"] = ArrayRecord({"x": torch.zeros(3)})["x"]
-    reply = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})})
+    reply = _reply(arrays=arrays, metrics=MetricRecord({"num-examples": 1}))
     with pytest.raises(EgressViolation, match="smuggled"):
         check_reply(reply, "train", _global())
 
 
 def test_reshaped_array_is_blocked() -> None:
-    reply = RecordDict({"arrays": ArrayRecord(torch.nn.Linear(4, 3).state_dict()),
-                        "metrics": MetricRecord({"num-examples": 1})})
+    reply = _reply(arrays=ArrayRecord(torch.nn.Linear(4, 3).state_dict()), metrics=MetricRecord({"num-examples": 1}))
     with pytest.raises(EgressViolation, match="shapes"):
         check_reply(reply, "train", _global())
 
@@ -60,10 +67,10 @@ def test_config_record_and_extra_records_are_blocked() -> None:
 
 
 def test_evaluate_reply_may_not_carry_arrays() -> None:
-    reply = RecordDict({"arrays": _global(), "metrics": MetricRecord({"num-examples": 1, "auc": 0.5})})
+    reply = _reply(arrays=_global(), metrics=MetricRecord({"num-examples": 1, "auc": 0.5}))
     with pytest.raises(EgressViolation):
         check_reply(reply, "evaluate", None)
-    ok = RecordDict({"metrics": MetricRecord({"num-examples": 1, "auc": 0.5})})
+    ok = _reply(metrics=MetricRecord({"num-examples": 1, "auc": 0.5}))
     assert check_reply(ok, "evaluate", None).arrays == []
 
 

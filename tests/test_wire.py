@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from coordinator.federation import initial_state
 from coordinator.receipts import wire_bytes
@@ -81,6 +81,7 @@ def test_site_egress_and_coordinator_record_the_same_digest_of_an_update() -> No
     """One digest links a site's round record, its egress record and the coordinator's receipt."""
     import hashlib
 
+    from anonymization.audit_anchors import anchor_fields
     from coordinator.receipts import arrays_digest
     from site_client.egress import check_reply
     from site_client.task import update_summary
@@ -94,7 +95,8 @@ def test_site_egress_and_coordinator_record_the_same_digest_of_an_update() -> No
     assert summary["arrays"] == [{"name": MODEL_ARRAY, "shape": list(flat.shape), "dtype": flat.dtype,
                                   "bytes": len(flat.data)}]
     assert arrays_digest(record) == expected
-    reply = RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 3})})
+    reply = RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 3}),
+                        "audit": ConfigRecord(anchor_fields("hospital-a", 1, "0" * 64))})
     assert check_reply(reply, "train", record).digest == expected
     state["classifier.head.bias"] = state["classifier.head.bias"] + 1.0  # another update, another digest
     assert update_summary(state)["digest"] != expected
