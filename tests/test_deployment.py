@@ -596,3 +596,30 @@ def test_a_run_outside_the_sites_bounds_is_refused_and_recorded(world: World) ->
         assert "local-epochs 11 is above the site's bound max-local-epochs = 10" in reason, (name, res.stdout[-2000:])
         assert any("max-local-epochs" in r["reason"] for r in _site_records(name, world, "round_refused"))
         assert not PrivacyLedger(world.site_config(name).state_dir / "privacy-ledger.sqlite").rounds("greedy")
+
+
+def test_a_trail_rewritten_and_resealed_at_the_site_is_caught_by_the_coordinators_anchors(
+        world: World, basic_run: dict[str, Any], tmp_path: Path) -> None:
+    from anonymization.audit_keys import SIGNING_KEY_NAME, load_signing_key
+    from tests.audit_factory import reseal_without
+
+    site = world.site_config("hospital-a")
+    signer = load_signing_key(site.state_dir / SIGNING_KEY_NAME)
+    pub = tmp_path / "site-audit.pub"
+    pub.write_bytes(signer.public_pem())
+    trail = tmp_path / "trail"
+    shutil.copytree(site.audit_path, trail)
+    anchors = world.run_dir("basic")
+
+    def verify(*args: str | Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([MEDFED, "audit", "verify", str(trail), *map(str, args)], capture_output=True,
+                              text=True, timeout=120, env=hardening.child_env())
+
+    assert verify("--public-key", pub, "--anchors", anchors).returncode == 0  # the real trail, anchored
+    trained = next(r["seq"] for r in read_records(trail) if r.get("kind") == "round_trained"
+                   and r.get("run_id") == "basic")
+    reseal_without(trail, signer, {trained})  # delete a round's record, re-chain, re-seal with the site's key
+    alone = verify("--public-key", pub)
+    assert alone.returncode == 0, alone.stdout + alone.stderr  # the site's own key vouches for the rewrite
+    anchored = verify("--public-key", pub, "--anchors", anchors)
+    assert anchored.returncode == 1 and "BROKEN" in anchored.stdout + anchored.stderr
