@@ -378,13 +378,15 @@ def test_egress_only_model_arrays_and_allowed_scalars(world: World, basic_run: d
     for r in received:
         assert "error" not in r, r
         recs = r["records"]
+        # besides arrays and scalars, only the audit anchor: the site's trail head, nothing of its data
+        assert recs["audit"]["type"] == "config" and set(recs["audit"]["keys"]) == {"site", "seq", "head"}
         if r["phase"] == "train":
-            assert set(recs) == {"arrays", "metrics"}
+            assert set(recs) == {"arrays", "metrics", "audit"}
             assert recs["arrays"]["type"] == "arrays" and [a["name"] for a in recs["arrays"]["arrays"]] == keys
             coord_digests.add(recs["arrays"]["digest"])
             assert set(recs["metrics"]["keys"]) <= TRAIN_METRICS and recs["metrics"]["scalar"]
         else:
-            assert set(recs) == {"metrics"} and set(recs["metrics"]["keys"]) <= EVALUATE_METRICS
+            assert set(recs) == {"metrics", "audit"} and set(recs["metrics"]["keys"]) <= EVALUATE_METRICS
     assert len(coord_digests) == 6 and coord_digests == site_digests  # the same bytes, end to end
 
 
