@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medfed import hardening
-from medfed.settings import ConfigError, SiteConfig, describe_validation
+from medfed.settings import DEFAULT_MAX_MODEL_ABS, ConfigError, SiteConfig, describe_validation
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class SiteTemplate(BaseModel):
     audit_key: str = Field("", alias="audit-key")
     epsilon_cap: float = Field(alias="epsilon-cap", gt=0.0)
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    size_bucket: int | None = Field(None, ge=1, alias="size-bucket")
+    max_model_abs: float = Field(DEFAULT_MAX_MODEL_ABS, gt=0.0, alias="max-model-abs")
 
 
 class KitConfig(BaseModel):
@@ -140,7 +142,10 @@ def write_site_config(kit: Kit, data_dir: Path | None) -> tuple[SiteConfig, Path
         "state-dir": str(kit._path(tpl.state_dir)),
         "epsilon-cap": tpl.epsilon_cap,
         "delta": tpl.delta,
+        "max-model-abs": tpl.max_model_abs,
     }
+    if tpl.size_bucket is not None:
+        values["size-bucket"] = tpl.size_bucket
     if tpl.audit_dir:
         values["audit-dir"] = str(kit._path(tpl.audit_dir))
     if tpl.audit_key:
