@@ -355,7 +355,9 @@ reconnect-seconds = 3600            # how long the SuperNode keeps retrying a lo
 name = {_q(site)}
 state-dir = "state"                 # privacy ledger, committed updates (keep and back up)
 epsilon-cap = 8.0                   # the site's privacy budget per run
-delta = 1e-5                        # must be below 1/n for the site's n training images
+delta = 1e-5                        # must be below 1/size-bucket (and 1/n for the n training images)
+# size-bucket = 1000                # the coarse size published instead of n (default: n to 1 digit, rounded down)
+# max-model-abs = 1e4               # a global model with any |value| above this is refused
 """
 
 

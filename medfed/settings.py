@@ -14,6 +14,10 @@ from typing import Any, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+#: Default bound on |value| in an arriving global model (SiteConfig ``max-model-abs``).
+DEFAULT_MAX_MODEL_ABS = 1e4
+
+
 class ConfigError(Exception):
     """A configuration file or table is invalid; the message names the field and the fix."""
 
@@ -207,6 +211,13 @@ class SiteConfig(BaseModel):
     audit_key: Path | None = Field(None, alias="audit-key")
     epsilon_cap: float = Field(alias="epsilon-cap", gt=0.0)
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    # The coarse training-set size this site publishes instead of its count (FedAvg weight, Poisson
+    # rate q = batch-size / size-bucket); unset: derived once from the training split and kept in
+    # STATE/enrolment.json (site_client.task.enrolled_size_bucket).
+    size_bucket: int | None = Field(None, ge=1, alias="size-bucket")
+    # A global model holding any |value| above this is refused before any spend: trained weights here
+    # are O(1) and the norm layers keep activations at unit scale, so 1e4 is 3+ orders of headroom.
+    max_model_abs: float = Field(DEFAULT_MAX_MODEL_ABS, gt=0.0, alias="max-model-abs")
     run_bounds: RunBounds = Field(default_factory=RunBounds, alias="run-bounds")
 
     def check_run(self, cfg: RunConfig) -> None:
@@ -258,6 +269,9 @@ class SiteConfig(BaseModel):
         if self.audit_key is not None:
             lines.append(f'audit-key = "{self.audit_key}"')
         lines += [f"epsilon-cap = {self.epsilon_cap!r}", f"delta = {self.delta!r}"]
+        if self.size_bucket is not None:
+            lines.append(f"size-bucket = {self.size_bucket}")
+        lines.append(f"max-model-abs = {self.max_model_abs!r}")
         lines += ["", "[run-bounds]"]
         for key, value in self.run_bounds.model_dump(by_alias=True).items():
             lines.append(f"{key} = {json.dumps(list(value) if isinstance(value, tuple) else value)}")

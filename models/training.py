@@ -140,6 +140,7 @@ def train_local(
     optimizer: str = "sgd",
     optimizer_state: dict[str, Any] | None = None,
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
+    sampling_size: int | None = None,
 ) -> TrainOutcome:
     """Train ``model`` in place on ``dataset``; with ``dp``, by DP-SGD recorded in ``accountant``.
 
@@ -156,9 +157,12 @@ def train_local(
     ``grad_sample_mode`` is how Opacus computes per-sample gradients (one of
     :data:`GRAD_SAMPLE_MODES`; "ghost" clips without materialising them); the
     privacy guarantee is the same in every mode, only speed and memory differ.
+    ``sampling_size`` (DP only) is the size the Poisson rate and step count are planned on instead of
+    ``len(dataset)``: a site passes its published size bucket, so q, steps and hence ε are functions of
+    the bucket while each real example is still drawn with probability q (amplification needs only q).
     """
     num_examples = len(dataset)  # type: ignore[arg-type]
-    steps_expected, sample_rate = planned_steps(num_examples, batch_size, epochs)
+    steps_expected, sample_rate = planned_steps(sampling_size or num_examples, batch_size, epochs)
     if lr <= 0:
         raise ValueError(f"lr must be positive (got {lr})")
     if proximal_mu < 0:
@@ -219,11 +223,14 @@ def train_local(
                 # Use the caller's accountant so this round composes with earlier ones.
                 engine.accountant = accountant
             noise_gen = _make_generator(None if seed is None else seed + 1, device)
+            # Opacus sets q = 1 / len(loader) and samples every real example at that rate; a loader of
+            # exactly the planned number of batches makes q the planned rate (only its length is read).
+            planned = DataLoader(dataset, batch_sampler=[[0]] * round(1 / sample_rate), generator=gen)
             private = engine.make_private(
                 module=trained,
                 optimizer=optim,
                 criterion=criterion,
-                data_loader=loader,
+                data_loader=planned,
                 noise_multiplier=dp.noise_multiplier,
                 max_grad_norm=dp.max_grad_norm,
                 poisson_sampling=True,
@@ -236,6 +243,10 @@ def train_local(
             else:
                 gsm, optim, loader = private
             train_module = gsm
+            # Opacus divides the noised sum by len(dataset) * q; divide by the planned size * q instead,
+            # so the release is the noised sum scaled by a constant that does not depend on n either.
+            expected = max(1, int((sampling_size or num_examples) * sample_rate))
+            optim.expected_batch_size = expected  # type: ignore[attr-defined]
             if not math.isclose(loader.sample_rate, sample_rate) or len(loader) * epochs != steps_expected:
                 raise RuntimeError(
                     f"Opacus sampling (rate {loader.sample_rate}, {len(loader)} batches/epoch) differs from "

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from anonymization.audit_anchors import ANCHOR_RECORD, EGRESS_ANCHOR_FIELD, AnchorError, parse_anchor
@@ -24,11 +25,12 @@ from medfed.wire import summarize
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 
-#: Scalar metrics a site may send after training. Anything else is blocked.
+#: Scalar metrics a site may send after training. Anything else is blocked. No training loss (with a
+#: crafted global model it is a count of labels); num-examples is the site's size bucket, and steps,
+#: sample-rate and noise-multiplier are planned on that bucket (site_client.task), never on the exact n.
 TRAIN_METRICS: frozenset[str] = frozenset(
     {
         "num-examples",
-        "train-loss",
         "epsilon",
         "epsilon-cap",
         "delta",
@@ -123,6 +125,10 @@ def check_reply(content: RecordDict, message_type: str, expected_arrays: ArrayRe
                     f"model arrays differ from the global model (extra {extra}, missing {missing}, "
                     "or shapes changed)"
                 )
+        for name, arr in arrays.items():
+            values = arr.numpy()
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                raise EgressViolation(f"model array {name!r} holds non-finite values (NaN or inf)")
         summary = summarize(arrays)
         report.arrays, report.bytes, report.digest = summary["arrays"], summary["bytes"], summary["digest"]
     else:
@@ -170,8 +176,6 @@ def check_secagg_reply(content: RecordDict, message_type: str, expected_arrays: 
     ``expected_arrays`` is the global model of the masked-vector stage: the masked update must be one
     integer array per model array, of the same shape.
     """
-    import numpy as np
-
     if _category(message_type) != "train":
         raise EgressViolation(f"SecAgg+ records may only answer a train message, not {message_type!r}")
     rec = content.config_records[SECAGG_RECORD]

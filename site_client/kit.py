@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from medfed import hardening
 from medfed.files import write_file
 from medfed.node_keys import NodeKeyError, fingerprint, load_private_key, node_keypair, parse_public_key
-from medfed.settings import ConfigError, RunBounds, SiteConfig, describe_validation
+from medfed.settings import DEFAULT_MAX_MODEL_ABS, ConfigError, RunBounds, SiteConfig, describe_validation
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class SiteTemplate(BaseModel):
     epsilon_cap: float = Field(alias="epsilon-cap", gt=0.0)
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
     run_bounds: RunBounds = Field(default_factory=RunBounds, alias="run-bounds")
+    size_bucket: int | None = Field(None, ge=1, alias="size-bucket")
+    max_model_abs: float = Field(DEFAULT_MAX_MODEL_ABS, gt=0.0, alias="max-model-abs")
 
 
 class KitConfig(BaseModel):
@@ -219,7 +221,10 @@ def write_site_config(kit: Kit, data_dir: Path | None) -> tuple[SiteConfig, Path
         "epsilon-cap": tpl.epsilon_cap,
         "delta": tpl.delta,
         "run-bounds": tpl.run_bounds.model_dump(by_alias=True),
+        "max-model-abs": tpl.max_model_abs,
     }
+    if tpl.size_bucket is not None:
+        values["size-bucket"] = tpl.size_bucket
     if tpl.audit_dir:
         values["audit-dir"] = str(kit._path(tpl.audit_dir))
     if tpl.audit_key:

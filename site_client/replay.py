@@ -98,7 +98,7 @@ class ReplayStore:
             if len(rows) > int(meta["spent_before"]) and rows[-1]["server_round"] == server_round:
                 row = rows[-1]
                 metrics = {
-                    "num-examples": int(meta.get("num_examples", 0)), "train-loss": float("nan"),
+                    "num-examples": int(meta.get("num_examples", 0)),
                     "epsilon": float(row["epsilon_after"]), "epsilon-cap": float(row["epsilon_cap"]),
                     "steps": int(row["steps"]), "sample-rate": float(row["sample_rate"]),
                     "noise-multiplier": float(row["noise_multiplier"]),
@@ -185,7 +185,7 @@ def train_once(site: Any, cfg: Any, run: str, server_round: int, global_state: d
 
     ``audit`` makes the site's audit trail (opened only to record a re-send). Returns a ``TrainReply``.
     """
-    from site_client.task import TrainReply, ledger_for
+    from site_client.task import TrainReply, ledger_for, published_size_bucket
 
     ledger = ledger_for(site)
     store = ReplayStore(site.state_dir)
@@ -203,7 +203,8 @@ def train_once(site: Any, cfg: Any, run: str, server_round: int, global_state: d
         return TrainReply(state_dict=hit.state, metrics=metrics)
 
     def before_commit(state: dict[str, Any]) -> None:
-        store.save_pending(run, server_round, digest, state, ledger)
+        # The published size bucket (fixed before training), not n: a recovered reply carries the same weight.
+        store.save_pending(run, server_round, digest, state, ledger, num_examples=published_size_bucket(site) or 0)
 
     started = time.monotonic()
     try:

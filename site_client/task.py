@@ -1,19 +1,26 @@
 """What a site does in a round, as plain functions the tests call without Flower.
 
-``train_round`` checks the privacy budget before training, trains with DP-SGD
-against the run's single accountant, commits the spend to the ledger, and only
-then hands back the update. ``evaluate_round`` scores the global model on the
-site's own test split.
+``train_round`` refuses a hostile global model and checks the privacy budget
+before training, trains with DP-SGD against the run's single accountant, commits
+the spend to the ledger, and only then hands back the update. ``evaluate_round``
+scores the global model on the site's own test split.
+
+Nothing in a train reply is a function of the exact training-set size: the site
+publishes a coarse size bucket fixed at enrolment, and the Poisson rate, steps,
+noise and ε are planned on that bucket (docs/privacy.md, "What leaves a site").
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
+import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -33,7 +40,103 @@ log = logging.getLogger(__name__)
 
 
 class SiteRefusal(Exception):
-    """The site will not take part as asked (bad privacy settings); the message says why."""
+    """The site will not take part as asked (bad privacy settings, a hostile model); the message says why."""
+
+
+#: Where a site keeps the size bucket it published at enrolment (in its state folder).
+ENROLMENT_FILE = "enrolment.json"
+
+
+def size_bucket(n: int) -> int:
+    """``n`` to one significant digit, rounded down (4,321 -> 4,000; 987 -> 900; 16 -> 10).
+
+    Within a factor of 2 below ``n``, readable, and what an operator would write in site.toml.
+    """
+    if n < 1:
+        raise ValueError(f"a size bucket needs at least one example (got {n})")
+    scale = 10 ** (len(str(int(n))) - 1)
+    return (int(n) // scale) * scale
+
+
+def published_size_bucket(site: SiteConfig) -> int | None:
+    """The bucket this site publishes: ``size-bucket`` from site.toml, else the one enrolment fixed (or None)."""
+    if site.size_bucket is not None:
+        return site.size_bucket
+    path = site.state_dir / ENROLMENT_FILE
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_text())["size-bucket"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"size-bucket {value!r} is not a positive integer")
+        return value
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SiteRefusal(
+            f"site {site.name}: {path} is unreadable ({err}); restore it from the state backup or set "
+            "size-bucket in site.toml (the site never derives a second bucket)"
+        ) from None
+
+
+def enrolled_size_bucket(site: SiteConfig, n: int) -> int:
+    """The published bucket; at a site's first training, derived from its ``n`` and fixed in STATE for good.
+
+    Deriving it once (not per round) means the only thing ever said about ``n`` is this one coarse value.
+    """
+    bucket = published_size_bucket(site)
+    if bucket is not None:
+        return bucket
+    bucket = size_bucket(n)
+    path = site.state_dir / ENROLMENT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump({"size-bucket": bucket, "rule": "training examples to one significant digit, rounded down",
+                   "enrolled": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    log.info("site %s: enrolled with size bucket %d (from %d training examples); kept in %s",
+             site.name, bucket, n, path)
+    return bucket
+
+
+def _non_finite(tensors: Any) -> str | None:
+    """The name of the first tensor in a (nested) dict/list holding NaN or inf, else None."""
+    stack: list[tuple[str, Any]] = [("", tensors)]
+    while stack:
+        name, value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                return name or "(tensor)"
+        elif isinstance(value, Mapping):
+            stack.extend((f"{name}.{k}" if name else str(k), v) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{name}[{i}]", v) for i, v in enumerate(value))
+    return None
+
+
+def check_model(site: SiteConfig, state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse (:class:`SiteRefusal`) a global model with a non-finite value or one over ``max-model-abs``.
+
+    Called before anything is read from the ledger or spent: one NaN would make the DP update all-NaN
+    (and poison the saved optimizer state); huge weights are how a hostile model overflows training.
+    """
+    for name, value in state.items():
+        if not value.is_floating_point():
+            continue
+        finite = torch.isfinite(value)
+        if not bool(finite.all()):
+            raise SiteRefusal(
+                f"site {site.name} refuses the global model: {name!r} holds {int((~finite).sum())} non-finite "
+                "value(s) (NaN or inf); the site trains and scores only finite models (nothing was spent)"
+            )
+        top = float(value.detach().abs().max()) if value.numel() else 0.0
+        if top > site.max_model_abs:
+            raise SiteRefusal(
+                f"site {site.name} refuses the global model: {name!r} holds a value of magnitude {top:.3g}, over "
+                f"the site's max-model-abs {site.max_model_abs:g}; this network's weights are O(1), so the model "
+                "is corrupt or hostile (nothing was spent). If it is legitimate, raise max-model-abs in site.toml"
+            )
 
 
 @dataclass
@@ -71,15 +174,28 @@ def load_optimizer_state(site: SiteConfig, run_id: str) -> dict[str, object]:
     if not path.exists():
         return {}
     try:
-        return dict(torch.load(path, map_location="cpu", weights_only=True))
+        state = dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as err:  # noqa: BLE001 - a torn file costs only warm-up, never privacy
         log.warning("optimizer state %s unreadable (%s); this round starts a fresh optimizer", path, err)
         return {}
+    bad = _non_finite(state)
+    if bad is not None:  # NaN moments would make every later update NaN
+        log.warning("optimizer state %s holds non-finite values (%s); this round starts a fresh optimizer", path, bad)
+        return {}
+    return state
 
 
 def save_optimizer_state(site: SiteConfig, run_id: str, state: dict[str, object]) -> None:
-    """Write atomically (temporary name, then rename), so a crash leaves the last good state."""
+    """Write atomically (temporary name, then rename), so a crash leaves the last good state.
+
+    A state holding NaN or inf is not written (the last good one stays): it would poison every later round.
+    """
     path = _optimizer_state_path(site, run_id)
+    bad = _non_finite(state)
+    if bad is not None:
+        log.warning("optimizer state of run %s holds non-finite values (%s); not saved, %s keeps the last good one",
+                    run_id, bad, path)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".pt.tmp")
     torch.save(state, tmp)
@@ -121,7 +237,7 @@ def _round_noise(
     history = ledger.history(run_id)
     sigma = cfg.noise_multiplier
     rounds_left = max(1, cfg.num_server_rounds - server_round + 1)
-    where = (f"site {site.name} (n={n}, sample rate {q:.4g}, {steps} step(s)/round, "
+    where = (f"site {site.name} (size-bucket {n}, sample rate {q:.4g}, {steps} step(s)/round, "
              f"cap {site.epsilon_cap:g}, delta={site.delta:g}, accountant {cfg.accountant})")
     if cfg.calibrate_noise:
         try:
@@ -163,18 +279,22 @@ def train_round(
     """One round of local DP-SGD, or a decline if it would cross the site's ε cap.
 
     ``before_commit`` gets the update just before its spend is committed (site_client.replay keeps it).
+    What leaves depends on the training split only through the update (DP) and the size bucket.
     """
+    check_model(site, global_state)  # before the ledger is opened: a hostile model costs nothing
     dataset = _dataset(str(site.data_dir), "train", cfg.image_size)
-    n = len(dataset)
-    if site.delta >= 1.0 / n:
+    n = len(dataset)  # never leaves: the bucket stands for it in the reply, the sampling and the accounting
+    bucket = enrolled_size_bucket(site, n)
+    if site.delta >= 1.0 / max(n, bucket):
         raise SiteRefusal(
-            f"delta={site.delta:g} is not below 1/n = 1/{n}; set the site's delta below {1.0 / n:.2g}"
+            f"delta={site.delta:g} is too large for this site: it must be below 1/size-bucket = 1/{bucket} and "
+            f"below 1/(training examples); set the site's delta below {0.1 / bucket:.2g}"
         )
     if cfg.noise_multiplier <= 0:
         raise SiteRefusal("noise-multiplier must be > 0: this site trains only with differential privacy")
     if cfg.secagg:  # before any spend: refuse a model SecAgg+ would already clip (the update is checked again)
         problem = range_problem((v.detach().cpu().numpy() for v in global_state.values()),
-                                1 if cfg.secagg_uniform_weights else n, cfg.secagg_weight_bound,
+                                1 if cfg.secagg_uniform_weights else bucket, cfg.secagg_weight_bound,
                                 cfg.secagg_clipping_range)
         if problem is not None:
             raise SiteRefusal(f"{problem} (nothing was spent)")
@@ -185,11 +305,13 @@ def train_round(
     except LedgerError as err:
         raise SiteRefusal(str(err)) from None
     audit = audit_for(site)
-    audit.record_policy("privacy", {"site": site.name, "epsilon_cap": site.epsilon_cap, "delta": site.delta})
-    steps, sample_rate = planned_steps(n, cfg.batch_size, cfg.local_epochs)
+    audit.record_policy("privacy", {"site": site.name, "epsilon_cap": site.epsilon_cap, "delta": site.delta,
+                                    "size_bucket": bucket, "max_model_abs": site.max_model_abs})
+    # q = batch-size / bucket (capped at 1): steps, q, σ and ε are functions of the bucket, not of n.
+    steps, sample_rate = planned_steps(bucket, cfg.batch_size, cfg.local_epochs)
     eps_before = ledger.epsilon(run_id, site.delta)
     try:
-        sigma, decline = _round_noise(site, cfg, ledger, run_id, server_round, n, steps, sample_rate)
+        sigma, decline = _round_noise(site, cfg, ledger, run_id, server_round, bucket, steps, sample_rate)
     except SiteRefusal as err:  # the ledger says why this run spent nothing here
         ledger.record_decline(
             run_id, server_round, reason=str(err), epsilon_before=eps_before,
@@ -240,9 +362,17 @@ def train_round(
         grad_sample_mode=cfg.grad_sample_mode,
         proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
         seed=None,
+        sampling_size=bucket,
     )
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    bad = _non_finite(state)
+    if bad is not None:  # before the commit: never released, no spend recorded
+        raise SiteRefusal(
+            f"site {site.name} refuses to release round {server_round}: training on the global model it was sent "
+            f"produced non-finite values in {bad!r}; nothing was released and no spend recorded"
+        )
     if before_commit is not None:
-        before_commit({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        before_commit(state)
     # Invariant 3: the spend is durable before the update can be released.
     eps_before, eps_after = ledger.commit_spend(
         run_id, server_round, accountant, delta=site.delta, epsilon_cap=site.epsilon_cap,
@@ -250,7 +380,6 @@ def train_round(
     )
     if opt_state is not None:
         save_optimizer_state(site, run_id, opt_state)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     audit.append(
         "round_trained", run_id=run_id, server_round=server_round, steps=outcome.steps,
         sample_rate=outcome.sample_rate, noise_multiplier=sigma, noise_calibrated=cfg.calibrate_noise,
@@ -260,9 +389,10 @@ def train_round(
         epsilon_cap=site.epsilon_cap, delta=site.delta, declined=False, update=update_summary(state),
     )
     audit.close()  # seals the round
+    # No training loss (a crafted model turns it into a label count) and no exact n: the bucket weighs the
+    # site in FedAvg; steps, sample rate and σ are planned on the bucket, so they say nothing more.
     metrics = {
-        "num-examples": int(outcome.num_examples),
-        "train-loss": float(outcome.loss),
+        "num-examples": int(bucket),
         "epsilon": float(eps_after),
         "epsilon-cap": float(site.epsilon_cap),
         "delta": float(site.delta),
@@ -274,7 +404,8 @@ def train_round(
 
 
 def evaluate_round(site: SiteConfig, cfg: RunConfig, run_id: str, global_state: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Score the global model on this site's test split (scalars only)."""
+    """Score the global model on this site's test split (scalars only); a hostile model is refused first."""
+    check_model(site, global_state)
     dataset = _dataset(str(site.data_dir), "test", cfg.image_size)
     model = build_model(cfg.image_size)
     model.load_state_dict(global_state)

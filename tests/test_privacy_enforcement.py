@@ -22,7 +22,7 @@ from medfed.settings import RunConfig, SiteConfig
 from models.accounting import calibrate_noise, epsilon_of_history
 from models.training import planned_steps
 from site_client.client_app import build_app
-from site_client.task import SiteRefusal, ledger_for, train_round
+from site_client.task import SiteRefusal, ledger_for, size_bucket, train_round
 from tests.models_factory import make_store
 
 # A fixed noise multiplier (no calibration), so each round's spend is known in advance.
@@ -62,8 +62,13 @@ def _n(store: Path) -> int:
     return len(ManifestDataset(store, split="train", image_size=16))
 
 
+def _bucket(store: Path) -> int:
+    """The size bucket the site publishes and plans its sampling on (its n to one significant digit)."""
+    return size_bucket(_n(store))
+
+
 def _one_round_eps(store: Path, cfg: RunConfig = CFG, sigma: float | None = None) -> float:
-    steps, q = planned_steps(_n(store), cfg.batch_size, cfg.local_epochs)
+    steps, q = planned_steps(_bucket(store), cfg.batch_size, cfg.local_epochs)
     return epsilon_of_history([(sigma or cfg.noise_multiplier, q, steps)], 1e-3, cfg.accountant)
 
 
@@ -121,7 +126,7 @@ def test_calibrated_noise_spends_the_cap_over_the_run_and_no_more(tmp_path: Path
     one_at_floor = _one_round_eps(store, cfg)
     cap = one_at_floor * 1.5  # 3 rounds at the floor would overspend: calibration must add noise
     site = _site(tmp_path, store, cap=cap)
-    steps, q = planned_steps(_n(store), cfg.batch_size, cfg.local_epochs)
+    steps, q = planned_steps(_bucket(store), cfg.batch_size, cfg.local_epochs)
     expected = calibrate_noise([], q, steps, 3, cap, site.delta, "rdp", floor=0.5)
     assert expected > 0.5
     state = initial_state(cfg)
@@ -150,10 +155,18 @@ def test_calibration_that_needs_absurd_noise_is_refused(tmp_path: Path, store: P
         train_round(site, cfg, "run-a", 1, initial_state(cfg))
 
 
-def test_delta_not_below_one_over_n_is_refused_with_the_numbers(tmp_path: Path, store: Path) -> None:
-    n = _n(store)
-    with pytest.raises(SiteRefusal, match=rf"delta=0.1 is not below 1/n = 1/{n}.*below {1 / n:.2g}"):
+def test_delta_not_below_one_over_the_bucket_or_n_is_refused_without_n(tmp_path: Path, store: Path) -> None:
+    n, bucket = _n(store), _bucket(store)
+    expected = rf"delta=0.1 is too large.*1/size-bucket = 1/{bucket}.*below {0.1 / bucket:.2g}"
+    with pytest.raises(SiteRefusal, match=expected) as err:
         train_round(_site(tmp_path, store, cap=50.0, delta=0.1), CFG, "run-d", 1, initial_state(CFG))
+    assert str(n) not in str(err.value)
+    # A bucket set below n does not loosen delta < 1/n: delta 0.08 is below 1/5 but not below 1/n.
+    assert 0.08 >= 1 / n
+    low = _site(tmp_path / "low", store, cap=50.0, delta=0.08).model_copy(update={"size_bucket": 5})
+    with pytest.raises(SiteRefusal, match=r"1/size-bucket = 1/5 and below 1/\(training examples\)") as err:
+        train_round(low, CFG, "run-d", 1, initial_state(CFG))
+    assert str(n) not in str(err.value) and ledger_for(low).rounds("run-d") == []
 
 
 def test_the_accountant_is_fixed_for_the_run(tmp_path: Path, store: Path) -> None:

@@ -97,7 +97,7 @@ def test_adapter_refuses_an_update_that_would_be_clipped(monkeypatch: pytest.Mon
 def test_largest_site_refuses_before_spending_and_the_others_aggregate(tmp_path: Path) -> None:
     from medfed.demo import prepare_sites, simulate
     from site_client.replay import ReplayStore
-    from site_client.task import _dataset, ledger_for
+    from site_client.task import ledger_for
 
     sites = prepare_sites(tmp_path, sites=3, patients=24, seed=11, epsilon_caps=[1000.0] * 3, delta=1e-5,
                           progress=False)
@@ -105,11 +105,14 @@ def test_largest_site_refuses_before_spending_and_the_others_aggregate(tmp_path:
         num_server_rounds=1, image_size=32, batch_size=8, demo_dir=str(tmp_path), out_dir=str(tmp_path / "coord"),
         min_train_nodes=3, min_evaluate_nodes=1, min_available_nodes=3, fraction_evaluate=0.0, seed=4,
         secagg=True, run_name="sim-range")
-    sizes = [len(_dataset(str(s.data_dir), "train", base.image_size)) for s in sites]
-    assert len(set(sizes)) == 3, f"the demo's sites should differ in size: {sizes}"
+    # A site's weight is its published size bucket, never n itself: give the three sites distinct ones.
+    sizes = [30, 20, 10]
+    sites = [s.model_copy(update={"size_bucket": b}) for s, b in zip(sites, sizes, strict=True)]
+    for s in sites:
+        (s.data_dir.parent / "site.toml").write_text(s.to_toml())
     peak = max(float(v.abs().max()) for v in initial_state(base).values())
     largest, second = sorted(sizes)[-1], sorted(sizes)[-2]
-    # max-weight 1: each model is scaled by its site's size; only the largest site's initial model overflows
+    # max-weight 1: each model is scaled by its site's bucket; only the largest site's initial model overflows
     cfg = base.with_overrides(secagg_max_weight=1.0, secagg_clipping_range=peak * (largest + second) / 2)
     simulate(cfg, 3)
 
@@ -122,7 +125,7 @@ def test_largest_site_refuses_before_spending_and_the_others_aggregate(tmp_path:
     assert ledger_for(big).epsilon("sim-range", big.delta) == 0.0
     assert ReplayStore(big.state_dir).released("sim-range") == []
 
-    # the global model is the example-weighted mean of the two other sites' released models
+    # the global model is the bucket-weighted mean of the two other sites' released models
     keys = list(initial_state(cfg))
     others = [(s, n) for s, n in zip(sites, sizes, strict=True) if s is not big]
     mean = {k: sum(n * torch.load(ReplayStore(s.state_dir).released("sim-range")[0]["path"],

@@ -83,12 +83,17 @@ def test_train_round_declines_over_cap_without_spending(tmp_path: Path, store: P
     assert [r["kind"] for r in AuditTrail(site.audit_path).records()] == ["round_trained", "round_declined"]
 
 
-def test_delta_not_below_one_over_n_is_refused(tmp_path: Path, store: Path) -> None:
+def test_delta_not_below_one_over_the_bucket_is_refused(tmp_path: Path, store: Path) -> None:
+    from models.dataset import ManifestDataset
+    from site_client.task import size_bucket
+
     app = build_app(CFG)
     site = _site(tmp_path, store, delta=0.5)
     reply = app(_train_msg(), _context(site, tmp_path))
     assert reply.has_error() and reply.error.code == SITE_REFUSED
-    assert "delta" in reply.error.reason and "1/n" in reply.error.reason
+    n = len(ManifestDataset(store, split="train", image_size=CFG.image_size))
+    assert "delta" in reply.error.reason and f"1/size-bucket = 1/{size_bucket(n)}" in reply.error.reason
+    assert str(n) not in reply.error.reason  # the exact count never leaves, not even in a refusal
 
 
 def test_client_app_reply_passes_guard_and_is_audited(tmp_path: Path, store: Path) -> None:

@@ -21,7 +21,7 @@ def _reply(**records: object) -> RecordDict:
 
 
 def _train_reply(**extra_metrics: float) -> RecordDict:
-    metrics = {"num-examples": 10, "train-loss": 0.5, "epsilon": 1.2, **extra_metrics}
+    metrics = {"num-examples": 10, "epsilon": 1.2, **extra_metrics}
     return _reply(arrays=_global(), metrics=MetricRecord(metrics))
 
 
@@ -30,7 +30,7 @@ def test_good_train_reply_is_reported() -> None:
     assert {a["name"] for a in report.arrays} == {"weight", "bias"}
     assert report.bytes == sum(a["bytes"] for a in report.arrays) > 0
     assert len(report.digest) == 64
-    assert report.metrics == ["epsilon", "num-examples", "train-loss"]
+    assert report.metrics == ["epsilon", "num-examples"]
     assert report.anchor == ANCHOR and report.as_record()["anchor"] == ANCHOR
 
 
@@ -40,7 +40,7 @@ def test_metric_off_the_allow_list_is_blocked() -> None:
 
 
 def test_list_metric_is_blocked() -> None:
-    reply = _reply(arrays=_global(), metrics=MetricRecord({"num-examples": 3, "train-loss": [0.1, 0.2]}))
+    reply = _reply(arrays=_global(), metrics=MetricRecord({"num-examples": 3, "epsilon": [0.1, 0.2]}))
     with pytest.raises(EgressViolation, match="single number"):
         check_reply(reply, "train", _global())
 
@@ -81,6 +81,21 @@ def test_query_messages_never_leave() -> None:
 
 def test_allow_lists_hold_only_aggregate_scalars() -> None:
     # A guard against someone widening the allow-list with per-record data.
-    assert TRAIN_METRICS <= {"num-examples", "train-loss", "epsilon", "epsilon-cap", "delta", "steps",
+    assert TRAIN_METRICS <= {"num-examples", "epsilon", "epsilon-cap", "delta", "steps",
                              "sample-rate", "noise-multiplier"}
     assert "num-examples" in EVALUATE_METRICS and "auc" in EVALUATE_METRICS
+
+
+def test_training_loss_is_blocked() -> None:
+    """With a crafted global model the training loss is a count of positive labels: it never leaves."""
+    with pytest.raises(EgressViolation, match="'train-loss' is not on the train allow-list"):
+        check_reply(_train_reply(**{"train-loss": 0.5}), "train", _global())
+
+
+def test_non_finite_update_is_blocked() -> None:
+    arrays = _global()
+    bad = torch.nn.Linear(4, 2).state_dict()
+    bad["bias"][0] = float("nan")
+    with pytest.raises(EgressViolation, match="'bias' holds non-finite"):
+        check_reply(RecordDict({"arrays": ArrayRecord(bad), "metrics": MetricRecord({"epsilon": 1.0})}), "train",
+                    arrays)

@@ -67,7 +67,7 @@ def test_the_packed_reply_is_within_a_tenth_of_the_model_on_the_wire(monkeypatch
         monkeypatch.setattr(TaskIdentity, attr, value)
     state = initial_state(RunConfig())
     model_bytes = sum(t.numel() * 4 for t in state.values())
-    metrics = MetricRecord({"num-examples": 100, "epsilon": 1.0, "train-loss": 0.5})
+    metrics = MetricRecord({"num-examples": 100, "epsilon": 1.0, "sample-rate": 0.5})
 
     def reply_bytes(arrays: ArrayRecord) -> int:
         return wire_bytes(Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), dst_node_id=2,
