@@ -163,7 +163,7 @@ class RunBounds(BaseModel):
 
     max_server_rounds: int = Field(100, ge=1, alias="max-server-rounds")
     max_local_epochs: int = Field(10, ge=1, alias="max-local-epochs")
-    min_batch_size: int = Field(8, ge=1, alias="min-batch-size")
+    min_batch_size: int = Field(1, ge=1, alias="min-batch-size")
     max_batch_size: int = Field(4096, ge=1, alias="max-batch-size")
     max_lr: float = Field(1.0, gt=0.0, alias="max-lr")
     strategies: tuple[Literal["fedavg", "fedprox", "fedadam"], ...] = ("fedavg", "fedprox", "fedadam")

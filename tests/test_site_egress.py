@@ -97,5 +97,4 @@ def test_non_finite_update_is_blocked() -> None:
     bad = torch.nn.Linear(4, 2).state_dict()
     bad["bias"][0] = float("nan")
     with pytest.raises(EgressViolation, match="'bias' holds non-finite"):
-        check_reply(RecordDict({"arrays": ArrayRecord(bad), "metrics": MetricRecord({"epsilon": 1.0})}), "train",
-                    arrays)
+        check_reply(_reply(arrays=ArrayRecord(bad), metrics=MetricRecord({"epsilon": 1.0})), "train", arrays)

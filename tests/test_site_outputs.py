@@ -232,8 +232,13 @@ def test_max_model_abs_is_the_sites_choice(tmp_path: Path, neighbours: tuple[Pat
 
 def test_a_non_finite_update_is_never_released_nor_its_optimizer_state_saved(
         tmp_path: Path, neighbours: tuple[Path, Path]) -> None:
-    """A hostile run config (lr 1e37) overflows the update: refused before the commit, nothing spent or kept."""
-    site = _site(tmp_path, neighbours[0])
+    """A hostile run config (lr 1e37) overflows the update: refused before the commit, nothing spent or kept.
+
+    The site's own max-lr bound would refuse this run at once; raised here to reach the check after training.
+    """
+    from medfed.settings import RunBounds
+
+    site = _site(tmp_path, neighbours[0]).model_copy(update={"run_bounds": RunBounds(max_lr=1e38)})
     cfg = CFG.with_overrides(lr=1e37, optimizer="adam", keep_optimizer_state=True, local_epochs=2)
     reply = build_app(cfg)(_msg(initial_state(cfg)), _context(site, tmp_path))
     assert reply.has_error() and reply.error.code == SITE_REFUSED
