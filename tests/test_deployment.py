@@ -625,3 +625,52 @@ def test_a_trail_rewritten_and_resealed_at_the_site_is_caught_by_the_coordinator
     assert alone.returncode == 0, alone.stdout + alone.stderr  # the site's own key vouches for the rewrite
     anchored = verify("--public-key", pub, "--anchors", anchors)
     assert anchored.returncode == 1 and "BROKEN" in anchored.stdout + anchored.stderr
+
+
+# ---- a hostile coordinator's models: crafted, poisoned ------------------------------------------
+
+
+def _resume_with(world: World, name: str, state: dict[str, torch.Tensor], config: str) -> subprocess.CompletedProcess[str]:
+    """The coordinator plants ``state`` as round 1's global model and has the sites train round 2 on it."""
+    from coordinator.checkpoint import save_checkpoint
+    from coordinator.history import RunHistory
+
+    save_checkpoint(world.run_dir(name) / "checkpoints", 1, state, RunHistory(), {})
+    return world.run("--resume", "--run-name", name, "--rounds", "2", "--run-config", config, timeout=600)
+
+
+def _crafted(bias: float) -> dict[str, torch.Tensor]:
+    """All weights 0 and the output bias ``bias``: the loss of every image is then a function of its label only."""
+    state = {k: torch.zeros_like(v) for k, v in initial_state(RunConfig().with_overrides(image_size=32)).items()}
+    state["classifier.head.bias"].fill_(bias)
+    return state
+
+
+def test_replies_to_a_crafted_model_carry_no_exact_count(world: World) -> None:
+    from site_client.task import published_size_bucket
+
+    # batch >= n: with bias -50 the mean training loss times n / 50 would be the site's positive count
+    res = _resume_with(world, "crafted", _crafted(-50.0), BASE_CONFIG + " batch-size=64 fraction-evaluate=0.0")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rounds = json.loads((world.run_dir("crafted") / "metrics.json").read_text())["rounds"]
+    ids = world.node_ids()
+    for name in SITES:
+        site = world.site_config(name)
+        train = rounds[-1]["sites"][str(ids[name])]["train"]
+        assert "train-loss" not in train and set(train) <= TRAIN_METRICS
+        bucket = published_size_bucket(site)
+        assert bucket is not None and train["num-examples"] == bucket  # fixed at enrolment, not this round's n
+        assert int(str(bucket)[1:] or "0") == 0  # one significant digit: a coarse size, not a count
+
+
+def test_a_poisoned_global_model_is_refused_with_no_privacy_spent(world: World) -> None:
+    poisoned = initial_state(RunConfig().with_overrides(image_size=32))
+    poisoned["classifier.head.weight"][0, 0] = float("nan")
+    _resume_with(world, "poisoned", poisoned, BASE_CONFIG + " fraction-evaluate=0.0")
+    errors = _errors(world, "poisoned")
+    ids = world.node_ids()
+    for name in SITES:
+        assert "non-finite" in errors.get(ids[name], ""), (name, errors)
+        ledger = PrivacyLedger(world.site_config(name).state_dir / "privacy-ledger.sqlite")
+        assert not [r for r in ledger.rounds("poisoned") if r["status"] == "spent"]
+        assert any(r.get("run_id") == "poisoned" for r in _site_records(name, world, "round_refused"))
