@@ -602,11 +602,13 @@ def test_a_run_outside_the_sites_bounds_is_refused_and_recorded(world: World) ->
 
 def test_a_trail_rewritten_and_resealed_at_the_site_is_caught_by_the_coordinators_anchors(
         world: World, basic_run: dict[str, Any], tmp_path: Path) -> None:
+    from anonymization.audit import resolve_key_path
     from anonymization.audit_keys import SIGNING_KEY_NAME, load_signing_key
     from tests.audit_factory import reseal_without
 
     site = world.site_config("hospital-a")
-    signer = load_signing_key(site.state_dir / SIGNING_KEY_NAME)
+    # the key the trail is sealed with, as the site itself finds it (the insider has the site account)
+    signer = load_signing_key(resolve_key_path(site.audit_path, site.audit_key, site.state_dir / SIGNING_KEY_NAME))
     pub = tmp_path / "site-audit.pub"
     pub.write_bytes(signer.public_pem())
     trail = tmp_path / "trail"
@@ -650,7 +652,8 @@ def test_replies_to_a_crafted_model_carry_no_exact_count(world: World) -> None:
     from site_client.task import published_size_bucket
 
     # batch >= n: with bias -50 the mean training loss times n / 50 would be the site's positive count
-    res = _resume_with(world, "crafted", _crafted(-50.0), BASE_CONFIG + " batch-size=64 fraction-evaluate=0.0")
+    res = _resume_with(world, "crafted", _crafted(-50.0),
+                       BASE_CONFIG.replace("batch-size=8", "batch-size=64") + " fraction-evaluate=0.0")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rounds = json.loads((world.run_dir("crafted") / "metrics.json").read_text())["rounds"]
     ids = world.node_ids()
