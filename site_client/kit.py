@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medfed import hardening
-from medfed.settings import ConfigError, SiteConfig, describe_validation
+from medfed.settings import DEFAULT_EVALUATION_NOISE, ConfigError, SiteConfig, describe_validation
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,10 @@ class SiteTemplate(BaseModel):
     state_dir: str = Field("state", alias="state-dir")
     audit_dir: str = Field("", alias="audit-dir")
     audit_key: str = Field("", alias="audit-key")
-    epsilon_cap: float = Field(alias="epsilon-cap", gt=0.0)
+    epsilon_cap: float = Field(alias="epsilon-cap", gt=0.0)  # the site's lifetime total, every run
+    epsilon_cap_per_run: float | None = Field(None, alias="epsilon-cap-per-run", gt=0.0)
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    evaluation_noise: float = Field(DEFAULT_EVALUATION_NOISE, alias="evaluation-noise", gt=0.0)
 
 
 class KitConfig(BaseModel):
@@ -140,7 +142,10 @@ def write_site_config(kit: Kit, data_dir: Path | None) -> tuple[SiteConfig, Path
         "state-dir": str(kit._path(tpl.state_dir)),
         "epsilon-cap": tpl.epsilon_cap,
         "delta": tpl.delta,
+        "evaluation-noise": tpl.evaluation_noise,
     }
+    if tpl.epsilon_cap_per_run is not None:
+        values["epsilon-cap-per-run"] = tpl.epsilon_cap_per_run
     if tpl.audit_dir:
         values["audit-dir"] = str(kit._path(tpl.audit_dir))
     if tpl.audit_key:
