@@ -182,21 +182,21 @@ def _round_noise(
 
 
 def _over_cap(site: SiteConfig, ledger: PrivacyLedger, run_id: str, accountant: str, segment: Segment,
-              what: str) -> tuple[str | None, float]:
-    """Why ``segment`` (one more release) would cross a cap, naming it with ε numbers; and the lifetime ε after."""
+              what: str) -> str | None:
+    """Why ``segment`` (one more release) would cross a cap, naming the cap with ε numbers; None if it fits."""
     life_before = epsilon_of_history(ledger.lifetime_history(), site.delta, accountant)
     life_after = epsilon_of_history(ledger.lifetime_history() + [segment], site.delta, accountant)
     if life_after > site.epsilon_cap:
         return (f"site {site.name} declines {what}: it would take the site's lifetime epsilon {life_before:.3f} -> "
-                f"{life_after:.3f}, over its lifetime cap of {site.epsilon_cap:g} (delta={site.delta:g})"), life_after
+                f"{life_after:.3f}, over its lifetime cap of {site.epsilon_cap:g} (delta={site.delta:g})")
     if site.epsilon_cap_per_run is not None:
         run_before = epsilon_of_history(ledger.history(run_id), site.delta, accountant)
         run_after = epsilon_of_history(ledger.history(run_id) + [segment], site.delta, accountant)
         if run_after > site.epsilon_cap_per_run:
             return (f"site {site.name} declines {what}: it would take run {run_id}'s epsilon {run_before:.3f} -> "
                     f"{run_after:.3f}, over the site's per-run cap of {site.epsilon_cap_per_run:g} "
-                    f"(delta={site.delta:g})"), life_after
-    return None, life_after
+                    f"(delta={site.delta:g})")
+    return None
 
 
 def _record_policy(site: SiteConfig, cfg: RunConfig, ledger: PrivacyLedger, audit: AuditTrail) -> None:
@@ -277,8 +277,7 @@ def train_round(
         run_id, noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=site.delta
     )
     if decline is None:
-        decline, _ = _over_cap(site, ledger, run_id, cfg.accountant, (sigma, sample_rate, steps),
-                               f"round {server_round}")
+        decline = _over_cap(site, ledger, run_id, cfg.accountant, (sigma, sample_rate, steps), f"round {server_round}")
     if decline is not None:
         return _decline_round(site, cfg, ledger, audit, run_id, server_round, decline, eps_before, eps_projected,
                               steps, sample_rate, sigma)
@@ -373,7 +372,7 @@ def evaluate_round(site: SiteConfig, cfg: RunConfig, run_id: str, global_state: 
         sigma = site.evaluation_noise
         segment = (sigma, EVALUATION_SAMPLE_RATE, 1)
         what = f"to evaluate the model of round {server_round} (run {run_id})"
-        decline, _ = _over_cap(site, ledger, run_id, accountant, segment, what)
+        decline = _over_cap(site, ledger, run_id, accountant, segment, what)
         eps_before = ledger.epsilon(run_id, site.delta)
         if decline is None:
             model = build_model(cfg.image_size)
