@@ -354,8 +354,10 @@ reconnect-seconds = 3600            # how long the SuperNode keeps retrying a lo
 [site]
 name = {_q(site)}
 state-dir = "state"                 # privacy ledger, committed updates (keep and back up)
-epsilon-cap = 8.0                   # the site's privacy budget per run
+epsilon-cap = 8.0                   # the site's privacy budget for its LIFETIME: every run, every evaluation
+# epsilon-cap-per-run = 4.0         # optional: the most any one run may spend
 delta = 1e-5                        # must be below 1/size-bucket (and 1/n for the n training images)
+# evaluation-noise = 10.0           # noise on each released evaluation (docs/privacy.md: its epsilon cost)
 # size-bucket = 1000                # the coarse size published instead of n (default: n to 1 digit, rounded down)
 # max-model-abs = 1e4               # a global model with any |value| above this is refused
 """

@@ -150,7 +150,7 @@ def _print_demo(s: "DemoSummary") -> None:  # type: ignore[name-defined]  # noqa
         rounds.add_row(str(r["round"]), "n/a" if auc is None else f"{auc:.3f}",
                        "n/a" if acc is None else f"{acc:.3f}", f"{trained}/{len(r['sites'])}", f"{r['seconds']:.1f}")
     console.print(rounds)
-    sites = Table(title="Privacy spent per site (record-level DP, RDP accountant)")
+    sites = Table(title="Privacy spent per site (record-level DP)")
     sites.add_column("site", no_wrap=True)
     for col in ("images", "quarant.", "ε spent", "ε cap", "δ", "trained", "declined"):
         sites.add_column(col, justify="right", no_wrap=True)

@@ -1,8 +1,8 @@
-"""`medfed privacy ...`: price a DP-SGD run, plan its noise, and audit a trained model.
+"""`medfed privacy ...`: price a DP-SGD run, plan its noise, read a site's ledger, audit a trained model.
 
 Kept apart from `medfed/cli.py`; the heavy imports (Opacus, torch) happen inside
-the commands. ``epsilon`` and ``plan`` print their answer as the last line so
-that scripts can read it with ``tail -1``.
+the commands. ``epsilon``, ``plan`` and ``ledger`` print their answer as the last
+line so that scripts can read it with ``tail -1``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from medfed.settings import RunConfig
 
 privacy_app = typer.Typer(
     help="Record-level differential privacy: compute ε, plan the noise for a target ε, "
@@ -30,7 +32,10 @@ class ShadowOptimizer(str, Enum):
     sgd = "sgd"
 
 
-_ACCOUNTANT = Annotated[Accountant, typer.Option(help="Privacy accountant (Opacus): RDP or PRV.")]
+_ACCOUNTANT = Annotated[Accountant, typer.Option(help="Privacy accountant (Opacus): PRV (tight) or RDP.")]
+#: The CLI prices as a run does by default.
+_DEFAULT_ACCOUNTANT = Accountant(RunConfig.model_fields["accountant"].default)
+LEDGER_FILE = "privacy-ledger.sqlite"
 _DELTA = Annotated[float, typer.Option("--delta", help="δ; must be below 1/n for a dataset of n records.")]
 
 
@@ -45,7 +50,7 @@ def epsilon_cmd(
     noise_multiplier: Annotated[float, typer.Option("--noise-multiplier", help="σ: noise std / clip norm.")],
     steps: Annotated[int, typer.Option("--steps", help="T: DP-SGD steps in all (every round).")],
     delta: _DELTA,
-    accountant: _ACCOUNTANT = Accountant.rdp,
+    accountant: _ACCOUNTANT = _DEFAULT_ACCOUNTANT,
 ) -> None:
     """ε of T DP-SGD steps at sampling rate q and noise multiplier σ (printed as the last line)."""
     from models.accounting import AccountingError, epsilon
@@ -67,7 +72,7 @@ def plan_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Expected batch size B.")],
     rounds: Annotated[int, typer.Option("--rounds", help="Federated rounds R the site trains in.")],
     local_epochs: Annotated[int, typer.Option("--local-epochs", help="Local epochs L per round.")],
-    accountant: _ACCOUNTANT = Accountant.rdp,
+    accountant: _ACCOUNTANT = _DEFAULT_ACCOUNTANT,
 ) -> None:
     """The smallest noise multiplier that keeps R rounds of L local epochs within ε, and the ε it gives."""
     from models.accounting import AccountingError, plan
@@ -79,6 +84,58 @@ def plan_cmd(
     typer.echo(f"q={p.sample_rate:.6g} steps/round={p.steps_per_round} rounds={p.rounds} steps={p.steps} "
                f"delta={delta:g} accountant={p.accountant}")
     typer.echo(f"noise-multiplier {p.noise_multiplier:g} epsilon {p.epsilon:.4f}")
+
+
+@privacy_app.command("ledger")
+def ledger_cmd(
+    kit_or_state: Annotated[Path, typer.Argument(
+        help="A site kit folder (with site.toml, written by `medfed site start`) or a site's state folder "
+        f"(with {LEDGER_FILE}).")],
+) -> None:
+    """What the site has spent: one row per run, then the lifetime ε against the site's cap (last line)."""
+    from medfed.settings import ConfigError, SiteConfig
+    from site_client.ledger import LEGACY_ACCOUNTANT, PrivacyLedger
+
+    folder = kit_or_state
+    if not folder.is_dir():
+        _fail(f"{folder} is not a folder; pass a site kit folder (with site.toml) or a site's state folder "
+              f"(with {LEDGER_FILE})")
+    site: SiteConfig | None = None
+    if (folder / "site.toml").is_file():
+        try:
+            site = SiteConfig.from_toml(folder / "site.toml")
+        except ConfigError as err:
+            _fail(str(err))
+        state = site.state_dir
+    elif (folder / LEDGER_FILE).is_file():
+        state = folder
+    elif (folder / "kit.toml").is_file():
+        _fail(f"{folder} is a site kit without site.toml: start the site once (`medfed site start {folder} --data "
+              "DEID_DIR`) so it writes site.toml, or pass the site's state folder")
+    else:
+        _fail(f"{folder} holds neither site.toml (a site kit) nor {LEDGER_FILE} (a site's state folder); pass one "
+              "of those")
+    path = state / LEDGER_FILE
+    if not path.is_file():
+        _fail(f"{path} does not exist: this site has not taken part in a run yet (nothing spent)")
+    ledger = PrivacyLedger(path)
+    policy = ledger.policy()
+    if site is not None:
+        cap, delta = site.epsilon_cap, site.delta
+    elif policy is not None:
+        cap, delta = policy["epsilon_cap"], policy["delta"]
+    else:
+        _fail(f"{path} records no lifetime cap (written by an older site); pass the site's kit folder instead, "
+              "whose site.toml holds epsilon-cap and delta")
+    accountant = policy["accountant"] if policy is not None else LEGACY_ACCOUNTANT
+    rows = ledger.summary(delta)
+    typer.echo(f"{'run':<28} {'accountant':<10} {'spent':>5} {'declined':>8} {'evaluations':>11} {'epsilon':>9}")
+    for r in rows:
+        evals = f"{r['evaluations']}" + (f" (+{r['evaluations_declined']} declined)" if r["evaluations_declined"] else "")
+        typer.echo(f"{r['run']:<28} {r['accountant']:<10} {r['spent']:>5} {r['declined']:>8} {evals:>11} "
+                   f"{r['epsilon']:>9.3f}")
+    lifetime = ledger.lifetime_epsilon(delta, accountant)
+    typer.echo(f"lifetime ε {lifetime:.3f} of cap {cap:g} (δ {delta:g})")
 
 
 @privacy_app.command("audit")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medfed.settings import RunConfig, SiteConfig
+from medfed.settings import DEFAULT_EVALUATION_NOISE, RunConfig, SiteConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class DemoSummary:
 
 def prepare_sites(
     out: Path, *, sites: int, patients: int, seed: int, epsilon_caps: list[float], delta: float,
-    workers: int = 1, progress: bool = True,
+    workers: int = 1, progress: bool = True, evaluation_noise: float = DEFAULT_EVALUATION_NOISE,
 ) -> list[SiteConfig]:
     """Synthesize hospitals and de-identify each with its own secret; write each `site.toml`."""
     from anonymization.batch import run_deid
@@ -69,7 +69,7 @@ def prepare_sites(
         )
         log.info("%s: %s", info.name, summary.line())
         cfg = SiteConfig(name=info.name, data_dir=site_dir / "deid", state_dir=site_dir / "state",
-                         audit_key=audit_key, epsilon_cap=cap, delta=delta)
+                         audit_key=audit_key, epsilon_cap=cap, delta=delta, evaluation_noise=evaluation_noise)
         (site_dir / "site.toml").write_text(cfg.to_toml())
         configs.append(cfg)
     return configs
@@ -119,7 +119,7 @@ def site_outcome(site: SiteConfig) -> SiteOutcome:
 def run_demo(
     out: Path, *, sites: int = 3, rounds: int = 20, device: str = "cpu", patients: int = 2000, seed: int = 0,
     epsilon_caps: list[float] | None = None, delta: float = 1e-5, run_overrides: dict[str, Any] | None = None,
-    workers: int = 1, progress: bool = True,
+    workers: int = 1, progress: bool = True, evaluation_noise: float = DEFAULT_EVALUATION_NOISE,
 ) -> DemoSummary:
     """The whole pipeline on synthetic hospitals; returns what happened."""
     t0 = time.monotonic()
@@ -128,7 +128,7 @@ def run_demo(
     if len(caps) != sites:
         raise ValueError(f"{len(caps)} epsilon caps given for {sites} sites; give one per site")
     site_cfgs = prepare_sites(out, sites=sites, patients=patients, seed=seed, epsilon_caps=caps, delta=delta,
-                              workers=workers, progress=progress)
+                              workers=workers, progress=progress, evaluation_noise=evaluation_noise)
     cfg = RunConfig().with_overrides(
         num_server_rounds=rounds, device=device, demo_dir=str(out), out_dir=str(out / "coordinator"),
         min_train_nodes=1, min_evaluate_nodes=sites, min_available_nodes=sites, seed=seed,

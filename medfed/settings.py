@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 #: Default bound on |value| in an arriving global model (SiteConfig ``max-model-abs``).
 DEFAULT_MAX_MODEL_ABS = 1e4
+#: Default noise (σ per histogram bin) on a site's evaluation release; see docs/privacy.md for its ε cost.
+DEFAULT_EVALUATION_NOISE = 10.0
 
 
 class ConfigError(Exception):
@@ -65,7 +67,7 @@ class RunConfig(BaseModel):
     # Record-level DP at the sites (issue 5): the run's accountant, noise calibration to each
     # site's cap (noise-multiplier is then the floor), Opacus' per-sample-gradient mode (same
     # guarantee in every mode; default = models.training.DEFAULT_GRAD_SAMPLE_MODE, the fastest here).
-    accountant: Literal["rdp", "prv"] = "rdp"
+    accountant: Literal["rdp", "prv"] = "prv"
     calibrate_noise: bool = Field(True, alias="calibrate-noise")
     grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = Field("ew", alias="grad-sample-mode")
     # A multiple of 4 (models.network.IMAGE_MULTIPLE): the scattering front end subsamples by 4.
@@ -209,8 +211,14 @@ class SiteConfig(BaseModel):
     audit_dir: Path | None = Field(None, alias="audit-dir")
     # Ed25519 key that seals the audit trail; default: the one the trail records, else STATE/audit-signing.key.
     audit_key: Path | None = Field(None, alias="audit-key")
+    # The site's privacy budget over its LIFETIME: every run on its data, every evaluation, composed.
     epsilon_cap: float = Field(alias="epsilon-cap", gt=0.0)
+    # Optional cap on any one run (None: a run may spend whatever the lifetime cap leaves).
+    epsilon_cap_per_run: float | None = Field(None, alias="epsilon-cap-per-run", gt=0.0)
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    # σ of the Gaussian noise on each bin of the evaluation histograms (sensitivity 1): the evaluation's price.
+    evaluation_noise: float = Field(DEFAULT_EVALUATION_NOISE, alias="evaluation-noise", gt=0.0)
+
     # The coarse training-set size this site publishes instead of its count (FedAvg weight, Poisson
     # rate q = batch-size / size-bucket); unset: derived once from the training split and kept in
     # STATE/enrolment.json (site_client.task.enrolled_size_bucket).
@@ -219,6 +227,15 @@ class SiteConfig(BaseModel):
     # are O(1) and the norm layers keep activations at unit scale, so 1e4 is 3+ orders of headroom.
     max_model_abs: float = Field(DEFAULT_MAX_MODEL_ABS, gt=0.0, alias="max-model-abs")
     run_bounds: RunBounds = Field(default_factory=RunBounds, alias="run-bounds")
+
+    @model_validator(mode="after")
+    def _per_run_within_lifetime(self) -> "SiteConfig":
+        if self.epsilon_cap_per_run is not None and self.epsilon_cap_per_run > self.epsilon_cap:
+            raise ValueError(
+                f"epsilon-cap-per-run ({self.epsilon_cap_per_run:g}) is above epsilon-cap ({self.epsilon_cap:g}), "
+                "the site's lifetime total: lower epsilon-cap-per-run or leave it out"
+            )
+        return self
 
     def check_run(self, cfg: RunConfig) -> None:
         """Refuse (:class:`OutOfBounds`) a run config outside this site's ``[run-bounds]``."""
@@ -268,7 +285,10 @@ class SiteConfig(BaseModel):
             lines.append(f'audit-dir = "{self.audit_dir}"')
         if self.audit_key is not None:
             lines.append(f'audit-key = "{self.audit_key}"')
-        lines += [f"epsilon-cap = {self.epsilon_cap!r}", f"delta = {self.delta!r}"]
+        lines.append(f"epsilon-cap = {self.epsilon_cap!r}")
+        if self.epsilon_cap_per_run is not None:
+            lines.append(f"epsilon-cap-per-run = {self.epsilon_cap_per_run!r}")
+        lines += [f"delta = {self.delta!r}", f"evaluation-noise = {self.evaluation_noise!r}"]
         if self.size_bucket is not None:
             lines.append(f"size-bucket = {self.size_bucket}")
         lines.append(f"max-model-abs = {self.max_model_abs!r}")

@@ -7,18 +7,27 @@ composed in order. Every ε returned here is an *upper* bound on the true ε of
 the Poisson-subsampled Gaussian mechanism; where Opacus' PRV accountant is
 numerically fragile we fall back to a bound that is never lower than the truth.
 
+A segment with ``q = 1`` is the plain Gaussian mechanism (a released, noised
+histogram: the site's evaluation); it composes with the DP-SGD segments.
+
 PRV quirks handled (Opacus 1.6, ``opacus.accountants.analysis.prv``):
 
-* all steps with ``q = 1`` (full batch): the composition is exactly the Gaussian
-  mechanism with ``μ = sqrt(Σ T_i / σ_i²)`` (μ-GDP), so we return the closed form
-  instead of a discretised approximation (exact, and PRV's ``log(1 - q)`` is -inf there);
-* small ε: PRV's upper bound is its estimate *plus* ``eps_error`` (0.01 by default), so
-  a tiny ε is reported as about 0.01 — loose but safe; a negative estimate is clamped to 0;
-* large ε (above :data:`PRV_MAX_EPSILON` by RDP): PRV's domain grows with ε, it can take
-  minutes and returns ``inf`` (Opacus issue #604); RDP is used there;
+* the error is *relative*: PRV's upper bound is its estimate plus ``eps_error``, and
+  Opacus' fixed 0.01 makes a small ε loose by 50% or more; we price a coarse pass first
+  and then ask for an error of :data:`PRV_EPS_RELATIVE_ERROR` of it (never below
+  :data:`PRV_EPS_ERROR_FLOOR`), so PRV stays within about 0.5% of Google's PLD;
+* all steps with ``q = 1``: the composition is exactly the Gaussian mechanism with
+  ``μ = sqrt(Σ T_i / σ_i²)`` (μ-GDP), so we return the closed form; ``q = 1`` segments
+  among subsampled ones get an exact Gaussian privacy random variable (Opacus' subsampled
+  one takes ``log(1 - q)``, -inf there);
+* very large ε (above :data:`PRV_MAX_EPSILON` by RDP): RDP is used there (no cap is that high);
 * errors ("Discrete mean differs significantly", "Cannot compute epsilon", floating-point
   errors for tiny δ) or a non-finite result: RDP is used, with a warning;
 * the result is ``min(PRV, RDP)``: both are upper bounds, so their minimum is one too.
+
+Composition does not depend on order, so a history is priced with equal (σ, q)
+segments merged: the lifetime history of a site (every run, every evaluation)
+stays a handful of segments.
 """
 
 from __future__ import annotations
@@ -41,13 +50,21 @@ log = logging.getLogger(__name__)
 
 AccountantName = Literal["rdp", "prv"]
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
+#: The accountant used where none is named: PRV, within 0.5% of Google's PLD (tests/test_privacy_accounting.py).
+DEFAULT_ACCOUNTANT = "prv"
 #: One segment of an Opacus history: (noise multiplier σ, sample rate q, steps T).
 Segment = tuple[float, float, int]
 
-#: Above this ε (by RDP) the PRV accountant is not run: it is slow there and no tighter in any way that matters.
-PRV_MAX_EPSILON = 50.0
-#: Opacus' default additive error of the PRV estimate; its upper bound adds it.
+#: Above this ε (by RDP) the PRV accountant is not run: no cap is that high, and RDP answers at once.
+PRV_MAX_EPSILON = 500.0
+#: Opacus' default additive error of the PRV estimate: the least error of our first, coarse pass ...
 PRV_EPS_ERROR = 0.01
+#: ... which may be up to this fraction of RDP's ε (it only sizes the final pass; a coarse mesh is fast).
+PRV_COARSE_RELATIVE_ERROR = 0.01
+#: The error asked of the final PRV pass, relative to the coarse ε: the upper bound is at most this much loose.
+PRV_EPS_RELATIVE_ERROR = 0.003
+#: ... but never below this (a finer mesh for a tiny ε costs memory and time, and 1e-4 of ε is nothing).
+PRV_EPS_ERROR_FLOOR = 1e-4
 #: A noise multiplier above this drowns the gradient; calibration refuses to go beyond it.
 MAX_NOISE_MULTIPLIER = 20.0
 #: RDP orders: Opacus' defaults (1.1 ... 63) plus larger ones, which tighten the bound for small ε
@@ -143,12 +160,36 @@ def _rdp_epsilon(history: tuple[Segment, ...], delta: float, opacus_orders: bool
     return max(0.0, float(eps))
 
 
+class GaussianPRV:
+    """Privacy random variable of the Gaussian mechanism (sensitivity 1, noise σ): N(μ²/2, μ²), μ = 1/σ.
+
+    The ``q = 1`` segment Opacus' subsampled PRV cannot take; exact, so it composes with them.
+    """
+
+    def __init__(self, noise_multiplier: float) -> None:
+        self.noise_multiplier = noise_multiplier
+        self.sample_rate = 1.0
+        self._mu = 1.0 / noise_multiplier
+
+    def pdf(self, t):  # noqa: ANN001, ANN201 - numpy arrays in and out, as Opacus' PRVs
+        mu = self._mu
+        return np.exp(-((t - mu * mu / 2) ** 2) / (2 * mu * mu)) / (mu * math.sqrt(2 * math.pi))
+
+    def cdf(self, t):  # noqa: ANN001, ANN201
+        mu = self._mu
+        return ndtr((t - mu * mu / 2) / mu)
+
+    def rdp(self, alpha: float) -> float:
+        return alpha / (2 * self.noise_multiplier**2)
+
+
 def _opacus_prv_upper(history: tuple[Segment, ...], delta: float, eps_error: float, delta_error: float) -> float:
     """Opacus' ``PRVAccountant.get_epsilon``, step for step, with its safe-domain RDP bounds cached.
 
     Why not call the accountant: ~90% of its time goes to RDP curves for the safe domain
     (Gopi et al., remark 5.6), recomputed on every call; calibration calls it a dozen
-    times on nearly the same history. Same building blocks, same orders, same result.
+    times on nearly the same history. Same building blocks, same orders, same result
+    (a ``q = 1`` segment uses :class:`GaussianPRV`, which Opacus lacks).
     """
     from opacus.accountants.analysis.prv import (
         Domain,
@@ -168,7 +209,9 @@ def _opacus_prv_upper(history: tuple[Segment, ...], delta: float, eps_error: flo
     mesh = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
     domain = Domain.create_aligned(-half_width, half_width, mesh)
     dprvs = [
-        discretize(TruncatedPrivacyRandomVariable(PoissonSubsampledGaussianPRV(q, s), domain.t_min, domain.t_max), domain)
+        discretize(TruncatedPrivacyRandomVariable(
+            GaussianPRV(s) if q == 1.0 else PoissonSubsampledGaussianPRV(q, s),  # type: ignore[arg-type]
+            domain.t_min, domain.t_max), domain)
         for s, q, _ in history
     ]
     composed = compose_heterogeneous(dprvs=dprvs, num_self_compositions=counts)
@@ -189,7 +232,11 @@ def _prv_epsilon(history: tuple[Segment, ...], delta: float) -> float:
     try:
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            eps = _opacus_prv_upper(history, delta, PRV_EPS_ERROR, delta / 1000)
+            # A coarse pass (its error scaled to RDP's ε) sizes the error of the final one.
+            coarse_error = max(PRV_EPS_ERROR, PRV_COARSE_RELATIVE_ERROR * rdp)
+            coarse = _opacus_prv_upper(history, delta, coarse_error, delta / 1000)
+            eps_error = max(PRV_EPS_ERROR_FLOOR, PRV_EPS_RELATIVE_ERROR * min(coarse, rdp))
+            eps = _opacus_prv_upper(history, delta, eps_error, delta / 1000) if eps_error < coarse_error else coarse
     except (RuntimeError, ValueError, FloatingPointError, OverflowError, ZeroDivisionError) as err:
         log.warning("PRV accountant failed on %s at delta=%g (%s); using the RDP bound %.4f", history, delta, err, rdp)
         return rdp
@@ -197,6 +244,14 @@ def _prv_epsilon(history: tuple[Segment, ...], delta: float) -> float:
         log.warning("PRV accountant gave %s on %s at delta=%g; using the RDP bound %.4f", eps, history, delta, rdp)
         return rdp
     return min(max(eps, 0.0), rdp)
+
+
+def _merged(history: tuple[Segment, ...]) -> tuple[Segment, ...]:
+    """Equal (σ, q) segments merged, in a canonical order: composition does not depend on order."""
+    steps: dict[tuple[float, float], int] = {}
+    for s, q, t in history:
+        steps[(s, q)] = steps.get((s, q), 0) + t
+    return tuple(sorted((s, q, t) for (s, q), t in steps.items()))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -207,14 +262,14 @@ def _epsilon_cached(history: tuple[Segment, ...], delta: float, accountant: str)
     return _prv_epsilon(history, delta) if accountant == "prv" else _rdp_epsilon(history, delta)
 
 
-def epsilon_of_history(history: Iterable[Sequence[float]], delta: float, accountant: str = "rdp") -> float:
+def epsilon_of_history(history: Iterable[Sequence[float]], delta: float, accountant: str = DEFAULT_ACCOUNTANT) -> float:
     """ε after every segment of ``history`` (σ, q, T) at ``delta``; 0 for an empty history."""
     check_accountant(accountant)
     _check_delta(delta)
-    return _epsilon_cached(_normalise(history), float(delta), accountant)
+    return _epsilon_cached(_merged(_normalise(history)), float(delta), accountant)
 
 
-def epsilon(sample_rate: float, noise_multiplier: float, steps: int, delta: float, accountant: str = "rdp") -> float:
+def epsilon(sample_rate: float, noise_multiplier: float, steps: int, delta: float, accountant: str = DEFAULT_ACCOUNTANT) -> float:
     """ε of ``steps`` DP-SGD steps at sampling rate ``q`` and noise multiplier ``σ``."""
     return epsilon_of_history([(noise_multiplier, sample_rate, steps)], delta, accountant)
 
@@ -243,20 +298,24 @@ def calibrate_noise(
     rounds_left: int,
     epsilon_cap: float,
     delta: float,
-    accountant: str = "rdp",
+    accountant: str = DEFAULT_ACCOUNTANT,
     floor: float = MIN_NOISE_MULTIPLIER,
     ceiling: float = MAX_NOISE_MULTIPLIER,
     rtol: float = 2e-3,
+    reserve: Iterable[Sequence[float]] = (),
 ) -> float:
     """The smallest σ ≥ ``floor`` such that ``rounds_left`` more rounds at (σ, q, steps) keep ε ≤ cap.
 
-    Bisection (ε falls as σ grows); the result is rounded up to 4 significant
-    digits and checked. Raises :class:`AccountingError`, with the numbers, when
-    the ε already spent leaves no room or the σ needed is above ``ceiling``.
+    ``reserve`` is spend still to come whatever σ is (the run's planned evaluations): it is
+    priced in, so calibrating never leaves it unpayable. Brent's method (ε falls as σ grows);
+    the result is rounded up to 4 significant digits and checked. Raises
+    :class:`AccountingError`, with the ε numbers (never the data's size), when the ε already
+    spent leaves no room or the σ needed is above ``ceiling``.
     """
     check_accountant(accountant)
     _check_delta(delta)
     past = _normalise(history)
+    later = _normalise(reserve)
     if rounds_left < 1:
         raise AccountingError(f"rounds_left must be >= 1 (got {rounds_left})")
     if steps_per_round < 0:
@@ -269,38 +328,41 @@ def calibrate_noise(
         raise AccountingError(f"epsilon_cap must be > 0 (got {epsilon_cap})")
     steps = rounds_left * steps_per_round
     spent = epsilon_of_history(past, delta, accountant)
+    committed = epsilon_of_history(past + later, delta, accountant) if later else spent
 
-    def eps_at(sigma: float, acc: str = accountant) -> float:
-        return epsilon_of_history(past + ((sigma, sample_rate, steps),), delta, acc)
+    def eps_at(sigma: float) -> float:
+        return epsilon_of_history(past + later + ((sigma, sample_rate, steps),), delta, accountant)
 
-    if spent >= epsilon_cap:
+    if committed >= epsilon_cap:
+        reserved = f" ({committed:.4g} with the planned evaluations reserved)" if later else ""
+        fix = ("raise the cap, or raise the site's evaluation-noise, or plan fewer evaluated rounds (num-server-rounds, "
+               "fraction-evaluate = 0)") if later and spent < epsilon_cap else "raise the cap"
         raise AccountingError(
-            f"epsilon {spent:.4g} is already spent, at or over the cap {epsilon_cap:g} (delta={delta:g}): "
-            "no noise multiplier lets another round in; raise the cap or start a new run"
+            f"epsilon {spent:.4g} is already spent{reserved}, at or over the cap {epsilon_cap:g} "
+            f"(delta={delta:g}): no noise multiplier lets another round in; {fix}"
         )
     if eps_at(floor) <= epsilon_cap:
         return floor
-    if past and past[-1][1] == sample_rate and past[-1][0] > floor:
-        # Warm start: a run calibrated last round needs (almost) the same σ now; two checks confirm it.
-        last = past[-1][0]
-        if eps_at(last) <= epsilon_cap < eps_at(last / (1 + rtol)):
-            return last
+    # Warm start: a run calibrated last round needs (almost) the same σ now; two checks confirm it.
+    last = next((s for s, q, _ in reversed(past) if q == sample_rate), None)
+    if last is not None and last > floor and eps_at(last) <= epsilon_cap < eps_at(last / (1 + rtol)):
+        return last
     hi: float | None = None
     if accountant == "prv":
         # RDP is never below our PRV figure (we keep the smaller of the two), so the σ that
         # meets the cap by RDP brackets PRV's from above, cheaply.
         try:
             hi = calibrate_noise(past, sample_rate, steps_per_round, rounds_left, epsilon_cap, delta, "rdp",
-                                 floor, ceiling, rtol)
+                                 floor, ceiling, rtol, later)
         except AccountingError:
             hi = None  # RDP sees no room where PRV may: search up to the ceiling by PRV
     if hi is None:
         if eps_at(ceiling) > epsilon_cap:
             raise AccountingError(
                 f"even noise multiplier {ceiling:g} (the most that still lets the model learn) spends epsilon "
-                f"{eps_at(ceiling):.4g} > cap {epsilon_cap:g} over {rounds_left} round(s) of {steps_per_round} "
-                f"step(s) at sample rate {sample_rate:.4g} (delta={delta:g}, {spent:.4g} already spent); raise "
-                "the cap, or lower num-server-rounds or local-epochs, or raise batch-size"
+                f"{eps_at(ceiling):.4g} > cap {epsilon_cap:g} over {rounds_left} round(s) (delta={delta:g}, "
+                f"{committed:.4g} already spent or reserved); raise the cap, or lower num-server-rounds or "
+                "local-epochs, or raise batch-size"
             )
         hi = ceiling
     # Brent's method on ε(σ) - cap: ε is smooth and falling in σ, so a handful of evaluations do.
@@ -339,7 +401,7 @@ def plan(
     batch_size: int,
     rounds: int,
     local_epochs: int,
-    accountant: str = "rdp",
+    accountant: str = DEFAULT_ACCOUNTANT,
 ) -> Plan:
     """The smallest noise multiplier that keeps a whole run (R rounds of L local epochs) within ε."""
     if dataset_size < 1 or batch_size < 1 or rounds < 1 or local_epochs < 1:

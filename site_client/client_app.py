@@ -153,7 +153,8 @@ def build_app(base: RunConfig | None = None) -> ClientApp:
         cfg = RunConfig.from_flower(context.run_config, base)
         site = resolve_site(context.node_config, cfg)
         global_state = unpack(msg.content[ARRAYS_KEY], model_template(cfg))
-        metrics = evaluate_round(site, cfg, run_key(cfg, context), global_state)
+        server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
+        metrics = evaluate_round(site, cfg, run_key(cfg, context), global_state, server_round)
         return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
 
     return app

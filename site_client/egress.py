@@ -39,9 +39,10 @@ TRAIN_METRICS: frozenset[str] = frozenset(
         "noise-multiplier",
     }
 )
-#: Scalar metrics a site may send after evaluating the global model on its test split.
+#: Scalar metrics a site may send after evaluating the global model on its test split: the DP release of
+#: site_client.dp_evaluation (every figure derived from noisy histograms) and the site's privacy figures.
 EVALUATE_METRICS: frozenset[str] = frozenset(
-    {"num-examples", "auc", "accuracy", "sensitivity", "specificity", "f1", "loss", "epsilon", "epsilon-cap"}
+    {"num-examples", "auc", "accuracy", "sensitivity", "specificity", "f1", "epsilon", "epsilon-cap"}
 )
 
 

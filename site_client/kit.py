@@ -33,7 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from medfed import hardening
 from medfed.files import write_file
 from medfed.node_keys import NodeKeyError, fingerprint, load_private_key, node_keypair, parse_public_key
-from medfed.settings import DEFAULT_MAX_MODEL_ABS, ConfigError, RunBounds, SiteConfig, describe_validation
+from medfed.settings import (
+    DEFAULT_EVALUATION_NOISE,
+    DEFAULT_MAX_MODEL_ABS,
+    ConfigError,
+    RunBounds,
+    SiteConfig,
+    describe_validation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +68,13 @@ class SiteTemplate(BaseModel):
     state_dir: str = Field("state", alias="state-dir")
     audit_dir: str = Field("", alias="audit-dir")
     audit_key: str = Field("", alias="audit-key")
-    epsilon_cap: float = Field(alias="epsilon-cap", gt=0.0)
+    epsilon_cap: float = Field(alias="epsilon-cap", gt=0.0)  # the site's lifetime total, every run
+    epsilon_cap_per_run: float | None = Field(None, alias="epsilon-cap-per-run", gt=0.0)
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
     run_bounds: RunBounds = Field(default_factory=RunBounds, alias="run-bounds")
     size_bucket: int | None = Field(None, ge=1, alias="size-bucket")
     max_model_abs: float = Field(DEFAULT_MAX_MODEL_ABS, gt=0.0, alias="max-model-abs")
+    evaluation_noise: float = Field(DEFAULT_EVALUATION_NOISE, alias="evaluation-noise", gt=0.0)
 
 
 class KitConfig(BaseModel):
@@ -222,9 +231,12 @@ def write_site_config(kit: Kit, data_dir: Path | None) -> tuple[SiteConfig, Path
         "delta": tpl.delta,
         "run-bounds": tpl.run_bounds.model_dump(by_alias=True),
         "max-model-abs": tpl.max_model_abs,
+        "evaluation-noise": tpl.evaluation_noise,
     }
     if tpl.size_bucket is not None:
         values["size-bucket"] = tpl.size_bucket
+    if tpl.epsilon_cap_per_run is not None:
+        values["epsilon-cap-per-run"] = tpl.epsilon_cap_per_run
     if tpl.audit_dir:
         values["audit-dir"] = str(kit._path(tpl.audit_dir))
     if tpl.audit_key:

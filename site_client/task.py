@@ -26,13 +26,13 @@ import torch
 
 from anonymization.audit import AuditTrail, open_trail
 from anonymization.audit_keys import SIGNING_KEY_NAME
-from medfed.settings import RunConfig, SiteConfig
+from medfed.settings import OutOfBounds, RunConfig, SiteConfig
 from models.dataset import ManifestDataset
-from models.evaluation import evaluate
+from models.evaluation import predict
 from models.network import build_model
-from models.accounting import MAX_NOISE_MULTIPLIER, AccountingError, calibrate_noise
+from models.accounting import MAX_NOISE_MULTIPLIER, AccountingError, Segment, calibrate_noise, epsilon_of_history
 from models.training import DPSettings, planned_steps, round_lr, train_local
-from site_client.ledger import LedgerError, PrivacyLedger
+from site_client.ledger import EVALUATED, EVALUATION_SAMPLE_RATE, CapExceeded, LedgerError, PrivacyLedger
 from site_client.secagg import range_problem
 from site_client.trail import audit_for  # noqa: F401 - re-exported; light for the egress guard
 
@@ -225,47 +225,125 @@ def _device(cfg: RunConfig) -> str:
     return cfg.device
 
 
+def _caps(site: SiteConfig, ledger: PrivacyLedger, run_id: str) -> list[tuple[str, list[Segment], float]]:
+    """(name, history so far, cap) of each cap a round must stay under: the lifetime, and the run if capped."""
+    caps = [("lifetime", ledger.lifetime_history(), site.epsilon_cap)]
+    if site.epsilon_cap_per_run is not None:
+        caps.append(("per-run", ledger.history(run_id), site.epsilon_cap_per_run))
+    return caps
+
+
+def _evaluations_reserved(site: SiteConfig, cfg: RunConfig, ledger: PrivacyLedger, run_id: str) -> list[Segment]:
+    """The run's evaluations still to come (one a round if fraction-evaluate > 0), priced in by calibration."""
+    planned = cfg.num_server_rounds if cfg.fraction_evaluate > 0 else 0
+    done = sum(1 for r in ledger.rounds(run_id) if r["status"] == EVALUATED)
+    left = max(0, planned - done)
+    return [(site.evaluation_noise, EVALUATION_SAMPLE_RATE, left)] if left else []
+
+
 def _round_noise(
     site: SiteConfig, cfg: RunConfig, ledger: PrivacyLedger, run_id: str, server_round: int, n: int, steps: int,
     q: float,
 ) -> tuple[float, str | None]:
     """The noise multiplier this round trains at, or (floor, reason) to decline it.
 
-    Raises :class:`SiteRefusal` before the run's first spend when the run cannot meet the
-    site's cap at all (one round at the floor σ crosses it, or calibration needs an absurd σ).
+    The σ keeps both the site's lifetime ε (every run composed) and this run's ε (if
+    the site caps runs) under their caps, with the run's planned evaluations reserved.
+    Raises :class:`SiteRefusal` before the run's first spend when the run cannot meet a
+    cap at all (one round at the floor σ crosses it, or calibration needs an absurd σ).
+    Texts name the cap and ε figures, never the data's size.
     """
-    history = ledger.history(run_id)
+    first = not ledger.history(run_id)
+    caps = _caps(site, ledger, run_id)
     sigma = cfg.noise_multiplier
     rounds_left = max(1, cfg.num_server_rounds - server_round + 1)
-    where = (f"site {site.name} (size-bucket {n}, sample rate {q:.4g}, {steps} step(s)/round, "
-             f"cap {site.epsilon_cap:g}, delta={site.delta:g}, accountant {cfg.accountant})")
+    per_run = "" if site.epsilon_cap_per_run is None else f", per-run cap {site.epsilon_cap_per_run:g}"
+    where = f"site {site.name} (lifetime cap {site.epsilon_cap:g}{per_run}, delta={site.delta:g}, " \
+            f"accountant {cfg.accountant})"
     if cfg.calibrate_noise:
-        try:
-            return calibrate_noise(history, q, steps, rounds_left, site.epsilon_cap, site.delta, cfg.accountant,
-                                   floor=cfg.noise_multiplier, ceiling=max(MAX_NOISE_MULTIPLIER, sigma)), None
-        except AccountingError as err:
-            if not history:
-                raise SiteRefusal(f"{where} refuses the run: calibrate-noise over {rounds_left} round(s): {err}") from None
-            return sigma, f"site {site.name} declines round {server_round}: calibrate-noise: {err}"
-    if not history and ledger.project(run_id, noise_multiplier=sigma, sample_rate=q, steps=steps,
-                                      delta=site.delta) > site.epsilon_cap:
-        one = ledger.project(run_id, noise_multiplier=sigma, sample_rate=q, steps=steps, delta=site.delta)
-        hints = []
-        for rounds in sorted({1, rounds_left}):
+        reserve = _evaluations_reserved(site, cfg, ledger, run_id)
+        need = sigma
+        for name, history, cap in caps:  # the largest σ any cap needs meets them all
             try:
-                need = calibrate_noise((), q, steps, rounds, site.epsilon_cap, site.delta, cfg.accountant, floor=sigma)
-                hints.append(f"noise-multiplier >= {need:g} fits {rounds} round(s)")
-            except AccountingError:
-                most = ledger.project(run_id, noise_multiplier=MAX_NOISE_MULTIPLIER, sample_rate=q,
-                                      steps=steps * rounds, delta=site.delta)
-                hints.append(f"even noise-multiplier {MAX_NOISE_MULTIPLIER:g} spends epsilon {most:.3g} in "
-                             f"{rounds} round(s)")
-        raise SiteRefusal(
-            f"{where} refuses the run: one round at noise-multiplier {sigma:g} alone spends epsilon {one:.4g}, over "
-            f"the cap; {'; '.join(hints)}. Raise noise-multiplier (or set calibrate-noise = true), lower "
-            "local-epochs or raise batch-size, or raise the site's epsilon-cap"
-        )
+                need = calibrate_noise(history, q, steps, rounds_left, cap, site.delta, cfg.accountant,
+                                       floor=need, ceiling=max(MAX_NOISE_MULTIPLIER, sigma), reserve=reserve)
+            except AccountingError as err:
+                what = f"calibrate-noise over {rounds_left} round(s), {name} cap {cap:g}: {err}"
+                if first:
+                    raise SiteRefusal(f"{where} refuses the run: {what}") from None
+                return sigma, f"site {site.name} declines round {server_round}: {what}"
+        return need, None
+    if first:
+        for name, history, cap in caps:
+            before = epsilon_of_history(history, site.delta, cfg.accountant)
+            one = epsilon_of_history(history + [(sigma, q, steps)], site.delta, cfg.accountant)
+            if one <= cap:
+                continue
+            hints = []
+            for rounds in sorted({1, rounds_left}):
+                try:
+                    fit = calibrate_noise(history, q, steps, rounds, cap, site.delta, cfg.accountant, floor=sigma)
+                    hints.append(f"noise-multiplier >= {fit:g} fits {rounds} round(s)")
+                except AccountingError:
+                    most = epsilon_of_history(history + [(MAX_NOISE_MULTIPLIER, q, steps * rounds)], site.delta,
+                                              cfg.accountant)
+                    hints.append(f"even noise-multiplier {MAX_NOISE_MULTIPLIER:g} takes it to epsilon {most:.3g} "
+                                 f"in {rounds} round(s)")
+            raise SiteRefusal(
+                f"{where} refuses the run: one round at noise-multiplier {sigma:g} alone takes the {name} epsilon "
+                f"{before:.4g} -> {one:.4g}, over the {name} cap {cap:g}; {'; '.join(hints)}. Raise "
+                "noise-multiplier (or set calibrate-noise = true), lower local-epochs or raise batch-size, or raise "
+                f"the site's {'epsilon-cap' if name == 'lifetime' else 'epsilon-cap-per-run'}"
+            )
     return sigma, None
+
+
+def _over_cap(site: SiteConfig, ledger: PrivacyLedger, run_id: str, accountant: str, segment: Segment,
+              what: str) -> str | None:
+    """Why ``segment`` (one more release) would cross a cap, naming the cap with ε numbers; None if it fits."""
+    life_before = epsilon_of_history(ledger.lifetime_history(), site.delta, accountant)
+    life_after = epsilon_of_history(ledger.lifetime_history() + [segment], site.delta, accountant)
+    if life_after > site.epsilon_cap:
+        return (f"site {site.name} declines {what}: it would take the site's lifetime epsilon {life_before:.3f} -> "
+                f"{life_after:.3f}, over its lifetime cap of {site.epsilon_cap:g} (delta={site.delta:g})")
+    if site.epsilon_cap_per_run is not None:
+        run_before = epsilon_of_history(ledger.history(run_id), site.delta, accountant)
+        run_after = epsilon_of_history(ledger.history(run_id) + [segment], site.delta, accountant)
+        if run_after > site.epsilon_cap_per_run:
+            return (f"site {site.name} declines {what}: it would take run {run_id}'s epsilon {run_before:.3f} -> "
+                    f"{run_after:.3f}, over the site's per-run cap of {site.epsilon_cap_per_run:g} "
+                    f"(delta={site.delta:g})")
+    return None
+
+
+def _record_policy(site: SiteConfig, cfg: RunConfig, ledger: PrivacyLedger, audit: AuditTrail,
+                   bucket: int | None = None) -> None:
+    """The site's caps in its ledger (so the ledger alone prices its lifetime) and in its audit trail."""
+    ledger.record_policy(epsilon_cap=site.epsilon_cap, delta=site.delta, epsilon_cap_per_run=site.epsilon_cap_per_run,
+                         accountant=cfg.accountant)
+    audit.record_policy("privacy", {"site": site.name, "epsilon_cap": site.epsilon_cap,
+                                    "epsilon_cap_per_run": site.epsilon_cap_per_run, "delta": site.delta,
+                                    "evaluation_noise": site.evaluation_noise, "size_bucket": bucket,
+                                    "max_model_abs": site.max_model_abs})
+
+
+def _decline_round(site: SiteConfig, cfg: RunConfig, ledger: PrivacyLedger, audit: AuditTrail, run_id: str,
+                   server_round: int, reason: str, eps_before: float, eps_projected: float, steps: int,
+                   sample_rate: float, sigma: float) -> TrainReply:
+    """Record a declined round (ledger and audit trail, no spend) and answer with the reason."""
+    ledger.record_decline(
+        run_id, server_round, reason=reason, epsilon_before=eps_before, epsilon_projected=eps_projected,
+        epsilon_cap=site.epsilon_cap, steps=steps, sample_rate=sample_rate, noise_multiplier=sigma,
+    )
+    audit.append(
+        "round_declined", run_id=run_id, server_round=server_round, epsilon_before=eps_before,
+        epsilon_projected=eps_projected, epsilon_cap=site.epsilon_cap, delta=site.delta, steps=steps,
+        sample_rate=sample_rate, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
+        declined=True, reason=reason,
+    )
+    audit.close()  # seals the round
+    log.info(reason)
+    return TrainReply(state_dict=None, declined=reason)
 
 
 def train_round(
@@ -305,8 +383,7 @@ def train_round(
     except LedgerError as err:
         raise SiteRefusal(str(err)) from None
     audit = audit_for(site)
-    audit.record_policy("privacy", {"site": site.name, "epsilon_cap": site.epsilon_cap, "delta": site.delta,
-                                    "size_bucket": bucket, "max_model_abs": site.max_model_abs})
+    _record_policy(site, cfg, ledger, audit, bucket)
     # q = batch-size / bucket (capped at 1): steps, q, σ and ε are functions of the bucket, not of n.
     steps, sample_rate = planned_steps(bucket, cfg.batch_size, cfg.local_epochs)
     eps_before = ledger.epsilon(run_id, site.delta)
@@ -323,25 +400,11 @@ def train_round(
     eps_projected = ledger.project(
         run_id, noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=site.delta
     )
-    if decline is not None or eps_projected > site.epsilon_cap:
-        reason = decline or (
-            f"site {site.name} declines round {server_round}: it would spend epsilon "
-            f"{eps_before:.3f} -> {eps_projected:.3f}, over its cap of {site.epsilon_cap:g} (delta={site.delta:g})"
-        )
-        ledger.record_decline(
-            run_id, server_round, reason=reason, epsilon_before=eps_before, epsilon_projected=eps_projected,
-            epsilon_cap=site.epsilon_cap, steps=steps, sample_rate=sample_rate,
-            noise_multiplier=sigma,
-        )
-        audit.append(
-            "round_declined", run_id=run_id, server_round=server_round, epsilon_before=eps_before,
-            epsilon_projected=eps_projected, epsilon_cap=site.epsilon_cap, delta=site.delta, steps=steps,
-            sample_rate=sample_rate, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
-            declined=True, reason=reason,
-        )
-        audit.close()  # seals the round
-        log.info(reason)
-        return TrainReply(state_dict=None, declined=reason)
+    if decline is None:
+        decline = _over_cap(site, ledger, run_id, cfg.accountant, (sigma, sample_rate, steps), f"round {server_round}")
+    if decline is not None:
+        return _decline_round(site, cfg, ledger, audit, run_id, server_round, decline, eps_before, eps_projected,
+                              steps, sample_rate, sigma)
 
     model = build_model(cfg.image_size)
     model.load_state_dict(global_state)
@@ -373,11 +436,18 @@ def train_round(
         )
     if before_commit is not None:
         before_commit(state)
-    # Invariant 3: the spend is durable before the update can be released.
-    eps_before, eps_after = ledger.commit_spend(
-        run_id, server_round, accountant, delta=site.delta, epsilon_cap=site.epsilon_cap,
-        steps=outcome.steps, sample_rate=outcome.sample_rate, noise_multiplier=sigma,
-    )
+    # Invariant 3: the spend is durable before the update can be released. The ledger checks the caps
+    # again under its write lock (another run may have spent meanwhile); refused, nothing is released.
+    try:
+        eps_before, eps_after = ledger.commit_spend(
+            run_id, server_round, accountant, delta=site.delta, epsilon_cap=site.epsilon_cap,
+            epsilon_cap_per_run=site.epsilon_cap_per_run,
+            steps=outcome.steps, sample_rate=outcome.sample_rate, noise_multiplier=sigma,
+        )
+    except CapExceeded as err:
+        return _decline_round(site, cfg, ledger, audit, run_id, server_round,
+                              f"site {site.name} declines round {server_round}: {err}", eps_before, eps_projected,
+                              steps, sample_rate, sigma)
     if opt_state is not None:
         save_optimizer_state(site, run_id, opt_state)
     audit.append(
@@ -403,19 +473,74 @@ def train_round(
     return TrainReply(state_dict=state, metrics=metrics)
 
 
-def evaluate_round(site: SiteConfig, cfg: RunConfig, run_id: str, global_state: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Score the global model on this site's test split (scalars only); a hostile model is refused first."""
+def evaluate_round(site: SiteConfig, cfg: RunConfig, run_id: str, global_state: dict[str, torch.Tensor],
+                   server_round: int = 0) -> dict[str, float]:
+    """Score the global model on this site's test split and release DP metrics, paid for once per model.
+
+    The metrics come from per-class score histograms with Gaussian noise (σ = the site's
+    ``evaluation-noise``; site_client.dp_evaluation); the spend, the segment (σ, 1.0, 1), is
+    committed to the run's account before anything is released. The same global model
+    (same digest) asked again gets the same noisy figures at no cost. An evaluation that
+    would cross a cap raises :class:`SiteRefusal`, with nothing spent.
+    """
+    from site_client.dp_evaluation import EvaluationStore, metrics_from_histograms, noisy_histograms
+    from site_client.replay import arrays_digest
+
     check_model(site, global_state)
-    dataset = _dataset(str(site.data_dir), "test", cfg.image_size)
-    model = build_model(cfg.image_size)
-    model.load_state_dict(global_state)
-    scores = evaluate(model, dataset, device=_device(cfg))
+
+    digest = arrays_digest(global_state)
     ledger = ledger_for(site)
-    metrics = {k: float(scores[k]) for k in ("auc", "accuracy", "sensitivity", "specificity", "f1", "loss")}
-    metrics["num-examples"] = int(scores["num_examples"])
+    try:
+        accountant = ledger.open_account(run_id, cfg.accountant)
+    except LedgerError as err:
+        raise SiteRefusal(str(err)) from None
+    audit = audit_for(site)
+    _record_policy(site, cfg, ledger, audit)
+    store = EvaluationStore(site.state_dir)
+    released = store.lookup(digest)
+    if released is not None:
+        hists = released[0]
+        audit.append("evaluation_resent", run_id=run_id, server_round=server_round, global_digest=digest,
+                     first_run=released[1].get("run_id"))
+    else:
+        done = sum(1 for r in ledger.rounds(run_id) if r["status"] == EVALUATED)
+        if done >= site.run_bounds.max_evaluations:
+            raise OutOfBounds(f"site {site.name} refuses evaluation {done + 1} of run {run_id}: above the site's "
+                              f"bound max-evaluations = {site.run_bounds.max_evaluations} (site.toml [run-bounds])")
+        sigma = site.evaluation_noise
+        segment = (sigma, EVALUATION_SAMPLE_RATE, 1)
+        what = f"to evaluate the model of round {server_round} (run {run_id})"
+        decline = _over_cap(site, ledger, run_id, accountant, segment, what)
+        eps_before = ledger.epsilon(run_id, site.delta)
+        if decline is None:
+            model = build_model(cfg.image_size)
+            model.load_state_dict(global_state)
+            logits, labels = predict(model, _dataset(str(site.data_dir), "test", cfg.image_size), device=_device(cfg))
+            hists = noisy_histograms(logits.numpy(), labels.numpy(), sigma)
+            try:  # durable before release; the ledger re-checks the caps under its write lock
+                eps_before, eps_after = ledger.commit_evaluation(
+                    run_id, server_round, noise_multiplier=sigma, digest=digest, delta=site.delta,
+                    epsilon_cap=site.epsilon_cap, epsilon_cap_per_run=site.epsilon_cap_per_run, accountant=accountant)
+            except CapExceeded as err:
+                decline = f"site {site.name} declines {what}: {err}"
+        if decline is not None:
+            ledger.record_decline(
+                run_id, server_round, reason=decline, epsilon_before=eps_before,
+                epsilon_projected=epsilon_of_history(ledger.history(run_id) + [segment], site.delta, accountant),
+                epsilon_cap=site.epsilon_cap, steps=1, sample_rate=EVALUATION_SAMPLE_RATE, noise_multiplier=sigma,
+                evaluation=True, digest=digest,
+            )
+            audit.append("evaluation_declined", run_id=run_id, server_round=server_round, global_digest=digest,
+                         evaluation_noise=sigma, epsilon_cap=site.epsilon_cap, delta=site.delta, reason=decline)
+            audit.close()
+            log.info(decline)
+            raise SiteRefusal(decline)
+        store.save(digest, hists, run_id=run_id, server_round=server_round)
+        audit.append("evaluation_released", run_id=run_id, server_round=server_round, global_digest=digest,
+                     evaluation_noise=sigma, epsilon_before=eps_before, epsilon_after=eps_after,
+                     epsilon_cap=site.epsilon_cap, delta=site.delta)
+    audit.close()
+    metrics = metrics_from_histograms(hists)
     metrics["epsilon"] = float(ledger.epsilon(run_id, site.delta))
     metrics["epsilon-cap"] = float(site.epsilon_cap)
-    for k, v in metrics.items():
-        if isinstance(v, float) and math.isinf(v):
-            metrics[k] = float("nan")
     return metrics

@@ -1,4 +1,5 @@
-"""The site enforces its record-level budget: refusals before training, declines, calibration, crash safety."""
+"""The site enforces its record-level budget: refusals before training, declines, calibration, crash safety,
+and a lifetime cap over every run on its data (the coordinator picks run names; it cannot reset the budget)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from medfed.settings import RunConfig, SiteConfig
 from models.accounting import calibrate_noise, epsilon_of_history
 from models.training import planned_steps
 from site_client.client_app import build_app
-from site_client.task import SiteRefusal, ledger_for, size_bucket, train_round
+from site_client.task import SiteRefusal, evaluate_round, ledger_for, size_bucket, train_round
 from tests.models_factory import make_store
 
 # A fixed noise multiplier (no calibration), so each round's spend is known in advance.
@@ -51,9 +52,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _site(tmp_path: Path, store: Path, cap: float, delta: float = 1e-3) -> SiteConfig:
+def _site(tmp_path: Path, store: Path, cap: float, delta: float = 1e-3, per_run: float | None = None) -> SiteConfig:
     return SiteConfig(name="hospital-p", data_dir=store, state_dir=tmp_path / "state",
-                      audit_dir=tmp_path / "audit", epsilon_cap=cap, delta=delta)
+                      audit_dir=tmp_path / "audit", epsilon_cap=cap, delta=delta, epsilon_cap_per_run=per_run)
 
 
 def _n(store: Path) -> int:
@@ -67,9 +68,9 @@ def _bucket(store: Path) -> int:
     return size_bucket(_n(store))
 
 
-def _one_round_eps(store: Path, cfg: RunConfig = CFG, sigma: float | None = None) -> float:
+def _one_round_eps(store: Path, cfg: RunConfig = CFG, sigma: float | None = None, rounds: int = 1) -> float:
     steps, q = planned_steps(_bucket(store), cfg.batch_size, cfg.local_epochs)
-    return epsilon_of_history([(sigma or cfg.noise_multiplier, q, steps)], 1e-3, cfg.accountant)
+    return epsilon_of_history([(sigma or cfg.noise_multiplier, q, steps * rounds)], 1e-3, cfg.accountant)
 
 
 def _context(site: SiteConfig, tmp_path: Path) -> Context:
@@ -90,8 +91,9 @@ def test_a_cap_one_round_cannot_meet_is_refused_with_the_numbers(tmp_path: Path,
     with pytest.raises(SiteRefusal) as err:
         train_round(site, CFG, "run-r", 1, initial_state(CFG))
     msg = str(err.value)
-    assert "refuses the run" in msg and f"{one:.4g}" in msg and f"cap {one / 2:g}" in msg
+    assert "refuses the run" in msg and f"{one:.4g}" in msg and f"lifetime cap {one / 2:g}" in msg
     assert "noise-multiplier >= " in msg and "fits 1 round(s)" in msg and "fits 3 round(s)" in msg
+    assert f"1/{_n(store)}" not in msg and "n=" not in msg  # the figures are ε, never the data's size
     # the σ it names does fit one round
     need = float(msg.split("noise-multiplier >= ")[1].split(" ")[0])
     assert _one_round_eps(store, sigma=need) <= one / 2 < _one_round_eps(store, sigma=need * 0.99)
@@ -127,8 +129,9 @@ def test_calibrated_noise_spends_the_cap_over_the_run_and_no_more(tmp_path: Path
     cap = one_at_floor * 1.5  # 3 rounds at the floor would overspend: calibration must add noise
     site = _site(tmp_path, store, cap=cap)
     steps, q = planned_steps(_bucket(store), cfg.batch_size, cfg.local_epochs)
-    expected = calibrate_noise([], q, steps, 3, cap, site.delta, "rdp", floor=0.5)
-    assert expected > 0.5
+    evaluations = [(site.evaluation_noise, 1.0, 3)]  # one a round (fraction-evaluate > 0): reserved
+    expected = calibrate_noise([], q, steps, 3, cap, site.delta, "prv", floor=0.5, reserve=evaluations)
+    assert expected > calibrate_noise([], q, steps, 3, cap, site.delta, "prv", floor=0.5) > 0.5
     state = initial_state(cfg)
     sigmas = []
     for rnd in (1, 2, 3):
@@ -139,7 +142,9 @@ def test_calibrated_noise_spends_the_cap_over_the_run_and_no_more(tmp_path: Path
     assert sigmas[0] == expected
     assert all(abs(s - expected) <= 2e-3 * expected for s in sigmas)
     spent = ledger_for(site).epsilon("run-c", site.delta)
-    assert 0.98 * cap <= spent <= cap
+    # training alone stays below the cap by what the planned evaluations will cost
+    assert spent < cap and 0.98 * cap <= epsilon_of_history(ledger_for(site).history("run-c") + evaluations,
+                                                            site.delta, "prv") <= cap
     trained = [r for r in AuditTrail(site.audit_path).records() if r["kind"] == "round_trained"]
     assert [r["noise_multiplier"] for r in trained] == sigmas and all(r["noise_calibrated"] for r in trained)
     # a round past num-server-rounds may only use what is left: far more noise, still within the cap
@@ -149,10 +154,15 @@ def test_calibrated_noise_spends_the_cap_over_the_run_and_no_more(tmp_path: Path
 
 
 def test_calibration_that_needs_absurd_noise_is_refused(tmp_path: Path, store: Path) -> None:
-    cfg = CFG.with_overrides(calibrate_noise=True, num_server_rounds=50)
+    cfg = CFG.with_overrides(calibrate_noise=True, num_server_rounds=50, fraction_evaluate=0.0)
     site = _site(tmp_path, store, cap=0.05)
-    with pytest.raises(SiteRefusal, match=r"calibrate-noise over 50 round\(s\).*even noise multiplier 20"):
+    with pytest.raises(SiteRefusal, match=r"calibrate-noise over 50 round\(s\), lifetime cap 0.05.*even noise "
+                                          r"multiplier 20"):
         train_round(site, cfg, "run-a", 1, initial_state(cfg))
+    # with 50 evaluations planned, their reserve alone is over the cap: the refusal says so and what to change
+    with pytest.raises(SiteRefusal, match=r"with the planned evaluations reserved.*evaluation-noise"):
+        train_round(site, cfg.with_overrides(fraction_evaluate=1.0), "run-b", 1, initial_state(cfg))
+    assert ledger_for(site).lifetime_history() == []
 
 
 def test_delta_not_below_one_over_the_bucket_or_n_is_refused_without_n(tmp_path: Path, store: Path) -> None:
@@ -171,14 +181,97 @@ def test_delta_not_below_one_over_the_bucket_or_n_is_refused_without_n(tmp_path:
 
 def test_the_accountant_is_fixed_for_the_run(tmp_path: Path, store: Path) -> None:
     site = _site(tmp_path, store, cap=50.0)
-    prv = CFG.with_overrides(accountant="prv")
-    reply = train_round(site, prv, "run-p", 1, initial_state(CFG))
+    assert CFG.accountant == "prv"  # the default: tight (tests/test_privacy_accounting.py)
+    reply = train_round(site, CFG, "run-p", 1, initial_state(CFG))
     ledger = ledger_for(site)
     assert ledger.accountant_name("run-p") == "prv"
     assert reply.metrics["epsilon"] == pytest.approx(ledger.epsilon("run-p", site.delta))
     assert reply.metrics["epsilon"] < epsilon_of_history(ledger.history("run-p"), site.delta, "rdp")
     with pytest.raises(SiteRefusal, match="never changes accountant mid-run"):
-        train_round(site, CFG, "run-p", 2, reply.state_dict)
+        train_round(site, CFG.with_overrides(accountant="rdp"), "run-p", 2, reply.state_dict)
+
+
+def test_the_cap_is_the_sites_lifetime_not_each_runs(tmp_path: Path, store: Path) -> None:
+    """Run names are the coordinator's: a new name must not buy a fresh budget on the same data."""
+    cfg = CFG.with_overrides(calibrate_noise=True, noise_multiplier=0.5)
+    cap = _one_round_eps(store, cfg) * 1.5
+    site = _site(tmp_path, store, cap=cap)
+    ledger = ledger_for(site)
+    state = initial_state(cfg)
+    for rnd in (1, 2, 3):  # the first run calibrates to all the site's lifetime allows, its evaluations paid
+        reply = train_round(site, cfg, "run-1", rnd, state)
+        assert reply.state_dict is not None, reply.declined
+        state = reply.state_dict
+        evaluate_round(site, cfg, "run-1", state, rnd)
+    spent = ledger.lifetime_epsilon(site.delta, "prv")
+    assert 0.98 * cap <= spent <= cap
+    for run in ("run-2", "run-3"):  # the same data under new names: refused before any spend, saying why
+        with pytest.raises(SiteRefusal, match="lifetime cap") as err:
+            train_round(site, cfg, run, 1, state)
+        assert "refuses the run" in str(err.value) and f"{cap:g}" in str(err.value)
+        assert ledger.history(run) == []
+    assert ledger.lifetime_epsilon(site.delta, "prv") == spent
+    # through the ClientApp the coordinator hears SITE_REFUSED with the reason
+    reply = build_app(cfg)(_msg(1), _context(site, tmp_path))
+    assert reply.has_error() and reply.error.code == SITE_REFUSED and "lifetime" in reply.error.reason
+
+
+def test_a_fixed_noise_run_stops_at_what_earlier_runs_left(tmp_path: Path, store: Path) -> None:
+    one, two, three = (_one_round_eps(store, rounds=r) for r in (1, 2, 3))
+    site = _site(tmp_path, store, cap=(two + three) / 2)  # two rounds (not three) in the site's whole life
+    ledger = ledger_for(site)
+    first = train_round(site, CFG, "run-1", 1, initial_state(CFG))
+    assert first.state_dict is not None
+    second = train_round(site, CFG, "run-2", 1, initial_state(CFG))  # another run: composes, fits
+    assert second.state_dict is not None
+    third = train_round(site, CFG, "run-2", 2, second.state_dict)  # its own account is far below the cap ...
+    assert third.state_dict is None and "lifetime cap" in third.declined  # ... the site's lifetime is not
+    assert ledger.epsilon("run-2", site.delta) == pytest.approx(one)
+    life = ledger.lifetime_epsilon(site.delta, "prv")
+    assert life == pytest.approx(two) and f"{life:.3f} -> {three:.3f}" in third.declined
+    assert [r["status"] for r in ledger.rounds("run-2")] == ["spent", "declined"]
+
+
+def test_a_per_run_cap_bounds_each_run_within_the_lifetime(tmp_path: Path, store: Path) -> None:
+    one, two = _one_round_eps(store), _one_round_eps(store, rounds=2)
+    site = _site(tmp_path, store, cap=one * 10, per_run=(one + two) / 2)
+    ledger = ledger_for(site)
+    state = initial_state(CFG)
+    assert train_round(site, CFG, "run-1", 1, state).state_dict is not None
+    declined = train_round(site, CFG, "run-1", 2, state)
+    assert declined.state_dict is None and "per-run cap" in declined.declined and "lifetime" not in declined.declined
+    # another run gets its own per-run allowance while the lifetime has room
+    assert train_round(site, CFG, "run-2", 1, state).state_dict is not None
+    assert ledger.epsilon("run-1", site.delta) == ledger.epsilon("run-2", site.delta) == pytest.approx(one)
+    # calibration meets both caps: a calibrated run spends its per-run cap (evaluations reserved), no more
+    cfg = CFG.with_overrides(calibrate_noise=True, noise_multiplier=0.5)
+    for rnd in (1, 2, 3):
+        reply = train_round(site, cfg, "run-3", rnd, state)
+        assert reply.state_dict is not None, reply.declined
+    assert ledger.epsilon("run-3", site.delta) <= site.epsilon_cap_per_run
+    assert ledger.lifetime_epsilon(site.delta, "prv") <= site.epsilon_cap
+
+
+def test_the_ledger_refuses_a_commit_over_the_lifetime_cap(tmp_path: Path, store: Path) -> None:
+    """Two runs at once both pass the check before training; the commit re-checks under the write lock."""
+    from site_client.ledger import CapExceeded
+
+    one, two = _one_round_eps(store), _one_round_eps(store, rounds=2)
+    site = _site(tmp_path, store, cap=(one + two) / 2)
+    ledger = ledger_for(site)
+    steps, q = planned_steps(_n(store), CFG.batch_size, CFG.local_epochs)
+    accs = {}
+    for run in ("run-a", "run-b"):  # both projected alone: each fits
+        accs[run] = ledger.accountant(run, "prv")
+        assert ledger.project_lifetime(run, noise_multiplier=1.0, sample_rate=q, steps=steps, delta=site.delta) <= \
+            site.epsilon_cap
+        accs[run].history.append((1.0, q, steps))
+    ledger.commit_spend("run-a", 1, accs["run-a"], delta=site.delta, epsilon_cap=site.epsilon_cap, steps=steps,
+                        sample_rate=q, noise_multiplier=1.0)
+    with pytest.raises(CapExceeded, match="lifetime cap"):
+        ledger.commit_spend("run-b", 1, accs["run-b"], delta=site.delta, epsilon_cap=site.epsilon_cap, steps=steps,
+                            sample_rate=q, noise_multiplier=1.0)
+    assert ledger.history("run-b") == [] and [r["run_id"] for r in ledger.rounds()] == ["run-a"]
 
 
 _CHILD = textwrap.dedent(
@@ -254,5 +347,5 @@ def test_spend_stands_when_the_site_dies_between_commit_and_send(tmp_path: Path,
     assert again.state_dict is not None
     hist = ledger.history("7")
     assert sum(t for *_, t in hist) == 2 * spent["steps"]
-    assert again.metrics["epsilon"] == pytest.approx(epsilon_of_history(hist, site.delta, "rdp"))
+    assert again.metrics["epsilon"] == pytest.approx(epsilon_of_history(hist, site.delta, CFG.accountant))
     assert again.metrics["epsilon"] > spent["epsilon_after"]

@@ -165,6 +165,10 @@ def test_site_start_checks_the_kit_and_builds_the_supernode_command(cons: Path, 
     (deid / "manifest.csv").write_text("patient,label\n")
     site, path = write_site_config(kit, deid)
     assert site.data_dir == deid and site.state_dir == kit_dir / "state" and path == kit_dir / "site.toml"
+    # the template's privacy keys reach site.toml (the lifetime cap, an optional per-run cap, evaluation noise)
+    kit.config.site_template.epsilon_cap_per_run, kit.config.site_template.evaluation_noise = 2.0, 15.0
+    site, _ = write_site_config(kit, deid)
+    assert (site.epsilon_cap_per_run, site.evaluation_noise) == (2.0, 15.0)
     cmd = supernode_command(kit, path)
     assert cmd[cmd.index("--superlink") + 1] == "coord.example.org:9443"
     assert cmd[cmd.index("--root-certificates") + 1] == str(kit_dir / "ca.pem")

@@ -62,6 +62,24 @@ def test_site_toml_errors_name_file_and_field(tmp_path: Path) -> None:
         SiteConfig.from_toml(tmp_path / "missing.toml")
 
 
+def test_site_caps_and_evaluation_noise(tmp_path: Path) -> None:
+    from medfed.settings import DEFAULT_EVALUATION_NOISE
+
+    cfg = SiteConfig(name="h", data_dir=tmp_path / "d", state_dir=tmp_path / "s", epsilon_cap=8.0,
+                     epsilon_cap_per_run=3.0, evaluation_noise=20.0)
+    path = tmp_path / "site.toml"
+    path.write_text(cfg.to_toml())
+    assert SiteConfig.from_toml(path) == cfg
+    plain = SiteConfig(name="h", data_dir=tmp_path / "d", state_dir=tmp_path / "s", epsilon_cap=8.0)
+    assert plain.epsilon_cap_per_run is None and plain.evaluation_noise == DEFAULT_EVALUATION_NOISE
+    path.write_text('name = "x"\ndata-dir = "d"\nstate-dir = "s"\nepsilon-cap = 2\nepsilon-cap-per-run = 3\n')
+    with pytest.raises(ConfigError, match="epsilon-cap-per-run .*above epsilon-cap"):
+        SiteConfig.from_toml(path)
+    path.write_text('name = "x"\ndata-dir = "d"\nstate-dir = "s"\nepsilon-cap = 2\nevaluation-noise = 0\n')
+    with pytest.raises(ConfigError, match="evaluation-noise"):
+        SiteConfig.from_toml(path)
+
+
 def test_hardening_env_is_set_on_import() -> None:
     import medfed  # noqa: F401
 

@@ -113,3 +113,127 @@ def test_merged_segments_compose(tmp_path: Path) -> None:
         acc.step(noise_multiplier=2.0, sample_rate=0.1)
     ledger.commit_spend("r", 2, acc, delta=1e-5, epsilon_cap=100.0, steps=7, sample_rate=0.1, noise_multiplier=1.0)
     assert ledger.history("r") == [(1.0, 0.1, 14), (2.0, 0.1, 3)]
+
+
+# ---- the site's lifetime ----------------------------------------------------------------------------
+
+
+def test_lifetime_composes_every_run_and_evaluation(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "l.sqlite")
+    _spend(ledger, "run-1", 1)
+    _spend(ledger, "run-2", 1, sigma=1.5)
+    ledger.commit_evaluation("run-2", 1, noise_multiplier=10.0, digest="ab" * 32, delta=1e-5, epsilon_cap=100.0)
+    assert ledger.history("run-2") == [(1.5, 0.1, 10), (10.0, 1.0, 1)]
+    assert ledger.lifetime_history() == [(1.0, 0.1, 10), (1.5, 0.1, 10), (10.0, 1.0, 1)]
+    for acc in ("rdp", "prv"):
+        assert ledger.lifetime_epsilon(1e-5, acc) == pytest.approx(
+            epsilon_of_history([(1.0, 0.1, 10), (1.5, 0.1, 10), (10.0, 1.0, 1)], 1e-5, acc))
+    assert ledger.lifetime_epsilon(1e-5, "prv") > max(epsilon_of_history(ledger.history(run), 1e-5, "prv")
+                                                      for run in ("run-1", "run-2"))
+    assert [r["status"] for r in ledger.rounds("run-2")] == ["spent", "evaluated"]
+    # a second evaluation at the same σ merges into the segment, as Opacus merges steps
+    ledger.commit_evaluation("run-2", 2, noise_multiplier=10.0, digest="cd" * 32, delta=1e-5, epsilon_cap=100.0)
+    assert ledger.history("run-2") == [(1.5, 0.1, 10), (10.0, 1.0, 2)]
+
+
+def test_commits_over_a_cap_are_refused_and_leave_nothing(tmp_path: Path) -> None:
+    from site_client.ledger import CapExceeded
+
+    ledger = PrivacyLedger(tmp_path / "l.sqlite")
+    _, eps = _spend(ledger, "run-1", 1)
+    acc = ledger.accountant("run-2")
+    acc.history.append((1.0, 0.1, 10))
+    with pytest.raises(CapExceeded, match=r"lifetime epsilon to [0-9.]+, over its lifetime cap of"):
+        ledger.commit_spend("run-2", 1, acc, delta=1e-5, epsilon_cap=eps * 1.2, steps=10, sample_rate=0.1,
+                            noise_multiplier=1.0)
+    with pytest.raises(CapExceeded, match="per-run cap of 0.01"):
+        ledger.commit_evaluation("run-2", 1, noise_multiplier=10.0, digest="ab" * 32, delta=1e-5,
+                                 epsilon_cap=100.0, epsilon_cap_per_run=0.01)
+    assert ledger.history("run-2") == [] and [r["run_id"] for r in ledger.rounds()] == ["run-1"]
+
+
+def test_the_policy_is_kept_for_the_ledger_alone(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    assert PrivacyLedger(path).policy() is None
+    PrivacyLedger(path).record_policy(epsilon_cap=8.0, delta=1e-5, epsilon_cap_per_run=None, accountant="prv")
+    assert PrivacyLedger(path).policy() == {"epsilon_cap": 8.0, "delta": 1e-5, "epsilon_cap_per_run": None,
+                                            "accountant": "prv"}
+    PrivacyLedger(path).record_policy(epsilon_cap=6.0, delta=1e-6, epsilon_cap_per_run=2.0, accountant="rdp")
+    assert PrivacyLedger(path).policy() == {"epsilon_cap": 6.0, "delta": 1e-6, "epsilon_cap_per_run": 2.0,
+                                            "accountant": "rdp"}
+
+
+def test_a_ledger_from_before_evaluations_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE accounts (run_id TEXT PRIMARY KEY, mechanism TEXT NOT NULL, history TEXT NOT NULL,
+            delta REAL NOT NULL, epsilon REAL NOT NULL, updated_at TEXT NOT NULL);
+        CREATE TABLE rounds (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL,
+            server_round INTEGER NOT NULL, status TEXT NOT NULL CHECK (status IN ('spent', 'declined')),
+            steps INTEGER NOT NULL, sample_rate REAL NOT NULL, noise_multiplier REAL NOT NULL,
+            epsilon_before REAL NOT NULL, epsilon_after REAL NOT NULL, epsilon_cap REAL NOT NULL, reason TEXT,
+            at TEXT NOT NULL);
+        INSERT INTO accounts VALUES ('old-run', 'rdp', '[[1.0, 0.1, 10]]', 1e-5, 1.0, '2024-01-01');
+        INSERT INTO rounds (run_id, server_round, status, steps, sample_rate, noise_multiplier, epsilon_before,
+            epsilon_after, epsilon_cap, reason, at) VALUES ('old-run', 1, 'spent', 10, 0.1, 1.0, 0, 1.0, 8, NULL, 'x');
+    """)
+    db.commit()
+    db.close()
+    ledger = PrivacyLedger(path)
+    assert [(r["run_id"], r["status"], r["digest"]) for r in ledger.rounds()] == [("old-run", "spent", None)]
+    ledger.commit_evaluation("old-run", 2, noise_multiplier=10.0, digest="ab" * 32, delta=1e-5, epsilon_cap=100.0)
+    assert [r["status"] for r in PrivacyLedger(path).rounds()] == ["spent", "evaluated"]
+    assert ledger.lifetime_history() == [(1.0, 0.1, 10), (10.0, 1.0, 1)]
+
+
+# ---- `medfed privacy ledger` -------------------------------------------------------------------------
+
+
+def _cli(*args: str):  # -> click Result
+    from typer.testing import CliRunner
+
+    from medfed.cli import app
+
+    return CliRunner().invoke(app, ["privacy", "ledger", *args])
+
+
+def test_cli_ledger_prints_runs_and_the_lifetime_last(tmp_path: Path) -> None:
+    from medfed.settings import SiteConfig
+
+    site = SiteConfig(name="h", data_dir=tmp_path / "deid", state_dir=tmp_path / "state", epsilon_cap=8.0)
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    (kit / "site.toml").write_text(site.to_toml())
+    ledger = PrivacyLedger(site.state_dir / "privacy-ledger.sqlite")
+    _spend(ledger, "run-1", 1)
+    _spend(ledger, "run-1", 2)
+    _spend(ledger, "run-2", 1, sigma=1.5)
+    ledger.record_decline("run-2", 2, reason="over cap", epsilon_before=1.0, epsilon_projected=9.0,
+                          epsilon_cap=8.0, steps=10, sample_rate=0.1, noise_multiplier=1.0)
+    ledger.commit_evaluation("run-2", 1, noise_multiplier=10.0, digest="ab" * 32, delta=1e-5, epsilon_cap=8.0)
+    ledger.record_policy(epsilon_cap=8.0, delta=1e-5, epsilon_cap_per_run=None, accountant="prv")
+    lifetime = ledger.lifetime_epsilon(1e-5, "prv")
+    for folder in (kit, site.state_dir):  # a kit folder (site.toml) or the state folder itself
+        res = _cli(str(folder))
+        assert res.exit_code == 0, res.output
+        lines = res.output.strip().splitlines()
+        assert lines[-1] == f"lifetime ε {lifetime:.3f} of cap 8 (δ 1e-05)"
+        run1 = next(line for line in lines if line.startswith("run-1")).split()
+        assert run1[1:] == ["rdp", "2", "0", "0", f"{ledger.epsilon('run-1', 1e-5):.3f}"]
+        run2 = next(line for line in lines if line.startswith("run-2")).split()
+        assert run2[1:] == ["rdp", "1", "1", "1", f"{ledger.epsilon('run-2', 1e-5):.3f}"]
+
+
+def test_cli_ledger_says_what_is_wrong(tmp_path: Path) -> None:
+    res = _cli(str(tmp_path / "nowhere"))
+    assert res.exit_code == 2 and "is not a folder" in res.output
+    res = _cli(str(tmp_path))
+    assert res.exit_code == 2 and "neither site.toml" in res.output and "Traceback" not in res.output
+    (tmp_path / "kit.toml").write_text("")
+    res = _cli(str(tmp_path))
+    assert res.exit_code == 2 and "start the site once" in res.output
+    state = tmp_path / "state"
+    PrivacyLedger(state / "privacy-ledger.sqlite")  # an old ledger: no caps recorded
+    res = _cli(str(state))
+    assert res.exit_code == 2 and "records no lifetime cap" in res.output
