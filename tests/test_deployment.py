@@ -42,6 +42,7 @@ from medfed.settings import RunConfig, SiteConfig
 from site_client.egress import EVALUATE_METRICS, TRAIN_METRICS
 from site_client.kit import generate_site_key
 from site_client.ledger import PrivacyLedger
+from models.dataset import ManifestDataset
 
 pytestmark = [pytest.mark.deployment, pytest.mark.timeout(1500)]
 
@@ -653,7 +654,7 @@ def test_replies_to_a_crafted_model_carry_no_exact_count(world: World) -> None:
 
     # batch >= n: with bias -50 the mean training loss times n / 50 would be the site's positive count
     res = _resume_with(world, "crafted", _crafted(-50.0),
-                       BASE_CONFIG.replace("batch-size=8", "batch-size=64") + " fraction-evaluate=0.0")
+                       BASE_CONFIG.replace("batch-size=8", "batch-size=64") + " fraction-evaluate=1.0")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rounds = json.loads((world.run_dir("crafted") / "metrics.json").read_text())["rounds"]
     ids = world.node_ids()
@@ -664,6 +665,12 @@ def test_replies_to_a_crafted_model_carry_no_exact_count(world: World) -> None:
         bucket = published_size_bucket(site)
         assert bucket is not None and train["num-examples"] == bucket  # fixed at enrolment, not this round's n
         assert int(str(bucket)[1:] or "0") == 0  # one significant digit: a coarse size, not a count
+        # the evaluation on the test split: noised, and paid for in the ledger before it left
+        evaluated = rounds[-1]["sites"][str(ids[name])]["evaluate"]
+        exact = len(ManifestDataset(site.data_dir, split="test", image_size=32))
+        assert evaluated["num-examples"] != exact and "loss" not in evaluated
+        ledger = PrivacyLedger(site.state_dir / "privacy-ledger.sqlite")
+        assert [r["status"] for r in ledger.rounds("crafted")] == ["spent", "evaluated"]
 
 
 def test_a_poisoned_global_model_is_refused_with_no_privacy_spent(world: World) -> None:
@@ -677,3 +684,30 @@ def test_a_poisoned_global_model_is_refused_with_no_privacy_spent(world: World) 
         ledger = PrivacyLedger(world.site_config(name).state_dir / "privacy-ledger.sqlite")
         assert not [r for r in ledger.rounds("poisoned") if r["status"] == "spent"]
         assert any(r.get("run_id") == "poisoned" for r in _site_records(name, world, "round_refused"))
+
+
+def test_two_runs_on_one_site_stop_at_its_lifetime_cap(world: World, tmp_path: Path) -> None:
+    """A site's epsilon-cap holds over every run on its data, whatever the coordinator names its runs."""
+    name = "hospital-c"
+    toml = world.kit(name) / "site.toml"
+    original = toml.read_text()
+    fresh = world.site_config(name).model_copy(update={"state_dir": tmp_path / "state", "epsilon_cap": 3.0})
+    toml.write_text(fresh.to_toml())  # read by the site's executor at every message
+    try:
+        config = BASE_CONFIG + " fraction-evaluate=0.0"
+        first = world.run("--rounds", "2", "--run-name", "lifetime-1", "--run-config", config, timeout=600)
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        second = world.run("--rounds", "2", "--run-name", "lifetime-2", "--run-config", config, timeout=600)
+        ledger = PrivacyLedger(fresh.state_dir / "privacy-ledger.sqlite")
+        assert [r["status"] for r in ledger.rounds("lifetime-1")] == ["spent", "spent"]
+        assert not [r for r in ledger.rounds("lifetime-2") if r["status"] == "spent"]
+        reason = _errors(world, "lifetime-2").get(world.node_ids()[name], "")
+        assert "lifetime" in reason, (reason, second.stdout[-2000:])
+        out = subprocess.run([MEDFED, "privacy", "ledger", str(world.kit(name))], capture_output=True, text=True,
+                             timeout=120, env=hardening.child_env())
+        assert out.returncode == 0, out.stdout + out.stderr
+        last = out.stdout.strip().splitlines()[-1]
+        match = re.fullmatch(r"lifetime ε ([0-9.]+) of cap 3 \(δ 1e-05\)", last)
+        assert match and 2.0 < float(match.group(1)) <= 3.0, last  # calibrated to what the lifetime left
+    finally:
+        toml.write_text(original)

@@ -259,7 +259,7 @@ def test_the_ledger_refuses_a_commit_over_the_lifetime_cap(tmp_path: Path, store
     one, two = _one_round_eps(store), _one_round_eps(store, rounds=2)
     site = _site(tmp_path, store, cap=(one + two) / 2)
     ledger = ledger_for(site)
-    steps, q = planned_steps(_n(store), CFG.batch_size, CFG.local_epochs)
+    steps, q = planned_steps(_bucket(store), CFG.batch_size, CFG.local_epochs)
     accs = {}
     for run in ("run-a", "run-b"):  # both projected alone: each fits
         accs[run] = ledger.accountant(run, "prv")

@@ -139,7 +139,7 @@ def test_neighbouring_datasets_give_indistinguishable_train_replies(tmp_path: Pa
     assert a == b
     steps, q = planned_steps(bucket, CFG.batch_size, CFG.local_epochs)
     assert a["steps"] == steps and a["sample-rate"] == q
-    assert a["epsilon"] == pytest.approx(epsilon_of_history([(a["noise-multiplier"], q, steps)], 1e-3, "rdp"))
+    assert a["epsilon"] == pytest.approx(epsilon_of_history([(a["noise-multiplier"], q, steps)], 1e-3, CFG.accountant))
 
 
 def test_the_poisson_rate_is_planned_on_the_bucket_not_on_n(tmp_path: Path, neighbours: tuple[Path, Path]) -> None:
@@ -154,7 +154,7 @@ def test_the_poisson_rate_is_planned_on_the_bucket_not_on_n(tmp_path: Path, neig
     (trained,) = [r for r in AuditTrail(site.audit_path).records() if r["kind"] == "round_trained"]
     assert (trained["steps"], trained["sample_rate"]) == (steps, q)  # the site's own record, and what Opacus ran
     assert ledger_for(site).epsilon("run-q", site.delta) == pytest.approx(
-        epsilon_of_history([(1.0, q, steps)], site.delta, "rdp"))
+        epsilon_of_history([(1.0, q, steps)], site.delta, cfg.accountant))
 
 
 def test_train_local_samples_at_the_planned_rate_and_scales_by_the_planned_size() -> None:
