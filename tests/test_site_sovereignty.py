@@ -150,3 +150,21 @@ def test_clientapp_refuses_a_run_outside_the_bounds_before_training(tmp_path: Pa
     assert refused and "max-local-epochs" in refused[-1]["reason"]
     with pytest.raises(OutOfBounds):
         site.check_run(cfg)
+
+
+def test_evaluations_beyond_the_sites_bound_are_refused_and_a_repeat_is_free(tmp_path: Path) -> None:
+    from site_client.task import evaluate_round, ledger_for
+
+    store = tmp_path / "store"
+    make_store(store, n_patients=8, images_per_patient=2, size=32, seed=4)
+    site = SiteConfig.model_validate({"name": "hospital-e", "data-dir": str(store), "state-dir": str(tmp_path / "st"),
+                                      "audit-dir": str(tmp_path / "audit"), "epsilon-cap": 50.0, "delta": 1e-3,
+                                      "run-bounds": {"max-evaluations": 1}})
+    cfg = RunConfig().with_overrides(image_size=32)
+    first, other = initial_state(cfg), initial_state(cfg.with_overrides(seed=1))
+    released = evaluate_round(site, cfg, "run-e", first, 1)
+    again = evaluate_round(site, cfg, "run-e", first, 2)  # the same model again: the same release, no new spend
+    assert {k: repr(v) for k, v in again.items()} == {k: repr(v) for k, v in released.items()}
+    with pytest.raises(OutOfBounds, match="max-evaluations = 1"):
+        evaluate_round(site, cfg, "run-e", other, 3)
+    assert sum(r["status"] == "evaluated" for r in ledger_for(site).rounds("run-e")) == 1
