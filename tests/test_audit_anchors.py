@@ -36,17 +36,8 @@ NODE = 7  # the site's SuperNode id, as the coordinator sees it
 RUN = "42"  # Flower's run id: what both sides key the run on without a run-name
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> Iterator[None]:
-    # Outside a Flower runtime, Messages need the run and task ids Flower sets for the running task.
-    from flwr.supercore.task_identity import TaskIdentity
-
-    names = ("_run_id", "_task_id", "_node_id")
-    old = {n: getattr(TaskIdentity, n) for n in names}
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = int(RUN), 1, NODE
-    yield
-    for n, v in old.items():
-        setattr(TaskIdentity, n, v)
+# Messages are built here as the coordinator would, outside Flower's runtime (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _site(root: Path, data_dir: Path | None = None, name: str = "hospital-t") -> SiteConfig:

@@ -20,17 +20,8 @@ from site_client.client_app import make_egress_guard
 CFG = RunConfig().with_overrides(image_size=32, batch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> Iterator[None]:
-    # Outside a Flower runtime a Message needs the run/task ids Flower normally sets.
-    from flwr.supercore.task_identity import TaskIdentity
-
-    names = ("_run_id", "_task_id", "_node_id")
-    old = {n: getattr(TaskIdentity, n) for n in names}
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 1
-    yield
-    for n, v in old.items():
-        setattr(TaskIdentity, n, v)
+# Messages are built here as the coordinator would, outside Flower's runtime (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _app(metrics: dict[str, float], raise_exc: Exception | None = None) -> ClientApp:

@@ -32,17 +32,8 @@ CFG = RunConfig().with_overrides(image_size=16, batch_size=3, lr=0.05, num_serve
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> object:
-    # Outside a Flower runtime a Message needs the run/task ids Flower normally sets.
-    from flwr.supercore.task_identity import TaskIdentity
-
-    names = ("_run_id", "_task_id", "_node_id")
-    old = {n: getattr(TaskIdentity, n) for n in names}
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 1
-    yield
-    for n, v in old.items():
-        setattr(TaskIdentity, n, v)
+# Messages are built here as the coordinator would, outside Flower's runtime (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture(scope="module")

@@ -160,16 +160,8 @@ def test_an_evaluation_over_a_cap_is_declined_with_no_spend(tmp_path: Path, stor
     assert reply.has_error() and reply.error.code == SITE_REFUSED and "lifetime cap" in reply.error.reason
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> object:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    names = ("_run_id", "_task_id", "_node_id")
-    old = {n: getattr(TaskIdentity, n) for n in names}
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 1
-    yield
-    for n, v in old.items():
-        setattr(TaskIdentity, n, v)
+# Messages are built here as the coordinator would, outside Flower's runtime (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def test_one_example_moves_one_bin_by_one() -> None:

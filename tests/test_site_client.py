@@ -25,18 +25,8 @@ CFG = RunConfig().with_overrides(image_size=32, batch_size=8, lr=0.05,
                                   optimizer="sgd", local_epochs=1, noise_multiplier=1.0, calibrate_noise=False, num_server_rounds=3)
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> object:
-    # Outside a Flower runtime, a Message built "as the coordinator would" needs the
-    # run and task ids Flower normally sets for the running task.
-    from flwr.supercore.task_identity import TaskIdentity
-
-    names = ("_run_id", "_task_id", "_node_id")
-    old = {n: getattr(TaskIdentity, n) for n in names}
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 1
-    yield
-    for n, v in old.items():
-        setattr(TaskIdentity, n, v)
+# Messages are built here as the coordinator would, outside Flower's runtime (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture(scope="module")

@@ -117,16 +117,8 @@ def test_site_toml_round_trips_its_bounds_and_refuses_unknown_keys(tmp_path: Pat
         SiteConfig.from_toml(path)
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> object:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    names = ("_run_id", "_task_id", "_node_id")
-    old = {n: getattr(TaskIdentity, n) for n in names}
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 1
-    yield
-    for n, v in old.items():
-        setattr(TaskIdentity, n, v)
+# Messages are built here as the coordinator would, outside Flower's runtime (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def test_clientapp_refuses_a_run_outside_the_bounds_before_training(tmp_path: Path) -> None:
