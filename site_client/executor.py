@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from medfed import hardening
 from medfed.fab import fab_sha256, release_fab_sha256
-from medfed.protocol import SITE_FAILED, SITE_REFUSED
+from medfed.protocol import SITE_REFUSED
 from medfed.settings import ConfigError, SiteConfig
 
 log = logging.getLogger(__name__)
@@ -92,11 +92,11 @@ def refusal_reason(site_name: str, digest: str) -> str:
 
 
 def serve_task(runtime: Runtime, token: str, site_toml: Path, approved: frozenset[str],
-               installed: Callable[[], Any] | None) -> str:
-    """Run one task; return what happened ("ran", "refused", "ran-fab" or "failed").
+               installed: Callable[[], Any], announced: str) -> str:
+    """Run one task with the installed release's ClientApp, or refuse it; returns "ran", "refused" or "failed".
 
-    ``installed`` gives the installed release's ClientApp (run here when the FAB is that
-    release); None makes this process load an approved FAB instead (the child's path).
+    Refused: a FAB not in ``approved``, or whose bytes do not hash to ``announced`` (the
+    hash the task named, which :func:`serve` checked); nothing of the FAB is imported.
     """
     from flwr.app import Error, Message
     from flwr.common.constant import SubStatus
@@ -124,12 +124,16 @@ def serve_task(runtime: Runtime, token: str, site_toml: Path, approved: frozense
                 _record_refusal(site, run.run_id, digest, reason)
                 reply = Message(Error(code=SITE_REFUSED, reason=reason), reply_to=message)
                 outcome, details = "refused", ""
-            elif installed is not None and digest == release_fab_sha256():
+            elif digest != announced:
+                reason = (f"site {site.name} refuses run {run.run_id}: its app bundle hashes to sha256:{digest}, "
+                          f"not the announced sha256:{announced}")
+                log.error("%s", reason)
+                _record_refusal(site, run.run_id, digest, reason)
+                reply = Message(Error(code=SITE_REFUSED, reason=reason), reply_to=message)
+                outcome, details = "refused", ""
+            else:
                 reply = installed()(message=message, context=context)
                 outcome, details = "ran", ""
-            else:
-                reply = _load_fab_app(fab, run)(message=message, context=context)
-                outcome, details = "ran-fab", ""
         push_message(client, reply, context)
         push_task_output(client, context, SubStatus.COMPLETED, details)
     except Exception as err:  # noqa: BLE001 - one bad task must not stop the site
@@ -144,25 +148,16 @@ def serve_task(runtime: Runtime, token: str, site_toml: Path, approved: frozense
     return outcome
 
 
-def _load_fab_app(fab: Any, run: Any) -> Any:
-    """Install an approved FAB and load its ClientApp, as Flower's own `flwr-clientapp` does."""
-    from flwr.cli.install import install_from_fab
-    from flwr.clientapp.utils import get_load_client_app_fn
-
-    install_from_fab(fab.content, skip_prompt=True)
-    load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
-    return load(run.fab_id, run.fab_version, fab.hash_str)
-
-
 def _installed_app() -> Any:
     from site_client.client_app import app
 
     return app
 
 
-def _child_command(runtime: Runtime, token: str, kit: Path, site_toml: Path) -> list[str]:
-    return [sys.executable, "-m", "site_client.executor", "--kit", str(kit), "--site-toml", str(site_toml),
-            "--runtime", runtime.address, "--runtime-ca", str(runtime.ca_file), "--token", token]
+def _flower_clientapp(runtime: Runtime, token: str) -> list[str]:
+    """Flower's own per-task ClientApp process, for an approved FAB that is not the installed release."""
+    return [str(Path(sys.executable).parent / "flwr-clientapp"), "--runtime-api-address", runtime.address,
+            "--token", token, "--root-certificates", str(runtime.ca_file), "--parent-pid", str(os.getpid())]
 
 
 def serve(kit: Path, site_toml: Path, runtime: Runtime, stop: threading.Event | None = None,
@@ -196,13 +191,13 @@ def serve(kit: Path, site_toml: Path, runtime: Runtime, stop: threading.Event | 
                 approved = frozenset()
             claimed = res.task.fab_hash
             if claimed in approved and claimed != release:
-                # An approved other release runs in its own process (its modules would clash with ours);
-                # the child checks the hash of the bytes it receives again.
-                rc = subprocess.run(_child_command(runtime, res.token, kit, site_toml), env=hardening.child_env(),
+                # An approved other release runs in its own process: its modules would clash with ours.
+                rc = subprocess.run(_flower_clientapp(runtime, res.token), env=hardening.child_env(),
                                     check=False).returncode
-                log.info("approved app sha256:%s ran in a child process (exit %d)", claimed, rc)
+                log.info("approved app sha256:%s ran in Flower's flwr-clientapp (exit %d)", claimed, rc)
             else:
-                outcome = serve_task(runtime, res.token, site_toml, approved, _installed_app)
+                # the installed release runs here; anything else unapproved is refused here, unimported
+                outcome = serve_task(runtime, res.token, site_toml, approved, _installed_app, claimed)
                 log.info("task %d of run %d: %s", res.task.task_id, res.task.run_id, outcome)
     finally:
         client.close()
@@ -210,29 +205,19 @@ def serve(kit: Path, site_toml: Path, runtime: Runtime, stop: threading.Event | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m site_client.executor`: the long-lived executor, or (with --token) one task in a child."""
+    """`python -m site_client.executor`: the site's long-lived executor (started by `medfed site start`)."""
     from medfed import logs
-    from site_client.approval import ApprovalError, approved_hashes
 
     parser = argparse.ArgumentParser(description="medfed's site task executor (started by `medfed site start`)")
     parser.add_argument("--kit", type=Path, required=True)
     parser.add_argument("--site-toml", type=Path, required=True)
     parser.add_argument("--runtime", required=True, help="host:port of the SuperNode's Runtime API")
     parser.add_argument("--runtime-ca", type=Path, required=True)
-    parser.add_argument("--token", default=None, help="serve this one task (an approved FAB) and exit")
     args = parser.parse_args(argv)
     hardening.apply()
     logs.setup(os.environ.get("FLWR_LOG_LEVEL", "").upper() == "DEBUG")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
-    runtime = Runtime(args.runtime, args.runtime_ca)
-    if args.token is None:
-        return serve(args.kit, args.site_toml, runtime)
-    try:
-        approved = approved_hashes(args.kit)
-    except ApprovalError as err:
-        log.error("%s", err)
-        approved = frozenset()
-    return 0 if serve_task(runtime, args.token, args.site_toml, approved, None) != "failed" else SITE_FAILED % 256
+    return serve(args.kit, args.site_toml, Runtime(args.runtime, args.runtime_ca))
 
 
 if __name__ == "__main__":

@@ -588,6 +588,19 @@ def test_a_changed_app_is_refused_before_any_of_its_code_runs(world: World, tmp_
     assert not any(r["phase"] == "train" and "error" not in r
                    for r in read_jsonl(world.run_dir("unapproved") / "received.jsonl"))
 
+    # hospital-a's privacy officer reviews and approves it: there (only) it runs, in Flower's own ClientApp process
+    approve = subprocess.run([MEDFED, "site", "approve", str(world.kit("hospital-a")), "--app", str(app)],
+                             capture_output=True, text=True, timeout=120, env=hardening.child_env())
+    assert approve.returncode == 0 and digest in approve.stdout, approve.stdout + approve.stderr
+    try:
+        world.run("--rounds", "1", "--run-name", "approved-at-a", "--app", str(app), "--run-config", BASE_CONFIG,
+                  timeout=600)
+        errors = _errors(world, "approved-at-a")
+        assert ids["hospital-a"] not in errors and marker.exists()
+        assert all("not approved" in errors.get(ids[n], "") for n in SITES if n != "hospital-a")
+    finally:
+        (world.kit("hospital-a") / "approvals.json").unlink()
+
 
 def test_a_run_outside_the_sites_bounds_is_refused_and_recorded(world: World) -> None:
     res = world.run("--rounds", "1", "--run-name", "greedy", "--run-config", BASE_CONFIG + " local-epochs=11",
