@@ -16,7 +16,6 @@ import datetime as dt
 import functools
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +23,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from anonymization.audit import AuditTrail, open_trail
-from anonymization.audit_keys import SIGNING_KEY_NAME
+from anonymization.audit import AuditTrail
 from medfed.settings import OutOfBounds, RunConfig, SiteConfig
 from models.dataset import ManifestDataset
 from models.evaluation import predict

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from anonymization.audit import AuditTrail
 from coordinator.federation import initial_state
