@@ -25,6 +25,7 @@ once the next run ends.
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import hmac
 import json
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 from anonymization.audit import AUDIT_FILE, AuditError, open_trail, resolve_key_path
 from anonymization.audit_keys import SIGNING_KEY_NAME
 from anonymization.engine import MEDFED_VERSION
-from anonymization.errors import DeidError, KeyFileError, LabelsError
+from anonymization.errors import DeidError, DiskFullError, KeyFileError, LabelsError, is_disk_full
 from anonymization.keys import load_or_create_secret
 from anonymization.labels import load_labels
 from anonymization.manifest import MANIFEST_FILE, RowSpool, write_merged
@@ -58,18 +59,21 @@ from anonymization.worker import (
     DONE_DIGEST_HEX,
     IMAGES_DIR,
     KIND_DEIDENTIFIED,
+    KIND_DISK_FULL,
     KIND_DONE,
     KIND_QUARANTINED,
     KIND_SKIPPED,
     OBJECTS_DIR,
+    REASON_LINK,
     TMP_SUFFIX,
     FileResult,
     Job,
     init_worker,
     process_path,
+    refusal_for_mode,
 )
 
-__all__ = ["DeidError", "KeyFileError", "LabelsError", "DeidSummary", "run_deid"]
+__all__ = ["DeidError", "DiskFullError", "KeyFileError", "LabelsError", "DeidSummary", "run_deid"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +96,7 @@ class DeidSummary:
     audit_dir: Path
     manifest: Path
     resumed: int = 0  # of ``deidentified``: done by an earlier run, skipped this time
+    refused: int = 0  # symbolic links and special files: listed in the quarantine log, never read
 
     def line(self) -> str:
         """One human line, e.g. for the end of ``medfed deid run``."""
@@ -103,6 +108,9 @@ class DeidSummary:
             text += f" (see {self.quarantine_dir / QUARANTINE_LOG})"
         if self.skipped:
             text += f", skipped {self.skipped} duplicate(s)"
+        if self.refused:
+            text += (f", refused {self.refused} link(s) or special file(s) unread "
+                     f"(see {self.quarantine_dir / QUARANTINE_LOG})")
         return f"{text}; manifest {self.manifest}; audit {self.audit_dir / AUDIT_FILE}"
 
 
@@ -110,6 +118,7 @@ class DeidSummary:
 class _Task:
     path: Path
     relative: str  # relative to SRC, posix (only ever written to the quarantine folder)
+    refusal: str | None = None  # a link or special file: refused unread, never handed to a worker
 
 
 # ---- argument checks ------------------------------------------------------------
@@ -153,22 +162,76 @@ def _files(src: Path, excluded: list[Path]) -> list[_Task]:
 def _iter_files(src: Path, excluded: list[Path]) -> Iterator[_Task]:
     """:func:`_files`, streamed: one directory listing in memory at a time."""
     if src.is_file():
-        yield _Task(src, src.name)
+        yield _Task(src.resolve(), src.name)  # named on the command line: the one path we resolve
         return
     skip = {p.resolve() for p in excluded}
 
     def skipped(path: Path) -> bool:
         return path in skip or any(parent in skip for parent in path.parents)
 
+    top = src.resolve()
     for root, dirs, names in os.walk(src, followlinks=False):
         here = Path(root)
         resolved = here.resolve()
-        dirs[:] = sorted(d for d in dirs if not skipped(resolved / d))
-        for name in sorted(names):
+        if resolved != top and top not in resolved.parents:  # a folder swapped for a link mid-walk
+            dirs[:] = []
+            yield _Task(here, here.relative_to(src).as_posix(), REASON_LINK)
+            continue
+        links = sorted(d for d in dirs if os.path.islink(here / d))  # listed, never entered
+        dirs[:] = sorted(d for d in dirs if d not in links and not skipped(resolved / d))
+        for name in sorted([*names, *links]):
             path = here / name
-            if skipped(resolved / name) or not path.is_file():
+            if skipped(resolved / name):
                 continue
-            yield _Task(path, path.relative_to(src).as_posix())
+            try:
+                refusal = refusal_for_mode(os.lstat(path).st_mode)  # lstat: a link is never followed
+            except OSError:
+                continue  # gone since the listing
+            yield _Task(path, path.relative_to(src).as_posix(), refusal)
+
+
+def _cannot_write(err: OSError, folder: Path) -> str:
+    """What to say when the store cannot be set up: the path, the system's reason, what to do."""
+    if is_disk_full(err):
+        return _disk_full(folder, err)
+    where = err.filename or folder
+    return (
+        f"cannot write to {where} ({err.strerror or err}): choose a destination you can write to, "
+        f"or fix the permissions of {folder} (the site account needs to create folders and files there)"
+    )
+
+
+def _disk_full(folder: Path, err: OSError | str) -> str:
+    """The full-disk message: why the run stopped, and that the same command resumes it."""
+    why = err.strerror if isinstance(err, OSError) else err
+    return (
+        f"the disk holding {folder} is full ({why or 'no space left'}): the run stopped; no file was "
+        "quarantined because of it. Free space (or raise the quota) and run the same command again: "
+        "it resumes where it stopped"
+    )
+
+
+RESERVE_FILE = ".deid-reserve"
+RESERVE_BYTES = 256 * 1024
+
+
+class _Reserve:
+    """Space set aside in DST so a run stopped by a full disk can still journal and seal its trail."""
+
+    def __init__(self, dst: Path) -> None:
+        self.path = dst / RESERVE_FILE
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            if os.write(fd, b"\0" * RESERVE_BYTES) != RESERVE_BYTES:  # real blocks, not a sparse hole
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        except OSError:
+            os.close(fd)
+            self.path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 # ---- durability and resume ------------------------------------------------------
@@ -247,10 +310,19 @@ class DoneIndex:
         if self._before_commit is not None:
             self._before_commit()
         _sync_filesystem(self.dst)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write("\n".join(self._pending) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        data = memoryview(("\n".join(self._pending) + "\n").encode("utf-8"))
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+                os.fsync(fd)
+            except OSError:  # a full disk: no torn line may glue itself to the next checkpoint's
+                os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
         self._pending.clear()
         self._last = time.monotonic()
 
@@ -430,6 +502,11 @@ def run_deid(
         raise DeidError("the destination must differ from the source")
     if _inside(src, dst):
         raise DeidError(f"the source {src} lies inside the destination {dst}; choose another destination")
+    if src.is_dir() and _inside(dst, src):
+        raise DeidError(
+            f"the destination {dst} lies inside the source {src}: a later run would read its own "
+            "output back in as input; choose a destination outside the source"
+        )
     if dst.exists() and not dst.is_dir():
         raise DeidError(f"destination {dst} exists and is not a folder")
     quarantine_dir = Path(quarantine) if quarantine is not None else dst.parent / f"{dst.name}-quarantine"
@@ -437,6 +514,11 @@ def run_deid(
         raise DeidError(
             f"the quarantine {quarantine_dir} lies inside the destination {dst}: it holds raw, "
             "identifying files; choose a folder outside the destination"
+        )
+    if src.is_dir() and _inside(quarantine_dir, src):
+        raise DeidError(
+            f"the quarantine {quarantine_dir} lies inside the source {src}: a later run would read "
+            "its copies back in as input; choose a folder outside the source (--quarantine)"
         )
     if _inside(key_file, dst):
         raise DeidError(
@@ -459,45 +541,73 @@ def run_deid(
 
         if not tesseract_available():
             raise DeidError(REASON_NO_OCR)
-    reid_writer, reid_key_pem = open_reid_for_run(site_policy, reid_table, dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    options = site_policy.applied_options
-    _check_store(dst, secret, options)
-    _sweep_temporaries(dst)
+    try:
+        reid_writer, reid_key_pem = open_reid_for_run(site_policy, reid_table, dst)
+        dst.mkdir(parents=True, exist_ok=True)
+        options = site_policy.applied_options
+        _check_store(dst, secret, options)
+        _sweep_temporaries(dst)
+        reserve = _Reserve(dst)
+    except OSError as err:
+        raise DeidError(_cannot_write(err, dst)) from None
 
     excluded = [dst, quarantine_dir, audit_dir, key_file, audit_key_path] + ([Path(labels)] if labels is not None else [])
     excluded += [reid_writer.path] if reid_writer is not None else []
     total = sum(1 for _ in _iter_files(src, excluded))  # counting pass: the bar's total
     log.info("de-identifying %d file(s) with %d worker(s)", total, workers)
     reid_flush = getattr(reid_writer, "flush", None)  # a done input's sealed row must be on disk too
-    done = DoneIndex(dst, secret, site_policy, before_commit=reid_flush if callable(reid_flush) else None)
-
     try:
+        done = DoneIndex(dst, secret, site_policy, before_commit=reid_flush if callable(reid_flush) else None)
         trail = open_trail(audit_dir, audit_key=audit_key_path, default_key=audit_key_path, forbidden=(dst,), fsync=False)
+        trail.record_policy("deidentification", {**site_policy.model_dump(mode="json", exclude={"reid"}),
+                                                 "reid_table": site_policy.reid is not None,
+                                                 "tool": f"medfed {MEDFED_VERSION}"})
     except AuditError as err:
+        reserve.release()
         raise DeidError(str(err)) from None
-    trail.record_policy("deidentification", {**site_policy.model_dump(mode="json", exclude={"reid"}),
-                                             "reid_table": site_policy.reid is not None, "tool": f"medfed {MEDFED_VERSION}"})
+    except OSError as err:
+        reserve.release()
+        raise DeidError(_cannot_write(err, audit_dir if audit is not None else dst)) from None
     quarantine_folder = Quarantine(quarantine_dir)
     job = Job(secret=secret, dst=str(dst.resolve()), options=site_policy.table_options, policy=site_policy,
               reid_public_key=reid_key_pem, done_index=str(done.path))
     manifest_path = dst / MANIFEST_FILE
-    deidentified = quarantined = skipped = resumed = 0
+    deidentified = quarantined = skipped = resumed = refused = 0
 
     def refuse(task: _Task, result: FileResult, reason: str) -> None:
-        nonlocal quarantined
-        quarantine_folder.add(task.path, task.relative, reason, result.input_digest)
+        nonlocal quarantined, refused
+        try:
+            quarantine_folder.add(task.path, task.relative, reason, result.input_digest, copy=not result.unread)
+        except OSError as err:
+            if is_disk_full(err):
+                raise DiskFullError(_disk_full(quarantine_dir, err)) from None
+            raise
         trail.append(KIND_QUARANTINED, input_digest=result.input_digest, reason=reason)
-        log.info("quarantined file %s: %s", result.input_digest[:16], reason)
-        quarantined += 1
+        log.info("quarantined file %s: %s", result.input_digest[:16] or "(unread)", reason)
+        if result.unread:
+            refused += 1
+        else:
+            quarantined += 1
 
+    def regular(tasks: Iterable[_Task]) -> Iterator[_Task]:
+        """Hands regular files on to the workers; refuses links and special files here, unread."""
+        for task in tasks:
+            if task.refusal is None:
+                yield task
+                continue
+            refuse(task, FileResult(KIND_QUARANTINED, "", reason=task.refusal, unread=True), task.refusal)
+            bar.update(bar_task, advance=1, quarantined=quarantined + refused)
+
+    stopped: DiskFullError | None = None
     pydicom_logger = logging.getLogger("pydicom")
     pydicom_level = pydicom_logger.level
     try:
         with _progress(progress) as bar:
             bar_task = bar.add_task("deid", total=total, ok=0, quarantined=0, skipped=0, resumed=0)
-            for task, result in _results(_iter_files(src, excluded), job, workers):
+            for task, result in _results(regular(_iter_files(src, excluded)), job, workers):
                 try:
+                    if result.kind == KIND_DISK_FULL:  # no file is to blame: stop, quarantine nothing
+                        raise DiskFullError(_disk_full(dst, result.reason))
                     if result.kind == KIND_DONE:
                         trail.append(KIND_SKIPPED, input_digest=result.input_digest, reason=REASON_RESUMED)
                         resumed += 1
@@ -539,36 +649,58 @@ def run_deid(
                         reid_writer.add(*result.reid_row)
                 finally:
                     done.checkpoint()
-                    bar.update(bar_task, advance=1, ok=deidentified, quarantined=quarantined, skipped=skipped,
-                               resumed=resumed)
+                    bar.update(bar_task, advance=1, ok=deidentified, quarantined=quarantined + refused,
+                               skipped=skipped, resumed=resumed)
+    except DiskFullError as err:
+        stopped = err
+    except OSError as err:  # the trail, the journal, a rename: the disk, not a file, is to blame
+        if not is_disk_full(err):
+            raise
+        stopped = DiskFullError(_disk_full(dst, err))
     finally:
         pydicom_logger.setLevel(pydicom_level)
-        _sweep_temporaries(dst)
-        if reid_writer is not None:
-            reid_writer.close()
-        done.checkpoint(force=True)  # even after an interruption: what is in place is done
+        _sweep_temporaries(dst)  # also gives back the space of outputs still in flight
+        if stopped is not None:
+            reserve.release()  # room for the last journal lines and the sealed stop record
+        try:
+            if reid_writer is not None:
+                reid_writer.close()
+            done.checkpoint(force=True)  # even after an interruption: what is in place is done
+        except OSError as err:
+            if stopped is None or not is_disk_full(err):
+                raise
+            log.warning("the last %d done-index line(s) could not be written; a re-run redoes those files",
+                        len(done._pending))
 
+    counts = {
+        "files": total,
+        "deidentified": deidentified + resumed,
+        "resumed": resumed,
+        "quarantined": quarantined,
+        "refused": refused,
+        "skipped": skipped,
+    }
+    if stopped is not None:
+        try:
+            trail.append("deid_stopped", reason=str(stopped), **counts, key_fingerprint=_key_fingerprint(secret))
+            trail.close()  # seals the run: it ends here, and says why
+        except OSError as err:
+            raise DiskFullError(f"{stopped}; the audit trail could not be sealed either ({err.strerror})") from None
+        raise stopped
+    reserve.release()
     journal = done.rows()
     try:
         write_merged(manifest_path, journal, dst, labels=label_map if labels is not None else None)
     finally:
         journal.close()
-    trail.append(
-        "deid_run",
-        files=total,
-        deidentified=deidentified + resumed,
-        resumed=resumed,
-        quarantined=quarantined,
-        skipped=skipped,
-        profile=list(options),
-        key_fingerprint=_key_fingerprint(secret),
-    )
+    trail.append("deid_run", **counts, profile=list(options), key_fingerprint=_key_fingerprint(secret))
     trail.close()  # seals the run
     summary = DeidSummary(
         deidentified=deidentified + resumed,
         resumed=resumed,
         quarantined=quarantined,
         skipped=skipped,
+        refused=refused,
         dst=dst,
         quarantine_dir=quarantine_dir,
         audit_dir=audit_dir,

@@ -8,6 +8,8 @@ lines and what to do, not values.
 
 from __future__ import annotations
 
+import errno
+
 
 class DeidError(Exception):
     """Bad arguments to a de-identification run; the message says what to do."""
@@ -19,3 +21,15 @@ class KeyFileError(DeidError):
 
 class LabelsError(DeidError):
     """The labels CSV is malformed (the message names the line, never a value)."""
+
+
+class DiskFullError(DeidError):
+    """The disk (or quota) holding an output is full: the run stops; a re-run resumes."""
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True for ENOSPC and EDQUOT: no file is to blame, so nothing may be quarantined for it."""
+    return isinstance(err, OSError) and err.errno in _DISK_FULL_ERRNOS
+
+
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})

@@ -15,12 +15,14 @@ records them as done (see :mod:`anonymization.batch`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import logging
 import re
 import secrets
+import stat
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
 
 from anonymization import screening
+from anonymization.errors import is_disk_full
 from anonymization.engine import (
     ACCESSION_NUMBER,
     PATIENT_ID,
@@ -60,9 +63,16 @@ KIND_DEIDENTIFIED = "deidentified"
 KIND_QUARANTINED = "quarantined"
 KIND_SKIPPED = "skipped"
 KIND_DONE = "done"  # already de-identified by an earlier run (the done-index has its digest)
+KIND_DISK_FULL = "disk_full"  # ENOSPC/EDQUOT while writing: the run stops, no file is to blame
 DONE_DIGEST_HEX = 32  # the done-index keeps 128 bits of each keyed input digest
 
 # Marks written by the engine itself: not scanned for surviving identifiers.
+REASON_LINK = "a symbolic link: never followed, read or copied"
+REASON_SPECIAL = "not a regular file (device, FIFO or socket): never read or copied"
+REASON_PATH_VALUE = "a value used in the output path (patient, study or SOP instance) is not a plain name"
+# A name the output path may hold: starts with a letter or digit (never "." or ".."), no separator.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-]{0,127}")
+
 _OWN_TAGS = frozenset({PATIENT_ID, PATIENT_NAME, ACCESSION_NUMBER, 0x00120062, 0x00120063, 0x00120064, 0x00280303})
 _SCANNED_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT", "UR"})
 _MIN_TOKEN = 4
@@ -91,6 +101,7 @@ class FileResult:
     output_digest: str = ""
     reid_row: tuple[str, str] | None = None  # (dedupe key, row sealed to the privacy officer)
     pixel_cleaning: dict[str, object] | None = None  # Clean Pixel Data: what was done (counts only)
+    unread: bool = False  # never read (a link, a device): listed in the quarantine log, not copied
 
 
 @dataclass(frozen=True)
@@ -127,7 +138,9 @@ def process_path(path: str) -> FileResult:
     """Entry point for the pool: de-identify one file, never raise."""
     pseudo: Pseudonymizer = _state["pseudo"]
     try:
-        data = Path(path).read_bytes()
+        data = read_regular(path)
+    except NotRegularFile as err:
+        return FileResult(KIND_QUARANTINED, "", reason=err.reason, unread=True)
     except OSError:
         return FileResult(KIND_QUARANTINED, "", reason="the file could not be read")
     digest = pseudo.digest(data)
@@ -138,8 +151,58 @@ def process_path(path: str) -> FileResult:
         try:
             return _process(data, digest)
         except Exception as exc:  # noqa: BLE001 - bad input must never crash the batch
+            if is_disk_full(exc):
+                return FileResult(KIND_DISK_FULL, digest, reason=str(exc.strerror))  # type: ignore[attr-defined]
             log.debug("file %s: %s", digest[:16], type(exc).__name__)
             return FileResult(KIND_QUARANTINED, digest, reason=f"{screening.REASON_FAILED} ({type(exc).__name__})")
+
+
+class NotRegularFile(OSError):
+    """The path is a symbolic link or a special file: refused without reading it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def refusal_for_mode(mode: int) -> str | None:
+    """Why a file of this (``lstat``) mode is refused unread, or None for a regular file."""
+    if stat.S_ISLNK(mode):
+        return REASON_LINK
+    if not stat.S_ISREG(mode):
+        return REASON_SPECIAL
+    return None
+
+
+def open_regular(path: str | Path) -> int:
+    """An fd on ``path`` if it is a regular file; never follows a final symbolic link.
+
+    ``O_NOFOLLOW`` closes the gap between listing SRC and reading it (a file
+    swapped for a link to the site key); ``O_NONBLOCK`` keeps a FIFO from
+    hanging the run before ``fstat`` refuses it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise NotRegularFile(REASON_LINK) from None
+        raise
+    reason = refusal_for_mode(os.fstat(fd).st_mode)
+    if reason is not None:
+        os.close(fd)
+        raise NotRegularFile(reason)
+    return fd
+
+
+def read_regular(path: str | Path) -> bytes:
+    """The bytes of a regular file, read through :func:`open_regular`."""
+    with os.fdopen(open_regular(path), "rb") as fh:
+        return fh.read()
+
+
+def plain_name(value: str) -> bool:
+    """True if ``value`` can be one component of an output path (no "..", no separator)."""
+    return _PLAIN_NAME.fullmatch(value) is not None
 
 
 def load_done_index(path: Path) -> np.ndarray | None:
@@ -266,9 +329,9 @@ def _process(data: bytes, digest: str) -> FileResult:
     patient = str(ds.PatientID)
     study = str(ds.get("StudyInstanceUID", "") or "") or "no-study"
     series = str(ds.get("SeriesInstanceUID", "") or "")
-    for part in (patient, study, sop_uid):
-        if not re.fullmatch(r"[A-Za-z0-9.\-]+", part):  # path built only from pseudonyms
-            return FileResult(KIND_QUARANTINED, digest, reason=screening.REASON_NOT_INSTANCE)
+    for part in (patient, study, sop_uid):  # Retain UIDs keeps the source's values: check them
+        if not plain_name(part):
+            return FileResult(KIND_QUARANTINED, digest, reason=REASON_PATH_VALUE)
     top = IMAGES_DIR if is_image else OBJECTS_DIR
     rel = f"{top}/{patient}/{study}/{sop_uid}.dcm"
     final = Path(job.dst) / rel
@@ -277,8 +340,10 @@ def _process(data: bytes, digest: str) -> FileResult:
     try:
         with open(tmp, "wb") as fh:
             fh.write(out)  # made durable by the parent, in batches, before it is recorded as done
-    except OSError:
-        tmp.unlink(missing_ok=True)  # disk full, quota: never leave a half-written output behind
+    except OSError as err:
+        tmp.unlink(missing_ok=True)  # never leave a half-written output behind
+        if is_disk_full(err):
+            return FileResult(KIND_DISK_FULL, digest, reason=str(err.strerror))
         return FileResult(KIND_QUARANTINED, digest, reason=screening.REASON_WRITE)
     row = None
     if is_image:

@@ -108,6 +108,9 @@ def deid_run(
                            clean_pixel_data=True if clean_pixels else None)
     except DeidError as err:
         _fail(str(err))
+    except OSError as err:  # a disk that fails under the run: say which path and why, no traceback
+        _fail(f"{err.filename or dst}: {err.strerror or err}; check that disk and its permissions, "
+              "then run the same command again (it resumes)")
     console.print(summary.line())
 
 

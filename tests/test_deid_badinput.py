@@ -19,7 +19,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from anonymization import screening
+from anonymization import screening, worker
 from anonymization.batch import DeidSummary, run_deid
 
 pytestmark = pytest.mark.integration
@@ -213,13 +213,13 @@ def test_unreadable_source_file_is_quarantined_not_fatal(tmp_path: Path, monkeyp
     src.mkdir()
     shutil.copy(pydicom_file("CT_small.dcm"), src / "a.dcm")
     shutil.copy(pydicom_file("MR_small.dcm"), src / "b.dcm")
-    read_bytes = Path.read_bytes
+    read_regular = worker.read_regular
 
-    def flaky(self: Path) -> bytes:  # a file that vanished or lost its permissions mid-run
-        if self.name == "b.dcm":
+    def flaky(path: str | Path) -> bytes:  # a file that vanished or lost its permissions mid-run
+        if Path(path).name == "b.dcm":
             raise PermissionError(13, "Permission denied")
-        return read_bytes(self)
+        return read_regular(path)
 
-    monkeypatch.setattr(Path, "read_bytes", flaky)
+    monkeypatch.setattr(worker, "read_regular", flaky)
     summary = run_deid(src, tmp_path / "out", tmp_path / "k.key", progress=False)
     assert (summary.deidentified, summary.quarantined) == (1, 1)
