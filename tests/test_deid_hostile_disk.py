@@ -167,13 +167,13 @@ def test_quarantined_file_in_a_run_is_0600(tmp_path: Path) -> None:
 def test_destination_inside_source_is_refused(tmp_path: Path) -> None:
     src = tmp_path / "src"
     make_source(src, 2)
-    with pytest.raises(DeidError, match="lies inside the source"):
+    with pytest.raises(DeidError, match="the destination .* lies inside the source"):
         run_deid(src, src / "out", tmp_path / "k.key", progress=False)
     with pytest.raises(DeidError, match="quarantine .* lies inside the source"):
         run_deid(src, tmp_path / "out", tmp_path / "k.key", quarantine=src / "q", progress=False)
     result = CliRunner().invoke(app, ["deid", "run", str(src), str(src / "p0" / "out"), "--key",
                                       str(tmp_path / "k.key"), "--no-progress"])
-    assert result.exit_code == 2 and "lies inside the source" in said(result)
+    assert result.exit_code == 2 and "lies inside the source: a later run would read its own output" in said(result)
     assert not (src / "out").exists() and not (src / "p0" / "out").exists()
 
 
@@ -257,13 +257,16 @@ def test_full_disk_stops_the_run_seals_the_trail_and_a_rerun_resumes(tmp_path: P
     assert verify_trail(dst / "audit").exit_code == 0
 
 
-def test_full_disk_raises_disk_full_error_in_the_api(tmp_path: Path, small_disk: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_full_disk_raises_disk_full_error_in_the_api(tmp_path: Path, small_disk: Path, workers: int) -> None:
     src = tmp_path / "src"
     make_source(src, 20, size=256)
     with pytest.raises(DiskFullError, match="is full"):
-        run_deid(src, small_disk / "out", tmp_path / "k.key", progress=False)
+        run_deid(src, small_disk / "out", tmp_path / "k.key", progress=False, workers=workers)
     assert not (small_disk / "out-quarantine").exists()
-    assert not (small_disk / "out" / "manifest.csv").exists()
+    assert not (small_disk / "out" / "manifest.csv").exists()  # written by the run that finishes
+    assert not list((small_disk / "out").rglob(f"*{worker.TMP_SUFFIX}"))  # in-flight outputs swept
+    assert verify_trail(small_disk / "out" / "audit").exit_code == 0
 
 
 def test_disk_already_full_before_the_run(tmp_path: Path, small_disk: Path) -> None:
