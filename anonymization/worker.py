@@ -38,13 +38,13 @@ from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
 
 from anonymization import screening
-from anonymization.errors import is_disk_full
 from anonymization.engine import (
     ACCESSION_NUMBER,
     PATIENT_ID,
     PATIENT_NAME,
     Deidentifier,
 )
+from anonymization.errors import is_disk_full
 from anonymization.policy import Policy
 from anonymization.pseudonyms import Pseudonymizer
 from anonymization.reid import Sealer

@@ -12,8 +12,8 @@ import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -22,7 +22,13 @@ from typer.testing import CliRunner
 from anonymization import worker
 from anonymization.audit import read_records
 from anonymization.audit_verify import verify_trail
-from anonymization.batch import RESERVE_FILE, DeidError, DiskFullError, _iter_files, run_deid
+from anonymization.batch import (
+    RESERVE_FILE,
+    DeidError,
+    DiskFullError,
+    _iter_files,
+    run_deid,
+)
 from anonymization.policy import Policy
 from anonymization.quarantine import QUARANTINE_LOG, Quarantine
 from anonymization.worker import REASON_LINK, REASON_PATH_VALUE, REASON_SPECIAL
