@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 if TYPE_CHECKING:
     from rich.progress import Progress
 
-from anonymization.audit import AUDIT_FILE, AuditError, open_trail, resolve_key_path
+from anonymization.audit import AUDIT_FILE, AuditError, AuditTrail, open_trail, resolve_key_path
 from anonymization.audit_keys import SIGNING_KEY_NAME
 from anonymization.engine import MEDFED_VERSION
 from anonymization.errors import DeidError, DiskFullError, KeyFileError, LabelsError, is_disk_full
@@ -556,6 +556,7 @@ def run_deid(
     total = sum(1 for _ in _iter_files(src, excluded))  # counting pass: the bar's total
     log.info("de-identifying %d file(s) with %d worker(s)", total, workers)
     reid_flush = getattr(reid_writer, "flush", None)  # a done input's sealed row must be on disk too
+    trail: AuditTrail | None = None
     try:
         done = DoneIndex(dst, secret, site_policy, before_commit=reid_flush if callable(reid_flush) else None)
         trail = open_trail(audit_dir, audit_key=audit_key_path, default_key=audit_key_path, forbidden=(dst,), fsync=False)
@@ -567,7 +568,15 @@ def run_deid(
         raise DeidError(str(err)) from None
     except OSError as err:
         reserve.release()
-        raise DeidError(_cannot_write(err, audit_dir if audit is not None else dst)) from None
+        message = _cannot_write(err, audit_dir if audit is not None else dst)
+        if trail is not None and is_disk_full(err):
+            try:  # the trail was opened: end it with a sealed record of why
+                trail.append("deid_stopped", reason=message, files=total)
+                trail.close()
+            except OSError:
+                pass
+        raise DeidError(message) from None
+    assert trail is not None  # opened above, or the run has stopped
     quarantine_folder = Quarantine(quarantine_dir)
     job = Job(secret=secret, dst=str(dst.resolve()), options=site_policy.table_options, policy=site_policy,
               reid_public_key=reid_key_pem, done_index=str(done.path))
