@@ -669,8 +669,7 @@ def run_deid(
     finally:
         pydicom_logger.setLevel(pydicom_level)
         _sweep_temporaries(dst)  # also gives back the space of outputs still in flight
-        if stopped is not None:
-            reserve.release()  # room for the last journal lines and the sealed stop record
+        reserve.release()  # after a full disk: room for the last journal lines and the sealed stop record
         try:
             if reid_writer is not None:
                 reid_writer.close()
@@ -696,7 +695,6 @@ def run_deid(
         except OSError as err:
             raise DiskFullError(f"{stopped}; the audit trail could not be sealed either ({err.strerror})") from None
         raise stopped
-    reserve.release()
     journal = done.rows()
     try:
         write_merged(manifest_path, journal, dst, labels=label_map if labels is not None else None)
