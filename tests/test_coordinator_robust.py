@@ -228,3 +228,92 @@ def test_metrics_json_names_the_rejected_site(tmp_path: Path) -> None:
     write_metrics(tmp_path / "metrics.json", r.history, {})
     sites = json.loads((tmp_path / "metrics.json").read_text())["rounds"][0]["sites"]
     assert sites[str(ATTACKER)]["status"] == "rejected" and "non-finite" in sites[str(ATTACKER)]["reason"]
+
+
+# --- The attack table through Flower's Simulation Engine: the real ServerApp, one crafted ClientApp -----------
+
+#: Round -> what the attacker (partition 2) sends in the simulation; honest partitions add 0.01 and 0.02.
+SIM_ATTACKS = {1: "plausible", 2: "one NaN value", 3: "values 1e4", 4: "num-examples 1e9", 5: "num-examples -999",
+               6: "shape (1,)", 7: "shape (N+1,)", 8: "replay of round 1"}
+SIM_ACCEPTED = {1, 4}
+
+
+def _attack_client() -> Any:
+    """A ClientApp that trains nothing: honest nodes nudge the model, node 2 runs the attack table by round."""
+    from flwr.app import Context
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        part = int(context.node_config["partition-id"])
+        rnd = int(msg.content["config"]["server-round"])  # type: ignore[arg-type]
+        g = msg.content["arrays"][MODEL_ARRAY].numpy()  # type: ignore[index]
+        values, n = g + np.float32(0.01 * (part + 1)), 500.0
+        if part == 2:
+            attack = SIM_ATTACKS[rnd]
+            if attack == "plausible":
+                values = g + np.float32(0.05)
+                context.state["replay"] = ArrayRecord({MODEL_ARRAY: Array(values.copy())})
+            elif attack == "one NaN value":
+                values = g.copy()
+                values[0] = np.nan
+            elif attack == "values 1e4":
+                values = np.full_like(g, 1e4)
+            elif attack == "num-examples 1e9":
+                values, n = g + np.float32(0.5), 1e9
+            elif attack == "num-examples -999":
+                values, n = g + np.float32(0.5), -999.0
+            elif attack == "shape (1,)":
+                values = np.full(1, 0.5, dtype=np.float32)
+            elif attack == "shape (N+1,)":
+                values = np.full(g.size + 1, 0.5, dtype=np.float32)
+            else:
+                values = context.state["replay"][MODEL_ARRAY].numpy()  # type: ignore[index]
+        content = RecordDict({"arrays": ArrayRecord({MODEL_ARRAY: Array(np.asarray(values))}),
+                              "metrics": MetricRecord({"num-examples": n})})
+        return Message(content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1, "auc": 0.5})}), reply_to=msg)
+
+    return app
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("strategy, total", [("fedavg", 0.08 / 3 + 0.53 / 3 + 6 * 0.015), ("fedmedian", 0.02 * 2 + 6 * 0.015)])
+def test_attack_table_through_a_flower_simulation(tmp_path: Path, strategy: str, total: float) -> None:
+    """Every round the attacker tries the next row of the table; the run completes every round and the final
+    model is exactly the honest sites' work plus the two replies that were acceptable (weighing 1 each)."""
+    import torch
+    from flwr.simulation import run_simulation
+
+    from coordinator.federation import initial_state
+    from coordinator.server_app import build_app
+
+    cfg = _cfg(strategy, num_server_rounds=len(SIM_ATTACKS), image_size=16, fraction_evaluate=0.0,
+               min_evaluate_nodes=1, out_dir=str(tmp_path), round_timeout=60.0)
+    run_simulation(server_app=build_app(cfg), client_app=_attack_client(), num_supernodes=3,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},  # type: ignore[arg-type]
+                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
+    rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == list(SIM_ATTACKS)
+    attacker = next(n for n, s in rounds[1]["sites"].items() if s["status"] == "rejected")
+    for r in rounds:
+        for node, site in r["sites"].items():
+            if node != attacker:
+                assert site["status"] == "trained", (r["round"], site)
+            elif r["round"] in SIM_ACCEPTED:
+                assert site["status"] == "trained"
+            else:
+                assert site["status"] == "rejected" and site["reason"], (r["round"], site)
+    assert rounds[7]["sites"][attacker]["reason"] == "replayed"
+    rejected = [x for x in read_jsonl(tmp_path / RECEIVED_FILE) if x.get("status") == "rejected"]
+    assert sorted(x["round"] for x in rejected) == sorted(set(SIM_ATTACKS) - SIM_ACCEPTED)
+    start = initial_state(cfg)
+    final = torch.load(tmp_path / "model.pt", weights_only=True)
+    for k, v in start.items():
+        assert torch.isfinite(final[k]).all()
+        np.testing.assert_allclose(final[k].numpy(), v.numpy() + total, atol=2e-5)
