@@ -8,15 +8,22 @@ attacker must be recorded as rejected with its reason, and the run must go on.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from coordinator.history import RunHistory
-from coordinator.receipts import AGGREGATION_FILE, RECEIVED_FILE, Receipts, read_jsonl, train_digests
+from coordinator.receipts import (
+    AGGREGATION_FILE,
+    RECEIVED_FILE,
+    Receipts,
+    read_jsonl,
+    train_digests,
+)
 from coordinator.strategy import build_strategy
 from medfed.settings import ConfigError, RunBounds, RunConfig
 from medfed.wire import MODEL_ARRAY
@@ -176,12 +183,12 @@ def test_robust_strategies_outvote_a_large_update_without_the_norm_bound(
 
 
 @pytest.mark.parametrize("overrides, says", [
-    (dict(strategy="fedmedian", secagg=True, min_train_nodes=3, min_available_nodes=3), "sees only their sum"),
-    (dict(strategy="fedmedian", site_dp="server-fixed", min_train_nodes=3, min_available_nodes=3), "site-dp"),
-    (dict(site_weights="reported", site_dp="server-fixed"), "site-weights=uniform"),
-    (dict(strategy="krum", min_train_nodes=4, min_available_nodes=4), "at least 5 sites"),
-    (dict(strategy="bulyan", min_train_nodes=6, min_available_nodes=6), "at least 7 sites"),
-    (dict(strategy="fedtrimmedavg", min_train_nodes=3, min_available_nodes=3, trim_beta=0.2), "raise trim-beta"),
+    ({"strategy": "fedmedian", "secagg": True, "min_train_nodes": 3, "min_available_nodes": 3}, "sees only their sum"),
+    ({"strategy": "fedmedian", "site_dp": "server-fixed", "min_train_nodes": 3, "min_available_nodes": 3}, "site-dp"),
+    ({"site_weights": "reported", "site_dp": "server-fixed"}, "site-weights=uniform"),
+    ({"strategy": "krum", "min_train_nodes": 4, "min_available_nodes": 4}, "at least 5 sites"),
+    ({"strategy": "bulyan", "min_train_nodes": 6, "min_available_nodes": 6}, "at least 7 sites"),
+    ({"strategy": "fedtrimmedavg", "min_train_nodes": 3, "min_available_nodes": 3, "trim_beta": 0.2}, "raise trim-beta"),
 ])
 def test_combinations_that_cannot_work_are_refused_with_the_reason(overrides: dict[str, Any], says: str) -> None:
     with pytest.raises(ConfigError, match=says):
