@@ -106,6 +106,7 @@ class _Recording:
     _seen: dict[str, int] | None = None  # digest of every training update this run -> its round (replays)
     _rejected: dict[int, tuple[Message, str]] | None = None  # id(stand-in error) -> (the reply, why refused)
     _recorded_round: int | None = None  # the last round aggregate_train recorded (see screen_first)
+    _norms: dict[int, tuple[Message, float | None]] | None = None  # id(accepted reply) -> (it, its update norm)
 
     def _remember(self, messages: Iterable[Message]) -> list[Message]:
         self._sent = list(messages)
@@ -160,6 +161,8 @@ class _Recording:
             self._seen = {}
         if self._rejected is None:
             self._rejected = {}
+        if self._norms is None:
+            self._norms = {}
         run_round = server_round + self.round_offset
         out: list[Message] = []
         for msg in replies:
@@ -173,6 +176,7 @@ class _Recording:
             if verdict.digest is not None:
                 self._seen.setdefault(verdict.digest, run_round)
             if verdict.reason is None:
+                self._norms[id(msg)] = (msg, verdict.update_norm)
                 out.append(msg)
                 continue
             stand_in = Message(error=Error(COORDINATOR_REJECTED, verdict.reason), metadata=msg.metadata)
@@ -189,11 +193,12 @@ class _Recording:
             # stage by stage by coordinator.secure.SecAggPlusGrid.
             if self.receipts is not None and not (self.secure and phase == "train"):
                 original, reason = rejected.get(id(msg), (msg, None))
-                verdict: dict[str, str] | None = None
+                verdict: dict[str, object] | None = None
                 if phase == "train" and reason is not None:
                     verdict = {"status": "rejected", "reason": reason}
                 elif phase == "train" and not msg.has_error():
-                    verdict = {"status": "accepted"}
+                    norm = (self._norms or {}).get(id(msg), (None, None))[1]
+                    verdict = {"status": "accepted"} if norm is None else {"status": "accepted", "update_norm": norm}
                 self.receipts.received(server_round + self.round_offset, phase, original, node=node, verdict=verdict)
             site = rec.site(node)
             if msg.has_error():
@@ -216,7 +221,7 @@ class _Recording:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = self.screen(server_round, replies)
         self._record(server_round, replies, "train")
-        self._rejected, self._recorded_round = {}, server_round
+        self._rejected, self._norms, self._recorded_round = {}, {}, server_round
         valid = [m for m in replies if not m.has_error()]
         inputs = aggregation_inputs(replies)  # before aggregating: FedMedian & co. pop the arrays they use
         if self.poisson_rate is not None and not valid and self._current is not None:
@@ -318,7 +323,7 @@ def screen_first(top: Strategy, recording: Strategy) -> Strategy:
         if recording._recorded_round != server_round:  # type: ignore[attr-defined]
             # The wrapper skipped a round with an error reply: the round must still say who and why.
             recording._record(server_round, screened, "train")  # type: ignore[attr-defined]
-            recording._rejected = {}  # type: ignore[attr-defined]
+            recording._rejected, recording._norms = {}, {}  # type: ignore[attr-defined]
         return result
 
     top.aggregate_train = aggregate_train  # type: ignore[method-assign]

@@ -142,6 +142,8 @@ def test_update_norm_bound_rejects_above_and_keeps_below(tmp_path: Path) -> None
     model = r.run(1, _honest(GLOBAL))
     np.testing.assert_allclose(model, GLOBAL + 0.1, rtol=1e-6)  # type: ignore[arg-type]
     assert r.site(1, 8)["status"] == "rejected" and "update L2 norm 2.4 is above max-update-norm 2" in r.site(1, 8)["reason"]
+    (accepted,) = [x for x in read_jsonl(tmp_path / RECEIVED_FILE) if x["status"] == "accepted"]
+    assert accepted["node"] == 7 and accepted["update_norm"] == pytest.approx(0.8, rel=1e-5)  # what to tune it by
     off = Round(_cfg(sites=2, max_update_norm=0.0), tmp_path / "off")
     np.testing.assert_allclose(off.run(1, _honest(GLOBAL)), GLOBAL + 0.2, rtol=1e-6)  # type: ignore[arg-type]
 
