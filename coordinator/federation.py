@@ -20,10 +20,10 @@ from coordinator import site_dp
 from coordinator.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from coordinator.grid import PromptGrid
 from coordinator.history import RunHistory
-from coordinator.receipts import Receipts
+from coordinator.receipts import Receipts, train_digests
 from coordinator.report import plot_metrics, write_metrics
 from coordinator.secure import UNIFORM_WEIGHT_KEY, SecAggPlusGrid
-from coordinator.strategy import build_strategy, wait_for_nodes
+from coordinator.strategy import build_strategy, screen_first, wait_for_nodes
 from medfed.settings import RunConfig
 from medfed.wire import pack, unpack
 from models.network import build_model
@@ -81,6 +81,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Feder
     receipts = Receipts(out, run=cfg.run_name or _run_id(grid))
     strategy.receipts = receipts  # type: ignore[attr-defined]
     strategy.secure = cfg.secagg  # type: ignore[attr-defined]
+    if resume:  # a replay of an update from before the resume is still a replay
+        strategy._seen = train_digests(out)  # type: ignore[attr-defined]
     dp_plan: site_dp.SiteDPPlan | None = None
     released: list[int] = _released_rounds(out, start_round) if resume else []
     top = strategy
@@ -91,7 +93,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Feder
         strategy.num_sites = n_sites  # type: ignore[attr-defined]
         if cfg.site_sampling == "poisson":
             strategy.poisson_rate = cfg.fraction_train  # type: ignore[attr-defined]
-        top = site_dp.wrap(strategy, cfg, dp_plan)
+        top = screen_first(site_dp.wrap(strategy, cfg, dp_plan), strategy)
         log.info("site-level DP: %s, %s sampling (%s), sigma=%g, C=%g", dp_plan.mode, dp_plan.sampling,
                  dp_plan.relation, dp_plan.noise_multiplier, dp_plan.clipping_norm)
     run_grid = grid

@@ -20,6 +20,7 @@ class SiteRound:
     """One site's part in one round, as the coordinator saw it (scalars only)."""
 
     # not-sampled (evaluated only) | trained | declined | refused | failed | egress-blocked | no-reply
+    # | rejected (the coordinator refused the reply: coordinator.screening)
     status: str = "not-sampled"
     reason: str | None = None  # why it did not train (its train reply's error)
     evaluate_error: str | None = None  # why it did not evaluate, kept apart so it cannot hide the train reason

@@ -100,8 +100,11 @@ class Receipts:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def received(self, server_round: int, phase: str, msg: Message, stage: str = "", node: int | None = None) -> None:
-        self._append(RECEIVED_FILE, {"round": server_round, "phase": phase, "stage": stage, **describe(msg, node)})
+    def received(self, server_round: int, phase: str, msg: Message, stage: str = "", node: int | None = None,
+                 verdict: dict[str, Any] | None = None) -> None:
+        """Record a reply; ``verdict`` is the coordinator's screen of a training reply (status, reason)."""
+        self._append(RECEIVED_FILE, {"round": server_round, "phase": phase, "stage": stage, **describe(msg, node),
+                                     **(verdict or {})})
         self._anchor(server_round, phase, msg, node)
 
     def _anchor(self, server_round: int, phase: str, msg: Message, node: int | None) -> None:
@@ -122,19 +125,37 @@ class Receipts:
             "node": int(node if node is not None else msg.metadata.src_node_id), "seq": seq, "head": head,
         })
 
-    def aggregation(self, server_round: int, replies: list[Message], result: ArrayRecord | None,
+    def aggregation(self, server_round: int, inputs: list[dict[str, Any]], result: ArrayRecord | None,
                     secure: bool) -> None:
-        inputs = []
-        for msg in replies:
-            if msg.has_error():
-                continue
-            arrays = next(iter(msg.content.array_records.values()), None)
-            inputs.append({"node": int(msg.metadata.src_node_id),
-                           "digest": arrays_digest(arrays) if arrays is not None else None})
+        """Record what went into a round's aggregation (:func:`aggregation_inputs`) and what came out."""
         self._append(AGGREGATION_FILE, {
             "round": server_round, "secure": secure, "inputs": inputs,
             "result": arrays_digest(result) if result is not None else None,
         })
+
+
+def aggregation_inputs(replies: list[Message]) -> list[dict[str, Any]]:
+    """Node and arrays digest of each reply that reaches aggregation (error replies do not)."""
+    inputs = []
+    for msg in replies:
+        if msg.has_error():
+            continue
+        arrays = next(iter(msg.content.array_records.values()), None)
+        inputs.append({"node": int(msg.metadata.src_node_id),
+                       "digest": arrays_digest(arrays) if arrays is not None else None})
+    return inputs
+
+
+def train_digests(out_dir: Path) -> dict[str, int]:
+    """Digest -> first round of every training update received.jsonl holds (a resumed run's replay memory)."""
+    seen: dict[str, int] = {}
+    for row in read_jsonl(out_dir / RECEIVED_FILE):
+        if row.get("phase") != "train" or row.get("stage"):
+            continue
+        for rec in (row.get("records") or {}).values():
+            if rec.get("type") == "arrays" and rec.get("digest"):
+                seen.setdefault(rec["digest"], int(row["round"]))
+    return seen
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

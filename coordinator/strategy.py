@@ -1,7 +1,10 @@
-"""The coordinator's Flower strategy: FedAvg, FedProx or FedAdam, from the run config.
+"""The coordinator's Flower strategy, from the run config: FedAvg, FedProx, FedAdam, or a robust one
+(FedMedian, FedTrimmedAvg, Krum, Bulyan).
 
 Flower's own message-API strategies do the aggregation; we only add a thin
-layer that records each site's scalar metrics and every decline with its
+layer that screens every training reply before it is aggregated
+(:mod:`coordinator.screening`: a bad reply drops that site from the round, with
+its reason) and records each site's scalar metrics and every decline with its
 reason, which Flower's strategies log but do not keep.
 """
 
@@ -14,14 +17,15 @@ import time
 from typing import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from coordinator.history import RunHistory
-from coordinator.receipts import Receipts
-from medfed.protocol import ERROR_NAMES
+from coordinator.receipts import Receipts, aggregation_inputs
+from coordinator.screening import check_train_reply
+from medfed.protocol import COORDINATOR_REJECTED, ERROR_NAMES
 from medfed.settings import RunConfig
 
 log = logging.getLogger(__name__)
@@ -96,8 +100,13 @@ class _Recording:
     poisson_rate: float | None = None
     num_sites: int | None = None
     released_rounds: int = 0
+    max_update_norm: float = 0.0  # L2 bound on a reply's update (0: none); replies above it are rejected
     _current: ArrayRecord | None = None
     _sent: list[Message] | None = None  # the last messages configured (their ids name a reply's site)
+    _seen: dict[str, int] | None = None  # digest of every training update this run -> its round (replays)
+    _rejected: dict[int, tuple[Message, str]] | None = None  # id(stand-in error) -> (the reply, why refused)
+    _recorded_round: int | None = None  # the last round aggregate_train recorded (see screen_first)
+    _norms: dict[int, tuple[Message, float | None]] | None = None  # id(accepted reply) -> (it, its update norm)
 
     def _remember(self, messages: Iterable[Message]) -> list[Message]:
         self._sent = list(messages)
@@ -142,14 +151,55 @@ class _Recording:
         config["server-round"] = server_round + self.round_offset
         return messages
 
+    def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The replies with every training reply that fails :func:`check_train_reply` replaced by an error
+        (code COORDINATOR_REJECTED, the reason): Flower's strategies and DP wrappers then treat the site as
+        one that sent nothing, and the run goes on. Idempotent, so wrappers may screen before this layer."""
+        if self._current is None:
+            return list(replies)
+        if self._seen is None:
+            self._seen = {}
+        if self._rejected is None:
+            self._rejected = {}
+        if self._norms is None:
+            self._norms = {}
+        run_round = server_round + self.round_offset
+        out: list[Message] = []
+        for msg in replies:
+            if msg.has_error():
+                out.append(msg)
+                continue
+            verdict = check_train_reply(
+                msg.content, self._current, arrays_key=self.arrayrecord_key,  # type: ignore[attr-defined]
+                max_update_norm=self.max_update_norm, seen=self._seen, server_round=run_round,
+                check_replay=not self.secure)  # under SecAgg+ every reply carries the same aggregate
+            if verdict.digest is not None:
+                self._seen.setdefault(verdict.digest, run_round)
+            if verdict.reason is None:
+                self._norms[id(msg)] = (msg, verdict.update_norm)
+                out.append(msg)
+                continue
+            stand_in = Message(error=Error(COORDINATOR_REJECTED, verdict.reason), metadata=msg.metadata)
+            self._rejected[id(stand_in)] = (msg, verdict.reason)
+            out.append(stand_in)
+        return out
+
     def _record(self, server_round: int, replies: list[Message], phase: str) -> None:
         rec = self.history.round(server_round + self.round_offset)
         nodes = self._sites_of(replies)
+        rejected = self._rejected or {}
         for msg, node in zip(replies, nodes, strict=True):
             # Under SecAgg+ the train "replies" are the secure aggregate; their raw messages were logged
             # stage by stage by coordinator.secure.SecAggPlusGrid.
             if self.receipts is not None and not (self.secure and phase == "train"):
-                self.receipts.received(server_round + self.round_offset, phase, msg, node=node)
+                original, reason = rejected.get(id(msg), (msg, None))
+                verdict: dict[str, object] | None = None
+                if phase == "train" and reason is not None:
+                    verdict = {"status": "rejected", "reason": reason}
+                elif phase == "train" and not msg.has_error():
+                    norm = (self._norms or {}).get(id(msg), (None, None))[1]
+                    verdict = {"status": "accepted"} if norm is None else {"status": "accepted", "update_norm": norm}
+                self.receipts.received(server_round + self.round_offset, phase, original, node=node, verdict=verdict)
             site = rec.site(node)
             if msg.has_error():
                 site.no_result(phase, ERROR_NAMES.get(msg.error.code, "no-reply"), msg.error.reason)
@@ -169,9 +219,11 @@ class _Recording:
             log.warning("round %d: %s", server_round, reason)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        replies = self.screen(server_round, replies)
         self._record(server_round, replies, "train")
+        self._rejected, self._norms, self._recorded_round = {}, {}, server_round
         valid = [m for m in replies if not m.has_error()]
+        inputs = aggregation_inputs(replies)  # before aggregating: FedMedian & co. pop the arrays they use
         if self.poisson_rate is not None and not valid and self._current is not None:
             # Nobody sampled: the release is the current model (the DP wrapper adds its noise).
             arrays, metrics = self._current, MetricRecord()
@@ -182,7 +234,7 @@ class _Recording:
         if arrays is not None and self.poisson_rate is not None and valid and self._current is not None:
             arrays = _fixed_denominator(self._current, arrays, len(valid), self.poisson_rate * (self.num_sites or 1))
         if self.receipts is not None:
-            self.receipts.aggregation(server_round + self.round_offset, replies, arrays, self.secure)
+            self.receipts.aggregation(server_round + self.round_offset, inputs, arrays, self.secure)
         if arrays is not None:
             self.released_rounds += 1
         self.history.round(server_round + self.round_offset).train = dict(metrics) if metrics is not None else {}
@@ -238,6 +290,46 @@ class RecordingFedAdam(_Recording, FedAdam):
     """FedAdam that keeps per-site metrics and declines."""
 
 
+class RecordingFedMedian(_Recording, FedMedian):
+    """FedMedian (coordinate-wise median) that keeps per-site metrics and declines."""
+
+
+class RecordingFedTrimmedAvg(_Recording, FedTrimmedAvg):
+    """FedTrimmedAvg (coordinate-wise trimmed mean) that keeps per-site metrics and declines."""
+
+
+class RecordingKrum(_Recording, Krum):
+    """Krum (the update closest to its neighbours) that keeps per-site metrics and declines."""
+
+
+class RecordingBulyan(_Recording, Bulyan):
+    """Bulyan (Multi-Krum selection, then trimmed mean) that keeps per-site metrics and declines."""
+
+
+def screen_first(top: Strategy, recording: Strategy) -> Strategy:
+    """Make ``top`` (a DP wrapper around ``recording``) screen replies before its own clipping sees them.
+
+    Flower's wrappers subtract the global model from each reply: an array of another shape
+    would raise there before the recording strategy could refuse it.
+    """
+    if top is recording:
+        return top
+    aggregate = top.aggregate_train
+
+    def aggregate_train(server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        screened = recording.screen(server_round, replies)  # type: ignore[attr-defined]
+        recording._recorded_round = None  # type: ignore[attr-defined]
+        result = aggregate(server_round, screened)
+        if recording._recorded_round != server_round:  # type: ignore[attr-defined]
+            # The wrapper skipped a round with an error reply: the round must still say who and why.
+            recording._record(server_round, screened, "train")  # type: ignore[attr-defined]
+            recording._rejected, recording._norms = {}, {}  # type: ignore[attr-defined]
+        return result
+
+    top.aggregate_train = aggregate_train  # type: ignore[method-assign]
+    return top
+
+
 def build_strategy(cfg: RunConfig, history: RunHistory) -> Strategy:
     """The strategy the run config asks for, recording into ``history``."""
     common = dict(
@@ -255,8 +347,19 @@ def build_strategy(cfg: RunConfig, history: RunHistory) -> Strategy:
         strategy = RecordingFedAvg(**common)
     elif cfg.strategy == "fedprox":
         strategy = RecordingFedProx(**common, proximal_mu=cfg.proximal_mu)
-    else:
+    elif cfg.strategy == "fedadam":
         strategy = RecordingFedAdam(**common, eta=cfg.server_lr, eta_l=cfg.lr)
+    elif cfg.strategy == "fedmedian":
+        strategy = RecordingFedMedian(**common)
+    elif cfg.strategy == "fedtrimmedavg":
+        strategy = RecordingFedTrimmedAvg(**common, beta=cfg.trim_beta)
+    elif cfg.strategy == "krum":
+        strategy = RecordingKrum(**common, num_malicious_nodes=cfg.num_malicious_sites)
+    else:
+        strategy = RecordingBulyan(**common, num_malicious_nodes=cfg.num_malicious_sites)
     strategy.history = history  # type: ignore[attr-defined]
     strategy.node_wait_timeout = cfg.round_timeout  # type: ignore[attr-defined]
+    # A site's own claim never sets its weight unless the run says so (docs/deployment.md, "A malicious site").
+    strategy.uniform_weights = cfg.site_weights == "uniform"  # type: ignore[attr-defined]
+    strategy.max_update_norm = cfg.max_update_norm  # type: ignore[attr-defined]
     return strategy

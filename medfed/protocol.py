@@ -15,9 +15,13 @@ EGRESS_BLOCKED = 4003
 #: The site failed; details stay in the site's own log (they may name local files).
 SITE_FAILED = 4004
 
+#: Not a site's code: the coordinator refused the site's reply (coordinator.screening says why).
+COORDINATOR_REJECTED = 4005
+
 ERROR_NAMES = {
     SITE_DECLINED: "declined",
     SITE_REFUSED: "refused",
     EGRESS_BLOCKED: "egress-blocked",
     SITE_FAILED: "failed",
+    COORDINATOR_REJECTED: "rejected",
 }

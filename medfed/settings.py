@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -38,6 +38,14 @@ def _explain(source: str, err: ValidationError) -> ConfigError:
     return ConfigError(describe_validation(source, err, "Fix the field(s) above and start again."))
 
 
+#: Aggregation strategies a run may name (Flower's Message-API strategies of the same names).
+Strategy = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "bulyan"]
+#: The strategies that tolerate a malicious site: each needs to see every site's update on its own.
+ROBUST_STRATEGIES: tuple[str, ...] = ("fedmedian", "fedtrimmedavg", "krum", "bulyan")
+#: Default bound on the L2 norm of one site's update (reply − global model); see docs/deployment.md.
+DEFAULT_MAX_UPDATE_NORM = 100.0
+
+
 class RunConfig(BaseModel):
     """Settings of one federated run: `[tool.flwr.app.config]` in pyproject.toml.
 
@@ -48,7 +56,7 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
     num_server_rounds: int = Field(20, ge=1, alias="num-server-rounds")
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    strategy: Strategy = "fedavg"
     fraction_train: float = Field(1.0, gt=0.0, le=1.0, alias="fraction-train")
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0, alias="fraction-evaluate")
     min_train_nodes: int = Field(2, ge=1, alias="min-train-nodes")
@@ -96,6 +104,12 @@ class RunConfig(BaseModel):
     site_dp_target_quantile: float = Field(0.5, ge=0.0, le=1.0, alias="site-dp-target-quantile")
     site_dp_clip_lr: float = Field(0.2, gt=0.0, alias="site-dp-clip-lr")
     site_sampling: Literal["fixed", "poisson"] = Field("fixed", alias="site-sampling")
+    # A malicious site (docs/deployment.md): aggregation weights, the update-norm bound (0: none),
+    # what krum/bulyan assume and how much fedtrimmedavg cuts from each tail.
+    site_weights: Literal["uniform", "reported"] = Field("uniform", alias="site-weights")
+    max_update_norm: float = Field(DEFAULT_MAX_UPDATE_NORM, ge=0.0, alias="max-update-norm")
+    num_malicious_sites: int = Field(1, ge=0, alias="num-malicious-sites")
+    trim_beta: float = Field(0.34, ge=0.0, lt=0.5, alias="trim-beta")
 
     @model_validator(mode="after")
     def _minimums_consistent(self) -> "RunConfig":
@@ -118,7 +132,36 @@ class RunConfig(BaseModel):
                 "secagg needs at least 2 sites in every round, which Poisson sampling cannot promise; "
                 "with secagg use site-sampling=fixed"
             )
+        self._robustness_consistent()
         return self
+
+    def _robustness_consistent(self) -> None:
+        """Refuse the strategy combinations that cannot do what they claim (docs/deployment.md)."""
+        robust = self.strategy in ROBUST_STRATEGIES
+        if robust and self.secagg:
+            raise ValueError(
+                f"strategy={self.strategy} must see every site's update, but with secagg the coordinator sees only "
+                "their sum; use strategy=fedavg with secagg, or secagg=false with a robust strategy"
+            )
+        if robust and self.site_dp != "off":
+            raise ValueError(
+                f"site-dp needs a mean of clipped updates (sensitivity C/m); strategy={self.strategy} does not "
+                "average them, so the noise would not give the reported site-level epsilon: use strategy=fedavg "
+                "or fedprox with site-dp"
+            )
+        if self.site_weights == "reported" and self.site_dp != "off":
+            raise ValueError("site-dp weighs every site the same; use site-weights=uniform with site-dp")
+        f, m = self.num_malicious_sites, self.min_train_nodes
+        if self.strategy == "krum" and m < 2 * f + 3:
+            raise ValueError(f"krum tolerates num-malicious-sites={f} only with at least {2 * f + 3} sites per round "
+                             f"(2f+3); raise min-train-nodes (now {m}) or lower num-malicious-sites")
+        if self.strategy == "bulyan" and m < 4 * f + 3:
+            raise ValueError(f"bulyan tolerates num-malicious-sites={f} only with at least {4 * f + 3} sites per "
+                             f"round (4f+3); raise min-train-nodes (now {m}) or lower num-malicious-sites")
+        if self.strategy == "fedtrimmedavg" and int(self.trim_beta * m) < f:
+            raise ValueError(f"fedtrimmedavg with trim-beta={self.trim_beta:g} cuts {int(self.trim_beta * m)} of "
+                             f"min-train-nodes={m} sites from each tail, fewer than num-malicious-sites={f}; raise "
+                             "trim-beta (below 0.5) or min-train-nodes")
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any], base: "RunConfig | None" = None) -> "RunConfig":
@@ -145,8 +188,8 @@ class RunConfig(BaseModel):
 
     @property
     def secagg_uniform_weights(self) -> bool:
-        """Site-level DP weighs every site 1, so SecAgg+ sums unweighted models."""
-        return self.secagg and self.site_dp != "off"
+        """Site-level DP and site-weights=uniform weigh every site 1, so SecAgg+ sums unweighted models."""
+        return self.secagg and (self.site_dp != "off" or self.site_weights == "uniform")
 
     @property
     def secagg_weight_bound(self) -> float:
@@ -168,7 +211,7 @@ class RunBounds(BaseModel):
     min_batch_size: int = Field(1, ge=1, alias="min-batch-size")
     max_batch_size: int = Field(4096, ge=1, alias="max-batch-size")
     max_lr: float = Field(1.0, gt=0.0, alias="max-lr")
-    strategies: tuple[Literal["fedavg", "fedprox", "fedadam"], ...] = ("fedavg", "fedprox", "fedadam")
+    strategies: tuple[Strategy, ...] = get_args(Strategy)
     max_evaluations: int = Field(100, ge=0, alias="max-evaluations")  # evaluate requests answered per run
 
     def violations(self, cfg: "RunConfig") -> list[str]:

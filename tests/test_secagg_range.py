@@ -51,9 +51,10 @@ def test_non_finite_values_are_refused() -> None:
 
 
 def test_uniform_weights_use_a_bound_of_one() -> None:
-    plain = RunConfig().with_overrides(secagg=True)
+    assert RunConfig().with_overrides(secagg=True).secagg_uniform_weights  # site-weights=uniform, the default
+    plain = RunConfig().with_overrides(secagg=True, site_weights="reported")
     assert not plain.secagg_uniform_weights and plain.secagg_weight_bound == plain.secagg_max_weight
-    site_dp = plain.with_overrides(site_dp="client-fixed")
+    site_dp = plain.with_overrides(site_dp="client-fixed", site_weights="uniform")
     assert site_dp.secagg_uniform_weights and site_dp.secagg_weight_bound == 1.0
     assert not RunConfig().with_overrides(site_dp="client-fixed").secagg_uniform_weights  # no SecAgg+, no weights
 
@@ -104,7 +105,7 @@ def test_largest_site_refuses_before_spending_and_the_others_aggregate(tmp_path:
     base = RunConfig().with_overrides(
         num_server_rounds=1, image_size=32, batch_size=8, demo_dir=str(tmp_path), out_dir=str(tmp_path / "coord"),
         min_train_nodes=3, min_evaluate_nodes=1, min_available_nodes=3, fraction_evaluate=0.0, seed=4,
-        secagg=True, run_name="sim-range")
+        secagg=True, site_weights="reported", run_name="sim-range")
     # A site's weight is its published size bucket, never n itself: give the three sites distinct ones.
     sizes = [30, 20, 10]
     sites = [s.model_copy(update={"size_bucket": b}) for s, b in zip(sites, sizes, strict=True)]
