@@ -138,3 +138,50 @@ def test_peak_memory_of_a_run_stays_bounded(tmp_path: Path, bomb) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     peak_mib = int(proc.stdout.strip().splitlines()[-1])
     assert peak_mib < 250, f"peak RSS {peak_mib} MiB"
+
+
+# ---- clean ("C") actions keep only values that have their attribute's form -------------------
+def _deidentify(ds, *, converted: bool, policy: Policy | None = None):
+    """Through a file and the engine: raw elements (fast paths) or converted ones (normal path)."""
+    from anonymization.engine import Deidentifier
+    from anonymization.pseudonyms import Pseudonymizer
+
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    read = pydicom.dcmread(io.BytesIO(buf.getvalue()))
+    if converted:
+        for _ in read:  # converts every raw element: the engine's normal path
+            pass
+    Deidentifier(Pseudonymizer(b"s" * 32), policy=policy or Policy()).deidentify(read)
+    return read
+
+
+@pytest.mark.parametrize("converted", [False, True], ids=["raw", "converted"])
+@pytest.mark.parametrize(
+    ("keyword", "value", "kept"),
+    [
+        ("TimezoneOffsetFromUTC", "Zelda Phiname", False),  # free text in an SH "+HHMM": removed (basic X)
+        ("TimezoneOffsetFromUTC", "+2500", False),  # no such offset
+        ("TimezoneOffsetFromUTC", "-0500", True),
+        ("StudyTime", "see Zelda", False),  # free text in a TM: emptied (basic Z)
+        ("StudyTime", "101530.25", True),
+    ],
+)
+def test_clean_action_drops_values_without_their_form(keyword: str, value: str, kept: bool, converted: bool) -> None:
+    ds = factory.make_ct()
+    ds.add_new(pydicom.datadict.tag_for_keyword(keyword), pydicom.datadict.dictionary_VR(keyword), value)
+    out = _deidentify(ds, converted=converted)
+    result = str(out.get(keyword, "") or "")
+    if kept:
+        assert result == value
+    else:
+        assert "Zelda" not in result and result != value
+
+
+@pytest.mark.parametrize("converted", [False, True], ids=["raw", "converted"])
+def test_clean_action_on_a_malformed_date_does_not_keep_it(converted: bool) -> None:
+    """Under Modified Dates, a Study Date that is not a DA is not kept (nor shifted into something)."""
+    ds = factory.make_ct()
+    ds.StudyDate = "Zelda 1961"
+    out = _deidentify(ds, converted=converted)
+    assert str(out.get("StudyDate", "") or "") == ""

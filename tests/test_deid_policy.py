@@ -50,9 +50,11 @@ def test_default_policy_is_todays_behaviour() -> None:
 def test_example_policy_is_documented_and_equals_the_default(tmp_path: Path) -> None:
     text = example_policy_text()
     data = tomllib.loads(text)
-    fields = set(Policy.model_fields) - {"reid", "version"}
+    fields = set(Policy.model_fields) - {"reid", "version", "limits"}
     for name in fields:
         assert f"\n{name} = " in text, f"{name} is not documented in the example policy"
+    for name in Policy.model_fields["limits"].annotation.model_fields:  # the [limits] table
+        assert f"\n{name} = " in text, f"limits.{name} is not documented in the example policy"
     assert parse_policy(data) == DEFAULT_POLICY
     # the commented-out [reid] section is valid when switched on
     enabled = text.replace("# [reid]", "[reid]").replace('# table = "', 'table = "').replace(
