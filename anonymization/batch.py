@@ -476,6 +476,8 @@ def run_deid(
         trail = open_trail(audit_dir, audit_key=audit_key_path, default_key=audit_key_path, forbidden=(dst,), fsync=False)
     except AuditError as err:
         raise DeidError(str(err)) from None
+    if reid_writer is not None:
+        reid_writer.use_signer(trail.signer)  # re-identification rows are signed with the trail's key
     trail.record_policy("deidentification", {**site_policy.model_dump(mode="json", exclude={"reid"}),
                                              "reid_table": site_policy.reid is not None, "tool": f"medfed {MEDFED_VERSION}"})
     quarantine_folder = Quarantine(quarantine_dir)
