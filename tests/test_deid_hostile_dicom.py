@@ -185,3 +185,155 @@ def test_clean_action_on_a_malformed_date_does_not_keep_it(converted: bool) -> N
     ds.StudyDate = "Zelda 1961"
     out = _deidentify(ds, converted=converted)
     assert str(out.get("StudyDate", "") or "") == ""
+
+
+# ---- the re-identification table: rows are signed, the officer's key is scrypt-encrypted ---------
+PASSPHRASE = b"correct horse battery"
+
+
+@pytest.fixture(scope="module")
+def officer(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from anonymization.reid import generate_officer_keys
+
+    folder = tmp_path_factory.mktemp("officer")
+    private, public = folder / "officer.key.pem", folder / "officer.pub.pem"
+    generate_officer_keys(private, public, PASSPHRASE)
+    return private, public
+
+
+def _record(patient: str) -> "object":
+    from anonymization.reid import ReidRecord
+
+    return ReidRecord(patient_pseudonym="P-SAME", patient_id=patient, accession_pseudonym="A1",
+                      accession_number="ACC", study_uid_pseudonym="2.25.1", study_uid="1.2.3")
+
+
+def _signed_table(path: Path, public: Path, signer) -> Path:
+    from anonymization.reid import ReidTable, load_public_key, seal
+
+    with ReidTable(path, load_public_key(public), signer) as table:
+        table.add("k1", seal(_record("REAL-PATIENT"), table.public_key, "k1"))
+    return path
+
+
+def test_a_row_forged_with_the_officer_public_key_is_refused(officer, tmp_path: Path) -> None:
+    """The attack: append a row sealed to the officer's public key; a lookup must not return it."""
+    from anonymization.audit_keys import AuditSigner
+    from anonymization.reid import ReidError, load_private_key, load_public_key, lookup, seal, sign_line, fingerprint
+
+    private, public = officer
+    site = AuditSigner.generate()
+    table = _signed_table(tmp_path / "t.jsonl", public, site)
+    key = load_private_key(private, PASSPHRASE)
+    assert [r.patient_id for r in lookup(table, key, "P-SAME")] == ["REAL-PATIENT"]
+    genuine = table.read_text()
+    forged = seal(_record("OTHER-PATIENT"), load_public_key(public), "k2")
+
+    table.write_text(genuine + forged + "\n")  # unsigned
+    with pytest.raises(ReidError, match="line 3 .* not signed by the site"):
+        lookup(table, key, "P-SAME")
+
+    attacker = AuditSigner.generate()  # signed, but with the attacker's own key
+    table.write_text(genuine + sign_line(forged, fingerprint(load_public_key(public)), attacker) + "\n")
+    with pytest.raises(ReidError, match="not a site key you trust"):
+        lookup(table, key, "P-SAME")
+
+    row = json.loads(genuine.splitlines()[1])  # a genuine row's signature on forged content
+    forged_row = json.loads(forged)
+    forged_row.update(kid=row["kid"], sig=row["sig"])
+    table.write_text(genuine + json.dumps(forged_row) + "\n")
+    with pytest.raises(ReidError, match="does not verify"):
+        lookup(table, key, "P-SAME")
+
+
+def test_a_rewritten_header_does_not_fool_an_officer_who_pins_the_site_key(officer, tmp_path: Path) -> None:
+    from anonymization.audit_keys import AuditSigner
+    from anonymization.reid import ReidError, load_private_key, lookup
+
+    private, public = officer
+    site, attacker = AuditSigner.generate(), AuditSigner.generate()
+    table = _signed_table(tmp_path / "t.jsonl", public, attacker)  # the whole table re-made by the attacker
+    key = load_private_key(private, PASSPHRASE)
+    with pytest.raises(ReidError, match="not a site key you trust"):
+        lookup(table, key, "P-SAME", site_keys=[site.public_raw])
+    genuine = _signed_table(tmp_path / "g.jsonl", public, site)
+    assert len(lookup(genuine, key, "P-SAME", site_keys=[site.public_raw])) == 1
+
+
+def test_deid_run_signs_rows_and_the_cli_refuses_a_forged_one(officer, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from anonymization.reid import load_public_key, seal
+    from medfed.cli import app
+
+    private, public = officer
+    factory.write(factory.make_ct(), tmp_path / "src" / "ct.dcm")
+    policy = parse_policy({"reid": {"table": str(tmp_path / "reid.jsonl"), "officer_public_key": str(public)}})
+    run_deid(tmp_path / "src", tmp_path / "out", tmp_path / "k.key", progress=False, policy=policy)
+    table = tmp_path / "reid.jsonl"
+    rows = [json.loads(line) for line in table.read_text().splitlines()[1:]]
+    assert len(rows) == 1 and rows[0]["sig"] and rows[0]["kid"]
+    export = tmp_path / "site.pub.pem"
+    runner = CliRunner()
+    env = {"MEDFED_REID_PASSPHRASE": PASSPHRASE.decode()}
+    result = runner.invoke(app, ["audit", "export-key", str(tmp_path / "out" / "audit"), "--out", str(export)])
+    assert result.exit_code == 0, result.output
+    pseudonym = pydicom.dcmread(next((tmp_path / "out").rglob("*.dcm"))).PatientID
+    args = ["deid", "reid-lookup", str(table), str(pseudonym), "--officer-key", str(private), "--site-key", str(export)]
+    result = runner.invoke(app, args, env=env)
+    assert result.exit_code == 0 and factory.Patient().patient_id in result.output, result.output
+    forged = _record("OTHER-PATIENT").__class__(**{**_record("OTHER-PATIENT").__dict__, "patient_pseudonym": pseudonym})
+    with table.open("a") as fh:
+        fh.write(seal(forged, load_public_key(public), "k-forged") + "\n")
+    result = runner.invoke(app, args, env=env)
+    said = " ".join(result.output.split())  # the console wraps long messages
+    assert result.exit_code == 2 and "not signed by the site" in said and "OTHER-PATIENT" not in said
+    assert "Traceback" not in result.output
+
+
+def test_officer_key_uses_scrypt_and_an_old_key_is_migrated(officer, tmp_path: Path) -> None:
+    """The key file's KDF is scrypt (n >= 2**15); an old PKCS#8 key (PBKDF2, 2,048 rounds) still opens and is re-keyed."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from anonymization.reid import ReidError, is_legacy_private_key, load_private_key, rekey_officer_key
+
+    private, _ = officer
+    stored = json.loads(private.read_text())
+    assert stored["kdf"] == "scrypt" and stored["n"] >= 2**15 and "BEGIN" not in private.read_text()
+    old = X25519PrivateKey.generate()
+    legacy = tmp_path / "legacy.key.pem"
+    legacy.write_bytes(old.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.BestAvailableEncryption(PASSPHRASE)))
+    legacy.chmod(0o600)
+    assert is_legacy_private_key(legacy)
+    rekey_officer_key(legacy, PASSPHRASE)
+    assert not is_legacy_private_key(legacy) and json.loads(legacy.read_text())["kdf"] == "scrypt"
+    assert (legacy.stat().st_mode & 0o777) == 0o600
+    assert load_private_key(legacy, PASSPHRASE).public_key().public_bytes_raw() == old.public_key().public_bytes_raw()
+    with pytest.raises(ReidError, match="wrong passphrase"):
+        load_private_key(legacy, b"not it at all")
+    hostile = json.loads(legacy.read_text())
+    hostile["n"] = 2**30  # a key file must not make the officer's machine allocate 1 TiB
+    legacy.write_text(json.dumps(hostile))
+    with pytest.raises(ReidError, match="not an officer key"):
+        load_private_key(legacy, PASSPHRASE)
+
+
+def test_an_unsigned_format_1_table_is_read_only_on_request_and_never_appended(officer, tmp_path: Path) -> None:
+    from anonymization.audit_keys import AuditSigner
+    from anonymization.reid import (
+        UNSIGNED_VERSION, ReidError, ReidTable, fingerprint, load_private_key, load_public_key, read_table, seal,
+    )
+
+    private, public = officer
+    pub = load_public_key(public)
+    table = tmp_path / "old.jsonl"
+    table.write_text(json.dumps({"medfed_reid": UNSIGNED_VERSION, "officer_key": fingerprint(pub)}) + "\n"
+                     + seal(_record("OLD-PATIENT"), pub, "k") + "\n")
+    key = load_private_key(private, PASSPHRASE)
+    with pytest.raises(ReidError, match="not signed.*--accept-unsigned"):
+        list(read_table(table, key))
+    assert [r.patient_id for r in read_table(table, key, accept_unsigned=True)] == ["OLD-PATIENT"]
+    with pytest.raises(ReidError, match="Move it aside"):
+        ReidTable(table, pub, AuditSigner.generate())
