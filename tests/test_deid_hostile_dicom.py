@@ -6,6 +6,7 @@ fails if the defence it covers is removed.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import struct
@@ -282,7 +283,7 @@ def test_deid_run_signs_rows_and_the_cli_refuses_a_forged_one(officer, tmp_path:
     args = ["deid", "reid-lookup", str(table), str(pseudonym), "--officer-key", str(private), "--site-key", str(export)]
     result = runner.invoke(app, args, env=env)
     assert result.exit_code == 0 and factory.Patient().patient_id in result.output, result.output
-    forged = _record("OTHER-PATIENT").__class__(**{**_record("OTHER-PATIENT").__dict__, "patient_pseudonym": pseudonym})
+    forged = dataclasses.replace(_record("OTHER-PATIENT"), patient_pseudonym=str(pseudonym))
     with table.open("a") as fh:
         fh.write(seal(forged, load_public_key(public), "k-forged") + "\n")
     result = runner.invoke(app, args, env=env)
@@ -337,3 +338,30 @@ def test_an_unsigned_format_1_table_is_read_only_on_request_and_never_appended(o
     assert [r.patient_id for r in read_table(table, key, accept_unsigned=True)] == ["OLD-PATIENT"]
     with pytest.raises(ReidError, match="Move it aside"):
         ReidTable(table, pub, AuditSigner.generate())
+
+
+def test_cli_notes_an_old_officer_key_and_rekeys_it(officer, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from typer.testing import CliRunner
+
+    from anonymization.audit_keys import AuditSigner
+    from anonymization.reid import ReidTable, seal
+    from medfed.cli import app
+
+    old = X25519PrivateKey.generate()
+    legacy = tmp_path / "legacy.key.pem"
+    legacy.write_bytes(old.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.BestAvailableEncryption(PASSPHRASE)))
+    legacy.chmod(0o600)
+    with ReidTable(tmp_path / "t.jsonl", old.public_key(), AuditSigner.generate()) as table:
+        table.add("k", seal(_record("REAL-PATIENT"), old.public_key(), "k"))
+    runner, env = CliRunner(), {"MEDFED_REID_PASSPHRASE": PASSPHRASE.decode()}
+    lookup_args = ["deid", "reid-lookup", str(tmp_path / "t.jsonl"), "--all", "--officer-key", str(legacy)]
+    result = runner.invoke(app, lookup_args, env=env)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "REAL-PATIENT" in said and "reid-rekey" in said, result.output
+    result = runner.invoke(app, ["deid", "reid-rekey", "--officer-key", str(legacy)], env=env)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, lookup_args, env=env)
+    assert result.exit_code == 0 and "REAL-PATIENT" in result.output and "reid-rekey" not in result.output
