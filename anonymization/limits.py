@@ -14,15 +14,22 @@ import zlib
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
 
 from anonymization.screening import PIXEL_TAGS, peek_int
 
 _INFLATE_CHUNK = 1 << 20  # inflated bytes held at a time while a deflated file is measured
+# PS3.5 G.3.1: a PackBits replicate run turns 2 bytes into at most 128, so RLE data can
+# never decode to more than 64 times its own size.
+RLE_MAX_RATIO = 64
 
 REASON_PIXEL_LIMIT = (
     "pixel data declares more bytes (rows x columns x frames x samples x bytes per sample) than the "
     "site policy allows (limits.max_pixel_bytes): not decoded; raise the limit if such images are expected"
+)
+REASON_RLE_SHORT = (
+    "RLE pixel data is too short to decode to the size its header declares "
+    "(RLE expands at most 64 times): a decompression bomb or a damaged file, not decoded"
 )
 REASON_INFLATE_LIMIT = (
     "deflated data set inflates to more bytes than the site policy allows (limits.max_inflated_bytes): "
@@ -43,9 +50,19 @@ def declared_pixel_bytes(ds: Dataset) -> int | None:
 
 
 def pixel_refusal(ds: Dataset, max_pixel_bytes: int) -> str | None:
-    """Reason to quarantine a file whose pixel data declares more than ``max_pixel_bytes``."""
+    """Reason to quarantine a file whose pixel data declares more than ``max_pixel_bytes``,
+    or RLE data too short to ever decode to what it declares (whatever the limit)."""
     declared = declared_pixel_bytes(ds)
-    return REASON_PIXEL_LIMIT if declared is not None and declared > max_pixel_bytes else None
+    if declared is None:
+        return None
+    if declared > max_pixel_bytes:
+        return REASON_PIXEL_LIMIT
+    syntax = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "") or "")
+    raw = ds.get_item(0x7FE00010)
+    encoded = getattr(raw, "value", None)
+    if syntax == RLELossless and isinstance(encoded, (bytes, bytearray)) and declared > RLE_MAX_RATIO * len(encoded):
+        return REASON_RLE_SHORT
+    return None
 
 
 def inflated_refusal(data: bytes, max_inflated_bytes: int) -> str | None:

@@ -91,6 +91,14 @@ def test_rle_bomb_is_quarantined_before_decoding(tmp_path: Path) -> None:
     assert not list((tmp_path / "out").rglob("*.dcm"))
 
 
+def test_rle_bomb_under_the_limit_is_refused_by_the_rle_ratio(tmp_path: Path) -> None:
+    """A bomb declaring less than the limit still cannot decode to it: RLE expands at most 64 times."""
+    rle_bomb(tmp_path / "src" / "bomb.dcm")
+    policy = parse_policy({"limits": {"max_pixel_bytes": 2**40}})
+    summary = run_deid(tmp_path / "src", tmp_path / "out", tmp_path / "k.key", progress=False, policy=policy)
+    assert quarantine_reasons(summary) == [limits.REASON_RLE_SHORT]
+
+
 def test_deflate_bomb_is_quarantined_before_inflating(tmp_path: Path) -> None:
     deflate_bomb(tmp_path / "src" / "bomb.dcm")
     summary = run_deid(tmp_path / "src", tmp_path / "out", tmp_path / "k.key", progress=False)
