@@ -577,6 +577,8 @@ def run_deid(
                 pass
         raise DeidError(message) from None
     assert trail is not None  # opened above, or the run has stopped
+    if reid_writer is not None:
+        reid_writer.use_signer(trail.signer)  # re-identification rows are signed with the trail's key
     quarantine_folder = Quarantine(quarantine_dir)
     job = Job(secret=secret, dst=str(dst.resolve()), options=site_policy.table_options, policy=site_policy,
               reid_public_key=reid_key_pem, done_index=str(done.path))

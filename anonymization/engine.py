@@ -13,6 +13,7 @@ so the audit trail can say it without values.
 from __future__ import annotations
 
 import io
+import re
 from collections import Counter
 from functools import lru_cache
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from pydicom.filereader import read_sequence
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
+from pydicom.valuerep import validate_value
 
 from anonymization.dates import shift_da, shift_dt
 from anonymization.iod import load_iod_types
@@ -358,7 +360,8 @@ class Deidentifier:
             counts[KEEP] += 1
             return True
         if raw_action == CLEAN:
-            if (vr == "TM" or tag == TIMEZONE_OFFSET_FROM_UTC) and self.dates != DATES_REMOVED:
+            if (vr == "TM" or tag == TIMEZONE_OFFSET_FROM_UTC) and self.dates != DATES_REMOVED \
+                    and has_form(vr, tag, _raw_texts(raw)):
                 counts[CLEAN] += 1
                 return True
             return False
@@ -399,6 +402,8 @@ class Deidentifier:
                 self._replace_raw_uids(ds, tag, raw, ctx)
             counts[UID] += 1
             return True
+        if action == CLEAN and not has_form(vr, int(tag), _raw_texts(raw)):
+            return False  # a value without its attribute's form: _clean_value falls back
         if action == CLEAN and (vr == "TM" or int(tag) == TIMEZONE_OFFSET_FROM_UTC) and self.dates != DATES_REMOVED:
             counts[CLEAN] += 1
             return True
@@ -576,11 +581,14 @@ class Deidentifier:
         times and the UTC offset kept; sequences are kept and cleaned item by item;
         text is scrubbed (:mod:`anonymization.scrub`); AE titles become keyed
         pseudonyms. Anything that cannot be cleaned (opaque bytes, a value that
-        scrubbing empties) falls back to the Basic Profile's action.
+        scrubbing empties, a value without its attribute's form: :func:`has_form`)
+        falls back to the Basic Profile's action.
         """
         vr = elem.VR
         counts = ctx.counts
-        if vr in ("DA", "DT") or (vr == "UN" and self.dates == DATES_MODIFIED and _looks_like_dt(elem)):
+        if (vr in FORMED_VRS or int(tag) in _TAG_FORMS) and not has_form(vr, int(tag), _values(elem)):
+            counts["clean_malformed"] += 1  # free text in a time, an offset, a code: not kept
+        elif vr in ("DA", "DT") or (vr == "UN" and self.dates == DATES_MODIFIED and _looks_like_dt(elem)):
             if self.dates == DATES_MODIFIED:
                 self._shift(elem, ctx, vr="DT" if vr == "UN" else vr)
                 counts[CLEAN] += 1
@@ -729,6 +737,37 @@ def _dictionary_vr(tag: int) -> str | None:
     except KeyError:
         return None
     return None if " or " in vr else vr
+
+
+# VRs whose values have a form (PS3.5 6.2) that pydicom's validators check, and attributes
+# whose form is narrower than their VR's: Timezone Offset From UTC is SH "&ZZXX" (PS3.3 C.12.1.1.8).
+FORMED_VRS = frozenset({"AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
+_TAG_FORMS: dict[int, re.Pattern[str]] = {TIMEZONE_OFFSET_FROM_UTC: re.compile(r"[+-](?:0\d|1[0-4])[0-5]\d")}
+
+
+def has_form(vr: str | None, tag: int, values: list[str]) -> bool:
+    """True if every value has its attribute's form (by VR, or the attribute's own pattern).
+
+    A "C" action keeps a time, an offset or a code because of what it means; a value
+    that does not have that form (free text in a Timezone Offset) means something else.
+    VRs without a form (text, names, bytes) always pass.
+    """
+    pattern = _TAG_FORMS.get(tag)
+    if pattern is None and vr not in FORMED_VRS:
+        return True
+    for value in values:
+        value = value.strip(" \x00")
+        if not value:
+            continue
+        if pattern is not None:
+            if not pattern.fullmatch(value):
+                return False
+            continue
+        try:
+            validate_value(str(vr), value, config.RAISE)
+        except (ValueError, TypeError):
+            return False
+    return True
 
 
 def _raw_texts(raw: RawDataElement) -> list[str]:

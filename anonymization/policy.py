@@ -90,6 +90,28 @@ class ReidSettings(BaseModel):
     )
 
 
+# Decoded/inflated sizes a file may declare before it is quarantined unread (decompression
+# bombs): large enough for a multi-frame enhanced CT, small enough that a run's peak memory
+# stays bounded whatever a file claims. See docs/deidentification.md.
+DEFAULT_MAX_PIXEL_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_INFLATED_BYTES = 256 * 1024 * 1024
+
+
+class LimitSettings(BaseModel):
+    """Sizes checked before pixel data is decoded or a deflated data set inflated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_pixel_bytes: int = Field(
+        DEFAULT_MAX_PIXEL_BYTES, gt=0,
+        description="Most bytes the pixel data may declare (rows x columns x frames x samples x bytes per sample).",
+    )
+    max_inflated_bytes: int = Field(
+        DEFAULT_MAX_INFLATED_BYTES, gt=0,
+        description="Most bytes a Deflated Explicit VR Little Endian data set may inflate to.",
+    )
+
+
 class Policy(BaseModel):
     """PS3.15 Annex E options for one site (field names follow Table E.1-1's columns)."""
 
@@ -112,6 +134,7 @@ class Policy(BaseModel):
     # (after cleaning with the same scrubber as Clean Descriptors).
     keep_text_in_unlisted_sequences: bool = False
     reid: ReidSettings | None = None
+    limits: LimitSettings = LimitSettings()
 
     @model_validator(mode="after")
     def _dates_exclusive(self) -> "Policy":

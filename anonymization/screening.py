@@ -83,7 +83,7 @@ def _peek(ds: Dataset, keyword: str) -> str | None:
     return "\\".join(str(v) for v in value) if isinstance(value, (list, MultiValue)) else str(value)
 
 
-def _peek_int(ds: Dataset, keyword: str) -> int | None:
+def peek_int(ds: Dataset, keyword: str) -> int | None:
     """An US/IS attribute's first value without converting it; None if it cannot be read that way."""
     tag = int(tag_for_keyword(keyword) or 0)
     elem = ds.get_item(tag) if tag else None
@@ -212,9 +212,9 @@ def truncation(ds: Dataset, size: int | None = None) -> str | None:
 
 def _expected_length(ds: Dataset) -> int:
     """Bytes of native pixel data the header promises (pydicom's rule, read without conversions)."""
-    values = [_peek_int(ds, k) for k in ("Rows", "Columns", "BitsAllocated")]
-    samples = _peek_int(ds, "SamplesPerPixel")
-    frames = _peek_int(ds, "NumberOfFrames")
+    values = [peek_int(ds, k) for k in ("Rows", "Columns", "BitsAllocated")]
+    samples = peek_int(ds, "SamplesPerPixel")
+    frames = peek_int(ds, "NumberOfFrames")
     photometric = (_peek(ds, "PhotometricInterpretation") or "").strip()
     unreadable = (samples is None and "SamplesPerPixel" in ds) or (frames is None and "NumberOfFrames" in ds)
     samples, frames = samples or 1, frames or 1

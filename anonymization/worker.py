@@ -45,6 +45,7 @@ from anonymization.engine import (
     Deidentifier,
 )
 from anonymization.errors import is_disk_full
+from anonymization.limits import inflated_refusal, pixel_refusal
 from anonymization.policy import Policy
 from anonymization.pseudonyms import Pseudonymizer
 from anonymization.reid import Sealer
@@ -278,12 +279,16 @@ def _read(data: bytes) -> tuple[Dataset | None, str | None]:
 def _process(data: bytes, digest: str) -> FileResult:
     job: Job = _state["job"]
     engine: Deidentifier = _state["engine"]
+    policy: Policy = _state["policy"]
+    reason = inflated_refusal(data, policy.limits.max_inflated_bytes)  # before pydicom inflates it
+    if reason is not None:
+        return FileResult(KIND_QUARANTINED, digest, reason=reason)
     ds, reason = _read(data)
     if ds is None:
         return FileResult(KIND_QUARANTINED, digest, reason=reason or screening.REASON_NOT_DICOM)
-    policy: Policy = _state["policy"]
     clean_pixels = bool(getattr(policy, "clean_pixel_data", False))
-    reason = screening.truncation(ds, len(data)) or screening.refusal(ds, clean_pixel_data=clean_pixels)
+    reason = (screening.truncation(ds, len(data)) or pixel_refusal(ds, policy.limits.max_pixel_bytes)
+              or screening.refusal(ds, clean_pixel_data=clean_pixels))  # the limit before any decoding
     if reason is not None:
         return FileResult(KIND_QUARANTINED, digest, reason=reason)
 

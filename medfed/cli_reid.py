@@ -1,4 +1,4 @@
-"""``medfed deid reid-keygen`` / ``reid-lookup`` / ``policy-check``: the privacy officer's side.
+"""``medfed deid reid-keygen`` / ``reid-lookup`` / ``reid-rekey`` / ``policy-check``: the privacy officer's side.
 
 The site machine only ever holds the officer's *public* key and appends sealed rows
 (``medfed deid run --policy ...``). These commands run on the officer's machine:
@@ -58,17 +58,28 @@ def register_reid_commands(deid_app: typer.Typer) -> None:
         officer_key: Annotated[Path, typer.Option("--officer-key", help="The officer's private key (PEM).")] = Path(
             "privacy-officer.key.pem"),
         all_rows: Annotated[bool, typer.Option("--all", help="Print every row.")] = False,
+        site_key: Annotated[Optional[list[Path]], typer.Option(
+            "--site-key", help="The site's audit public key (`medfed audit export-key`) rows must be signed "
+            "with; repeat after a key rotation. Default: the key named in the table.")] = None,
+        accept_unsigned: Annotated[bool, typer.Option(
+            "--accept-unsigned", help="Read a format-1 table, whose rows are not signed.")] = False,
     ) -> None:
         """Print the original identifiers behind a pseudonym (needs the officer's private key)."""
-        from anonymization.reid import ReidError, load_private_key, lookup, read_table
+        from anonymization.audit_keys import AuditKeyError, load_public_key
+        from anonymization.reid import ReidError, is_legacy_private_key, load_private_key, lookup, read_table
 
         if pseudonym is None and not all_rows:
             _fail("give a pseudonym to look up, or --all")
         try:
+            site_keys = [load_public_key(p) for p in site_key or []]
             key = load_private_key(officer_key, _passphrase(confirm=False))
-            rows = list(read_table(table, key)) if all_rows else lookup(table, key, pseudonym or "")
-        except ReidError as err:
+            options = {"site_keys": site_keys or None, "accept_unsigned": accept_unsigned}
+            rows = list(read_table(table, key, **options)) if all_rows else lookup(table, key, pseudonym or "", **options)
+        except (ReidError, AuditKeyError) as err:
             _fail(str(err))
+        if is_legacy_private_key(officer_key):
+            console.print(f"[yellow]note:[/] {officer_key} uses the old key format (PBKDF2, 2,048 iterations); "
+                          f"re-encrypt it with `medfed deid reid-rekey --officer-key {officer_key}`")
         if not rows:
             _fail("no row of the table has that pseudonym", code=1)
         # One "field: value" line each (no table: UIDs must never be cut to fit a terminal).
@@ -81,6 +92,20 @@ def register_reid_commands(deid_app: typer.Typer) -> None:
                 ("study UID pseudonym", r.study_uid_pseudonym), ("Study Instance UID", r.study_uid),
             ):
                 typer.echo(f"{label:>20}: {value}")
+
+    @deid_app.command("reid-rekey")
+    def reid_rekey(
+        officer_key: Annotated[Path, typer.Option("--officer-key", help="The officer's private key (PEM).")] = Path(
+            "privacy-officer.key.pem"),
+    ) -> None:
+        """Re-encrypt the officer's private key under scrypt (same key pair, same passphrase)."""
+        from anonymization.reid import ReidError, rekey_officer_key
+
+        try:
+            rekey_officer_key(officer_key, _passphrase(confirm=False))
+        except ReidError as err:
+            _fail(str(err))
+        console.print(f"re-encrypted {officer_key} (scrypt); the public key and the table are unchanged")
 
     @deid_app.command("policy-check")
     def policy_check(

@@ -93,6 +93,8 @@ def vr_of(row: dict[str, Any]) -> str:
 
 def planted(vr: str, tag: int) -> Any:
     """An identifying value of the VR (text mentions the patient, for the Clean options)."""
+    if tag == 0x00080201:  # Timezone Offset From UTC: SH of the form "+HHMM" (any other text is not kept)
+        return "+0100"
     return {
         "AE": "PHIAETITLE",
         "AS": "045Y",

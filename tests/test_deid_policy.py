@@ -20,6 +20,7 @@ from anonymization.policy import (
     load_policy,
     parse_policy,
 )
+from anonymization.audit_keys import AuditSigner
 from anonymization.reid import (
     ReidError,
     ReidRecord,
@@ -36,6 +37,7 @@ from anonymization.table import DEFAULT_OPTIONS
 from tests.dicom_factory import Patient, make_ct, write
 
 PASSPHRASE = b"correct horse battery"
+SITE_SIGNER = AuditSigner.generate()  # the site's audit signing key: it signs re-identification rows
 
 
 # ---- policy -----------------------------------------------------------------------------
@@ -50,9 +52,11 @@ def test_default_policy_is_todays_behaviour() -> None:
 def test_example_policy_is_documented_and_equals_the_default(tmp_path: Path) -> None:
     text = example_policy_text()
     data = tomllib.loads(text)
-    fields = set(Policy.model_fields) - {"reid", "version"}
+    fields = set(Policy.model_fields) - {"reid", "version", "limits"}
     for name in fields:
         assert f"\n{name} = " in text, f"{name} is not documented in the example policy"
+    for name in Policy.model_fields["limits"].annotation.model_fields:  # the [limits] table
+        assert f"\n{name} = " in text, f"limits.{name} is not documented in the example policy"
     assert parse_policy(data) == DEFAULT_POLICY
     # the commented-out [reid] section is valid when switched on
     enabled = text.replace("# [reid]", "[reid]").replace('# table = "', 'table = "').replace(
@@ -144,7 +148,8 @@ RECORD = ReidRecord(
 def test_keys_private_encrypted_and_0600(officer: tuple[Path, Path]) -> None:
     private, public = officer
     assert (private.stat().st_mode & 0o777) == 0o600
-    assert b"ENCRYPTED PRIVATE KEY" in private.read_bytes()
+    stored = json.loads(private.read_bytes())  # scrypt-encrypted, never in clear
+    assert stored["kdf"] == "scrypt" and stored["n"] >= 2**15
     with pytest.raises(ReidError, match="wrong passphrase"):
         load_private_key(private, b"not the passphrase")
     with pytest.raises(ReidError, match="already exists"):
@@ -158,7 +163,7 @@ def test_table_never_holds_an_identifier_in_clear_and_the_officer_reads_it(
 ) -> None:
     private, public = officer
     path = tmp_path / "reid.jsonl"
-    with ReidTable(path, load_public_key(public)) as table:
+    with ReidTable(path, load_public_key(public), SITE_SIGNER) as table:
         assert table.add("k1", seal(RECORD, table.public_key, "k1"))
         assert not table.add("k1", seal(RECORD, table.public_key, "k1"))  # no duplicate row
     raw = path.read_bytes()
@@ -176,7 +181,7 @@ def test_table_never_holds_an_identifier_in_clear_and_the_officer_reads_it(
 def test_other_keys_cannot_read_and_tampering_is_detected(officer: tuple[Path, Path], tmp_path: Path) -> None:
     private, public = officer
     path = tmp_path / "reid.jsonl"
-    with ReidTable(path, load_public_key(public)) as table:
+    with ReidTable(path, load_public_key(public), SITE_SIGNER) as table:
         table.add("k", seal(RECORD, table.public_key, "k"))
     intruder_private, intruder_public = tmp_path / "i.key", tmp_path / "i.pub"
     generate_officer_keys(intruder_private, intruder_public, PASSPHRASE)
@@ -246,7 +251,7 @@ def test_reid_keygen_and_lookup_commands(tmp_path: Path) -> None:
     result = runner.invoke(app, ["deid", "reid-keygen", "--private", str(private), "--public", str(public)], env=env)
     assert result.exit_code == 0, result.output
     table = tmp_path / "t.jsonl"
-    with ReidTable(table, load_public_key(public)) as writer:
+    with ReidTable(table, load_public_key(public), SITE_SIGNER) as writer:
         writer.add("k", seal(RECORD, writer.public_key, "k"))
     result = runner.invoke(app, ["deid", "reid-lookup", str(table), "--all", "--officer-key", str(private)], env=env)
     assert result.exit_code == 0 and RECORD.patient_id in result.output

@@ -182,7 +182,7 @@ def _policy_file(root: Path, policy: Policy | None) -> Path | None:
     if policy is None:
         return None
     path = root / "policy.toml"
-    fields = policy.model_dump(exclude={"reid"})
+    fields = policy.model_dump(exclude={"reid", "limits"})
     path.write_text("".join(f"{k} = {str(v).lower() if isinstance(v, bool) else v}\n" for k, v in fields.items()))
     return path
 
