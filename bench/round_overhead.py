@@ -247,7 +247,7 @@ def deployment(base_sites: list[Any], work: Path, rounds: int) -> Row:
 
         def online() -> bool:
             try:
-                return sum(n["status"] == "online" for n in list_nodes(cons, port)) == len(names)
+                return sum(n["status"] == "online" for n in list_nodes(cons)) == len(names)
             except Exception:  # noqa: BLE001
                 return False
 

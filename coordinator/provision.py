@@ -5,10 +5,15 @@ key optionally passphrase-encrypted) and the SuperLink's TLS certificate (with
 SANs for the coordinator's host names). Sites are enrolled by their *public*
 SuperNode key only: each site makes its key pair itself (`medfed site keygen`,
 EC P-384 in the OpenSSH format `flower-supernode --auth-supernode-private-key`
-and `flwr supernode register` read) and sends `auth/node.pub`; `init --site
-NAME=FILE` or `add-site NAME --public-key FILE` registers it and writes the
-site's kit (kit.toml, the CA certificate, node.pub, service files) with no
-private key in it. No command here makes or holds a site's private key.
+and `flwr supernode register` read) and sends `auth/node.pub` with
+`auth/tls.csr`, the request for its TLS client certificate; `init --site
+NAME=FILE` or `add-site NAME --public-key FILE` registers the key, signs the
+request with the CA (CN = site name, client authentication only) and writes the
+site's kit (kit.toml, the CA certificate, node.pub, tls.pem, service files)
+with no private key in it. No command here makes or holds a site's private key.
+The coordinator's proxy admits only clients holding such a certificate that
+is not on the CA's revocation list (coordinator/tls/crl.pem, rewritten by
+`revoke-site`).
 
 Everything is written to a temporary name and renamed; private keys are
 created with mode 0600. Keys and certificates come from `cryptography`.
@@ -48,6 +53,13 @@ SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 CA_PASSPHRASE_ENV = "MEDFED_CA_PASSPHRASE"
 #: Shortest passphrase accepted when the CA key is encrypted.
 MIN_PASSPHRASE = 8
+#: The site's TLS client certificate request, next to its node.pub (`medfed site keygen` writes both).
+SITE_CSR = "tls.csr"
+#: The site's TLS client certificate in its kit, next to node.pub.
+SITE_CERT = "tls.pem"
+#: How long a site's client certificate and the CRL are valid (the CA's own lifetime is 10 years).
+SITE_CERT_DAYS = 825
+CRL_DAYS = 3650
 
 
 class ProvisionError(Exception):
@@ -246,6 +258,42 @@ class CertificateAuthority:
         )
         return key, cert
 
+    def issue_site(self, site: str, csr: x509.CertificateSigningRequest,
+                   days: int = SITE_CERT_DAYS) -> x509.Certificate:
+        """A TLS client certificate for ``site`` over the key in its (checked) request: CN = site, clientAuth only."""
+        now = _now()
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, self.org),
+                                     x509.NameAttribute(NameOID.COMMON_NAME, site)]))
+            .issuer_name(self.cert.subject).public_key(csr.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
+            .sign(self.key, hashes.SHA384())
+        )
+
+    @property
+    def org(self) -> str:
+        attrs = self.cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+        return str(attrs[0].value) if attrs else "medfed"
+
+    def crl(self, serials: Sequence[int], days: int = CRL_DAYS) -> bytes:
+        """The revocation list (PEM) naming ``serials``; nginx refuses a client whose certificate is on it."""
+        now = _now()
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(self.cert.subject)
+                   .last_update(now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(days=days)))
+        for serial in sorted(set(serials)):
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build())
+        return builder.sign(self.key, hashes.SHA384()).public_bytes(serialization.Encoding.PEM)
+
 
 def private_pem(key: ec.EllipticCurvePrivateKey, passphrase: bytes | None = None) -> bytes:
     """PKCS#8 PEM; encrypted with cryptography's best available scheme when ``passphrase`` is given."""
@@ -315,6 +363,14 @@ class Layout:
         return self.coordinator / "nodes"
 
     @property
+    def certs(self) -> Path:  # the sites' TLS client certificates, as issued (their serials go on the CRL)
+        return self.coordinator / "certs"
+
+    @property
+    def crl(self) -> Path:  # the CA's revocation list that the proxy checks every site certificate against
+        return self.tls / "crl.pem"
+
+    @property
     def kits(self) -> Path:
         return self.root / "kits"
 
@@ -322,11 +378,14 @@ class Layout:
         return self.kits / site
 
 
-def _site_kit(layout: Layout, cfg: ConsortiumConfig, site: str, public: bytes) -> SiteEntry:
-    """Register ``public`` (an OpenSSH line, checked) for ``site`` and write its kit: no private key in it."""
+def _site_kit(layout: Layout, cfg: ConsortiumConfig, site: str, public: bytes, cert: x509.Certificate) -> SiteEntry:
+    """Register ``public`` (an OpenSSH line, checked) and ``cert`` for ``site`` and write its kit: no private key."""
     kit = layout.kit(site)
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
     # auth/ 0700 as at the site, so copying the kit over the site's folder (cp -a, rsync -a) keeps it narrow
     write_file(kit / "auth" / "node.pub", public, dir_mode=0o700)
+    write_file(kit / "auth" / SITE_CERT, cert_pem, dir_mode=0o700)
+    write_file(layout.certs / f"{site}.pem", cert_pem)
     write_file(kit / "ca.pem", (layout.tls / "ca.pem").read_bytes())
     address = f"{cfg.coordinator_hosts[0]}:{cfg.port}"
     write_file(kit / KIT_FILE, kit_toml(cfg.name, site, address).encode())
@@ -347,6 +406,8 @@ name = {_q(site)}                   # this site
 superlink = {_q(superlink)}         # the coordinator's SuperLink (HTTPS, outbound only)
 ca-cert = "ca.pem"                  # checks the coordinator's TLS certificate
 auth-key = "auth/node.key"          # made here by `medfed site keygen` (mode 0600; never leaves the site)
+tls-cert = "auth/tls.pem"           # this site's TLS client certificate, signed by the consortium CA
+tls-key = "auth/tls.key"            # its key, made here by `medfed site keygen` (mode 0600)
 clientapp-port = {DEFAULT_CLIENTAPP_PORT}             # loopback port between the SuperNode and its ClientApp
 reconnect-seconds = 3600            # how long the SuperNode keeps retrying a lost coordinator
 
@@ -400,10 +461,11 @@ def kit_readme(consortium: str, site: str, superlink: str) -> str:
 
 From the consortium operator. It holds no private key: `kit.toml`, `ca.pem`
 (checks the coordinator), `auth/node.pub` (the public key the operator enrolled
-for {site}) and `medfed-site.service`.
+for {site}), `auth/tls.pem` (this site's TLS client certificate, signed from the
+request `auth/tls.csr`) and `medfed-site.service`.
 
 Copy its contents *into* the site's kit folder, the one where `medfed site keygen`
-made `auth/node.key` (e.g. `cp -r {site}/. /srv/medfed/kit/`). Never replace that
+made `auth/node.key` and `auth/tls.key` (e.g. `cp -r {site}/. /srv/medfed/kit/`). Never replace that
 folder: the private key exists there and nowhere else. `medfed site start` checks
 that `auth/node.pub` matches `auth/node.key`.
 
@@ -416,13 +478,47 @@ that `auth/node.pub` matches `auth/node.key`.
 # ---- operations ----------------------------------------------------------------------------------
 
 
-def parse_site_spec(spec: str) -> tuple[str, Path]:
-    """``NAME=PUBLIC_KEY_FILE`` (`consortium init --site`) as (name, file)."""
-    name, sep, file = spec.partition("=")
+def parse_site_spec(spec: str) -> tuple[str, Path, Path | None]:
+    """``NAME=PUBLIC_KEY_FILE[,CSR_FILE]`` (`consortium init --site`) as (name, key file, CSR file or None).
+
+    Without CSR_FILE the request is the tls.csr next to the public key, as `medfed site keygen` writes them.
+    """
+    name, sep, files = spec.partition("=")
+    file, _, csr = files.partition(",")
     if not sep or not name.strip() or not file.strip():
-        raise ProvisionError(f"--site {spec!r} is not NAME=PUBLIC_KEY_FILE; give the site's name and the "
-                             "auth/node.pub it sent, e.g. --site hospital-a=hospital-a.pub")
-    return name.strip(), Path(file.strip())
+        raise ProvisionError(f"--site {spec!r} is not NAME=PUBLIC_KEY_FILE[,CSR_FILE]; give the site's name and the "
+                             "auth/node.pub it sent, e.g. --site hospital-a=hospital-a/node.pub")
+    return name.strip(), Path(file.strip()), Path(csr.strip()) if csr.strip() else None
+
+
+def site_csr_path(public_key: Path, csr: Path | None) -> Path:
+    """The site's certificate request: ``csr`` if given, else tls.csr next to its public key."""
+    return csr if csr is not None else public_key.with_name(SITE_CSR)
+
+
+def load_site_csr(path: Path, site: str) -> x509.CertificateSigningRequest:
+    """A site's TLS certificate request, checked: readable, self-signed correctly, an EC key."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ProvisionError(
+            f"site {site}: cannot read its TLS certificate request {path} ({err.strerror}); the site makes it with "
+            f"`medfed site keygen KIT` (auth/{SITE_CSR}) and sends it with node.pub — pass it with --csr") from None
+    if b"PRIVATE KEY" in data:
+        raise ProvisionError(f"site {site}: {path} holds a PRIVATE key; it must never leave the site — ask for "
+                             f"auth/{SITE_CSR} instead")
+    try:
+        csr = x509.load_pem_x509_csr(data)
+    except ValueError:
+        raise ProvisionError(f"site {site}: {path} is not a PEM certificate request; send auth/{SITE_CSR} "
+                             "from `medfed site keygen`") from None
+    if not csr.is_signature_valid:
+        raise ProvisionError(f"site {site}: the signature of the request {path} is not valid (altered in transit?); "
+                             f"ask the site for its auth/{SITE_CSR} again")
+    if not isinstance(csr.public_key(), ec.EllipticCurvePublicKey):
+        raise ProvisionError(f"site {site}: {path} requests a certificate for a non-EC key; use the request "
+                             "`medfed site keygen` makes")
+    return csr
 
 
 def _normalized_key(data: bytes, source: str) -> bytes:
@@ -432,7 +528,8 @@ def _normalized_key(data: bytes, source: str) -> bytes:
         raise ProvisionError(str(err)) from None
 
 
-def _enrolments(directory: Path, cfg: ConsortiumConfig, sites: Sequence[tuple[str, Path]]) -> list[tuple[str, bytes]]:
+def _enrolments(directory: Path, cfg: ConsortiumConfig,
+                sites: Sequence[tuple[str, Path, Path | None]]) -> list[tuple[str, bytes, x509.CertificateSigningRequest]]:
     """Check new sites' names and public keys against the consortium and each other, before anything is written.
 
     A key may belong to one site only, revoked ones included: a revoked key stays refused.
@@ -442,15 +539,15 @@ def _enrolments(directory: Path, cfg: ConsortiumConfig, sites: Sequence[tuple[st
     for entry in cfg.sites:
         line = _normalized_key(public_key_line(directory, entry), str(directory / entry.public_key))
         owner[line] = f"{entry.name} ({entry.status})"
-    out: list[tuple[str, bytes]] = []
-    for site, path in sites:
+    out: list[tuple[str, bytes, x509.CertificateSigningRequest]] = []
+    for site, path, csr_path in sites:
         if not SITE_NAME.match(site):
             raise ProvisionError(
                 f"site name {site!r} is not allowed: use letters, digits, '.', '_' or '-' (e.g. hospital-a)")
         if (existing := cfg.site(site)) is not None:
             raise ProvisionError(
                 f"site {site!r} is already in the consortium ({existing.status}); a revoked site gets a new name")
-        if any(site == s for s, _ in out):
+        if any(site == s for s, _, _ in out):
             raise ProvisionError(f"site {site!r} is given twice; enrol each site once")
         try:
             line = public_line(load_public_key(path))
@@ -462,12 +559,14 @@ def _enrolments(directory: Path, cfg: ConsortiumConfig, sites: Sequence[tuple[st
                 f"with `medfed site keygen KIT` — ask {site} for its own auth/node.pub")
         if layout.kit(site).exists():
             raise ProvisionError(f"{layout.kit(site)} already exists (an old kit); remove it and retry")
+        csr = load_site_csr(site_csr_path(path, csr_path), site)
         owner[line] = f"{site} (given just before)"
-        out.append((site, line))
+        out.append((site, line, csr))
     return out
 
 
-def init_consortium(directory: Path, name: str, hosts: list[str], sites: Sequence[tuple[str, Path]] = (), *,
+def init_consortium(directory: Path, name: str, hosts: list[str],
+                    sites: Sequence[tuple[str, Path] | tuple[str, Path, Path | None]] = (), *,
                     port: int = DEFAULT_PORT, bind_host: str = "0.0.0.0",
                     ca_passphrase: bytes | None = None) -> ConsortiumConfig:
     """Create a consortium folder: CA, coordinator TLS identity, and a kit per enrolled site (name, public key)."""
@@ -487,7 +586,7 @@ def init_consortium(directory: Path, name: str, hosts: list[str], sites: Sequenc
                                bind_host=bind_host)
     except ValidationError as err:
         raise explain("the command line", err) from None
-    enrol = _enrolments(directory, cfg, sites)
+    enrol = _enrolments(directory, cfg, [(s[0], s[1], s[2] if len(s) > 2 else None) for s in sites])
     layout = Layout(directory)
     ca = CertificateAuthority.create(name)
     ca.save(layout.ca_dir, ca_passphrase)
@@ -495,18 +594,34 @@ def init_consortium(directory: Path, name: str, hosts: list[str], sites: Sequenc
     write_file(layout.tls / "ca.pem", ca.cert_pem)
     write_file(layout.tls / "server.pem", cert.public_bytes(serialization.Encoding.PEM))
     write_file(layout.tls / "server.key", private_pem(key), 0o600, dir_mode=0o700)
-    for site, public in enrol:
-        cfg.sites.append(_site_kit(layout, cfg, site, public))
+    write_file(layout.crl, ca.crl([]))
+    for site, public, csr in enrol:
+        cfg.sites.append(_site_kit(layout, cfg, site, public, ca.issue_site(site, csr)))
     write_file(directory / CONSORTIUM_FILE, cfg.to_toml().encode())
     return cfg
 
 
-def add_site(directory: Path, site: str, public_key: Path) -> SiteEntry:
-    """Enrol one more site by the public key it made (`medfed site keygen`) and write its kit."""
+def _consortium_ca(directory: Path, ca_passphrase: bytes | None) -> CertificateAuthority:
+    """This consortium's CA with its key (refused if ca/ holds another consortium's CA)."""
+    layout = Layout(directory)
+    ca = CertificateAuthority.load(layout.ca_dir, ca_passphrase)
+    if (layout.tls / "ca.pem").is_file() and (layout.tls / "ca.pem").read_bytes() != ca.cert_pem:
+        raise ProvisionError(f"the CA in {layout.ca_dir} is not the one in {layout.tls / 'ca.pem'}: restore this "
+                             "consortium's own ca/ folder")
+    return ca
+
+
+def add_site(directory: Path, site: str, public_key: Path, csr: Path | None = None, *,
+             ca_passphrase: bytes | None = None) -> SiteEntry:
+    """Enrol one more site by its public key and signed-here TLS request (`medfed site keygen`); write its kit.
+
+    Needs the CA key: the site's client certificate is issued from ``csr`` (default: tls.csr next to the key).
+    """
     directory = directory.resolve()
     cfg = load_consortium(directory)
-    ((site, public),) = _enrolments(directory, cfg, [(site, public_key)])
-    entry = _site_kit(Layout(directory), cfg, site, public)
+    ((site, public, request),) = _enrolments(directory, cfg, [(site, public_key, csr)])
+    ca = _consortium_ca(directory, ca_passphrase)
+    entry = _site_kit(Layout(directory), cfg, site, public, ca.issue_site(site, request))
     cfg.sites.append(entry)
     write_file(directory / CONSORTIUM_FILE, cfg.to_toml().encode())
     return entry
@@ -526,28 +641,46 @@ def renew_tls(directory: Path, ca_passphrase: bytes | None = None) -> x509.Certi
     directory = directory.resolve()
     cfg = load_consortium(directory)
     layout = Layout(directory)
-    ca = CertificateAuthority.load(layout.ca_dir, ca_passphrase)
-    if (layout.tls / "ca.pem").is_file() and (layout.tls / "ca.pem").read_bytes() != ca.cert_pem:
-        raise ProvisionError(f"the CA in {layout.ca_dir} is not the one in {layout.tls / 'ca.pem'}: restore this "
-                             "consortium's own ca/ folder")
+    ca = _consortium_ca(directory, ca_passphrase)
     key, cert = ca.issue_server(coordinator_hosts(cfg.coordinator_hosts))
     write_file(layout.tls / "server.key", private_pem(key), 0o600, dir_mode=0o700)
     write_file(layout.tls / "server.pem", cert.public_bytes(serialization.Encoding.PEM))
+    write_crl(directory, cfg, ca)
     return cert
 
 
-def revoke_site(directory: Path, site: str) -> SiteEntry:
-    """Mark a site revoked: its key is unregistered at the SuperLink and refused from then on."""
+def write_crl(directory: Path, cfg: ConsortiumConfig, ca: CertificateAuthority) -> Path:
+    """Write coordinator/tls/crl.pem: the serials of every revoked site's client certificate."""
+    layout = Layout(directory)
+    serials = []
+    for s in cfg.sites:
+        path = layout.certs / f"{s.name}.pem"
+        if s.status == "revoked" and path.is_file():
+            serials.append(x509.load_pem_x509_certificate(path.read_bytes()).serial_number)
+    write_file(layout.crl, ca.crl(serials))
+    return layout.crl
+
+
+def revoke_site(directory: Path, site: str, ca_passphrase: bytes | None = None) -> SiteEntry:
+    """Revoke a site: its certificate goes on the CRL (needs the CA key) and its node key is refused from then on.
+
+    The CA key is opened first, so a wrong or missing passphrase changes nothing.
+    """
     directory = directory.resolve()
     cfg = load_consortium(directory)
     entry = cfg.site(site)
     if entry is None:
         names = ", ".join(s.name for s in cfg.sites) or "none"
         raise ProvisionError(f"site {site!r} is not in the consortium (sites: {names})")
-    if entry.status == "revoked":
-        return entry
-    entry.status = "revoked"
-    entry.revoked = _now().isoformat(timespec="seconds")
+    try:
+        ca = _consortium_ca(directory, ca_passphrase)
+    except ProvisionError as err:
+        raise ProvisionError(f"cannot revoke site {site}: its TLS certificate must go on the CA's revocation list, "
+                             f"which needs the CA key — {err}") from None
+    if entry.status != "revoked":
+        entry.status = "revoked"
+        entry.revoked = _now().isoformat(timespec="seconds")
+    write_crl(directory, cfg, ca)  # before consortium.toml: a crash in between leaves the site refused, not admitted
     write_file(directory / CONSORTIUM_FILE, cfg.to_toml().encode())
     return entry
 

@@ -7,9 +7,13 @@ node registry match `consortium.toml`: every active site's public key
 registered, every revoked one unregistered (through Flower's Control API, as
 `flwr supernode register` does).
 
-Flower 1.41 serves its Fleet, Control and Runtime APIs on one HTTPS port, so
-that port is the only one the SuperLink opens; its gRPC health server (plain
-text) is never started.
+Flower 1.41 serves its Fleet, Control and Runtime APIs on one HTTPS port.
+Sites need only the Fleet API, so the SuperLink binds loopback on an internal
+port (where `medfed run` and registration use the Control API) and Debian's
+nginx, a child of this command, holds the public port: mutual TLS (a site
+certificate from the consortium CA, not on its CRL), only ``/v1/fleet/``
+proxied, 403 for everything else (docs/deployment.md, "The control plane").
+The SuperLink's gRPC health server (plain text) is never started.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
+import shutil
 import signal
 import socket
 import ssl
@@ -81,6 +87,26 @@ class CoordinatorPaths:
     def registrations(self) -> Path:
         return self.state / "registrations.json"
 
+    @property
+    def internal_port(self) -> Path:  # the SuperLink's loopback port, chosen at each start
+        return self.state / "superlink.port"
+
+    @property
+    def nginx_conf(self) -> Path:
+        return self.state / "nginx.conf"
+
+    @property
+    def nginx_pid(self) -> Path:
+        return self.state / "nginx.pid"
+
+    @property
+    def nginx_error_log(self) -> Path:
+        return self.state / "nginx-error.log"
+
+    @property
+    def nginx_access_log(self) -> Path:
+        return self.state / "nginx-access.log"
+
 
 def flower_bin(name: str) -> str:
     candidate = Path(sys.executable).parent / name
@@ -89,9 +115,8 @@ def flower_bin(name: str) -> str:
     raise CoordinatorError(f"`{name}` is not installed next to {sys.executable}; install medfed with its dependencies")
 
 
-def superlink_command(directory: Path, cfg: ConsortiumConfig, *, port: int | None = None,
-                      bind_host: str | None = None) -> list[str]:
-    """The `flower-superlink` command line for this consortium."""
+def superlink_command(directory: Path, cfg: ConsortiumConfig, *, internal_port: int) -> list[str]:
+    """The `flower-superlink` command line: loopback only, on ``internal_port`` (nginx holds the public one)."""
     layout = Layout(directory)
     paths = CoordinatorPaths(layout)
     tls = layout.tls
@@ -108,8 +133,8 @@ def superlink_command(directory: Path, cfg: ConsortiumConfig, *, port: int | Non
         "--database", str(paths.database),
         "--disable-runtime-dependency-installation",
         "--isolation", "subprocess",
-        "--host", bind_host or cfg.bind_host,
-        "--port", str(port or cfg.port),
+        "--host", "127.0.0.1",
+        "--port", str(internal_port),
     ]
 
 
@@ -123,15 +148,15 @@ def coordinator_env(directory: Path) -> dict[str, str]:
     return env
 
 
-def write_flower_config(directory: Path, cfg: ConsortiumConfig, port: int | None = None) -> Path:
-    """The Flower configuration `flwr run` and registration use: one TLS connection over loopback."""
+def write_flower_config(directory: Path, internal_port: int) -> Path:
+    """The Flower configuration `flwr run` and registration use: TLS to the SuperLink's own loopback port."""
     layout = Layout(directory)
     paths = CoordinatorPaths(layout)
     paths.flwr_home.mkdir(parents=True, exist_ok=True)
     text = (
         "# Written by `medfed coordinator start`: the SuperLink's Control API over TLS.\n"
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port or cfg.port}"\n'
+        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{internal_port}"\n'
         f'root-certificates = "{layout.tls / "ca.pem"}"\n'
     )
     path = paths.flwr_home / "config.toml"
@@ -158,17 +183,30 @@ def wait_for_tls(host: str, port: int, ca_file: Path, timeout: float) -> None:
                            "see its log")
 
 
+def internal_port(directory: Path) -> int:
+    """The loopback port the running SuperLink serves its Control API on (written by `coordinator start`)."""
+    path = CoordinatorPaths(Layout(directory)).internal_port
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        raise CoordinatorError(f"{path} is missing: the coordinator of {directory} is not running here; start it "
+                               f"with `medfed coordinator start {directory}` (the Control API is on loopback "
+                               "only)") from None
+
+
 @contextmanager
 def control_client(directory: Path, port: int | None = None) -> Iterator[Any]:
-    """Flower's own Control API client for this coordinator (TLS, consortium CA)."""
+    """Flower's own Control API client for this coordinator: TLS over loopback to the SuperLink's internal port."""
     from flwr.cli.typing import SuperLinkConnection
     from flwr.cli.utils import init_http_client_from_connection
 
-    cfg = load_consortium(directory)
+    directory = directory.resolve()  # Flower wants an absolute CA path
+    load_consortium(directory)
+    port = port or internal_port(directory)
     layout = Layout(directory)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     os.environ["FLWR_HOME"] = str(CoordinatorPaths(layout).flwr_home)
-    conn = SuperLinkConnection(name=CONNECTION, address=f"127.0.0.1:{port or cfg.port}",
+    conn = SuperLinkConnection(name=CONNECTION, address=f"127.0.0.1:{port}",
                                root_certificates=str(layout.tls / "ca.pem"))
     client = init_http_client_from_connection(conn)
     try:
@@ -189,12 +227,20 @@ def _key_bytes(line: bytes) -> bytes:
     return public_key_to_bytes(key)
 
 
-def sync_registrations(directory: Path, port: int | None = None) -> dict[str, Any]:
-    """Register every active site's key at the SuperLink and unregister every revoked one.
+#: HTTP status of Flower's Control API when a public key is held by another (e.g. unregistered) node.
+KEY_IN_USE = 412
 
-    Idempotent: compares public keys with what the SuperLink holds. Returns
-    {site: {"node_id": ..., "status": ...}} and writes it to state/registrations.json.
+
+def sync_registrations(directory: Path, port: int | None = None) -> dict[str, Any]:
+    """Make the SuperLink's node registry match consortium.toml; never raises for one site's trouble.
+
+    Registers every active site's key, unregisters revoked sites' keys and any
+    key the consortium does not list (registered behind the operator's back).
+    A key Flower refuses as "already in use" (HTTP 412: an unregistered node
+    still holds it) is reported with what to do, and the others go on.
+    Returns {site: {"node_id": ..., "status": ...}} and writes it to state/registrations.json.
     """
+    import httpx
     from flwr.proto.control_pb2 import ListNodesRequest, RegisterNodeRequest, UnregisterNodeRequest
 
     cfg = load_consortium(directory)
@@ -203,21 +249,38 @@ def sync_registrations(directory: Path, port: int | None = None) -> dict[str, An
     with control_client(directory, port) as client:
         nodes = list(client.ListNodes(ListNodesRequest()).nodes_info)
         by_key = {bytes(n.public_key): n for n in nodes if n.status != "unregistered"}
+        active_keys: set[bytes] = set()
         for site in cfg.sites:
             key = _key_bytes(public_key_line(directory, site))
             node = by_key.get(key)
             if site.status == "active":
-                if node is None:
-                    res = client.RegisterNode(RegisterNodeRequest(public_key=key, name=site.name))
-                    log.info("registered site %s as SuperNode %d", site.name, res.node_id)
-                    out[site.name] = {"node_id": int(res.node_id), "status": "registered"}
-                else:
+                active_keys.add(key)
+                if node is not None:
                     out[site.name] = {"node_id": int(node.node_id), "status": node.status}
+                    continue
+                try:
+                    res = client.RegisterNode(RegisterNodeRequest(public_key=key, name=site.name))
+                except httpx.HTTPStatusError as err:
+                    if err.response.status_code != KEY_IN_USE:
+                        raise
+                    log.error("site %s cannot be registered: the SuperLink holds its public key for an unregistered "
+                              "node (someone unregistered it through the Control API). The site must make a new key "
+                              "(`medfed site keygen KIT --force`) and be enrolled again under a new name; the other "
+                              "sites are unaffected", site.name)
+                    out[site.name] = {"node_id": None, "status": "key-in-use"}
+                    continue
+                log.info("registered site %s as SuperNode %d", site.name, res.node_id)
+                out[site.name] = {"node_id": int(res.node_id), "status": "registered"}
             else:
                 if node is not None:
                     client.UnregisterNode(UnregisterNodeRequest(node_id=node.node_id))
                     log.info("unregistered revoked site %s (SuperNode %d)", site.name, node.node_id)
                 out[site.name] = {"node_id": int(node.node_id) if node is not None else None, "status": "revoked"}
+        for key, node in by_key.items():
+            if key not in active_keys and not any(v["node_id"] == int(node.node_id) for v in out.values()):
+                client.UnregisterNode(UnregisterNodeRequest(node_id=node.node_id))
+                log.warning("unregistered SuperNode %d (%r): its key is not in %s", node.node_id, node.name,
+                            directory / "consortium.toml")
     paths.state.mkdir(parents=True, exist_ok=True)
     tmp = paths.registrations.with_name(".registrations.json.tmp")
     tmp.write_text(json.dumps(out, indent=2))
@@ -257,67 +320,240 @@ def running_pid(directory: Path) -> int | None:
         return None
 
 
+# ---- the public port: nginx, mutual TLS, Fleet API only ------------------------------------------
+
+
+#: The only API sites need; everything else on the public port gets 403.
+FLEET_PREFIX = "/v1/fleet/"
+
+
+def nginx_bin() -> str:
+    """Debian's nginx (in /usr/sbin, which a non-root PATH may lack)."""
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+    if found is None:
+        raise CoordinatorError("nginx is not installed: the coordinator's public port is served by it "
+                               "(`apt-get install nginx` on Debian; `make` installs it when run as root)")
+    return found
+
+
+def _listen(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def nginx_config(directory: Path, *, public_port: int, bind_host: str, internal: int) -> str:
+    """nginx.conf for the public port: client certificates from the CA (not on the CRL), Fleet API only."""
+    layout = Layout(directory)
+    paths = CoordinatorPaths(layout)
+    tls, state = layout.tls, paths.state
+    # As root, nginx would run its workers as "nobody"; keep them the coordinator's own user instead.
+    user = f"user {pwd.getpwuid(os.geteuid()).pw_name};\n" if os.geteuid() == 0 else ""
+    temp = "\n".join(f"    {d}_temp_path {state / 'nginx-temp' / d};" for d in
+                      ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return f"""# Written by `medfed coordinator start`; rewritten at every start. Do not edit.
+{user}worker_processes 1;
+pid {paths.nginx_pid};
+error_log {paths.nginx_error_log} warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {paths.nginx_access_log};
+{temp}
+    server_tokens off;
+    client_max_body_size 0;              # model updates; the SuperLink bounds what it accepts
+    server {{
+        listen {_listen(bind_host, public_port)} ssl;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_certificate {tls / "server.pem"};
+        ssl_certificate_key {tls / "server.key"};
+        # mutual TLS: only a site certificate from the consortium CA, not revoked, gets an HTTP answer
+        ssl_verify_client on;
+        ssl_verify_depth 1;
+        ssl_client_certificate {tls / "ca.pem"};
+        ssl_crl {layout.crl};
+        location {FLEET_PREFIX} {{
+            # the raw request line too: no encoded '/' or '..' may reach another API upstream
+            if ($request_uri !~ "^/v1/fleet/[a-z0-9-]+$") {{ return 403; }}
+            limit_except POST {{ deny all; }}
+            proxy_pass https://127.0.0.1:{internal};
+            proxy_http_version 1.1;
+            proxy_ssl_trusted_certificate {tls / "ca.pem"};
+            proxy_ssl_verify on;
+            proxy_ssl_name localhost;
+            proxy_request_buffering off;
+            proxy_buffering off;
+            proxy_read_timeout 600s;
+            proxy_send_timeout 600s;
+        }}
+        location / {{ return 403; }}     # Control and Runtime APIs: loopback only, on the SuperLink's own port
+        # plain HTTP on this port gets no HTTP answer at all: the connection is closed (TLS only)
+        error_page 497 @plaintext;
+        location @plaintext {{ return 444; }}
+        # no or a bad (unknown CA, revoked, expired) client certificate: 401, on which Flower's SuperNode
+        # stops, as it does when the SuperLink refuses its node key (nginx's own 400 leaves it hanging)
+        error_page 495 496 = @refused;
+        location @refused {{ return 401; }}
+    }}
+}}
+"""
+
+
+def nginx_command(directory: Path, *extra: str) -> list[str]:
+    """nginx with this consortium's config, prefix and error log (``extra``: e.g. ``-t``, ``-s reload``)."""
+    paths = CoordinatorPaths(Layout(directory))
+    return [nginx_bin(), "-c", str(paths.nginx_conf), "-p", f"{paths.state}/", "-e", str(paths.nginx_error_log),
+            *extra]
+
+
+def write_nginx_config(directory: Path, *, public_port: int, bind_host: str, internal: int) -> Path:
+    """Write state/nginx.conf and check it with `nginx -t` (a clear error, before anything listens)."""
+    layout = Layout(directory)
+    paths = CoordinatorPaths(layout)
+    if not layout.crl.is_file():
+        raise CoordinatorError(f"{layout.crl} (the CA's revocation list) is missing; `medfed consortium renew-tls "
+                               f"{directory}` writes it (it needs the CA key)")
+    for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (paths.state / "nginx-temp" / d).mkdir(parents=True, exist_ok=True)
+    paths.nginx_conf.write_text(nginx_config(directory, public_port=public_port, bind_host=bind_host,
+                                             internal=internal))
+    res = subprocess.run(nginx_command(directory, "-t", "-q"), capture_output=True, text=True, timeout=30)
+    if res.returncode != 0:
+        raise CoordinatorError(f"nginx refuses {paths.nginx_conf}: {(res.stderr or res.stdout).strip()}")
+    return paths.nginx_conf
+
+
+def proxy_pid(directory: Path) -> int | None:
+    """The pid of this consortium's running nginx (its pid file, checked against /proc), or None."""
+    paths = CoordinatorPaths(Layout(directory))
+    try:
+        pid = int(paths.nginx_pid.read_text().strip())
+        if b"nginx" not in (Path("/proc") / str(pid) / "cmdline").read_bytes():
+            return None
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def reload_proxy(directory: Path) -> bool:
+    """Make the running nginx re-read its config, certificates and CRL (SIGHUP); False if none runs."""
+    pid = proxy_pid(directory)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGHUP)
+    log.info("nginx (pid %d) reloaded: the revocation list is in force for new connections", pid)
+    return True
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes], what: str) -> None:
+    """Wait (bounded) until ``host:port`` accepts TCP connections, failing at once if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise CoordinatorError(f"{what} exited with code {proc.returncode} while starting")
+        try:
+            with socket.create_connection((host, port), timeout=2):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise CoordinatorError(f"{what} did not listen on {host}:{port} within {timeout:g}s")
+
+
+def _stop_child(child: subprocess.Popen[bytes]) -> None:
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait(timeout=20)
+
+
 def start_coordinator(directory: Path, *, port: int | None = None, bind_host: str | None = None,
                       ready_timeout: float = 120.0, foreground: bool = True) -> int:
-    """Start the SuperLink, register the sites, then (``foreground``) wait until it exits."""
+    """Start the SuperLink (loopback) and nginx (public port), register the sites, then wait until either exits."""
     directory = directory.resolve()
     cfg = load_consortium(directory)
     paths = CoordinatorPaths(Layout(directory))
     if (pid := running_pid(directory)) is not None:
         raise CoordinatorError(f"a SuperLink for {directory} is already running (pid {pid}); stop it first")
+    if (pid := proxy_pid(directory)) is not None:
+        raise CoordinatorError(f"an nginx for {directory} is still running (pid {pid}, left by a coordinator that was "
+                               f"killed); stop it (`kill {pid}`) and start again")
     for d in (paths.state, paths.runs):
         d.mkdir(parents=True, exist_ok=True)
-    write_flower_config(directory, cfg, port)
-    cmd = superlink_command(directory, cfg, port=port, bind_host=bind_host)
+    public_port, host = port or cfg.port, bind_host or cfg.bind_host
+    internal = _free_loopback_port()
+    write_nginx_config(directory, public_port=public_port, bind_host=host, internal=internal)
+    paths.internal_port.write_text(str(internal))
+    write_flower_config(directory, internal)
+    cmd = superlink_command(directory, cfg, internal_port=internal)
     logf = open(paths.log_file, "ab")  # noqa: SIM115 - handed to the child for its lifetime
     child = subprocess.Popen(cmd, env=coordinator_env(directory), cwd=paths.state, stdout=logf,
                              stderr=subprocess.STDOUT)
     paths.pid_file.write_text(str(child.pid))
+    proxy: subprocess.Popen[bytes] | None = None
     stopping = False
 
     def _stop(signum: int, _frame: Any) -> None:
         nonlocal stopping
         stopping = True
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
+        for c in (proxy, child):
+            if c is not None and c.poll() is None:
+                c.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+
+    def _stop_all() -> None:
+        if proxy is not None:
+            _stop_child(proxy)
+        _stop_child(child)
+
     try:
         try:
-            wait_for_tls("127.0.0.1", port or cfg.port, Layout(directory).tls / "ca.pem", ready_timeout)
+            wait_for_tls("127.0.0.1", internal, Layout(directory).tls / "ca.pem", ready_timeout)
         except CoordinatorError:
             if child.poll() is not None:
                 raise CoordinatorError(
                     f"flower-superlink exited with code {child.returncode} while starting; see {paths.log_file}"
                 ) from None
             raise
-        regs = sync_registrations(directory, port)
-        active = sum(1 for r in regs.values() if r["status"] != "revoked")
-        log.info("coordinator %s up on port %d: %d site(s) registered, TLS and SuperNode authentication on",
-                 cfg.name, port or cfg.port, active)
-        print(f"medfed coordinator ready: https://{cfg.coordinator_hosts[0]}:{port or cfg.port} "
+        proxy = subprocess.Popen(nginx_command(directory, "-g", "daemon off;"), cwd=paths.state,
+                                 stdout=logf, stderr=subprocess.STDOUT)
+        probe = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        try:
+            wait_for_port(probe, public_port, 30, proxy, "nginx")
+        except CoordinatorError as err:
+            raise CoordinatorError(f"{err}; see {paths.nginx_error_log}") from None
+        regs = sync_registrations(directory, internal)
+        active = sum(1 for r in regs.values() if r["status"] not in ("revoked", "key-in-use"))
+        log.info("coordinator %s up on port %d (nginx: site certificates, Fleet API only; SuperLink on loopback "
+                 "port %d): %d site(s) registered", cfg.name, public_port, internal, active)
+        print(f"medfed coordinator ready: https://{cfg.coordinator_hosts[0]}:{public_port} "
               f"({active} sites registered)", flush=True)
         if not foreground:
             return child.pid
-        while child.poll() is None:
+        while child.poll() is None and proxy.poll() is None:
             time.sleep(0.5)
-        return 0 if stopping else (child.returncode or 0)
+        if not stopping:
+            gone = "nginx" if proxy.poll() is not None else "flower-superlink"
+            log.error("%s exited (code %s); stopping the coordinator — see %s", gone,
+                      proxy.returncode if gone == "nginx" else child.returncode,
+                      paths.nginx_error_log if gone == "nginx" else paths.log_file)
+            _stop_all()
+            return 1
+        return 0
     except BaseException:
-        if child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        _stop_all()
         raise
     finally:
         if foreground:
-            if child.poll() is None:
-                child.terminate()
-                try:
-                    child.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    child.kill()
+            _stop_all()
             paths.pid_file.unlink(missing_ok=True)
+            paths.internal_port.unlink(missing_ok=True)
             logf.close()

@@ -44,8 +44,9 @@ def consortium_init(
         "--coordinator-host", help="Name or address sites use to reach the coordinator (repeat, or comma-separate); "
         "localhost and 127.0.0.1 are always added.")],
     site: Annotated[Optional[list[str]], typer.Option(
-        "--site", help="Enrol a site by the public key it made with `medfed site keygen`: NAME=PATH/TO/node.pub "
-        "(repeat per site; or enrol later with add-site).")] = None,
+        "--site", help="Enrol a site by what `medfed site keygen` made there: NAME=PATH/TO/node.pub, its TLS "
+        "certificate request being the tls.csr next to it (or NAME=node.pub,tls.csr); repeat per site, or enrol "
+        "later with add-site.")] = None,
     port: Annotated[int, typer.Option(help="The SuperLink's HTTPS port.")] = 9093,
     bind_host: Annotated[str, typer.Option("--bind-host", help="Address the SuperLink listens on.")] = "0.0.0.0",
     ca_passphrase_file: _CA_PASSPHRASE = None,
@@ -81,16 +82,17 @@ def _print_kits(root: Path, entries: list[Any]) -> None:
 
 
 def _change_sites(directory: Path, site: str, change: Callable[[Path, str], Any]) -> tuple[Any, bool]:
-    """Apply ``change`` to the consortium; a running SuperLink picks the new registrations up at once."""
+    """Apply ``change`` to the consortium; a running coordinator picks it up at once (registrations, CRL)."""
     from coordinator.provision import ProvisionError
-    from coordinator.superlink import running_pid, sync_registrations
+    from coordinator.superlink import CoordinatorError, reload_proxy, running_pid, sync_registrations
 
     try:
         entry = change(directory, site)
         live = running_pid(directory) is not None
         if live:
+            reload_proxy(directory)  # nginx re-reads the CRL: a revoked certificate is refused from now on
             sync_registrations(directory)
-    except ProvisionError as err:
+    except (ProvisionError, CoordinatorError) as err:
         _fail(str(err))
     return entry, live
 
@@ -102,24 +104,38 @@ def consortium_add_site(
     public_key: Annotated[Path, typer.Option(
         "--public-key", help="The site's public key (auth/node.pub from `medfed site keygen` at the site; "
         "OpenSSH or PEM). Never a private key.")],
+    csr: Annotated[Optional[Path], typer.Option(
+        "--csr", help="The site's TLS certificate request (auth/tls.csr from `medfed site keygen`); default: the "
+        "tls.csr next to --public-key.")] = None,
+    ca_passphrase_file: _CA_PASSPHRASE = None,
 ) -> None:
-    """Enrol a site by its public key and write its kit; a running coordinator registers it at once."""
-    from coordinator.provision import add_site
+    """Enrol a site by its public key, sign its TLS certificate (needs the CA key), write its kit."""
+    from coordinator.provision import ProvisionError, add_site, ca_passphrase
 
-    entry, live = _change_sites(directory, site, lambda d, s: add_site(d, s, public_key))
+    try:
+        passphrase = ca_passphrase(ca_passphrase_file)
+    except ProvisionError as err:
+        _fail(str(err))
+    entry, live = _change_sites(directory, site, lambda d, s: add_site(d, s, public_key, csr,
+                                                                       ca_passphrase=passphrase))
     typer.echo(f"site {entry.name} added"
                + ("; registered at the running SuperLink" if live else "; registered at the next coordinator start"))
     _print_kits(directory.resolve(), [entry])
 
 
 @consortium_app.command("revoke-site")
-def consortium_revoke_site(directory: _DIR, site: Annotated[str, typer.Argument(help="Site to revoke.")]) -> None:
-    """Revoke a site: its key is unregistered (at once if the coordinator runs) and refused from then on."""
-    from coordinator.provision import revoke_site
+def consortium_revoke_site(directory: _DIR, site: Annotated[str, typer.Argument(help="Site to revoke.")],
+                           ca_passphrase_file: _CA_PASSPHRASE = None) -> None:
+    """Revoke a site: its certificate goes on the CRL (needs the CA key), its node key is unregistered."""
+    from coordinator.provision import ProvisionError, ca_passphrase, revoke_site
 
-    entry, live = _change_sites(directory, site, revoke_site)
-    typer.echo(f"site {entry.name} revoked ({entry.revoked})"
-               + ("; unregistered at the running SuperLink" if live else "; refused from the next coordinator start"))
+    try:
+        passphrase = ca_passphrase(ca_passphrase_file)
+    except ProvisionError as err:
+        _fail(str(err))
+    entry, live = _change_sites(directory, site, lambda d, s: revoke_site(d, s, passphrase))
+    typer.echo(f"site {entry.name} revoked ({entry.revoked}): its certificate is on the CRL"
+               + ("; refused by the running coordinator" if live else "; refused from the next coordinator start"))
 
 
 @consortium_app.command("renew-tls")
@@ -155,9 +171,14 @@ def coordinator_start(
 @coordinator_app.command("nodes")
 def coordinator_nodes(directory: _DIR) -> None:
     """List the SuperNodes the running SuperLink knows (registered, online, offline)."""
-    from coordinator.superlink import list_nodes
+    from coordinator.provision import ProvisionError
+    from coordinator.superlink import CoordinatorError, list_nodes
 
-    for n in list_nodes(directory):
+    try:
+        nodes = list_nodes(directory)
+    except (ProvisionError, CoordinatorError) as err:
+        _fail(str(err))
+    for n in nodes:
         typer.echo(f"{n['name'] or '-':<24} {n['node_id']:>22} {n['status']}")
 
 
@@ -178,9 +199,10 @@ def site_keygen(
     typer.echo(f"{'replaced the' if key.replaced else 'made this'} site's SuperNode key pair:\n"
                f"  private key {key.private} (mode 600; never leaves this site)\n"
                f"  public key  {key.public}\n"
-               f"  fingerprint {key.fingerprint}")
-    typer.echo(f"next: send {key.public} (only that file) to the consortium operator, who runs\n"
-               f"  medfed consortium add-site DIR {key.site or 'NAME'} --public-key node.pub\n"
+               f"  fingerprint {key.fingerprint}\n"
+               f"  TLS request {key.csr} (its key auth/tls.key, mode 600, stays here)")
+    typer.echo(f"next: send {key.public} and {key.csr} (only those files) to the consortium operator, who runs\n"
+               f"  medfed consortium add-site DIR {key.site or 'NAME'} --public-key node.pub --csr tls.csr\n"
                "and reads you the fingerprint it prints; then copy the kit they send back into "
                f"{kit.resolve()} (cp -r KIT/. {kit.resolve()}/), keeping auth/node.key")
     if key.replaced:

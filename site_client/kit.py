@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medfed import hardening
 from medfed.files import write_file
+from site_client.supernode import CLIENT_CERT_FLAG, CLIENT_KEY_FLAG
 from medfed.node_keys import NodeKeyError, fingerprint, load_private_key, node_keypair, parse_public_key
 from medfed.settings import (
     DEFAULT_EVALUATION_NOISE,
@@ -48,6 +49,9 @@ KIT_FILE = "kit.toml"
 SITE_FILE = "site.toml"
 #: Where `medfed site keygen` puts the SuperNode private key (kit.toml's auth-key may name another file).
 AUTH_KEY = "auth/node.key"
+#: The site's TLS client key (made by keygen, 0600) and the certificate the operator signs from its request.
+TLS_KEY = "auth/tls.key"
+TLS_CERT = "auth/tls.pem"
 
 
 class KitError(Exception):
@@ -88,6 +92,8 @@ class KitConfig(BaseModel):
     ca_cert: str = Field("ca.pem", alias="ca-cert")
     auth_key: str = Field(AUTH_KEY, alias="auth-key", description="this site's SuperNode private key; "
                           "its public key is the same path with .pub")
+    tls_cert: str = Field(TLS_CERT, alias="tls-cert", description="this site's TLS client certificate")
+    tls_key: str = Field(TLS_KEY, alias="tls-key", description="its private key, made at the site")
     clientapp_port: int = Field(9094, alias="clientapp-port", ge=1, le=65535)
     reconnect_seconds: float = Field(3600.0, alias="reconnect-seconds", gt=0.0)
     site_template: SiteTemplate = Field(alias="site")
@@ -111,6 +117,14 @@ class Kit:
     @property
     def auth_pub(self) -> Path:  # the public key sits next to the private one
         return self.auth_key.with_suffix(".pub")
+
+    @property
+    def tls_cert(self) -> Path:
+        return self._path(self.config.tls_cert)
+
+    @property
+    def tls_key(self) -> Path:
+        return self._path(self.config.tls_key)
 
     @property
     def runtime_tls(self) -> Path:
@@ -169,7 +183,57 @@ def load_kit(root: Path) -> Kit:
             f"site's private key {kit.auth_key} ({fingerprint(own)}); the coordinator would refuse this node. "
             f"Either the kit is another site's or the operator enrolled an old key: send the operator this site's "
             f"public key (`ssh-keygen -y -f {kit.auth_key}` prints it) and copy the new kit in")
+    _check_tls_identity(kit, path)
     return kit
+
+
+def _check_tls_identity(kit: Kit, path: Path) -> None:
+    """The site's TLS client key (0600, here) and the certificate the operator issued for it must match."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    if not kit.tls_key.is_file():
+        raise KitError(f"{kit.tls_key} (tls-key in {path}) is missing: run `medfed site keygen {kit.root}` here; it "
+                       f"makes the key and auth/tls.csr, which the operator signs (add-site ... --csr tls.csr)")
+    if not kit.tls_cert.is_file():
+        raise KitError(f"{kit.tls_cert} (tls-cert in {path}) is missing: the coordinator admits only sites with a "
+                       "certificate from the consortium CA; send the operator auth/tls.csr and copy the kit they "
+                       "send back into this folder")
+    mode = kit.tls_key.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise KitError(f"{kit.tls_key} (tls-key in {path}) is readable by others (mode {mode:o}); "
+                       f"run `chmod 600 {kit.tls_key}` — it is this site's private TLS key")
+    try:
+        key = serialization.load_pem_private_key(kit.tls_key.read_bytes(), password=None)
+        cert = x509.load_pem_x509_certificate(kit.tls_cert.read_bytes())
+    except (ValueError, TypeError) as err:
+        raise KitError(f"{kit.tls_key} or {kit.tls_cert} cannot be read ({err}); run `medfed site keygen "
+                       f"{kit.root} --force` and have the site enrolled again") from None
+    if cert.public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
+        raise KitError(f"{kit.tls_cert} (from the operator) is not for this site's TLS key {kit.tls_key}: the kit is "
+                       "another site's or an old one; send the operator this site's auth/tls.csr and copy the new "
+                       "kit in")
+
+
+def _tls_request(root: Path, site: str | None, *, force: bool) -> tuple[Path, Path]:
+    """Make the site's TLS client key (0600) and its certificate request (auth/tls.csr) unless both exist."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key_path, csr_path = root / TLS_KEY, (root / TLS_KEY).with_name("tls.csr")
+    if key_path.is_file() and csr_path.is_file() and not force:
+        return key_path, csr_path
+    key = ec.generate_private_key(ec.SECP384R1())
+    # The operator's CA sets the certificate's name (CN = site name); the request only proves the key.
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, site or "medfed site")]))
+           .sign(key, hashes.SHA384()))
+    write_file(csr_path, csr.public_bytes(serialization.Encoding.PEM), 0o644, dir_mode=0o700)
+    write_file(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()), 0o600, dir_mode=0o700)
+    return key_path, csr_path
 
 
 @dataclass(frozen=True)
@@ -179,14 +243,15 @@ class SiteKey:
     private: Path
     public: Path
     fingerprint: str
+    csr: Path  # the TLS client certificate request, sent with the public key
     site: str | None  # from kit.toml, when the kit already has one
     replaced: bool
 
 
 def generate_site_key(root: Path, *, force: bool = False) -> SiteKey:
-    """Make this site's SuperNode key pair in KIT (which may not exist yet); the private key stays here.
+    """Make this site's SuperNode key pair and TLS client key + request in KIT; the private keys stay here.
 
-    Written atomically: the private key 0600 in a 0700 folder. An existing key is
+    Written atomically: private keys 0600 in a 0700 folder. An existing key is
     kept unless ``force`` (the coordinator knows it; a new one must be enrolled again).
     """
     root = root.resolve()
@@ -196,6 +261,11 @@ def generate_site_key(root: Path, *, force: bool = False) -> SiteKey:
     private = kit.auth_key if kit is not None else root / AUTH_KEY
     public = private.with_suffix(".pub")
     existed = private.exists()
+    site = kit.config.name if kit else None
+    if existed and not force and not (root / TLS_KEY).is_file():  # a key from before TLS client certificates
+        _, csr = _tls_request(root, site, force=False)
+        return SiteKey(private=private, public=public, fingerprint=fingerprint(load_private_key(private).public_key()),
+                       csr=csr, site=site, replaced=False)
     if existed and not force:
         try:
             fp = f" (fingerprint {fingerprint(load_private_key(private).public_key())})"
@@ -209,9 +279,9 @@ def generate_site_key(root: Path, *, force: bool = False) -> SiteKey:
     # public first: a crash in between never leaves a new private key without its public half
     write_file(public, public_bytes, 0o644, dir_mode=0o700)
     write_file(private, private_bytes, 0o600, dir_mode=0o700)
+    _, csr = _tls_request(root, site, force=True)
     fp = fingerprint(parse_public_key(public_bytes, str(public)))
-    return SiteKey(private=private, public=public, fingerprint=fp, site=kit.config.name if kit else None,
-                   replaced=existed)
+    return SiteKey(private=private, public=public, fingerprint=fp, csr=csr, site=site, replaced=existed)
 
 
 def write_site_config(kit: Kit, data_dir: Path | None) -> tuple[SiteConfig, Path]:
@@ -313,6 +383,8 @@ def supernode_command(kit: Kit, site_toml: Path, *, superlink: str | None = None
     return [
         # Flower's own SuperNode, through site_client.supernode (a shorter wait between pulls).
         sys.executable, "-m", "site_client.supernode",
+        # Ours, removed before Flower parses the rest: the site's TLS client certificate for the proxy.
+        CLIENT_CERT_FLAG, str(kit.tls_cert), CLIENT_KEY_FLAG, str(kit.tls_key),
         "--superlink", superlink or kit.config.superlink,
         "--root-certificates", str(kit.ca_cert),
         "--auth-supernode-private-key", str(kit.auth_key),

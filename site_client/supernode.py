@@ -1,4 +1,4 @@
-"""Flower's `flower-supernode`, pulling for the coordinator's messages every half second.
+"""Flower's `flower-supernode`, pulling every half second and presenting the site's TLS client certificate.
 
 Flower's SuperNode sleeps a fixed 3 s after every pull that finds no message
 (``flwr.supernode.start_client_internal``), so each round of a deployment waits
@@ -7,16 +7,27 @@ Flower offers no setting for it; this entry point runs Flower's own SuperNode
 with that module's sleeps capped at :data:`POLL_SECONDS` (two small HTTPS
 requests a second per site) and changes nothing else. If Flower stops using
 ``time.sleep`` there, the SuperNode simply keeps its own interval.
+
+The coordinator's public port admits only clients with a certificate from the
+consortium CA (mutual TLS, docs/deployment.md "The control plane"), and
+Flower's SuperNode has no option for a client certificate either: with
+:data:`CLIENT_CERT_FLAG` / :data:`CLIENT_KEY_FLAG` (taken off the command line
+before Flower parses it) the Fleet API client's TLS context also loads that
+certificate and key. Nothing else of Flower's TLS set-up changes.
 """
 
 from __future__ import annotations
 
+import ssl
 import sys
 import time as _time
 from typing import Any
 
 #: Longest wait between two pulls of the SuperNode (and between checks for the site's reply).
 POLL_SECONDS = 0.5
+#: Our own arguments (the site's TLS client certificate and key), removed before Flower's parser sees argv.
+CLIENT_CERT_FLAG = "--medfed-client-cert"
+CLIENT_KEY_FLAG = "--medfed-client-key"
 
 
 class _CappedClock:
@@ -30,10 +41,48 @@ class _CappedClock:
         _time.sleep(min(seconds, POLL_SECONDS))
 
 
+def _pop_option(argv: list[str], flag: str) -> str | None:
+    """Remove ``flag VALUE`` from ``argv``; the value, or None when absent."""
+    if flag not in argv:
+        return None
+    i = argv.index(flag)
+    if i + 1 >= len(argv):
+        raise SystemExit(f"{flag} needs a file")
+    value = argv[i + 1]
+    del argv[i:i + 2]
+    return value
+
+
+def present_client_certificate(cert: str, key: str) -> None:
+    """Make Flower's Fleet client load ``cert``/``key`` into the TLS context it verifies the coordinator with.
+
+    Flower builds that context in ``ProtobufClient.from_server_address`` (a CA file path, CA bytes, or the
+    system CAs) and hands it to ``ProtobufClient.__init__``; we wrap ``__init__`` of the Fleet client only.
+    """
+    from flwr.supernode import fleet_http_connection
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+
+    class _FleetClientWithCertificate(FleetHttpClient):
+        def __init__(self, base_url: str, *, verify: ssl.SSLContext | bool | str = True, **kwargs: Any) -> None:
+            if verify is not False:  # Flower's insecure mode stays as it is
+                if isinstance(verify, ssl.SSLContext):
+                    ctx = verify
+                else:
+                    ctx = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+                ctx.load_cert_chain(cert, key)
+                verify = ctx
+            super().__init__(base_url, verify=verify, **kwargs)
+
+    fleet_http_connection.FleetHttpClient = _FleetClientWithCertificate  # type: ignore[misc]
+
+
 def main() -> int:
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli import flower_supernode
 
+    cert, key = _pop_option(sys.argv, CLIENT_CERT_FLAG), _pop_option(sys.argv, CLIENT_KEY_FLAG)
+    if cert and key:
+        present_client_certificate(cert, key)
     if getattr(start_client_internal, "time", None) is _time:
         start_client_internal.time = _CappedClock()  # type: ignore[assignment]
     sys.argv[0] = "flower-supernode"

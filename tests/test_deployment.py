@@ -12,6 +12,7 @@ One consortium and one set of synthetic sites are shared by the module.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -35,7 +36,7 @@ from coordinator.federation import initial_state
 from medfed.wire import MODEL_ARRAY, pack
 from coordinator.provision import CertificateAuthority
 from coordinator.receipts import arrays_digest, read_jsonl
-from coordinator.superlink import list_nodes
+from coordinator.superlink import internal_port, list_nodes
 from medfed import hardening
 from medfed.demo import prepare_sites
 from medfed.settings import RunConfig, SiteConfig
@@ -153,6 +154,7 @@ class World:
     coordinator: Proc | None = None
     sites: dict[str, Proc] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
+    passphrase: Path | None = None  # the CA key's passphrase file (add-site, revoke-site)
 
     def kit(self, name: str) -> Path:
         """The site's own kit folder: its key made there, the operator's kit copied in."""
@@ -182,7 +184,7 @@ class World:
 
     def nodes(self) -> dict[str, str]:
         try:
-            return {n["name"]: n["status"] for n in list_nodes(self.cons, self.port)}
+            return {n["name"]: n["status"] for n in list_nodes(self.cons)}  # Control API: loopback, internal port
         except Exception:  # noqa: BLE001 - the SuperLink may be restarting
             return {}
 
@@ -241,7 +243,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     medfed("consortium", "init", cons, "--name", "deploytest", "--coordinator-host", "localhost",
            *(a for n in SITES for a in ("--site", f"{n}={w.kit(n) / 'auth' / 'node.pub'}")),
            "--port", str(port), "--bind-host", "127.0.0.1", "--ca-passphrase-file", passphrase)
-    medfed("consortium", "add-site", cons, REVOKED, "--public-key", w.kit(REVOKED) / "auth" / "node.pub")
+    medfed("consortium", "add-site", cons, REVOKED, "--public-key", w.kit(REVOKED) / "auth" / "node.pub",
+           "--csr", w.kit(REVOKED) / "auth" / "tls.csr", "--ca-passphrase-file", passphrase)
+    w.passphrase = passphrase
     for name in [*SITES, REVOKED]:  # the operator's kit back to the site, copied into its folder
         shutil.copytree(cons / "kits" / name, w.kit(name), dirs_exist_ok=True)
         _set_kit_template(w.kit(name), **{"epsilon-cap": "1000.0"})
@@ -290,6 +294,21 @@ def _listening_ports(pid: int) -> set[int]:
     return ports
 
 
+def _listening_addresses(pid: int) -> dict[int, set[str]]:
+    import psutil
+
+    root = psutil.Process(pid)
+    out: dict[int, set[str]] = {}
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            for c in p.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN:
+                    out.setdefault(int(c.laddr.port), set()).add(c.laddr.ip)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
 def _tls_ok(port: int, ca: Path) -> bool:
     ctx = ssl.create_default_context(cafile=str(ca))
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
@@ -309,10 +328,19 @@ def _plaintext_http_answered(port: int) -> bool:
     return data.startswith(b"HTTP/")
 
 
+def _internal_port(world: World) -> int:
+    return internal_port(world.cons)
+
+
 def test_every_listening_port_speaks_tls_only(world: World) -> None:
     assert world.coordinator is not None
     coord_ports = _listening_ports(world.coordinator.pid)
-    assert coord_ports == {world.port}, f"the coordinator listens on {coord_ports}, expected only {world.port}"
+    internal = _internal_port(world)
+    # nginx on the public port, the SuperLink on its loopback-only port
+    assert coord_ports == {world.port, internal}, f"the coordinator listens on {coord_ports}"
+    assert _listening_addresses(world.coordinator.pid)[internal] == {"127.0.0.1"}
+    assert _tls_ok(internal, world.cons / "coordinator" / "tls" / "ca.pem")
+    assert not _plaintext_http_answered(internal)
     ca = world.cons / "coordinator" / "tls" / "ca.pem"
     assert _tls_ok(world.port, ca)
     assert not _plaintext_http_answered(world.port)
@@ -326,6 +354,71 @@ def test_every_listening_port_speaks_tls_only(world: World) -> None:
         for port in ports:  # the SuperNode's loopback ClientApp API, with the site's own loopback CA
             assert _tls_ok(port, world.kit(name) / "runtime-tls" / "ca.pem")
             assert not _plaintext_http_answered(port)
+
+
+# ---- the control plane: only the Fleet API, only to site certificates ---------------------------------
+
+
+def _post(port: int, path: str, ca: Path, cert: tuple[Path, Path] | None = None, protobuf: bool = False) -> int | None:
+    """POST ``path`` over TLS (CA-verified, with ``cert`` as client certificate); its HTTP status, or None when
+    the TLS handshake or connection is refused. Without ``protobuf`` the SuperLink itself answers 415."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    if cert is not None:
+        ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+    conn = http.client.HTTPSConnection("localhost", port, context=ctx, timeout=15)
+    try:
+        conn.request("POST", path, body=b"", headers={"content-type": "application/protobuf"} if protobuf else {})
+        return conn.getresponse().status
+    except (ssl.SSLError, ConnectionError, OSError):
+        return None
+    finally:
+        conn.close()
+
+
+#: What nginx answers a client without a valid site certificate: a failed handshake, or 401 (400 unmapped).
+REFUSED = (None, 400, 401)
+#: What the SuperLink answers a request without a protobuf body: it got through nginx.
+REACHED = 415
+CONTROL = "/v1/control/list-nodes"  # what `flwr`'s Control client (and an attacker) call
+RUNTIME = "/v1/runtime/get-nodes"
+FLEET = "/v1/fleet/get-run"
+
+
+def _site_cert(world: World, name: str) -> tuple[Path, Path]:
+    return world.kit(name) / "auth" / "tls.pem", world.kit(name) / "auth" / "tls.key"
+
+
+@pytest.mark.adversarial
+def test_a_client_with_only_the_ca_certificate_reaches_no_api(world: World) -> None:
+    ca = world.cons / "coordinator" / "tls" / "ca.pem"
+    for path in (CONTROL, RUNTIME, FLEET, "/v1/fleet/register-node"):
+        assert _post(world.port, path, ca) in REFUSED, path  # nginx: no client certificate, no upstream
+    # the Control API is there, on the SuperLink's loopback port, where `medfed run` uses it
+    assert _post(_internal_port(world), CONTROL, ca, protobuf=True) == 200
+    # a certificate signed by another CA is refused just the same
+    other = CertificateAuthority.create("some other consortium")
+    key, cert = other.issue_server(["localhost"])
+    from coordinator.provision import private_pem
+    from cryptography.hazmat.primitives import serialization
+
+    d = world.root / "foreign-cert"
+    d.mkdir(exist_ok=True)
+    (d / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "c.key").write_bytes(private_pem(key))
+    assert _post(world.port, FLEET, ca, (d / "c.pem", d / "c.key")) in REFUSED
+
+
+@pytest.mark.adversarial
+def test_a_site_certificate_reaches_the_fleet_api_and_nothing_else(world: World) -> None:
+    ca = world.cons / "coordinator" / "tls" / "ca.pem"
+    cert = _site_cert(world, "hospital-a")
+    for path in (CONTROL, "/v1/control/register-node", "/v1/control/unregister-node", RUNTIME, "/",
+                 "/v1/fleet/../control/list-nodes", "/v1/fleet/..%2fcontrol/list-nodes",
+                 "/v1/fleet/%2e%2e/control/list-nodes"):
+        assert _post(world.port, path, ca, cert) == 403, path
+    # the Fleet API answers (a request without a protobuf body is refused by the SuperLink itself)
+    assert _post(world.port, FLEET, ca, cert) == REACHED
+    world.wait_online()  # and the sites, which hold the same kind of certificate, are connected
 
 
 # ---- a normal run ----------------------------------------------------------------------------------
@@ -445,7 +538,9 @@ def refusals(world: World) -> dict[str, Any]:
     # a key the coordinator never registered
     rogue = root / "rogue"
     shutil.copytree(world.kit("hospital-a"), rogue, ignore=shutil.ignore_patterns("state", "runtime-tls", "site.toml"))
-    generate_site_key(rogue, force=True)  # its own, consistent key pair that no operator enrolled
+    generate_site_key(rogue, force=True)  # its own, consistent key pair that no operator enrolled ...
+    for f in ("tls.key", "tls.pem"):  # ... behind hospital-a's valid TLS client certificate: the node key still counts
+        shutil.copy2(world.kit("hospital-a") / "auth" / f, rogue / "auth" / f)
     # a kit that trusts another CA than the consortium's
     noca = root / "noca"
     shutil.copytree(world.kit("hospital-a"), noca, ignore=shutil.ignore_patterns("state", "runtime-tls", "site.toml"))
@@ -454,9 +549,13 @@ def refusals(world: World) -> dict[str, Any]:
     # a registered site that connects, is revoked while connected, and comes back
     revoked = world.start_site(REVOKED, reconnect=20.0)
     world.wait_online((REVOKED,))
-    res = subprocess.run([MEDFED, "consortium", "revoke-site", str(world.cons), REVOKED], capture_output=True,
-                         text=True, timeout=120, env=hardening.child_env())
+    ca = world.cons / "coordinator" / "tls" / "ca.pem"
+    cert_before = _post(world.port, FLEET, ca, _site_cert(world, REVOKED))
+    res = subprocess.run([MEDFED, "consortium", "revoke-site", str(world.cons), REVOKED, "--ca-passphrase-file",
+                          str(world.passphrase)], capture_output=True, text=True, timeout=120,
+                         env=hardening.child_env())
     assert res.returncode == 0, res.stderr
+    cert_after = _post(world.port, FLEET, ca, _site_cert(world, REVOKED))
     procs = {
         "rogue": world.start_site("hospital-a", kit=rogue, reconnect=10.0, tag="-rogue"),
         "noca": world.start_site("hospital-a", kit=noca, reconnect=10.0, tag="-noca"),
@@ -465,6 +564,7 @@ def refusals(world: World) -> dict[str, Any]:
     codes = {k: p.wait(timeout=180) for k, p in procs.items()}
     assert world.coordinator is not None
     return {"codes": codes, "logs": {k: p.text() for k, p in procs.items()}, "nodes": world.nodes(),
+            "cert_before": cert_before, "cert_after": cert_after,
             "superlink_log": (world.cons / "coordinator" / "state" / "superlink.log").read_text(errors="replace")}
 
 
@@ -479,9 +579,17 @@ def test_revoked_key_is_refused(refusals: dict[str, Any]) -> None:
     assert refusals["codes"]["revoked"] != 0
     log = refusals["logs"]["revoked"]
     assert "SuperNode ID" in log  # it was connected before the revocation ...
-    assert log.rfind("Failed to activate SuperNode") > log.find("SuperNode ID")  # ... and refused after it
+    # ... and refused after it: nginx answers 401 (its certificate is on the CRL), Flower's SuperNode stops, and
+    # no restart is ever activated again
+    assert log.count("SuperNode ID") == 1 and "giving up" in log[log.find("SuperNode ID"):]
     assert refusals["nodes"].get(REVOKED) in (None, "unregistered")
     assert all(refusals["nodes"].get(s) == "online" for s in SITES)  # the others are unaffected
+
+
+@pytest.mark.adversarial
+def test_a_revoked_sites_certificate_is_refused_by_the_proxy(refusals: dict[str, Any]) -> None:
+    assert refusals["cert_before"] == REACHED  # admitted to the Fleet API while enrolled ...
+    assert refusals["cert_after"] in REFUSED  # ... refused at the TLS layer once on the CRL (nginx reloaded)
 
 
 def test_client_without_the_ca_certificate_cannot_connect(refusals: dict[str, Any]) -> None:
@@ -724,3 +832,36 @@ def test_two_runs_on_one_site_stop_at_its_lifetime_cap(world: World, tmp_path: P
         assert match and 2.0 < float(match.group(1)) <= 3.0, last  # calibrated to what the lifetime left
     finally:
         toml.write_text(original)
+
+
+# ---- the registry cannot be turned against the coordinator ---------------------------------------
+
+
+@pytest.mark.adversarial
+def test_sync_removes_foreign_keys_and_survives_a_key_already_in_use(world: World) -> None:
+    from flwr.proto.control_pb2 import RegisterNodeRequest
+
+    from coordinator.superlink import _key_bytes, control_client, sync_registrations
+
+    late = generate_site_key(world.root / "sites" / "hospital-late")
+    # someone with Control API access registers a key of their own ...
+    with control_client(world.cons) as client:
+        client.RegisterNode(RegisterNodeRequest(public_key=_key_bytes(late.public.read_bytes()), name="intruder"))
+    assert world.nodes().get("intruder") == "registered"
+    regs = sync_registrations(world.cons)  # ... and the consortium's sync unregisters it
+    assert world.nodes().get("intruder") == "unregistered" and "intruder" not in regs
+    # that key is now held by an unregistered node: enrolling it is refused by Flower (HTTP 412), and neither
+    # add-site nor a coordinator restart fails over it
+    res = subprocess.run([MEDFED, "consortium", "add-site", str(world.cons), "hospital-late", "--public-key",
+                          str(late.public), "--ca-passphrase-file", str(world.passphrase)],
+                         capture_output=True, text=True, timeout=120, env=hardening.child_env())
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "cannot be registered" in res.stdout + res.stderr and "keygen" in res.stdout + res.stderr
+    regs = json.loads((world.cons / "coordinator" / "state" / "registrations.json").read_text())
+    assert regs["hospital-late"]["status"] == "key-in-use"
+    assert world.coordinator is not None and world.coordinator.alive()
+    world.coordinator.stop()
+    world.start_coordinator()  # asserts it is up and stays up
+    assert "cannot be registered" in world.coordinator.text()
+    world.wait_online()
+    assert world.coordinator.alive()

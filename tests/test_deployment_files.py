@@ -70,8 +70,10 @@ def test_compose_brings_up_a_coordinator_and_three_sites_with_tls_and_auth(tmp_p
     for name, svc in services.items():
         ctx = (DEPLOY / svc["build"]["context"]).resolve()
         assert ctx == ROOT and (ctx / svc["build"]["dockerfile"]).is_file()
-    assert services["coordinator"]["ports"] == ["9093:9093"]  # one port, HTTPS
-    assert "EXPOSE 9093" in (DEPLOY / "docker" / "Dockerfile.coordinator").read_text()
+    assert services["coordinator"]["ports"] == ["9093:9093"]  # one port, HTTPS: nginx, the Fleet API only
+    assert all("ports" not in svc for name, svc in services.items() if name != "coordinator")
+    coordinator_image = (DEPLOY / "docker" / "Dockerfile.coordinator").read_text()
+    assert "EXPOSE 9093" in coordinator_image and re.search(r"apt-get install[^\n]* nginx", coordinator_image)
     # provisioned as the compose file's header says (keys made in sites/, public keys enrolled, kits copied
     # back), every file the services mount exists
     work = tmp_path / "deploy"
@@ -147,13 +149,34 @@ def test_kubernetes_manifests_are_consistent() -> None:
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     # what `medfed coordinator start /consortium` reads and writes
     assert {"/consortium/consortium.toml", "/consortium/coordinator/tls", "/consortium/coordinator/nodes",
-            "/consortium/coordinator/state"} <= mounts
+            "/consortium/coordinator/certs", "/consortium/coordinator/state"} <= mounts
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 10001
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+    # only the proxy's port is admitted (the SuperLink's Control/Runtime APIs are on the pod's loopback)
     assert kinds["NetworkPolicy"]["spec"]["ingress"] == [{"ports": [{"port": 9093, "protocol": "TCP"}]}]
+    assert "crl.pem" in (DEPLOY / "k8s" / "coordinator.yaml").read_text()
     if shutil.which("kubectl"):
         res = subprocess.run(["kubectl", "kustomize", str(DEPLOY / "k8s")], capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
         rendered = {d["kind"] for d in yaml.safe_load_all(res.stdout) if d}
         assert rendered == {"Namespace", *kinds}
+
+
+@pytest.mark.adversarial
+@pytest.mark.skipif(shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(),
+                    reason="nginx is not installed (apt-get install nginx)")
+def test_the_public_port_config_demands_site_certificates_and_proxies_only_the_fleet_api(tmp_path: Path) -> None:
+    from coordinator.superlink import CoordinatorPaths, write_nginx_config
+    from coordinator.provision import Layout
+
+    cons = tmp_path / "c"
+    init_consortium(cons, "n", ["h"], [("a", generate_site_key(tmp_path / "site-a").public)])
+    CoordinatorPaths(Layout(cons)).state.mkdir(parents=True)
+    conf = write_nginx_config(cons, public_port=9093, bind_host="0.0.0.0", internal=40000).read_text()  # `nginx -t`
+    tls = cons / "coordinator" / "tls"
+    assert "ssl_verify_client on;" in conf and f"ssl_client_certificate {tls / 'ca.pem'};" in conf
+    assert f"ssl_crl {tls / 'crl.pem'};" in conf
+    assert re.findall(r"proxy_pass (\S+);", conf) == ["https://127.0.0.1:40000"]  # the one proxied location ...
+    assert re.findall(r"location (\S+) \{", conf) == ["/v1/fleet/", "/", "@plaintext", "@refused"]  # ... is /v1/fleet/
+    assert "location / { return 403; }" in conf and "proxy_ssl_verify on;" in conf

@@ -229,3 +229,68 @@ def test_medfed_run_refuses_an_app_that_would_ship_a_site_or_consortium_folder(t
     (demo / "deid" / "audit" / "audit-0001.jsonl").write_text("{}\n")
     with pytest.raises(CoordinatorError, match="site.toml"):
         check_app_contents(app)
+
+
+# ---- the SuperNode presents the site's TLS client certificate ---------------------------------------
+
+
+@pytest.mark.adversarial
+def test_the_supernodes_fleet_client_presents_the_site_certificate(tmp_path: Path, monkeypatch: Any) -> None:
+    """A TLS server that demands a client certificate from the consortium CA, as nginx does on the public port."""
+    import socket
+    import ssl
+    import threading
+
+    from flwr.supernode import fleet_http_connection
+
+    from coordinator.provision import Layout, init_consortium
+    from site_client import supernode
+    from site_client.kit import generate_site_key
+
+    cons = tmp_path / "c"
+    site = generate_site_key(tmp_path / "site")
+    init_consortium(cons, "n", ["localhost"], [("a", site.public)])
+    tls = Layout(cons).tls
+    cert, key = cons / "kits" / "a" / "auth" / "tls.pem", tmp_path / "site" / "auth" / "tls.key"
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls / "ca.pem"))
+    server_ctx.load_cert_chain(str(tls / "server.pem"), str(tls / "server.key"))
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    seen: list[str] = []
+
+    def serve() -> None:
+        for _ in range(2):
+            conn, _addr = listener.accept()
+            try:
+                with server_ctx.wrap_socket(conn, server_side=True) as tconn:
+                    peer = tconn.getpeercert()
+                    seen.append(dict(x[0] for x in peer["subject"])["commonName"])
+                    data = b""
+                    while b"\r\n\r\n" not in data:  # read the whole request: unread bytes would reset the reply
+                        data += tconn.recv(65536)
+                    head, _, body = data.partition(b"\r\n\r\n")
+                    length = int(next((ln.split(b":")[1] for ln in head.lower().split(b"\r\n")
+                                       if ln.startswith(b"content-length:")), b"0"))
+                    while len(body) < length:
+                        body += tconn.recv(65536)
+                    tconn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/protobuf\r\ncontent-length: 0\r\n"
+                                  b"connection: close\r\n\r\n")
+            except (ssl.SSLError, OSError):
+                seen.append("refused")
+
+    threading.Thread(target=serve, daemon=True).start()
+    from flwr.proto.run_pb2 import GetRunRequest as Req
+
+    def get_run() -> None:
+        with fleet_http_connection.FleetHttpClient.from_server_address(
+                f"localhost:{port}", False, str(tls / "ca.pem"), []) as client:
+            client.GetRun(Req(run_id=1))
+
+    with pytest.raises(Exception):  # Flower's client as it is: no certificate, the server refuses it
+        get_run()
+    monkeypatch.setattr(fleet_http_connection, "FleetHttpClient", fleet_http_connection.FleetHttpClient)
+    supernode.present_client_certificate(str(cert), str(key))
+    get_run()  # patched: the handshake presents the site certificate
+    listener.close()
+    assert seen == ["refused", "a"]

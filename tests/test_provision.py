@@ -90,7 +90,7 @@ def test_operator_holds_no_site_private_key_and_sites_keys_are_0600(cons: Path) 
             assert not f.is_file() or secret not in f.read_bytes(), f"{s}'s private key in {f}"
         # every kit the operator writes: the kit files and the site's public key, nothing else
         assert {p.relative_to(cons / "kits" / s).as_posix() for p in (cons / "kits" / s).rglob("*") if p.is_file()} \
-            == {"kit.toml", "ca.pem", "auth/node.pub", "medfed-site.service", "README.md"}
+            == {"kit.toml", "ca.pem", "auth/node.pub", "auth/tls.pem", "medfed-site.service", "README.md"}
 
 
 def test_node_key_pair_is_what_flower_supernode_auth_reads(cons: Path) -> None:

@@ -134,7 +134,7 @@ def test_no_private_key_at_the_operator_but_the_ca_and_the_coordinators_own(enro
         assert all(secret not in p.read_bytes() for p in enrolled.rglob("*") if p.is_file())
         kit = enrolled / "kits" / s
         assert sorted(p.relative_to(kit).as_posix() for p in kit.rglob("*") if p.is_file()) == [
-            "README.md", "auth/node.pub", "ca.pem", "kit.toml", "medfed-site.service"]
+            "README.md", "auth/node.pub", "auth/tls.pem", "ca.pem", "kit.toml", "medfed-site.service"]
         # the site's copy of the kit kept its own private key, and `site start` accepts it
         assert _mode(sites / s / "auth" / "node.key") == 0o600 and _mode(sites / s / "auth") == 0o700
         assert load_kit(sites / s).auth_key == sites / s / "auth" / "node.key"
@@ -191,7 +191,7 @@ def test_pem_public_key_of_the_right_curve_is_accepted(enrolled: Path, tmp_path:
     site = generate_site_key(tmp_path / "sites" / "c")
     pem = load_public_key(site.public).public_bytes(serialization.Encoding.PEM,
                                                     serialization.PublicFormat.SubjectPublicKeyInfo)
-    entry = add_site(enrolled, "c", _write(tmp_path / "c.pem", pem))
+    entry = add_site(enrolled, "c", _write(tmp_path / "c.pem", pem), site.csr)
     # registered in OpenSSH form, the same key
     assert parse_public_key((enrolled / entry.public_key).read_bytes(), "c").public_numbers() == \
         load_public_key(site.public).public_numbers()
@@ -281,7 +281,9 @@ def test_ca_key_encrypted_with_a_passphrase_file(tmp_path: Path, monkeypatch: py
     code, out = _cli("consortium", "renew-tls", cons, env={CA_PASSPHRASE_ENV: "correct horse battery staple"})
     assert code == 0 and "restart the coordinator" in out, out
     after = _snapshot(cons)
-    assert {k for k in after if after[k] != before[k]} == {"coordinator/tls/server.pem", "coordinator/tls/server.key"}
+    # the CRL is re-signed too (same revoked serials: none)
+    assert {k for k in after if after[k] != before[k]} == {"coordinator/tls/server.pem", "coordinator/tls/server.key",
+                                                           "coordinator/tls/crl.pem"}
     new = x509.load_pem_x509_certificate((cons / "coordinator" / "tls" / "server.pem").read_bytes())
     new.verify_directly_issued_by(ca.cert)
 
@@ -298,8 +300,74 @@ def test_ca_passphrase_rules(tmp_path: Path) -> None:
     code, out = _cli("consortium", "init", tmp_path / "d", "--name", "n", "--coordinator-host", "h",
                      "--ca-passphrase-file", tmp_path / "nope")
     assert code == 2 and "cannot read the CA passphrase file" in out
-    # add-site needs only the CA certificate: it works with ca/ moved offline
+    # add-site signs the site's TLS certificate: with ca/ moved offline it says so and changes nothing
     shutil.move(tmp_path / "plain" / "ca", tmp_path / "offline-ca")
-    add_site(tmp_path / "plain", "s", generate_site_key(tmp_path / "s").public)
+    with pytest.raises(ProvisionError, match="the consortium CA is missing"):
+        add_site(tmp_path / "plain", "s", generate_site_key(tmp_path / "s").public)
+    assert not (tmp_path / "plain" / "kits" / "s").exists()
     with pytest.raises(ProvisionError, match="the consortium CA is missing"):
         renew_tls(tmp_path / "plain")
+
+
+# ---- TLS client certificates: requested at the site, signed by the CA, revoked on the CRL ----------------
+
+
+def test_site_certificate_is_issued_from_the_sites_own_request(enrolled: Path, tmp_path: Path) -> None:
+    site = tmp_path / "sites" / "a"
+    key = serialization.load_pem_private_key((site / "auth" / "tls.key").read_bytes(), None)
+    assert _mode(site / "auth" / "tls.key") == 0o600  # made at the site, never sent
+    cert = x509.load_pem_x509_certificate((enrolled / "kits" / "a" / "auth" / "tls.pem").read_bytes())
+    ca = x509.load_pem_x509_certificate((enrolled / "coordinator" / "tls" / "ca.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert cert.public_key().public_numbers() == key.public_key().public_numbers()  # type: ignore[union-attr]
+    assert cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "a"
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [x509.ExtendedKeyUsageOID.CLIENT_AUTH]  # a client certificate, never a server's
+    assert load_kit(site).tls_cert == site / "auth" / "tls.pem"
+
+
+@pytest.mark.adversarial
+def test_a_missing_or_altered_request_is_refused_before_anything_is_written(enrolled: Path, tmp_path: Path) -> None:
+    c = generate_site_key(tmp_path / "sites" / "c")
+    before = _snapshot(enrolled)
+    c.csr.unlink()
+    code, out = _cli("consortium", "add-site", enrolled, "c", "--public-key", c.public)
+    assert code == 2 and "tls.csr" in out and "--csr" in out
+    # a request whose subject was changed after signing
+    other = generate_site_key(tmp_path / "sites" / "d")
+    pem = other.csr.read_bytes()
+    der = bytearray(x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER))
+    i = der.find(b"medfed site")
+    der[i] ^= 1
+    import base64
+    bad = b"-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(bytes(der)) + b"-----END CERTIFICATE REQUEST-----\n"
+    code, out = _cli("consortium", "add-site", enrolled, "d", "--public-key", other.public,
+                     "--csr", _write(tmp_path / "bad.csr", bad))
+    assert code == 2 and "not valid" in out, out
+    # the site's private TLS key in place of the request
+    code, out = _cli("consortium", "add-site", enrolled, "d", "--public-key", other.public,
+                     "--csr", tmp_path / "sites" / "d" / "auth" / "tls.key")
+    assert code == 2 and "PRIVATE" in out
+    assert _snapshot(enrolled) == before
+
+
+@pytest.mark.adversarial
+def test_revoking_puts_the_certificate_on_the_crl_and_needs_the_ca_key(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CA_PASSPHRASE_ENV, raising=False)
+    pp = _write(tmp_path / "pp", b"correct horse battery staple\n")
+    cons = tmp_path / "cons"
+    init_consortium(cons, "n", ["h"], [("a", generate_site_key(tmp_path / "a").public)],
+                    ca_passphrase=b"correct horse battery staple")
+    crl_path = cons / "coordinator" / "tls" / "crl.pem"
+    assert len(list(x509.load_pem_x509_crl(crl_path.read_bytes()))) == 0
+    before = _snapshot(cons)
+    code, out = _cli("consortium", "revoke-site", cons, "a")  # encrypted CA key, no passphrase: says so
+    assert code == 2 and "revocation list" in out and "is encrypted" in out and "--ca-passphrase-file" in out
+    assert _snapshot(cons) == before and load_consortium(cons).site("a").status == "active"  # type: ignore[union-attr]
+    code, out = _cli("consortium", "revoke-site", cons, "a", "--ca-passphrase-file", pp)
+    assert code == 0 and "CRL" in out, out
+    serial = x509.load_pem_x509_certificate((cons / "kits" / "a" / "auth" / "tls.pem").read_bytes()).serial_number
+    crl = x509.load_pem_x509_crl(crl_path.read_bytes())
+    ca = x509.load_pem_x509_certificate((cons / "coordinator" / "tls" / "ca.pem").read_bytes())
+    assert crl.is_signature_valid(ca.public_key()) and crl.get_revoked_certificate_by_serial_number(serial)
