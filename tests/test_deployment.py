@@ -675,6 +675,7 @@ def _errors(world: World, run: str) -> dict[int, str]:
             if "error" in r}
 
 
+@pytest.mark.adversarial
 def test_a_changed_app_is_refused_before_any_of_its_code_runs(world: World, tmp_path: Path) -> None:
     from medfed.fab import build_fab, fab_sha256
     from tests.fab_factory import copy_app, plant_marker
@@ -710,6 +711,7 @@ def test_a_changed_app_is_refused_before_any_of_its_code_runs(world: World, tmp_
         (world.kit("hospital-a") / "approvals.json").unlink()
 
 
+@pytest.mark.adversarial
 def test_a_run_outside_the_sites_bounds_is_refused_and_recorded(world: World) -> None:
     res = world.run("--rounds", "1", "--run-name", "greedy", "--run-config", BASE_CONFIG + " local-epochs=11",
                     timeout=600)
@@ -722,6 +724,7 @@ def test_a_run_outside_the_sites_bounds_is_refused_and_recorded(world: World) ->
         assert not PrivacyLedger(world.site_config(name).state_dir / "privacy-ledger.sqlite").rounds("greedy")
 
 
+@pytest.mark.adversarial
 def test_a_trail_rewritten_and_resealed_at_the_site_is_caught_by_the_coordinators_anchors(
         world: World, basic_run: dict[str, Any], tmp_path: Path) -> None:
     from anonymization.audit import resolve_key_path
@@ -770,6 +773,7 @@ def _crafted(bias: float) -> dict[str, torch.Tensor]:
     return state
 
 
+@pytest.mark.adversarial
 def test_replies_to_a_crafted_model_carry_no_exact_count(world: World) -> None:
     from site_client.task import published_size_bucket
 
@@ -794,6 +798,7 @@ def test_replies_to_a_crafted_model_carry_no_exact_count(world: World) -> None:
         assert [r["status"] for r in ledger.rounds("crafted")] == ["spent", "evaluated"]
 
 
+@pytest.mark.adversarial
 def test_a_poisoned_global_model_is_refused_with_no_privacy_spent(world: World) -> None:
     poisoned = initial_state(RunConfig().with_overrides(image_size=32))
     poisoned["classifier.head.weight"][0, 0] = float("nan")
@@ -807,6 +812,7 @@ def test_a_poisoned_global_model_is_refused_with_no_privacy_spent(world: World) 
         assert any(r.get("run_id") == "poisoned" for r in _site_records(name, world, "round_refused"))
 
 
+@pytest.mark.adversarial
 def test_two_runs_on_one_site_stop_at_its_lifetime_cap(world: World, tmp_path: Path) -> None:
     """A site's epsilon-cap holds over every run on its data, whatever the coordinator names its runs."""
     name = "hospital-c"
