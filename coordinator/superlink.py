@@ -42,6 +42,7 @@ from coordinator.provision import (
     public_key_line,
 )
 from medfed import hardening
+from medfed.processes import stop_child
 
 log = logging.getLogger(__name__)
 
@@ -463,16 +464,6 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[b
     raise CoordinatorError(f"{what} did not listen on {host}:{port} within {timeout:g}s")
 
 
-def _stop_child(child: subprocess.Popen[bytes]) -> None:
-    if child.poll() is None:
-        child.terminate()
-        try:
-            child.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait(timeout=20)
-
-
 def start_coordinator(directory: Path, *, port: int | None = None, bind_host: str | None = None,
                       ready_timeout: float = 120.0, foreground: bool = True) -> int:
     """Start the SuperLink (loopback) and nginx (public port), register the sites, then wait until either exits."""
@@ -511,8 +502,8 @@ def start_coordinator(directory: Path, *, port: int | None = None, bind_host: st
 
     def _stop_all() -> None:
         if proxy is not None:
-            _stop_child(proxy)
-        _stop_child(child)
+            stop_child(proxy)
+        stop_child(child)
 
     try:
         try:

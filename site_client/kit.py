@@ -34,6 +34,7 @@ from medfed import hardening
 from medfed.files import write_file
 from site_client.supernode import CLIENT_CERT_FLAG, CLIENT_KEY_FLAG
 from medfed.node_keys import NodeKeyError, fingerprint, load_private_key, node_keypair, parse_public_key
+from medfed.processes import stop_child
 from medfed.settings import (
     DEFAULT_EVALUATION_NOISE,
     DEFAULT_MAX_MODEL_ABS,
@@ -416,16 +417,6 @@ def executor_command(kit: Kit, site_toml: Path) -> list[str]:
             "--runtime", f"127.0.0.1:{kit.config.clientapp_port}", "--runtime-ca", str(ca)]
 
 
-def _stop_child(child: subprocess.Popen[bytes] | None) -> None:
-    if child is not None and child.poll() is None:
-        child.terminate()
-        try:
-            child.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait(timeout=15)
-
-
 def run_site(kit: Kit, site_toml: Path, *, reconnect_seconds: float | None = None, backoff: float = 5.0) -> int:
     """Run the SuperNode and the site's executor in the foreground; start them again when they exit.
 
@@ -484,5 +475,5 @@ def run_site(kit: Kit, site_toml: Path, *, reconnect_seconds: float | None = Non
     finally:
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
-        _stop_child(node)
-        _stop_child(executor)
+        stop_child(node)
+        stop_child(executor)
