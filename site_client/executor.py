@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.1
 #: Seconds between task heartbeats while a task runs (Flower expires a silent task).
 HEARTBEAT_SECONDS = 10.0
+#: Longest wait for a task's message from the SuperNode's own store (loopback). Flower's default is two
+#: hours, fine for a process per task; here a message that never arrives (e.g. of a run the coordinator
+#: ended while the SuperNode fetched it) would hold up every later task.
+PULL_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,34 @@ def _heartbeat(client: Any, stop: threading.Event) -> None:
             log.debug("task heartbeat failed: %s", err)
 
 
+def _pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
+    """Flower's ``pull_task_input`` (message, context, run, FAB), with the message pull bounded by PULL_SECONDS."""
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.app import Message
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
+    context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("the SuperNode holds no message for this task")
+    node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message, max_time=PULL_SECONDS, backoff_cap=2.0)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message lacks its own id
+    return message, context, run, fab
+
+
 def _record_refusal(site: SiteConfig, run_id: int, digest: str, reason: str) -> None:
     from site_client.trail import audit_for
 
@@ -100,7 +132,7 @@ def serve_task(runtime: Runtime, token: str, site_toml: Path, approved: frozense
     """
     from flwr.app import Error, Message
     from flwr.common.constant import SubStatus
-    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
     client = runtime.client(token)
     stop = threading.Event()
@@ -109,7 +141,7 @@ def serve_task(runtime: Runtime, token: str, site_toml: Path, approved: frozense
     context = None
     outcome, details = "failed", "ClientApp task failed"
     try:
-        message, context, run, fab = pull_task_input(client)
+        message, context, run, fab = _pull_task_input(client)
         digest = fab_sha256(fab.content)
         try:
             site = SiteConfig.from_toml(site_toml)
