@@ -239,44 +239,40 @@ class CertificateAuthority:
                 names.append(x509.IPAddress(ipaddress.ip_address(host)))
             except ValueError:
                 names.append(x509.DNSName(host))
-        now = _now()
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-            .issuer_name(self.cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=True,
-                                         data_encipherment=False, key_agreement=True, key_cert_sign=False,
-                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
-            .sign(self.key, hashes.SHA384())
-        )
+        server_usage = x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=True,
+                                     data_encipherment=False, key_agreement=True, key_cert_sign=False, crl_sign=False,
+                                     encipher_only=False, decipher_only=False)
+        builder = self._leaf(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]), key.public_key(), days,
+                             server_usage, ExtendedKeyUsageOID.SERVER_AUTH)
+        cert = builder.add_extension(x509.SubjectAlternativeName(names), critical=False).sign(self.key, hashes.SHA384())
         return key, cert
 
     def issue_site(self, site: str, csr: x509.CertificateSigningRequest,
                    days: int = SITE_CERT_DAYS) -> x509.Certificate:
         """A TLS client certificate for ``site`` over the key in its (checked) request: CN = site, clientAuth only."""
+        client_usage = x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                     encipher_only=False, decipher_only=False)
+        subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, self.org),
+                             x509.NameAttribute(NameOID.COMMON_NAME, site)])
+        return self._leaf(subject, csr.public_key(), days, client_usage, ExtendedKeyUsageOID.CLIENT_AUTH).sign(
+            self.key, hashes.SHA384())
+
+    def _leaf(self, subject: x509.Name, public_key: Any, days: int, usage: x509.KeyUsage,
+              purpose: x509.ObjectIdentifier) -> x509.CertificateBuilder:
+        """A certificate this CA issues to a server or a site: not a CA, one purpose, valid ``days`` from now."""
         now = _now()
         return (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, self.org),
-                                     x509.NameAttribute(NameOID.COMMON_NAME, site)]))
-            .issuer_name(self.cert.subject).public_key(csr.public_key())
+            .subject_name(subject)
+            .issuer_name(self.cert.subject).public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(usage, critical=True)
+            .add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
-            .sign(self.key, hashes.SHA384())
         )
 
     @property

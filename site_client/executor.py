@@ -151,17 +151,16 @@ def serve_task(runtime: Runtime, token: str, site_toml: Path, approved: frozense
             outcome, details = "failed", "site config invalid"
         else:
             if digest not in approved:
-                reason = refusal_reason(site.name, digest)
-                log.error("run %s: %s", run.run_id, reason)
-                _record_refusal(site, run.run_id, digest, reason)
-                reply = Message(Error(code=SITE_REFUSED, reason=reason), reply_to=message)
-                outcome, details = "refused", ""
+                refusal = refusal_reason(site.name, digest)
             elif digest != announced:
-                reason = (f"site {site.name} refuses run {run.run_id}: its app bundle hashes to sha256:{digest}, "
-                          f"not the announced sha256:{announced}")
-                log.error("%s", reason)
-                _record_refusal(site, run.run_id, digest, reason)
-                reply = Message(Error(code=SITE_REFUSED, reason=reason), reply_to=message)
+                refusal = (f"site {site.name} refuses run {run.run_id}: its app bundle hashes to sha256:{digest}, "
+                           f"not the announced sha256:{announced}")
+            else:
+                refusal = None
+            if refusal is not None:  # nothing of the FAB was imported
+                log.error("run %s: %s", run.run_id, refusal)
+                _record_refusal(site, run.run_id, digest, refusal)
+                reply = Message(Error(code=SITE_REFUSED, reason=refusal), reply_to=message)
                 outcome, details = "refused", ""
             else:
                 reply = installed()(message=message, context=context)
