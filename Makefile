@@ -7,20 +7,23 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages medfed's features need (installed when make runs as root).
-SYSTEM_PACKAGES := tesseract-ocr tesseract-ocr-eng dicom3tools chromium nginx
+SYSTEM_PACKAGES := tesseract-ocr tesseract-ocr-eng dicom3tools dcmtk orthanc chromium nginx
 # Flower must not phone home or install packages at run time (DESIGN.md, invariant 6).
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test system-deps install clean
+.PHONY: demo test lint system-deps install clean
 
 demo: $(STAMP)
 	$(BIN)/medfed demo --out demo-out
 
-test: $(STAMP)
+test: lint
 	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 install: $(STAMP)
 

@@ -34,9 +34,10 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from anonymization.audit_keys import (
     ALGORITHM,
@@ -96,7 +97,7 @@ _RESERVED = frozenset({"seq", "time", "kind", "prev", "sig"})
 
 def utc_now() -> str:
     """Current UTC time, ISO 8601 with milliseconds."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
 
 
 def encode(record: Mapping[str, Any]) -> bytes:
@@ -311,7 +312,7 @@ class AuditTrail:
             self.seal(SEAL_END)
         self.sync()
 
-    def __enter__(self) -> "AuditTrail":
+    def __enter__(self) -> AuditTrail:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 #: Name of the reply's record that carries the anchor (a Flower ConfigRecord; MetricRecords hold only numbers).
 ANCHOR_RECORD = "audit"

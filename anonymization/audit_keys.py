@@ -13,9 +13,9 @@ import base64
 import hashlib
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -70,7 +70,7 @@ class AuditSigner:
         return public_pem(self.public_raw)
 
     @classmethod
-    def generate(cls, path: Path | None = None) -> "AuditSigner":
+    def generate(cls, path: Path | None = None) -> AuditSigner:
         """A fresh key held in memory (tests, benchmarks, rotation before it is written)."""
         return cls(Ed25519PrivateKey.generate(), path)
 

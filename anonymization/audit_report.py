@@ -14,8 +14,9 @@ import html
 import io
 import os
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from anonymization.audit import (
     KIND_KEY_CREATED,

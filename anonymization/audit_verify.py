@@ -21,9 +21,10 @@ import base64
 import binascii
 import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from anonymization.audit import (
     AUDIT_FILE,

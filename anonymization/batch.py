@@ -35,14 +35,16 @@ import os
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rich.progress import Progress
 
+from anonymization import screening
 from anonymization.audit import AUDIT_FILE, AuditError, AuditTrail, open_trail, resolve_key_path
 from anonymization.audit_keys import SIGNING_KEY_NAME
 from anonymization.engine import MEDFED_VERSION
@@ -50,10 +52,9 @@ from anonymization.errors import DeidError, DiskFullError, KeyFileError, LabelsE
 from anonymization.keys import load_or_create_secret
 from anonymization.labels import load_labels
 from anonymization.manifest import MANIFEST_FILE, RowSpool, write_merged
+from anonymization.policy import Policy, load_policy
 from anonymization.pseudonyms import Pseudonymizer
 from anonymization.quarantine import QUARANTINE_LOG, Quarantine
-from anonymization import screening
-from anonymization.policy import Policy, load_policy
 from anonymization.reid import open_for_run as open_reid_for_run
 from anonymization.worker import (
     DONE_DIGEST_HEX,

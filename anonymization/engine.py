@@ -15,9 +15,10 @@ from __future__ import annotations
 import io
 import re
 from collections import Counter
-from functools import lru_cache
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from functools import lru_cache
+from typing import Any
 
 from pydicom import config
 from pydicom._uid_dict import UID_dictionary

@@ -20,8 +20,8 @@ import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
 
 COLUMNS: tuple[str, ...] = ("patient", "study_uid", "series_uid", "sop_uid", "accession", "path", "label")
 MANIFEST_FILE = "manifest.csv"

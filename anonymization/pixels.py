@@ -36,8 +36,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset

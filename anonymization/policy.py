@@ -137,7 +137,7 @@ class Policy(BaseModel):
     limits: LimitSettings = LimitSettings()
 
     @model_validator(mode="after")
-    def _dates_exclusive(self) -> "Policy":
+    def _dates_exclusive(self) -> Policy:
         if self.retain_longitudinal_full_dates and self.retain_longitudinal_modified_dates:
             raise ValueError(
                 "retain_longitudinal_full_dates and retain_longitudinal_modified_dates are "
@@ -176,7 +176,7 @@ class Policy(BaseModel):
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     @classmethod
-    def from_options(cls, options: tuple[str, ...] | list[str]) -> "Policy":
+    def from_options(cls, options: tuple[str, ...] | list[str]) -> Policy:
         """A policy with exactly these option names set (the others false)."""
         unknown = [o for o in options if o not in TABLE_OPTIONS + OTHER_OPTIONS]
         if unknown:

@@ -37,9 +37,9 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -305,7 +305,7 @@ class ReidTable:
         """Sign rows with ``signer``: the site's audit signing key, the one that seals its trail."""
         self.signer = signer
 
-    def __enter__(self) -> "ReidTable":
+    def __enter__(self) -> ReidTable:
         return self
 
     def __exit__(self, *exc: object) -> None:

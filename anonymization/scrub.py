@@ -18,10 +18,10 @@ result again for the patient's identifiers, as a second line of defence.
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
-from pydicom.dataelem import DataElement
 from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -129,7 +129,7 @@ class TextScrubber:
         return self._compiled
 
     @classmethod
-    def from_dataset(cls, ds: Dataset) -> "TextScrubber":
+    def from_dataset(cls, ds: Dataset) -> TextScrubber:
         """Collect the identifying values of ``ds`` (call before the data set is cleaned).
 
         Private elements are skipped unread (they are removed or kept by the safe list),

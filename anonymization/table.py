@@ -8,10 +8,11 @@ overlay data/comments) and the private-attributes row are matched by number too.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Iterable
+from typing import Any
 
 from anonymization.iod import load_iod_types
 

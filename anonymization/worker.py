@@ -18,8 +18,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
-import os
 import logging
+import os
 import re
 import secrets
 import stat

@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import io
 import struct
-from typing import Mapping
+from collections.abc import Mapping
 
 import pydicom
 from pydicom.charset import default_encoding
 from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.multival import MultiValue
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, UID
+from pydicom.multival import MultiValue
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
 # VRs whose explicit-VR header has 2 reserved bytes and a 4-byte length (PS3.5 7.1.2).

@@ -26,10 +26,10 @@ from torch.utils.data import ConcatDataset
 from medfed import logs
 from medfed.demo import DemoSummary, run_demo, site_outcome
 from medfed.settings import RunConfig, SiteConfig
+from models.accounting import calibrate_noise, make_accountant
 from models.dataset import ManifestDataset
 from models.evaluation import evaluate
 from models.network import build_model
-from models.accounting import calibrate_noise, make_accountant
 from models.training import DPSettings, planned_steps, round_lr, train_local
 
 

@@ -80,7 +80,7 @@ class RunHistory:
         return out
 
     @classmethod
-    def from_json(cls, data: list[dict[str, Any]]) -> "RunHistory":
+    def from_json(cls, data: list[dict[str, Any]]) -> RunHistory:
         hist = cls()
         for d in data:
             rec = RoundRecord(round=d["round"], seconds=d.get("seconds", 0.0), train=d.get("train", {}),

@@ -19,9 +19,10 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from coordinator.checkpoint import latest_checkpoint, load_checkpoint
 from coordinator.provision import Layout, load_consortium

@@ -170,7 +170,7 @@ class CertificateAuthority:
     cert: x509.Certificate
 
     @classmethod
-    def create(cls, name: str, years: int = 10) -> "CertificateAuthority":
+    def create(cls, name: str, years: int = 10) -> CertificateAuthority:
         key = ec.generate_private_key(ec.SECP384R1())
         subject = x509.Name([
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
@@ -193,7 +193,7 @@ class CertificateAuthority:
         return cls(key, cert)
 
     @classmethod
-    def load(cls, directory: Path, passphrase: bytes | None = None) -> "CertificateAuthority":
+    def load(cls, directory: Path, passphrase: bytes | None = None) -> CertificateAuthority:
         """The CA key and certificate from ``directory``; ``passphrase`` if the key is encrypted."""
         key_path, cert_path = directory / "ca.key", directory / "ca.pem"
         if not key_path.is_file() or not cert_path.is_file():

@@ -14,7 +14,7 @@ import logging
 import math
 import random
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
@@ -94,7 +94,7 @@ class _Recording:
     history: RunHistory
     round_offset: int = 0  # rounds already done before a resume
     node_wait_timeout: float = 900.0
-    receipts: "Receipts | None" = None
+    receipts: Receipts | None = None
     secure: bool = False
     uniform_weights: bool = False
     poisson_rate: float | None = None

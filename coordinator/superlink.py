@@ -29,10 +29,11 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from coordinator.provision import (
     ConsortiumConfig,
@@ -218,9 +219,9 @@ def control_client(directory: Path, port: int | None = None) -> Iterator[Any]:
 
 def _key_bytes(line: bytes) -> bytes:
     """An OpenSSH public key line as the bytes Flower stores (PEM SubjectPublicKeyInfo)."""
-    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
     key = serialization.load_ssh_public_key(line)
     if not isinstance(key, ec.EllipticCurvePublicKey):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -28,12 +28,16 @@ app = typer.Typer(
 deid_app = typer.Typer(help="De-identify DICOM at the site (PS3.15 Annex E).", no_args_is_help=True)
 app.add_typer(deid_app, name="deid")
 from medfed.cli_reid import register_reid_commands  # noqa: E402 - light: cryptography only
+
 register_reid_commands(deid_app)
 from medfed.cli_audit import audit_app  # noqa: E402 - light: no torch/flwr at import
+
 app.add_typer(audit_app, name="audit")
 from medfed.cli_privacy import privacy_app  # noqa: E402 - light: torch/opacus only inside its commands
+
 app.add_typer(privacy_app, name="privacy")
 from medfed.cli_deploy import register_deploy_commands  # noqa: E402 - light: no torch/flwr at import
+
 register_deploy_commands(app)
 
 console = Console()
@@ -82,16 +86,16 @@ def deid_run(
     src: Annotated[Path, typer.Argument(help="Raw DICOM folder (e.g. a PACS export). Never modified.")],
     dst: Annotated[Path, typer.Argument(help="De-identified store to write (images, manifest.csv, audit/).")],
     key: Annotated[Path, typer.Option("--key", help="Site secret; created with mode 0600 if missing.")],
-    labels: Annotated[Optional[Path], typer.Option(help="CSV with AccessionNumber,label.")] = None,
-    quarantine: Annotated[Optional[Path], typer.Option(help="Where refused files go (default: DST-quarantine).")] = None,
-    audit: Annotated[Optional[Path], typer.Option(help="Audit trail folder (default: DST/audit).")] = None,
-    audit_key: Annotated[Optional[Path], typer.Option(
+    labels: Annotated[Path | None, typer.Option(help="CSV with AccessionNumber,label.")] = None,
+    quarantine: Annotated[Path | None, typer.Option(help="Where refused files go (default: DST-quarantine).")] = None,
+    audit: Annotated[Path | None, typer.Option(help="Audit trail folder (default: DST/audit).")] = None,
+    audit_key: Annotated[Path | None, typer.Option(
         "--audit-key", help="Ed25519 key sealing the audit trail (default: the trail's own, else next to --key).")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
-    policy: Annotated[Optional[Path], typer.Option(
+    policy: Annotated[Path | None, typer.Option(
         "--policy", help="Site de-identification policy (TOML; see anonymization/data/policy.example.toml).")] = None,
-    reid_table: Annotated[Optional[Path], typer.Option(
+    reid_table: Annotated[Path | None, typer.Option(
         "--reid-table", help="Encrypted re-identification table to append to (overrides table = ... in the "
         "policy's reid section).")] = None,
     clean_pixels: Annotated[bool, typer.Option(
@@ -139,7 +143,7 @@ def demo(
     _print_demo(summary)
 
 
-def _print_demo(s: "DemoSummary") -> None:  # type: ignore[name-defined]  # noqa: F821
+def _print_demo(s: DemoSummary) -> None:  # type: ignore[name-defined]  # noqa: F821
     rounds = Table(title="Global model per round (AUC on the sites' test splits)")
     rounds.add_column("round", justify="right")
     rounds.add_column("AUC", justify="right")

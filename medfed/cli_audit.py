@@ -8,7 +8,7 @@ copy of the trail folder and the site's exported public key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,22 +19,22 @@ audit_app = typer.Typer(
 
 _DIR = Annotated[Path, typer.Argument(help="Audit trail folder (e.g. DST/audit).")]
 _PUBLIC = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--public-key", help="The site's exported public key (PEM): check the seals against it."),
 ]
 _ANCHORS = Annotated[
-    Optional[list[Path]],
+    list[Path] | None,
     typer.Option("--anchors", help="The coordinator's receipts of the site's audit anchors: a run's out-dir (or "
                  "a folder of runs) or its anchors.jsonl; repeat for several runs. Every anchor of the site must "
                  "name a record of the trail with that exact hash."),
 ]
 _SITE = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--site", help="Check the anchors of this site (default: the name the trail's egress records "
                  "give)."),
 ]
 _KEY = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--audit-key", help="The site's private audit key (default: the one the trail records)."),
 ]
 
@@ -44,7 +44,7 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _public(path: Optional[Path]) -> bytes | None:
+def _public(path: Path | None) -> bytes | None:
     from anonymization.audit_keys import AuditKeyError, load_public_key
 
     if path is None:
@@ -56,7 +56,7 @@ def _public(path: Optional[Path]) -> bytes | None:
     return None
 
 
-def _signer_path(directory: Optional[Path], audit_key: Optional[Path]) -> Path:
+def _signer_path(directory: Path | None, audit_key: Path | None) -> Path:
     from anonymization.audit import read_meta
 
     if audit_key is not None:
@@ -111,9 +111,9 @@ def report(
 
 @audit_app.command("export-key")
 def export_key(
-    directory: Annotated[Optional[Path], typer.Argument(help="Audit trail folder (finds its key).")] = None,
+    directory: Annotated[Path | None, typer.Argument(help="Audit trail folder (finds its key).")] = None,
     audit_key: _KEY = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Write the PEM here instead of stdout.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the PEM here instead of stdout.")] = None,
 ) -> None:
     """Print the public half of the site's audit key (PEM): give it to whoever verifies the trail."""
     from anonymization.audit_keys import AuditKeyError, load_signing_key

@@ -8,8 +8,9 @@ import: no torch or Flower until a command runs.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, NoReturn, Optional
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -31,7 +32,7 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 _DIR = Annotated[Path, typer.Argument(help="Consortium folder (made by `medfed consortium init`).")]
 
 
-_CA_PASSPHRASE = Annotated[Optional[Path], typer.Option(
+_CA_PASSPHRASE = Annotated[Path | None, typer.Option(
     "--ca-passphrase-file", help="File holding the passphrase of the consortium CA key (ca/ca.key); "
     "or set MEDFED_CA_PASSPHRASE. Without either the key is unencrypted.")]
 
@@ -43,7 +44,7 @@ def consortium_init(
     coordinator_host: Annotated[list[str], typer.Option(
         "--coordinator-host", help="Name or address sites use to reach the coordinator (repeat, or comma-separate); "
         "localhost and 127.0.0.1 are always added.")],
-    site: Annotated[Optional[list[str]], typer.Option(
+    site: Annotated[list[str] | None, typer.Option(
         "--site", help="Enrol a site by what `medfed site keygen` made there: NAME=PATH/TO/node.pub, its TLS "
         "certificate request being the tls.csr next to it (or NAME=node.pub,tls.csr); repeat per site, or enrol "
         "later with add-site.")] = None,
@@ -104,7 +105,7 @@ def consortium_add_site(
     public_key: Annotated[Path, typer.Option(
         "--public-key", help="The site's public key (auth/node.pub from `medfed site keygen` at the site; "
         "OpenSSH or PEM). Never a private key.")],
-    csr: Annotated[Optional[Path], typer.Option(
+    csr: Annotated[Path | None, typer.Option(
         "--csr", help="The site's TLS certificate request (auth/tls.csr from `medfed site keygen`); default: the "
         "tls.csr next to --public-key.")] = None,
     ca_passphrase_file: _CA_PASSPHRASE = None,
@@ -155,8 +156,8 @@ def consortium_renew_tls(directory: _DIR, ca_passphrase_file: _CA_PASSPHRASE = N
 @coordinator_app.command("start")
 def coordinator_start(
     directory: _DIR,
-    port: Annotated[Optional[int], typer.Option(help="Override the port in consortium.toml.")] = None,
-    bind_host: Annotated[Optional[str], typer.Option("--bind-host", help="Override the listen address.")] = None,
+    port: Annotated[int | None, typer.Option(help="Override the port in consortium.toml.")] = None,
+    bind_host: Annotated[str | None, typer.Option("--bind-host", help="Override the listen address.")] = None,
 ) -> None:
     """Run the SuperLink in the foreground (TLS, node authentication, state on disk, no telemetry)."""
     from coordinator.provision import ProvisionError
@@ -212,11 +213,11 @@ def site_keygen(
 @site_app.command("start")
 def site_start(
     kit: Annotated[Path, typer.Argument(help="This site's kit folder (from the consortium operator).")],
-    data: Annotated[Optional[Path], typer.Option("--data", help="De-identified store (`medfed deid run` output).")] = None,
-    superlink: Annotated[Optional[str], typer.Option(help="Override the coordinator address (host:port).")] = None,
-    reconnect_seconds: Annotated[Optional[float], typer.Option(
+    data: Annotated[Path | None, typer.Option("--data", help="De-identified store (`medfed deid run` output).")] = None,
+    superlink: Annotated[str | None, typer.Option(help="Override the coordinator address (host:port).")] = None,
+    reconnect_seconds: Annotated[float | None, typer.Option(
         "--reconnect-seconds", help="Give up after the coordinator has been unreachable this long.")] = None,
-    clientapp_port: Annotated[Optional[int], typer.Option(
+    clientapp_port: Annotated[int | None, typer.Option(
         "--clientapp-port", help="Override the loopback port between the SuperNode and its ClientApps.")] = None,
 ) -> None:
     """Run this site's SuperNode: TLS to the coordinator, its authentication key, its node config."""
@@ -273,14 +274,14 @@ def site_approvals(kit: Annotated[Path, typer.Argument(help="This site's kit fol
 
 def run_command(
     directory: _DIR,
-    rounds: Annotated[Optional[int], typer.Option("--rounds", min=1, help="Federated rounds (num-server-rounds).")] = None,
-    run_config: Annotated[Optional[list[str]], typer.Option(
+    rounds: Annotated[int | None, typer.Option("--rounds", min=1, help="Federated rounds (num-server-rounds).")] = None,
+    run_config: Annotated[list[str] | None, typer.Option(
         "--run-config", help="Run settings, 'key=value key2=value2' (see [tool.flwr.app.config]).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the last run from its last checkpoint.")] = False,
-    run_name: Annotated[Optional[str], typer.Option("--run-name", help="Name of the run (default: run-DATE; "
+    run_name: Annotated[str | None, typer.Option("--run-name", help="Name of the run (default: run-DATE; "
                                                     "with --resume: the last run).")] = None,
-    timeout: Annotated[Optional[float], typer.Option(help="Give up waiting after this many seconds.")] = None,
-    app: Annotated[Optional[Path], typer.Option(
+    timeout: Annotated[float | None, typer.Option(help="Give up waiting after this many seconds.")] = None,
+    app: Annotated[Path | None, typer.Option(
         "--app", help="Submit this Flower app folder instead of the installed release (sites must approve it).")] = None,
 ) -> None:
     """Start a run on the deployment (`flwr run` over TLS), stream its progress, print its summary."""

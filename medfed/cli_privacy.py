@@ -158,7 +158,7 @@ def audit_cmd(
     import torch
 
     from models.dataset import DatasetError, ManifestDataset
-    from models.membership import loss_threshold_attack, lira_attack
+    from models.membership import lira_attack, loss_threshold_attack
     from models.network import build_model
     from models.training import DPSettings, train_local
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -53,12 +53,12 @@ def register_reid_commands(deid_app: typer.Typer) -> None:
     @deid_app.command("reid-lookup")
     def reid_lookup(
         table: Annotated[Path, typer.Argument(help="The site's encrypted re-identification table.")],
-        pseudonym: Annotated[Optional[str], typer.Argument(
+        pseudonym: Annotated[str | None, typer.Argument(
             help="Patient, accession or study UID pseudonym to look up (omit with --all).")] = None,
         officer_key: Annotated[Path, typer.Option("--officer-key", help="The officer's private key (PEM).")] = Path(
             "privacy-officer.key.pem"),
         all_rows: Annotated[bool, typer.Option("--all", help="Print every row.")] = False,
-        site_key: Annotated[Optional[list[Path]], typer.Option(
+        site_key: Annotated[list[Path] | None, typer.Option(
             "--site-key", help="The site's audit public key (`medfed audit export-key`) rows must be signed "
             "with; repeat after a key rotation. Default: the key named in the table.")] = None,
         accept_unsigned: Annotated[bool, typer.Option(

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
 
 #: Default bound on |value| in an arriving global model (SiteConfig ``max-model-abs``).
 DEFAULT_MAX_MODEL_ABS = 1e4
@@ -112,7 +112,7 @@ class RunConfig(BaseModel):
     trim_beta: float = Field(0.34, ge=0.0, lt=0.5, alias="trim-beta")
 
     @model_validator(mode="after")
-    def _minimums_consistent(self) -> "RunConfig":
+    def _minimums_consistent(self) -> RunConfig:
         if self.min_available_nodes < max(self.min_train_nodes, self.min_evaluate_nodes):
             raise ValueError(
                 "min-available-nodes must be at least min-train-nodes and min-evaluate-nodes"
@@ -164,7 +164,7 @@ class RunConfig(BaseModel):
                              "trim-beta (below 0.5) or min-train-nodes")
 
     @classmethod
-    def from_flower(cls, run_config: Mapping[str, Any], base: "RunConfig | None" = None) -> "RunConfig":
+    def from_flower(cls, run_config: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
         """Build from Flower's ``context.run_config`` layered over ``base`` (defaults if None)."""
         merged: dict[str, Any] = {} if base is None else base.to_flower()
         merged.update(dict(run_config))
@@ -177,7 +177,7 @@ class RunConfig(BaseModel):
         """The kebab-case mapping Flower passes around as ``run_config``."""
         return self.model_dump(by_alias=True)
 
-    def with_overrides(self, **overrides: Any) -> "RunConfig":
+    def with_overrides(self, **overrides: Any) -> RunConfig:
         """A copy with some fields changed (python names), validated again."""
         data = self.model_dump()
         data.update(overrides)
@@ -214,7 +214,7 @@ class RunBounds(BaseModel):
     strategies: tuple[Strategy, ...] = get_args(Strategy)
     max_evaluations: int = Field(100, ge=0, alias="max-evaluations")  # evaluate requests answered per run
 
-    def violations(self, cfg: "RunConfig") -> list[str]:
+    def violations(self, cfg: RunConfig) -> list[str]:
         """Each setting of ``cfg`` outside these bounds, as 'field value vs bound' (empty: within)."""
         out = []
         evaluations = cfg.num_server_rounds if cfg.fraction_evaluate > 0 else 0
@@ -272,7 +272,7 @@ class SiteConfig(BaseModel):
     run_bounds: RunBounds = Field(default_factory=RunBounds, alias="run-bounds")
 
     @model_validator(mode="after")
-    def _per_run_within_lifetime(self) -> "SiteConfig":
+    def _per_run_within_lifetime(self) -> SiteConfig:
         if self.epsilon_cap_per_run is not None and self.epsilon_cap_per_run > self.epsilon_cap:
             raise ValueError(
                 f"epsilon-cap-per-run ({self.epsilon_cap_per_run:g}) is above epsilon-cap ({self.epsilon_cap:g}), "
@@ -293,7 +293,7 @@ class SiteConfig(BaseModel):
         return self.audit_dir if self.audit_dir is not None else self.data_dir / "audit"
 
     @classmethod
-    def from_toml(cls, path: Path) -> "SiteConfig":
+    def from_toml(cls, path: Path) -> SiteConfig:
         """Read and validate a `site.toml`; relative paths are relative to the file."""
         try:
             raw = tomllib.loads(path.read_text())
@@ -310,7 +310,7 @@ class SiteConfig(BaseModel):
             raise _explain(str(path), err) from None
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], source: str) -> "SiteConfig":
+    def from_mapping(cls, values: Mapping[str, Any], source: str) -> SiteConfig:
         """Validate a node_config-like mapping, naming ``source`` in errors."""
         try:
             return cls.model_validate(dict(values))

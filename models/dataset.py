@@ -75,7 +75,7 @@ def assign_splits(patients: Iterable[str], test_fraction: float) -> dict[str, Li
     splits: dict[str, Literal["train", "test"]] = {p: split_of(p, test_fraction) for p in unique}
     if len(unique) >= 2:
         values = set(splits.values())
-        if 0.0 < test_fraction and values == {"train"}:
+        if test_fraction > 0.0 and values == {"train"}:
             splits[unique[0]] = "test"
         elif test_fraction < 1.0 and values == {"test"}:
             splits[unique[-1]] = "train"

@@ -83,7 +83,7 @@ def round_lr(lr: float, server_round: int, num_rounds: int, schedule: str = "cos
     """
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)} (got {schedule!r})")
-    if num_rounds < 1 or not 1 <= server_round:
+    if num_rounds < 1 or not server_round >= 1:
         raise ValueError(f"need 1 <= server_round and num_rounds >= 1 (got {server_round}, {num_rounds})")
     if schedule == "constant":
         return lr

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from medfed.files import write_file
 from medfed.fab import FabError, fab_sha256, read_fab, release_fab_sha256
+from medfed.files import write_file
 
 APPROVALS_FILE = "approvals.json"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

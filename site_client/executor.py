@@ -29,9 +29,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from medfed import hardening
 from medfed.fab import fab_sha256, release_fab_sha256
@@ -83,6 +84,7 @@ def _heartbeat(client: Any, stop: threading.Event) -> None:
 
 def _pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
     """Flower's ``pull_task_input`` (message, context, run, FAB), with the message pull bounded by PULL_SECONDS."""
+    from flwr.app import Message
     from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
     from flwr.proto.node_pb2 import Node
     from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
@@ -92,7 +94,6 @@ def _pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
     )
     from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
     from flwr.supercore.task_identity import TaskIdentity
-    from flwr.app import Message
 
     res = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id

@@ -32,7 +32,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medfed import hardening
 from medfed.files import write_file
-from site_client.supernode import CLIENT_CERT_FLAG, CLIENT_KEY_FLAG
 from medfed.node_keys import NodeKeyError, fingerprint, load_private_key, node_keypair, parse_public_key
 from medfed.processes import stop_child
 from medfed.settings import (
@@ -43,6 +42,7 @@ from medfed.settings import (
     SiteConfig,
     describe_validation,
 )
+from site_client.supernode import CLIENT_CERT_FLAG, CLIENT_KEY_FLAG
 
 log = logging.getLogger(__name__)
 

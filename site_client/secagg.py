@@ -21,18 +21,16 @@ the update itself (here), so a site refuses instead of sending a distorted model
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
-
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common import Code, FitRes, Parameters, Status, bytes_to_ndarray, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
-from flwr.client.mod import secaggplus_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from medfed.settings import ConfigError

@@ -7,8 +7,9 @@ one of the hospitals `medfed demo` prepared under ``demo-dir``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from medfed.settings import ConfigError, RunConfig, SiteConfig
 

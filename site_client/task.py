@@ -17,18 +17,19 @@ import functools
 import json
 import logging
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
 from anonymization.audit import AuditTrail
 from medfed.settings import OutOfBounds, RunConfig, SiteConfig
+from models.accounting import MAX_NOISE_MULTIPLIER, AccountingError, Segment, calibrate_noise, epsilon_of_history
 from models.dataset import ManifestDataset
 from models.evaluation import predict
 from models.network import build_model
-from models.accounting import MAX_NOISE_MULTIPLIER, AccountingError, Segment, calibrate_noise, epsilon_of_history
 from models.training import DPSettings, planned_steps, round_lr, train_local
 from site_client.ledger import EVALUATED, EVALUATION_SAMPLE_RATE, CapExceeded, LedgerError, PrivacyLedger
 from site_client.secagg import range_problem

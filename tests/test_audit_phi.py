@@ -16,13 +16,14 @@ import hashlib
 import hmac
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pydicom
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
@@ -32,10 +33,10 @@ from anonymization.audit_keys import SIGNING_KEY_NAME, load_signing_key
 from anonymization.audit_report import ACTION_MEANINGS
 from anonymization.keys import load_or_create_secret
 from coordinator.federation import initial_state
-from medfed.wire import MODEL_ARRAY, pack
 from medfed.cli import app as medfed
 from medfed.protocol import SITE_DECLINED
 from medfed.settings import RunConfig, SiteConfig
+from medfed.wire import MODEL_ARRAY, pack
 from site_client.client_app import build_app
 from site_client.task import ledger_for, train_round
 from tests.audit_factory import chromium, lines_of, locate, page_fetches, painted, render, visible_text, write_lines

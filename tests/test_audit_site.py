@@ -11,9 +11,9 @@ from flwr.clientapp import ClientApp
 from anonymization.audit import read_records
 from anonymization.audit_verify import verify_trail
 from coordinator.federation import initial_state
-from medfed.wire import pack
 from medfed.protocol import EGRESS_BLOCKED, SITE_FAILED
 from medfed.settings import RunConfig, SiteConfig
+from medfed.wire import pack
 from site_client.client_app import make_egress_guard
 
 CFG = RunConfig().with_overrides(image_size=32, batch_size=8)

@@ -9,9 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from anonymization.audit import AuditTrail, segment_files
-from anonymization.audit_keys import AuditSigner
+from anonymization.audit_keys import AuditSigner, b64
 from medfed.cli_audit import audit_app as app
-from anonymization.audit_keys import b64
 from tests.audit_factory import forge_append, lines_of, locate, rechain, record, sealed_trail, signer_file, write_lines
 
 runner = CliRunner()

@@ -14,7 +14,13 @@ from flwr.app import MetricRecord, RecordDict
 from coordinator.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from coordinator.history import RunHistory
 from coordinator.report import plot_metrics, write_metrics
-from coordinator.strategy import RecordingFedAdam, RecordingFedAvg, RecordingFedProx, build_strategy, weighted_mean_ignoring_nan
+from coordinator.strategy import (
+    RecordingFedAdam,
+    RecordingFedAvg,
+    RecordingFedProx,
+    build_strategy,
+    weighted_mean_ignoring_nan,
+)
 from medfed.settings import RunConfig
 
 

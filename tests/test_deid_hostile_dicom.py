@@ -213,7 +213,7 @@ def officer(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return private, public
 
 
-def _record(patient: str) -> "object":
+def _record(patient: str) -> object:
     from anonymization.reid import ReidRecord
 
     return ReidRecord(patient_pseudonym="P-SAME", patient_id=patient, accession_pseudonym="A1",
@@ -231,7 +231,7 @@ def _signed_table(path: Path, public: Path, signer) -> Path:
 def test_a_row_forged_with_the_officer_public_key_is_refused(officer, tmp_path: Path) -> None:
     """The attack: append a row sealed to the officer's public key; a lookup must not return it."""
     from anonymization.audit_keys import AuditSigner
-    from anonymization.reid import ReidError, load_private_key, load_public_key, lookup, seal, sign_line, fingerprint
+    from anonymization.reid import ReidError, fingerprint, load_private_key, load_public_key, lookup, seal, sign_line
 
     private, public = officer
     site = AuditSigner.generate()
@@ -335,7 +335,14 @@ def test_officer_key_uses_scrypt_and_an_old_key_is_migrated(officer, tmp_path: P
 def test_an_unsigned_format_1_table_is_read_only_on_request_and_never_appended(officer, tmp_path: Path) -> None:
     from anonymization.audit_keys import AuditSigner
     from anonymization.reid import (
-        UNSIGNED_VERSION, ReidError, ReidTable, fingerprint, load_private_key, load_public_key, read_table, seal,
+        UNSIGNED_VERSION,
+        ReidError,
+        ReidTable,
+        fingerprint,
+        load_private_key,
+        load_public_key,
+        read_table,
+        seal,
     )
 
     private, public = officer

@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from typer.testing import CliRunner
 
+from anonymization.audit_keys import AuditSigner
 from anonymization.batch import DeidError, run_deid
 from anonymization.policy import (
     DEFAULT_POLICY,
@@ -20,7 +21,6 @@ from anonymization.policy import (
     load_policy,
     parse_policy,
 )
-from anonymization.audit_keys import AuditSigner
 from anonymization.reid import (
     ReidError,
     ReidRecord,

@@ -23,9 +23,10 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,17 +34,17 @@ import torch
 
 from anonymization.audit import read_records
 from coordinator.federation import initial_state
-from medfed.wire import MODEL_ARRAY, pack
 from coordinator.provision import CertificateAuthority
 from coordinator.receipts import arrays_digest, read_jsonl
 from coordinator.superlink import internal_port, list_nodes
 from medfed import hardening
 from medfed.demo import prepare_sites
 from medfed.settings import RunConfig, SiteConfig
+from medfed.wire import MODEL_ARRAY, pack
+from models.dataset import ManifestDataset
 from site_client.egress import EVALUATE_METRICS, TRAIN_METRICS
 from site_client.kit import generate_site_key
 from site_client.ledger import PrivacyLedger
-from models.dataset import ManifestDataset
 
 pytestmark = [pytest.mark.deployment, pytest.mark.timeout(1500)]
 
@@ -92,7 +93,7 @@ class Proc:
     log: Path
     popen: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "Proc":
+    def start(self) -> Proc:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.log, "ab")  # noqa: SIM115 - the child holds it
         self.popen = subprocess.Popen(self.cmd, stdout=fh, stderr=subprocess.STDOUT, env=hardening.child_env(),
@@ -398,8 +399,9 @@ def test_a_client_with_only_the_ca_certificate_reaches_no_api(world: World) -> N
     # a certificate signed by another CA is refused just the same
     other = CertificateAuthority.create("some other consortium")
     key, cert = other.issue_server(["localhost"])
-    from coordinator.provision import private_pem
     from cryptography.hazmat.primitives import serialization
+
+    from coordinator.provision import private_pem
 
     d = world.root / "foreign-cert"
     d.mkdir(exist_ok=True)

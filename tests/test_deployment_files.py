@@ -167,8 +167,8 @@ def test_kubernetes_manifests_are_consistent() -> None:
 @pytest.mark.skipif(shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(),
                     reason="nginx is not installed (apt-get install nginx)")
 def test_the_public_port_config_demands_site_certificates_and_proxies_only_the_fleet_api(tmp_path: Path) -> None:
-    from coordinator.superlink import CoordinatorPaths, write_nginx_config
     from coordinator.provision import Layout
+    from coordinator.superlink import CoordinatorPaths, write_nginx_config
 
     cons = tmp_path / "c"
     init_consortium(cons, "n", ["h"], [("a", generate_site_key(tmp_path / "site-a").public)])

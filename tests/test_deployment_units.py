@@ -16,7 +16,6 @@ from site_client.egress import EgressViolation, check_secagg_reply, is_secagg_re
 from site_client.replay import ReplayStore, arrays_digest, train_once
 from site_client.task import TrainReply, ledger_for
 
-
 # ---- re-release instead of re-spend --------------------------------------------------------------
 
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from coordinator.federation import initial_state
-from medfed.wire import MODEL_ARRAY
 from medfed.demo import DemoSummary, run_demo, simulate
 from medfed.settings import RunConfig, SiteConfig
+from medfed.wire import MODEL_ARRAY
 from site_client.egress import EVALUATE_METRICS, TRAIN_METRICS
 from site_client.task import ledger_for
 

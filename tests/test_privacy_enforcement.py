@@ -17,9 +17,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from anonymization.audit import AuditTrail
 from coordinator.federation import initial_state
-from medfed.wire import pack
 from medfed.protocol import SITE_DECLINED, SITE_REFUSED
 from medfed.settings import RunConfig, SiteConfig
+from medfed.wire import pack
 from models.accounting import calibrate_noise, epsilon_of_history
 from models.training import planned_steps
 from site_client.client_app import build_app
@@ -163,7 +163,7 @@ def test_delta_not_below_one_over_the_bucket_or_n_is_refused_without_n(tmp_path:
         train_round(_site(tmp_path, store, cap=50.0, delta=0.1), CFG, "run-d", 1, initial_state(CFG))
     assert str(n) not in str(err.value)
     # A bucket set below n does not loosen delta < 1/n: delta 0.08 is below 1/5 but not below 1/n.
-    assert 0.08 >= 1 / n
+    assert 1 / n <= 0.08
     low = _site(tmp_path / "low", store, cap=50.0, delta=0.08).model_copy(update={"size_bucket": 5})
     with pytest.raises(SiteRefusal, match=r"1/size-bucket = 1/5 and below 1/\(training examples\)") as err:
         train_round(low, CFG, "run-d", 1, initial_state(CFG))

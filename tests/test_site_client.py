@@ -12,9 +12,9 @@ from flwr.clientapp import ClientApp
 
 from anonymization.audit import AuditTrail
 from coordinator.federation import initial_state
-from medfed.wire import MODEL_ARRAY, pack, unpack
 from medfed.protocol import EGRESS_BLOCKED, SITE_DECLINED, SITE_FAILED, SITE_REFUSED
 from medfed.settings import RunConfig, SiteConfig
+from medfed.wire import MODEL_ARRAY, pack, unpack
 from site_client.client_app import build_app, make_egress_guard
 from site_client.egress import EVALUATE_METRICS
 from site_client.task import ledger_for, train_round

@@ -21,7 +21,7 @@ from medfed.fab import build_fab, fab_sha256, release_fab_sha256
 from medfed.protocol import SITE_REFUSED
 from medfed.settings import OutOfBounds, RunBounds, RunConfig, SiteConfig
 from medfed.wire import pack
-from site_client.approval import ApprovalError, approve, approved_hashes, approvals
+from site_client.approval import ApprovalError, approvals, approve, approved_hashes
 from site_client.client_app import build_app
 from site_client.executor import refusal_reason
 from tests.fab_factory import copy_app, plant_marker
