@@ -26,7 +26,8 @@ from coordinator.secure import UNIFORM_WEIGHT_KEY, SecAggPlusGrid
 from coordinator.strategy import build_strategy, screen_first, wait_for_nodes
 from medfed.settings import RunConfig
 from medfed.wire import pack, unpack
-from models.network import build_model
+from models.registry import build_network, load_initial_weights
+from models.study import study_of
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,13 @@ class FederationResult:
 
 
 def initial_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """The starting global model, reproducible from the run's seed."""
+    """The starting global model: the study's pinned initial weights, else reproducible from the run's seed."""
     torch.manual_seed(cfg.seed)
-    return {k: v.detach().clone() for k, v in build_model(cfg.image_size).state_dict().items()}
+    study = study_of(cfg)
+    model = build_network(study)
+    if study.network.weights is not None:
+        load_initial_weights(model, study, Path(cfg.study_dir or "."))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> FederationResult:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.settings import DEFAULT_EVALUATION_NOISE, RunConfig, SiteConfig
+from models.study import DEFAULT_STUDY, Study
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,9 @@ class DemoSummary:
 def prepare_sites(
     out: Path, *, sites: int, patients: int, seed: int, epsilon_caps: list[float], delta: float,
     workers: int = 1, progress: bool = True, evaluation_noise: float = DEFAULT_EVALUATION_NOISE,
+    study: Study | None = None,
 ) -> list[SiteConfig]:
-    """Synthesize hospitals and de-identify each with its own secret; write each `site.toml`."""
+    """Synthesize hospitals and de-identify each with its own secret; write each `site.toml` (serving ``study``)."""
     from anonymization.batch import run_deid
     from medfed.synth import generate_hospitals
 
@@ -69,7 +71,8 @@ def prepare_sites(
         )
         log.info("%s: %s", info.name, summary.line())
         cfg = SiteConfig(name=info.name, data_dir=site_dir / "deid", state_dir=site_dir / "state",
-                         audit_key=audit_key, epsilon_cap=cap, delta=delta, evaluation_noise=evaluation_noise)
+                         audit_key=audit_key, epsilon_cap=cap, delta=delta, evaluation_noise=evaluation_noise,
+                         approved_studies=() if study is None else (study.digest(),))
         (site_dir / "site.toml").write_text(cfg.to_toml())
         configs.append(cfg)
     return configs
@@ -122,25 +125,22 @@ def run_demo(
     workers: int = 1, progress: bool = True, evaluation_noise: float = DEFAULT_EVALUATION_NOISE,
 ) -> DemoSummary:
     """The whole pipeline on synthetic hospitals; returns what happened."""
+    from medfed.studies import simulate_study
+
     t0 = time.monotonic()
     out = out.resolve()
     caps = epsilon_caps if epsilon_caps is not None else [8.0] * sites
     if len(caps) != sites:
         raise ValueError(f"{len(caps)} epsilon caps given for {sites} sites; give one per site")
+    overrides = {"num_server_rounds": rounds, "device": device, "seed": seed, **(run_overrides or {})}
+    # The demo is a study like any other: the synthetic hospitals' binary CT study, at the run's image size.
+    study = DEFAULT_STUDY.model_copy(update={"image_size": overrides.pop("image_size", DEFAULT_STUDY.image_size)})
     site_cfgs = prepare_sites(out, sites=sites, patients=patients, seed=seed, epsilon_caps=caps, delta=delta,
-                              workers=workers, progress=progress, evaluation_noise=evaluation_noise)
-    cfg = RunConfig().with_overrides(
-        num_server_rounds=rounds, device=device, demo_dir=str(out), out_dir=str(out / "coordinator"),
-        min_train_nodes=1, min_evaluate_nodes=sites, min_available_nodes=sites, seed=seed,
-        **(run_overrides or {}),
-    )
-    t_sim = time.monotonic()
-    simulate(cfg, sites)
-    sim_seconds = time.monotonic() - t_sim
-    coord = out / "coordinator"
-    metrics = json.loads((coord / "metrics.json").read_text())
+                              workers=workers, progress=progress, evaluation_noise=evaluation_noise, study=study)
+    result = simulate_study(study, out, site_cfgs, out, overrides=overrides)
+    metrics = json.loads(result.metrics.read_text())
     return DemoSummary(
         out=out, rounds=metrics["rounds"], sites=[site_outcome(s) for s in site_cfgs],
-        model=coord / "model.pt", metrics=coord / "metrics.json", plot=coord / "metrics.png",
-        wall_seconds=time.monotonic() - t0, simulation_seconds=sim_seconds,
+        model=result.model, metrics=result.metrics, plot=result.plot,
+        wall_seconds=time.monotonic() - t0, simulation_seconds=result.seconds,
     )

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 #: Default bound on |value| in an arriving global model (SiteConfig ``max-model-abs``).
 DEFAULT_MAX_MODEL_ABS = 1e4
@@ -80,6 +80,11 @@ class RunConfig(BaseModel):
     grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = Field("ew", alias="grad-sample-mode")
     # A multiple of 4 (models.network.IMAGE_MULTIPLE): the scattering front end subsamples by 4.
     image_size: int = Field(64, ge=16, le=512, multiple_of=4, alias="image-size")
+    # The study (models.study.Study) as canonical JSON; "" is the default study (binary soft-tissue CT at
+    # image-size). A study carries its own image size. `medfed run --study FILE` and `medfed simulate` set it.
+    study: str = ""
+    # Coordinator only: the folder the study's initial weights are read from (the study file's folder).
+    study_dir: str = Field("", alias="study-dir")
     device: Literal["cpu", "cuda"] = "cpu"
     out_dir: str = Field("medfed-out", alias="out-dir")
     demo_dir: str = Field("", alias="demo-dir")
@@ -270,6 +275,18 @@ class SiteConfig(BaseModel):
     # are O(1) and the norm layers keep activations at unit scale, so 1e4 is 3+ orders of headroom.
     max_model_abs: float = Field(DEFAULT_MAX_MODEL_ABS, gt=0.0, alias="max-model-abs")
     run_bounds: RunBounds = Field(default_factory=RunBounds, alias="run-bounds")
+    # Studies this site serves besides the default one, by SHA-256 (`medfed study check FILE` prints it):
+    # the privacy officer's approval of what is learnt from the site's patients.
+    approved_studies: tuple[str, ...] = Field((), alias="approved-studies")
+
+    @field_validator("approved_studies")
+    @classmethod
+    def _digests(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [d for d in v if not (len(d) == 64 and all(c in "0123456789abcdef" for c in d))]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a study's SHA-256 (64 lower-case hex digits; "
+                             "`medfed study check FILE` prints it)")
+        return v
 
     @model_validator(mode="after")
     def _per_run_within_lifetime(self) -> SiteConfig:
@@ -335,6 +352,8 @@ class SiteConfig(BaseModel):
         if self.size_bucket is not None:
             lines.append(f"size-bucket = {self.size_bucket}")
         lines.append(f"max-model-abs = {self.max_model_abs!r}")
+        if self.approved_studies:
+            lines.append(f"approved-studies = {json.dumps(list(self.approved_studies))}")
         lines += ["", "[run-bounds]"]
         for key, value in self.run_bounds.model_dump(by_alias=True).items():
             lines.append(f"{key} = {json.dumps(list(value) if isinstance(value, tuple) else value)}")

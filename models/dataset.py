@@ -262,3 +262,10 @@ class ManifestDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[index], self._label_tensor[index]
+
+
+class StudyDataset(ManifestDataset):
+    """Placeholder until the study dataset lands: the default study's binary CT only."""
+
+    def __init__(self, deid_dir: Path, study, split: Split = "train", cache_dir: Path | None = None) -> None:
+        super().__init__(deid_dir, split=split, image_size=study.image_size, test_fraction=study.test_fraction)

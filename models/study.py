@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medfed.settings import ConfigError, describe_validation
+from medfed.settings import ConfigError, OutOfBounds, RunConfig, SiteConfig, describe_validation
 
 Task = Literal["binary", "multiclass", "multilabel"]
 #: Modalities a study may name (DICOM Modality values). Colour objects are US, SC and XC (photographs).
@@ -305,3 +305,28 @@ def study_from_json(text: str, source: str = "the run's study") -> Study:
 
 #: The study every run used before studies existed, and `medfed demo`'s: soft-tissue CT, binary, 64 px.
 DEFAULT_STUDY = Study()
+
+
+def study_of(cfg: RunConfig) -> Study:
+    """The study a run config names: its ``study`` JSON, else the default study at ``image-size``."""
+    if cfg.study:
+        return study_from_json(cfg.study)
+    return DEFAULT_STUDY.model_copy(update={"image_size": cfg.image_size})
+
+
+def served_study(site: SiteConfig, cfg: RunConfig) -> Study:
+    """The run's study if ``site`` serves it: valid, and the default or one its privacy officer approved.
+
+    Light (no torch), so the egress guard checks it with the run bounds, before anything runs on the data.
+    Raises ConfigError for a malformed study and OutOfBounds for one the site has not approved.
+    """
+    try:
+        study = study_of(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"site {site.name} cannot serve this run's study: {err}") from None
+    if cfg.study and study.digest() not in site.approved_studies:
+        raise OutOfBounds(
+            f"site {site.name} refuses study {study.name!r} (sha256 {study.digest()}): this site's privacy officer "
+            "has not approved it; to approve, add that SHA-256 to approved-studies in the site's site.toml"
+        )
+    return study

@@ -141,6 +141,7 @@ def train_local(
     optimizer_state: dict[str, Any] | None = None,
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
     sampling_size: int | None = None,
+    task: str = "binary",
 ) -> TrainOutcome:
     """Train ``model`` in place on ``dataset``; with ``dp``, by DP-SGD recorded in ``accountant``.
 

@@ -17,6 +17,7 @@ from anonymization.audit import AuditError
 from medfed.protocol import EGRESS_BLOCKED, SITE_DECLINED, SITE_FAILED, SITE_REFUSED
 from medfed.settings import ConfigError, OutOfBounds, RunConfig
 from medfed.wire import WireError, pack, unpack
+from models.study import served_study
 from site_client.anchor import anchor_reply
 from site_client.egress import (
     ARRAYS_KEY,
@@ -70,7 +71,8 @@ def make_egress_guard(base: RunConfig | None) -> Callable[[Message, Context, Cal
         run = run_key(cfg, context)
         try:
             site.check_run(cfg)  # the site's own [run-bounds], before anything runs on its data
-        except OutOfBounds as err:
+            served_study(site, cfg)  # and only a study its privacy officer approved
+        except (OutOfBounds, ConfigError) as err:
             log.error("%s", err)
             audit.append("round_refused", run_id=run, server_round=server_round, reason=str(err))
             audit.close()

@@ -25,11 +25,12 @@ from typing import Any
 import torch
 
 from anonymization.audit import AuditTrail
-from medfed.settings import OutOfBounds, RunConfig, SiteConfig
+from medfed.settings import ConfigError, OutOfBounds, RunConfig, SiteConfig
 from models.accounting import MAX_NOISE_MULTIPLIER, AccountingError, Segment, calibrate_noise, epsilon_of_history
-from models.dataset import ManifestDataset
+from models.dataset import DatasetError, StudyDataset
 from models.evaluation import predict
-from models.network import build_model
+from models.registry import apply_trainable, build_network
+from models.study import Study, served_study, study_from_json, study_of
 from models.training import DPSettings, planned_steps, round_lr, train_local
 from site_client.ledger import EVALUATED, EVALUATION_SAMPLE_RATE, CapExceeded, LedgerError, PrivacyLedger
 from site_client.secagg import range_problem
@@ -147,10 +148,36 @@ class TrainReply:
     declined: str | None = None
 
 
+def run_study(site: SiteConfig, cfg: RunConfig) -> Study:
+    """The run's study, if this site serves it (models.study.served_study), else a refusal saying why."""
+    try:
+        return served_study(site, cfg)
+    except (ConfigError, OutOfBounds) as err:
+        raise SiteRefusal(str(err)) from None
+
+
+def site_dataset(site: SiteConfig, study: Study, split: str) -> StudyDataset:
+    """The site's images for ``study``, or a refusal saying why the site cannot serve it."""
+    try:
+        return _dataset(str(site.data_dir), split, study.canonical_json(), str(site.state_dir / "cache"))
+    except DatasetError as err:
+        raise SiteRefusal(f"site {site.name} cannot serve study {study.name!r}: {err}") from None
+
+
 @functools.lru_cache(maxsize=8)
-def _dataset(data_dir: str, split: str, image_size: int) -> ManifestDataset:
+def _dataset(data_dir: str, split: str, study_json: str, cache_dir: str) -> StudyDataset:
     # Cached per process: a simulation actor or SuperNode serves many rounds.
-    return ManifestDataset(Path(data_dir), split=split, image_size=image_size)  # type: ignore[arg-type]
+    return StudyDataset(Path(data_dir), study_from_json(study_json), split=split,  # type: ignore[arg-type]
+                        cache_dir=Path(cache_dir))
+
+
+def site_network(study: Study, state: Mapping[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """The study's network with ``state`` loaded and the study's trainable part unfrozen."""
+    model = build_network(study)
+    if state is not None:
+        model.load_state_dict(state)
+    apply_trainable(model, study.network.trainable)
+    return model
 
 
 def ledger_for(site: SiteConfig) -> PrivacyLedger:
@@ -215,7 +242,11 @@ def update_summary(state: dict[str, torch.Tensor]) -> dict[str, object]:
 
 def model_template(cfg: RunConfig) -> dict[str, torch.Tensor]:
     """This site's network for the run (names, shapes, dtypes): what an arriving model is cut back into."""
-    return build_model(cfg.image_size).state_dict()
+    try:
+        study = study_of(cfg)
+    except ConfigError as err:
+        raise SiteRefusal(f"this site cannot serve the run's study: {err}") from None
+    return build_network(study).state_dict()
 
 
 def _device(cfg: RunConfig) -> str:
@@ -359,7 +390,8 @@ def train_round(
     What leaves depends on the training split only through the update (DP) and the size bucket.
     """
     check_model(site, global_state)  # before the ledger is opened: a hostile model costs nothing
-    dataset = _dataset(str(site.data_dir), "train", cfg.image_size)
+    study = run_study(site, cfg)
+    dataset = site_dataset(site, study, "train")
     n = len(dataset)  # never leaves: the bucket stands for it in the reply, the sampling and the accounting
     bucket = enrolled_size_bucket(site, n)
     if site.delta >= 1.0 / max(n, bucket):
@@ -405,8 +437,7 @@ def train_round(
         return _decline_round(site, cfg, ledger, audit, run_id, server_round, decline, eps_before, eps_projected,
                               steps, sample_rate, sigma)
 
-    model = build_model(cfg.image_size)
-    model.load_state_dict(global_state)
+    model = site_network(study, global_state)
     accountant = ledger.accountant(run_id, cfg.accountant)
     opt_state = load_optimizer_state(site, run_id) if cfg.keep_optimizer_state else None
     lr = round_lr(cfg.lr, server_round, cfg.num_server_rounds, cfg.lr_schedule)
@@ -425,6 +456,7 @@ def train_round(
         proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
         seed=None,
         sampling_size=bucket,
+        task=study.task,
     )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     bad = _non_finite(state)
@@ -486,6 +518,7 @@ def evaluate_round(site: SiteConfig, cfg: RunConfig, run_id: str, global_state: 
     from site_client.replay import arrays_digest
 
     check_model(site, global_state)
+    study = run_study(site, cfg)
 
     digest = arrays_digest(global_state)
     ledger = ledger_for(site)
@@ -512,9 +545,8 @@ def evaluate_round(site: SiteConfig, cfg: RunConfig, run_id: str, global_state: 
         decline = _over_cap(site, ledger, run_id, accountant, segment, what)
         eps_before = ledger.epsilon(run_id, site.delta)
         if decline is None:
-            model = build_model(cfg.image_size)
-            model.load_state_dict(global_state)
-            logits, labels = predict(model, _dataset(str(site.data_dir), "test", cfg.image_size), device=_device(cfg))
+            model = site_network(study, global_state)
+            logits, labels = predict(model, site_dataset(site, study, "test"), device=_device(cfg))
             hists = noisy_histograms(logits.numpy(), labels.numpy(), sigma)
             try:  # durable before release; the ledger re-checks the caps under its write lock
                 eps_before, eps_after = ledger.commit_evaluation(
