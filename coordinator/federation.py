@@ -159,9 +159,24 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Feder
     tmp.replace(model_path)
     write_metrics(out / METRICS_FILE, history, run_config, {"final_model": MODEL_FILE, **site_dp_extra()})
     plot_metrics(out / PLOT_FILE, history)
+    if cfg.release_key:
+        _release(out, Path(cfg.release_key))
     return FederationResult(out, model_path, out / METRICS_FILE, out / PLOT_FILE, history,
                             max((r.round for r in history.rounds), default=0))
 
+
+
+def _release(out: Path, key: Path) -> None:
+    """Sign the final model as the consortium's release (a fresh release/ per finished run)."""
+    import shutil
+
+    from anonymization.audit_keys import load_signing_key
+    from coordinator.release import RELEASE_DIR, release_run
+
+    if (out / RELEASE_DIR).exists():
+        shutil.rmtree(out / RELEASE_DIR)
+    path = release_run(out, load_signing_key(key))
+    log.info("release signed: %s", path)
 
 
 def _run_id(grid: Grid) -> str:

@@ -85,6 +85,8 @@ class RunConfig(BaseModel):
     study: str = ""
     # Coordinator only: the folder the study's initial weights are read from (the study file's folder).
     study_dir: str = Field("", alias="study-dir")
+    # Coordinator only: the consortium's release key; set, the end of a run writes a signed release/.
+    release_key: str = Field("", alias="release-key")
     device: Literal["cpu", "cuda"] = "cpu"
     out_dir: str = Field("medfed-out", alias="out-dir")
     demo_dir: str = Field("", alias="demo-dir")

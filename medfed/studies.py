@@ -131,6 +131,17 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def release_key(folder: Path) -> Path:
+    """The simulation's own release key (``FOLDER/release-signing.key``, public half beside it)."""
+    from anonymization.audit_keys import load_or_create_signing_key
+    from medfed.release import RELEASE_KEY, RELEASE_PUBLIC_KEY
+
+    signer, created = load_or_create_signing_key(folder / RELEASE_KEY)
+    if created or not (folder / RELEASE_PUBLIC_KEY).exists():
+        write_file(folder / RELEASE_PUBLIC_KEY, signer.public_pem())
+    return folder / RELEASE_KEY
+
+
 # ---- several sites in Flower's Simulation Engine -------------------------------------------------
 @dataclass
 class SimulationResult:
@@ -140,6 +151,7 @@ class SimulationResult:
     model: Path
     metrics: Path
     plot: Path
+    release: Path
     sites: list[SiteConfig]
     seconds: float
 
@@ -171,7 +183,8 @@ def simulate_study(study: Study, study_dir: Path, sites: list[SiteConfig], out: 
     if names != on_disk:
         raise StudyRunError(f"{out / 'sites'} holds {', '.join(on_disk)} but the run names {', '.join(names)}; "
                             "use a fresh --out folder")
-    base = {"min_train_nodes": 1, "min_evaluate_nodes": len(sites), "min_available_nodes": len(sites)}
+    base = {"min_train_nodes": 1, "min_evaluate_nodes": len(sites), "min_available_nodes": len(sites),
+            "release_key": str(release_key(out))}
     try:
         cfg = study_run_config(study, study_dir, demo_dir=str(out), out_dir=str(out / "coordinator"),
                                **{**base, **(overrides or {})})
@@ -183,4 +196,5 @@ def simulate_study(study: Study, study_dir: Path, sites: list[SiteConfig], out: 
     if not (coord / "metrics.json").is_file():
         raise StudyRunError(f"the simulation ended without {coord / 'metrics.json'}; see the log above for why")
     return SimulationResult(out=out, model=coord / "model.pt", metrics=coord / "metrics.json",
-                            plot=coord / "metrics.png", sites=sites, seconds=time.monotonic() - t0)
+                            plot=coord / "metrics.png", release=coord / "release", sites=sites,
+                            seconds=time.monotonic() - t0)

@@ -1,0 +1,66 @@
+"""The consortium's release of a run's model: written beside model.pt and signed with the release key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from anonymization.audit_keys import AuditSigner
+from coordinator.checkpoint import load_checkpoint
+from medfed.release import ReleaseError, model_card, write_release
+from medfed.settings import RunConfig
+
+RELEASE_DIR = "release"
+
+
+def _final_round(metrics: dict[str, Any], upto: int | None) -> dict[str, Any]:
+    rounds = [r for r in metrics.get("rounds", []) if upto is None or r["round"] <= upto]
+    return rounds[-1] if rounds else {}
+
+
+def _sites(last: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each site's ε, δ and its DP metrics of the release's round (what the sites chose to release)."""
+    out = {}
+    for name, s in last.get("sites", {}).items():
+        train, evaluate = s.get("train", {}), s.get("evaluate", {})
+        out[name] = {"epsilon": s.get("epsilon"), "epsilon_cap": s.get("epsilon_cap"),
+                     "delta": train.get("delta", evaluate.get("delta")),
+                     "metrics": {k: v for k, v in evaluate.items() if k not in ("epsilon", "epsilon-cap")}}
+    return out
+
+
+def release_run(run_dir: Path, signer: AuditSigner, *, server_round: int | None = None,
+                out: Path | None = None) -> Path:
+    """Sign the model of ``run_dir`` (its final model, or the checkpoint of ``server_round``) as a release."""
+    from medfed.fab import release_fab_sha256
+    from models.study import study_of
+
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise ReleaseError(f"{run_dir} holds no metrics.json: pass the output folder of a run (its out-dir)")
+    metrics = json.loads(metrics_path.read_text())
+    if server_round is None:
+        import torch
+
+        model = run_dir / "model.pt"
+        if not model.is_file():
+            raise ReleaseError(f"{run_dir} holds no model.pt (the run did not finish); release a checkpoint "
+                               "with --round N")
+        state = torch.load(model, map_location="cpu", weights_only=True)
+        run_config = metrics.get("run_config", {})
+    else:
+        ckpt_path = run_dir / "checkpoints" / f"round-{server_round:04d}.pt"
+        if not ckpt_path.is_file():
+            raise ReleaseError(f"{ckpt_path} does not exist: choose a round that has a checkpoint")
+        ckpt = load_checkpoint(ckpt_path)
+        state, run_config = ckpt.state_dict, ckpt.run_config
+    cfg = RunConfig.from_flower(run_config)
+    study = study_of(cfg)
+    last = _final_round(metrics, server_round)
+    card = model_card(study=study, run_name=cfg.run_name or run_dir.name, rounds=int(last.get("round", 0)),
+                      fab_sha256=metrics.get("fab_sha256") or release_fab_sha256(),
+                      metrics=last.get("evaluate", {}), sites=_sites(last))
+    target = out or (run_dir / (RELEASE_DIR if server_round is None else f"{RELEASE_DIR}-round-{server_round:04d}"))
+    return write_release(target, state, study, card, signer)
