@@ -37,12 +37,14 @@ from medfed.cli_privacy import privacy_app  # noqa: E402 - light: torch/opacus o
 
 app.add_typer(privacy_app, name="privacy")
 from medfed.cli_deploy import register_deploy_commands  # noqa: E402 - light: no torch/flwr at import
+from medfed.cli_model import model_app  # noqa: E402 - light: torch inside commands
+from medfed.cli_model import predict as predict_command  # noqa: E402
 from medfed.cli_study import register_study_commands  # noqa: E402 - light: torch only inside its commands
-from medfed.cli_model import model_app  # noqa: E402 - light: torch only inside its commands
 
 register_deploy_commands(app)
 register_study_commands(app)
 app.add_typer(model_app, name="model")
+app.command("predict")(predict_command)
 
 console = Console()
 log = logging.getLogger("medfed")

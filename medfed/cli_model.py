@@ -86,3 +86,98 @@ def print_card(card: dict, key_id: str) -> None:
 
 def _num(v: object) -> str:
     return "n/a" if not isinstance(v, int | float) or v != v else f"{v:.3f}"
+
+
+def _verified(release_dir: Path, public_key: Path):  # noqa: ANN202 - medfed.release.Release, imported lazily
+    from medfed.release import ReleaseError, public_key_of, verify_release
+
+    try:
+        return verify_release(release_dir, public_key_of(public_key))
+    except ReleaseError as err:
+        _fail(f"refused: {err}", code=1)
+
+
+@model_app.command("calibrate")
+def calibrate(
+    release_dir: _RELEASE,
+    deid_dir: Annotated[Path, typer.Argument(help="This site's labelled de-identified store.")],
+    target_sensitivity: Annotated[float, typer.Option(
+        "--target-sensitivity", min=0.0, max=1.0, help="Sensitivity the operating point must reach, e.g. 0.9.")],
+    public_key: _PUBLIC,
+) -> None:
+    """Choose the operating point on this site's own labelled store (nothing leaves); predict --threshold auto."""
+    from medfed.settings import ConfigError
+    from models.dataset import DatasetError
+    from site_client.calibration import CalibrationError, calibrate, save
+
+    rel = _verified(release_dir, public_key)
+    try:
+        cal = calibrate(rel, deid_dir, target_sensitivity)
+    except (CalibrationError, DatasetError, ConfigError) as err:
+        _fail(str(err))
+    path = save(rel, cal)
+    table = Table(title=f"operating point at sensitivity ≥ {target_sensitivity:g} (chosen on the train split)")
+    for col in ("class", "threshold", "sens. (train)", "spec. (train)", "sens. (test)", "spec. (test)"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for (name, (s1, p1)), t in zip(cal.chosen_on.items(), cal.thresholds, strict=True):
+        s2, p2 = cal.test[name]
+        table.add_row(name, f"{t:.4f}", _num(s1), _num(p1), _num(s2), _num(p2))
+    console.print(table)
+    console.print(f"{cal.images['train']} train and {cal.images['test']} test images; written to {path}")
+
+
+def predict(
+    release_dir: _RELEASE,
+    src: Annotated[Path, typer.Argument(help="Folder of DICOM files as they come from PACS.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for predictions.csv, unusable.csv, sr/, explain/.")],
+    public_key: _PUBLIC,
+    sr: Annotated[bool, typer.Option("--sr", help="Write one DICOM Comprehensive 3D SR per study.")] = False,
+    threshold: Annotated[str, typer.Option(
+        "--threshold", help="Decision threshold: a number in (0, 1), 'auto' (this site's calibration) or "
+        "'study' (the study's own).")] = "study",
+    explain: Annotated[bool, typer.Option("--explain", help="Grad-CAM saliency per image as Secondary Capture.")]
+    = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """Score new studies with a verified release, at the site; nothing is sent anywhere."""
+    from medfed.settings import ConfigError
+    from site_client.calibration import CalibrationError, load_thresholds
+    from site_client.inference import PredictError, predict_folder
+
+    if device not in ("cpu", "cuda"):
+        _fail(f"--device {device!r}: use cpu or cuda")
+    rel = _verified(release_dir, public_key)
+    study = rel.study
+    columns = 1 if study.task == "binary" else len(study.classes)
+    try:
+        if threshold == "auto":
+            thresholds = load_thresholds(rel)
+        elif threshold == "study":
+            thresholds = (study.metrics.threshold,) * columns
+        else:
+            value = float(threshold)
+            if not 0.0 < value < 1.0:
+                raise ValueError
+            thresholds = (value,) * columns
+    except CalibrationError as err:
+        _fail(str(err))
+    except ValueError:
+        _fail(f"--threshold {threshold!r}: give a number between 0 and 1, 'auto' or 'study'")
+    label = threshold if threshold in ("auto", "study") else "fixed"
+    try:
+        summary = predict_folder(rel, src, out, thresholds=thresholds, threshold_label=label, sr=sr, explain=explain,
+                                 device=device, batch_size=batch_size, progress=not no_progress)
+    except (PredictError, ConfigError) as err:
+        _fail(str(err))
+    console.print(summary.line())
+    for path, reason in summary.unusable[:20]:
+        console.print(f"  unusable: {path}: {reason}")
+    if len(summary.unusable) > 20:
+        console.print(f"  … and {len(summary.unusable) - 20} more in {out / 'unusable.csv'}")
+    console.print(f"predictions: {out / 'predictions.csv'}")
+    if summary.srs:
+        console.print(f"SR:          {len(summary.srs)} report(s) in {out / 'sr'}")
+    if summary.saliency:
+        console.print(f"saliency:    {len(summary.saliency)} image(s) in {out / 'explain'}")

@@ -1,0 +1,255 @@
+"""`medfed predict`: a verified release applied to DICOM as it comes from PACS, at the site.
+
+Files are read and preprocessed exactly as the study trains (models.preprocess) by DataLoader
+workers while the model scores the previous batch, so decoding overlaps inference. Nothing is
+sent anywhere: the predictions, the results as DICOM and the saliency maps stay in OUT, in the
+hospital's own identifiers (these are the hospital's images, not a de-identified store).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydicom.dataset import Dataset
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from medfed.files import write_file
+from medfed.release import Release
+from models.study import Study
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS = "predictions.csv"
+UNUSABLE = "unusable.csv"
+SR_DIR = "sr"
+EXPLAIN_DIR = "explain"
+#: Header attributes kept per source image for the SR's evidence and references (no pixels).
+_HEADER_ONLY = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+class PredictError(Exception):
+    """Prediction cannot run as asked; the message says what to do."""
+
+
+@dataclass
+class Example:
+    """One preprocessed frame of one source file."""
+
+    index: int  # the file's position in the scan
+    frame: int
+    array: np.ndarray
+
+
+@dataclass
+class Scored:
+    """One image's scores and decision, with what the SR and the CSV need to reference it."""
+
+    path: str
+    header: Dataset
+    frame: int
+    scores: np.ndarray
+    decision: str
+    positive: tuple[bool, ...]
+
+
+@dataclass
+class PredictSummary:
+    """What `medfed predict` did."""
+
+    out: Path
+    images: int
+    files: int
+    unusable: list[tuple[str, str]]
+    threshold: str
+    seconds: float
+    srs: list[Path] = field(default_factory=list)
+    saliency: list[Path] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (f"{self.images} image(s) from {self.files} file(s) scored, {len(self.unusable)} unusable; "
+                f"threshold {self.threshold}")
+
+
+def source_files(src: Path) -> list[Path]:
+    """Every regular file under ``src`` (symbolic links are not followed), in a stable order."""
+    if not src.is_dir():
+        raise PredictError(f"{src} is not a folder; pass the folder of DICOM files to score")
+    found = []
+    for root, dirs, files in os.walk(src, followlinks=False):
+        dirs.sort()
+        for name in sorted(files):
+            p = Path(root) / name
+            if p.is_file() and not p.is_symlink():
+                found.append(p)
+    return found
+
+
+class _Files(TorchDataset):
+    """One item per file: its header (no pixels), its preprocessed frames, or the reason it has none."""
+
+    def __init__(self, files: list[Path], study: Study) -> None:
+        self.files, self.study = files, study
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, Dataset | None, list[Example], str | None]:
+        from models.preprocess import Unusable, preprocess, read_dicom
+
+        try:
+            ds = read_dicom(self.files[i])
+            done = preprocess(ds, self.study)
+        except Unusable as err:
+            return i, None, [], err.reason
+        except Exception as exc:  # noqa: BLE001 - one odd file must not stop the scan
+            return i, None, [], f"cannot be preprocessed ({type(exc).__name__})"
+        if not done.usable:
+            return i, None, [], done.reason or "no usable frame"
+        header = ds.copy()
+        for kw in _HEADER_ONLY:
+            if kw in header:
+                delattr(header, kw)
+        return i, header, [Example(i, f, a) for f, a in zip(done.frames, done.arrays, strict=True)], None
+
+
+def _collate(items: list[Any]) -> list[Any]:
+    return items
+
+
+def probabilities(logits: torch.Tensor, study: Study) -> np.ndarray:
+    """Scores per class: the positive class's sigmoid (binary), softmax (multiclass), sigmoids (multilabel)."""
+    if study.task == "multiclass":
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+    return torch.sigmoid(logits.float()).cpu().numpy().reshape(len(logits), -1)
+
+
+def decide(scores: np.ndarray, study: Study, thresholds: tuple[float, ...]) -> tuple[str, tuple[bool, ...]]:
+    """The decision as text (class name, or present findings) and which classes are called present.
+
+    ``thresholds`` has one value per score column (binary: one; multilabel: one per finding); a
+    multiclass study takes the arg-max.
+    """
+    if study.task == "binary":
+        pos = bool(scores[0] >= thresholds[0])
+        return study.classes[1 if pos else 0], (pos,)
+    if study.task == "multiclass":
+        k = int(np.argmax(scores))
+        return study.classes[k], tuple(i == k for i in range(len(study.classes)))
+    present = tuple(bool(s >= t) for s, t in zip(scores, thresholds, strict=True))
+    names = [c for c, p in zip(study.classes, present, strict=True) if p]
+    return ("|".join(names) if names else "none"), present
+
+
+def load_model(release: Release, device: str) -> torch.nn.Module:
+    from models.registry import build_network
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PredictError("--device cuda was asked but this machine has no CUDA device; use --device cpu")
+    model = build_network(release.study)
+    model.load_state_dict(release.state_dict)
+    return model.to(device).eval()
+
+
+def score_batches(model: torch.nn.Module, files: list[Path], study: Study, *, device: str, batch_size: int,
+                  workers: int) -> Iterator[tuple[list[tuple[int, Dataset, int, np.ndarray]],
+                                              list[tuple[int, str]], np.ndarray]]:
+    """Yield ``(examples (file index, header, frame, array), unusable (index, reason), scores)`` per batch."""
+    loader = DataLoader(_Files(files, study), batch_size=max(1, batch_size // 2), num_workers=workers,
+                        collate_fn=_collate, persistent_workers=False, prefetch_factor=4 if workers else None)
+    pending: list[tuple[int, Dataset, int, np.ndarray]] = []
+    bad: list[tuple[int, str]] = []
+
+    def run(batch: list[tuple[int, Dataset, int, np.ndarray]]) -> np.ndarray:
+        x = torch.from_numpy(np.stack([a for *_, a in batch])).to(device)
+        with torch.inference_mode(), torch.autocast("cuda", enabled=device == "cuda"):
+            return probabilities(model(x), study)
+
+    for items in loader:
+        for i, header, examples, reason in items:
+            if reason is not None:
+                bad.append((i, reason))
+            pending.extend((i, header, e.frame, e.array) for e in examples)
+        while len(pending) >= batch_size:
+            batch, pending = pending[:batch_size], pending[batch_size:]
+            yield batch, bad, run(batch)
+            bad = []
+    if pending or bad:
+        yield pending, bad, run(pending) if pending else np.zeros((0, study.num_outputs))
+
+
+def predict_folder(release: Release, src: Path, out: Path, *, thresholds: tuple[float, ...], threshold_label: str,
+                   sr: bool = False, explain: bool = False, device: str = "cpu", batch_size: int = 32,
+                   workers: int | None = None, progress: bool = True) -> PredictSummary:
+    """Score every usable image under ``src``; write predictions.csv, unusable.csv, and SRs / saliency maps."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    t0 = time.monotonic()
+    study = release.study
+    files = source_files(src)
+    if not files:
+        raise PredictError(f"{src} holds no files; pass the folder PACS exported the studies to")
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(release, device)
+    workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    scored: list[Scored] = []
+    unusable: list[tuple[str, str]] = []
+    columns = (TextColumn("scoring"), BarColumn(bar_width=30), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("scoring", total=len(files))
+        seen: set[int] = set()
+        for batch, bad, scores in score_batches(model, files, study, device=device, batch_size=batch_size,
+                                                workers=workers):
+            unusable.extend((str(files[i].relative_to(src)), reason) for i, reason in bad)
+            for (i, header, frame, _), s in zip(batch, scores, strict=True):
+                decision, positive = decide(s, study, thresholds)
+                scored.append(Scored(str(files[i].relative_to(src)), header, frame, s, decision, positive))
+            new = {i for i, *_ in batch} | {i for i, _ in bad}
+            bar.advance(task, len(new - seen))
+            seen |= new
+    _write_predictions(out, scored, study, threshold_label)
+    _write_unusable(out, unusable)
+    summary = PredictSummary(out=out, images=len(scored), files=len(files), unusable=unusable,
+                             threshold=threshold_label, seconds=0.0)
+    if sr:
+        from site_client.results_dicom import write_srs
+
+        summary.srs = write_srs(out / SR_DIR, scored, release, thresholds, threshold_label)
+    if explain:
+        from site_client.results_dicom import write_saliency
+
+        summary.saliency = write_saliency(out / EXPLAIN_DIR, model, files, src, scored, release, device)
+    summary.seconds = time.monotonic() - t0
+    return summary
+
+
+def _write_predictions(out: Path, scored: list[Scored], study: Study, threshold_label: str) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["sop_instance_uid", "study_instance_uid", "series_instance_uid", "frame", "path",
+                *(f"score_{c}" for c in (study.classes[1:] if study.task == "binary" else study.classes)),
+                "decision", "threshold"])
+    for s in scored:
+        h = s.header
+        w.writerow([h.get("SOPInstanceUID", ""), h.get("StudyInstanceUID", ""), h.get("SeriesInstanceUID", ""),
+                    s.frame, s.path, *(f"{v:.6f}" for v in s.scores), s.decision, threshold_label])
+    write_file(out / PREDICTIONS, buf.getvalue().encode())
+
+
+def _write_unusable(out: Path, unusable: list[tuple[str, str]]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "reason"])
+    w.writerows(unusable)
+    write_file(out / UNUSABLE, buf.getvalue().encode())
