@@ -90,11 +90,12 @@ def build_sr(study_items: list[Scored], release: Release, thresholds: tuple[floa
     report = hd.sr.MeasurementReport(observation_context=_observation_context(release),
                                      procedure_reported=codes.SCT.Imaging, imaging_measurements=groups)
     evidence = list({s.header.SOPInstanceUID: s.header for s in study_items}.values())
-    return hd.sr.Comprehensive3DSR(
+    sr = hd.sr.Comprehensive3DSR(
         evidence=evidence, content=report, series_instance_uid=series_uid, series_number=900,
         sop_instance_uid=generate_uid(), instance_number=instance_number, manufacturer=MANUFACTURER,
-        is_complete=True, is_final=False, is_verified=False,
-        SeriesDescription=f"medfed {release.study.name}"[:64])
+        is_complete=True, is_final=False, is_verified=False)
+    sr.SeriesDescription = f"medfed {release.study.name}"[:64]
+    return sr
 
 
 def write_srs(folder: Path, scored: list[Scored], release: Release, thresholds: tuple[float, ...],
@@ -131,6 +132,28 @@ def cam_layer(model: torch.nn.Module) -> str:
     return names[-1]
 
 
+def _letters(cosines: list[float]) -> str:
+    """PS3.3 C.7.6.1.1.1 orientation letters of a direction (dominant axes first, up to two)."""
+    names = (("L", "R"), ("P", "A"), ("H", "F"))
+    order = sorted(range(3), key=lambda i: -abs(cosines[i]))
+    return "".join(names[i][0 if cosines[i] > 0 else 1] for i in order[:2] if abs(cosines[i]) > 0.25) or "L"
+
+
+def patient_orientation(header: object) -> tuple[str, str]:
+    """The source's Patient Orientation, else derived from its Image Orientation (Patient).
+
+    The saliency map is the source image resized, so its rows and columns point where the source's do.
+    """
+    value = getattr(header, "PatientOrientation", None)
+    if value is not None and len(value) == 2 and all(value):
+        return str(value[0]), str(value[1])
+    iop = getattr(header, "ImageOrientationPatient", None)
+    if iop is not None and len(iop) == 6:
+        cos = [float(v) for v in iop]
+        return _letters(cos[:3]), _letters(cos[3:])
+    return "L", "P"  # no geometry at all: the axial default of the study's CT (rows run to the left)
+
+
 def _overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
     """The input's first channel in grey with the heat map blended in colour, as 8-bit RGB."""
     from matplotlib import colormaps
@@ -163,12 +186,15 @@ def write_saliency(folder: Path, model: torch.nn.Module, files: list[Path], src:
         name = study.classes[1] if study.task == "binary" else study.classes[k]
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=s.header, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
-            coordinate_system="PATIENT", series_instance_uid=series_uid, series_number=901,
+            coordinate_system="PATIENT", patient_orientation=patient_orientation(s.header),
+            series_instance_uid=series_uid, series_number=901,
             sop_instance_uid=generate_uid(), instance_number=n, manufacturer=MANUFACTURER)
         sc.SeriesDescription = f"medfed Grad-CAM {study.name}"[:64]
         sc.DerivationDescription = (f"Grad-CAM of class {name} by {release.card.get('name')} "
                                     f"(device {release.device_uid})")[:1024]
         sc.BurnedInAnnotation = "NO"
+        # Type 2C in General Series: the source's laterality, or present and empty when it has none.
+        sc.Laterality = str(s.header.get("Laterality", "") or "")
         path = folder / f"{s.header.SOPInstanceUID}-{s.frame}.dcm"
         write_file(path, _bytes(sc))
         paths.append(path)
