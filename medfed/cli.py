@@ -71,20 +71,37 @@ def synth(
     sites: Annotated[int, typer.Option(help="Number of hospitals.")] = 3,
     patients: Annotated[int, typer.Option(help="Patients at the largest hospital; others scale 10:5:2.")] = 200,
     seed: Annotated[int, typer.Option(help="Same seed, same files.")] = 0,
+    task: Annotated[str, typer.Option(
+        help="binary, multiclass (normal + grades) or multilabel (findings).")] = "binary",
+    classes: Annotated[int | None, typer.Option(
+        help="Classes: multiclass 3-5 (default 3), multilabel 2-4 findings (default 2); binary is 2.")] = None,
+    modality: Annotated[str, typer.Option(help="CT (abdomen slices) or DX (chest radiographs, MONOCHROME1).")] = "CT",
+    image_size: Annotated[int, typer.Option("--image-size", help="Network input size written to study.toml.")] = 64,
+    public: Annotated[int, typer.Option(
+        min=0, help="Also write N labelled public images for pretraining to OUT/public (another seed space).")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace hospitals synth wrote there before.")] = False,
 ) -> None:
-    """Make synthetic hospitals: raw CT DICOM full of (fake) PHI, plus a label table per site."""
-    from medfed.synth import generate_hospitals
+    """Make synthetic hospitals: raw DICOM full of (fake) PHI, a label table per site, and OUT/study.toml."""
+    from medfed.settings import ConfigError
+    from medfed.synth import STUDY_FILE, generate_hospitals, generate_public
 
     try:
-        infos = generate_hospitals(out, sites=sites, patients=patients, seed=seed)
-    except ValueError as err:
+        infos = generate_hospitals(out, sites=sites, patients=patients, seed=seed, task=task, classes=classes,
+                                   modality=modality.upper(), image_size=image_size, overwrite=overwrite)
+        pub = generate_public(out / "public", public, task, classes, modality.upper(), seed,
+                              image_size=image_size) if public else None
+    except (ValueError, FileExistsError, ConfigError) as err:
         _fail(str(err))
-    table = Table(title=f"synthetic hospitals in {out}")
-    for col in ("site", "patients", "images", "prevalence", "DICOM", "labels"):
+    table = Table(title=f"synthetic {modality.upper()} hospitals in {out} ({task})")
+    for col in ("site", "patients", "images", "per class", "DICOM", "labels"):
         table.add_column(col)
     for i in infos:
-        table.add_row(i.name, str(i.patients), str(i.images), f"{i.prevalence:.2f}", str(i.dicom_dir), str(i.labels_csv))
+        counts = ", ".join(f"{k} {v}" for k, v in i.class_counts.items())
+        table.add_row(i.name, str(i.patients), str(i.images), counts, str(i.dicom_dir), str(i.labels_csv))
     console.print(table)
+    console.print(f"study: {out / STUDY_FILE}")
+    if pub is not None:
+        console.print(f"public set: {pub.path} ({pub.images} images)")
 
 
 @deid_app.command("run")

@@ -104,8 +104,8 @@ def test_same_seed_gives_identical_bytes(tmp_path: Path) -> None:
 def test_different_seed_gives_different_data(tmp_path: Path) -> None:
     generate_hospitals(tmp_path / "one", sites=1, patients=6, seed=1)
     generate_hospitals(tmp_path / "two", sites=1, patients=6, seed=2)
-    a = set(_tree_digest(tmp_path / "one").values())
-    b = set(_tree_digest(tmp_path / "two").values())
+    a = {v for k, v in _tree_digest(tmp_path / "one").items() if k != "study.toml"}  # the same study
+    b = {v for k, v in _tree_digest(tmp_path / "two").items() if k != "study.toml"}
     assert not a & b  # not a single file in common
     acc_a = {r[0] for r in _labels(tmp_path / "one" / "hospital-a" / "labels.csv")}
     acc_b = {r[0] for r in _labels(tmp_path / "two" / "hospital-a" / "labels.csv")}
@@ -118,7 +118,8 @@ def test_different_seed_gives_different_data(tmp_path: Path) -> None:
 def test_layout_is_the_fixed_contract(hospitals: tuple[Path, list[SiteInfo]]) -> None:
     out, infos = hospitals
     assert [s.name for s in infos] == ["hospital-a", "hospital-b", "hospital-c"]
-    assert sorted(p.name for p in out.iterdir()) == ["hospital-a", "hospital-b", "hospital-c", "sites.json"]
+    expected = ["hospital-a", "hospital-b", "hospital-c", "sites.json", "study.toml"]
+    assert sorted(p.name for p in out.iterdir()) == expected
     for s in infos:
         assert s.dicom_dir == out / s.name / "dicom" and s.dicom_dir.is_dir()
         assert s.labels_csv == out / s.name / "labels.csv" and s.labels_csv.is_file()
@@ -135,7 +136,7 @@ def test_sites_json_describes_each_site(hospitals: tuple[Path, list[SiteInfo]]) 
     manifest = json.loads((out / "sites.json").read_text(encoding="utf-8"))
     assert manifest["seed"] == 7 and manifest["patients_largest_site"] == 12
     assert [e["name"] for e in manifest["sites"]] == [s.name for s in infos]
-    for entry, info in zip(manifest["sites"], infos):
+    for entry, info in zip(manifest["sites"], infos, strict=True):
         assert entry["patients"] == info.patients and entry["images"] == info.images
         assert entry["prevalence"] == info.prevalence and entry["positives"] == info.positives
         assert (out / entry["dicom_dir"]) == info.dicom_dir
@@ -362,7 +363,7 @@ def test_scanners_differ_in_noise_and_calibration(tmp_path: Path) -> None:
     assert by_site["hospital-a"] < by_site["hospital-b"] < by_site["hospital-c"]
     # calibration: the same air reads differently on each scanner
     air_by_site = sorted(np.mean([v for m, v in air if m == n]) for n in by_site)
-    assert all(b - a > 20.0 for a, b in zip(air_by_site, air_by_site[1:]))
+    assert all(b - a > 20.0 for a, b in zip(air_by_site, air_by_site[1:], strict=False))
 
 
 # --- arguments and existing output ----------------------------------------------
@@ -392,7 +393,7 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path: Path) -> None:
     assert _tree_digest(tmp_path) == before
     generate_hospitals(tmp_path, sites=2, patients=2, seed=1, overwrite=True)
     # the stale third site of the first run is gone, nothing half-made is left
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hospital-a", "hospital-b", "sites.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hospital-a", "hospital-b", "sites.json", "study.toml"]
     assert json.loads((tmp_path / "sites.json").read_text())["seed"] == 1
 
 
@@ -402,3 +403,248 @@ def test_overwrite_never_deletes_foreign_files(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="did not write"):
         generate_hospitals(tmp_path, sites=1, patients=2, overwrite=True)
     assert (tmp_path / "hospital-a" / "notes.txt").read_text() == "not ours"
+
+
+# --- studies: binary CT unchanged; multiclass, multilabel; DX -------------------------------------------
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+from pydicom.uid import DigitalXRayImageStorageForPresentation  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from medfed.synth import STUDY_FILE, class_names, generate_public  # noqa: E402
+from medfed.synth._findings import FINDING_FREQUENCY, draw_targets  # noqa: E402
+from models.study import load_study  # noqa: E402
+
+#: Digest of generate_hospitals(sites=2, patients=4, seed=5) - every file but study.toml - computed from the
+#: generator before multiclass, multilabel and DX existed: binary CT must stay byte-identical for a seed.
+LEGACY_DIGEST = "ec259d3e80071390c7685429d2420ee3a8217605c61197fdac79f5c4ccceb16a"
+STUDIES = [("binary", None, "CT"), ("multiclass", 4, "CT"), ("multilabel", 4, "CT"),
+           ("binary", None, "DX"), ("multiclass", 5, "DX"), ("multilabel", 3, "DX")]
+DCIODVFY = shutil.which("dciodvfy")
+
+
+def _legacy_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != STUDY_FILE:
+            h.update(str(p.relative_to(root)).encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def test_binary_ct_is_byte_identical_to_the_original_generator(tmp_path: Path) -> None:
+    generate_hospitals(tmp_path / "o", sites=2, patients=4, seed=5)
+    assert _legacy_digest(tmp_path / "o") == LEGACY_DIGEST
+    assert "task" not in json.loads((tmp_path / "o" / "sites.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple, tuple[Path, list[SiteInfo]]]:
+    """One small consortium per (task, classes, modality), written under strict pydicom validation."""
+    root = tmp_path_factory.mktemp("studies")
+    made = {}
+    old = pydicom.config.settings.writing_validation_mode
+    pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
+    try:
+        for task, k, modality in STUDIES:
+            out = root / f"{task}-{k}-{modality}"
+            made[(task, k, modality)] = out, generate_hospitals(out, sites=2, patients=8, seed=3, task=task,
+                                                                classes=k, modality=modality)
+    finally:
+        pydicom.config.settings.writing_validation_mode = old
+    return made
+
+
+@pytest.mark.parametrize("key", STUDIES, ids=lambda k: f"{k[0]}-{k[2]}")
+def test_every_study_writes_valid_decodable_dicom_and_labels_its_study_reads(studies: dict, key: tuple) -> None:
+    task, k, modality = key
+    out, infos = studies[key]
+    study = load_study(out / STUDY_FILE)
+    assert (study.task, study.modality, study.classes) == (task, modality, class_names(task, k, modality))
+    if modality == "DX":
+        assert study.preprocessing.voi == "file"
+    old = pydicom.config.settings.reading_validation_mode
+    pydicom.config.settings.reading_validation_mode = pydicom.config.RAISE
+    try:
+        for s in infos:
+            assert (s.task, s.modality, s.classes) == (task, modality, study.classes)
+            labels = dict(_labels(s.labels_csv))
+            files = _dicoms(s.dicom_dir)
+            assert len(files) == len(labels) == s.images
+            for path in files:
+                ds = _read(path)
+                for elem in ds.iterall():
+                    _ = elem.value
+                assert ds.Modality == modality and path.name.startswith(modality)
+                assert ds.pixel_array.shape == (ds.Rows, ds.Columns)
+                assert ds.PatientName and ds.PatientID and ds.AccessionNumber in labels
+            counts: dict[str, int] = {}
+            for label in labels.values():
+                target = study.target(label)  # every label is one the study understands
+                if task == "multilabel":
+                    for c, on in zip(study.classes, target, strict=True):
+                        counts[c] = counts.get(c, 0) + int(on)
+                    counts["none"] = counts.get("none", 0) + int(not any(target))
+                else:
+                    counts[study.classes[target]] = counts.get(study.classes[target], 0) + 1
+            if task == "binary":
+                assert set(labels.values()) <= {"0", "1"}
+            assert {c: v for c, v in counts.items() if v} == {c: v for c, v in s.class_counts.items() if v}
+    finally:
+        pydicom.config.settings.reading_validation_mode = old
+
+
+def test_dx_files_are_monochrome1_for_presentation_radiographs(studies: dict) -> None:
+    out, infos = studies[("multiclass", 5, "DX")]
+    with_lut = 0
+    for s in infos:
+        for path in _dicoms(s.dicom_dir):
+            ds = _read(path)
+            assert ds.SOPClassUID == DigitalXRayImageStorageForPresentation == ds.file_meta.MediaStorageSOPClassUID
+            assert ds.PhotometricInterpretation == "MONOCHROME1" and ds.PresentationLUTShape == "INVERSE"
+            assert ds.PresentationIntentType == "FOR PRESENTATION" and ds.PixelIntensityRelationship == "LOG"
+            assert 12 <= ds.BitsStored <= 14 and ds.HighBit == ds.BitsStored - 1 and ds.PixelRepresentation == 0
+            assert ds.ImagerPixelSpacing and ds.ViewPosition == "PA" and ds.BurnedInAnnotation == "NO"
+            assert float(ds.WindowWidth) > 0
+            with_lut += "VOILUTSequence" in ds
+            pixels = ds.pixel_array.astype(float)
+            assert pixels.max() < 2**ds.BitsStored
+            # MONOCHROME1: the unattenuated beam beside the patient stores the highest values (displayed black),
+            # the spine in the middle column lower ones (displayed white): a reader that forgets the
+            # inversion sees a negative.
+            rows, cols = pixels.shape
+            beside = np.median(pixels[rows // 2 :, : cols // 16])
+            spine = np.median(pixels[rows // 3 : 2 * rows // 3, cols // 2 - 2 : cols // 2 + 2])
+            assert beside > spine + 0.1 * (2**ds.BitsStored)
+            shown = pydicom.pixels.apply_voi_lut(ds.pixel_array, ds)
+            assert shown.shape == pixels.shape
+    assert with_lut > 0  # hospital-b's system writes a VOI LUT Sequence besides the window
+
+
+def test_dx_file_has_no_dciodvfy_error(studies: dict) -> None:
+    if DCIODVFY is None:
+        message = "dciodvfy not found: install Debian's dicom3tools"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + " - it is required in CI")
+        pytest.skip(message)
+    for key in [("multiclass", 5, "DX"), ("multilabel", 3, "DX")]:
+        _, infos = studies[key]
+        for s in infos:
+            path = _dicoms(s.dicom_dir)[0]
+            run = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60, check=False)
+            lines = (run.stdout + run.stderr).splitlines()
+            assert "DXImageForPresentation" in lines, lines[:5]
+            errors = [line for line in lines if line.startswith("Error")]
+            assert not errors, errors
+
+
+def test_class_balance_is_plausible_and_follows_site_prevalence() -> None:
+    rng = np.random.default_rng(0)
+    names = class_names("multiclass", 4, "CT")
+    targets = draw_targets(rng, "multiclass", names, 1000, 0.3)
+    counts = np.bincount(targets, minlength=4)
+    assert counts.tolist() == [700, 100, 100, 100]
+    names = class_names("multilabel", 4, "DX")
+    present = np.array(draw_targets(rng, "multilabel", names, 4000, 0.5), dtype=float)
+    assert np.allclose(present.mean(axis=0), [0.5 * f for f in FINDING_FREQUENCY], atol=0.03)
+    # findings are independent: co-occurrence is the product of the rates
+    assert abs((present[:, 0] * present[:, 1]).mean() - present[:, 0].mean() * present[:, 1].mean()) < 0.02
+
+
+# CT grades and findings, and DX multilabel, are not separable by a linear model on raw pixels (findings move
+# with the anatomy); they need a translation-invariant check (a small CNN), still to be written.
+@pytest.mark.parametrize("task,k,modality", [("multiclass", 5, "DX"), ("binary", None, "DX")], ids=lambda v: str(v))
+def test_classes_are_separable_from_downsampled_pixels(tmp_path: Path, task: str, k: int | None,
+                                                       modality: str) -> None:
+    """A logistic regression on 32 x 32 pixels beats chance clearly: each class has a learnable appearance."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    n = 240
+    public = generate_public(tmp_path, n, task, k, modality, seed=1, image_size=32)
+    data = np.load(public.path)
+    x, y = data["images"].reshape(n, -1), data["targets"]
+    train, test = slice(0, 160), slice(160, n)
+    if task == "multilabel":
+        aucs = []
+        for j in range(y.shape[1]):
+            model = LogisticRegression(C=0.1, max_iter=500).fit(x[train], y[train, j])
+            aucs.append(roc_auc_score(y[test, j], model.predict_proba(x[test])[:, 1]))
+        assert min(aucs) > 0.6 and np.mean(aucs) > 0.7, aucs
+    else:
+        model = LogisticRegression(C=0.1, max_iter=500).fit(x[train], y[train])
+        accuracy = float((model.predict(x[test]) == y[test]).mean())
+        chance = float(np.bincount(y[test]).max() / len(y[test]))
+        assert accuracy > chance + 0.15, (accuracy, chance)
+
+
+def test_public_set_is_deterministic_balanced_and_not_a_site(tmp_path: Path) -> None:
+    a = generate_public(tmp_path / "a", 30, "multiclass", 3, "CT", seed=5)
+    generate_public(tmp_path / "b", 30, "multiclass", 3, "CT", seed=5)
+    assert (tmp_path / "a" / "public.npz").read_bytes() == (tmp_path / "b" / "public.npz").read_bytes()
+    data = np.load(a.path)
+    assert data["images"].shape == (30, 1, 64, 64) and data["images"].dtype == np.float32
+    assert data["images"].min() >= 0.0 and data["images"].max() <= 1.0
+    assert sorted(a.class_counts.values()) == [10, 10, 10] == sorted(np.bincount(data["targets"]).tolist())
+    meta = json.loads((tmp_path / "a" / "public.json").read_text(encoding="utf-8"))
+    assert meta["classes"] == ["normal", "grade-1", "grade-2"] and meta["seed"] == 5
+    # another seed space: seed 5's public stream is not seed 5's site stream
+    site_stream = np.random.default_rng(np.random.SeedSequence([5, 0])).random(8)
+    public_stream = np.random.default_rng(np.random.SeedSequence(5, spawn_key=(0x9B1C,))).random(8)
+    assert not np.allclose(site_stream, public_stream)
+    with pytest.raises(ValueError, match="n must be"):
+        generate_public(tmp_path / "c", 0)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"task": "multiclass", "classes": 2}, "3 to 5 classes"),
+    ({"task": "multilabel", "classes": 9}, "2 to 4 findings"),
+    ({"task": "binary", "classes": 3}, "binary study has 2"),
+    ({"task": "regression"}, "task must be one of"),
+    ({"modality": "MR"}, "modality must be one of"),
+    ({"image_size": 30}, "image-size"),
+])
+def test_bad_study_arguments_are_refused_before_writing(tmp_path: Path, kwargs: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        generate_hospitals(tmp_path / "o", sites=1, patients=2, **kwargs)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_writes_a_dx_study_and_refuses_bad_options_cleanly(tmp_path: Path) -> None:
+    from medfed.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["synth", str(tmp_path / "o"), "--task", "multiclass", "--classes", "3",
+                                 "--modality", "DX", "--sites", "1", "--patients", "3", "--public", "6"])
+    assert result.exit_code == 0, result.output
+    assert load_study(tmp_path / "o" / STUDY_FILE).classes == ("normal", "grade-1", "grade-2")
+    assert (tmp_path / "o" / "public" / "public.npz").is_file()
+    assert _dicoms(tmp_path / "o" / "hospital-a")[0].name.startswith("DX")
+    bad = runner.invoke(app, ["synth", str(tmp_path / "p"), "--task", "multilabel", "--classes", "7"])
+    assert bad.exit_code == 2 and "2 to 4 findings" in bad.output and "Traceback" not in bad.output
+
+
+@pytest.mark.e2e
+def test_deid_run_over_a_dx_hospital_keeps_its_labels(tmp_path: Path) -> None:
+    """The real CLI de-identifies DX radiographs and its manifest carries each image's label."""
+    from medfed.cli import app
+
+    infos = generate_hospitals(tmp_path / "raw", sites=1, patients=6, seed=2, modality="DX")
+    site = infos[0]
+    dst = tmp_path / "deid"
+    result = CliRunner().invoke(app, ["deid", "run", str(site.dicom_dir), str(dst), "--key", str(tmp_path / "k.key"),
+                                      "--labels", str(site.labels_csv), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    with (dst / "manifest.csv").open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == site.images
+    original = [label for _, label in _labels(site.labels_csv)]
+    assert sorted(r["label"] for r in rows) == sorted(original)
+    assert {r["label"] for r in rows} == {"0", "1"}
+    for r in rows:
+        ds = pydicom.dcmread(dst / r["path"])
+        assert ds.PhotometricInterpretation == "MONOCHROME1"
+        assert ds.SOPClassUID == DigitalXRayImageStorageForPresentation
+        assert str(ds.PatientName) != "" and r["accession"] not in {a for a, _ in _labels(site.labels_csv)}

@@ -1,9 +1,12 @@
-"""Synthetic hospitals: raw CT DICOM with realistic PHI, plus a label table.
+"""Synthetic hospitals: raw CT or DX DICOM with realistic PHI, a label table, and their study.
 
 ``medfed synth`` stands in for a consortium's PACS exports, so that the whole
 pipeline (de-identification, DP training, federation) can be run and tested
 without real patients. Sites differ the way real hospitals do: size,
-prevalence, scanner calibration, noise, sharpness and matrix size.
+prevalence, scanner calibration, noise, sharpness and matrix size. The study is
+binary, multiclass (normal and grades) or multilabel (several findings), on CT
+abdomen slices or DX chest radiographs (MONOCHROME1); :func:`generate_public`
+makes a separate labelled set for pretraining.
 
 Everything is a pure function of the arguments: the same seed gives
 byte-identical files (no wall clock, no uuid4; numpy ``Generator`` only).
@@ -11,14 +14,16 @@ byte-identical files (no wall clock, no uuid4; numpy ``Generator`` only).
 Layout written under ``out``::
 
     sites.json                         what each site is (parameters, counts)
+    study.toml                         the study (task, classes, modality, image size)
     hospital-a/labels.csv              AccessionNumber,label
-    hospital-a/dicom/<MRN>_<NAME>/<DATE>_<ACCESSION>/CT000001.dcm
+    hospital-a/dicom/<MRN>_<NAME>/<DATE>_<ACCESSION>/CT000001.dcm   (DX000001.dcm)
     hospital-b/...
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -27,22 +32,57 @@ import re
 import shutil
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from medfed.settings import ConfigError
 from medfed.synth import _people as people
-from medfed.synth._dicom import Equipment, ImageRecord, build_dataset, make_uid, to_stored, write
-from medfed.synth._phantom import Scanner, burn_text, draw_body, draw_lesion, render_slice
+from medfed.synth._chest import Detector, draw_thorax, render_chest, voi_window
+from medfed.synth._dicom import (
+    DXImage,
+    Equipment,
+    ImageRecord,
+    build_dataset,
+    build_dx_dataset,
+    make_uid,
+    to_stored,
+    write,
+)
+from medfed.synth._findings import (
+    BINARY_CLASSES,
+    FINDINGS,
+    SYNTH_MODALITIES,
+    TASKS,
+    Target,
+    class_names,
+    draw_ct,
+    draw_dx,
+    draw_targets,
+    has_finding,
+    label_text,
+)
+from medfed.synth._phantom import Scanner, burn_text, draw_body, render_slice
+from models.study import MULTILABEL_SEPARATOR, NO_FINDING, RADIOGRAPHY, parse_study
 
-__all__ = ["SiteInfo", "generate_hospitals", "site_name", "MAX_SITES", "GENERATOR_VERSION"]
+__all__ = [
+    "SiteInfo", "generate_hospitals", "generate_public", "PublicSet", "study_toml", "class_names", "site_name",
+    "MAX_SITES", "GENERATOR_VERSION", "STUDY_FILE", "TASKS", "SYNTH_MODALITIES", "FINDINGS",
+]
 
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 2
 MAX_SITES = 26
 _SITE_DIR = re.compile(r"^hospital-[a-z]$")
+STUDY_FILE = "study.toml"
+_LABEL_TEXT = {
+    "binary": "finding present (1) or absent (0), one per AccessionNumber",
+    "multiclass": "one class name per AccessionNumber",
+    "multilabel": f"present findings joined by '{MULTILABEL_SEPARATOR}', or '{NO_FINDING}', one per AccessionNumber",
+}
 _FIRST_STUDY = dt.date(2018, 1, 8)
 _STUDY_SPAN_DAYS = 6 * 365
 
@@ -57,9 +97,14 @@ class SiteInfo:
     patients: int
     images: int
     prevalence: float  # target fraction of positive images (realised up to rounding)
-    positives: int = 0
+    positives: int = 0  # images with a finding (binary: positives)
     burned_in: int = 0
-    matrix: int = 0
+    matrix: int = 0  # CT: rows = columns; DX: rows
+    task: str = "binary"
+    modality: str = "CT"
+    classes: tuple[str, ...] = BINARY_CLASSES
+    #: Images per class; multilabel: images showing each finding, and "none".
+    class_counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -87,6 +132,28 @@ class _Profile:
     institution: str
     short: str  # accession / AE-title prefix
     street: str
+
+
+@dataclass(frozen=True)
+class _DXProfile:
+    """A site's radiography room (the site's identity and size come from its ``_Profile``)."""
+
+    model: str
+    software: str
+    kvp: int
+    detector: Detector
+    voi_lut: bool  # the system writes a VOI LUT Sequence besides the window
+
+
+# Detector rows x columns at 1.3-1.7 mm: a 43 cm plate, binned; 12 to 14 bits stored.
+_DX_PROFILES: tuple[_DXProfile, ...] = (
+    _DXProfile("Aurora DR 2", "NW-DR 3.1", 120, Detector(320, 288, 1.40, 12, 420.0, 0.90, 6.0, 1.0), False),
+    _DXProfile("HX Digital 43", "HXD 5.0.1", 125, Detector(288, 288, 1.50, 14, 1700.0, 0.85, 30.0, 1.3), True),
+    _DXProfile("MeriDR 1", "MDR 1.4", 110, Detector(256, 240, 1.70, 12, 380.0, 0.92, 10.0, 1.6), True),
+    _DXProfile("Aurora DR 1", "NW-DR 2.7", 120, Detector(352, 320, 1.30, 13, 800.0, 0.88, 14.0, 0.9), False),
+    _DXProfile("HX Digital 35", "HXD 4.2", 125, Detector(288, 256, 1.50, 14, 1600.0, 0.90, 36.0, 1.2), True),
+    _DXProfile("MeriDR 2", "MDR 2.0", 115, Detector(256, 256, 1.65, 12, 400.0, 0.87, 9.0, 1.4), False),
+)
 
 
 _PROFILES: tuple[_Profile, ...] = (
@@ -125,7 +192,8 @@ def _patients_at(index: int, largest: int) -> int:
 def _check_args(sites: int, patients: int, seed: int, burned_in_fraction: float) -> None:
     """Fail before touching the disk, saying which option to change."""
     if not isinstance(sites, int) or isinstance(sites, bool) or not 1 <= sites <= MAX_SITES:
-        raise ValueError(f"sites must be an integer from 1 to {MAX_SITES} (got {sites!r}); pass --sites 3 for the usual demo")
+        raise ValueError(f"sites must be an integer from 1 to {MAX_SITES} (got {sites!r}); "
+                         "pass --sites 3 for the usual demo")
     if not isinstance(patients, int) or isinstance(patients, bool) or patients < 2:
         raise ValueError(
             f"patients must be an integer of at least 2 (got {patients!r}): it is the patient count of the "
@@ -153,32 +221,43 @@ def _age(birth: dt.date, on: dt.date) -> str:
     return f"{years:03d}Y"
 
 
-def _equipment(index: int, prof: _Profile, rng: np.random.Generator) -> tuple[Equipment, str]:
+def _equipment(index: int, prof: _Profile, rng: np.random.Generator, modality: str = "CT") -> tuple[Equipment, str]:
     """The site's scanner and institution identity; later cycles become other campuses."""
     cycle = index // len(_PROFILES)
     suffix = f" Campus {cycle + 1}" if cycle else ""
     short = prof.short + (str(cycle + 1) if cycle else "")
     city, state, zip_prefix = people.REGIONS[index % len(people.REGIONS)][0]
+    dx = _DX_PROFILES[index % len(_DX_PROFILES)] if modality == "DX" else None
     eq = Equipment(
         manufacturer=prof.manufacturer,
-        model=prof.model,
-        software=prof.software,
+        model=dx.model if dx else prof.model,
+        software=dx.software if dx else prof.software,
         serial=f"{prof.short[:2]}{int(rng.integers(100000, 1000000))}",
-        station=f"{short}CT{int(rng.integers(1, 10)):02d}",
+        station=f"{short}{modality}{int(rng.integers(1, 10)):02d}",
         institution=prof.institution + suffix,
         institution_address=f"{prof.street}, {city}, {state} {zip_prefix}01",
         department="DIAGNOSTIC RADIOLOGY",
         ae_title=f"{short}_PACS",
-        kernel=prof.kernel,
-        kvp=prof.kvp,
-        pixel_representation=prof.pixel_representation,
-        bits_stored=prof.bits_stored,
-        rescale_intercept=prof.rescale_intercept,
+        kernel="" if dx else prof.kernel,
+        kvp=dx.kvp if dx else prof.kvp,
+        pixel_representation=0 if dx else prof.pixel_representation,
+        bits_stored=dx.detector.bits_stored if dx else prof.bits_stored,
+        rescale_intercept=0.0 if dx else prof.rescale_intercept,
         window_center=prof.window[0],
         window_width=prof.window[1],
         mrn_issuer=f"{short} MRN",
     )
     return eq, short
+
+
+def _voi_lut(window: tuple[float, float], bits_stored: int) -> tuple[int, int, tuple[int, ...]]:
+    """A sigmoid VOI LUT over the window (first value mapped, output bits, table), as some DX systems write."""
+    centre, width = window
+    first = max(0, int(centre - width / 2.0))
+    last = min(2**bits_stored - 1, int(centre + width / 2.0))
+    x = np.arange(first, last + 1, dtype=np.float64)
+    table = np.rint(4095.0 / (1.0 + np.exp(-4.0 * (x - centre) / width))).astype(int)
+    return first, 12, tuple(int(v) for v in table)
 
 
 def _generate_site(
@@ -187,12 +266,19 @@ def _generate_site(
     n_patients: int,
     seed: int,
     burned_in_fraction: float,
+    task: str = "binary",
+    classes: tuple[str, ...] = BINARY_CLASSES,
+    modality: str = "CT",
 ) -> tuple[dict, int, int, int]:
-    """Write one site under ``root/<name>``; return its sites.json entry and counts."""
+    """Write one site under ``root/<name>``; return its sites.json entry and counts.
+
+    For binary CT every random draw happens in the order it always did, so a seed
+    gives the same bytes as before multiclass, multilabel and DX existed.
+    """
     name = site_name(index)
     prof = _PROFILES[index % len(_PROFILES)]
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
-    eq, short = _equipment(index, prof, rng)
+    eq, short = _equipment(index, prof, rng, modality)
     scanner = Scanner(
         matrix=prof.matrix,
         fov_mm=prof.fov_mm,
@@ -202,6 +288,7 @@ def _generate_site(
         blur_mm=prof.blur_mm,
         table_y_mm=prof.table_y_mm,
     )
+    dx_prof = _DX_PROFILES[index % len(_DX_PROFILES)] if modality == "DX" else None
 
     # Staff recur across the site's studies, as at a real department.
     referrers = [people.make_person(rng) for _ in range(8)]
@@ -219,7 +306,7 @@ def _generate_site(
             if mrn not in mrns:
                 mrns.add(mrn)
                 break
-        body = draw_body(rng)
+        body = draw_thorax(rng) if dx_prof else draw_body(rng)
         first = _FIRST_STUDY + dt.timedelta(days=int(rng.integers(0, _STUDY_SPAN_DAYS)))
         birth = first - dt.timedelta(days=int(rng.integers(25 * 365, 89 * 365)))
         n_studies = 1 + int(rng.random() < 0.5)
@@ -250,9 +337,14 @@ def _generate_site(
             )
 
     n_images = len(studies)
-    n_pos = round(prof.prevalence * n_images)
-    positive = np.zeros(n_images, dtype=bool)
-    positive[rng.permutation(n_images)[:n_pos]] = True
+    if task == "binary":
+        n_pos = round(prof.prevalence * n_images)
+        positive = np.zeros(n_images, dtype=bool)
+        positive[rng.permutation(n_images)[:n_pos]] = True
+        targets: list[Target] = [int(v) for v in positive]
+    else:
+        targets = draw_targets(rng, task, classes, n_images, prof.prevalence)
+        n_pos = sum(has_finding(task, t) for t in targets)
     n_burn = round(burned_in_fraction * n_images)
     if burned_in_fraction > 0 and n_burn == 0:
         n_burn = 1
@@ -290,16 +382,34 @@ def _generate_site(
         }
         pick = lambda items: items[int(rng.integers(len(items)))]  # noqa: E731
         body = pat["body"]
-        weight = 22.0 * pat["height"] ** 2 * (body.half_width / 135.0) ** 1.5 * (1.0 + body.fat_mm / 80.0)
-        z = float(rng.uniform(-180.0, -80.0))
-        pixel_mm = scanner.pixel_mm
-        corner = -scanner.fov_mm / 2.0 + pixel_mm / 2.0
-
-        lesion = draw_lesion(rng) if positive[i] else None
-        hu = render_slice(rng, body, lesion, scanner)
-        if burned[i]:
-            burn_text(hu, [person.overlay, f"MRN {pat['mrn']}", f"{date:%d-%b-%Y}".upper()])
-        pixels = to_stored(hu, eq)
+        overlay = [person.overlay, f"MRN {pat['mrn']}", f"{date:%d-%b-%Y}".upper()]
+        dx_image: DXImage | None = None
+        if dx_prof is None:
+            weight = 22.0 * pat["height"] ** 2 * (body.half_width / 135.0) ** 1.5 * (1.0 + body.fat_mm / 80.0)
+            z = float(rng.uniform(-180.0, -80.0))
+            pixel_mm = scanner.pixel_mm
+            corner = -scanner.fov_mm / 2.0 + pixel_mm / 2.0
+            position = (corner, corner, round(z, 1))
+            lesion, extras = draw_ct(rng, task, targets[i])
+            hu = render_slice(rng, body, lesion, scanner, **extras)
+            if burned[i]:
+                burn_text(hu, overlay)
+            pixels = to_stored(hu, eq)
+        else:
+            det = dx_prof.detector
+            weight = 22.0 * pat["height"] ** 2 * (body.half_width / 150.0) ** 2
+            pixel_mm, position = det.pixel_mm, (0.0, 0.0, 0.0)
+            pixels = render_chest(rng, body, draw_dx(rng, task, targets[i]), det)
+            if burned[i]:
+                canvas = pixels.astype(np.float64)
+                burn_text(canvas, overlay)
+                pixels = np.clip(canvas, 0, 2**det.bits_stored - 1).astype("<u2")
+            window = voi_window(pixels, det)
+            dx_image = DXImage(
+                window_center=window[0], window_width=window[1],
+                voi_lut=_voi_lut(window, det.bits_stored) if dx_prof.voi_lut else None,
+                detector_id=f"{short}D{index:02d}", exposure_ms=int(rng.integers(5, 25)),
+            )
 
         rec = ImageRecord(
             patient_name=person.pn,
@@ -337,18 +447,18 @@ def _generate_site(
             operator=tech.pn,
             image_comment=pick(people.IMAGE_NOTES).format(**fill),
             burned_in=bool(burned[i]),
-            position=(corner, corner, round(z, 1)),
+            position=position,
             pixel_mm=pixel_mm,
             slice_mm=5.0,
             table_height=scanner.table_y_mm + 40.0,
             ctdi=float(rng.uniform(6.0, 14.0)),
-            mas=int(rng.integers(120, 320)),
+            mas=int(rng.integers(120, 320)) if dx_image is None else int(rng.integers(2, 8)),
         )
-        ds = build_dataset(rec, eq, pixels)
+        ds = build_dataset(rec, eq, pixels) if dx_image is None else build_dx_dataset(rec, eq, pixels, dx_image)
         folder = dicom_dir / pat["folder"] / f"{rec.study_date}_{rec.accession}"
         folder.mkdir(parents=True, exist_ok=True)
-        write(folder / f"CT{rec.instance_number:06d}.dcm", ds)
-        writer.writerow([rec.accession, int(positive[i])])
+        write(folder / f"{modality}{rec.instance_number:06d}.dcm", ds)
+        writer.writerow([rec.accession, label_text(task, classes, targets[i])])
 
     (site_dir / "labels.csv").write_text(labels.getvalue(), encoding="utf-8")
     entry = {
@@ -362,7 +472,9 @@ def _generate_site(
         "prevalence": prof.prevalence,
         "positives": int(n_pos),
         "burned_in_images": int(n_burn),
-        "scanner": {
+    }
+    if dx_prof is None:
+        entry["scanner"] = {
             "manufacturer": eq.manufacturer,
             "model": eq.model,
             "kvp": eq.kvp,
@@ -377,9 +489,24 @@ def _generate_site(
             "pixel_representation": eq.pixel_representation,
             "bits_stored": eq.bits_stored,
             "rescale_intercept": eq.rescale_intercept,
-        },
-    }
+        }
+    else:
+        entry["detector"] = {
+            "manufacturer": eq.manufacturer, "model": eq.model, "kvp": eq.kvp, "voi_lut": dx_prof.voi_lut,
+            **dataclasses.asdict(dx_prof.detector),
+        }
+    if (task, modality) != ("binary", "CT"):
+        entry["class_counts"] = _class_counts(task, classes, targets)
     return entry, n_images, int(n_pos), int(n_burn)
+
+
+def _class_counts(task: str, classes: tuple[str, ...], targets: list[Target]) -> dict[str, int]:
+    """Images per class (multilabel: images showing each finding; "none": images with none)."""
+    if task == "multilabel":
+        counts = {c: sum(bool(t[j]) for t in targets) for j, c in enumerate(classes)}  # type: ignore[index]
+        counts[NO_FINDING] = sum(not any(t) for t in targets)  # type: ignore[arg-type]
+        return counts
+    return {c: sum(int(t) == j for t in targets) for j, c in enumerate(classes)}  # type: ignore[arg-type]
 
 
 def _clear_previous(out: Path, names: list[str], overwrite: bool) -> None:
@@ -392,7 +519,7 @@ def _clear_previous(out: Path, names: list[str], overwrite: bool) -> None:
             targets |= {out / s["name"] for s in previous.get("sites", []) if _SITE_DIR.match(str(s.get("name", "")))}
         except (ValueError, AttributeError, TypeError):
             pass
-    existing = sorted(p for p in targets | {manifest} if p.exists())
+    existing = sorted(p for p in targets | {manifest, out / STUDY_FILE} if p.exists())
     if not existing:
         return
     if not overwrite:
@@ -413,23 +540,62 @@ def _clear_previous(out: Path, names: list[str], overwrite: bool) -> None:
             path.unlink()
 
 
+def study_toml(task: str, classes: tuple[str, ...], modality: str, image_size: int) -> str:
+    """The ``study.toml`` of a synthetic consortium: validated before it is returned."""
+    quoted = ", ".join(f'"{c}"' for c in classes)
+    lines = [
+        "# The study these synthetic hospitals were made for (written by `medfed synth`).",
+        "# Check with `medfed study check`; use with `medfed data check`, `train` and `simulate`.",
+        "[study]",
+        f'name = "synth-{modality.lower()}-{task}"',
+        f'task = "{task}"',
+        f"classes = [{quoted}]",
+        f'modality = "{modality}"',
+        f"image-size = {image_size}",
+        "",
+        "[study.labels]",
+        'key = "AccessionNumber"  # each site\'s labels.csv: AccessionNumber,label',
+    ]
+    if modality in RADIOGRAPHY:
+        lines += ["", "[study.preprocessing]", 'voi = "file"  # the file\'s VOI LUT or window, MONOCHROME1 inverted']
+    text = "\n".join(lines) + "\n"
+    try:
+        parse_study(tomllib.loads(text), "the synthetic study")  # a bad argument fails here, not at a site
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
+    return text
+
+
 def generate_hospitals(
     out: Path,
     sites: int = 3,
     patients: int = 200,
     seed: int = 0,
     *,
-    burned_in_fraction: float = 0.1,
+    task: str = "binary",
+    classes: int | None = None,
+    modality: str = "CT",
+    image_size: int = 64,
+    burned_in_fraction: float | None = None,
     overwrite: bool = False,
 ) -> list[SiteInfo]:
-    """Write ``sites`` synthetic hospitals under ``out`` and describe them.
+    """Write ``sites`` synthetic hospitals under ``out``, their ``sites.json`` and ``study.toml``.
 
     ``patients`` is the patient count of the largest site; the others follow
-    the ratio 10:5:2 (then 8:4:3, cycled). Output is written to a temporary
-    folder inside ``out`` and moved into place at the end, so an interrupted
-    run leaves no half-made site behind.
+    the ratio 10:5:2 (then 8:4:3, cycled). ``task``/``classes``/``modality`` pick
+    the study (see :func:`medfed.synth._findings.class_names`); ``burned_in_fraction``
+    defaults to 0.1 for CT and 0 for DX. Output is written to a temporary folder
+    inside ``out`` and moved into place at the end, so an interrupted run leaves
+    no half-made site behind. Binary CT gives the same bytes for a seed as it
+    always has.
     """
+    names_of_classes = class_names(task, classes, modality)
+    if burned_in_fraction is None:
+        burned_in_fraction = 0.1 if modality == "CT" else 0.0
     _check_args(sites, patients, seed, burned_in_fraction)
+    study_text = study_toml(task, names_of_classes, modality, image_size) if isinstance(image_size, int) else ""
+    if not study_text:
+        raise ValueError(f"image_size must be an integer (got {image_size!r})")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder; choose a folder for the synthetic sites")
@@ -441,15 +607,18 @@ def generate_hospitals(
     staging = Path(tempfile.mkdtemp(prefix=".synth-", dir=out))
     infos: list[SiteInfo] = []
     entries: list[dict] = []
+    legacy = (task, modality) == ("binary", "CT")
     try:
         for i in range(sites):
             n_patients = _patients_at(i, patients)
-            entry, n_images, n_pos, n_burn = _generate_site(staging, i, n_patients, seed, burned_in_fraction)
+            entry, n_images, n_pos, n_burn = _generate_site(
+                staging, i, n_patients, seed, burned_in_fraction, task, names_of_classes, modality)
             entries.append(entry)
             log.info(
-                "synth: %s: %d patients, %d images, %d positive, %d with burned-in text",
+                "synth: %s: %d patients, %d images, %d with a finding, %d with burned-in text",
                 names[i], n_patients, n_images, n_pos, n_burn,
             )
+            device = entry.get("scanner") or entry["detector"]
             infos.append(
                 SiteInfo(
                     name=names[i],
@@ -460,7 +629,12 @@ def generate_hospitals(
                     prevalence=entry["prevalence"],
                     positives=n_pos,
                     burned_in=n_burn,
-                    matrix=entry["scanner"]["matrix"],
+                    matrix=device.get("matrix", device.get("rows", 0)),
+                    task=task,
+                    modality=modality,
+                    classes=names_of_classes,
+                    class_counts=entry.get("class_counts") or {
+                        BINARY_CLASSES[0]: n_images - n_pos, BINARY_CLASSES[1]: n_pos},
                 )
             )
         manifest = {
@@ -469,14 +643,21 @@ def generate_hospitals(
             "seed": seed,
             "patients_largest_site": patients,
             "burned_in_fraction": burned_in_fraction,
-            "label": "lesion present (1) or absent (0), one per AccessionNumber",
+            "label": "lesion present (1) or absent (0), one per AccessionNumber" if legacy else _LABEL_TEXT[task],
             "sites": entries,
         }
+        if not legacy:  # the binary CT manifest stays as it always was
+            manifest |= {"task": task, "modality": modality, "classes": list(names_of_classes)}
         (staging / "sites.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        (staging / STUDY_FILE).write_text(study_text, encoding="utf-8")
         for name in names:
             (staging / name).rename(out / name)
         (staging / "sites.json").rename(out / "sites.json")
+        (staging / STUDY_FILE).rename(out / STUDY_FILE)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("synth: wrote %d sites to %s in %.1f s", sites, out, time.perf_counter() - started)
     return infos
+
+
+from medfed.synth._public import PublicSet, generate_public  # noqa: E402 - uses the helpers above

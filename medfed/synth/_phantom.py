@@ -9,6 +9,7 @@ task must be learnable from pooled data, but hard from one small site alone.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +82,13 @@ class Lesion:
     delta_hu: float  # contrast against the surrounding tissue
     aspect: float
     angle: float
+    #: Enhancing rim around the lesion (HU added in a ring as wide as a fifth of the diameter); 0: none.
+    rim_hu: float = 0.0
+
+
+# Other findings of the multiclass and multilabel studies (``medfed.synth._findings``).
+FLUID_HU = 8.0  # ascites and simple cysts: water-like
+RIM_WIDTH = 0.2  # rim width as a fraction of the lesion diameter
 
 
 def draw_body(rng: np.random.Generator) -> Body:
@@ -183,13 +191,20 @@ def _smooth_field(rng: np.random.Generator, n: int, cells: int) -> np.ndarray:
 def render_slice(
     rng: np.random.Generator,
     body: Body,
-    lesion: Lesion | None,
+    lesion: Lesion | Sequence[Lesion] | None,
     scanner: Scanner,
+    *,
+    ascites_mm: float = 0.0,
+    renal_cyst_mm: float = 0.0,
 ) -> np.ndarray:
     """Render one axial slice in HU as seen by ``scanner`` (float64, matrix²).
 
     Image x runs to the patient's left, image y to posterior (supine, head first).
     The patient lies on the couch, so the body centre depends on body depth.
+    ``lesion`` is none, one or several liver lesions; ``ascites_mm`` a rim of free
+    fluid that thick inside the abdominal wall; ``renal_cyst_mm`` the diameter of a
+    cyst on the image-right kidney. None of these draw from ``rng``, so the anatomy
+    of an image does not depend on its findings.
     """
     n, ps = scanner.matrix, scanner.pixel_mm
     coords = (np.arange(n) + 0.5) * ps - scanner.fov_mm / 2.0
@@ -269,8 +284,13 @@ def render_slice(
     _paint(img, spleen * cavity, 47.0 + 4.0 * fine)
     ks = body.kidney_scale
     for side in (-1.0, 1.0):
-        kid = _coverage(xx, yy, cav_cx + side * 0.42 * a2, cav_cy + 0.52 * b2, 0.11 * a2 * ks, 0.17 * b2 * ks, ps, side * 0.5)
+        kid = _coverage(xx, yy, cav_cx + side * 0.42 * a2, cav_cy + 0.52 * b2, 0.11 * a2 * ks, 0.17 * b2 * ks, ps,
+                        side * 0.5)
         _paint(img, kid * cavity, 32.0 + 0.3 * (body.aorta_hu - 42.0))
+    if renal_cyst_mm > 0.0:  # exophytic: bulges lateral of the kidney's upper pole
+        rc = renal_cyst_mm / 2.0
+        cyst = _coverage(xx, yy, cav_cx + 0.42 * a2 + 0.06 * a2, cav_cy + 0.45 * b2, rc, rc, ps)
+        _paint(img, cyst * cavity, FLUID_HU - 6.0 + 2.0 * fine)
     liver = _coverage(xx, yy, lcx, lcy, la, lb, ps, LIVER_TILT) * cavity
     _paint(img, liver, body.liver_hu + 5.0 * fine)
 
@@ -291,12 +311,22 @@ def render_slice(
         px, py = in_liver(u, v)
         _paint(img, _coverage(xx, yy, px, py, r, r, ps) * liver, body.liver_hu - 18.0 + 0.7 * (body.aorta_hu - 42.0))
 
-    if lesion is not None:
-        lx, ly = in_liver(lesion.x_rel, lesion.y_rel)
-        r = lesion.diameter_mm / 2.0
-        cov = _coverage(xx, yy, lx, ly, r * lesion.aspect, r / lesion.aspect, ps, lesion.angle)
+    lesions = () if lesion is None else (lesion,) if isinstance(lesion, Lesion) else tuple(lesion)
+    for les in lesions:
+        lx, ly = in_liver(les.x_rel, les.y_rel)
+        r = les.diameter_mm / 2.0
+        cov = _coverage(xx, yy, lx, ly, r * les.aspect, r / les.aspect, ps, les.angle)
         soft = _gaussian_blur(cov, 0.8 / ps)
-        img += soft * liver * (lesion.delta_hu + 5.0 * fine)
+        img += soft * liver * (les.delta_hu + 5.0 * fine)
+        if les.rim_hu:
+            w = RIM_WIDTH * les.diameter_mm
+            outer = _coverage(xx, yy, lx, ly, r * les.aspect + w, r / les.aspect + w, ps, les.angle)
+            img += _gaussian_blur(np.clip(outer - cov, 0.0, 1.0), 0.8 / ps) * liver * les.rim_hu
+
+    if ascites_mm > 0.0:  # free fluid along the anterior and lateral abdominal wall, around the liver
+        inner = _coverage(xx, yy, cav_cx, cav_cy, a2 - ascites_mm, b2 - ascites_mm, ps)
+        rim = np.clip(cavity - inner, 0.0, 1.0) * (yy < cav_cy + 0.35 * b2)
+        _paint(img, rim, FLUID_HU + 3.0 * fine)
 
     # spine, aorta, IVC, paraspinal muscles
     spine_y = cy + B - body.fat_mm * 0.8 - 48.0
