@@ -39,10 +39,12 @@ COUNT_KEYS: tuple[str, ...] = (HISTOGRAM_WITH, HISTOGRAM_WITHOUT, CONFUSION)
 def probabilities(logits: np.ndarray | torch.Tensor, task: str) -> np.ndarray:
     """The network's logits as probabilities: sigmoid (binary, multilabel) or softmax (multiclass)."""
     x = torch.as_tensor(np.asarray(logits, dtype=np.float64))
-    if task == "multiclass":
-        return torch.softmax(x.reshape(x.shape[0], -1), dim=1).numpy()
-    p = torch.sigmoid(x).numpy()
-    return p.reshape(-1) if task == "binary" else p.reshape(p.shape[0], -1)
+    if task == "binary":
+        return torch.sigmoid(x).numpy().reshape(-1)
+    x = x if x.ndim == 2 or x.numel() == 0 else x.reshape(x.shape[0], -1)
+    if x.numel() == 0:
+        return x.numpy()  # no examples: the class count comes from the study (one_vs_rest)
+    return (torch.softmax(x, dim=1) if task == "multiclass" else torch.sigmoid(x)).numpy()
 
 
 def reported_classes(study: Study) -> tuple[str, ...]:
@@ -59,6 +61,9 @@ def one_vs_rest(probs: np.ndarray, targets: np.ndarray, study: Study) -> tuple[n
     probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets)
     k = len(study.classes)
     n = targets.shape[0] if targets.ndim else 0
+    if n == 0 and probs.size == 0:  # an empty split: shape it as the study says
+        probs = probs.reshape(0, k)
+        targets = targets.reshape(0, k) if study.task == "multilabel" else targets.reshape(0)
     if study.task == "binary":
         if probs.reshape(-1).shape[0] != n or targets.reshape(-1).shape[0] != n:
             raise ValueError(f"binary: expected one score and one 0/1 target per example (got {probs.shape}, "
