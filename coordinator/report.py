@@ -165,9 +165,15 @@ def plot_metrics(path: Path, history: RunHistory) -> None:
     ax_eps.set_ylabel("ε spent (dashed: cap)")
     ax_eps.set_title("Privacy spent per site")
 
+    numbers = sorted({int(r["round"]) for r in rounds})
     for ax in axes.flat:
         ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
+        if numbers:  # rounds are whole numbers: tick them, never 0.975
+            ax.set_xlim(numbers[0] - 0.5, numbers[-1] + 0.5)
+        if 0 < len(numbers) <= 20:
+            ax.set_xticks(numbers)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

@@ -231,3 +231,32 @@ def test_a_site_whose_counts_do_not_fit_the_study_is_not_pooled(tmp_path: Path) 
     rec = history.to_json()[0]
     assert rec["pooled"]["sites"] == ["hospital-a"]
     assert "'confusion' must be a list of 9 counts" in rec["sites"]["8"]["evaluate_error"]
+
+
+def test_the_plot_names_sites_and_ticks_whole_rounds(tmp_path: Path) -> None:
+    """Operators asked: sites by name, not node id; integer rounds; coinciding lines both visible."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    history = RunHistory()
+    for rnd in (1, 2, 3):
+        for node, name in (("123456789", "hospital-a"), ("987654321", "hospital-b")):
+            s = history.round(rnd).site(node)
+            s.name, s.evaluate = name, {"auc": 0.7, "epsilon": 0.5 * rnd, "epsilon-cap": 8.0}  # identical lines
+    captured: dict[str, object] = {}
+    real_close = plt.close
+    plt.close = lambda fig=None: captured.setdefault("fig", fig)  # type: ignore[assignment]
+    try:
+        plot_metrics(tmp_path / "metrics.png", history)
+    finally:
+        plt.close = real_close
+    fig = captured["fig"]
+    ax_auc, _, _, ax_eps = fig.axes  # type: ignore[attr-defined]
+    assert [t.get_text() for t in ax_eps.get_legend().get_texts()] == ["hospital-a", "hospital-b"]
+    assert list(ax_eps.get_xticks()) == [1, 2, 3]
+    lines = [ln for ln in ax_eps.get_lines() if ln.get_label().startswith("hospital")]
+    styles = {(ln.get_linestyle(), ln.get_marker(), ln.get_markersize()) for ln in lines}
+    assert len(styles) == 2 and all(ln.get_markerfacecolor() == "none" for ln in lines)
+    real_close(fig)
