@@ -78,7 +78,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Feder
     if remaining <= 0:
         log.info("nothing to do: the checkpoint is already at round %d", start_round)
 
-    strategy = build_strategy(cfg, history)
+    strategy = build_strategy(cfg, history, study_of(cfg))
     last_tick = [time.monotonic()]
     run_config = cfg.to_flower()
 

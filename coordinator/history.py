@@ -25,7 +25,10 @@ class SiteRound:
     reason: str | None = None  # why it did not train (its train reply's error)
     evaluate_error: str | None = None  # why it did not evaluate, kept apart so it cannot hide the train reason
     train: dict[str, Any] = field(default_factory=dict)
-    evaluate: dict[str, Any] = field(default_factory=dict)
+    evaluate: dict[str, Any] = field(default_factory=dict)  # the scalars of its evaluate reply
+    name: str | None = None  # the site's name, as its audit anchor gives it (a label, not an identity)
+    #: Its per-class and macro figures, computed here from the noisy counts it released (models.metrics).
+    metrics: dict[str, Any] | None = None
 
     def no_result(self, phase: str, status: str, reason: str) -> None:
         """Record why the site gave no ``phase`` result; ``status`` applies to training only."""
@@ -44,6 +47,8 @@ class RoundRecord:
     train: dict[str, Any] = field(default_factory=dict)
     evaluate: dict[str, Any] = field(default_factory=dict)
     sites: dict[str, SiteRound] = field(default_factory=dict)
+    #: The consortium's figures from the sum of the sites' noisy counts (post-processing), with the sites pooled.
+    pooled: dict[str, Any] | None = None
 
     def site(self, node_id: int | str) -> SiteRound:
         return self.sites.setdefault(str(node_id), SiteRound())
@@ -54,6 +59,20 @@ class RunHistory:
     """Every round of a run so far."""
 
     rounds: list[RoundRecord] = field(default_factory=list)
+
+    def site_names(self) -> dict[str, str]:
+        """node id -> the label a person reads: the site's name (with its node where two share one)."""
+        named: dict[str, str] = {}
+        for r in self.rounds:
+            for node, s in r.sites.items():
+                if s.name:
+                    named[node] = s.name
+        nodes = sorted({n for r in self.rounds for n in r.sites})
+        counts: dict[str, int] = {}
+        for n in nodes:
+            counts[named.get(n, "")] = counts.get(named.get(n, ""), 0) + 1
+        return {n: (named[n] if n in named and counts[named[n]] == 1 else
+                    f"{named[n]} (node {n[:6]})" if n in named else f"node {n[:6]}") for n in nodes}
 
     def round(self, number: int) -> RoundRecord:
         for r in self.rounds:
@@ -84,10 +103,11 @@ class RunHistory:
         hist = cls()
         for d in data:
             rec = RoundRecord(round=d["round"], seconds=d.get("seconds", 0.0), train=d.get("train", {}),
-                              evaluate=d.get("evaluate", {}))
+                              evaluate=d.get("evaluate", {}), pooled=d.get("pooled"))
             for node, s in d.get("sites", {}).items():
                 rec.sites[node] = SiteRound(status=s.get("status", "not-sampled"), reason=s.get("reason"),
                                             evaluate_error=s.get("evaluate_error"), train=s.get("train", {}),
-                                            evaluate=s.get("evaluate", {}))
+                                            evaluate=s.get("evaluate", {}), name=s.get("name"),
+                                            metrics=s.get("metrics"))
             hist.rounds.append(rec)
         return hist

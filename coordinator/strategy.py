@@ -10,6 +10,7 @@ reason, which Flower's strategies log but do not keep.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -22,11 +23,14 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
-from coordinator.history import RunHistory
+from anonymization.audit_anchors import ANCHOR_RECORD, AnchorError, parse_anchor
+from coordinator.history import RunHistory, SiteRound
 from coordinator.receipts import Receipts, aggregation_inputs
 from coordinator.screening import check_train_reply
 from medfed.protocol import COORDINATOR_REJECTED, ERROR_NAMES
 from medfed.settings import RunConfig
+from models.metrics import COUNT_KEYS, BinnedCounts, counts_from_reply, metrics_from_counts
+from models.study import DEFAULT_STUDY, Study
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +48,7 @@ def weighted_mean_ignoring_nan(records: list[RecordDict], weighted_by_key: str) 
         metrics = next(iter(rec.metric_records.values()))
         w = float(metrics[weighted_by_key])
         for k, v in metrics.items():
-            if k == weighted_by_key or not isinstance(v, (int, float)) or math.isnan(float(v)):
+            if k == weighted_by_key or isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(float(v)):
                 continue
             sums[k] = sums.get(k, 0.0) + w * float(v)
             weights[k] = weights.get(k, 0.0) + w
@@ -92,6 +96,7 @@ class _Recording:
     """
 
     history: RunHistory
+    study: Study = DEFAULT_STUDY  # what the sites' evaluation counts are read against
     round_offset: int = 0  # rounds already done before a resume
     node_wait_timeout: float = 900.0
     receipts: Receipts | None = None
@@ -107,6 +112,7 @@ class _Recording:
     _rejected: dict[int, tuple[Message, str]] | None = None  # id(stand-in error) -> (the reply, why refused)
     _recorded_round: int | None = None  # the last round aggregate_train recorded (see screen_first)
     _norms: dict[int, tuple[Message, float | None]] | None = None  # id(accepted reply) -> (it, its update norm)
+    _pool: list[tuple[str | None, BinnedCounts]] | None = None  # this round's sites' evaluation counts
 
     def _remember(self, messages: Iterable[Message]) -> list[Message]:
         self._sent = list(messages)
@@ -129,7 +135,8 @@ class _Recording:
             out.append(nid)
         return out
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
         connected = wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)  # type: ignore[attr-defined]
         if self.num_sites is None:
             self.num_sites = connected
@@ -145,7 +152,8 @@ class _Recording:
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})  # type: ignore[attr-defined]
         return self._remember(self._construct_messages(record, nodes, MessageType.TRAIN))  # type: ignore[attr-defined]
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
         wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)  # type: ignore[attr-defined]
         messages = self._remember(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[misc]
         config["server-round"] = server_round + self.round_offset
@@ -201,6 +209,7 @@ class _Recording:
                     verdict = {"status": "accepted"} if norm is None else {"status": "accepted", "update_norm": norm}
                 self.receipts.received(server_round + self.round_offset, phase, original, node=node, verdict=verdict)
             site = rec.site(node)
+            _name_site(site, msg)
             if msg.has_error():
                 site.no_result(phase, ERROR_NAMES.get(msg.error.code, "no-reply"), msg.error.reason)
                 log.warning("round %d: site node %d sent no %s result: %s", server_round,
@@ -210,7 +219,10 @@ class _Recording:
                 site.status, site.reason = "trained", None
             metrics = next(iter(msg.content.metric_records.values()), None)
             if metrics is not None:
-                getattr(site, phase).update(dict(metrics))
+                values = dict(metrics)
+                if phase == "evaluate":
+                    self._site_counts(site, values)
+                getattr(site, phase).update({k: v for k, v in values.items() if k not in COUNT_KEYS})
         # Flower hands over only the replies that came; a site that stayed silent (e.g. killed mid-round
         # and back too late) must still show in the round, or the operator cannot tell who was missing.
         for nid in {m.metadata.dst_node_id for m in self._sent or []} - set(nodes):
@@ -218,7 +230,8 @@ class _Recording:
             rec.site(nid).no_result(phase, "no-reply", reason)
             log.warning("round %d: %s", server_round, reason)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = self.screen(server_round, replies)
         self._record(server_round, replies, "train")
         self._rejected, self._norms, self._recorded_round = {}, {}, server_round
@@ -240,7 +253,8 @@ class _Recording:
         self.history.round(server_round + self.round_offset).train = dict(metrics) if metrics is not None else {}
         return arrays, metrics
 
-    def _aggregate_uniform(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def _aggregate_uniform(self, server_round: int,
+                           replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The strategy's aggregation with every site weighing the same (clipped updates, 1/m each)."""
         rewritten = []
         for m in replies:
@@ -260,12 +274,56 @@ class _Recording:
         finally:
             self.weighted_by_key = key  # type: ignore[attr-defined]
 
+    def _site_counts(self, site: SiteRound, values: dict[str, object]) -> None:
+        """Read a site's noisy counts against the study: its own per-class figures, and a share of the pool."""
+        if not any(k in values for k in COUNT_KEYS):
+            return  # a site that released only scalars (an older site): it is in the mean, not in the pool
+        try:
+            counts = counts_from_reply(values, self.study)
+        except ValueError as err:
+            site.evaluate_error = f"its evaluation counts do not fit the study and were not pooled: {err}"
+            log.warning("site %s: %s", site.name or "?", site.evaluate_error)
+            return
+        site.metrics = metrics_from_counts(counts, self.study).to_json()
+        self._pool = [*(self._pool or []), (site.name, counts)]
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
+        self._pool = []
         self._record(server_round, replies, "evaluate")
-        metrics = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
-        self.history.round(server_round + self.round_offset).evaluate = dict(metrics) if metrics is not None else {}
+        rec = self.history.round(server_round + self.round_offset)
+        pool, self._pool = self._pool, []
+        if pool:  # the consortium's figures from the summed noisy counts: post-processing of what was released
+            total: BinnedCounts = pool[0][1]
+            for _, c in pool[1:]:
+                total = total + c
+            rec.pooled = {**metrics_from_counts(total, self.study).to_json(),
+                          "sites": [name or "?" for name, _ in pool]}
+        stripped = [_without_counts(m) for m in replies]  # the mean is over the scalar figures
+        metrics = super().aggregate_evaluate(server_round, stripped)  # type: ignore[misc]
+        rec.evaluate = dict(metrics) if metrics is not None else {}
         return metrics
+
+
+def _name_site(site: SiteRound, msg: Message) -> None:
+    """Take the site's name from the audit anchor its reply carries (error and SecAgg+ replies have none)."""
+    if msg.has_error() or ANCHOR_RECORD not in msg.content:
+        return
+    record = msg.content[ANCHOR_RECORD]
+    if isinstance(record, ConfigRecord):
+        with contextlib.suppress(AnchorError):  # receipts.py logs a malformed anchor; the node names the site
+            site.name = parse_anchor(dict(record))[0]
+
+
+def _without_counts(msg: Message) -> Message:
+    """The reply with its evaluation counts left out (they are pooled, not averaged)."""
+    if msg.has_error():
+        return msg
+    content = RecordDict({
+        k: (MetricRecord({n: v for n, v in r.items() if n not in COUNT_KEYS}) if isinstance(r, MetricRecord) else r)
+        for k, r in msg.content.items()
+    })
+    return Message(content=content, metadata=msg.metadata)
 
 
 def _fixed_denominator(current: ArrayRecord, mean: ArrayRecord, sampled: int, expected: float) -> ArrayRecord:
@@ -274,7 +332,7 @@ def _fixed_denominator(current: ArrayRecord, mean: ArrayRecord, sampled: int, ex
     return ArrayRecord({
         k: Array(np.asarray(current[k].numpy() + scale * (mean[k].numpy() - current[k].numpy()),
                             dtype=current[k].numpy().dtype))
-        for k in current.keys()
+        for k in current
     })
 
 
@@ -316,7 +374,8 @@ def screen_first(top: Strategy, recording: Strategy) -> Strategy:
         return top
     aggregate = top.aggregate_train
 
-    def aggregate_train(server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         screened = recording.screen(server_round, replies)  # type: ignore[attr-defined]
         recording._recorded_round = None  # type: ignore[attr-defined]
         result = aggregate(server_round, screened)
@@ -330,8 +389,8 @@ def screen_first(top: Strategy, recording: Strategy) -> Strategy:
     return top
 
 
-def build_strategy(cfg: RunConfig, history: RunHistory) -> Strategy:
-    """The strategy the run config asks for, recording into ``history``."""
+def build_strategy(cfg: RunConfig, history: RunHistory, study: Study | None = None) -> Strategy:
+    """The strategy the run config asks for, recording into ``history``; ``study`` reads the evaluations."""
     common = dict(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
@@ -358,6 +417,7 @@ def build_strategy(cfg: RunConfig, history: RunHistory) -> Strategy:
     else:
         strategy = RecordingBulyan(**common, num_malicious_nodes=cfg.num_malicious_sites)
     strategy.history = history  # type: ignore[attr-defined]
+    strategy.study = study or DEFAULT_STUDY  # type: ignore[attr-defined]
     strategy.node_wait_timeout = cfg.round_timeout  # type: ignore[attr-defined]
     # A site's own claim never sets its weight unless the run says so (docs/deployment.md, "A malicious site").
     strategy.uniform_weights = cfg.site_weights == "uniform"  # type: ignore[attr-defined]

@@ -1,7 +1,8 @@
-"""Evaluation of the binary classifier on a local dataset.
+"""Evaluation of a classifier on a local dataset: the scores, and the figures computed from them.
 
-Returns only scalar aggregates (no per-patient values), so the result may
-leave the site under the metric allow-list (DESIGN.md invariant 1).
+:func:`evaluate` keeps the binary figures of the default study; :func:`evaluate_study` reports every
+metric of a study per class and macro (models.metrics). Neither result is released as it is: what leaves
+a site is the DP release of site_client.dp_evaluation.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from models import features
+from models.metrics import MetricReport, metrics_from_logits
+from models.study import Study
 
 logger = logging.getLogger(__name__)
 
@@ -34,23 +37,29 @@ def _ratio(num: float, den: float) -> float:
 def predict(
     model: nn.Module, dataset: Dataset, *, batch_size: int = 64, device: str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's logit and the label of every example, in dataset order (1-D float tensors on the CPU).
+    """The model's logits and the target of every example, in dataset order (float tensors on the CPU).
 
-    A fixed front end runs once per dataset (`models.features`), so a site that
-    evaluates the same split every round computes it once.
+    A one-output network gives 1-D logits and labels (binary); a K-output one gives (N, K) logits, with
+    1-D targets (class indices) or (N, K) ones (multilabel), as the dataset yields them. A fixed front
+    end runs once per dataset (`models.features`), so a site that evaluates the same split every round
+    computes it once.
     """
     was_training = model.training
     model.to(device)
     model.eval()
     module, data = features.apply_front(model, dataset, device)
-    logits_parts: list[torch.Tensor] = [torch.zeros(0)]
-    label_parts: list[torch.Tensor] = [torch.zeros(0)]
+    logits_parts: list[torch.Tensor] = []
+    label_parts: list[torch.Tensor] = []
     try:
         for xb, yb in DataLoader(data, batch_size=batch_size, shuffle=False):
-            logits_parts.append(module(xb.to(device)).reshape(-1).float().cpu())
-            label_parts.append(torch.as_tensor(yb).reshape(-1).float().cpu())
+            out = module(xb.to(device)).float().cpu()
+            y = torch.as_tensor(yb).float().cpu()
+            logits_parts.append(out.reshape(-1) if out.ndim == 1 or out.shape[-1] == 1 else out.reshape(len(out), -1))
+            label_parts.append(y.reshape(len(y), -1) if y.ndim > 1 and y.shape[-1] > 1 else y.reshape(-1))
     finally:
         model.train(was_training)
+    if not logits_parts:
+        return torch.zeros(0), torch.zeros(0)
     return torch.cat(logits_parts), torch.cat(label_parts)
 
 
@@ -108,3 +117,22 @@ def evaluate(
         loss,
     )
     return metrics
+
+
+def study_loss(logits: torch.Tensor, targets: torch.Tensor, study: Study) -> float:
+    """The training loss of the study's task: cross-entropy (multiclass) or binary cross-entropy (per output)."""
+    if len(targets) == 0:
+        return float("nan")
+    if study.task == "multiclass":
+        return float(nn.functional.cross_entropy(logits.reshape(len(logits), -1), targets.long().reshape(-1)))
+    return float(nn.functional.binary_cross_entropy_with_logits(logits.reshape(targets.shape), targets.float()))
+
+
+def evaluate_study(
+    model: nn.Module, dataset: Dataset, study: Study, *, batch_size: int = 64, device: str = "cpu"
+) -> MetricReport:
+    """Every metric of ``study`` on ``dataset``, per class and macro, with the loss (exact: not for release)."""
+    logits, targets = predict(model, dataset, batch_size=batch_size, device=device)
+    report = metrics_from_logits(logits.numpy(), targets.numpy(), study)
+    report.loss = study_loss(logits, targets, study)
+    return report

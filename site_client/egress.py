@@ -39,11 +39,16 @@ TRAIN_METRICS: frozenset[str] = frozenset(
         "noise-multiplier",
     }
 )
-#: Scalar metrics a site may send after evaluating the global model on its test split: the DP release of
-#: site_client.dp_evaluation (every figure derived from noisy histograms) and the site's privacy figures.
+#: Metrics a site may send after evaluating the global model on its test split: the DP release of
+#: site_client.dp_evaluation (macro figures derived from noisy counts, and those counts) and the site's
+#: privacy figures.
 EVALUATE_METRICS: frozenset[str] = frozenset(
-    {"num-examples", "auc", "accuracy", "sensitivity", "specificity", "f1", "epsilon", "epsilon-cap"}
+    {"num-examples", "auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "calibration-error",
+     "histogram-with", "histogram-without", "confusion", "epsilon", "epsilon-cap"}
 )
+#: The evaluate metrics that are lists of noisy counts (every other metric is one number), and the longest
+#: each may be: 64 classes x 51 bins (a study's limits: models.study), a 64 x 64 confusion matrix.
+EVALUATE_COUNT_LISTS: dict[str, int] = {"histogram-with": 64 * 51, "histogram-without": 64 * 51, "confusion": 64 * 64}
 
 
 class EgressViolation(Exception):
@@ -103,13 +108,21 @@ def check_reply(content: RecordDict, message_type: str, expected_arrays: ArrayRe
     metrics = content[METRICS_KEY]
     if not isinstance(metrics, MetricRecord):
         raise EgressViolation(f"'{METRICS_KEY}' must be a MetricRecord")
+    lists = EVALUATE_COUNT_LISTS if category == "evaluate" else {}
     for name, value in metrics.items():
         if name not in allowed_metrics:
             raise EgressViolation(f"metric {name!r} is not on the {category} allow-list")
+        if name in lists and isinstance(value, list):
+            _check_count_list(name, value, lists[name])
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise EgressViolation(f"metric {name!r} must be a single number, not {type(value).__name__}")
         if isinstance(value, float) and math.isinf(value):
             raise EgressViolation(f"metric {name!r} is infinite")
+    if category == "evaluate":
+        sizes = {len(v) for k, v in metrics.items() if k in ("histogram-with", "histogram-without")}
+        if len(sizes) > 1:
+            raise EgressViolation("'histogram-with' and 'histogram-without' differ in length")
     report.metrics = sorted(metrics.keys())
 
     if category == "train":
@@ -135,6 +148,14 @@ def check_reply(content: RecordDict, message_type: str, expected_arrays: ArrayRe
     else:
         report.digest = summarize(ArrayRecord())["digest"]  # the digest of nothing: no arrays left
     return report
+
+
+def _check_count_list(name: str, value: list[Any], longest: int) -> None:
+    """A list of noisy counts: finite floats, no longer than the largest study can need."""
+    if not 0 < len(value) <= longest:
+        raise EgressViolation(f"metric {name!r} holds {len(value)} values; it may hold 1 to {longest}")
+    if not all(isinstance(x, float) and math.isfinite(x) for x in value):
+        raise EgressViolation(f"metric {name!r} must be a list of finite numbers")
 
 
 def _check_anchor(record: Any) -> dict[str, Any]:

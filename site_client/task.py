@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
 from anonymization.audit import AuditTrail
 from medfed.settings import ConfigError, OutOfBounds, RunConfig, SiteConfig
@@ -30,7 +31,7 @@ from models.accounting import MAX_NOISE_MULTIPLIER, AccountingError, Segment, ca
 from models.dataset import DatasetError, StudyDataset
 from models.evaluation import predict
 from models.registry import apply_trainable, build_network
-from models.study import Study, served_study, study_from_json, study_of
+from models.study import DEFAULT_STUDY, Study, served_study, study_from_json, study_of
 from models.training import DPSettings, planned_steps, round_lr, train_local
 from site_client.ledger import EVALUATED, EVALUATION_SAMPLE_RATE, CapExceeded, LedgerError, PrivacyLedger
 from site_client.secagg import range_problem
@@ -263,17 +264,24 @@ def _caps(site: SiteConfig, ledger: PrivacyLedger, run_id: str) -> list[tuple[st
     return caps
 
 
-def _evaluations_reserved(site: SiteConfig, cfg: RunConfig, ledger: PrivacyLedger, run_id: str) -> list[Segment]:
-    """The run's evaluations still to come (one a round if fraction-evaluate > 0), priced in by calibration."""
+def _evaluations_reserved(site: SiteConfig, cfg: RunConfig, ledger: PrivacyLedger, run_id: str,
+                          study: Study | None = None) -> list[Segment]:
+    """The run's evaluations still to come (one a round if fraction-evaluate > 0), priced in by calibration.
+
+    Each is priced as evaluate_round pays it: the study's sensitivity sets its noise multiplier.
+    """
+    from site_client.dp_evaluation import evaluation_segment
+
     planned = cfg.num_server_rounds if cfg.fraction_evaluate > 0 else 0
     done = sum(1 for r in ledger.rounds(run_id) if r["status"] == EVALUATED)
     left = max(0, planned - done)
-    return [(site.evaluation_noise, EVALUATION_SAMPLE_RATE, left)] if left else []
+    sigma, q, _ = evaluation_segment(site.evaluation_noise, study or DEFAULT_STUDY)
+    return [(sigma, q, left)] if left else []
 
 
 def _round_noise(
     site: SiteConfig, cfg: RunConfig, ledger: PrivacyLedger, run_id: str, server_round: int, n: int, steps: int,
-    q: float,
+    q: float, study: Study | None = None,
 ) -> tuple[float, str | None]:
     """The noise multiplier this round trains at, or (floor, reason) to decline it.
 
@@ -291,7 +299,7 @@ def _round_noise(
     where = f"site {site.name} (lifetime cap {site.epsilon_cap:g}{per_run}, delta={site.delta:g}, " \
             f"accountant {cfg.accountant})"
     if cfg.calibrate_noise:
-        reserve = _evaluations_reserved(site, cfg, ledger, run_id)
+        reserve = _evaluations_reserved(site, cfg, ledger, run_id, study)
         need = sigma
         for name, history, cap in caps:  # the largest σ any cap needs meets them all
             try:
@@ -419,7 +427,7 @@ def train_round(
     steps, sample_rate = planned_steps(bucket, cfg.batch_size, cfg.local_epochs)
     eps_before = ledger.epsilon(run_id, site.delta)
     try:
-        sigma, decline = _round_noise(site, cfg, ledger, run_id, server_round, bucket, steps, sample_rate)
+        sigma, decline = _round_noise(site, cfg, ledger, run_id, server_round, bucket, steps, sample_rate, study)
     except SiteRefusal as err:  # the ledger says why this run spent nothing here
         ledger.record_decline(
             run_id, server_round, reason=str(err), epsilon_before=eps_before,
@@ -505,22 +513,34 @@ def train_round(
 
 
 def evaluate_round(site: SiteConfig, cfg: RunConfig, run_id: str, global_state: dict[str, torch.Tensor],
-                   server_round: int = 0) -> dict[str, float]:
+                   server_round: int = 0, *, study: Study | None = None,
+                   build: Callable[[], torch.nn.Module] | None = None,
+                   dataset: Dataset | None = None) -> dict[str, float | list[float]]:
     """Score the global model on this site's test split and release DP metrics, paid for once per model.
 
-    The metrics come from per-class score histograms with Gaussian noise (σ = the site's
-    ``evaluation-noise``; site_client.dp_evaluation); the spend, the segment (σ, 1.0, 1), is
-    committed to the run's account before anything is released. The same global model
-    (same digest) asked again gets the same noisy figures at no cost. An evaluation that
-    would cross a cap raises :class:`SiteRefusal`, with nothing spent.
+    The figures come from per-class score histograms (and, multiclass, a confusion matrix) with Gaussian
+    noise (σ = the site's ``evaluation-noise``; site_client.dp_evaluation); the spend, the segment
+    (σ / sensitivity of the study, 1.0, 1), is committed to the run's account before anything is
+    released. The same global model and study asked again gets the same noisy figures at no cost. An
+    evaluation that would cross a cap raises :class:`SiteRefusal`, with nothing spent. ``study`` (default:
+    the binary CT study), ``build`` (the study's network, untrained) and ``dataset`` (the test split) say
+    what is scored.
     """
-    from site_client.dp_evaluation import EvaluationStore, metrics_from_histograms, noisy_histograms
+    from site_client.dp_evaluation import (
+        EvaluationStore,
+        evaluation_segment,
+        metrics_from_histograms,
+        noisy_histograms,
+        sensitivity,
+        store_key,
+    )
     from site_client.replay import arrays_digest
 
     check_model(site, global_state)
-    study = run_study(site, cfg)
+    study = study or run_study(site, cfg)
 
     digest = arrays_digest(global_state)
+    key = store_key(digest, study)
     ledger = ledger_for(site)
     try:
         accountant = ledger.open_account(run_id, cfg.accountant)
@@ -529,7 +549,7 @@ def evaluate_round(site: SiteConfig, cfg: RunConfig, run_id: str, global_state: 
     audit = audit_for(site)
     _record_policy(site, cfg, ledger, audit)
     store = EvaluationStore(site.state_dir)
-    released = store.lookup(digest)
+    released = store.lookup(key, study)
     if released is not None:
         hists = released[0]
         audit.append("evaluation_resent", run_id=run_id, server_round=server_round, global_digest=digest,
@@ -540,17 +560,19 @@ def evaluate_round(site: SiteConfig, cfg: RunConfig, run_id: str, global_state: 
             raise OutOfBounds(f"site {site.name} refuses evaluation {done + 1} of run {run_id}: above the site's "
                               f"bound max-evaluations = {site.run_bounds.max_evaluations} (site.toml [run-bounds])")
         sigma = site.evaluation_noise
-        segment = (sigma, EVALUATION_SAMPLE_RATE, 1)
+        segment = evaluation_segment(sigma, study)  # the noise multiplier is σ over the release's sensitivity
         what = f"to evaluate the model of round {server_round} (run {run_id})"
         decline = _over_cap(site, ledger, run_id, accountant, segment, what)
         eps_before = ledger.epsilon(run_id, site.delta)
         if decline is None:
-            model = site_network(study, global_state)
-            logits, labels = predict(model, site_dataset(site, study, "test"), device=_device(cfg))
-            hists = noisy_histograms(logits.numpy(), labels.numpy(), sigma)
+            model = build() if build is not None else build_network(study)
+            model.load_state_dict(global_state)
+            test = dataset if dataset is not None else site_dataset(site, study, "test")
+            logits, labels = predict(model, test, device=_device(cfg))
+            hists = noisy_histograms(logits.numpy(), labels.numpy(), sigma, study=study)
             try:  # durable before release; the ledger re-checks the caps under its write lock
                 eps_before, eps_after = ledger.commit_evaluation(
-                    run_id, server_round, noise_multiplier=sigma, digest=digest, delta=site.delta,
+                    run_id, server_round, noise_multiplier=segment[0], digest=digest, delta=site.delta,
                     epsilon_cap=site.epsilon_cap, epsilon_cap_per_run=site.epsilon_cap_per_run, accountant=accountant)
             except CapExceeded as err:
                 decline = f"site {site.name} declines {what}: {err}"
@@ -558,7 +580,7 @@ def evaluate_round(site: SiteConfig, cfg: RunConfig, run_id: str, global_state: 
             ledger.record_decline(
                 run_id, server_round, reason=decline, epsilon_before=eps_before,
                 epsilon_projected=epsilon_of_history(ledger.history(run_id) + [segment], site.delta, accountant),
-                epsilon_cap=site.epsilon_cap, steps=1, sample_rate=EVALUATION_SAMPLE_RATE, noise_multiplier=sigma,
+                epsilon_cap=site.epsilon_cap, steps=1, sample_rate=EVALUATION_SAMPLE_RATE, noise_multiplier=segment[0],
                 evaluation=True, digest=digest,
             )
             audit.append("evaluation_declined", run_id=run_id, server_round=server_round, global_digest=digest,
@@ -566,12 +588,13 @@ def evaluate_round(site: SiteConfig, cfg: RunConfig, run_id: str, global_state: 
             audit.close()
             log.info(decline)
             raise SiteRefusal(decline)
-        store.save(digest, hists, run_id=run_id, server_round=server_round)
+        store.save(key, hists, study, run_id=run_id, server_round=server_round)
         audit.append("evaluation_released", run_id=run_id, server_round=server_round, global_digest=digest,
-                     evaluation_noise=sigma, epsilon_before=eps_before, epsilon_after=eps_after,
+                     evaluation_noise=sigma, sensitivity=sensitivity(study), noise_multiplier=segment[0],
+                     task=study.task, epsilon_before=eps_before, epsilon_after=eps_after,
                      epsilon_cap=site.epsilon_cap, delta=site.delta)
     audit.close()
-    metrics = metrics_from_histograms(hists)
+    metrics = metrics_from_histograms(hists, study)
     metrics["epsilon"] = float(ledger.epsilon(run_id, site.delta))
     metrics["epsilon-cap"] = float(site.epsilon_cap)
     return metrics

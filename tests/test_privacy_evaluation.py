@@ -27,6 +27,7 @@ from site_client.client_app import build_app
 from site_client.dp_evaluation import (
     FIRST_POSITIVE_BIN,
     NUM_BINS,
+    RELEASED_SCALARS,
     STORE_DIR,
     NoisyHistograms,
     histograms,
@@ -201,7 +202,8 @@ def test_noise_is_fresh_and_metrics_stay_in_range() -> None:
     assert a.positives != b.positives  # OS entropy, never a fixed seed
     for h in (a, b):
         m = metrics_from_histograms(h)
-        assert all(math.isnan(v) or 0.0 <= v <= 1.0 for k, v in m.items() if k != "num-examples")
+        ratios = [v for k, v in m.items() if k in RELEASED_SCALARS and k != "num-examples"]
+        assert len(ratios) == 7 and all(math.isnan(v) or 0.0 <= v <= 1.0 for v in ratios)  # type: ignore[operator]
         assert m["num-examples"] >= 0.0
     with pytest.raises(ValueError, match="evaluation noise must be > 0"):
         noisy_histograms(logits, labels, 0.0)

@@ -98,3 +98,47 @@ def test_non_finite_update_is_blocked() -> None:
     bad["bias"][0] = float("nan")
     with pytest.raises(EgressViolation, match="'bias' holds non-finite"):
         check_reply(_reply(arrays=ArrayRecord(bad), metrics=MetricRecord({"epsilon": 1.0})), "train", arrays)
+
+
+def _evaluate_reply(**metrics: object) -> RecordDict:
+    base: dict[str, object] = {"num-examples": 20.0, "auc": 0.7, "histogram-with": [1.0] * 10,
+                               "histogram-without": [2.0] * 10, "confusion": [1.0, 2.0, 3.0, 4.0]}
+    return _reply(metrics=MetricRecord({**base, **metrics}))  # type: ignore[arg-type]
+
+
+def test_the_evaluate_allow_list_is_exactly_the_dp_release() -> None:
+    """A widened evaluate allow-list fails here: each key is a DP figure, its noisy counts, or the privacy spend."""
+    assert frozenset({
+        "num-examples", "auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "calibration-error",
+        "histogram-with", "histogram-without", "confusion", "epsilon", "epsilon-cap",
+    }) == EVALUATE_METRICS
+    assert frozenset({"num-examples", "epsilon", "epsilon-cap", "delta", "steps", "sample-rate",
+                                       "noise-multiplier"}) == TRAIN_METRICS
+
+
+@pytest.mark.adversarial
+@pytest.mark.parametrize("metric", ["auc", "precision", "calibration-error", "histogram-with", "confusion"])
+def test_a_train_reply_carrying_an_evaluate_only_metric_is_refused(metric: str) -> None:
+    """Evaluation figures are paid for as evaluations; a train reply may not carry one out on the side."""
+    value: object = [1.0, 2.0] if metric in ("histogram-with", "confusion") else 0.5
+    reply = _reply(arrays=_global(), metrics=MetricRecord({"num-examples": 10, metric: value}))  # type: ignore[dict-item]
+    with pytest.raises(EgressViolation, match="not on the train allow-list"):
+        check_reply(reply, "train", _global())
+
+
+def test_evaluate_reply_with_noisy_counts_leaves() -> None:
+    report = check_reply(_evaluate_reply(), "evaluate", None)
+    assert {"histogram-with", "histogram-without", "confusion"} <= set(report.metrics)
+
+
+@pytest.mark.adversarial
+@pytest.mark.parametrize(("metrics", "why"), [
+    ({"auc": [0.1, 0.2]}, "single number"),  # only the count keys may be lists
+    ({"histogram-with": [1.0] * 9}, "differ in length"),
+    ({"confusion": [1.0] * (64 * 64 + 1)}, "may hold 1 to"),
+    ({"histogram-without": [float("nan")] * 10}, "finite numbers"),
+    ({"confusion": [1, 2, 3, 4]}, "finite numbers"),  # integers: not noised counts
+])
+def test_malformed_count_lists_are_blocked(metrics: dict[str, object], why: str) -> None:
+    with pytest.raises(EgressViolation, match=why):
+        check_reply(_evaluate_reply(**metrics), "evaluate", None)
