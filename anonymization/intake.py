@@ -257,15 +257,19 @@ class Intake:
             if self._closed:
                 return self.counts
             self._closed = True
-            open_studies = len(self._studies)
+            open_studies, manifest_current = len(self._studies), False
             try:
-                self._write_manifest()
+                manifest_current = self._write_manifest()
             finally:
                 if self.reid_writer is not None:
                     self.reid_writer.close()
-                self.done.checkpoint(force=True)
+                try:  # only resends' digests can be pending: every output was journaled before its status
+                    self.done.checkpoint(force=True)
+                except OSError as err:
+                    log.warning("the done-index could not be extended (%s); a resend is de-identified again",
+                                err.strerror or err)
                 self.trail.append(KIND_STOPPED, **vars(self.counts), studies_open=open_studies,
-                                  key_fingerprint=_key_fingerprint(self._secret))
+                                  manifest_current=manifest_current, key_fingerprint=_key_fingerprint(self._secret))
                 self.trail.close()
         return self.counts
 
@@ -427,15 +431,23 @@ class Intake:
                 self.trail.sync()
             return idle
 
-    def _write_manifest(self) -> None:
+    def _write_manifest(self) -> bool:
+        """Rebuild the manifest from the journal; on a full disk keep the old one (the next rewrite catches up)."""
         if not self._manifest_stale and (self.dst / MANIFEST_FILE).exists():
-            return
+            return True
         journal = self.done.rows()
         try:
             write_merged(self.dst / MANIFEST_FILE, journal, self.dst, labels=self.label_map)
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            log.warning("the manifest could not be rewritten (%s); it catches up once space is freed",
+                        err.strerror)
+            return False
         finally:
             journal.close()
         self._manifest_stale = False
+        return True
 
 
 # ---- the network side --------------------------------------------------------------------
