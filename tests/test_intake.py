@@ -653,3 +653,18 @@ def test_deid_labels_refuses_another_sites_key(tmp_path: Path, start_receiver) -
     assert "different site key" in " ".join(result.output.split())
     assert (rx.dst / "manifest.csv").read_bytes() == before
 
+
+
+# ---- the systemd unit -------------------------------------------------------------------------------
+def test_the_receive_unit_has_the_site_units_hardening() -> None:
+    systemd = Path(__file__).resolve().parents[1] / "deploy" / "systemd"
+
+    def settings(name: str) -> set[str]:
+        keys = ("NoNewPrivileges", "PrivateTmp", "Protect", "RestrictAddressFamilies", "ReadWritePaths", "UMask",
+                "User", "Group", "Environment", "KillMode", "Restart")
+        return {line for line in (systemd / name).read_text().splitlines() if line.startswith(keys)}
+
+    site, receive = settings("medfed-site.service"), settings("medfed-receive.service")
+    assert site <= receive, f"missing from medfed-receive.service: {sorted(site - receive)}"
+    text = (systemd / "medfed-receive.service").read_text()
+    assert "RuntimeDirectory=medfed-receive" in text and "--spool /run/medfed-receive/spool" in text
