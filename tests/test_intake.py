@@ -198,6 +198,15 @@ def test_storescu_study_is_deidentified_as_it_arrives(tmp_path: Path, start_rece
     assert (stopped["received"], stopped["deidentified"], stopped["quarantined"]) == (8, 8, 0)
 
 
+@pytest.mark.deployment
+def test_echoscu_checks_the_connection(start_receiver) -> None:
+    rx = start_receiver()
+    tool = str(Path(need(STORESCU, "storescu")).with_name("echoscu"))
+    done = subprocess.run([tool, "-aet", "STORESCU", "-aec", "MEDFED", "127.0.0.1", str(rx.port)],
+                          capture_output=True, text=True, timeout=WAIT, check=False)
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.adversarial
 def test_unknown_calling_ae_is_refused_at_association(tmp_path: Path, start_receiver) -> None:
     files = make_study(tmp_path / "src", 2)
