@@ -141,6 +141,25 @@ def deid_run(
     console.print(summary.line())
 
 
+@deid_app.command("labels")
+def deid_labels(
+    dst: Annotated[Path, typer.Argument(help="De-identified store (`medfed deid run` or `medfed site receive` DST).")],
+    key: Annotated[Path, typer.Option("--key", help="The site secret the store was de-identified with.")],
+    labels: Annotated[Path, typer.Option("--labels", help="CSV with AccessionNumber,label.")],
+    audit: Annotated[Path | None, typer.Option(help="Audit trail folder (default: DST/audit).")] = None,
+    audit_key: Annotated[Path | None, typer.Option("--audit-key", help="Key sealing the audit trail.")] = None,
+) -> None:
+    """Attach labels that arrived after the images to an existing store, through the site's pseudonyms."""
+    from anonymization.errors import DeidError
+    from anonymization.labels import attach_labels
+
+    try:
+        report = attach_labels(dst, key, labels, audit=audit, audit_key=audit_key)
+    except DeidError as err:
+        _fail(str(err))
+    console.print(report.line(), soft_wrap=True)
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Working folder for the demo (replaced if it holds an old demo).")] = Path("demo-out"),

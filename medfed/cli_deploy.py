@@ -20,7 +20,7 @@ consortium_app = typer.Typer(help="Provision a consortium: CA, coordinator TLS i
                              no_args_is_help=True)
 coordinator_app = typer.Typer(help="Run the coordinator's Flower SuperLink (TLS, SuperNode authentication).",
                               no_args_is_help=True)
-site_app = typer.Typer(help="Make the site's key (keygen) and run its Flower SuperNode from its kit.",
+site_app = typer.Typer(help="Make the site's key (keygen), run its Flower SuperNode from its kit, receive from PACS.",
                         no_args_is_help=True)
 
 
@@ -238,6 +238,53 @@ def site_start(
     raise typer.Exit(run_site(k, path, reconnect_seconds=reconnect_seconds))
 
 
+@site_app.command("receive")
+def site_receive(
+    dst: Annotated[Path, typer.Argument(help="De-identified store to write (as `medfed deid run` DST).")],
+    key: Annotated[Path, typer.Option("--key", help="Site secret (as `medfed deid run --key`).")],
+    allow_ae: Annotated[list[str], typer.Option(
+        "--allow-ae", help="Calling AE titles allowed to send (the PACS's); repeat or comma-separate.")],
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port to listen on.")] = 11112,
+    ae_title: Annotated[str, typer.Option("--ae-title", help="This SCP's AE title (the PACS's destination).")]
+    = "MEDFED",
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "0.0.0.0",
+    tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="Server certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="Its private key (PEM).")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(
+        "--tls-ca", help="CA whose client certificates are accepted (PEM); others are refused.")] = None,
+    policy: Annotated[Path | None, typer.Option("--policy", help="Site de-identification policy (TOML).")] = None,
+    labels: Annotated[Path | None, typer.Option("--labels", help="CSV with AccessionNumber,label.")] = None,
+    quarantine: Annotated[Path | None, typer.Option(help="Where refused files go (default: DST-quarantine).")] = None,
+    spool: Annotated[Path | None, typer.Option(help="Private folder for raw files in flight (default: DST-spool).")]
+    = None,
+    audit: Annotated[Path | None, typer.Option(help="Audit trail folder (default: DST/audit).")] = None,
+    audit_key: Annotated[Path | None, typer.Option("--audit-key", help="Key sealing the audit trail.")] = None,
+    min_free: Annotated[str, typer.Option(
+        "--min-free", help="Answer Out of Resources (0xA700) once less than this is free (e.g. 500M, 2G).")] = "1G",
+    study_timeout: Annotated[float, typer.Option(
+        "--study-timeout", help="Seconds without a new instance after which a study is recorded complete.")] = 60.0,
+) -> None:
+    """Receive images from PACS by DICOM C-STORE and de-identify them as they arrive (no original kept)."""
+    from anonymization.errors import DeidError
+    from anonymization.intake import TlsFiles, parse_size, run_receive, split_ae_titles
+
+    tls_parts = (tls_cert, tls_key, tls_ca)
+    if any(tls_parts) and not all(tls_parts):
+        _fail("TLS needs all three of --tls-cert, --tls-key and --tls-ca (or none of them)")
+    try:
+        counts = run_receive(dst, key, ae_title=ae_title, allowed=split_ae_titles(allow_ae), port=port, host=host,
+                             tls=TlsFiles(tls_cert, tls_key, tls_ca) if tls_cert and tls_key and tls_ca else None,
+                             policy=policy, labels=labels, quarantine=quarantine, spool=spool, audit=audit,
+                             audit_key=audit_key, min_free_bytes=parse_size(min_free), study_timeout=study_timeout)
+    except DeidError as err:  # IntakeError, KeyFileError, LabelsError...: the message says what to do
+        _fail(str(err))
+        return
+    except OSError as err:
+        _fail(f"{err.filename or dst}: {err.strerror or err}; check that disk and its permissions, then start again")
+        return
+    typer.echo(counts.line())
+
+
 @site_app.command("approve")
 def site_approve(
     kit: Annotated[Path, typer.Argument(help="This site's kit folder.")],
@@ -282,7 +329,8 @@ def run_command(
                                                     "with --resume: the last run).")] = None,
     timeout: Annotated[float | None, typer.Option(help="Give up waiting after this many seconds.")] = None,
     app: Annotated[Path | None, typer.Option(
-        "--app", help="Submit this Flower app folder instead of the installed release (sites must approve it).")] = None,
+        "--app", help="Submit this Flower app folder instead of the installed release (sites must approve it).")
+    ] = None,
 ) -> None:
     """Start a run on the deployment (`flwr run` over TLS), stream its progress, print its summary."""
     from coordinator.launch import plan_run, run

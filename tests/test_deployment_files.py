@@ -109,7 +109,7 @@ def test_compose_brings_up_a_coordinator_and_three_sites_with_tls_and_auth(tmp_p
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
-@pytest.mark.parametrize("unit", ["medfed-site.service", "medfed-coordinator.service", "kit"])
+@pytest.mark.parametrize("unit", ["medfed-site.service", "medfed-coordinator.service", "medfed-receive.service", "kit"])
 def test_systemd_units_verify(unit: str, tmp_path: Path) -> None:
     if unit == "kit":  # the unit every site kit ships
         init_consortium(tmp_path / "c", "n", ["h"], [("a", generate_site_key(tmp_path / "site-a").public)])
