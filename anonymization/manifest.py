@@ -38,6 +38,13 @@ def read_manifest(path: Path) -> list[dict[str, str]]:
         return [{c: row.get(c) or "" for c in COLUMNS} for row in reader]
 
 
+def label_counts(path: Path) -> tuple[int, int]:
+    """(labelled, unlabelled) images in a manifest: a store with no label cannot train, and should say so early."""
+    rows = read_manifest(path)
+    labelled = sum(1 for r in rows if r["label"].strip())
+    return labelled, len(rows) - labelled
+
+
 def merge_rows(
     existing: Iterable[Mapping[str, str]], new: Iterable[Mapping[str, str]], root: Path
 ) -> list[dict[str, str]]:

@@ -213,15 +213,21 @@ def site_keygen(
 @site_app.command("start")
 def site_start(
     kit: Annotated[Path, typer.Argument(help="This site's kit folder (from the consortium operator).")],
-    data: Annotated[Path | None, typer.Option("--data", help="De-identified store (`medfed deid run` output).")] = None,
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="De-identified store (`medfed deid run` output), relative to the current folder.")] = None,
     superlink: Annotated[str | None, typer.Option(help="Override the coordinator address (host:port).")] = None,
     reconnect_seconds: Annotated[float | None, typer.Option(
         "--reconnect-seconds", help="Give up after the coordinator has been unreachable this long.")] = None,
     clientapp_port: Annotated[int | None, typer.Option(
         "--clientapp-port", help="Override the loopback port between the SuperNode and its ClientApps.")] = None,
 ) -> None:
-    """Run this site's SuperNode: TLS to the coordinator, its authentication key, its node config."""
-    from site_client.kit import KitError, load_kit, run_site, write_site_config
+    """Run this site's SuperNode: TLS to the coordinator, its authentication key, its node config.
+
+    Exits 78 when restarting cannot help (a bad kit or data folder, the ClientApp port in use, the site's
+    certificate revoked, a kit from another CA): the unit's RestartPreventExitStatus=78 keeps systemd from looping.
+    """
+    from site_client.kit import KitError, SiteFatal, load_kit, run_site, write_site_config
+    from site_client.supernode import FATAL_EXIT
 
     try:
         k = load_kit(kit)
@@ -231,11 +237,14 @@ def site_start(
             k.config.clientapp_port = clientapp_port
         site, path = write_site_config(k, data)
     except KitError as err:
-        _fail(str(err))
-        return
+        _fail(str(err), FATAL_EXIT)
     typer.echo(f"site {site.name}: data {site.data_dir}, state {site.state_dir}, privacy cap ε={site.epsilon_cap:g} "
                f"(δ={site.delta:g}); connecting to {k.config.superlink}")
-    raise typer.Exit(run_site(k, path, reconnect_seconds=reconnect_seconds))
+    try:
+        code = run_site(k, path, reconnect_seconds=reconnect_seconds)
+    except SiteFatal as err:
+        _fail(str(err), FATAL_EXIT)
+    raise typer.Exit(code)
 
 
 @site_app.command("approve")

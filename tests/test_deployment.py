@@ -45,6 +45,7 @@ from models.dataset import ManifestDataset
 from site_client.egress import EVALUATE_METRICS, TRAIN_METRICS
 from site_client.kit import generate_site_key
 from site_client.ledger import PrivacyLedger
+from site_client.supernode import FATAL_EXIT
 
 pytestmark = [pytest.mark.deployment, pytest.mark.timeout(1500)]
 
@@ -581,9 +582,10 @@ def test_revoked_key_is_refused(refusals: dict[str, Any]) -> None:
     assert refusals["codes"]["revoked"] != 0
     log = refusals["logs"]["revoked"]
     assert "SuperNode ID" in log  # it was connected before the revocation ...
-    # ... and refused after it: nginx answers 401 (its certificate is on the CRL), Flower's SuperNode stops, and
-    # no restart is ever activated again
-    assert log.count("SuperNode ID") == 1 and "giving up" in log[log.find("SuperNode ID"):]
+    # ... and refused after it: nginx answers 401 (its certificate is on the CRL), the site says why once and stops
+    # with the exit code systemd does not restart (RestartPreventExitStatus=), no restart is ever activated again
+    assert log.count("SuperNode ID") == 1 and "refused this site (HTTP 401)" in log[log.find("SuperNode ID"):]
+    assert refusals["codes"]["revoked"] == FATAL_EXIT
     assert refusals["nodes"].get(REVOKED) in (None, "unregistered")
     assert all(refusals["nodes"].get(s) == "online" for s in SITES)  # the others are unaffected
 
