@@ -40,9 +40,14 @@ def read_manifest(path: Path) -> list[dict[str, str]]:
 
 def label_counts(path: Path) -> tuple[int, int]:
     """(labelled, unlabelled) images in a manifest: a store with no label cannot train, and should say so early."""
-    rows = read_manifest(path)
-    labelled = sum(1 for r in rows if r["label"].strip())
-    return labelled, len(rows) - labelled
+    labelled = unlabelled = 0
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if (row.get("label") or "").strip():
+                labelled += 1
+            else:
+                unlabelled += 1
+    return labelled, unlabelled
 
 
 def merge_rows(
