@@ -217,6 +217,9 @@ def wait_for_sites(directory: Path, minimum: int, timeout: float, echo: Callable
     from coordinator.superlink import list_nodes
 
     expected = [s.name for s in load_consortium(directory).active_sites]
+    if not expected:
+        raise CoordinatorError(f"{directory / 'consortium.toml'} has no active site: enrol one with "
+                               f"`medfed consortium add-site {directory} NAME --public-key node.pub`")
     deadline = time.monotonic() + timeout
     said = ""
     while True:
