@@ -20,6 +20,7 @@ from rich.table import Table
 
 from medfed import logs
 
+
 def _keep_argument_help() -> None:
     """Typer 0.20 sets an argument's help before calling click's Parameter.__init__, which (click 8.3+) resets it
     to None: every positional argument would show no help. Set it again after."""
