@@ -54,7 +54,8 @@ STATUS_EMPTY = "empty"
 STATUS_UNANCHORED = "unanchored"  # anchors were asked for, but the receipts hold none of this site
 
 #: Exit codes of ``medfed audit verify``.
-EXIT_CODES = {STATUS_OK: 0, STATUS_BROKEN: 1, STATUS_EMPTY: 1, STATUS_UNANCHORED: 1, STATUS_INCOMPLETE: 3}
+#: 2 is the command line's own (a usage error); an empty folder is not a tampered trail, so it has its own code.
+EXIT_CODES = {STATUS_OK: 0, STATUS_BROKEN: 1, STATUS_EMPTY: 4, STATUS_UNANCHORED: 1, STATUS_INCOMPLETE: 3}
 
 
 @dataclass

@@ -38,6 +38,18 @@ def read_manifest(path: Path) -> list[dict[str, str]]:
         return [{c: row.get(c) or "" for c in COLUMNS} for row in reader]
 
 
+def label_counts(path: Path) -> tuple[int, int]:
+    """(labelled, unlabelled) images in a manifest: a store with no label cannot train, and should say so early."""
+    labelled = unlabelled = 0
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if (row.get("label") or "").strip():
+                labelled += 1
+            else:
+                unlabelled += 1
+    return labelled, unlabelled
+
+
 def merge_rows(
     existing: Iterable[Mapping[str, str]], new: Iterable[Mapping[str, str]], root: Path
 ) -> list[dict[str, str]]:

@@ -75,6 +75,23 @@ def _toml_value(v: Any) -> str:
     return f"'{s}'"
 
 
+def resumable_run(runs: Path) -> str | None:
+    """The run ``--resume`` continues: the last one started (LATEST) if it checkpointed a round, else the most
+    recently checkpointed one — a submission that failed before its first round leaves nothing to resume."""
+    latest = runs / LATEST
+    if latest.is_file():
+        name = latest.read_text().strip()
+        if name and latest_checkpoint(runs / name / "checkpoints") is not None:
+            return name
+    best: tuple[float, str] | None = None
+    for d in runs.iterdir() if runs.is_dir() else ():
+        if d.is_dir() and (ckpt := latest_checkpoint(d / "checkpoints")) is not None:
+            mtime = ckpt.stat().st_mtime
+            if best is None or mtime > best[0]:
+                best = (mtime, d.name)
+    return best[1] if best else None
+
+
 @dataclass
 class RunPlan:
     """A validated run, ready for `flwr run`."""
@@ -102,10 +119,10 @@ def plan_run(directory: Path, *, rounds: int | None = None, run_config: list[str
             raise ConfigError(f"--run-config sets {key!r}, which medfed run manages; use --run-name / --resume "
                               "(outputs always go to the coordinator folder)")
     if resume and run_name is None:
-        latest = paths.runs / LATEST
-        if not latest.is_file():
-            raise ConfigError(f"--resume: no earlier run in {paths.runs}; start one with `medfed run {directory}`")
-        run_name = latest.read_text().strip()
+        run_name = resumable_run(paths.runs)
+        if run_name is None:
+            raise ConfigError(f"--resume: no earlier run in {paths.runs} has a checkpoint; start one with "
+                              f"`medfed run {directory}`")
     if run_name is None:
         run_name = "run-" + dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     if not re.fullmatch(r"[A-Za-z0-9._-]+", run_name):
@@ -165,21 +182,118 @@ def flwr_run_command(plan: RunPlan, app: Path | None = None) -> list[str]:
             "--run-config", plan.run_config_arg()]
 
 
+#: Flower's own output of a run (`flwr run --stream`), in the run's folder; the terminal shows only our progress.
+FLOWER_LOG = "flower.log"
+#: The run's own progress lines in `flwr run --stream`'s output (coordinator.server_app's log format).
+_PROGRESS = re.compile(r"^\d\d:\d\d:\d\d medfed: (?P<msg>.*)$")
+#: The last line of a Python traceback: the error an operator needs first.
+_ERROR_LINE = re.compile(
+    r"^(?:[A-Za-z_][\w.]*\.)?(?P<type>[A-Z]\w*(?:Error|Exception|Unavailable|Refused)): (?P<msg>.+)$")
+
+
+def apply_consortium(directory: Path) -> None:
+    """Bring the running coordinator in line with consortium.toml before a run: the CRL re-read by nginx, revoked
+    sites unregistered, new ones registered — a change the coordinator was not told of still takes effect."""
+    from coordinator import superlink
+
+    quiet = logging.getLogger(superlink.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # a run's terminal shows the run; what changed is still logged as a warning
+    try:
+        superlink.reload_proxy(directory)
+        superlink.sync_registrations(directory)
+    finally:
+        quiet.setLevel(level)
+
+
+def wait_for_sites(directory: Path, minimum: int, timeout: float, echo: Callable[[str], None],
+                   poll: float = 1.0) -> list[str]:
+    """Wait (at most ``timeout``) until every active site of the consortium is online; the names online.
+
+    Says who is missing whenever that changes. After ``timeout``, goes on without the missing sites if at least
+    ``minimum`` (min-available-nodes) are online, else fails naming them: a run is never submitted to wait, silent,
+    for sites that are not there.
+    """
+    from coordinator.superlink import list_nodes
+
+    expected = [s.name for s in load_consortium(directory).active_sites]
+    if not expected:
+        raise CoordinatorError(f"{directory / 'consortium.toml'} has no active site: enrol one with "
+                               f"`medfed consortium add-site {directory} NAME --public-key node.pub`")
+    deadline = time.monotonic() + timeout
+    said = ""
+    while True:
+        online = {n["name"] for n in list_nodes(directory) if n["status"] == "online"}
+        here = [n for n in expected if n in online]
+        missing = [n for n in expected if n not in online]
+        if not missing:
+            return here
+        line = f"waiting for sites: {len(here)} of {len(expected)} connected ({', '.join(missing)} missing)"
+        if line != said:
+            echo(line)
+            said = line
+        if time.monotonic() >= deadline:
+            if len(here) >= minimum:
+                echo(f"going on without {', '.join(missing)} after {timeout:g}s ({len(here)} sites, the run needs "
+                     f"{minimum})")
+                return here
+            raise CoordinatorError(
+                f"only {len(here)} of {len(expected)} sites connected within {timeout:g}s and the run needs {minimum} "
+                f"(min-available-nodes); missing: {', '.join(missing)}. Start them (`medfed site start KIT --data "
+                f"DEID_DIR` at each site; `medfed coordinator nodes {directory}` shows who is online), or wait longer "
+                "with --wait-for-sites SECONDS")
+        time.sleep(poll)
+
+
+def site_names(directory: Path) -> dict[str, str]:
+    """SuperNode id -> site name, from the registrations `medfed coordinator start` wrote (ids are Flower's)."""
+    try:
+        regs = json.loads(CoordinatorPaths(Layout(directory)).registrations.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(v["node_id"]): name for name, v in regs.items() if v.get("node_id") is not None}
+
+
+def _cause(log_file: Path) -> str:
+    """The error behind a failed `flwr run`, from its log: the last exception line, else the last ERROR line."""
+    try:
+        lines = [ln.strip() for ln in log_file.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    for ln in reversed(lines):
+        if m := _ERROR_LINE.match(ln):
+            return m.group("msg")
+    for ln in reversed(lines):
+        if "ERROR" in ln and "Exit Code" not in ln:
+            return ln
+    return ""
+
+
 def run(directory: Path, plan: RunPlan, *, app: Path | None = None, timeout: float | None = None,
-        echo: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Submit the run, stream its log (bounded by ``timeout``), and return its metrics.json."""
+        echo: Callable[[str], None] | None = None, wait_for: float) -> dict[str, Any]:
+    """Submit the run, show its progress (Flower's own output goes to the run's flower.log), return metrics.json.
+
+    Before anything is submitted: the running coordinator is brought in line with consortium.toml and the
+    run waits (at most ``wait_for`` seconds) for the sites. Bounded by ``timeout`` in all.
+    """
+    say = echo or (lambda s: print(s, flush=True))
     directory = directory.resolve()
     paths = CoordinatorPaths(Layout(directory))
     if not (paths.flwr_home / "config.toml").is_file():
         raise CoordinatorError(f"{paths.flwr_home / 'config.toml'} is missing: start the coordinator first "
                                f"(`medfed coordinator start {directory}`)")
     check_app_contents((app or app_dir()).resolve())
+    apply_consortium(directory)
+    wait_for_sites(directory, plan.config.min_available_nodes, wait_for, say)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     (paths.runs / LATEST).write_text(plan.run_name + "\n")
     if timeout is None:
         timeout = 600.0 + 3 * plan.config.round_timeout * plan.config.num_server_rounds
     cmd = flwr_run_command(plan, app)
-    log.info("submitting run %s: %s", plan.run_name, " ".join(cmd[1:]))
+    flower_log = plan.out_dir / FLOWER_LOG
+    names = {k: f"site {v}" for k, v in site_names(directory).items()}
+    say(f"run {plan.run_name}: {plan.config.num_server_rounds} round(s); Flower's log: {flower_log}")
+    log.debug("submitting run %s: %s", plan.run_name, " ".join(cmd[1:]))
     deadline = time.monotonic() + timeout
     proc = subprocess.Popen(cmd, env=coordinator_env(directory), cwd=str((app or app_dir()).resolve()),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -189,38 +303,46 @@ def run(directory: Path, plan: RunPlan, *, app: Path | None = None, timeout: flo
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     try:
-        while True:
-            if time.monotonic() > deadline:
-                proc.terminate()
-                raise CoordinatorError(f"run {plan.run_name} did not finish within {timeout:.0f}s; it was left "
-                                       "running on the SuperLink — stop it with `flwr stop` or restart the "
-                                       "coordinator, then `medfed run --resume`")
-            if not sel.select(timeout=1.0):
-                if proc.poll() is not None:
-                    break
-                continue
-            line = proc.stdout.readline()
-            if not line:
-                if proc.poll() is not None:
-                    break
-                continue
-            (echo or (lambda s: print(s, end="", flush=True)))(line)
+        with open(flower_log, "a", encoding="utf-8") as out:
+            while True:
+                if time.monotonic() > deadline:
+                    proc.terminate()
+                    raise CoordinatorError(f"run {plan.run_name} did not finish within {timeout:.0f}s; it was left "
+                                           "running on the SuperLink — stop it with `flwr stop` or restart the "
+                                           "coordinator, then `medfed run --resume`")
+                if not sel.select(timeout=1.0):
+                    if proc.poll() is not None:
+                        break
+                    continue
+                line = proc.stdout.readline()
+                if not line:
+                    if proc.poll() is not None:
+                        break
+                    continue
+                out.write(line)
+                out.flush()
+                if m := _PROGRESS.match(_ANSI.sub("", line).strip()):
+                    say("  " + _NODE.sub(lambda n: names.get(n.group(1), n.group(0)), m.group("msg")))
         rc = proc.wait(timeout=30)
     finally:
         sel.close()
         if proc.poll() is None:
             proc.kill()
     metrics_path = plan.out_dir / "metrics.json"
-    if rc != 0:
-        raise CoordinatorError(f"`flwr run` exited with code {rc} for run {plan.run_name}; see the output above "
-                               f"and {paths.log_file}")
-    if not metrics_path.is_file():
-        raise CoordinatorError(f"run {plan.run_name} ended without writing {metrics_path}; see {paths.log_file}")
+    if rc != 0 or not metrics_path.is_file():
+        cause = _cause(flower_log)
+        raise CoordinatorError(f"run {plan.run_name} failed (`flwr run` exit code {rc})"
+                               + (f": {cause}" if cause else "") + f"; Flower's log: {flower_log}, the SuperLink's: "
+                               f"{paths.log_file}")
     metrics = json.loads(metrics_path.read_text())
     if "final_model" not in metrics:
         raise CoordinatorError(f"run {plan.run_name} stopped before its last round ({metrics_path} has no final "
                                "model); continue it with `medfed run --resume`")
     return metrics
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_NODE = re.compile(r"\bsite node (\d+)")
 
 
 def main_exit(code: int) -> None:  # pragma: no cover - CLI helper

@@ -384,7 +384,7 @@ def _site_kit(layout: Layout, cfg: ConsortiumConfig, site: str, public: bytes, c
     write_file(layout.certs / f"{site}.pem", cert_pem)
     write_file(kit / "ca.pem", (layout.tls / "ca.pem").read_bytes())
     address = f"{cfg.coordinator_hosts[0]}:{cfg.port}"
-    write_file(kit / KIT_FILE, kit_toml(cfg.name, site, address).encode())
+    write_file(kit / KIT_FILE, kit_toml(cfg.name, site, address, clientapp_port(cfg)).encode())
     for name, text in site_service_files(site).items():
         write_file(kit / name, text.encode())
     write_file(kit / "README.md", kit_readme(cfg.name, site, address).encode())
@@ -393,7 +393,16 @@ def _site_kit(layout: Layout, cfg: ConsortiumConfig, site: str, public: bytes, c
     return SiteEntry(name=site, public_key=str(pub_rel), status="active", added=_now().isoformat(timespec="seconds"))
 
 
-def kit_toml(consortium: str, site: str, superlink: str) -> str:
+def clientapp_port(cfg: ConsortiumConfig) -> int:
+    """The next site's loopback ClientApp port: one per site of the consortium, so two sites on one host never collide.
+
+    Derived from the site's place in consortium.toml (revoked sites keep theirs), skipping the coordinator's port.
+    """
+    ports = [p for p in range(DEFAULT_CLIENTAPP_PORT, DEFAULT_CLIENTAPP_PORT + len(cfg.sites) + 2) if p != cfg.port]
+    return ports[len(cfg.sites)]
+
+
+def kit_toml(consortium: str, site: str, superlink: str, clientapp: int = DEFAULT_CLIENTAPP_PORT) -> str:
     """The site's kit.toml (validated at the site by site_client.kit.KitConfig)."""
     return f"""# medfed site kit for {site} in consortium {consortium}.
 # `medfed site start KIT --data DEID_DIR` reads this file. Paths are relative to this folder.
@@ -404,7 +413,7 @@ ca-cert = "ca.pem"                  # checks the coordinator's TLS certificate
 auth-key = "auth/node.key"          # made here by `medfed site keygen` (mode 0600; never leaves the site)
 tls-cert = "auth/tls.pem"           # this site's TLS client certificate, signed by the consortium CA
 tls-key = "auth/tls.key"            # its key, made here by `medfed site keygen` (mode 0600)
-clientapp-port = {DEFAULT_CLIENTAPP_PORT}             # loopback port between the SuperNode and its ClientApp
+clientapp-port = {clientapp}             # loopback port between the SuperNode and its ClientApp (one per site)
 reconnect-seconds = 3600            # how long the SuperNode keeps retrying a lost coordinator
 
 # Template of the site's own settings (site.toml); `--data` fills data-dir.

@@ -18,6 +18,8 @@ The SuperLink's gRPC health server (plain text) is never started.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -29,7 +31,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,12 +170,21 @@ def write_flower_config(directory: Path, internal_port: int) -> Path:
     return path
 
 
-def wait_for_tls(host: str, port: int, ca_file: Path, timeout: float) -> None:
-    """Wait (bounded) until ``host:port`` completes a TLS handshake against the consortium CA."""
+def wait_for_tls(host: str, port: int, ca_file: Path, timeout: float, proc: subprocess.Popen[bytes] | None = None,
+                 stopped: Callable[[], bool] = lambda: False) -> None:
+    """Wait (bounded) until ``host:port`` completes a TLS handshake against the consortium CA.
+
+    Ends at once when ``proc`` (the server) exits or ``stopped()`` (SIGTERM arrived): a SuperLink that died
+    at bind must not keep `coordinator start` waiting, deaf to its service manager, for the whole timeout.
+    """
     ctx = ssl.create_default_context(cafile=str(ca_file))
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
+        if stopped():
+            raise CoordinatorError("stopped (SIGTERM or Ctrl-C) while the SuperLink was starting")
+        if proc is not None and proc.poll() is not None:
+            raise CoordinatorError(f"the SuperLink exited with code {proc.returncode} while starting")
         try:
             with socket.create_connection((host, port), timeout=2) as sock:
                 with ctx.wrap_socket(sock, server_hostname=host):
@@ -199,6 +210,7 @@ def internal_port(directory: Path) -> int:
 @contextmanager
 def control_client(directory: Path, port: int | None = None) -> Iterator[Any]:
     """Flower's own Control API client for this coordinator: TLS over loopback to the SuperLink's internal port."""
+    import httpx
     from flwr.cli.typing import SuperLinkConnection
     from flwr.cli.utils import init_http_client_from_connection
 
@@ -210,9 +222,19 @@ def control_client(directory: Path, port: int | None = None) -> Iterator[Any]:
     os.environ["FLWR_HOME"] = str(CoordinatorPaths(layout).flwr_home)
     conn = SuperLinkConnection(name=CONNECTION, address=f"127.0.0.1:{port}",
                                root_certificates=str(layout.tls / "ca.pem"))
-    client = init_http_client_from_connection(conn)
+    with contextlib.redirect_stdout(io.StringIO()):  # Flower prints "Using SuperLink: ..." on our stdout
+        client = init_http_client_from_connection(conn)
     try:
         yield client
+    except httpx.TransportError as err:
+        raise CoordinatorError(
+            f"the coordinator of {directory} does not answer on its Control API (127.0.0.1:{port}: {err}): it is not "
+            f"running, or it was killed and left {CoordinatorPaths(layout).internal_port} behind; start it with "
+            f"`medfed coordinator start {directory}`") from None
+    except httpx.HTTPStatusError as err:
+        raise CoordinatorError(f"the coordinator's Control API refused {err.request.url.path} (HTTP "
+                               f"{err.response.status_code}: {err.response.text[:200]}); see "
+                               f"{CoordinatorPaths(layout).log_file}") from None
     finally:
         client.close()
 
@@ -451,6 +473,18 @@ def _free_loopback_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _last_error(log_file: Path) -> str:
+    """The last line of the SuperLink's log that names an error (what an operator needs first)."""
+    try:
+        lines = [ln.strip() for ln in log_file.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "its log is unreadable"
+    for ln in reversed(lines[-200:]):
+        if any(w in ln for w in ("ERROR", "Error", "error", "Exception", "in use")):
+            return ln[-300:]
+    return lines[-1][-300:] if lines else "its log is empty"
+
+
 def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes], what: str) -> None:
     """Wait (bounded) until ``host:port`` accepts TCP connections, failing at once if ``proc`` exits."""
     deadline = time.monotonic() + timeout
@@ -508,12 +542,15 @@ def start_coordinator(directory: Path, *, port: int | None = None, bind_host: st
 
     try:
         try:
-            wait_for_tls("127.0.0.1", internal, Layout(directory).tls / "ca.pem", ready_timeout)
+            wait_for_tls("127.0.0.1", internal, Layout(directory).tls / "ca.pem", ready_timeout, child,
+                         lambda: stopping)
         except CoordinatorError:
+            if stopping:
+                return 0
             if child.poll() is not None:
                 raise CoordinatorError(
-                    f"flower-superlink exited with code {child.returncode} while starting; see {paths.log_file}"
-                ) from None
+                    f"flower-superlink exited with code {child.returncode} while starting: "
+                    f"{_last_error(paths.log_file)}; see {paths.log_file}") from None
             raise
         proxy = subprocess.Popen(nginx_command(directory, "-g", "daemon off;"), cwd=paths.state,
                                  stdout=logf, stderr=subprocess.STDOUT)

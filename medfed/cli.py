@@ -6,7 +6,10 @@ the PACS-side machine that has neither.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -16,6 +19,27 @@ from rich.console import Console
 from rich.table import Table
 
 from medfed import logs
+
+
+def _keep_argument_help() -> None:
+    """Typer 0.20 sets an argument's help before calling click's Parameter.__init__, which (click 8.3+) resets it
+    to None: every positional argument would show no help. Set it again after."""
+    from typer.core import TyperArgument
+
+    init = TyperArgument.__init__
+    if getattr(init, "keeps_help", False):
+        return
+
+    @functools.wraps(init)
+    def __init__(self: TyperArgument, *args: object, help: str | None = None, **kwargs: object) -> None:  # noqa: A002
+        init(self, *args, help=help, **kwargs)  # type: ignore[arg-type]
+        self.help = help
+
+    __init__.keeps_help = True  # type: ignore[attr-defined]
+    TyperArgument.__init__ = __init__  # type: ignore[method-assign]
+
+
+_keep_argument_help()
 
 app = typer.Typer(
     name="medfed",
@@ -55,8 +79,20 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+def _version(value: bool) -> None:
+    if value:
+        from medfed import __version__
+
+        typer.echo(f"medfed {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print medfed's version and exit.")] = False,
+) -> None:
     logs.setup(verbose)
 
 
@@ -139,6 +175,24 @@ def deid_run(
         _fail(f"{err.filename or dst}: {err.strerror or err}; check that disk and its permissions, "
               "then run the same command again (it resumes)")
     console.print(summary.line())
+    _report_labels(dst, labels)
+
+
+def _report_labels(dst: Path, labels: Path | None) -> None:
+    """How many images matched a label: a table whose keys match nothing must not pass silently."""
+    from anonymization.manifest import MANIFEST_FILE, label_counts
+
+    labelled, unlabelled = label_counts(dst / MANIFEST_FILE)
+    total = labelled + unlabelled
+    if labels is None:
+        if total and not labelled:
+            console.print(f"[yellow]labels:[/] none given; the {total} image(s) are unlabelled and this store cannot "
+                          "train until `medfed deid run` is run again with --labels LABELS.csv")
+        return
+    console.print(f"labels: {labelled} of {total} image(s) matched a row of {labels} ({unlabelled} unlabelled)")
+    if total and not labelled:
+        _fail(f"no image matched a row of {labels}: check that its key column holds these images' AccessionNumber "
+              "(the original, before de-identification); a site refuses to train on a store with no label", 1)
 
 
 @deid_app.command("labels")
@@ -216,6 +270,42 @@ def _print_demo(s: DemoSummary) -> None:  # type: ignore[name-defined]  # noqa: 
         f"{sum(per_round) / max(1, len(per_round)):.1f}s per round)\n"
         f"model:   {s.model}\nmetrics: {s.metrics}\nplot:    {s.plot}"
     )
+
+
+def _absolute(value: object) -> object:
+    if isinstance(value, Path):
+        return Path(os.path.abspath(value.expanduser()))
+    if isinstance(value, list | tuple) and value and all(isinstance(v, Path) for v in value):
+        return [Path(os.path.abspath(v.expanduser())) for v in value]
+    return value
+
+
+def paths_from_cwd(func: Callable[..., object]) -> Callable[..., object]:
+    """Every path a user types means what it means where they typed it: made absolute before the command runs.
+
+    So no command depends on the current folder later (a child process with another cwd, a path handed to
+    Flower or nginx, a file name printed back).
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        return func(*(_absolute(a) for a in args), **{k: _absolute(v) for k, v in kwargs.items()})
+
+    wrapper.paths_from_cwd = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _every_command(typer_app: typer.Typer) -> list[typer.models.CommandInfo]:
+    found = list(typer_app.registered_commands)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            found.extend(_every_command(group.typer_instance))
+    return found
+
+
+for _command in _every_command(app):
+    if _command.callback is not None and not getattr(_command.callback, "paths_from_cwd", False):
+        _command.callback = paths_from_cwd(_command.callback)
 
 
 if __name__ == "__main__":

@@ -72,9 +72,10 @@ def _signer_path(directory: Path | None, audit_key: Path | None) -> Path:
 
 @audit_app.command("verify")
 def verify(directory: _DIR, public_key: _PUBLIC = None, anchors: _ANCHORS = None, site: _SITE = None) -> None:
-    """Check the hash chain, the segments and every seal, and with --anchors the heads the coordinator
-    received. Exit 0 if all check, 1 if the trail is broken (the first break is named) or the receipts
-    hold no anchor of the site, 3 if its end is not sealed (a crash, or records cut off)."""
+    """Check the hash chain, the segments and every seal, and with --anchors the heads the coordinator received.
+
+    Exit codes: 0 all check; 1 BROKEN, evidence of tampering or damage (the first break is named), or NOT ANCHORED (the receipts hold no anchor of the site); 2 a usage error (not a folder, a bad option or receipts file); 3 INCOMPLETE, the end is not sealed (a crash, or records cut off); 4 NO TRAIL, the folder holds no audit records (wrong folder?).
+    """  # noqa: E501 - one paragraph per line: --help wraps it
     from anonymization.audit_anchors import AnchorError, load_anchors
     from anonymization.audit_verify import verify_trail
 

@@ -29,6 +29,9 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+#: Default of `medfed run --wait-for-sites`: how long a run waits for the consortium's sites before it is submitted.
+WAIT_FOR_SITES = 120.0
+
 _DIR = Annotated[Path, typer.Argument(help="Consortium folder (made by `medfed consortium init`).")]
 
 
@@ -89,12 +92,17 @@ def _change_sites(directory: Path, site: str, change: Callable[[Path, str], Any]
 
     try:
         entry = change(directory, site)
-        live = running_pid(directory) is not None
-        if live:
-            reload_proxy(directory)  # nginx re-reads the CRL: a revoked certificate is refused from now on
-            sync_registrations(directory)
     except (ProvisionError, CoordinatorError) as err:
         _fail(str(err))
+    live = running_pid(directory) is not None
+    if live:
+        try:
+            reload_proxy(directory)  # nginx re-reads the CRL: a revoked certificate is refused from now on
+            sync_registrations(directory)
+        except (ProvisionError, CoordinatorError, OSError) as err:
+            _fail(f"{directory / 'consortium.toml'} records the change to site {site}, but the running coordinator "
+                  f"could not be told ({err}); `medfed run` applies it before the next run, or restart the "
+                  f"coordinator (`medfed coordinator start {directory}`)", 1)
     return entry, live
 
 
@@ -213,15 +221,20 @@ def site_keygen(
 @site_app.command("start")
 def site_start(
     kit: Annotated[Path, typer.Argument(help="This site's kit folder (from the consortium operator).")],
-    data: Annotated[Path | None, typer.Option("--data", help="De-identified store (`medfed deid run` output).")] = None,
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="De-identified store (`medfed deid run` output), relative to the current folder.")] = None,
     superlink: Annotated[str | None, typer.Option(help="Override the coordinator address (host:port).")] = None,
     reconnect_seconds: Annotated[float | None, typer.Option(
         "--reconnect-seconds", help="Give up after the coordinator has been unreachable this long.")] = None,
     clientapp_port: Annotated[int | None, typer.Option(
         "--clientapp-port", help="Override the loopback port between the SuperNode and its ClientApps.")] = None,
 ) -> None:
-    """Run this site's SuperNode: TLS to the coordinator, its authentication key, its node config."""
-    from site_client.kit import KitError, load_kit, run_site, write_site_config
+    """Run this site's SuperNode: TLS to the coordinator, its authentication key, its node config.
+
+    Exits 78 when restarting cannot help (a bad kit or data folder, the ClientApp port in use, the site's certificate revoked, a kit from another CA): the unit's RestartPreventExitStatus=78 keeps systemd from restarting it.
+    """  # noqa: E501 - one paragraph per line: --help wraps it
+    from site_client.kit import KitError, SiteFatal, load_kit, run_site, write_site_config
+    from site_client.supernode import FATAL_EXIT
 
     try:
         k = load_kit(kit)
@@ -231,11 +244,14 @@ def site_start(
             k.config.clientapp_port = clientapp_port
         site, path = write_site_config(k, data)
     except KitError as err:
-        _fail(str(err))
-        return
+        _fail(str(err), FATAL_EXIT)
     typer.echo(f"site {site.name}: data {site.data_dir}, state {site.state_dir}, privacy cap ε={site.epsilon_cap:g} "
                f"(δ={site.delta:g}); connecting to {k.config.superlink}")
-    raise typer.Exit(run_site(k, path, reconnect_seconds=reconnect_seconds))
+    try:
+        code = run_site(k, path, reconnect_seconds=reconnect_seconds)
+    except SiteFatal as err:
+        _fail(str(err), FATAL_EXIT)
+    raise typer.Exit(code)
 
 
 @site_app.command("receive")
@@ -323,16 +339,24 @@ def run_command(
     directory: _DIR,
     rounds: Annotated[int | None, typer.Option("--rounds", min=1, help="Federated rounds (num-server-rounds).")] = None,
     run_config: Annotated[list[str] | None, typer.Option(
-        "--run-config", help="Run settings, 'key=value key2=value2' (see [tool.flwr.app.config]).")] = None,
+        "--run-config", help="Run settings, 'key=value key2=value2' (TOML values; the keys and defaults are in "
+        "pyproject.toml, \\[tool.flwr.app.config]).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the last run from its last checkpoint.")] = False,
     run_name: Annotated[str | None, typer.Option("--run-name", help="Name of the run (default: run-DATE; "
                                                     "with --resume: the last run).")] = None,
     timeout: Annotated[float | None, typer.Option(help="Give up waiting after this many seconds.")] = None,
+    wait_for_sites: Annotated[float, typer.Option(
+        "--wait-for-sites", min=0, help="Seconds to wait for the consortium's sites to connect before the run is "
+        "submitted; then it goes on if min-available-nodes are online, else it stops naming the missing sites.")]
+    = WAIT_FOR_SITES,
     app: Annotated[Path | None, typer.Option(
-        "--app", help="Submit this Flower app folder instead of the installed release (sites must approve it).")
-    ] = None,
+        "--app", help="Submit this Flower app folder instead of the installed release (sites must approve it).")]
+    = None,
 ) -> None:
-    """Start a run on the deployment (`flwr run` over TLS), stream its progress, print its summary."""
+    """Start a run on the deployment (`flwr run` over TLS), show its progress, print its summary.
+
+    Flower's own output goes to the run's flower.log. Exits 0 when the run completed, 2 when it could not start or failed (the cause is printed).
+    """  # noqa: E501 - one paragraph per line: --help wraps it
     from coordinator.launch import plan_run, run
     from coordinator.provision import ProvisionError
     from coordinator.superlink import CoordinatorError
@@ -342,17 +366,22 @@ def run_command(
         plan = plan_run(directory, rounds=rounds, run_config=run_config, resume=resume, run_name=run_name, app=app)
         if plan.resume_from:
             typer.echo(f"resuming run {plan.run_name} after round {plan.resume_from}")
-        metrics = run(directory, plan, app=app, timeout=timeout)
+        metrics = run(directory, plan, app=app, timeout=timeout, echo=typer.echo, wait_for=wait_for_sites)
     except (ConfigError, ProvisionError, CoordinatorError) as err:
         _fail(str(err))
         return
-    _summary(plan.run_name, plan.out_dir, metrics)
+    _summary(directory, plan.run_name, plan.out_dir, metrics)
 
 
-def _summary(name: str, out: Path, metrics: dict) -> None:
+def _summary(directory: Path, name: str, out: Path, metrics: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from coordinator.federation import CHECKPOINTS, METRICS_FILE, MODEL_FILE, PLOT_FILE
+    from coordinator.launch import FLOWER_LOG, site_names
+    from coordinator.receipts import AGGREGATION_FILE, RECEIVED_FILE
+
+    names = site_names(directory)
     table = Table(title=f"run {name}")
     for col in ("round", "AUC", "sites trained", "seconds"):
         table.add_column(col, justify="right")
@@ -363,12 +392,29 @@ def _summary(name: str, out: Path, metrics: dict) -> None:
                       f"{r.get('seconds', 0):.1f}")
     console = Console()
     console.print(table)
+    spent: dict[str, tuple[float | None, float | None, int]] = {}
+    for r in metrics["rounds"]:
+        for node, v in r["sites"].items():
+            eps, cap, n = spent.get(node, (None, None, 0))
+            spent[node] = (v.get("epsilon") if v.get("epsilon") is not None else eps,
+                           v.get("epsilon_cap") if v.get("epsilon_cap") is not None else cap,
+                           n + (v["status"] == "trained"))
+    sites = Table(title="privacy spent per site (record-level DP, as each site reported it)")
+    for col in ("site", "ε spent", "ε cap", "rounds trained"):
+        sites.add_column(col, justify="right" if col != "site" else "left")
+    for node, (eps, cap, n) in sorted(spent.items(), key=lambda kv: names.get(kv[0], kv[0])):
+        sites.add_row(names.get(node, f"node {node}"), "n/a" if eps is None else f"{eps:.2f}",
+                      "n/a" if cap is None else f"{cap:g}", str(n))
+    console.print(sites)
     if (dp := metrics.get("site_dp")) is not None:
         eps = dp.get("epsilon")
         console.print(f"site-level DP ({dp['mode']}, {dp['sampling']} sampling, {dp['neighbouring']}): "
                       f"ε = {'∞' if eps is None else f'{eps:.2f}'} at δ = {dp['delta']:g} after "
                       f"{dp['rounds_released']} rounds")
-    console.print(f"model:   {out / 'model.pt'}\nmetrics: {out / 'metrics.json'}\ncheckpoints: {out / 'checkpoints'}")
+    console.print(f"model:       {out / MODEL_FILE}\nmetrics:     {out / METRICS_FILE}\n"
+                  f"plot:        {out / PLOT_FILE}\n"
+                  f"receipts:    {out / RECEIVED_FILE}, {out / AGGREGATION_FILE}, {out / 'anchors.jsonl'}\n"
+                  f"checkpoints: {out / CHECKPOINTS}\nFlower log:  {out / FLOWER_LOG}", soft_wrap=True)
 
 
 def register_deploy_commands(app: typer.Typer) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from anonymization.manifest import MANIFEST_FILE, label_counts
 from medfed import hardening
 from medfed.files import write_file
 from medfed.node_keys import NodeKeyError, fingerprint, load_private_key, node_keypair, parse_public_key
@@ -42,7 +43,7 @@ from medfed.settings import (
     SiteConfig,
     describe_validation,
 )
-from site_client.supernode import CLIENT_CERT_FLAG, CLIENT_KEY_FLAG
+from site_client.supernode import CLIENT_CERT_FLAG, CLIENT_KEY_FLAG, FATAL_EXIT, FATAL_FILE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -291,12 +292,13 @@ def write_site_config(kit: Kit, data_dir: Path | None) -> tuple[SiteConfig, Path
     if tpl.name != kit.config.name:
         raise KitError(f"[site] name {tpl.name!r} in {kit.root / KIT_FILE} differs from site {kit.config.name!r}; "
                        "they must match")
-    data = data_dir if data_dir is not None else (Path(tpl.data_dir) if tpl.data_dir else None)
+    # --data is the operator's, relative to where they are; the kit template's data-dir is relative to the kit
+    data = data_dir.resolve() if data_dir is not None else (kit._path(tpl.data_dir) if tpl.data_dir else None)
     if data is None:
         raise KitError("no data folder: pass --data DEID_DIR (the folder `medfed deid run` wrote)")
     values: dict[str, Any] = {
         "name": tpl.name,
-        "data-dir": str(kit._path(str(data))),
+        "data-dir": str(data),
         "state-dir": str(kit._path(tpl.state_dir)),
         "epsilon-cap": tpl.epsilon_cap,
         "delta": tpl.delta,
@@ -316,9 +318,15 @@ def write_site_config(kit: Kit, data_dir: Path | None) -> tuple[SiteConfig, Path
         site = SiteConfig.from_mapping(values, f"{kit.root / KIT_FILE} [site] with --data")
     except ConfigError as err:
         raise KitError(str(err)) from None
-    if not (site.data_dir / "manifest.csv").is_file():
-        raise KitError(f"{site.data_dir} holds no manifest.csv: pass the de-identified store "
-                       "(`medfed deid run SRC DST` writes DST/manifest.csv), never the raw folder")
+    manifest = site.data_dir / MANIFEST_FILE
+    if not manifest.is_file():
+        raise KitError(f"{site.data_dir} holds no {MANIFEST_FILE}: pass the de-identified store "
+                       f"(`medfed deid run SRC DST` writes DST/{MANIFEST_FILE}), never the raw folder")
+    labelled, unlabelled = label_counts(manifest)
+    if labelled == 0:
+        raise KitError(f"{manifest} has {unlabelled} image(s) and none has a label: this site would train on "
+                       "nothing, so it does not join. Run `medfed deid run SRC DST --labels LABELS.csv` again with a "
+                       "label table whose keys match these images (it resumes and fills the labels)")
     site.state_dir.mkdir(parents=True, exist_ok=True)
     path = kit.root / SITE_FILE
     tmp = path.with_name(f".{path.name}.tmp")
@@ -417,6 +425,25 @@ def executor_command(kit: Kit, site_toml: Path) -> list[str]:
             "--runtime", f"127.0.0.1:{kit.config.clientapp_port}", "--runtime-ca", str(ca)]
 
 
+class SiteFatal(Exception):  # noqa: N818 - what the operator reads is the message
+    """The site cannot run until its kit, key, certificate or host changes; restarting will not help."""
+
+
+def check_clientapp_port(kit: Kit) -> None:
+    """Refuse at once when the ClientApp port is taken (another site, or an old SuperNode, on this host)."""
+    import socket
+
+    port = kit.config.clientapp_port
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as err:
+            raise SiteFatal(
+                f"the ClientApp port 127.0.0.1:{port} (clientapp-port in {kit.root / KIT_FILE}) is in use "
+                f"({err.strerror}): another site or an old SuperNode runs on this host. Stop it, or give this site its own port "
+                "(clientapp-port in kit.toml, or --clientapp-port)") from None
+
+
 def run_site(kit: Kit, site_toml: Path, *, reconnect_seconds: float | None = None, backoff: float = 5.0) -> int:
     """Run the SuperNode and the site's executor in the foreground; start them again when they exit.
 
@@ -424,7 +451,10 @@ def run_site(kit: Kit, site_toml: Path, *, reconnect_seconds: float | None = Non
     but it exits when it cannot (re)activate — e.g. the coordinator restarted
     and still counts the node as online. Bounded by ``reconnect-seconds``. The
     executor runs every task (site_client.executor); if it dies it is started again.
+    A refusal no restart cures (the ClientApp port taken, the certificate revoked, a kit
+    from another CA) raises :class:`SiteFatal` with the cause, once, and nothing is restarted.
     """
+    check_clientapp_port(kit)
     budget = reconnect_seconds if reconnect_seconds is not None else kit.config.reconnect_seconds
     deadline = time.monotonic() + budget
     node: subprocess.Popen[bytes] | None = None
@@ -441,6 +471,10 @@ def run_site(kit: Kit, site_toml: Path, *, reconnect_seconds: float | None = Non
     old_term = signal.signal(signal.SIGTERM, _stop)
     old_int = signal.signal(signal.SIGINT, _stop)
     env = supernode_env(kit)
+    kit.runtime_tls.mkdir(parents=True, exist_ok=True)
+    fatal_file = kit.runtime_tls / "fatal.txt"  # the SuperNode writes why it cannot go on (supernode.fatal)
+    fatal_file.unlink(missing_ok=True)
+    env[FATAL_FILE_ENV] = str(fatal_file)
     try:
         attempt = 0
         started = time.monotonic()
@@ -453,6 +487,9 @@ def run_site(kit: Kit, site_toml: Path, *, reconnect_seconds: float | None = Non
             if node is None or node.poll() is not None:
                 if node is not None:
                     rc = node.returncode
+                    if rc == FATAL_EXIT:
+                        reason = fatal_file.read_text().strip() if fatal_file.is_file() else "see the output above"
+                        raise SiteFatal(f"site {kit.config.name}: {reason}")
                     if time.monotonic() - started > 60:
                         deadline = time.monotonic() + budget  # it was connected: the budget is per outage
                     if time.monotonic() >= deadline:

@@ -14,10 +14,17 @@ Flower's SuperNode has no option for a client certificate either: with
 :data:`CLIENT_CERT_FLAG` / :data:`CLIENT_KEY_FLAG` (taken off the command line
 before Flower parses it) the Fleet API client's TLS context also loads that
 certificate and key. Nothing else of Flower's TLS set-up changes.
+
+A refusal no retry can cure (the coordinator answers 401: this site's certificate
+is revoked or expired, or its key is not enrolled; or the coordinator's
+certificate does not verify against the kit's CA) ends the SuperNode at once
+with one line saying why and exit code :data:`FATAL_EXIT`, which `medfed site
+start` and systemd (``RestartPreventExitStatus=``) do not restart.
 """
 
 from __future__ import annotations
 
+import os
 import ssl
 import sys
 import time as _time
@@ -28,6 +35,40 @@ POLL_SECONDS = 0.5
 #: Our own arguments (the site's TLS client certificate and key), removed before Flower's parser sees argv.
 CLIENT_CERT_FLAG = "--medfed-client-cert"
 CLIENT_KEY_FLAG = "--medfed-client-key"
+#: Exit code of a site that must not be restarted (EX_CONFIG): its kit, key or certificate has to change first.
+FATAL_EXIT = 78
+#: Where :func:`fatal` writes its reason for `medfed site start` to print (else: stderr).
+FATAL_FILE_ENV = "MEDFED_SITE_FATAL_FILE"
+
+
+def fatal(reason: str) -> None:
+    """Say why this site cannot connect, once, and end the process with :data:`FATAL_EXIT` (no retry helps)."""
+    target = os.environ.get(FATAL_FILE_ENV)
+    try:
+        if target:
+            with open(target, "w") as fh:
+                fh.write(reason + "\n")
+        else:
+            sys.stderr.write(f"error: {reason}\n")
+            sys.stderr.flush()
+    finally:
+        os._exit(FATAL_EXIT)  # at once: Flower's retry loop and its threads must not go on
+
+
+def refusal_reason(exc: BaseException, superlink: str, ca_cert: str) -> str | None:
+    """The fatal cause behind a Fleet API error, or None when retrying may help (network, coordinator restart)."""
+    import httpx
+
+    if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 401:
+        return (f"the coordinator {superlink} refused this site (HTTP 401): its TLS certificate is revoked or "
+                "expired, or its node key is not enrolled (or this host's clock is wrong). Ask the consortium "
+                "operator for a new kit (`medfed consortium add-site`); restarting will not help")
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return (f"the coordinator {superlink} presented a certificate that {ca_cert} does not verify ({text}): this "
+                "kit is from another consortium, or the coordinator's certificate changed. Ask the consortium "
+                "operator for this consortium's kit (ca.pem); restarting will not help")
+    return None
 
 
 class _CappedClock:
@@ -53,8 +94,10 @@ def _pop_option(argv: list[str], flag: str) -> str | None:
     return value
 
 
-def present_client_certificate(cert: str, key: str) -> None:
-    """Make Flower's Fleet client load ``cert``/``key`` into the TLS context it verifies the coordinator with.
+def present_client_certificate(cert: str | None, key: str | None, *, superlink: str = "the coordinator",
+                               ca_cert: str = "the kit's ca.pem") -> None:
+    """Make Flower's Fleet client load ``cert``/``key`` into the TLS context it verifies the coordinator with,
+    and end the SuperNode with one clear line on a refusal no retry cures (:func:`refusal_reason`).
 
     Flower builds that context in ``ProtobufClient.from_server_address`` (a CA file path, CA bytes, or the
     system CAs) and hands it to ``ProtobufClient.__init__``; we wrap ``__init__`` of the Fleet client only.
@@ -64,7 +107,7 @@ def present_client_certificate(cert: str, key: str) -> None:
 
     class _FleetClientWithCertificate(FleetHttpClient):
         def __init__(self, base_url: str, *, verify: ssl.SSLContext | bool | str = True, **kwargs: Any) -> None:
-            if verify is not False:  # Flower's insecure mode stays as it is
+            if verify is not False and cert and key:  # Flower's insecure mode stays as it is
                 if isinstance(verify, ssl.SSLContext):
                     ctx = verify
                 else:
@@ -72,6 +115,14 @@ def present_client_certificate(cert: str, key: str) -> None:
                 ctx.load_cert_chain(cert, key)
                 verify = ctx
             super().__init__(base_url, verify=verify, **kwargs)
+
+        def _unary_unary(self, **kwargs: Any) -> Any:
+            try:
+                return super()._unary_unary(**kwargs)
+            except Exception as exc:
+                if (reason := refusal_reason(exc, superlink, ca_cert)) is not None:
+                    fatal(reason)
+                raise
 
     fleet_http_connection.FleetHttpClient = _FleetClientWithCertificate  # type: ignore[misc]
 
@@ -81,8 +132,10 @@ def main() -> int:
     from flwr.supernode.cli import flower_supernode
 
     cert, key = _pop_option(sys.argv, CLIENT_CERT_FLAG), _pop_option(sys.argv, CLIENT_KEY_FLAG)
-    if cert and key:
-        present_client_certificate(cert, key)
+    superlink = sys.argv[sys.argv.index("--superlink") + 1] if "--superlink" in sys.argv[:-1] else "the coordinator"
+    ca = (sys.argv[sys.argv.index("--root-certificates") + 1] if "--root-certificates" in sys.argv[:-1]
+          else "the kit's ca.pem")
+    present_client_certificate(cert, key, superlink=superlink, ca_cert=ca)
     if getattr(start_client_internal, "time", None) is _time:
         start_client_internal.time = _CappedClock()  # type: ignore[assignment]
     sys.argv[0] = "flower-supernode"

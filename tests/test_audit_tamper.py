@@ -271,6 +271,7 @@ def test_garbage_line_in_the_middle_is_caught(trail: tuple[Path, AuditSigner, Pa
 def test_empty_or_missing_trail_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     code, out = verify(tmp_path / "empty")
-    assert code == 1 and "holds no audit segments" in out
+    # its own code and words: an empty folder (the wrong one, most likely) is not a tampered trail (1)
+    assert code == 4 and out.startswith("NO TRAIL:") and "holds no audit segments" in out
     result = runner.invoke(app, ["verify", str(tmp_path / "nope")])
     assert result.exit_code == 2 and "not a folder" in result.output

@@ -45,6 +45,7 @@ from models.dataset import ManifestDataset
 from site_client.egress import EVALUATE_METRICS, TRAIN_METRICS
 from site_client.kit import generate_site_key
 from site_client.ledger import PrivacyLedger
+from site_client.supernode import FATAL_EXIT
 
 pytestmark = [pytest.mark.deployment, pytest.mark.timeout(1500)]
 
@@ -156,6 +157,7 @@ class World:
     sites: dict[str, Proc] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     passphrase: Path | None = None  # the CA key's passphrase file (add-site, revoke-site)
+    outputs: dict[str, str] = field(default_factory=dict)  # what `medfed run` printed, by run name
 
     def kit(self, name: str) -> Path:
         """The site's own kit folder: its key made there, the operator's kit copied in."""
@@ -197,7 +199,9 @@ class World:
         return {k: int(v["node_id"]) for k, v in regs.items() if v["node_id"] is not None}
 
     def run(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([MEDFED, "run", str(self.cons), *args], capture_output=True, text=True,
+        # hospital-r is enrolled but connects only for the refusal tests: wait a little for it, not 120 s
+        wait = () if "--wait-for-sites" in args else ("--wait-for-sites", "5")
+        return subprocess.run([MEDFED, "run", str(self.cons), *args, *wait], capture_output=True, text=True,
                               timeout=timeout, env=hardening.child_env())
 
     def run_dir(self, name: str) -> Path:
@@ -430,7 +434,21 @@ def test_a_site_certificate_reaches_the_fleet_api_and_nothing_else(world: World)
 def basic_run(world: World) -> dict[str, Any]:
     res = world.run("--rounds", "2", "--run-name", "basic", "--run-config", BASE_CONFIG + " fraction-evaluate=0.34")
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    world.outputs["basic"] = res.stdout + res.stderr
     return json.loads((world.run_dir("basic") / "metrics.json").read_text())
+
+
+def test_the_run_shows_its_progress_and_summary_and_keeps_flowers_log_in_a_file(
+        world: World, basic_run: dict[str, Any]) -> None:
+    text = world.outputs["basic"]
+    assert "Starting logstream" not in text and "ROUND 1/2" not in text  # Flower's lines: in flower.log
+    assert "Starting logstream" in (world.run_dir("basic") / "flower.log").read_text()
+    assert "round 1/2 done" in text and "round 2/2 done" in text
+    for name in SITES:  # per-site ε by site name, not node id
+        assert any(ln.strip("│ ").startswith(name) for ln in text.splitlines()), name
+    for label in ("model:", "metrics:", "plot:", "receipts:"):
+        assert label in text
+    assert len(text.splitlines()) < 40
 
 
 def test_two_rounds_over_tls_with_auth_complete_and_change_the_model(world: World, basic_run: dict[str, Any]) -> None:
@@ -581,9 +599,10 @@ def test_revoked_key_is_refused(refusals: dict[str, Any]) -> None:
     assert refusals["codes"]["revoked"] != 0
     log = refusals["logs"]["revoked"]
     assert "SuperNode ID" in log  # it was connected before the revocation ...
-    # ... and refused after it: nginx answers 401 (its certificate is on the CRL), Flower's SuperNode stops, and
-    # no restart is ever activated again
-    assert log.count("SuperNode ID") == 1 and "giving up" in log[log.find("SuperNode ID"):]
+    # ... and refused after it: nginx answers 401 (its certificate is on the CRL), the site says why once and stops
+    # with the exit code systemd does not restart (RestartPreventExitStatus=), no restart is ever activated again
+    assert log.count("SuperNode ID") == 1 and "refused this site (HTTP 401)" in log[log.find("SuperNode ID"):]
+    assert refusals["codes"]["revoked"] == FATAL_EXIT
     assert refusals["nodes"].get(REVOKED) in (None, "unregistered")
     assert all(refusals["nodes"].get(s) == "online" for s in SITES)  # the others are unaffected
 

@@ -162,7 +162,10 @@ def test_site_start_checks_the_kit_and_builds_the_supernode_command(cons: Path, 
         write_site_config(kit, tmp_path)  # a raw folder, not a de-identified store
     deid = tmp_path / "deid"
     deid.mkdir()
-    (deid / "manifest.csv").write_text("patient,label\n")
+    (deid / "manifest.csv").write_text("patient,label\np1,\np2,\n")
+    with pytest.raises(KitError, match="2 image\\(s\\) and none has a label"):
+        write_site_config(kit, deid)  # a store whose labels matched nothing: the site does not join
+    (deid / "manifest.csv").write_text("patient,label\np1,1\np2,\n")
     site, path = write_site_config(kit, deid)
     assert site.data_dir == deid and site.state_dir == kit_dir / "state" and path == kit_dir / "site.toml"
     # the template's privacy keys reach site.toml (the lifetime cap, an optional per-run cap, evaluation noise)

@@ -34,6 +34,7 @@ from coordinator.provision import (
 from medfed.cli import app
 from medfed.node_keys import fingerprint, load_public_key, parse_public_key
 from site_client.kit import KitError, generate_site_key, load_kit
+from site_client.supernode import FATAL_EXIT
 
 runner = CliRunner()
 #: What marks a private key in a file, whatever its encoding.
@@ -229,11 +230,12 @@ def test_site_start_without_a_key_says_run_keygen_first(enrolled: Path, tmp_path
     kit = tmp_path / "nokey"
     shutil.copytree(enrolled / "kits" / "b", kit)  # the operator's kit alone
     code, out = _cli("site", "start", kit, "--data", tmp_path)
-    assert code == 2 and f"medfed site keygen {kit}" in out and "node.pub" in out and "operator" in out
+    # a kit that cannot run exits with the code systemd does not restart (RestartPreventExitStatus=)
+    assert code == FATAL_EXIT and f"medfed site keygen {kit}" in out and "node.pub" in out and "operator" in out
     empty = tmp_path / "empty"
     empty.mkdir()
     code, out = _cli("site", "start", empty, "--data", tmp_path)
-    assert code == 2 and "medfed site keygen" in out
+    assert code == FATAL_EXIT and "medfed site keygen" in out
 
 
 def test_kit_whose_public_key_is_not_the_sites_is_refused(enrolled: Path, tmp_path: Path) -> None:
@@ -242,7 +244,7 @@ def test_kit_whose_public_key_is_not_the_sites_is_refused(enrolled: Path, tmp_pa
     with pytest.raises(KitError, match="does not match this site's private key"):
         load_kit(a)
     code, out = _cli("site", "start", a, "--data", tmp_path)
-    assert code == 2 and "does not match" in out and "ssh-keygen -y" in out
+    assert code == FATAL_EXIT and "does not match" in out and "ssh-keygen -y" in out
     # a key file that is not a SuperNode key
     (a / "auth" / "node.key").write_bytes(b"not a key\n")
     with pytest.raises(KitError, match="not an OpenSSH private key"):
