@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.checkpoint import latest_checkpoint, load_checkpoint
-from coordinator.provision import Layout, load_consortium
+from coordinator.provision import Layout, load_consortium, release_key_path
 from coordinator.superlink import CONNECTION, CoordinatorError, CoordinatorPaths, coordinator_env, flower_bin
 from medfed.fab import installed_app_dir
 from medfed.settings import ConfigError, RunConfig
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 LATEST = "LATEST"
 #: Keys `medfed run` sets itself; the operator names them with options, not --run-config.
-MANAGED_KEYS = ("out-dir", "run-name", "resume", "demo-dir")
+MANAGED_KEYS = ("out-dir", "run-name", "resume", "demo-dir", "study", "study-dir", "release-key")
 
 
 def app_dir() -> Path:
@@ -107,7 +107,8 @@ class RunPlan:
 
 
 def plan_run(directory: Path, *, rounds: int | None = None, run_config: list[str] | None = None,
-             resume: bool = False, run_name: str | None = None, app: Path | None = None) -> RunPlan:
+             resume: bool = False, run_name: str | None = None, app: Path | None = None,
+             study: Path | None = None) -> RunPlan:
     """Validate what the operator asked for (before anything is submitted)."""
     directory = directory.resolve()
     load_consortium(directory)
@@ -139,9 +140,16 @@ def plan_run(directory: Path, *, rounds: int | None = None, run_config: list[str
         # The run goes on with the settings it was started with; --run-config / --rounds change them.
         previous = {k: v for k, v in ckpt.run_config.items() if k not in MANAGED_KEYS}
         overrides = {**previous, **overrides}
+        if study is None:  # the run goes on with its study
+            overrides.update({k: ckpt.run_config[k] for k in ("study", "study-dir") if ckpt.run_config.get(k)})
     if rounds is not None:
         overrides["num-server-rounds"] = rounds
     overrides.update({"out-dir": str(out_dir), "run-name": run_name, "resume": bool(resume)})
+    if study is not None:
+        from models.study import load_study
+
+        overrides.update({"study": load_study(study).canonical_json(), "study-dir": str(study.resolve().parent)})
+    overrides["release-key"] = str(release_key_path(Layout(directory)))
     cfg = RunConfig.from_flower({**_app_defaults(app), **overrides})
     if resume and resume_from >= cfg.num_server_rounds:
         raise ConfigError(f"--resume: run {run_name} already has {resume_from} of {cfg.num_server_rounds} rounds; "

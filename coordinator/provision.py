@@ -374,6 +374,19 @@ class Layout:
         return self.kits / site
 
 
+def release_key_path(layout: Layout) -> Path:
+    """The consortium's release key (coordinator/release-signing.key), made on first use; its public half
+    (release-signing.pub) goes into every site kit, so each site verifies the models it is given."""
+    from anonymization.audit_keys import load_or_create_signing_key
+    from medfed.release import RELEASE_KEY, RELEASE_PUBLIC_KEY
+
+    path = layout.coordinator / RELEASE_KEY
+    signer, created = load_or_create_signing_key(path)
+    if created or not (layout.coordinator / RELEASE_PUBLIC_KEY).is_file():
+        write_file(layout.coordinator / RELEASE_PUBLIC_KEY, signer.public_pem())
+    return path
+
+
 def _site_kit(layout: Layout, cfg: ConsortiumConfig, site: str, public: bytes, cert: x509.Certificate) -> SiteEntry:
     """Register ``public`` (an OpenSSH line, checked) and ``cert`` for ``site`` and write its kit: no private key."""
     kit = layout.kit(site)
@@ -383,6 +396,8 @@ def _site_kit(layout: Layout, cfg: ConsortiumConfig, site: str, public: bytes, c
     write_file(kit / "auth" / SITE_CERT, cert_pem, dir_mode=0o700)
     write_file(layout.certs / f"{site}.pem", cert_pem)
     write_file(kit / "ca.pem", (layout.tls / "ca.pem").read_bytes())
+    release_pub = release_key_path(layout).with_suffix(".pub")
+    write_file(kit / release_pub.name, release_pub.read_bytes())
     address = f"{cfg.coordinator_hosts[0]}:{cfg.port}"
     write_file(kit / KIT_FILE, kit_toml(cfg.name, site, address, clientapp_port(cfg)).encode())
     for name, text in site_service_files(site).items():
@@ -600,6 +615,7 @@ def init_consortium(directory: Path, name: str, hosts: list[str],
     write_file(layout.tls / "server.pem", cert.public_bytes(serialization.Encoding.PEM))
     write_file(layout.tls / "server.key", private_pem(key), 0o600, dir_mode=0o700)
     write_file(layout.crl, ca.crl([]))
+    release_key_path(layout)
     for site, public, csr in enrol:
         cfg.sites.append(_site_kit(layout, cfg, site, public, ca.issue_site(site, csr)))
     write_file(directory / CONSORTIUM_FILE, cfg.to_toml().encode())

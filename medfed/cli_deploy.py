@@ -352,6 +352,9 @@ def run_command(
     app: Annotated[Path | None, typer.Option(
         "--app", help="Submit this Flower app folder instead of the installed release (sites must approve it).")]
     = None,
+    study: Annotated[Path | None, typer.Option(
+        "--study", help="The study to train (`medfed study init`); each site serves it only once its privacy "
+        "officer approved its SHA-256. Default: the binary soft-tissue CT study.")] = None,
 ) -> None:
     """Start a run on the deployment (`flwr run` over TLS), show its progress, print its summary.
 
@@ -363,7 +366,8 @@ def run_command(
     from medfed.settings import ConfigError
 
     try:
-        plan = plan_run(directory, rounds=rounds, run_config=run_config, resume=resume, run_name=run_name, app=app)
+        plan = plan_run(directory, rounds=rounds, run_config=run_config, resume=resume, run_name=run_name, app=app,
+                        study=study)
         if plan.resume_from:
             typer.echo(f"resuming run {plan.run_name} after round {plan.resume_from}")
         metrics = run(directory, plan, app=app, timeout=timeout, echo=typer.echo, wait_for=wait_for_sites)

@@ -670,7 +670,7 @@ def test_the_receive_unit_has_the_site_units_hardening() -> None:
 
     def settings(name: str) -> set[str]:
         keys = ("NoNewPrivileges", "PrivateTmp", "Protect", "RestrictAddressFamilies", "ReadWritePaths", "UMask",
-                "User", "Group", "Environment", "KillMode", "Restart")
+                "User", "Group", "Environment", "KillMode", "Restart=", "RestartSec")
         return {line for line in (systemd / name).read_text().splitlines() if line.startswith(keys)}
 
     site, receive = settings("medfed-site.service"), settings("medfed-receive.service")
