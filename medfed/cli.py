@@ -39,6 +39,9 @@ app.add_typer(privacy_app, name="privacy")
 from medfed.cli_deploy import register_deploy_commands  # noqa: E402 - light: no torch/flwr at import
 
 register_deploy_commands(app)
+from medfed.cli_data import register_data_commands  # noqa: E402 - light: torch/monai only inside its commands
+
+register_data_commands(app)
 
 console = Console()
 log = logging.getLogger("medfed")
