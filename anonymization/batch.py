@@ -50,7 +50,7 @@ from anonymization.audit_keys import SIGNING_KEY_NAME
 from anonymization.engine import MEDFED_VERSION
 from anonymization.errors import DeidError, DiskFullError, KeyFileError, LabelsError, is_disk_full
 from anonymization.keys import load_or_create_secret
-from anonymization.labels import load_labels
+from anonymization.labels import read_labels
 from anonymization.manifest import MANIFEST_FILE, RowSpool, write_merged
 from anonymization.policy import Policy, load_policy
 from anonymization.pseudonyms import Pseudonymizer
@@ -532,9 +532,8 @@ def run_deid(
 
     secret = load_or_create_secret(key_file)
     pseudo = Pseudonymizer(secret)
-    label_map = load_labels(labels, pseudo) if labels is not None else {}
-
     site_policy = policy if isinstance(policy, Policy) else load_policy(policy)  # None: default policy
+    label_table = read_labels(labels, pseudo, retain_uids=site_policy.retain_uids) if labels is not None else None
     if clean_pixel_data is not None and bool(clean_pixel_data) != site_policy.clean_pixel_data:
         site_policy = site_policy.model_copy(update={"clean_pixel_data": bool(clean_pixel_data)})
     if site_policy.clean_pixel_data:
@@ -700,7 +699,8 @@ def run_deid(
         raise stopped
     journal = done.rows()
     try:
-        write_merged(manifest_path, journal, dst, labels=label_map if labels is not None else None)
+        write_merged(manifest_path, journal, dst, labels=label_table.labels if label_table else None,
+                     label_column=label_table.column if label_table else "accession")
     finally:
         journal.close()
     trail.append("deid_run", **counts, profile=list(options), key_fingerprint=_key_fingerprint(secret))

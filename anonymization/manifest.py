@@ -181,12 +181,13 @@ def write_merged(
     spools: RowSpool | Iterable[RowSpool],
     root: Path,
     labels: Mapping[str, str] | None = None,
+    label_column: str = "accession",
 ) -> int:
     """Merge the earlier manifest at ``path`` with ``spools`` into ``path``, streaming; return rows written.
 
     For each path the row of the highest rank wins (see :class:`RowSpool`). Rows
     of earlier runs (ranks 0 and 1) whose file is gone are dropped. Labels: with
-    ``labels`` (pseudonymized accession -> label) every row's label comes from it
+    ``labels`` (pseudonymized ``label_column`` value -> label) every row's label comes from it
     (the labels file of the latest run is the truth); without, a row keeps the
     label the earlier manifest gave its path.
     """
@@ -202,11 +203,11 @@ def write_merged(
             group: list[tuple[str, int, int, dict[str, str]]] = []
             for item in merged:
                 if group and item[0] != group[0][0]:
-                    written += _emit(writer, group, root, labels)
+                    written += _emit(writer, group, root, labels, label_column)
                     group = []
                 group.append(item)
             if group:
-                written += _emit(writer, group, root, labels)
+                written += _emit(writer, group, root, labels, label_column)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -220,13 +221,14 @@ def _emit(
     group: list[tuple[str, int, int, dict[str, str]]],
     root: Path,
     labels: Mapping[str, str] | None,
+    label_column: str = "accession",
 ) -> int:
     """Write the winning row of one path's group (sorted by rank, then sequence)."""
     path, rank, _seq, row = group[-1]
     if not path or (rank < 2 and not (root / path).is_file()):
         return 0
     if labels is not None:
-        label = labels.get(row["accession"], "")
+        label = labels.get(row[label_column], "")
     else:
         earlier = [r for _p, k, _s, r in group if k == 0]
         label = earlier[-1]["label"] if earlier else row["label"]

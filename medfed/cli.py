@@ -69,6 +69,9 @@ register_deploy_commands(app)
 register_study_commands(app)
 app.add_typer(model_app, name="model")
 app.command("predict")(predict_command)
+from medfed.cli_data import register_data_commands  # noqa: E402 - light: torch/monai only inside its commands
+
+register_data_commands(app)
 
 console = Console()
 log = logging.getLogger("medfed")

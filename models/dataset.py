@@ -12,18 +12,23 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
-from collections.abc import Iterable
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import numpy as np
 import pydicom
 import torch
-from monai.transforms import Compose, NormalizeIntensity, Resize, ScaleIntensityRange
+from monai.transforms import Compose, RandFlip, RandRotate, RandScaleIntensity
 from monai.utils import convert_to_tensor
-from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
+
+from models.cache import CacheError, ImageCache, ShardReader, fingerprint
+from models.preprocess import Preprocessed, Unusable, preprocess, read_dicom
+from models.study import DEFAULT_STUDY, Study
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +42,6 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "path",
     "label",
 )
-#: Soft-tissue CT window (HU); findings of interest are soft-tissue densities.
-WINDOW_CENTER = 40.0
-WINDOW_WIDTH = 400.0
-
 Split = Literal["train", "test", "all"]
 
 
@@ -82,7 +83,7 @@ def assign_splits(patients: Iterable[str], test_fraction: float) -> dict[str, Li
     return splits
 
 
-def _safe_relative(deid_root: Path, rel: str, row: int) -> Path:
+def safe_relative(deid_root: Path, rel: str, row: int) -> Path:
     """Resolve a manifest path, refusing anything that could point outside the store."""
     if not rel:
         raise DatasetError(f"{MANIFEST_NAME} row {row}: empty path. Re-run `medfed deid run` to rebuild the store.")
@@ -128,46 +129,266 @@ def _read_manifest(deid_root: Path) -> list[dict[str, str]]:
         return list(reader)
 
 
-def _load_hu(path: Path, rel: str, row: int) -> np.ndarray:
-    """Read one de-identified DICOM file and return its pixels in Hounsfield units."""
+def _target_tensor(study: Study, target: int | tuple[float, ...]) -> torch.Tensor:
+    """The loss's target: float 0/1 scalar (binary), int64 scalar (multiclass), float vector (multilabel)."""
+    if study.task == "binary":
+        return torch.tensor(float(target), dtype=torch.float32)  # type: ignore[arg-type]
+    if study.task == "multiclass":
+        return torch.tensor(int(target), dtype=torch.int64)  # type: ignore[arg-type]
+    return torch.tensor(target, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class LabelledRow:
+    """A manifest row with a valid label for the study (``row`` is its line number in the manifest)."""
+
+    row: int
+    path: str
+    patient: str
+    label: str
+    target: int | tuple[float, ...]
+
+
+@dataclass
+class StoreRows:
+    """The manifest of a store, sorted out for one study: labelled rows, unlabelled count, bad labels."""
+
+    total: int
+    labelled: list[LabelledRow]
+    unlabelled: int
+    bad: list[tuple[int, str, str]]  # (row, path, reason): labels the study cannot read, empty pseudonyms
+
+
+def read_store_rows(deid_root: Path, study: Study) -> StoreRows:
+    """Read the manifest and each row's target under ``study`` (bad rows collected, not raised)."""
+    rows = _read_manifest(deid_root)
+    labelled: list[LabelledRow] = []
+    bad: list[tuple[int, str, str]] = []
+    unlabelled = 0
+    for row_no, row in enumerate(rows, start=2):  # row 1 is the header
+        label = (row.get("label") or "").strip()
+        rel = (row.get("path") or "").strip()
+        if label == "":
+            unlabelled += 1  # usable for nothing here
+            continue
+        try:
+            target = study.target(label)
+        except ValueError as err:
+            bad.append((row_no, rel, f"label {label!r}: {err}"))
+            continue
+        patient = (row.get("patient") or "").strip()
+        if not patient:
+            bad.append((row_no, rel, "empty patient pseudonym"))
+            continue
+        labelled.append(LabelledRow(row_no, rel, patient, label, target))
+    return StoreRows(len(rows), labelled, unlabelled, bad)
+
+
+class StoreProblem(Exception):
+    """A file of the store that must stop training on the store (not de-identified, missing, not DICOM)."""
+
+
+def read_deidentified(path: Path, rel: str, row: int) -> pydicom.Dataset:
+    """Read one store file, refusing any not marked ``PatientIdentityRemoved=YES`` (a StoreProblem)."""
     try:
-        ds = pydicom.dcmread(path)
-    except FileNotFoundError:
-        raise DatasetError(
-            f"{MANIFEST_NAME} row {row}: file {rel!r} is missing from the store. Re-run `medfed deid run`."
-        ) from None
-    except (InvalidDicomError, OSError, ValueError) as exc:
-        raise DatasetError(
-            f"{MANIFEST_NAME} row {row}: file {rel!r} is not readable DICOM ({type(exc).__name__}). "
-            "Re-run `medfed deid run`."
-        ) from None
+        ds = read_dicom(path)
+    except Unusable as err:
+        if err.reason == "file is missing":
+            raise StoreProblem(f"{MANIFEST_NAME} row {row}: file {rel!r} is missing from the store. "
+                               "Re-run `medfed deid run`.") from None
+        raise StoreProblem(f"{MANIFEST_NAME} row {row}: file {rel!r} is {err.reason}. "
+                           "Re-run `medfed deid run`.") from None
     if str(ds.get("PatientIdentityRemoved", "")).strip().upper() != "YES":
-        raise DatasetError(
+        raise StoreProblem(
             f"{MANIFEST_NAME} row {row}: file {rel!r} is not marked PatientIdentityRemoved=YES, so it was "
             "not produced by de-identification; refusing to train on it. Re-run `medfed deid run`."
         )
-    try:
-        pixels = ds.pixel_array
-    except Exception as exc:  # pydicom raises many types for absent/undecodable pixel data
-        raise DatasetError(
-            f"{MANIFEST_NAME} row {row}: pixel data of {rel!r} cannot be decoded ({type(exc).__name__}). "
-            "Check that the pylibjpeg decoders are installed, or re-run `medfed deid run`."
-        ) from None
-    if pixels.ndim != 2:
-        raise DatasetError(
-            f"{MANIFEST_NAME} row {row}: {rel!r} has pixel shape {pixels.shape}; only single-frame "
-            "greyscale CT slices are supported."
-        )
-    # Modality LUT = RescaleSlope/RescaleIntercept (or a LUT) -> Hounsfield units.
-    return np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
+    return ds
 
 
-class ManifestDataset(Dataset):
-    """Labelled CT slices of one split of the de-identified store, preloaded as tensors.
+def store_items(root: Path, rows: Sequence[LabelledRow]) -> list[tuple[str, str, Path]]:
+    """``(path, fingerprint, full path)`` of each row for :meth:`ImageCache.ensure`; path checks raise."""
+    items = []
+    for r in rows:
+        full = safe_relative(root, r.path, r.row)
+        try:
+            fp = fingerprint(full)
+        except FileNotFoundError:
+            raise DatasetError(f"{MANIFEST_NAME} row {r.row}: file {r.path!r} is missing from the store. "
+                               "Re-run `medfed deid run`.") from None
+        except OSError as err:
+            raise DatasetError(f"{MANIFEST_NAME} row {r.row}: file {r.path!r} cannot be read ({err.strerror}).") \
+                from None
+        items.append((r.path, fp, full))
+    return items
 
-    Datasets are small (hundreds of slices), so everything is decoded and
-    preprocessed once here; training epochs then only index memory.
+
+def producer(study: Study, rows: Sequence[LabelledRow]) -> Callable[[str, Path], Preprocessed]:
+    """What the cache calls on a file it lacks: read (de-identified only), then :func:`preprocess`."""
+    row_of = {r.path: r.row for r in rows}
+
+    def produce(rel: str, path: Path) -> Preprocessed:
+        ds = read_deidentified(path, rel, row_of.get(rel, 0))
+        try:
+            return preprocess(ds, study)
+        except Unusable as err:
+            return Preprocessed(reason=err.reason)
+        except Exception as exc:  # noqa: BLE001 - one odd file must not stop the store's build
+            return Preprocessed(reason=f"cannot be preprocessed ({type(exc).__name__})")
+
+    return produce
+
+
+def augmentation_transform(study: Study) -> Compose | None:
+    """MONAI random flip / rotation / intensity scaling as the study asks; None when it asks for none."""
+    aug = study.augmentation
+    steps = []
+    if aug.flip:
+        steps.append(RandFlip(prob=0.5, spatial_axis=1))  # left-right
+    if aug.rotate_degrees > 0:
+        steps.append(RandRotate(range_x=math.radians(aug.rotate_degrees), prob=1.0, keep_size=True,
+                                padding_mode="border"))
+    if aug.intensity_jitter > 0:
+        steps.append(RandScaleIntensity(factors=aug.intensity_jitter, prob=1.0))
+    return Compose(steps) if steps else None
+
+
+class StudyDataset(Dataset):
+    """One split of a de-identified store, preprocessed for a study; items ``(image (C, S, S), target)``.
+
+    Images come from the site's image cache (built on first use, see models.cache), so
+    memory holds only the index, whatever the store's size. Only the train split is
+    augmented, with a random state derived from ``seed`` and the DataLoader worker's
+    seed, so workers differ and a seeded run repeats.
     """
+
+    def __init__(
+        self,
+        deid_dir: Path,
+        study: Study,
+        split: Split = "train",
+        cache_dir: Path | None = None,
+        *,
+        test_fraction: float | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if split not in ("train", "test", "all"):
+            raise ValueError(f"split must be 'train', 'test' or 'all' (got {split!r})")
+        test_fraction = study.test_fraction if test_fraction is None else test_fraction
+        if not 0.0 <= test_fraction <= 1.0:
+            raise ValueError(f"test_fraction must lie in [0, 1] (got {test_fraction})")
+        self.deid_dir = Path(deid_dir)
+        self.study = study
+        self.split: Split = split
+        self.image_size = study.image_size
+        self.test_fraction = test_fraction
+        self.seed = seed
+
+        root = self.deid_dir.resolve()
+        store = read_store_rows(root, study)
+        if store.bad:
+            row, _rel, reason = store.bad[0]
+            raise DatasetError(f"{MANIFEST_NAME} row {row}: {reason}. Fix the label table and re-run "
+                               "`medfed deid run` (`medfed data check` lists every problem).")
+        if not store.labelled:
+            raise DatasetError(
+                f"{root / MANIFEST_NAME} has {store.total} row(s) but none has a label. "
+                "Provide the label table to `medfed deid run` so that the manifest carries labels."
+            )
+        splits = assign_splits((r.patient for r in store.labelled), test_fraction)
+        selected = [r for r in store.labelled if split == "all" or splits[r.patient] == split]
+        if not selected:
+            n_patients = len({r.patient for r in store.labelled})
+            raise DatasetError(
+                f"split {split!r} is empty: {len(store.labelled)} labelled image(s) from {n_patients} patient(s), "
+                f"test_fraction={test_fraction}. Add patients or change test_fraction."
+            )
+
+        self.cache = ImageCache.for_store(root, study, cache_dir)
+        items = store_items(root, selected)
+        try:
+            entries = self.cache.ensure(items, producer(study, selected))
+        except StoreProblem as err:
+            raise DatasetError(str(err)) from None
+        except CacheError as err:
+            raise DatasetError(str(err)) from None
+
+        self.patients: list[str] = []
+        self.paths: list[str] = []
+        self.frames: list[int] = []
+        self.refused: list[tuple[str, str]] = []
+        shards: list[str] = []
+        shard_no: dict[str, int] = {}
+        locations: list[tuple[int, int]] = []
+        targets: list[int | tuple[float, ...]] = []
+        for r in selected:
+            entry = entries[r.path]
+            if not entry.usable:
+                self.refused.append((r.path, entry.reason or "no example"))
+                continue
+            for j, frame in enumerate(entry.frames):
+                locations.append((shard_no.setdefault(entry.shard, len(shard_no)), entry.offset + j))  # type: ignore[arg-type]
+                self.patients.append(r.patient)
+                self.paths.append(r.path)
+                self.frames.append(frame)
+                targets.append(r.target)
+        shards = sorted(shard_no, key=shard_no.__getitem__)
+        if not locations:
+            reasons = Counter(reason for _p, reason in self.refused).most_common(3)
+            raise DatasetError(
+                f"split {split!r} has no usable image for the {study.modality} study: {len(self.refused)} refused ("
+                + "; ".join(f"{n} x {reason}" for reason, n in reasons)
+                + "). Run `medfed data check DEID_DIR --study FILE` for the list."
+            )
+        self._shards = shards
+        self._locations = np.asarray(locations, dtype=np.int64)
+        dtype = {"binary": np.float32, "multiclass": np.int64, "multilabel": np.float32}[study.task]
+        self.labels: np.ndarray = np.asarray(targets, dtype=dtype)
+        self._reader: ShardReader = self.cache.reader()
+        self._augment = augmentation_transform(study) if split == "train" else None
+        self._rng_key: object = _UNSEEDED
+        if self.refused:
+            logger.warning("%d %s image(s) refused for the %s study (e.g. %s); `medfed data check` lists them",
+                           len(self.refused), split, study.modality, self.refused[0][1])
+        logger.info(
+            "%d %s example(s) from %d patient(s) out of %d manifest row(s); cache %s (%d built, %d reused)",
+            len(self.labels), split, len(set(self.patients)), store.total, self.cache.root,
+            self.cache.stats.built, self.cache.stats.reused,
+        )
+
+    @property
+    def augments(self) -> bool:
+        """True when items are randomly augmented (so their features must not be precomputed once)."""
+        return self._augment is not None
+
+    def __len__(self) -> int:
+        return int(self._locations.shape[0])
+
+    def _reseed(self) -> None:
+        """Per process (and per DataLoader epoch in workers): a random state from ``seed`` and the worker's seed."""
+        info = get_worker_info()
+        key = info.seed if info is not None else None
+        if key == self._rng_key:
+            return
+        base = self.seed if self.seed is not None else torch.initial_seed()
+        digest = hashlib.sha256(f"{base}:{key}".encode()).digest()
+        self._augment.set_random_state(seed=int.from_bytes(digest[:4], "big"))  # type: ignore[union-attr]
+        self._rng_key = key
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shard, offset = self._locations[index]
+        image = torch.from_numpy(self._reader.read(self._shards[int(shard)], int(offset)))
+        if self._augment is not None:
+            self._reseed()
+            image = convert_to_tensor(self._augment(image), dtype=torch.float32, track_meta=False)
+        return image, _target_tensor(self.study, self.labels[index].tolist())
+
+
+_UNSEEDED = object()
+
+
+class ManifestDataset(StudyDataset):
+    """The default study (binary, soft-tissue CT) at ``image_size``: what every run used before studies."""
 
     def __init__(
         self,
@@ -175,97 +396,7 @@ class ManifestDataset(Dataset):
         split: Split = "train",
         image_size: int = 64,
         test_fraction: float = 0.25,
+        cache_dir: Path | None = None,
     ) -> None:
-        if split not in ("train", "test", "all"):
-            raise ValueError(f"split must be 'train', 'test' or 'all' (got {split!r})")
-        if not 0.0 <= test_fraction <= 1.0:
-            raise ValueError(f"test_fraction must lie in [0, 1] (got {test_fraction})")
-        self.deid_dir = Path(deid_dir)
-        self.split: Split = split
-        self.image_size = image_size
-        self.test_fraction = test_fraction
-
-        root = self.deid_dir.resolve()
-        rows = _read_manifest(root)
-        labelled: list[tuple[int, dict[str, str]]] = []
-        for row_no, row in enumerate(rows, start=2):  # row 1 is the header
-            label = (row.get("label") or "").strip()
-            if label == "":
-                continue  # unlabelled: usable for nothing here
-            if label not in ("0", "1"):
-                raise DatasetError(
-                    f"{MANIFEST_NAME} row {row_no}: label {label!r} is not 0, 1 or empty. Fix the label table "
-                    "and re-run `medfed deid run`."
-                )
-            if not (row.get("patient") or "").strip():
-                raise DatasetError(f"{MANIFEST_NAME} row {row_no}: empty patient pseudonym. Re-run `medfed deid run`.")
-            labelled.append((row_no, row))
-        if not labelled:
-            raise DatasetError(
-                f"{root / MANIFEST_NAME} has {len(rows)} row(s) but none has a label (0/1). "
-                "Provide the label table to `medfed deid run` so that the manifest carries labels."
-            )
-
-        splits = assign_splits((row["patient"].strip() for _, row in labelled), test_fraction)
-        selected = [
-            (row_no, row) for row_no, row in labelled if split == "all" or splits[row["patient"].strip()] == split
-        ]
-        if not selected:
-            n_patients = len({row["patient"].strip() for _, row in labelled})
-            raise DatasetError(
-                f"split {split!r} is empty: {len(labelled)} labelled image(s) from {n_patients} patient(s), "
-                f"test_fraction={test_fraction}. Add patients or change test_fraction."
-            )
-
-        self._transform = Compose(
-            [
-                ScaleIntensityRange(
-                    a_min=WINDOW_CENTER - WINDOW_WIDTH / 2,
-                    a_max=WINDOW_CENTER + WINDOW_WIDTH / 2,
-                    b_min=0.0,
-                    b_max=1.0,
-                    clip=True,
-                ),
-                # "area" averages source pixels, i.e. anti-aliased downsampling.
-                Resize(spatial_size=(image_size, image_size), mode="area"),
-                NormalizeIntensity(subtrahend=0.5, divisor=0.5),  # [0, 1] -> [-1, 1]
-            ]
-        )
-        images: list[torch.Tensor] = []
-        self.patients: list[str] = []
-        self.paths: list[str] = []
-        labels: list[float] = []
-        for row_no, row in selected:
-            rel = row["path"].strip()
-            hu = _load_hu(_safe_relative(root, rel, row_no), rel, row_no)
-            # Plain tensor (no MONAI metadata) so batching and Opacus see ordinary tensors.
-            image = convert_to_tensor(self._transform(hu[None]), dtype=torch.float32, track_meta=False)
-            images.append(image)
-            self.patients.append(row["patient"].strip())
-            self.paths.append(rel)
-            labels.append(float(row["label"].strip()))
-
-        self.images = torch.stack(images).contiguous()
-        self.labels: np.ndarray = np.asarray(labels, dtype=np.float32)
-        self._label_tensor = torch.from_numpy(self.labels)
-        logger.info(
-            "loaded %d %s image(s) from %d patient(s) (%d positive) out of %d manifest row(s)",
-            len(self.labels),
-            split,
-            len(set(self.patients)),
-            int(self.labels.sum()),
-            len(rows),
-        )
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[index], self._label_tensor[index]
-
-
-class StudyDataset(ManifestDataset):
-    """Placeholder until the study dataset lands: the default study's binary CT only."""
-
-    def __init__(self, deid_dir: Path, study, split: Split = "train", cache_dir: Path | None = None) -> None:
-        super().__init__(deid_dir, split=split, image_size=study.image_size, test_fraction=study.test_fraction)
+        study = DEFAULT_STUDY.model_copy(update={"image_size": int(image_size)})
+        super().__init__(deid_dir, study, split, cache_dir, test_fraction=test_fraction)

@@ -305,7 +305,7 @@ def test_argument_errors(site: Site, tmp_path: Path) -> None:
     with pytest.raises(DeidError, match="key file"):
         run_deid(site.src, tmp_path / "out", tmp_path / "out" / "site.key", progress=False)
     bad = tmp_path / "labels.csv"
-    bad.write_text(f"AccessionNumber,label\n{P0.accession(0)},maybe\n")
+    bad.write_text(f"AccessionNumber,label\n{P0.accession(0)},maybe?\n")
     with pytest.raises(DeidError, match="line 2") as info:
         run_deid(site.src, tmp_path / "out", site.key, labels=bad, progress=False)
     assert P0.accession(0) not in str(info.value)
