@@ -1,0 +1,101 @@
+"""Speed of `medfed predict`: images/s from DICOM on disk vs a bare torch forward loop, same run.
+
+The baseline is the least a scorer can do: the same network over the same already-decoded tensors, in
+batches, nothing else. `medfed predict` also reads, decodes and preprocesses every file (DataLoader
+workers, overlapping the model) and writes its CSV. The ratio says how much of the model's own speed
+the whole command keeps; goal >= 0.8x. Run for a cheap network (the scattering head) and a heavy one.
+
+    python bench/predict.py [--images 400] [--networks scatter-head,resnet18] [--image-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from anonymization.audit_keys import AuditSigner  # noqa: E402
+from medfed.release import model_card, verify_release, write_release  # noqa: E402
+from models.preprocess import preprocess, read_dicom  # noqa: E402
+from models.registry import build_network  # noqa: E402
+from models.study import DEFAULT_STUDY, Network  # noqa: E402
+from site_client.inference import predict_folder, source_files  # noqa: E402
+
+
+def _images(root: Path, n: int) -> Path:
+    """``n`` raw synthetic CT slices (medfed synth), as PACS would export them."""
+    from medfed.synth import generate_hospitals
+
+    info = generate_hospitals(root / "synth", sites=1, patients=max(2, n // 20), seed=7, burned_in_fraction=0.0)[0]
+    src = root / "incoming"
+    files = sorted(p for p in info.dicom_dir.rglob("*") if p.is_file())[:n]
+    src.mkdir()
+    for i, p in enumerate(files):
+        shutil.copy(p, src / f"{i:06d}.dcm")
+    return src
+
+
+def _bare(model: torch.nn.Module, tensors: torch.Tensor, batch: int, device: str) -> float:
+    """Images/s of the model alone over decoded tensors."""
+    with torch.inference_mode():
+        model(tensors[:batch].to(device))  # warm-up
+        t0 = time.perf_counter()
+        for i in range(0, len(tensors), batch):
+            model(tensors[i:i + batch].to(device))
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return len(tensors) / (time.perf_counter() - t0)
+
+
+def measure(name: str, src: Path, work: Path, size: int, batch: int, device: str) -> tuple[float, float]:
+    study = DEFAULT_STUDY.model_copy(update={"image_size": size, "network": Network(name=name)})
+    signer = AuditSigner.generate()
+    model = build_network(study).eval()
+    card = model_card(study=study, run_name="bench", rounds=0, fab_sha256=None, metrics={}, sites={})
+    rel_dir = write_release(work / f"release-{name}", model.state_dict(), study, card, signer)
+    release = verify_release(rel_dir, signer.public_raw)
+    arrays = [a for p in source_files(src) for a in preprocess(read_dicom(p), study).arrays]
+    tensors = torch.from_numpy(np.stack(arrays))
+    bare = _bare(model.to(device), tensors, batch, device)
+    t0 = time.perf_counter()
+    summary = predict_folder(release, src, work / f"out-{name}", thresholds=(0.5,), threshold_label="bench",
+                             device=device, batch_size=batch, progress=False)
+    full = summary.images / (time.perf_counter() - t0)
+    return full, bare
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--networks", default="scatter-head,resnet18")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    print(f"# bench/predict.py  commit {commit}  {platform.node()}  {os.cpu_count()} cores  device {args.device}")
+    print(f"# {args.images} raw CT files, {args.image_size} px, batch {args.batch}")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        src = _images(work, args.images)
+        print(f"{'network':<14} {'predict img/s':>14} {'bare forward img/s':>19} {'ratio':>6}")
+        for name in args.networks.split(","):
+            full, bare = measure(name, src, work, args.image_size, args.batch, args.device)
+            print(f"{name:<14} {full:>14.1f} {bare:>19.1f} {full / bare:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()
