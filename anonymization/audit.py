@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from anonymization.audit_keys import (
     load_signing_key,
     write_private_key,
 )
+from medfed.files import fsync_dir, write_text
 
 __all__ = [
     "AUDIT_FILE",
@@ -174,9 +174,7 @@ def read_meta(directory: Path) -> dict[str, Any]:
 
 
 def _write_meta(directory: Path, meta: Mapping[str, Any]) -> None:
-    tmp = Path(directory) / f"{META_FILE}.{secrets.token_hex(4)}.part"
-    tmp.write_text(json.dumps(dict(meta), indent=1, sort_keys=True) + "\n", "utf-8")
-    os.replace(tmp, Path(directory) / META_FILE)
+    write_text(Path(directory) / META_FILE, json.dumps(dict(meta), indent=1, sort_keys=True) + "\n", mode=None)
 
 
 def _parse(raw: bytes) -> dict[str, Any] | None:
@@ -185,14 +183,6 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return value if isinstance(value, dict) else None
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -553,7 +543,7 @@ class AuditTrail:
         if target.exists():
             raise AuditError(f"cannot close segment {number}: {target} already exists; the trail folder is damaged")
         os.rename(self.path, target)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         tail.segment, tail.ino, tail.size, tail.count = number + 1, None, 0, 0
         self._emit(KIND_SEGMENT, {"segment": number + 1})
         self._sync_active()

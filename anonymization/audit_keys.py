@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from medfed.files import private_file_problem
 
 #: Default file name of the signing key (next to the site secret, or in the site's state folder).
 SIGNING_KEY_NAME = "audit-signing.key"
@@ -135,20 +136,14 @@ def load_signing_key(path: Path) -> AuditSigner:
     """Read an existing private key, refusing a file that group or others can read."""
     path = Path(path)
     try:
-        st = path.stat()
+        problem = private_file_problem(path, "audit signing key")
     except OSError as exc:
         raise AuditKeyError(
             f"cannot access audit signing key {path}: {exc.strerror}; restore it from the site's backup "
             "or pass the right file with --audit-key"
         ) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise AuditKeyError(f"audit signing key {path} is not a regular file")
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        raise AuditKeyError(
-            f"audit signing key {path} is accessible by group/others (mode {mode:04o}); "
-            f"run `chmod 600 {path}` and keep it readable only by the site account"
-        )
+    if problem:
+        raise AuditKeyError(problem)
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except OSError as exc:

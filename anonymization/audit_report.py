@@ -27,6 +27,7 @@ from anonymization.audit import (
     utc_now,
 )
 from anonymization.audit_verify import VerifyResult, verify_trail
+from medfed.files import write_text
 
 #: What each action count means (PS3.15 Table E.1-1 action codes and the engine's own kinds).
 ACTION_MEANINGS = {
@@ -477,7 +478,5 @@ def write_report(directory: Path, out: Path, *, public_key: bytes | None = None)
     page, result = build_report(directory, public_key=public_key)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, "utf-8")
-    os.replace(tmp, out)
+    write_text(out, page)
     return result

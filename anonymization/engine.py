@@ -31,6 +31,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import validate_value
 
+import medfed
 from anonymization.dates import shift_da, shift_dt
 from anonymization.iod import load_iod_types
 from anonymization.policy import DEFAULT_POLICY, Code, Policy
@@ -50,7 +51,7 @@ from anonymization.table import (
     resolve_compound,
 )
 
-MEDFED_VERSION = "0.1.0"
+MEDFED_VERSION = medfed.__version__
 
 PATIENT_ID = 0x00100020
 PATIENT_NAME = 0x00100010

@@ -21,24 +21,13 @@ from typing import Any, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from anonymization.errors import DeidError
+from anonymization.table import OPTION_COLUMNS
 
 POLICY_VERSION = 1
 EXAMPLE_RESOURCE = "policy.example.toml"
 
-# Table E.1-1 option columns, in the order they are applied (a later column wins a
-# conflict; the two date options are mutually exclusive so order never matters there).
-TABLE_OPTIONS: tuple[str, ...] = (
-    "retain_safe_private",
-    "retain_uids",
-    "retain_device_identity",
-    "retain_institution_identity",
-    "retain_patient_characteristics",
-    "retain_longitudinal_full_dates",
-    "retain_longitudinal_modified_dates",
-    "clean_descriptors",
-    "clean_structured_content",
-    "clean_graphics",
-)
+# Table E.1-1 option columns, in the order they are applied (named once, in anonymization.table).
+TABLE_OPTIONS: tuple[str, ...] = OPTION_COLUMNS
 # Options that are not a column of the table (the pixel cleaning lives in pixels.py).
 OTHER_OPTIONS: tuple[str, ...] = ("clean_pixel_data",)
 

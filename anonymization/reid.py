@@ -36,7 +36,6 @@ import base64
 import hashlib
 import json
 import os
-import stat
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,6 +52,7 @@ from anonymization.audit_keys import AuditSigner, key_id, verify_signature
 from anonymization.errors import DeidError
 from anonymization.policy import Policy
 from anonymization.pseudonyms import Pseudonymizer
+from medfed.files import private_file_problem, write_file
 
 FORMAT_VERSION = 2
 UNSIGNED_VERSION = 1  # rows not signed: readable only on request, never appended to
@@ -140,13 +140,7 @@ def rekey_officer_key(path: Path, passphrase: bytes) -> None:
     """Re-encrypt an officer key file (any format) under scrypt, in place, keeping mode 0600."""
     key = load_private_key(path, passphrase)
     path = Path(path)
-    tmp = path.with_name(path.name + ".rekey")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(_encrypt_private(key, passphrase))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_file(path, _encrypt_private(key, passphrase), 0o600)
 
 
 def fingerprint(public_key: X25519PublicKey) -> str:
@@ -427,9 +421,9 @@ def lookup(
 
 def check_private_key_permissions(path: Path) -> None:
     """Refuse a private key file others can read (it unlocks every row)."""
-    mode = stat.S_IMODE(Path(path).stat().st_mode)
-    if mode & 0o077:
-        raise ReidError(f"the officer's private key {path} is readable by others (mode {mode:04o}); run `chmod 600 {path}`")
+    problem = private_file_problem(Path(path), "the officer's private key")
+    if problem:
+        raise ReidError(problem)
 
 
 # ---- use in a de-identification run ---------------------------------------------------

@@ -33,14 +33,12 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from medfed.protocol import ARRAY_NAMES_KEY, UNIFORM_WEIGHT_KEY
 from medfed.settings import ConfigError
 from site_client.egress import ARRAYS_KEY, METRICS_KEY
 
 Next = Callable[[Message, Context], Message]
 
-#: Must match coordinator.secure (the coordinator is not imported at the site).
-ARRAY_NAMES_KEY = "array-names"
-UNIFORM_WEIGHT_KEY = "uniform-weight"
 CONFIG_KEY = "config"
 
 

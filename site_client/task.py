@@ -16,7 +16,6 @@ import datetime as dt
 import functools
 import json
 import logging
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from anonymization.audit import AuditTrail
+from medfed.files import open_atomic, write_text
 from medfed.settings import OutOfBounds, RunConfig, SiteConfig
 from models.accounting import MAX_NOISE_MULTIPLIER, AccountingError, Segment, calibrate_noise, epsilon_of_history
 from models.dataset import ManifestDataset
@@ -86,14 +86,8 @@ def enrolled_size_bucket(site: SiteConfig, n: int) -> int:
         return bucket
     bucket = size_bucket(n)
     path = site.state_dir / ENROLMENT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump({"size-bucket": bucket, "rule": "training examples to one significant digit, rounded down",
-                   "enrolled": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_text(path, json.dumps({"size-bucket": bucket, "rule": "training examples to one significant digit, rounded down",
+                                 "enrolled": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}), mode=None)
     log.info("site %s: enrolled with size bucket %d (from %d training examples); kept in %s",
              site.name, bucket, n, path)
     return bucket
@@ -195,10 +189,8 @@ def save_optimizer_state(site: SiteConfig, run_id: str, state: dict[str, object]
         log.warning("optimizer state of run %s holds non-finite values (%s); not saved, %s keeps the last good one",
                     run_id, bad, path)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with open_atomic(path, mode=None) as fh:
+        torch.save(state, fh)
 
 
 def update_summary(state: dict[str, torch.Tensor]) -> dict[str, object]:

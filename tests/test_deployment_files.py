@@ -19,7 +19,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from coordinator.provision import init_consortium
+from coordinator.provision import SITE_UNIT_FILE, init_consortium, site_unit
 from medfed.cli import app
 from site_client.kit import generate_site_key, load_kit
 
@@ -127,6 +127,23 @@ def test_systemd_units_verify(unit: str, tmp_path: Path) -> None:
     assert res.returncode == 0 and res.stderr.strip() == "" and res.stdout.strip() == "", res.stderr + res.stdout
     for var in ("FLWR_TELEMETRY_ENABLED=0", "FLWR_DISABLE_UPDATE_CHECK=1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1"):
         assert f"Environment={var}" in text
+
+
+def test_site_unit_is_stated_once_and_every_kit_ships_it_hardened(tmp_path: Path) -> None:
+    """The deploy/ unit and each kit's unit come from one text, so a kit never lacks the deploy file's hardening."""
+    deployed = (DEPLOY / "systemd" / SITE_UNIT_FILE).read_text()
+    assert deployed == site_unit(), (
+        f"deploy/systemd/{SITE_UNIT_FILE} differs from coordinator.provision.site_unit(); edit the unit there and "
+        "regenerate: python -c 'from coordinator.provision import site_unit; print(site_unit(), end=\"\")' > "
+        f"deploy/systemd/{SITE_UNIT_FILE}")
+    init_consortium(tmp_path / "c", "n", ["h"], [("a", generate_site_key(tmp_path / "site-a").public)])
+    kit_unit = (tmp_path / "c" / "kits" / "a" / SITE_UNIT_FILE).read_text()
+    assert "Description=medfed site node a (" in kit_unit
+    directives = [ln for ln in deployed.splitlines() if "=" in ln and not ln.startswith(("#", "Description="))]
+    for hardening in ("NoNewPrivileges=true", "ProtectSystem=strict", "ProtectKernelTunables=true",
+                      "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX", "UMask=0077", "KillMode=mixed"):
+        assert hardening in directives
+    assert [ln for ln in kit_unit.splitlines() if "=" in ln and not ln.startswith(("#", "Description="))] == directives
 
 
 def test_kubernetes_manifests_are_consistent() -> None:
