@@ -142,10 +142,8 @@ def read_segments(directory: Path) -> list[tuple[int, Path, bytes]]:
     except OSError:
         fd = None
     if fd is not None:
-        try:
+        with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_SH)
-        except OSError:
-            pass
     try:
         return [(n, p, p.read_bytes()) for n, p in segment_files(directory)]
     finally:

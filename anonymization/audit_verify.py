@@ -235,18 +235,17 @@ class _Verifier:
                 pending_torn = None
             self._record(rec, raw, where, number=number, first=last_record is None, lookahead=lines[i + 1 : i + 2])
             last_record = rec
-        if not is_active:
-            if (
-                last_record is None
-                or last_record.get("kind") != KIND_SEAL
-                or last_record.get("reason") != SEAL_ROLLOVER
-                or last_record.get("segment") != number
-            ):
-                raise _Break(
-                    STATUS_BROKEN,
-                    f"segment {path.name} does not end with its closing seal (last record "
-                    f"#{self.expected - 1}): records were cut off its end, or segments were renamed",
-                )
+        if not is_active and (
+            last_record is None
+            or last_record.get("kind") != KIND_SEAL
+            or last_record.get("reason") != SEAL_ROLLOVER
+            or last_record.get("segment") != number
+        ):
+            raise _Break(
+                STATUS_BROKEN,
+                f"segment {path.name} does not end with its closing seal (last record "
+                f"#{self.expected - 1}): records were cut off its end, or segments were renamed",
+            )
 
     def _record(
         self, rec: dict[str, Any], raw: bytes, where: str, *, number: int, first: bool, lookahead: list[bytes]

@@ -20,7 +20,7 @@ def load_labels(path: Path, pseudonymizer: Pseudonymizer) -> dict[str, str]:
     """Map accession pseudonym -> "0"/"1"; raise :class:`LabelsError` on any malformed line."""
     path = Path(path)
     try:
-        fh = open(path, newline="", encoding="utf-8-sig")
+        fh = open(path, newline="", encoding="utf-8-sig")  # noqa: SIM115 - closed by `with fh` below; opened apart for its own error
     except OSError as exc:
         raise LabelsError(f"cannot read labels file {path}: {exc.strerror}") from None
     labels: dict[str, str] = {}

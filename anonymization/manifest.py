@@ -103,7 +103,7 @@ class RowSpool:
     def _chunk_rows(self, chunk: Path) -> Iterator[tuple[str, int, int, dict[str, str]]]:
         with open(chunk, encoding="utf-8", newline="") as fh:
             for record in csv.reader(fh):
-                row = dict(zip(COLUMNS, record[1:]))
+                row = dict(zip(COLUMNS, record[1:], strict=True))  # chunks are ours: one value per column
                 yield row["path"], self.rank, int(record[0]), row
 
     def streams(self) -> list[Iterator[tuple[str, int, int, dict[str, str]]]]:

@@ -403,7 +403,7 @@ def _near(text: str, token: str) -> bool:
     n = len(token)
     for start in range(0, max(1, len(text) - n + 1)):
         window = text[start:start + n]
-        if len(window) == n and sum(a != b for a, b in zip(window, token)) <= 1:
+        if len(window) == n and sum(a != b for a, b in zip(window, token, strict=True)) <= 1:
             return True
     return False
 
@@ -526,10 +526,8 @@ def clean_pixel_data(
         raise PixelCleaningError(REASON_UNSUPPORTED)
     frames = np.array(_frames(decoded, ds), copy=True)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-    if photometric.startswith("YBR") and frames.ndim == 4:
-        photometric_out = "RGB"  # pydicom's decoders converted YCbCr to RGB
-    else:
-        photometric_out = photometric
+    # pydicom's decoders converted YCbCr to RGB
+    photometric_out = "RGB" if photometric.startswith("YBR") and frames.ndim == 4 else photometric
     voi = _voi(ds, photometric)
     blank = _blank_value(frames, photometric_out, ds)
     if photometric == "PALETTE COLOR":

@@ -152,10 +152,9 @@ def text_risk(ds: Dataset) -> str | None:
     if any(_under(sop_class, root) for root in ULTRASOUND_ROOTS) or _text(ds, "Modality") == "US":
         return REASON_ULTRASOUND
     image_type = _peek(ds, "ImageType")
-    if image_type:
-        # "SECONDARY" alone is normal for reformatted CT/MR: only screen captures count.
-        if any(v.strip().upper() in SCREEN_CAPTURE_TYPES for v in image_type.split("\\")):
-            return REASON_SCREEN_CAPTURE
+    # "SECONDARY" alone is normal for reformatted CT/MR: only screen captures count.
+    if image_type and any(v.strip().upper() in SCREEN_CAPTURE_TYPES for v in image_type.split("\\")):
+        return REASON_SCREEN_CAPTURE
     return None
 
 
@@ -204,9 +203,9 @@ def truncation(ds: Dataset, size: int | None = None) -> str | None:
     last = elements[max(elements, key=int)]  # the element that ends the file
     length = getattr(last, "length", None)
     value_tell = getattr(last, "value_tell", None)
-    if isinstance(length, int) and length != 0xFFFFFFFF and isinstance(value_tell, int):
-        if value_tell + length < size:
-            return REASON_TRUNCATED
+    if (isinstance(length, int) and length != 0xFFFFFFFF and isinstance(value_tell, int)
+            and value_tell + length < size):
+        return REASON_TRUNCATED
     return None
 
 

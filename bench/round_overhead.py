@@ -302,7 +302,7 @@ def print_table(rows: list[Row]) -> None:
                   "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:,.0f} MB")
     Console(width=200).print(t)
     for r in rows:
-        print(f"{r.setting}: rounds {['%.1f' % s for s in r.rounds]} s; {'; '.join(r.notes)}")
+        print(f"{r.setting}: rounds {[f'{s:.1f}' for s in r.rounds]} s; {'; '.join(r.notes)}")
     goals = []
     for r in rows:
         if r.sites == 10 and r.setting.startswith("simulation"):

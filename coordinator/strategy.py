@@ -274,7 +274,7 @@ def _fixed_denominator(current: ArrayRecord, mean: ArrayRecord, sampled: int, ex
     return ArrayRecord({
         k: Array(np.asarray(current[k].numpy() + scale * (mean[k].numpy() - current[k].numpy()),
                             dtype=current[k].numpy().dtype))
-        for k in current.keys()
+        for k in current
     })
 
 

@@ -78,7 +78,7 @@ def make_egress_guard(base: RunConfig | None) -> Callable[[Message, Context, Cal
         secure = is_secagg(msg)
         try:
             expected = legacy_arrays(msg.content) if secure else (
-                msg.content[ARRAYS_KEY] if ARRAYS_KEY in msg.content else None)
+                msg.content.get(ARRAYS_KEY, None))
             reply = call_next(msg, context)
         except Exception as err:  # noqa: BLE001 - the site must answer, but without its internals
             if _is_refusal(err):

@@ -25,6 +25,7 @@ counted twice for the same release.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -149,10 +150,8 @@ class ReplayStore:
         d = self._dir(run, server_round, digest)
         for f in ("pending.json", "update.pt", ".update.pt.tmp"):
             (d / f).unlink(missing_ok=True)
-        try:
+        with contextlib.suppress(OSError):
             d.rmdir()
-        except OSError:
-            pass
 
     def released(self, run: str) -> list[dict[str, Any]]:
         """Every committed update of a run (round, digest prefix, metrics), oldest round first."""

@@ -84,7 +84,7 @@ class Round:
         s._current = ArrayRecord({MODEL_ARRAY: Array(self.global_.copy())})
         sent = s._remember([Message(RecordDict({"arrays": s._current}), dst_node_id=n, message_type="train")
                             for n in replies])
-        msgs = [Message(content, reply_to=m) for m, content in zip(sent, replies.values())]
+        msgs = [Message(content, reply_to=m) for m, content in zip(sent, replies.values(), strict=True)]
         arrays, _ = s.aggregate_train(server_round, msgs)
         if arrays is None:
             return None
@@ -223,7 +223,7 @@ def test_a_bad_reply_under_a_site_dp_wrapper_is_recorded_and_the_run_goes_on(tmp
     sent = s._remember([Message(RecordDict({"arrays": s._current}), dst_node_id=n, message_type="train")
                         for n in (7, 8, ATTACKER)])
     contents = [*_honest(GLOBAL).values(), _reply(np.full(N + 1, 0.7, dtype=np.float32))]
-    arrays, _ = top.aggregate_train(1, [Message(c, reply_to=m) for m, c in zip(sent, contents)])
+    arrays, _ = top.aggregate_train(1, [Message(c, reply_to=m) for m, c in zip(sent, contents, strict=True)])
     assert arrays is None  # Flower's wrapper releases nothing in a round with a failed site
     site = r.site(1, ATTACKER)
     assert site["status"] == "rejected" and "float32[65]" in site["reason"]

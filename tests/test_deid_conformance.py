@@ -295,9 +295,7 @@ def cleanable(policy: Policy, tag: int, vr: str, after: Dataset, value: Any) -> 
         return True
     if vr == "SQ" or actual == "SQ":
         return True
-    if actual in ("AE", "LO", "SH", "ST", "LT", "UT", "UC") and isinstance(value, str):
-        return True
-    return False
+    return bool(actual in ("AE", "LO", "SH", "ST", "LT", "UT", "UC") and isinstance(value, str))
 
 
 def check_clean(
@@ -339,7 +337,7 @@ def test_row_top_level_and_nested(row: dict[str, Any], policy_name: str) -> None
             ds = pydicom.dcmread(io.BytesIO(source)) if source is not None else ds
             implicit_unknown = implicit and not dictionary_has_tag(tag)
             # as the worker calls it: raw elements take the engine's fast paths
-            engine.deidentify(ds, original=(lambda: pydicom.dcmread(io.BytesIO(source))) if source else None)
+            engine.deidentify(ds, original=(lambda source=source: pydicom.dcmread(io.BytesIO(source))) if source else None)
             parent = ANATOMIC_MODIFIER if nested else None
             action = expected_action(row, policy, parent)
             # as cleaned in memory, and as written to the output file and read back

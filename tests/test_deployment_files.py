@@ -67,7 +67,7 @@ def test_compose_brings_up_a_coordinator_and_three_sites_with_tls_and_auth(tmp_p
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
     assert set(services) == {"coordinator", "hospital-a", "hospital-b", "hospital-c"}
-    for name, svc in services.items():
+    for svc in services.values():
         ctx = (DEPLOY / svc["build"]["context"]).resolve()
         assert ctx == ROOT and (ctx / svc["build"]["dockerfile"]).is_file()
     assert services["coordinator"]["ports"] == ["9093:9093"]  # one port, HTTPS: nginx, the Fleet API only

@@ -240,6 +240,7 @@ def test_the_supernodes_fleet_client_presents_the_site_certificate(tmp_path: Pat
     import ssl
     import threading
 
+    import httpx
     from flwr.supernode import fleet_http_connection
 
     from coordinator.provision import Layout, init_consortium
@@ -286,7 +287,7 @@ def test_the_supernodes_fleet_client_presents_the_site_certificate(tmp_path: Pat
                 f"localhost:{port}", False, str(tls / "ca.pem"), []) as client:
             client.GetRun(Req(run_id=1))
 
-    with pytest.raises(Exception):  # Flower's client as it is: no certificate, the server refuses it
+    with pytest.raises(httpx.TransportError, match="CERTIFICATE_REQUIRED"):  # Flower's client as it is: refused
         get_run()
     monkeypatch.setattr(fleet_http_connection, "FleetHttpClient", fleet_http_connection.FleetHttpClient)
     supernode.present_client_certificate(str(cert), str(key))
