@@ -323,7 +323,12 @@ class AuditTrail:
             self._prepare()
             record = self._emit(
                 KIND_POLICY,
-                {"scope": scope, "digest": digest, "previous_digest": previous or "", "settings": json.loads(canonical)},
+                {
+                    "scope": scope,
+                    "digest": digest,
+                    "previous_digest": previous or "",
+                    "settings": json.loads(canonical),
+                },
             )
             policies[scope] = digest
             _write_meta(self.directory, {**meta, "policies": policies})

@@ -184,5 +184,7 @@ def load_or_create_signing_key(path: Path, *, forbidden: Iterable[Path] = ()) ->
     except FileExistsError:
         return load_signing_key(path), False  # another process created it first: use its key
     except OSError as exc:
-        raise AuditKeyError(f"cannot create audit signing key {path}: {exc.strerror}; choose a writable location") from None
+        raise AuditKeyError(
+            f"cannot create audit signing key {path}: {exc.strerror}; choose a writable location"
+        ) from None
     return signer, True

@@ -125,13 +125,22 @@ class Box:
 
     def padded(self, dx: int, dy: int, shape: tuple[int, int]) -> Box:
         rows, cols = shape
-        return Box(max(0, self.left - dx), max(0, self.top - dy), min(cols, self.right + dx), min(rows, self.bottom + dy))
+        return Box(
+            max(0, self.left - dx), max(0, self.top - dy), min(cols, self.right + dx), min(rows, self.bottom + dy)
+        )
 
     def union(self, other: Box) -> Box:
-        return Box(min(self.left, other.left), min(self.top, other.top), max(self.right, other.right), max(self.bottom, other.bottom))
+        return Box(
+            min(self.left, other.left),
+            min(self.top, other.top),
+            max(self.right, other.right),
+            max(self.bottom, other.bottom),
+        )
 
     def intersects(self, other: Box) -> bool:
-        return self.left < other.right and other.left < self.right and self.top < other.bottom and other.top < self.bottom
+        return (
+            self.left < other.right and other.left < self.right and self.top < other.bottom and other.top < self.bottom
+        )
 
 
 @dataclass(frozen=True)

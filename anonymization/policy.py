@@ -169,7 +169,9 @@ class Policy(BaseModel):
         """A policy with exactly these option names set (the others false)."""
         unknown = [o for o in options if o not in TABLE_OPTIONS + OTHER_OPTIONS]
         if unknown:
-            raise PolicyError(f"unknown de-identification option(s): {unknown}; known: {list(TABLE_OPTIONS + OTHER_OPTIONS)}")
+            raise PolicyError(
+                f"unknown de-identification option(s): {unknown}; known: {list(TABLE_OPTIONS + OTHER_OPTIONS)}"
+            )
         values: dict[str, Any] = {name: (name in options) for name in TABLE_OPTIONS + OTHER_OPTIONS}
         return cls(**values)
 

@@ -200,7 +200,9 @@ def _decrypt_private(path: Path, data: bytes, passphrase: bytes) -> X25519Privat
     try:
         raw = AESGCM(_scrypt(passphrase, salt, n, r, p)).decrypt(nonce, sealed, _KEY_AAD + public)
     except (InvalidTag, ValueError):
-        raise ReidError(f"cannot open the officer's private key {path}: wrong passphrase, or the file was altered") from None
+        raise ReidError(
+            f"cannot open the officer's private key {path}: wrong passphrase, or the file was altered"
+        ) from None
     return X25519PrivateKey.from_private_bytes(raw)
 
 

@@ -31,7 +31,9 @@ PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 REASON_NOT_DICOM = "not a DICOM file (no DICM prefix and no readable data set)"
 REASON_UNREADABLE = "unreadable or truncated DICOM file"
 REASON_NOT_INSTANCE = "not a composite DICOM instance (no SOP Class UID or SOP Instance UID)"
-REASON_DICOMDIR = "DICOMDIR media directory: holds file paths and patient records; rebuild it from the de-identified files"
+REASON_DICOMDIR = (
+    "DICOMDIR media directory: holds file paths and patient records; rebuild it from the de-identified files"
+)
 REASON_ENCAPSULATED = "encapsulated document (PDF, CDA, 3D model): its content cannot be de-identified by header rules"
 REASON_BURNED_IN = "Burned In Annotation is YES: text burned into the pixels"
 REASON_VISUAL = "Recognizable Visual Features is YES: the image may show a face"

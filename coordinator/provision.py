@@ -68,7 +68,9 @@ class ProvisionError(Exception):
 
 def explain(source: Path | str, err: ValidationError) -> ProvisionError:
     """A pydantic error as one message naming the file, each field, and the fix."""
-    return ProvisionError(describe_validation(source, err, f"Fix the field(s) above in {source} (or provision again) and retry."))
+    return ProvisionError(
+        describe_validation(source, err, f"Fix the field(s) above in {source} (or provision again) and retry.")
+    )
 
 
 # ---- configuration files ------------------------------------------------------------------------
@@ -89,7 +91,9 @@ class SiteEntry(BaseModel):
     @classmethod
     def _name(cls, v: str) -> str:
         if not SITE_NAME.match(v):
-            raise ValueError("site names are letters, digits, '.', '_' or '-' (at most 63), starting with a letter or digit")
+            raise ValueError(
+                "site names are letters, digits, '.', '_' or '-' (at most 63), starting with a letter or digit"
+            )
         return v
 
 
@@ -213,7 +217,9 @@ class CertificateAuthority:
                 f"{CA_PASSPHRASE_ENV}") from None
         except ValueError:
             if passphrase is None:
-                raise ProvisionError(f"{key_path} is not a PEM private key; restore ca/ from the offline copy") from None
+                raise ProvisionError(
+                    f"{key_path} is not a PEM private key; restore ca/ from the offline copy"
+                ) from None
             raise ProvisionError(
                 f"cannot decrypt {key_path}: wrong CA passphrase (from --ca-passphrase-file or "
                 f"{CA_PASSPHRASE_ENV}); nothing was changed — retry with the right one") from None
@@ -545,8 +551,9 @@ def _normalized_key(data: bytes, source: str) -> bytes:
         raise ProvisionError(str(err)) from None
 
 
-def _enrolments(directory: Path, cfg: ConsortiumConfig,
-                sites: Sequence[tuple[str, Path, Path | None]]) -> list[tuple[str, bytes, x509.CertificateSigningRequest]]:
+def _enrolments(
+    directory: Path, cfg: ConsortiumConfig, sites: Sequence[tuple[str, Path, Path | None]]
+) -> list[tuple[str, bytes, x509.CertificateSigningRequest]]:
     """Check new sites' names and public keys against the consortium and each other, before anything is written.
 
     A key may belong to one site only, revoked ones included: a revoked key stays refused.
@@ -589,7 +596,9 @@ def init_consortium(directory: Path, name: str, hosts: list[str],
     """Create a consortium folder: CA, coordinator TLS identity, and a kit per enrolled site (name, public key)."""
     directory = directory.resolve()
     if (directory / CONSORTIUM_FILE).exists():
-        raise ProvisionError(f"{directory} already holds a consortium ({CONSORTIUM_FILE}); use add-site, or another DIR")
+        raise ProvisionError(
+            f"{directory} already holds a consortium ({CONSORTIUM_FILE}); use add-site, or another DIR"
+        )
     if directory.exists() and any(directory.iterdir()):
         raise ProvisionError(f"{directory} is not empty; choose an empty or new folder")
     host_list = [h.strip() for raw in hosts for h in raw.split(",") if h.strip()]

@@ -53,7 +53,9 @@ def run_key(cfg: RunConfig, context: Context) -> str:
     return cfg.run_name or str(context.run_id)
 
 
-def make_egress_guard(base: RunConfig | None) -> Callable[[Message, Context, Callable[[Message, Context], Message]], Message]:
+def make_egress_guard(
+    base: RunConfig | None,
+) -> Callable[[Message, Context, Callable[[Message, Context], Message]], Message]:
     """A mod that checks and records every reply before it leaves the site."""
 
     def egress_guard(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:

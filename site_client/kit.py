@@ -57,7 +57,11 @@ class KitError(Exception):
 
 
 def _explain(source: Path, err: ValidationError) -> KitError:
-    return KitError(describe_validation(source, err, f"Fix the field(s) above in {source}, or ask the consortium operator for a new kit."))
+    return KitError(
+        describe_validation(
+            source, err, f"Fix the field(s) above in {source}, or ask the consortium operator for a new kit."
+        )
+    )
 
 
 #: The kit's [site] paths: strings there, relative to the kit folder (data-dir: `--data` usually fills it).

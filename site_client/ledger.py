@@ -238,8 +238,10 @@ class PrivacyLedger:
                   "epsilon_cap_per_run": "" if epsilon_cap_per_run is None else repr(float(epsilon_cap_per_run)),
                   "accountant": check_accountant(accountant)}
         with closing(self._connect()) as db, db:
-            db.executemany("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                           list(values.items()))
+            db.executemany(
+                "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                list(values.items()),
+            )
 
     def policy(self) -> dict[str, Any] | None:
         """The caps, δ and accountant :meth:`record_policy` kept, or None if none were ever recorded."""

@@ -86,8 +86,17 @@ def enrolled_size_bucket(site: SiteConfig, n: int) -> int:
         return bucket
     bucket = size_bucket(n)
     path = site.state_dir / ENROLMENT_FILE
-    write_text(path, json.dumps({"size-bucket": bucket, "rule": "training examples to one significant digit, rounded down",
-                                 "enrolled": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}), mode=None)
+    write_text(
+        path,
+        json.dumps(
+            {
+                "size-bucket": bucket,
+                "rule": "training examples to one significant digit, rounded down",
+                "enrolled": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            }
+        ),
+        mode=None,
+    )
     log.info("site %s: enrolled with size bucket %d (from %d training examples); kept in %s",
              site.name, bucket, n, path)
     return bucket

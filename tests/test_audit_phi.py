@@ -46,8 +46,16 @@ from tests.test_deid_pixels import MRN, NAME, burned_ct
 
 pytestmark = pytest.mark.integration
 # A fixed noise multiplier (no calibration), so each round's spend is known in advance.
-CFG = RunConfig().with_overrides(image_size=32, batch_size=8, lr=0.05,
-                                  optimizer="sgd", local_epochs=1, noise_multiplier=1.0, calibrate_noise=False, num_server_rounds=3)
+CFG = RunConfig().with_overrides(
+    image_size=32,
+    batch_size=8,
+    lr=0.05,
+    optimizer="sgd",
+    local_epochs=1,
+    noise_multiplier=1.0,
+    calibrate_noise=False,
+    num_server_rounds=3,
+)
 runner = CliRunner()
 
 

@@ -246,7 +246,10 @@ def check(
         action = resolve(row["basic"], tag, None)
         where += f" (cannot clean: basic {action})"
     if tag in SPECIAL:
-        assert present and as_text(after[tag].value) in (pseudo.patient_id(PATIENT_ID), pseudo.accession(as_text(value))), where
+        assert present and as_text(after[tag].value) in (
+            pseudo.patient_id(PATIENT_ID),
+            pseudo.accession(as_text(value)),
+        ), where
         return
     if action == "X":
         assert not present, where
@@ -337,7 +340,9 @@ def test_row_top_level_and_nested(row: dict[str, Any], policy_name: str) -> None
             ds = pydicom.dcmread(io.BytesIO(source)) if source is not None else ds
             implicit_unknown = implicit and not dictionary_has_tag(tag)
             # as the worker calls it: raw elements take the engine's fast paths
-            engine.deidentify(ds, original=(lambda source=source: pydicom.dcmread(io.BytesIO(source))) if source else None)
+            engine.deidentify(
+                ds, original=(lambda source=source: pydicom.dcmread(io.BytesIO(source))) if source else None
+            )
             parent = ANATOMIC_MODIFIER if nested else None
             action = expected_action(row, policy, parent)
             # as cleaned in memory, and as written to the output file and read back

@@ -138,7 +138,9 @@ class Proc:
         try:
             return self.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.name} still running after {timeout:.0f}s; log:\n{self.text()[-3000:]}") from None
+            raise AssertionError(
+                f"{self.name} still running after {timeout:.0f}s; log:\n{self.text()[-3000:]}"
+            ) from None
 
 
 @dataclass
@@ -309,7 +311,10 @@ def _listening_addresses(pid: int) -> dict[int, set[str]]:
 
 def _tls_ok(port: int, ca: Path) -> bool:
     ctx = ssl.create_default_context(cafile=str(ca))
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock, ctx.wrap_socket(sock, server_hostname="localhost"):
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
+        ctx.wrap_socket(sock, server_hostname="localhost"),
+    ):
         return True
 
 
@@ -342,7 +347,10 @@ def test_every_listening_port_speaks_tls_only(world: World) -> None:
     assert _tls_ok(world.port, ca)
     assert not _plaintext_http_answered(world.port)
     # A client that trusts only the system CAs (no consortium CA) cannot connect.
-    with pytest.raises(ssl.SSLCertVerificationError), socket.create_connection(("127.0.0.1", world.port), timeout=5) as sock:
+    with (
+        pytest.raises(ssl.SSLCertVerificationError),
+        socket.create_connection(("127.0.0.1", world.port), timeout=5) as sock,
+    ):
         ssl.create_default_context().wrap_socket(sock, server_hostname="localhost")
     for name, proc in world.sites.items():
         ports = _listening_ports(proc.pid)
@@ -754,7 +762,9 @@ def test_a_trail_rewritten_and_resealed_at_the_site_is_caught_by_the_coordinator
 # ---- a hostile coordinator's models: crafted, poisoned ------------------------------------------
 
 
-def _resume_with(world: World, name: str, state: dict[str, torch.Tensor], config: str) -> subprocess.CompletedProcess[str]:
+def _resume_with(
+    world: World, name: str, state: dict[str, torch.Tensor], config: str
+) -> subprocess.CompletedProcess[str]:
     """The coordinator plants ``state`` as round 1's global model and has the sites train round 2 on it."""
     from coordinator.checkpoint import save_checkpoint
     from coordinator.history import RunHistory

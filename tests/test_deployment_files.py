@@ -45,7 +45,11 @@ def test_dockerfiles_copy_what_exists_harden_flower_and_run_a_medfed_command(nam
     text = path.read_text()
     for src in re.findall(r"(?m)^COPY\s+(\S+)\s", text):
         assert (ROOT / src).exists(), f"{name} copies {src}, which is not in the repository"
-    for var in ("FLWR_TELEMETRY_ENABLED=0", "FLWR_DISABLE_UPDATE_CHECK=1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1"):
+    for var in (
+        "FLWR_TELEMETRY_ENABLED=0",
+        "FLWR_DISABLE_UPDATE_CHECK=1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1",
+    ):
         assert var in text
     assert "torch==2.13.0" in text and re.search(r"(?m)^USER medfed$", text)
     argv = _entrypoint(path)
@@ -122,10 +126,18 @@ def test_systemd_units_verify(unit: str, tmp_path: Path) -> None:
     argv = exec_start.group(2).split()
     _help_ok([a for a in argv if not a.startswith("/") and not a.startswith("--")][:2])
     # verify against this machine's medfed (the unit's path is where deploy/README.md installs it)
-    (tmp_path / unit).write_text(text.replace("/opt/medfed/.venv/bin/medfed", str(Path(sys.executable).parent / "medfed")))
-    res = subprocess.run(["systemd-analyze", "verify", str(tmp_path / unit)], capture_output=True, text=True, timeout=60)
+    (tmp_path / unit).write_text(
+        text.replace("/opt/medfed/.venv/bin/medfed", str(Path(sys.executable).parent / "medfed"))
+    )
+    res = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / unit)], capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0 and res.stderr.strip() == "" and res.stdout.strip() == "", res.stderr + res.stdout
-    for var in ("FLWR_TELEMETRY_ENABLED=0", "FLWR_DISABLE_UPDATE_CHECK=1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1"):
+    for var in (
+        "FLWR_TELEMETRY_ENABLED=0",
+        "FLWR_DISABLE_UPDATE_CHECK=1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1",
+    ):
         assert f"Environment={var}" in text
 
 

@@ -107,7 +107,9 @@ def _blob(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-MODEL = ArrayRecord({"conv.weight": Array(np.zeros((2, 3), dtype=np.float32)), "head.bias": Array(np.zeros(1, np.float32))})
+MODEL = ArrayRecord(
+    {"conv.weight": Array(np.zeros((2, 3), dtype=np.float32)), "head.bias": Array(np.zeros(1, np.float32))}
+)
 
 
 def _masked(arrays: list[np.ndarray] | None = None, metrics: dict[str, Any] | None = None) -> RecordDict:

@@ -308,8 +308,13 @@ def test_spend_stands_when_the_site_dies_between_commit_and_send(tmp_path: Path,
     script.write_text(_CHILD)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen([sys.executable, str(script), str(toml), str(signal_file), json.dumps(CFG.to_flower())], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(toml), str(signal_file), json.dumps(CFG.to_flower())],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 300
         while not signal_file.exists():
