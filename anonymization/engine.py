@@ -830,7 +830,8 @@ def _parse_un_sequence(elem: DataElement) -> bool:
 
 def _drop_orphan_creators(ds: Dataset) -> None:
     """Remove private creators (gggg,0010-00FF) whose block lost every element."""
-    kept_blocks = {(t >> 16, (t & 0xFFFF) >> 8) for t in ds if BaseTag(t).is_private and (t & 0xFFFF) >= 0x1000}
+    tags = ds.keys()  # a pydicom Dataset iterates over its elements; its keys are the tags
+    kept_blocks = {(t >> 16, (t & 0xFFFF) >> 8) for t in tags if BaseTag(t).is_private and (t & 0xFFFF) >= 0x1000}
     for t in list(ds.keys()):
         tag = BaseTag(t)
         if tag.is_private and 0x0010 <= tag.element <= 0x00FF and (tag.group, tag.element) not in kept_blocks:
