@@ -20,7 +20,7 @@ with one (:meth:`AuditTrail.close`), long runs seal every ``seal_every`` records
 or ``seal_seconds`` seconds. A periodic seal never ends a run (``close`` seals
 again after one), so verification can tell a finished run from a trail cut back
 to a periodic seal. Callers must only put pseudonyms, digests and
-counts in it (invariant 4): nothing here can tell an identifier from a value.
+counts in it (docs/design.md invariant 4): nothing here can tell an identifier from a value.
 """
 
 from __future__ import annotations

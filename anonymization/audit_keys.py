@@ -2,7 +2,7 @@
 
 Seals of the audit trail are signed with it, so a third party holding only the
 exported public key can check that nobody rewrote the trail. The private key
-is a site secret (invariant 5): created 0600, refused when others can read it,
+is a site secret (docs/design.md invariant 5): created 0600, refused when others can read it,
 and never stored in the trail folder or the de-identified store, where it
 would travel with the data it vouches for.
 """

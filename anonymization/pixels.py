@@ -24,7 +24,7 @@ Why it is built this way:
 * OCR scratch images are written by pytesseract to a private 0700 folder that
   is removed after each call: a temporary PNG of a raw image holds PHI.
 
-Nothing here logs or raises with a value from the file (invariant 4): the
+Nothing here logs or raises with a value from the file (docs/design.md invariant 4): the
 reasons are fixed strings.
 """
 

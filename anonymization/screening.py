@@ -3,7 +3,7 @@
 Header de-identification cannot remove text burned into pixels, faces, or the
 content of encapsulated documents, and a file whose pixel data is damaged
 cannot be checked or trained on. Such files are quarantined with a reason; the
-reasons are fixed strings (never values from the file: invariant 4).
+reasons are fixed strings (never values from the file: docs/design.md invariant 4).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """medfed: federated learning for a consortium of hospitals.
 
 Importing any medfed package applies the process hardening of
-:mod:`medfed.hardening` first (docs/design.md invariant 7: no traffic but to the coordinator).
+:mod:`medfed.hardening` first (docs/design.md invariant 6: no traffic but to the coordinator).
 """
 
 from medfed import hardening as _hardening

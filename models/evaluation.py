@@ -1,7 +1,7 @@
 """Evaluation of the binary classifier on a local dataset.
 
 Returns only scalar aggregates (no per-patient values), so the result may
-leave the site under the metric allow-list (DESIGN.md invariant 1).
+leave the site under the metric allow-list (docs/design.md invariant 1).
 """
 
 from __future__ import annotations

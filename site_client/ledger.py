@@ -2,7 +2,7 @@
 
 SQLite in WAL mode with synchronous=FULL, so a round's spend survives a crash
 once committed. The spend is committed *before* the update (or the evaluation)
-is released (DESIGN.md invariant 3): if the site dies between the two, the
+is released (docs/design.md invariant 3): if the site dies between the two, the
 spend stands — over-counting is safe, under-counting never is.
 
 Each run's account keeps its accountant ("rdp" or "prv", fixed when the account

@@ -436,8 +436,8 @@ def train_round(
         )
     if before_commit is not None:
         before_commit(state)
-    # Invariant 3: the spend is durable before the update can be released. The ledger checks the caps
-    # again under its write lock (another run may have spent meanwhile); refused, nothing is released.
+    # docs/design.md invariant 3: the spend is durable before the update can be released. The ledger checks
+    # the caps again under its write lock (another run may have spent meanwhile); refused, nothing is released.
     try:
         eps_before, eps_after = ledger.commit_spend(
             run_id, server_round, accountant, delta=site.delta, epsilon_cap=site.epsilon_cap,

@@ -5,7 +5,7 @@ command over a source full of planted PHI (in headers, folder and file names and
 burned into the pixels), then a round trained through the site's ClientApp and a
 round it declines at a lowered cap. The tests check that each record carries what
 issue 4 lists, against the files and replies themselves; that no identifier is
-anywhere in the trail folder or the report (invariant 4); that a copy holding no
+anywhere in the trail folder or the report (docs/design.md invariant 4); that a copy holding no
 site secret verifies with the exported public key; and that the report renders
 in headless Chromium.
 """
