@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages medfed's features need (installed when make runs as root).
 SYSTEM_PACKAGES := tesseract-ocr tesseract-ocr-eng dicom3tools dcmtk orthanc chromium nginx
-# Flower must not phone home or install packages at run time (DESIGN.md, invariant 6).
+# Flower must not phone home or install packages at run time (docs/design.md invariant 6).
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1

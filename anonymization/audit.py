@@ -20,7 +20,7 @@ with one (:meth:`AuditTrail.close`), long runs seal every ``seal_every`` records
 or ``seal_seconds`` seconds. A periodic seal never ends a run (``close`` seals
 again after one), so verification can tell a finished run from a trail cut back
 to a periodic seal. Callers must only put pseudonyms, digests and
-counts in it (invariant 4): nothing here can tell an identifier from a value.
+counts in it (docs/design.md invariant 4): nothing here can tell an identifier from a value.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from anonymization.audit_keys import (
     load_signing_key,
     write_private_key,
 )
+from medfed.files import fsync_dir, write_text
 
 __all__ = [
     "AUDIT_FILE",
@@ -142,10 +142,8 @@ def read_segments(directory: Path) -> list[tuple[int, Path, bytes]]:
     except OSError:
         fd = None
     if fd is not None:
-        try:
+        with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_SH)
-        except OSError:
-            pass
     try:
         return [(n, p, p.read_bytes()) for n, p in segment_files(directory)]
     finally:
@@ -174,9 +172,7 @@ def read_meta(directory: Path) -> dict[str, Any]:
 
 
 def _write_meta(directory: Path, meta: Mapping[str, Any]) -> None:
-    tmp = Path(directory) / f"{META_FILE}.{secrets.token_hex(4)}.part"
-    tmp.write_text(json.dumps(dict(meta), indent=1, sort_keys=True) + "\n", "utf-8")
-    os.replace(tmp, Path(directory) / META_FILE)
+    write_text(Path(directory) / META_FILE, json.dumps(dict(meta), indent=1, sort_keys=True) + "\n", mode=None)
 
 
 def _parse(raw: bytes) -> dict[str, Any] | None:
@@ -185,14 +181,6 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return value if isinstance(value, dict) else None
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -335,7 +323,12 @@ class AuditTrail:
             self._prepare()
             record = self._emit(
                 KIND_POLICY,
-                {"scope": scope, "digest": digest, "previous_digest": previous or "", "settings": json.loads(canonical)},
+                {
+                    "scope": scope,
+                    "digest": digest,
+                    "previous_digest": previous or "",
+                    "settings": json.loads(canonical),
+                },
             )
             policies[scope] = digest
             _write_meta(self.directory, {**meta, "policies": policies})
@@ -553,7 +546,7 @@ class AuditTrail:
         if target.exists():
             raise AuditError(f"cannot close segment {number}: {target} already exists; the trail folder is damaged")
         os.rename(self.path, target)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         tail.segment, tail.ino, tail.size, tail.count = number + 1, None, 0, 0
         self._emit(KIND_SEGMENT, {"segment": number + 1})
         self._sync_active()

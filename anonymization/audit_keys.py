@@ -2,7 +2,7 @@
 
 Seals of the audit trail are signed with it, so a third party holding only the
 exported public key can check that nobody rewrote the trail. The private key
-is a site secret (invariant 5): created 0600, refused when others can read it,
+is a site secret (docs/design.md invariant 5): created 0600, refused when others can read it,
 and never stored in the trail folder or the de-identified store, where it
 would travel with the data it vouches for.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from medfed.files import private_file_problem
 
 #: Default file name of the signing key (next to the site secret, or in the site's state folder).
 SIGNING_KEY_NAME = "audit-signing.key"
@@ -135,20 +136,14 @@ def load_signing_key(path: Path) -> AuditSigner:
     """Read an existing private key, refusing a file that group or others can read."""
     path = Path(path)
     try:
-        st = path.stat()
+        problem = private_file_problem(path, "audit signing key")
     except OSError as exc:
         raise AuditKeyError(
             f"cannot access audit signing key {path}: {exc.strerror}; restore it from the site's backup "
             "or pass the right file with --audit-key"
         ) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise AuditKeyError(f"audit signing key {path} is not a regular file")
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        raise AuditKeyError(
-            f"audit signing key {path} is accessible by group/others (mode {mode:04o}); "
-            f"run `chmod 600 {path}` and keep it readable only by the site account"
-        )
+    if problem:
+        raise AuditKeyError(problem)
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except OSError as exc:
@@ -189,5 +184,7 @@ def load_or_create_signing_key(path: Path, *, forbidden: Iterable[Path] = ()) ->
     except FileExistsError:
         return load_signing_key(path), False  # another process created it first: use its key
     except OSError as exc:
-        raise AuditKeyError(f"cannot create audit signing key {path}: {exc.strerror}; choose a writable location") from None
+        raise AuditKeyError(
+            f"cannot create audit signing key {path}: {exc.strerror}; choose a writable location"
+        ) from None
     return signer, True

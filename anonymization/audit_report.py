@@ -27,6 +27,7 @@ from anonymization.audit import (
     utc_now,
 )
 from anonymization.audit_verify import VerifyResult, verify_trail
+from medfed.files import write_text
 
 #: What each action count means (PS3.15 Table E.1-1 action codes and the engine's own kinds).
 ACTION_MEANINGS = {
@@ -54,7 +55,8 @@ _ROUND_STATUS = {"round_trained": "trained", "round_declined": "DECLINED (over c
 _EGRESS_KINDS = ("egress", "egress_blocked", "egress_error")
 
 _CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1100px;padding:24px;color:#1d2330}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1100px;
+     padding:24px;color:#1d2330}
 h1{margin-bottom:4px} h2{border-bottom:2px solid #d9dee8;padding-bottom:4px;margin-top:36px}
 .meta{color:#5b6475;margin-top:0}
 .status{padding:14px 18px;border-radius:8px;margin:18px 0;font-size:15px}
@@ -263,7 +265,9 @@ def _actions(records: list[dict[str, Any]]) -> str:
     ax.set_xlabel("times applied (all files)")
     ax.set_title("De-identification actions by kind")
     ax.grid(axis="x", alpha=0.3)
-    rows = [(f"<code>{_e(k)}</code>", _e(ACTION_MEANINGS.get(k, "")), f'<span class="num">{v}</span>') for k, v in ordered]
+    rows = [
+        (f"<code>{_e(k)}</code>", _e(ACTION_MEANINGS.get(k, "")), f'<span class="num">{v}</span>') for k, v in ordered
+    ]
     return (
         '<section id="actions"><h2>Actions applied, by kind</h2>'
         + _png(fig, "de-identification actions by kind")
@@ -294,8 +298,12 @@ def _policy(records: list[dict[str, Any]]) -> str:
             f"digest <code>{_e(r.get('digest'))}</code></p>" + _table(("setting", "value"), rows)
         )
     history = [
-        (_short_time(r.get("time")), _e(r.get("scope")), f"<code>{_e(str(r.get('previous_digest') or '-')[:16])}</code>",
-         f"<code>{_e(str(r.get('digest'))[:16])}</code>")
+        (
+            _short_time(r.get("time")),
+            _e(r.get("scope")),
+            f"<code>{_e(str(r.get('previous_digest') or '-')[:16])}</code>",
+            f"<code>{_e(str(r.get('digest'))[:16])}</code>",
+        )
         for r in policies
     ]
     body = "".join(blocks) or '<p class="muted">no policy recorded</p>'
@@ -320,7 +328,9 @@ def _privacy(records: list[dict[str, Any]]) -> str:
         for run, items in by_run.items():
             done = [r for r in items if r["kind"] == "round_trained"]
             xs = [0] + [int(r.get("server_round", 0)) for r in done]
-            ys = [float(done[0].get("epsilon_before", 0.0)) if done else 0.0] + [float(r.get("epsilon_after", 0.0)) for r in done]
+            ys = [float(done[0].get("epsilon_before", 0.0)) if done else 0.0] + [
+                float(r.get("epsilon_after", 0.0)) for r in done
+            ]
             ax.plot(xs, ys, marker="o", label=f"run {run}: ε spent")
             declined = [r for r in items if r["kind"] == "round_declined"]
             if declined:
@@ -400,7 +410,8 @@ def _egress(records: list[dict[str, Any]]) -> str:
         if arrays:
             arows = [(f"<code>{_e(a.get('name'))}</code>", _e("×".join(map(str, a.get("shape") or [])) or "scalar"),
                       _e(a.get("dtype")), _bytes(a.get("bytes"))) for a in arrays if isinstance(a, dict)]
-            detail = f"<details><summary>{len(arrays)} arrays</summary>{_table(('name', 'shape', 'dtype', 'bytes'), arows)}</details>"
+            table = _table(("name", "shape", "dtype", "bytes"), arows)
+            detail = f"<details><summary>{len(arrays)} arrays</summary>{table}</details>"
         digest = str(r.get("digest", ""))
         match, row_class = "", ""
         if arrays:
@@ -438,9 +449,11 @@ def _keys(records: list[dict[str, Any]]) -> str:
     reasons = Counter(str(r.get("reason")) for r in seals)
     last = seals[-1] if seals else None
     seal_text = (
-        f"{len(seals)} seals ({', '.join(f'{v} {k}' for k, v in reasons.most_common())}); the last, #{_e(last.get('seq'))}, "
+        f"{len(seals)} seals ({', '.join(f'{v} {k}' for k, v in reasons.most_common())}); "
+        f"the last, #{_e(last.get('seq'))}, "
         f"at {_short_time(last.get('time'))} with key <code>{_e(last.get('key_id'))}</code>."
-        if last else "no seals"
+        if last
+        else "no seals"
     )
     return (
         '<section id="keys"><h2>Signing keys and seals</h2>'
@@ -463,7 +476,8 @@ def build_report(directory: Path, *, public_key: bytes | None = None) -> tuple[s
     ))
     page = (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">"
+        "<meta http-equiv='Content-Security-Policy' "
+        "content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">"
         f"<title>Audit report: {_e(directory.name)}</title><style>{_CSS}</style></head><body>"
         f"<h1>Audit report</h1><p class='meta'>trail folder <code>{_e(directory.resolve())}</code>; "
         f"{len(records)} records {span}; generated {_short_time(utc_now())} by medfed</p>"
@@ -477,7 +491,5 @@ def write_report(directory: Path, out: Path, *, public_key: bytes | None = None)
     page, result = build_report(directory, public_key=public_key)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, "utf-8")
-    os.replace(tmp, out)
+    write_text(out, page)
     return result

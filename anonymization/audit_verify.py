@@ -232,22 +232,23 @@ class _Verifier:
                         f"{pending_torn[1]} is not an audit record (edited or corrupted), and no recovery record "
                         "accounts for it",
                     )
-                self.result.notes.append(f"a torn line at {pending_torn[1]} (a crash) is accounted for by record #{rec['seq']}.")
+                self.result.notes.append(
+                    f"a torn line at {pending_torn[1]} (a crash) is accounted for by record #{rec['seq']}."
+                )
                 pending_torn = None
             self._record(rec, raw, where, number=number, first=last_record is None, lookahead=lines[i + 1 : i + 2])
             last_record = rec
-        if not is_active:
-            if (
-                last_record is None
-                or last_record.get("kind") != KIND_SEAL
-                or last_record.get("reason") != SEAL_ROLLOVER
-                or last_record.get("segment") != number
-            ):
-                raise _Break(
-                    STATUS_BROKEN,
-                    f"segment {path.name} does not end with its closing seal (last record "
-                    f"#{self.expected - 1}): records were cut off its end, or segments were renamed",
-                )
+        if not is_active and (
+            last_record is None
+            or last_record.get("kind") != KIND_SEAL
+            or last_record.get("reason") != SEAL_ROLLOVER
+            or last_record.get("segment") != number
+        ):
+            raise _Break(
+                STATUS_BROKEN,
+                f"segment {path.name} does not end with its closing seal (last record "
+                f"#{self.expected - 1}): records were cut off its end, or segments were renamed",
+            )
 
     def _record(
         self, rec: dict[str, Any], raw: bytes, where: str, *, number: int, first: bool, lookahead: list[bytes]
@@ -259,7 +260,9 @@ class _Verifier:
                 opened = rec.get("segment")
                 if isinstance(opened, int) and opened > number and first:
                     missing = ", ".join(SEGMENT_NAME.format(n) for n in range(number, opened))
-                    raise _Break(STATUS_BROKEN, f"segment {missing} is missing: record #{seq} ({where}) opens segment {opened}")
+                    raise _Break(
+                        STATUS_BROKEN, f"segment {missing} is missing: record #{seq} ({where}) opens segment {opened}"
+                    )
                 raise _Break(STATUS_BROKEN, f"record #{seq} ({where}) opens segment {opened} in the wrong place")
         elif first and number > 1:
             raise _Break(
@@ -272,16 +275,21 @@ class _Verifier:
                 if after is not None and after.get("seq") == self.expected:
                     raise _Break(
                         STATUS_BROKEN,
-                        f"records #{self.expected} and #{seq} are swapped: {where} holds #{seq} where #{self.expected} belongs",
+                        f"records #{self.expected} and #{seq} are swapped: {where} holds #{seq} "
+                        f"where #{self.expected} belongs",
                     )
                 raise _Break(
                     STATUS_BROKEN,
                     f"record #{self.expected} is missing: {where} holds #{seq} (records deleted or reordered)",
                 )
-            raise _Break(STATUS_BROKEN, f"record #{seq} at {where} is out of order or repeated (expected #{self.expected})")
+            raise _Break(
+                STATUS_BROKEN, f"record #{seq} at {where} is out of order or repeated (expected #{self.expected})"
+            )
         if rec.get("prev") != self.prev:
             if seq == 1:
-                raise _Break(STATUS_BROKEN, f"record #1 ({where}) does not start the chain: its prev is not the genesis value")
+                raise _Break(
+                    STATUS_BROKEN, f"record #1 ({where}) does not start the chain: its prev is not the genesis value"
+                )
             raise _Break(
                 STATUS_BROKEN,
                 f"record #{seq - 1} ({self.prev_where}) was altered: record #{seq} ({where}) holds a different hash "
@@ -313,12 +321,16 @@ class _Verifier:
         if kid not in self.keys:
             raise _Break(
                 STATUS_BROKEN,
-                f"seal #{seq} ({where}) is signed by key {kid or '?'}, which no earlier record introduces: a forged seal",
+                f"seal #{seq} ({where}) is signed by key {kid or '?'}, which no earlier record introduces: "
+                "a forged seal",
             )
         if kid in self.retired:
             raise _Break(STATUS_BROKEN, f"seal #{seq} ({where}) is signed by key {kid}, retired by an earlier rotation")
         if kid != self.active_key:
-            raise _Break(STATUS_BROKEN, f"seal #{seq} ({where}) is signed by key {kid}, not by the key in force {self.active_key}")
+            raise _Break(
+                STATUS_BROKEN,
+                f"seal #{seq} ({where}) is signed by key {kid}, not by the key in force {self.active_key}",
+            )
         body = raw[: match.start()] + b"}"
         if not verify_signature(self.keys[kid], bytes.fromhex(match.group(1).decode("ascii")), SEAL_DOMAIN + body):
             since = f"seal #{self.result.last_seal_seq}" if self.result.last_seal_seq else "the start"
@@ -328,7 +340,9 @@ class _Verifier:
                 f"since {since} were altered and the chain recomputed",
             )
         if rec.get("reason") == SEAL_ROLLOVER and rec.get("segment") != number:
-            raise _Break(STATUS_BROKEN, f"seal #{seq} ({where}) closes segment {rec.get('segment')} inside segment {number}")
+            raise _Break(
+                STATUS_BROKEN, f"seal #{seq} ({where}) closes segment {rec.get('segment')} inside segment {number}"
+            )
         self.result.seals += 1
         self.last_seal_reason = str(rec.get("reason", ""))
         self.result.last_seal_seq = seq
@@ -357,7 +371,9 @@ class _Verifier:
         if public is None or key_id(public) != kid:
             raise _Break(STATUS_BROKEN, f"key rotation #{seq} ({where}) names a key whose id does not match it")
         if self.active_key is None or previous != self.active_key:
-            raise _Break(STATUS_BROKEN, f"key rotation #{seq} ({where}) starts from {previous}, not from the key in force")
+            raise _Break(
+                STATUS_BROKEN, f"key rotation #{seq} ({where}) starts from {previous}, not from the key in force"
+            )
         try:
             endorsement = bytes.fromhex(str(rec.get("endorsement", "")))
         except ValueError:

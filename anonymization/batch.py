@@ -3,7 +3,7 @@
 One file at a time (optionally in a process pool); the parent is the only
 writer of the manifest, the audit trail and the quarantine log, renames each
 worker's temporary output into place, and never lets a bad file stop the run
-(invariant 7). Nothing it logs or records names a patient (invariant 4).
+(docs/design.md invariant 7). Nothing it logs or records names a patient (docs/design.md invariant 4).
 
 Scale: files are listed lazily (a counting pass for the progress bar, then a
 streaming pass), results are folded into counts as they arrive, and duplicates

@@ -31,6 +31,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import validate_value
 
+import medfed
 from anonymization.dates import shift_da, shift_dt
 from anonymization.iod import load_iod_types
 from anonymization.policy import DEFAULT_POLICY, Code, Policy
@@ -50,7 +51,7 @@ from anonymization.table import (
     resolve_compound,
 )
 
-MEDFED_VERSION = "0.1.0"
+MEDFED_VERSION = medfed.__version__
 
 PATIENT_ID = 0x00100020
 PATIENT_NAME = 0x00100010
@@ -201,10 +202,7 @@ class Deidentifier:
         original_pid = original_patient_id(ds)
         sop_class = str(ds.get(SOP_CLASS_UID).value).strip() if SOP_CLASS_UID in ds else None
         scrubber: TextScrubber | LazyScrubber
-        if original is None or self._scrubs_often:
-            scrubber = TextScrubber.from_dataset(ds)
-        else:
-            scrubber = LazyScrubber(original)
+        scrubber = TextScrubber.from_dataset(ds) if original is None or self._scrubs_often else LazyScrubber(original)
         ctx = _Context(self.pseudo.date_offset_days(original_pid), Counter(), sop_class or None, scrubber)
         self._clean(ds, ctx, parent=None, unlisted=False)
         patient = self.pseudo.patient_id(original_pid)
@@ -557,10 +555,10 @@ class Deidentifier:
             _empty(elem)
             counts["vr_text"] += 1
             return
-        if unlisted and self.policy.keep_text_in_unlisted_sequences and vr not in ("AE", "UR"):
-            if ctx.scrubber is not None and self._scrub(elem, ctx):
-                counts["vr_text_cleaned"] += 1
-                return
+        if (unlisted and self.policy.keep_text_in_unlisted_sequences and vr not in ("AE", "UR")
+                and ctx.scrubber is not None and self._scrub(elem, ctx)):
+            counts["vr_text_cleaned"] += 1
+            return
         if unlisted or parent is not None:
             del ds[tag]
         else:
@@ -614,10 +612,10 @@ class Deidentifier:
             if ctx.scrubber is not None and self._scrub(elem, ctx):
                 counts[CLEAN] += 1
                 return
-        elif vr == "CS" and int(tag) == REASON_FOR_ATTRIBUTE_MODIFICATION:
-            if all(v.strip().upper() in _MODIFICATION_REASONS for v in _values(elem)):
-                counts[CLEAN] += 1
-                return
+        elif (vr == "CS" and int(tag) == REASON_FOR_ATTRIBUTE_MODIFICATION
+              and all(v.strip().upper() in _MODIFICATION_REASONS for v in _values(elem))):
+            counts[CLEAN] += 1
+            return
         basic = self.profile.basic_action_for(int(tag), ctx.sop_class, parent) or REMOVE
         if basic == DUMMY:
             self._dummy(elem, ctx)
@@ -832,7 +830,8 @@ def _parse_un_sequence(elem: DataElement) -> bool:
 
 def _drop_orphan_creators(ds: Dataset) -> None:
     """Remove private creators (gggg,0010-00FF) whose block lost every element."""
-    kept_blocks = {(t >> 16, (t & 0xFFFF) >> 8) for t in ds.keys() if BaseTag(t).is_private and (t & 0xFFFF) >= 0x1000}
+    tags = ds.keys()  # a pydicom Dataset iterates over its elements; its keys are the tags
+    kept_blocks = {(t >> 16, (t & 0xFFFF) >> 8) for t in tags if BaseTag(t).is_private and (t & 0xFFFF) >= 0x1000}
     for t in list(ds.keys()):
         tag = BaseTag(t)
         if tag.is_private and 0x0010 <= tag.element <= 0x00FF and (tag.group, tag.element) not in kept_blocks:

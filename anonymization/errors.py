@@ -2,7 +2,7 @@
 
 Kept in a leaf module so that every other module (keys, labels, batch) can raise
 them without import cycles; :mod:`anonymization.batch` re-exports them.
-Messages never carry a patient identifier (invariant 4): they name files,
+Messages never carry a patient identifier (docs/design.md invariant 4): they name files,
 lines and what to do, not values.
 """
 

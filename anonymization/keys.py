@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import secrets
-import stat
 from pathlib import Path
 
 from anonymization.errors import KeyFileError
+from medfed.files import private_file_problem
 
 SECRET_BYTES = 32
 
@@ -42,17 +42,11 @@ def _create(path: Path) -> bytes:
 def _read(path: Path) -> bytes:
     """Read and validate an existing key file."""
     try:
-        st = path.stat()
+        problem = private_file_problem(path, "key file")
     except OSError as exc:
         raise KeyFileError(f"cannot access key file {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise KeyFileError(f"key file {path} is not a regular file")
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        raise KeyFileError(
-            f"key file {path} is accessible by group/others (mode {mode:04o}); "
-            f"run `chmod 600 {path}` and keep it readable only by the site account"
-        )
+    if problem:
+        raise KeyFileError(problem)
     try:
         text = path.read_text(encoding="ascii")
     except (OSError, UnicodeDecodeError) as exc:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import csv
 import heapq
 import io
-import os
-import secrets
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+
+from medfed.files import open_atomic_text, write_file
 
 COLUMNS: tuple[str, ...] = ("patient", "study_uid", "series_uid", "sop_uid", "accession", "path", "label")
 MANIFEST_FILE = "manifest.csv"
@@ -70,12 +70,7 @@ def write_manifest(path: Path, rows: Iterable[Mapping[str, str]]) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({c: row.get(c, "") for c in COLUMNS})
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    with open(tmp, "w", encoding="utf-8", newline="") as fh:
-        fh.write(buffer.getvalue())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_file(path, buffer.getvalue().encode("utf-8"), mode=None)
 
 
 class RowSpool:
@@ -120,7 +115,7 @@ class RowSpool:
     def _chunk_rows(self, chunk: Path) -> Iterator[tuple[str, int, int, dict[str, str]]]:
         with open(chunk, encoding="utf-8", newline="") as fh:
             for record in csv.reader(fh):
-                row = dict(zip(COLUMNS, record[1:]))
+                row = dict(zip(COLUMNS, record[1:], strict=True))  # chunks are ours: one value per column
                 yield row["path"], self.rank, int(record[0]), row
 
     def streams(self) -> list[Iterator[tuple[str, int, int, dict[str, str]]]]:
@@ -194,25 +189,18 @@ def write_merged(
     spools = [spools] if isinstance(spools, RowSpool) else list(spools)
     streams = [_existing(path)] + [stream for spool in spools for stream in spool.streams()]
     merged = heapq.merge(*streams, key=lambda r: (r[0], r[1], r[2]))
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     written = 0
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(COLUMNS), lineterminator="\n")
-            writer.writeheader()
-            group: list[tuple[str, int, int, dict[str, str]]] = []
-            for item in merged:
-                if group and item[0] != group[0][0]:
-                    written += _emit(writer, group, root, labels, label_column)
-                    group = []
-                group.append(item)
-            if group:
+    with open_atomic_text(path, mode=None) as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(COLUMNS), lineterminator="\n")
+        writer.writeheader()
+        group: list[tuple[str, int, int, dict[str, str]]] = []
+        for item in merged:
+            if group and item[0] != group[0][0]:
                 written += _emit(writer, group, root, labels, label_column)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+                group = []
+            group.append(item)
+        if group:
+            written += _emit(writer, group, root, labels, label_column)
     return written
 
 

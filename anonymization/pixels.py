@@ -24,7 +24,7 @@ Why it is built this way:
 * OCR scratch images are written by pytesseract to a private 0700 folder that
   is removed after each call: a temporary PNG of a raw image holds PHI.
 
-Nothing here logs or raises with a value from the file (invariant 4): the
+Nothing here logs or raises with a value from the file (docs/design.md invariant 4): the
 reasons are fixed strings.
 """
 
@@ -125,13 +125,22 @@ class Box:
 
     def padded(self, dx: int, dy: int, shape: tuple[int, int]) -> Box:
         rows, cols = shape
-        return Box(max(0, self.left - dx), max(0, self.top - dy), min(cols, self.right + dx), min(rows, self.bottom + dy))
+        return Box(
+            max(0, self.left - dx), max(0, self.top - dy), min(cols, self.right + dx), min(rows, self.bottom + dy)
+        )
 
     def union(self, other: Box) -> Box:
-        return Box(min(self.left, other.left), min(self.top, other.top), max(self.right, other.right), max(self.bottom, other.bottom))
+        return Box(
+            min(self.left, other.left),
+            min(self.top, other.top),
+            max(self.right, other.right),
+            max(self.bottom, other.bottom),
+        )
 
     def intersects(self, other: Box) -> bool:
-        return self.left < other.right and other.left < self.right and self.top < other.bottom and other.top < self.bottom
+        return (
+            self.left < other.right and other.left < self.right and self.top < other.bottom and other.top < self.bottom
+        )
 
 
 @dataclass(frozen=True)
@@ -403,7 +412,7 @@ def _near(text: str, token: str) -> bool:
     n = len(token)
     for start in range(0, max(1, len(text) - n + 1)):
         window = text[start:start + n]
-        if len(window) == n and sum(a != b for a, b in zip(window, token)) <= 1:
+        if len(window) == n and sum(a != b for a, b in zip(window, token, strict=True)) <= 1:
             return True
     return False
 
@@ -526,10 +535,8 @@ def clean_pixel_data(
         raise PixelCleaningError(REASON_UNSUPPORTED)
     frames = np.array(_frames(decoded, ds), copy=True)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-    if photometric.startswith("YBR") and frames.ndim == 4:
-        photometric_out = "RGB"  # pydicom's decoders converted YCbCr to RGB
-    else:
-        photometric_out = photometric
+    # pydicom's decoders converted YCbCr to RGB
+    photometric_out = "RGB" if photometric.startswith("YBR") and frames.ndim == 4 else photometric
     voi = _voi(ds, photometric)
     blank = _blank_value(frames, photometric_out, ds)
     if photometric == "PALETTE COLOR":

@@ -21,24 +21,13 @@ from typing import Any, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from anonymization.errors import DeidError
+from anonymization.table import OPTION_COLUMNS
 
 POLICY_VERSION = 1
 EXAMPLE_RESOURCE = "policy.example.toml"
 
-# Table E.1-1 option columns, in the order they are applied (a later column wins a
-# conflict; the two date options are mutually exclusive so order never matters there).
-TABLE_OPTIONS: tuple[str, ...] = (
-    "retain_safe_private",
-    "retain_uids",
-    "retain_device_identity",
-    "retain_institution_identity",
-    "retain_patient_characteristics",
-    "retain_longitudinal_full_dates",
-    "retain_longitudinal_modified_dates",
-    "clean_descriptors",
-    "clean_structured_content",
-    "clean_graphics",
-)
+# Table E.1-1 option columns, in the order they are applied (named once, in anonymization.table).
+TABLE_OPTIONS: tuple[str, ...] = OPTION_COLUMNS
 # Options that are not a column of the table (the pixel cleaning lives in pixels.py).
 OTHER_OPTIONS: tuple[str, ...] = ("clean_pixel_data",)
 
@@ -180,7 +169,9 @@ class Policy(BaseModel):
         """A policy with exactly these option names set (the others false)."""
         unknown = [o for o in options if o not in TABLE_OPTIONS + OTHER_OPTIONS]
         if unknown:
-            raise PolicyError(f"unknown de-identification option(s): {unknown}; known: {list(TABLE_OPTIONS + OTHER_OPTIONS)}")
+            raise PolicyError(
+                f"unknown de-identification option(s): {unknown}; known: {list(TABLE_OPTIONS + OTHER_OPTIONS)}"
+            )
         values: dict[str, Any] = {name: (name in options) for name in TABLE_OPTIONS + OTHER_OPTIONS}
         return cls(**values)
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 from pathlib import Path
 
 from anonymization.audit import utc_now
 from anonymization.errors import is_disk_full
 from anonymization.worker import NotRegularFile, open_regular
+from medfed.files import open_atomic
 
 QUARANTINE_LOG = "quarantine.jsonl"
 
@@ -64,17 +64,9 @@ class Quarantine:
         if target.resolve() == self.log_path.resolve():
             target = self.directory / "files" / relative
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
-        with os.fdopen(open_regular(source), "rb") as src:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            try:
-                with os.fdopen(fd, "wb") as dst:
-                    os.fchmod(dst.fileno(), 0o600)  # whatever the umask: these are identifying files
-                    shutil.copyfileobj(src, dst, 1 << 20)
-                os.replace(tmp, target)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+        # 0600 whatever the umask: these are identifying files
+        with os.fdopen(open_regular(source), "rb") as src, open_atomic(target, 0o600) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
 
     def records(self) -> list[dict[str, str]]:
         """Everything logged so far, oldest first."""

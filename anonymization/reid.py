@@ -36,7 +36,6 @@ import base64
 import hashlib
 import json
 import os
-import stat
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,6 +52,7 @@ from anonymization.audit_keys import AuditSigner, key_id, verify_signature
 from anonymization.errors import DeidError
 from anonymization.policy import Policy
 from anonymization.pseudonyms import Pseudonymizer
+from medfed.files import private_file_problem, write_file
 
 FORMAT_VERSION = 2
 UNSIGNED_VERSION = 1  # rows not signed: readable only on request, never appended to
@@ -140,13 +140,7 @@ def rekey_officer_key(path: Path, passphrase: bytes) -> None:
     """Re-encrypt an officer key file (any format) under scrypt, in place, keeping mode 0600."""
     key = load_private_key(path, passphrase)
     path = Path(path)
-    tmp = path.with_name(path.name + ".rekey")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(_encrypt_private(key, passphrase))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_file(path, _encrypt_private(key, passphrase), 0o600)
 
 
 def fingerprint(public_key: X25519PublicKey) -> str:
@@ -206,7 +200,9 @@ def _decrypt_private(path: Path, data: bytes, passphrase: bytes) -> X25519Privat
     try:
         raw = AESGCM(_scrypt(passphrase, salt, n, r, p)).decrypt(nonce, sealed, _KEY_AAD + public)
     except (InvalidTag, ValueError):
-        raise ReidError(f"cannot open the officer's private key {path}: wrong passphrase, or the file was altered") from None
+        raise ReidError(
+            f"cannot open the officer's private key {path}: wrong passphrase, or the file was altered"
+        ) from None
     return X25519PrivateKey.from_private_bytes(raw)
 
 
@@ -427,9 +423,9 @@ def lookup(
 
 def check_private_key_permissions(path: Path) -> None:
     """Refuse a private key file others can read (it unlocks every row)."""
-    mode = stat.S_IMODE(Path(path).stat().st_mode)
-    if mode & 0o077:
-        raise ReidError(f"the officer's private key {path} is readable by others (mode {mode:04o}); run `chmod 600 {path}`")
+    problem = private_file_problem(Path(path), "the officer's private key")
+    if problem:
+        raise ReidError(problem)
 
 
 # ---- use in a de-identification run ---------------------------------------------------

@@ -3,7 +3,7 @@
 Header de-identification cannot remove text burned into pixels, faces, or the
 content of encapsulated documents, and a file whose pixel data is damaged
 cannot be checked or trained on. Such files are quarantined with a reason; the
-reasons are fixed strings (never values from the file: invariant 4).
+reasons are fixed strings (never values from the file: docs/design.md invariant 4).
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 REASON_NOT_DICOM = "not a DICOM file (no DICM prefix and no readable data set)"
 REASON_UNREADABLE = "unreadable or truncated DICOM file"
 REASON_NOT_INSTANCE = "not a composite DICOM instance (no SOP Class UID or SOP Instance UID)"
-REASON_DICOMDIR = "DICOMDIR media directory: holds file paths and patient records; rebuild it from the de-identified files"
+REASON_DICOMDIR = (
+    "DICOMDIR media directory: holds file paths and patient records; rebuild it from the de-identified files"
+)
 REASON_ENCAPSULATED = "encapsulated document (PDF, CDA, 3D model): its content cannot be de-identified by header rules"
 REASON_BURNED_IN = "Burned In Annotation is YES: text burned into the pixels"
 REASON_VISUAL = "Recognizable Visual Features is YES: the image may show a face"
@@ -152,10 +154,9 @@ def text_risk(ds: Dataset) -> str | None:
     if any(_under(sop_class, root) for root in ULTRASOUND_ROOTS) or _text(ds, "Modality") == "US":
         return REASON_ULTRASOUND
     image_type = _peek(ds, "ImageType")
-    if image_type:
-        # "SECONDARY" alone is normal for reformatted CT/MR: only screen captures count.
-        if any(v.strip().upper() in SCREEN_CAPTURE_TYPES for v in image_type.split("\\")):
-            return REASON_SCREEN_CAPTURE
+    # "SECONDARY" alone is normal for reformatted CT/MR: only screen captures count.
+    if image_type and any(v.strip().upper() in SCREEN_CAPTURE_TYPES for v in image_type.split("\\")):
+        return REASON_SCREEN_CAPTURE
     return None
 
 
@@ -204,9 +205,9 @@ def truncation(ds: Dataset, size: int | None = None) -> str | None:
     last = elements[max(elements, key=int)]  # the element that ends the file
     length = getattr(last, "length", None)
     value_tell = getattr(last, "value_tell", None)
-    if isinstance(length, int) and length != 0xFFFFFFFF and isinstance(value_tell, int):
-        if value_tell + length < size:
-            return REASON_TRUNCATED
+    if (isinstance(length, int) and length != 0xFFFFFFFF and isinstance(value_tell, int)
+            and value_tell + length < size):
+        return REASON_TRUNCATED
     return None
 
 

@@ -20,7 +20,10 @@ TABLE_RESOURCE = "ps3.15_table_e1_1.json"
 
 # The option this product applies (PS3.15 E.3.6): dates shifted, not removed.
 RETAIN_LONGITUDINAL_MODIFIED_DATES = "retain_longitudinal_modified_dates"
-OPTION_COLUMNS = (
+# Table E.1-1's option columns, in the order they are applied (a later column wins a conflict;
+# the two date options are mutually exclusive, so order never matters there). The policy's
+# fields carry these names (anonymization.policy.TABLE_OPTIONS is this tuple).
+OPTION_COLUMNS: tuple[str, ...] = (
     "retain_safe_private",
     "retain_uids",
     "retain_device_identity",

@@ -73,7 +73,7 @@ def _encode(ds: Dataset, meta_bytes: bytes, encoding: tuple[bool, bool], source:
     # per tag costs a microsecond more per element for the same objects.
     elements = getattr(ds, "_dict", None)
     if not isinstance(elements, dict):
-        elements = {tag: ds.get_item(tag) for tag in ds.keys()}
+        elements = {tag: ds.get_item(tag) for tag in ds.keys()}  # noqa: SIM118 - a pydicom Dataset iterates over elements
     run_start = run_end = -1  # a run of adjacent raw elements is copied as one slice
     for tag in sorted(elements, key=int):
         if tag & 0xFFFF == 0 and tag >> 16 > 6:
@@ -151,7 +151,7 @@ def encode_file_meta(meta: FileMetaDataset) -> bytes:
     Written by hand for the usual five elements (pydicom's generic writer costs
     a tenth of a millisecond per file); anything else goes through pydicom.
     """
-    keys = {int(tag) for tag in meta.keys()}
+    keys = {int(tag) for tag in meta.keys()}  # noqa: SIM118 - a pydicom Dataset iterates over elements
     if keys - {0x00020000, 0x00020001} != _META_TAGS - {0x00020000, 0x00020001}:
         head = DicomBytesIO()
         head.is_implicit_VR, head.is_little_endian = False, True

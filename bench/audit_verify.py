@@ -46,10 +46,14 @@ def build(directory: Path, signer: AuditSigner, records: int, segment_records: i
                                       "bytes": 9216} for k in range(6)],
                              metrics=["epsilon", "num-examples"], bytes=55296, digest=digest)
             else:
-                trail.append("deidentified", input_digest=digest, sop_uid=f"2.25.{int(digest[:30], 16)}",
-                             path=f"images/P{digest[:20]}/2.25.{int(digest[30:50], 16)}/2.25.{int(digest[:30], 16)}.dcm",
-                             actions={"X": 51, "D": 7, "U": 6, "Z": 4, "K": 12, "C": 2, "pseudonym": 2},
-                             output_digest=digest[::-1])
+                trail.append(
+                    "deidentified",
+                    input_digest=digest,
+                    sop_uid=f"2.25.{int(digest[:30], 16)}",
+                    path=f"images/P{digest[:20]}/2.25.{int(digest[30:50], 16)}/2.25.{int(digest[:30], 16)}.dcm",
+                    actions={"X": 51, "D": 7, "U": 6, "Z": 4, "K": 12, "C": 2, "pseudonym": 2},
+                    output_digest=digest[::-1],
+                )
     return len(trail.records(everything=True))
 
 

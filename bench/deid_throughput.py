@@ -462,7 +462,8 @@ def main() -> None:
                 parts.append(f"{ratio:.2f}x by {name}{verdict}")
             print(f"- medfed / {peer} on one core: " + "; ".join(parts))
         if ("medfed", "2 workers") in rate:
-            print(f"- medfed 2 workers / 1 core (wall clock): {rate[('medfed', '2 workers')] / rate[('medfed', one)]:.2f}x")
+            speedup = rate[("medfed", "2 workers")] / rate[("medfed", one)]
+            print(f"- medfed 2 workers / 1 core (wall clock): {speedup:.2f}x")
         if ("medfed (process)", one) in rate and ("bare-pydicom", one) in rate:
             print(f"- medfed as a whole process (interpreter start to exit) / bare-pydicom loop: "
                   f"{rate[('medfed (process)', one)] / rate[('bare-pydicom', one)]:.2f}x by wall clock")

@@ -72,8 +72,8 @@ def main() -> None:
         ema: dict[str, dict[str, torch.Tensor]] = {}
 
         def after_round(rnd: int, state: dict[str, torch.Tensor]) -> None:
-            prev = ema.get("state")
-            ema["state"] = ({k: v.clone() for k, v in state.items()} if prev is None else
+            prev = ema.get("state")  # noqa: B023 - called within this iteration only
+            ema["state"] = ({k: v.clone() for k, v in state.items()} if prev is None else  # noqa: B023
                             {k: args.ema * prev[k] + (1 - args.ema) * state[k] for k in state})
             if rnd % 5 == 0 or rnd == args.rounds:
                 curve.append(f"r{rnd} {auc(state):.3f}")  # noqa: B023 - called within this iteration only

@@ -105,7 +105,9 @@ def _results(out: Path, run: str, state_dirs: list[Path]) -> tuple[list[float], 
 
     metrics = json.loads((out / "metrics.json").read_text())
     rounds = [float(r["seconds"]) for r in metrics["rounds"]]
-    sent = [int(r["wire_bytes"]) for r in read_jsonl(out / "received.jsonl") if r["phase"] == "train" and "error" not in r]
+    sent = [
+        int(r["wire_bytes"]) for r in read_jsonl(out / "received.jsonl") if r["phase"] == "train" and "error" not in r
+    ]
     return rounds, _timings(state_dirs, run, len(rounds)), sent
 
 
@@ -302,7 +304,7 @@ def print_table(rows: list[Row]) -> None:
                   "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:,.0f} MB")
     Console(width=200).print(t)
     for r in rows:
-        print(f"{r.setting}: rounds {['%.1f' % s for s in r.rounds]} s; {'; '.join(r.notes)}")
+        print(f"{r.setting}: rounds {[f'{s:.1f}' for s in r.rounds]} s; {'; '.join(r.notes)}")
     goals = []
     for r in rows:
         if r.sites == 10 and r.setting.startswith("simulation"):
@@ -310,7 +312,9 @@ def print_table(rows: list[Row]) -> None:
             goals.append(f"overhead at 10 sites {over:.2f}s/round (goal < 1 s): {'met' if over < 1 else 'NOT met'}")
         if r.sent:
             ratio = statistics.mean(r.sent) / r.model_bytes
-            goals.append(f"{r.setting}: bytes/round {ratio:.3f}x model (goal <= 1.1x): {'met' if ratio <= 1.1 else 'NOT met'}")
+            goals.append(
+                f"{r.setting}: bytes/round {ratio:.3f}x model (goal <= 1.1x): {'met' if ratio <= 1.1 else 'NOT met'}"
+            )
         if r.sites == 100:
             goals.append(f"100 simulated sites ran on this machine ({len(r.rounds)} rounds)")
     print("\n".join(goals))
@@ -349,7 +353,9 @@ def framing_sweep() -> None:
         model = sum(n * k * 4 for n in sizes)
         per_tensor = reply(ArrayRecord({name: Array(v.numpy()) for name, v in state.items()}))
         packed = reply(pack(state))
-        t.add_row(f"{model:,}", f"{per_tensor:,}", f"{per_tensor / model:.3f}x", f"{packed:,}", f"{packed / model:.3f}x")
+        t.add_row(
+            f"{model:,}", f"{per_tensor:,}", f"{per_tensor / model:.3f}x", f"{packed:,}", f"{packed / model:.3f}x"
+        )
     Console(width=200).print(t)
 
 

@@ -171,12 +171,24 @@ def fedavg_flower(work: Path, sites: list[SiteConfig], args: argparse.Namespace,
     if out.exists():
         shutil.rmtree(out)
     cfg = RunConfig().with_overrides(
-        num_server_rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr,
+        num_server_rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
         lr_schedule=args.lr_schedule,
-        optimizer=args.optimizer, max_grad_norm=args.max_grad_norm, noise_multiplier=NOISE_FLOOR,
-        calibrate_noise=True, keep_optimizer_state=True, image_size=args.image_size, demo_dir=str(work), out_dir=str(out),
-        min_train_nodes=len(sites), min_evaluate_nodes=len(sites), min_available_nodes=len(sites),
-        fraction_evaluate=0.0 if args.no_round_eval else 1.0, seed=args.seed,
+        optimizer=args.optimizer,
+        max_grad_norm=args.max_grad_norm,
+        noise_multiplier=NOISE_FLOOR,
+        calibrate_noise=True,
+        keep_optimizer_state=True,
+        image_size=args.image_size,
+        demo_dir=str(work),
+        out_dir=str(out),
+        min_train_nodes=len(sites),
+        min_evaluate_nodes=len(sites),
+        min_available_nodes=len(sites),
+        fraction_evaluate=0.0 if args.no_round_eval else 1.0,
+        seed=args.seed,
         run_name=f"utility-eps{eps:g}-{time.time_ns()}",  # a fresh account in each site's ledger
     )
     simulate(cfg, len(sites))
@@ -268,9 +280,12 @@ def main() -> None:
 
     cols = [s.name for s in sites] + ["pooled", UNSEEN]
     print()
-    print(f"AUC, {len(sites)} sites + 1 unseen, {args.patients} patients at the largest site, {size}x{size}, "
-          f"{args.rounds} rounds x {args.local_epochs} local epochs (= {epochs} epochs everywhere), batch "
-          f"{args.batch_size}, {args.optimizer} lr {args.lr:g} ({args.lr_schedule} over the rounds), clip {args.max_grad_norm:g}, delta {DELTA:g}")
+    print(
+        f"AUC, {len(sites)} sites + 1 unseen, {args.patients} patients at the largest site, {size}x{size}, "
+        f"{args.rounds} rounds x {args.local_epochs} local epochs (= {epochs} epochs everywhere), batch "
+        f"{args.batch_size}, {args.optimizer} lr {args.lr:g} ({args.lr_schedule} over the rounds), "
+        f"clip {args.max_grad_norm:g}, delta {DELTA:g}"
+    )
     print("| method | ε | " + " | ".join(cols) + " | seconds |")
     print("|---|---|" + "---|" * len(cols) + "---|")
     for method, eps, aucs, secs in rows:

@@ -6,7 +6,6 @@ leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from coordinator.history import RunHistory
+from medfed.files import open_atomic
 
 _NAME = re.compile(r"^round-(\d{4})\.pt$")
 
@@ -37,14 +37,11 @@ def save_checkpoint(
     """Atomically write ``round-NNNN.pt`` into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"round-{server_round:04d}.pt"
-    tmp = directory / f".{path.name}.tmp"
-    torch.save(
-        {"round": server_round, "state_dict": state_dict, "history": history.to_json(), "run_config": run_config},
-        tmp,
-    )
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with open_atomic(path) as fh:
+        torch.save(
+            {"round": server_round, "state_dict": state_dict, "history": history.to_json(), "run_config": run_config},
+            fh,
+        )
     return path
 
 

@@ -22,8 +22,10 @@ from coordinator.grid import PromptGrid
 from coordinator.history import RunHistory
 from coordinator.receipts import Receipts, train_digests
 from coordinator.report import plot_metrics, write_metrics
-from coordinator.secure import UNIFORM_WEIGHT_KEY, SecAggPlusGrid
+from coordinator.secure import SecAggPlusGrid
 from coordinator.strategy import build_strategy, screen_first, wait_for_nodes
+from medfed.files import open_atomic, write_text
+from medfed.protocol import UNIFORM_WEIGHT_KEY
 from medfed.settings import RunConfig
 from medfed.wire import pack, unpack
 from models.registry import build_network, load_initial_weights
@@ -154,9 +156,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Feder
     final_state = unpack(result.arrays, state) if result is not None and len(result.arrays) else state
 
     model_path = out / MODEL_FILE
-    tmp = out / f".{MODEL_FILE}.tmp"
-    torch.save(final_state, tmp)
-    tmp.replace(model_path)
+    with open_atomic(model_path) as fh:
+        torch.save(final_state, fh)
     write_metrics(out / METRICS_FILE, history, run_config, {"final_model": MODEL_FILE, **site_dp_extra()})
     plot_metrics(out / PLOT_FILE, history)
     if cfg.release_key:
@@ -200,6 +201,4 @@ def _released_rounds(out: Path, upto: int) -> list[int]:
 def _write_released(out: Path, released: list[int]) -> None:
     import json
 
-    tmp = out / f".{SITE_DP_FILE}.tmp"
-    tmp.write_text(json.dumps({"released": released}))
-    tmp.replace(out / SITE_DP_FILE)
+    write_text(out / SITE_DP_FILE, json.dumps({"released": released}))

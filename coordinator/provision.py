@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from medfed.files import write_file
 from medfed.node_keys import NodeKeyError, fingerprint, load_public_key, parse_public_key, public_line
-from medfed.settings import describe_validation
+from medfed.settings import DEFAULT_EVALUATION_NOISE, DEFAULT_MAX_MODEL_ABS, describe_validation, site_template_lines
 
 CONSORTIUM_FILE = "consortium.toml"
 KIT_FILE = "kit.toml"
@@ -68,7 +68,9 @@ class ProvisionError(Exception):
 
 def explain(source: Path | str, err: ValidationError) -> ProvisionError:
     """A pydantic error as one message naming the file, each field, and the fix."""
-    return ProvisionError(describe_validation(source, err, f"Fix the field(s) above in {source} (or provision again) and retry."))
+    return ProvisionError(
+        describe_validation(source, err, f"Fix the field(s) above in {source} (or provision again) and retry.")
+    )
 
 
 # ---- configuration files ------------------------------------------------------------------------
@@ -89,7 +91,9 @@ class SiteEntry(BaseModel):
     @classmethod
     def _name(cls, v: str) -> str:
         if not SITE_NAME.match(v):
-            raise ValueError("site names are letters, digits, '.', '_' or '-' (at most 63), starting with a letter or digit")
+            raise ValueError(
+                "site names are letters, digits, '.', '_' or '-' (at most 63), starting with a letter or digit"
+            )
         return v
 
 
@@ -213,7 +217,9 @@ class CertificateAuthority:
                 f"{CA_PASSPHRASE_ENV}") from None
         except ValueError:
             if passphrase is None:
-                raise ProvisionError(f"{key_path} is not a PEM private key; restore ca/ from the offline copy") from None
+                raise ProvisionError(
+                    f"{key_path} is not a PEM private key; restore ca/ from the offline copy"
+                ) from None
             raise ProvisionError(
                 f"cannot decrypt {key_path}: wrong CA passphrase (from --ca-passphrase-file or "
                 f"{CA_PASSPHRASE_ENV}); nothing was changed — retry with the right one") from None
@@ -433,24 +439,29 @@ reconnect-seconds = 3600            # how long the SuperNode keeps retrying a lo
 
 # Template of the site's own settings (site.toml); `--data` fills data-dir.
 [site]
-name = {_q(site)}
-state-dir = "state"                 # privacy ledger, committed updates (keep and back up)
-epsilon-cap = 8.0                   # the site's privacy budget for its LIFETIME: every run, every evaluation
-# epsilon-cap-per-run = 4.0         # optional: the most any one run may spend
-delta = 1e-5                        # must be below 1/size-bucket (and 1/n for the n training images)
-# evaluation-noise = 10.0           # noise on each released evaluation (docs/privacy.md: its epsilon cost)
-# size-bucket = 1000                # the coarse size published instead of n (default: n to 1 digit, rounded down)
-# max-model-abs = 1e4               # a global model with any |value| above this is refused
-"""
+""" + "\n".join(site_template_lines(
+        {"name": site, "state-dir": "state", "epsilon-cap": 8.0, "delta": 1e-5},
+        {"epsilon-cap-per-run": 4.0, "evaluation-noise": DEFAULT_EVALUATION_NOISE, "size-bucket": 1000,
+         "max-model-abs": DEFAULT_MAX_MODEL_ABS})) + "\n"
 
 
-def site_service_files(site: str) -> dict[str, str]:
-    """Ready-to-use systemd unit for the site (paths as installed by deploy/README.md)."""
-    unit = f"""[Unit]
-Description=medfed site node ({site}): Flower SuperNode with TLS and node authentication
+#: The site's systemd unit, stated once: deploy/systemd/medfed-site.service is :func:`site_unit` with no
+#: site (tests/test_deployment_files.py checks it byte for byte) and every kit ships it with its site's name.
+SITE_UNIT_FILE = "medfed-site.service"
+_SITE_UNIT = """# medfed site node: Flower SuperNode with TLS and node authentication, outbound only.
+# Install (as root), with medfed in /opt/medfed and the site's files in /srv/medfed:
+#   install -m 0644 medfed-site.service /etc/systemd/system/
+#   systemctl daemon-reload && systemctl enable --now medfed-site
+# /srv/medfed/kit  = this site's kit: `medfed site keygen /srv/medfed/kit` made auth/node.key (0600) here, the
+#                    operator's kit (kit.toml, ca.pem, auth/node.pub) was copied in: cp -r KIT/. /srv/medfed/kit/
+# /srv/medfed/deid = the de-identified store written by `medfed deid run`
+[Unit]
+Description=medfed site node{site}(Flower SuperNode, TLS, node authentication)
 Documentation=file:///opt/medfed/deploy/README.md
 After=network-online.target
 Wants=network-online.target
+StartLimitIntervalSec=600
+StartLimitBurst=20
 
 [Service]
 Type=simple
@@ -460,20 +471,36 @@ WorkingDirectory=/srv/medfed
 Environment=FLWR_TELEMETRY_ENABLED=0
 Environment=FLWR_DISABLE_UPDATE_CHECK=1
 Environment=FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+Environment=RAY_USAGE_STATS_ENABLED=0
 ExecStart=/opt/medfed/.venv/bin/medfed site start /srv/medfed/kit --data /srv/medfed/deid
+# medfed forwards SIGTERM to the SuperNode, which leaves the federation cleanly.
+KillMode=mixed
+TimeoutStopSec=60
 Restart=on-failure
-RestartSec=10
+RestartSec=15
 NoNewPrivileges=true
 PrivateTmp=true
 ProtectSystem=strict
 ProtectHome=true
+ProtectKernelTunables=true
+ProtectControlGroups=true
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
 ReadWritePaths=/srv/medfed
 UMask=0077
 
 [Install]
 WantedBy=multi-user.target
 """
-    return {"medfed-site.service": unit}
+
+
+def site_unit(site: str | None = None) -> str:
+    """The hardened site unit (paths as installed by deploy/README.md); ``site`` names the node in its description."""
+    return _SITE_UNIT.format(site=f" {site} " if site else " ")
+
+
+def site_service_files(site: str) -> dict[str, str]:
+    """The files a kit carries to run the site as a service: the unit, named for ``site``."""
+    return {SITE_UNIT_FILE: site_unit(site)}
 
 
 def kit_readme(consortium: str, site: str, superlink: str) -> str:
@@ -548,8 +575,9 @@ def _normalized_key(data: bytes, source: str) -> bytes:
         raise ProvisionError(str(err)) from None
 
 
-def _enrolments(directory: Path, cfg: ConsortiumConfig,
-                sites: Sequence[tuple[str, Path, Path | None]]) -> list[tuple[str, bytes, x509.CertificateSigningRequest]]:
+def _enrolments(
+    directory: Path, cfg: ConsortiumConfig, sites: Sequence[tuple[str, Path, Path | None]]
+) -> list[tuple[str, bytes, x509.CertificateSigningRequest]]:
     """Check new sites' names and public keys against the consortium and each other, before anything is written.
 
     A key may belong to one site only, revoked ones included: a revoked key stays refused.
@@ -592,7 +620,9 @@ def init_consortium(directory: Path, name: str, hosts: list[str],
     """Create a consortium folder: CA, coordinator TLS identity, and a kit per enrolled site (name, public key)."""
     directory = directory.resolve()
     if (directory / CONSORTIUM_FILE).exists():
-        raise ProvisionError(f"{directory} already holds a consortium ({CONSORTIUM_FILE}); use add-site, or another DIR")
+        raise ProvisionError(
+            f"{directory} already holds a consortium ({CONSORTIUM_FILE}); use add-site, or another DIR"
+        )
     if directory.exists() and any(directory.iterdir()):
         raise ProvisionError(f"{directory} is not empty; choose an empty or new folder")
     host_list = [h.strip() for raw in hosts for h in raw.split(",") if h.strip()]

@@ -32,14 +32,9 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
-from medfed.protocol import SITE_FAILED
+from medfed.protocol import ARRAY_NAMES_KEY, SITE_FAILED
 
 log = logging.getLogger(__name__)
-
-#: Config key telling a site's SecAgg+ adapter the model's array names (legacy Parameters carry none).
-ARRAY_NAMES_KEY = "array-names"
-#: Config key asking the sites to weight their masked update uniformly (site-level DP).
-UNIFORM_WEIGHT_KEY = "uniform-weight"
 
 
 @dataclass

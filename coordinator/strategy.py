@@ -135,8 +135,9 @@ class _Recording:
             out.append(nid)
         return out
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         connected = wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)  # type: ignore[attr-defined]
         if self.num_sites is None:
             self.num_sites = connected
@@ -152,8 +153,9 @@ class _Recording:
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})  # type: ignore[attr-defined]
         return self._remember(self._construct_messages(record, nodes, MessageType.TRAIN))  # type: ignore[attr-defined]
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout)  # type: ignore[attr-defined]
         messages = self._remember(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[misc]
         config["server-round"] = server_round + self.round_offset
@@ -230,8 +232,9 @@ class _Recording:
             rec.site(nid).no_result(phase, "no-reply", reason)
             log.warning("round %d: %s", server_round, reason)
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = self.screen(server_round, replies)
         self._record(server_round, replies, "train")
         self._rejected, self._norms, self._recorded_round = {}, {}, server_round
@@ -253,8 +256,9 @@ class _Recording:
         self.history.round(server_round + self.round_offset).train = dict(metrics) if metrics is not None else {}
         return arrays, metrics
 
-    def _aggregate_uniform(self, server_round: int,
-                           replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def _aggregate_uniform(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The strategy's aggregation with every site weighing the same (clipped updates, 1/m each)."""
         rewritten = []
         for m in replies:
@@ -374,8 +378,9 @@ def screen_first(top: Strategy, recording: Strategy) -> Strategy:
         return top
     aggregate = top.aggregate_train
 
-    def aggregate_train(server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         screened = recording.screen(server_round, replies)  # type: ignore[attr-defined]
         recording._recorded_round = None  # type: ignore[attr-defined]
         result = aggregate(server_round, screened)

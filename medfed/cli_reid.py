@@ -3,7 +3,7 @@
 The site machine only ever holds the officer's *public* key and appends sealed rows
 (``medfed deid run --policy ...``). These commands run on the officer's machine:
 make the key pair, and open rows with the private key. Lookups print identifiers to
-the officer's terminal only; nothing is logged (invariant 4).
+the officer's terminal only; nothing is logged (docs/design.md invariant 4).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Process hardening shared by every medfed process.
 
 Flower phones home (telemetry, update check) and installs app dependencies at
-run time unless told not to; a hospital node must do none of that (DESIGN.md,
+run time unless told not to; a hospital node must do none of that (docs/design.md
 invariant 6), so these variables are forced in every process we start and are
 inherited by every child process (Ray workers, SuperNodes, SuperLinks).
 """

@@ -1,7 +1,9 @@
 """What sites and coordinator agree on beyond Flower's own message types.
 
-Error codes a site uses when it does not send an update; Flower's own codes are
-below 100, ours start at 4000 so the coordinator's report can tell them apart.
+Error codes a site uses when it does not send an update (Flower's own codes are
+below 100, ours start at 4000 so the coordinator's report can tell them apart),
+and the config keys both ends of secure aggregation read. Neither end imports
+the other, so these live here.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ SITE_FAILED = 4004
 
 #: Not a site's code: the coordinator refused the site's reply (coordinator.screening says why).
 COORDINATOR_REJECTED = 4005
+
+#: Train-config key telling a site's SecAgg+ adapter the model's array names (legacy Parameters carry none).
+ARRAY_NAMES_KEY = "array-names"
+#: Train-config key asking the sites to weight their masked update uniformly (site-level DP, uniform weights).
+UNIFORM_WEIGHT_KEY = "uniform-weight"
 
 ERROR_NAMES = {
     SITE_DECLINED: "declined",

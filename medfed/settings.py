@@ -255,31 +255,39 @@ class SiteConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
-    data_dir: Path = Field(alias="data-dir")
-    state_dir: Path = Field(alias="state-dir")
-    audit_dir: Path | None = Field(None, alias="audit-dir")
+    # Each description is also the comment beside the field in a kit's [site] template (site_template_lines).
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$", description="this site's name in the consortium")
+    data_dir: Path = Field(alias="data-dir", description="the de-identified store (`medfed deid run` wrote it)")
+    state_dir: Path = Field(alias="state-dir", description="privacy ledger, committed updates (keep and back up)")
+    audit_dir: Path | None = Field(None, alias="audit-dir", description="the audit trail (default: DATA/audit)")
     # Ed25519 key that seals the audit trail; default: the one the trail records, else STATE/audit-signing.key.
-    audit_key: Path | None = Field(None, alias="audit-key")
+    audit_key: Path | None = Field(None, alias="audit-key", description="the key that seals the audit trail")
     # The site's privacy budget over its LIFETIME: every run on its data, every evaluation, composed.
-    epsilon_cap: float = Field(alias="epsilon-cap", gt=0.0)
+    epsilon_cap: float = Field(alias="epsilon-cap", gt=0.0,
+                               description="the site's privacy budget for its LIFETIME: every run, every evaluation")
     # Optional cap on any one run (None: a run may spend whatever the lifetime cap leaves).
-    epsilon_cap_per_run: float | None = Field(None, alias="epsilon-cap-per-run", gt=0.0)
-    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    epsilon_cap_per_run: float | None = Field(None, alias="epsilon-cap-per-run", gt=0.0,
+                                              description="optional: the most any one run may spend")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0,
+                         description="must be below 1/size-bucket (and 1/n for the n training images)")
     # σ of the Gaussian noise on each bin of the evaluation histograms (sensitivity 1): the evaluation's price.
-    evaluation_noise: float = Field(DEFAULT_EVALUATION_NOISE, alias="evaluation-noise", gt=0.0)
+    evaluation_noise: float = Field(DEFAULT_EVALUATION_NOISE, alias="evaluation-noise", gt=0.0,
+                                    description="noise on each released evaluation (docs/privacy.md: its epsilon cost)")
 
     # The coarse training-set size this site publishes instead of its count (FedAvg weight, Poisson
     # rate q = batch-size / size-bucket); unset: derived once from the training split and kept in
     # STATE/enrolment.json (site_client.task.enrolled_size_bucket).
-    size_bucket: int | None = Field(None, ge=1, alias="size-bucket")
+    size_bucket: int | None = Field(None, ge=1, alias="size-bucket", description="the coarse size published "
+                                    "instead of n (default: n to 1 digit, rounded down)")
     # A global model holding any |value| above this is refused before any spend: trained weights here
     # are O(1) and the norm layers keep activations at unit scale, so 1e4 is 3+ orders of headroom.
-    max_model_abs: float = Field(DEFAULT_MAX_MODEL_ABS, gt=0.0, alias="max-model-abs")
-    run_bounds: RunBounds = Field(default_factory=RunBounds, alias="run-bounds")
-    # Studies this site serves besides the default one, by SHA-256 (`medfed study check FILE` prints it):
-    # the privacy officer's approval of what is learnt from the site's patients.
-    approved_studies: tuple[str, ...] = Field((), alias="approved-studies")
+    max_model_abs: float = Field(DEFAULT_MAX_MODEL_ABS, gt=0.0, alias="max-model-abs",
+                                 description="a global model with any |value| above this is refused")
+    run_bounds: RunBounds = Field(default_factory=RunBounds, alias="run-bounds",
+                                  description="what a run may ask of this site; a run outside them is refused")
+    approved_studies: tuple[str, ...] = Field((), alias="approved-studies", description=(
+        "studies this site serves besides the default one, by SHA-256 (`medfed study check FILE` prints it): "
+        "the privacy officer's approval of what is learnt from the site's patients"))
 
     @field_validator("approved_studies")
     @classmethod
@@ -360,3 +368,28 @@ class SiteConfig(BaseModel):
         for key, value in self.run_bounds.model_dump(by_alias=True).items():
             lines.append(f"{key} = {json.dumps(list(value) if isinstance(value, tuple) else value)}")
         return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    return json.dumps(str(value)) if isinstance(value, str | Path) else repr(value)
+
+
+def site_template_lines(values: Mapping[str, Any], commented: Mapping[str, Any] | None = None) -> list[str]:
+    """A self-explaining site.toml fragment: ``key = value  # description`` for each :class:`SiteConfig` key in
+    ``values`` (by its TOML name), and commented-out examples for the keys in ``commented``, in field order.
+
+    The descriptions live on the model only, so the kit's template and the validator never disagree.
+    """
+    commented = commented or {}
+    unknown = set(values) | set(commented)
+    lines = []
+    for name, field in SiteConfig.model_fields.items():
+        key = field.alias or name
+        for source, prefix in ((values, ""), (commented, "# ")):
+            if key in source:
+                unknown.discard(key)
+                setting = f"{prefix}{key} = {_toml_value(source[key])}"
+                lines.append(f"{setting:<35} # {field.description}" if field.description else setting)
+    if unknown:
+        raise ValueError(f"not SiteConfig keys: {sorted(unknown)}")
+    return lines

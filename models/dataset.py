@@ -1,10 +1,10 @@
 """A PyTorch dataset over the site's de-identified DICOM store, read through its manifest.
 
-Training must never see the raw PACS export (DESIGN.md invariant 2), so this
+Training must never see the raw PACS export (docs/design.md invariant 2), so this
 dataset only opens files listed in ``DEID_DIR/manifest.csv``, refuses paths that
 leave the store, and refuses any file not marked ``PatientIdentityRemoved=YES``.
 Error messages name manifest rows and store-relative paths only, never header
-values, so that no identifier can leak through them (invariant 4).
+values, so that no identifier can leak through them (docs/design.md invariant 4).
 """
 
 from __future__ import annotations

@@ -54,7 +54,9 @@ def run_key(cfg: RunConfig, context: Context) -> str:
     return cfg.run_name or str(context.run_id)
 
 
-def make_egress_guard(base: RunConfig | None) -> Callable[[Message, Context, Callable[[Message, Context], Message]], Message]:
+def make_egress_guard(
+    base: RunConfig | None,
+) -> Callable[[Message, Context, Callable[[Message, Context], Message]], Message]:
     """A mod that checks and records every reply before it leaves the site."""
 
     def egress_guard(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
@@ -80,7 +82,7 @@ def make_egress_guard(base: RunConfig | None) -> Callable[[Message, Context, Cal
         secure = is_secagg(msg)
         try:
             expected = legacy_arrays(msg.content) if secure else (
-                msg.content[ARRAYS_KEY] if ARRAYS_KEY in msg.content else None)
+                msg.content.get(ARRAYS_KEY, None))
             reply = call_next(msg, context)
         except Exception as err:  # noqa: BLE001 - the site must answer, but without its internals
             if _is_refusal(err):

@@ -4,7 +4,7 @@ Every reply the ClientApp produces passes through :func:`check_reply` (wired in
 as a Flower mod in `client_app.py`); a reply that carries anything else is
 replaced by an error that says only that it was blocked. What did leave is
 recorded in the site's audit trail: names, shapes, dtypes, bytes and a digest
-(DESIGN.md invariant 1), and the anchor (site name, record number, line hash:
+(docs/design.md invariant 1), and the anchor (site name, record number, line hash:
 see :mod:`anonymization.audit_anchors`).
 """
 

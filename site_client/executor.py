@@ -23,6 +23,7 @@ protocol is Flower's; only the decision of what runs is the site's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import subprocess
@@ -170,10 +171,8 @@ def serve_task(runtime: Runtime, token: str, site_toml: Path, approved: frozense
         push_task_output(client, context, SubStatus.COMPLETED, details)
     except Exception as err:  # noqa: BLE001 - one bad task must not stop the site
         log.exception("task failed: %s", err)
-        try:
+        with contextlib.suppress(Exception):  # the SuperNode may be gone too; the log has the cause
             push_task_output(client, context, SubStatus.FAILED, f"{details} ({type(err).__name__})")
-        except Exception:  # noqa: BLE001
-            pass
     finally:
         stop.set()
         client.close()

@@ -28,18 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from anonymization.manifest import MANIFEST_FILE, label_counts
 from medfed import hardening
-from medfed.files import write_file
+from medfed.files import private_file_problem, write_file, write_text
 from medfed.node_keys import NodeKeyError, fingerprint, load_private_key, node_keypair, parse_public_key
 from medfed.processes import stop_child
 from medfed.settings import (
-    DEFAULT_EVALUATION_NOISE,
-    DEFAULT_MAX_MODEL_ABS,
     ConfigError,
-    RunBounds,
     SiteConfig,
     describe_validation,
 )
@@ -61,26 +58,33 @@ class KitError(Exception):
 
 
 def _explain(source: Path, err: ValidationError) -> KitError:
-    return KitError(describe_validation(source, err, f"Fix the field(s) above in {source}, or ask the consortium operator for a new kit."))
+    return KitError(
+        describe_validation(
+            source, err, f"Fix the field(s) above in {source}, or ask the consortium operator for a new kit."
+        )
+    )
 
 
-class SiteTemplate(BaseModel):
-    """The kit's ``[site]`` table: a site.toml without its data folder."""
+#: The kit's [site] paths: strings there, relative to the kit folder (data-dir: `--data` usually fills it).
+_TEMPLATE_PATHS = {"data_dir": "", "state_dir": "state", "audit_dir": "", "audit_key": ""}
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    name: str
-    data_dir: str = Field("", alias="data-dir")
-    state_dir: str = Field("state", alias="state-dir")
-    audit_dir: str = Field("", alias="audit-dir")
-    audit_key: str = Field("", alias="audit-key")
-    epsilon_cap: float = Field(alias="epsilon-cap", gt=0.0)  # the site's lifetime total, every run
-    epsilon_cap_per_run: float | None = Field(None, alias="epsilon-cap-per-run", gt=0.0)
-    delta: float = Field(1e-5, gt=0.0, lt=1.0)
-    run_bounds: RunBounds = Field(default_factory=RunBounds, alias="run-bounds")
-    size_bucket: int | None = Field(None, ge=1, alias="size-bucket")
-    max_model_abs: float = Field(DEFAULT_MAX_MODEL_ABS, gt=0.0, alias="max-model-abs")
-    evaluation_noise: float = Field(DEFAULT_EVALUATION_NOISE, alias="evaluation-noise", gt=0.0)
+def _template_fields() -> dict[str, Any]:
+    """SiteConfig's fields, names, bounds, defaults and descriptions, with its paths as kit-relative strings."""
+    fields: dict[str, Any] = {}
+    for name, info in SiteConfig.model_fields.items():
+        if name in _TEMPLATE_PATHS:
+            fields[name] = (str, Field(_TEMPLATE_PATHS[name], alias=info.alias, description=info.description))
+        else:
+            fields[name] = (info.annotation, info)
+    return fields
+
+
+#: The kit's ``[site]`` table: a site.toml without its data folder, generated from :class:`SiteConfig`
+#: so the two never drift apart; the full SiteConfig checks run when `site start` composes site.toml.
+SiteTemplate = create_model(  # type: ignore[call-overload]
+    "SiteTemplate", __config__=ConfigDict(extra="forbid", populate_by_name=True), **_template_fields()
+)
 
 
 class KitConfig(BaseModel):
@@ -168,11 +172,9 @@ def load_kit(root: Path) -> Kit:
             f"`medfed site keygen {root}` here at the site and give only {kit.auth_pub.name} to the consortium "
             f"operator (`medfed consortium add-site DIR {kit.config.name} --public-key {kit.auth_pub.name}`); "
             "the private key never leaves the site")
-    mode = kit.auth_key.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise KitError(
-            f"{kit.auth_key} (auth-key in {path}) is readable by others (mode {mode:o}); "
-            f"run `chmod 600 {kit.auth_key}` — it is this site's private key")
+    problem = private_file_problem(kit.auth_key, "this site's private key")
+    if problem:
+        raise KitError(problem)
     try:
         own = load_private_key(kit.auth_key).public_key()
         enrolled = (parse_public_key(kit.auth_pub.read_bytes(), str(kit.auth_pub))
@@ -201,10 +203,9 @@ def _check_tls_identity(kit: Kit, path: Path) -> None:
         raise KitError(f"{kit.tls_cert} (tls-cert in {path}) is missing: the coordinator admits only sites with a "
                        "certificate from the consortium CA; send the operator auth/tls.csr and copy the kit they "
                        "send back into this folder")
-    mode = kit.tls_key.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise KitError(f"{kit.tls_key} (tls-key in {path}) is readable by others (mode {mode:o}); "
-                       f"run `chmod 600 {kit.tls_key}` — it is this site's private TLS key")
+    problem = private_file_problem(kit.tls_key, "this site's private TLS key")
+    if problem:
+        raise KitError(problem)
     try:
         key = serialization.load_pem_private_key(kit.tls_key.read_bytes(), password=None)
         cert = x509.load_pem_x509_certificate(kit.tls_cert.read_bytes())
@@ -296,20 +297,9 @@ def write_site_config(kit: Kit, data_dir: Path | None) -> tuple[SiteConfig, Path
     data = data_dir.resolve() if data_dir is not None else (kit._path(tpl.data_dir) if tpl.data_dir else None)
     if data is None:
         raise KitError("no data folder: pass --data DEID_DIR (the folder `medfed deid run` wrote)")
-    values: dict[str, Any] = {
-        "name": tpl.name,
-        "data-dir": str(data),
-        "state-dir": str(kit._path(tpl.state_dir)),
-        "epsilon-cap": tpl.epsilon_cap,
-        "delta": tpl.delta,
-        "run-bounds": tpl.run_bounds.model_dump(by_alias=True),
-        "max-model-abs": tpl.max_model_abs,
-        "evaluation-noise": tpl.evaluation_noise,
-    }
-    if tpl.size_bucket is not None:
-        values["size-bucket"] = tpl.size_bucket
-    if tpl.epsilon_cap_per_run is not None:
-        values["epsilon-cap-per-run"] = tpl.epsilon_cap_per_run
+    values: dict[str, Any] = tpl.model_dump(by_alias=True, exclude_none=True, exclude=set(_TEMPLATE_PATHS))
+    values["data-dir"] = str(data)
+    values["state-dir"] = str(kit._path(tpl.state_dir))
     if tpl.audit_dir:
         values["audit-dir"] = str(kit._path(tpl.audit_dir))
     if tpl.audit_key:
@@ -329,9 +319,7 @@ def write_site_config(kit: Kit, data_dir: Path | None) -> tuple[SiteConfig, Path
                        "label table whose keys match these images (it resumes and fills the labels)")
     site.state_dir.mkdir(parents=True, exist_ok=True)
     path = kit.root / SITE_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(site.to_toml())
-    os.replace(tmp, path)
+    write_text(path, site.to_toml(), mode=None)
     return site, path
 
 
@@ -377,11 +365,7 @@ def ensure_runtime_tls(kit: Kit) -> tuple[Path, Path, Path]:
         (cert_pem, cert.public_bytes(serialization.Encoding.PEM), 0o644),
         (ca_pem, ca.public_bytes(serialization.Encoding.PEM), 0o644),
     ):
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
+        write_file(path, data, mode)
     return ca_pem, cert_pem, key_pem
 
 

@@ -2,7 +2,7 @@
 
 SQLite in WAL mode with synchronous=FULL, so a round's spend survives a crash
 once committed. The spend is committed *before* the update (or the evaluation)
-is released (DESIGN.md invariant 3): if the site dies between the two, the
+is released (docs/design.md invariant 3): if the site dies between the two, the
 spend stands — over-counting is safe, under-counting never is.
 
 Each run's account keeps its accountant ("rdp" or "prv", fixed when the account
@@ -238,8 +238,10 @@ class PrivacyLedger:
                   "epsilon_cap_per_run": "" if epsilon_cap_per_run is None else repr(float(epsilon_cap_per_run)),
                   "accountant": check_accountant(accountant)}
         with closing(self._connect()) as db, db:
-            db.executemany("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                           list(values.items()))
+            db.executemany(
+                "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                list(values.items()),
+            )
 
     def policy(self) -> dict[str, Any] | None:
         """The caps, δ and accountant :meth:`record_policy` kept, or None if none were ever recorded."""

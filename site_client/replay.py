@@ -25,17 +25,19 @@ counted twice for the same release.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from medfed.files import open_atomic, write_text
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +119,8 @@ class ReplayStore:
 
         d = self._dir(run, server_round, digest)
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / ".update.pt.tmp"
-        torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, d / "update.pt")
+        with open_atomic(d / "update.pt", mode=None) as fh:
+            torch.save({k: v.detach().cpu() for k, v in state.items()}, fh)
         _write_json(d / "pending.json", {"spent_before": self._spent(ledger, run), "num_examples": num_examples})
 
     def commit(self, run: str, server_round: int, digest: str, metrics: dict[str, float]) -> None:
@@ -151,10 +150,8 @@ class ReplayStore:
         d = self._dir(run, server_round, digest)
         for f in ("pending.json", "update.pt", ".update.pt.tmp"):
             (d / f).unlink(missing_ok=True)
-        try:
+        with contextlib.suppress(OSError):
             d.rmdir()
-        except OSError:
-            pass
 
     def released(self, run: str) -> list[dict[str, Any]]:
         """Every committed update of a run (round, digest prefix, metrics), oldest round first."""
@@ -171,12 +168,7 @@ class ReplayStore:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data), mode=None)
 
 
 def train_once(site: Any, cfg: Any, run: str, server_round: int, global_state: dict[str, Any], train_fn: Any,

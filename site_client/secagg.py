@@ -33,14 +33,12 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from medfed.protocol import ARRAY_NAMES_KEY, UNIFORM_WEIGHT_KEY
 from medfed.settings import ConfigError
 from site_client.egress import ARRAYS_KEY, METRICS_KEY
 
 Next = Callable[[Message, Context], Message]
 
-#: Must match coordinator.secure (the coordinator is not imported at the site).
-ARRAY_NAMES_KEY = "array-names"
-UNIFORM_WEIGHT_KEY = "uniform-weight"
 CONFIG_KEY = "config"
 
 
@@ -102,11 +100,11 @@ def _adapter(call_next: Next) -> Next:
         metrics = dict(reply.content[METRICS_KEY])
         weight = 1 if fit_cfg.get(UNIFORM_WEIGHT_KEY, False) else int(metrics.get("num-examples", 1))
         state = ctx.state.config_records.get(RECORD_KEY_STATE, ConfigRecord())
-        problem = range_problem((out[n].numpy() for n in arrays.keys()), weight,
+        problem = range_problem((out[n].numpy() for n in arrays), weight,
                                 float(state.get("max_weight", 1.0)), float(state.get("clipping_range", 0.0)))
         if problem is not None:  # refuse rather than let Flower clip it with only a warning
             raise ConfigError(f"{problem} (this round's privacy spend stands; nothing was sent)")
-        params: Parameters = ndarrays_to_parameters([out[n].numpy() for n in arrays.keys()])
+        params: Parameters = ndarrays_to_parameters([out[n].numpy() for n in arrays])
         fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=params, num_examples=weight,
                         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         return Message(content=compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

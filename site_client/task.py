@@ -16,7 +16,6 @@ import datetime as dt
 import functools
 import json
 import logging
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from anonymization.audit import AuditTrail
+from medfed.files import open_atomic, write_text
 from medfed.settings import ConfigError, OutOfBounds, RunConfig, SiteConfig
 from models.accounting import MAX_NOISE_MULTIPLIER, AccountingError, Segment, calibrate_noise, epsilon_of_history
 from models.dataset import DatasetError, StudyDataset
@@ -88,14 +88,17 @@ def enrolled_size_bucket(site: SiteConfig, n: int) -> int:
         return bucket
     bucket = size_bucket(n)
     path = site.state_dir / ENROLMENT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump({"size-bucket": bucket, "rule": "training examples to one significant digit, rounded down",
-                   "enrolled": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_text(
+        path,
+        json.dumps(
+            {
+                "size-bucket": bucket,
+                "rule": "training examples to one significant digit, rounded down",
+                "enrolled": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            }
+        ),
+        mode=None,
+    )
     log.info("site %s: enrolled with size bucket %d (from %d training examples); kept in %s",
              site.name, bucket, n, path)
     return bucket
@@ -223,10 +226,8 @@ def save_optimizer_state(site: SiteConfig, run_id: str, state: dict[str, object]
         log.warning("optimizer state of run %s holds non-finite values (%s); not saved, %s keeps the last good one",
                     run_id, bad, path)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with open_atomic(path, mode=None) as fh:
+        torch.save(state, fh)
 
 
 def update_summary(state: dict[str, torch.Tensor]) -> dict[str, object]:
@@ -475,8 +476,8 @@ def train_round(
         )
     if before_commit is not None:
         before_commit(state)
-    # Invariant 3: the spend is durable before the update can be released. The ledger checks the caps
-    # again under its write lock (another run may have spent meanwhile); refused, nothing is released.
+    # docs/design.md invariant 3: the spend is durable before the update can be released. The ledger checks
+    # the caps again under its write lock (another run may have spent meanwhile); refused, nothing is released.
     try:
         eps_before, eps_after = ledger.commit_spend(
             run_id, server_round, accountant, delta=site.delta, epsilon_cap=site.epsilon_cap,

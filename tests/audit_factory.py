@@ -47,7 +47,9 @@ def realistic_trail(directory: Path, signer: AuditSigner) -> AuditTrail:
                        "not a DICOM file (no DICM prefix and no readable data set)",
                        "Burned In Annotation is YES: text burned into the pixels"):
             trail.append("quarantined", input_digest="ab" * 32, reason=reason)
-        trail.append("deid_run", files=15, deidentified=12, quarantined=3, skipped=0, profile=["retain_device_identity"])
+        trail.append(
+            "deid_run", files=15, deidentified=12, quarantined=3, skipped=0, profile=["retain_device_identity"]
+        )
         trail.record_policy("privacy", {"site": "hospital-r", "epsilon_cap": 3.0, "delta": 1e-5})
         eps = 0.0
         arrays = [{"name": "features.0.weight", "shape": [16, 1, 3, 3], "dtype": "float32", "bytes": 576},

@@ -176,11 +176,23 @@ def make_ct(
     deep.add_new(0x00080021, "DA", day)  # a date deep down: shifted
     deep.add_new(0x00081155, "UI", uid(patient.index, "deep"))  # instance UID deep down
     ds.AnatomicRegionSequence = Sequence(
-        [_item(CodeValue="T-D3000", CodingSchemeDesignator="SRT", CodeMeaning="Chest", DerivationCodeSequence=Sequence([deep]))]
+        [
+            _item(
+                CodeValue="T-D3000",
+                CodingSchemeDesignator="SRT",
+                CodeMeaning="Chest",
+                DerivationCodeSequence=Sequence([deep]),
+            )
+        ]
     )
     ds.IssuerOfAccessionNumberSequence = Sequence([_item(LocalNamespaceEntityID="PHIISSUER")])
     ds.ReferencedImageSequence = Sequence(
-        [_item(ReferencedSOPClassUID=CTImageStorage, ReferencedSOPInstanceUID=uid(patient.index, study, series, instance + 1, "sop"))]
+        [
+            _item(
+                ReferencedSOPClassUID=CTImageStorage,
+                ReferencedSOPInstanceUID=uid(patient.index, study, series, instance + 1, "sop"),
+            )
+        ]
     )
 
     # Private block with PHI, including a private sequence.

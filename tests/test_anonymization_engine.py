@@ -229,7 +229,7 @@ def test_raw_fast_paths_give_what_the_normal_path_gives(options: dict[str, bool]
             fast, slow = pydicom.dcmread(io.BytesIO(data)), _converted(pydicom.dcmread(io.BytesIO(data)))
         except Exception:  # noqa: BLE001 - files pydicom itself cannot read
             continue
-        original = lambda: pydicom.dcmread(io.BytesIO(data))  # noqa: E731
+        original = lambda data=data: pydicom.dcmread(io.BytesIO(data))  # noqa: E731
         fast_counts = engine.deidentify(fast, original=original)
         slow_counts = engine.deidentify(slow, original=original)
         assert _snapshot(fast) == _snapshot(slow), path.name

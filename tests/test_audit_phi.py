@@ -5,7 +5,7 @@ command over a source full of planted PHI (in headers, folder and file names and
 burned into the pixels), then a round trained through the site's ClientApp and a
 round it declines at a lowered cap. The tests check that each record carries what
 issue 4 lists, against the files and replies themselves; that no identifier is
-anywhere in the trail folder or the report (invariant 4); that a copy holding no
+anywhere in the trail folder or the report (docs/design.md invariant 4); that a copy holding no
 site secret verifies with the exported public key; and that the report renders
 in headless Chromium.
 """
@@ -46,8 +46,16 @@ from tests.test_deid_pixels import MRN, NAME, burned_ct
 
 pytestmark = pytest.mark.integration
 # A fixed noise multiplier (no calibration), so each round's spend is known in advance.
-CFG = RunConfig().with_overrides(image_size=32, batch_size=8, lr=0.05,
-                                  optimizer="sgd", local_epochs=1, noise_multiplier=1.0, calibrate_noise=False, num_server_rounds=3)
+CFG = RunConfig().with_overrides(
+    image_size=32,
+    batch_size=8,
+    lr=0.05,
+    optimizer="sgd",
+    local_epochs=1,
+    noise_multiplier=1.0,
+    calibrate_noise=False,
+    num_server_rounds=3,
+)
 runner = CliRunner()
 
 

@@ -43,8 +43,11 @@ def _call(app: ClientApp, tmp_path: Path) -> tuple[Message, Path]:
     toml = tmp_path / "site.toml"
     toml.write_text(site.to_toml())
     ctx = Context(run_id=7, node_id=1, node_config={"site-config": str(toml)}, state=RecordDict(), run_config={})
-    msg = Message(content=RecordDict({"arrays": pack(initial_state(CFG)),
-                                      "config": ConfigRecord({"server-round": 3})}), dst_node_id=1, message_type="train")
+    msg = Message(
+        content=RecordDict({"arrays": pack(initial_state(CFG)), "config": ConfigRecord({"server-round": 3})}),
+        dst_node_id=1,
+        message_type="train",
+    )
     return app(msg, ctx), site.audit_path
 
 

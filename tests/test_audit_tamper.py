@@ -157,7 +157,9 @@ def test_forged_key_rotation_is_caught(trail: tuple[Path, AuditSigner, Path], tm
     ], forger)
     assert record(directory, last + 2)["kind"] == "key_rotated"
     code, out = verify(directory, pub)
-    assert code == 1 and f"key rotation #{last + 2} (audit.jsonl line" in out and "not endorsed by the retiring key" in out
+    assert (
+        code == 1 and f"key rotation #{last + 2} (audit.jsonl line" in out and "not endorsed by the retiring key" in out
+    )
 
 
 def test_forged_seal_signature_is_caught(trail: tuple[Path, AuditSigner, Path]) -> None:

@@ -36,7 +36,7 @@ def test_segments_roll_over_sealed_and_chained(tmp_path: Path) -> None:
     for _n, path in files[:-1]:
         last = json.loads(path.read_bytes().splitlines()[-1])
         assert (last["kind"], last["reason"], last["segment"]) == ("seal", "rollover", _n)
-    for n, path in files[1:]:
+    for _n, path in files[1:]:
         assert json.loads(path.read_bytes().splitlines()[0]) ["kind"] == "segment_opened"
     records = AuditTrail(tmp_path / "audit").records(everything=True)
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))

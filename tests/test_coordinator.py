@@ -29,15 +29,21 @@ def _rec(n: int, **m: float) -> RecordDict:
 
 
 def test_weighted_mean_skips_nan_sites() -> None:
-    out = weighted_mean_ignoring_nan([_rec(30, auc=0.9, loss=1.0), _rec(10, auc=float("nan"), loss=3.0)], "num-examples")
+    out = weighted_mean_ignoring_nan(
+        [_rec(30, auc=0.9, loss=1.0), _rec(10, auc=float("nan"), loss=3.0)], "num-examples"
+    )
     assert out["auc"] == pytest.approx(0.9)
     assert out["loss"] == pytest.approx((30 * 1.0 + 10 * 3.0) / 40)
     assert out["num-examples"] == 40
 
 
-@pytest.mark.parametrize("name, cls", [("fedavg", RecordingFedAvg), ("fedprox", RecordingFedProx), ("fedadam", RecordingFedAdam)])
+@pytest.mark.parametrize(
+    "name, cls", [("fedavg", RecordingFedAvg), ("fedprox", RecordingFedProx), ("fedadam", RecordingFedAdam)]
+)
 def test_strategy_from_run_config(name: str, cls: type) -> None:
-    strategy = build_strategy(RunConfig().with_overrides(strategy=name, min_train_nodes=3, min_available_nodes=3), RunHistory())
+    strategy = build_strategy(
+        RunConfig().with_overrides(strategy=name, min_train_nodes=3, min_available_nodes=3), RunHistory()
+    )
     assert isinstance(strategy, cls)
     assert strategy.min_train_nodes == 3
     if name == "fedprox":

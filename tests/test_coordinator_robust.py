@@ -84,7 +84,7 @@ class Round:
         s._current = ArrayRecord({MODEL_ARRAY: Array(self.global_.copy())})
         sent = s._remember([Message(RecordDict({"arrays": s._current}), dst_node_id=n, message_type="train")
                             for n in replies])
-        msgs = [Message(content, reply_to=m) for m, content in zip(sent, replies.values())]
+        msgs = [Message(content, reply_to=m) for m, content in zip(sent, replies.values(), strict=True)]
         arrays, _ = s.aggregate_train(server_round, msgs)
         if arrays is None:
             return None
@@ -141,7 +141,10 @@ def test_update_norm_bound_rejects_above_and_keeps_below(tmp_path: Path) -> None
     r = Round(_cfg(sites=2, max_update_norm=bound), tmp_path)
     model = r.run(1, _honest(GLOBAL))
     np.testing.assert_allclose(model, GLOBAL + 0.1, rtol=1e-6)  # type: ignore[arg-type]
-    assert r.site(1, 8)["status"] == "rejected" and "update L2 norm 2.4 is above max-update-norm 2" in r.site(1, 8)["reason"]
+    assert (
+        r.site(1, 8)["status"] == "rejected"
+        and "update L2 norm 2.4 is above max-update-norm 2" in r.site(1, 8)["reason"]
+    )
     (accepted,) = [x for x in read_jsonl(tmp_path / RECEIVED_FILE) if x["status"] == "accepted"]
     assert accepted["node"] == 7 and accepted["update_norm"] == pytest.approx(0.8, rel=1e-5)  # what to tune it by
     off = Round(_cfg(sites=2, max_update_norm=0.0), tmp_path / "off")
@@ -184,14 +187,26 @@ def test_robust_strategies_outvote_a_large_update_without_the_norm_bound(
     assert spoilt is not None and spoilt.mean() > 1e3  # the same attack without a robust rule or a bound
 
 
-@pytest.mark.parametrize("overrides, says", [
-    ({"strategy": "fedmedian", "secagg": True, "min_train_nodes": 3, "min_available_nodes": 3}, "sees only their sum"),
-    ({"strategy": "fedmedian", "site_dp": "server-fixed", "min_train_nodes": 3, "min_available_nodes": 3}, "site-dp"),
-    ({"site_weights": "reported", "site_dp": "server-fixed"}, "site-weights=uniform"),
-    ({"strategy": "krum", "min_train_nodes": 4, "min_available_nodes": 4}, "at least 5 sites"),
-    ({"strategy": "bulyan", "min_train_nodes": 6, "min_available_nodes": 6}, "at least 7 sites"),
-    ({"strategy": "fedtrimmedavg", "min_train_nodes": 3, "min_available_nodes": 3, "trim_beta": 0.2}, "raise trim-beta"),
-])
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (
+            {"strategy": "fedmedian", "secagg": True, "min_train_nodes": 3, "min_available_nodes": 3},
+            "sees only their sum",
+        ),
+        (
+            {"strategy": "fedmedian", "site_dp": "server-fixed", "min_train_nodes": 3, "min_available_nodes": 3},
+            "site-dp",
+        ),
+        ({"site_weights": "reported", "site_dp": "server-fixed"}, "site-weights=uniform"),
+        ({"strategy": "krum", "min_train_nodes": 4, "min_available_nodes": 4}, "at least 5 sites"),
+        ({"strategy": "bulyan", "min_train_nodes": 6, "min_available_nodes": 6}, "at least 7 sites"),
+        (
+            {"strategy": "fedtrimmedavg", "min_train_nodes": 3, "min_available_nodes": 3, "trim_beta": 0.2},
+            "raise trim-beta",
+        ),
+    ],
+)
 def test_combinations_that_cannot_work_are_refused_with_the_reason(overrides: dict[str, Any], says: str) -> None:
     with pytest.raises(ConfigError, match=says):
         RunConfig().with_overrides(**overrides)
@@ -223,7 +238,7 @@ def test_a_bad_reply_under_a_site_dp_wrapper_is_recorded_and_the_run_goes_on(tmp
     sent = s._remember([Message(RecordDict({"arrays": s._current}), dst_node_id=n, message_type="train")
                         for n in (7, 8, ATTACKER)])
     contents = [*_honest(GLOBAL).values(), _reply(np.full(N + 1, 0.7, dtype=np.float32))]
-    arrays, _ = top.aggregate_train(1, [Message(c, reply_to=m) for m, c in zip(sent, contents)])
+    arrays, _ = top.aggregate_train(1, [Message(c, reply_to=m) for m, c in zip(sent, contents, strict=True)])
     assert arrays is None  # Flower's wrapper releases nothing in a round with a failed site
     site = r.site(1, ATTACKER)
     assert site["status"] == "rejected" and "float32[65]" in site["reason"]
@@ -292,7 +307,9 @@ def _attack_client() -> Any:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("strategy, total", [("fedavg", 0.08 / 3 + 0.53 / 3 + 6 * 0.015), ("fedmedian", 0.02 * 2 + 6 * 0.015)])
+@pytest.mark.parametrize(
+    "strategy, total", [("fedavg", 0.08 / 3 + 0.53 / 3 + 6 * 0.015), ("fedmedian", 0.02 * 2 + 6 * 0.015)]
+)
 def test_attack_table_through_a_flower_simulation(tmp_path: Path, strategy: str, total: float) -> None:
     """Every round the attacker tries the next row of the table; the run completes every round and the final
     model is exactly the honest sites' work plus the two replies that were acceptable (weighing 1 each)."""

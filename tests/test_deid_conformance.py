@@ -246,7 +246,10 @@ def check(
         action = resolve(row["basic"], tag, None)
         where += f" (cannot clean: basic {action})"
     if tag in SPECIAL:
-        assert present and as_text(after[tag].value) in (pseudo.patient_id(PATIENT_ID), pseudo.accession(as_text(value))), where
+        assert present and as_text(after[tag].value) in (
+            pseudo.patient_id(PATIENT_ID),
+            pseudo.accession(as_text(value)),
+        ), where
         return
     if action == "X":
         assert not present, where
@@ -295,9 +298,7 @@ def cleanable(policy: Policy, tag: int, vr: str, after: Dataset, value: Any) -> 
         return True
     if vr == "SQ" or actual == "SQ":
         return True
-    if actual in ("AE", "LO", "SH", "ST", "LT", "UT", "UC") and isinstance(value, str):
-        return True
-    return False
+    return bool(actual in ("AE", "LO", "SH", "ST", "LT", "UT", "UC") and isinstance(value, str))
 
 
 def check_clean(
@@ -339,7 +340,9 @@ def test_row_top_level_and_nested(row: dict[str, Any], policy_name: str) -> None
             ds = pydicom.dcmread(io.BytesIO(source)) if source is not None else ds
             implicit_unknown = implicit and not dictionary_has_tag(tag)
             # as the worker calls it: raw elements take the engine's fast paths
-            engine.deidentify(ds, original=(lambda: pydicom.dcmread(io.BytesIO(source))) if source else None)
+            engine.deidentify(
+                ds, original=(lambda source=source: pydicom.dcmread(io.BytesIO(source))) if source else None
+            )
             parent = ANATOMIC_MODIFIER if nested else None
             action = expected_action(row, policy, parent)
             # as cleaned in memory, and as written to the output file and read back
@@ -447,3 +450,53 @@ def test_dates_shift_by_patient_offset_only() -> None:
     Deidentifier(pseudo).deidentify(ds)
     expected = dt.date(2021, 3, 15) + dt.timedelta(days=pseudo.date_offset_days(PATIENT_ID))
     assert ds.StudyDate == expected.strftime("%Y%m%d")
+
+
+def _instance_uids(ds: Dataset, prefix: str = "") -> dict[str, str]:
+    """Every UI value that is not a registered UID (a class, transfer syntax...), by its path in the data set."""
+    from pydicom._uid_dict import UID_dictionary
+
+    out: dict[str, str] = {}
+    for elem in ds:
+        path = f"{prefix}{elem.tag:08X}"
+        if elem.VR == "SQ":
+            for i, item in enumerate(elem.value):
+                out.update(_instance_uids(item, f"{path}[{i}]."))
+        elif elem.VR == "UI" and elem.value and str(elem.value) not in UID_dictionary:
+            out[path] = str(elem.value)
+    return out
+
+
+def _uid_ct() -> Dataset:
+    ds = base_ct()
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.10"
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.11"
+    ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.12"
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = CTImageStorage
+    ref.ReferencedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.13"
+    ds.ReferencedImageSequence = Sequence([ref])
+    return ds
+
+
+@pytest.mark.parametrize("policy_name", ["basic", "default"])
+def test_every_uid_is_replaced_by_one_keyed_with_the_site_secret(policy_name: str) -> None:
+    """Replaced UIDs are HMACs under the site's key: another key gives others, the same key the same ones.
+
+    An unkeyed hash of the UID would pass every row test above (they compare with the engine's own
+    Pseudonymizer); only a second key shows that anyone could recompute the mapping without the secret.
+    """
+    policy = POLICIES[policy_name]
+    before = _instance_uids(_uid_ct())
+    outputs = []
+    for secret in (SECRET, SECRET, b"\x06" * 32):
+        ds = _uid_ct()
+        Deidentifier(Pseudonymizer(secret), policy=policy).deidentify(ds)
+        outputs.append(_instance_uids(ds))
+    same_key, again, other_key = outputs
+    assert len(same_key) >= 5 and set(same_key) <= set(before)
+    for path, new in same_key.items():
+        assert new != before[path], f"{path} kept its UID"
+        assert new.startswith("2.25."), path
+        assert again[path] == new, f"{path}: the same key must give the same UID (linkage across files)"
+        assert other_key[path] != new, f"{path}: the UID does not depend on the site key"

@@ -172,7 +172,12 @@ def test_retain_patient_characteristics() -> None:
     ("options", "study_date", "birth", "marker"),
     [
         ({}, "shifted", "", "MODIFIED"),
-        ({"retain_longitudinal_modified_dates": False, "retain_longitudinal_full_dates": True}, "20210315", "", "UNMODIFIED"),
+        (
+            {"retain_longitudinal_modified_dates": False, "retain_longitudinal_full_dates": True},
+            "20210315",
+            "",
+            "UNMODIFIED",
+        ),
         ({"retain_longitudinal_modified_dates": False}, "", "", "REMOVED"),
     ],
 )

@@ -304,7 +304,7 @@ def test_deid_run_signs_rows_and_the_cli_refuses_a_forged_one(officer, tmp_path:
 
 
 def test_officer_key_uses_scrypt_and_an_old_key_is_migrated(officer, tmp_path: Path) -> None:
-    """The key file's KDF is scrypt (n >= 2**15); an old PKCS#8 key (PBKDF2, 2,048 rounds) still opens and is re-keyed."""
+    """The key file's KDF is scrypt (n >= 2**15); an old PKCS#8 key (PBKDF2, 2,048 rounds) still opens, re-keyed."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 

@@ -73,8 +73,9 @@ def burn(arr: np.ndarray, lines: list[str], value: int, *, size: int = 14, at: t
     return out
 
 
-def burned_ct(patient: Patient = Patient(7), *, rows: int = 256) -> Dataset:
-    """A factory CT (16-bit, signed) with the patient's name and MRN burned in at the top left."""
+def burned_ct(patient: Patient | None = None, *, rows: int = 256) -> Dataset:
+    """A factory CT (16-bit, signed) with the patient's name and MRN (default: Patient(7)) burned in at the top left."""
+    patient = Patient(7) if patient is None else patient
     ds = make_ct(patient, instance=3, burned_in=True)
     rng = np.random.default_rng(3)
     body = rng.integers(-60, 60, size=(rows, rows)).astype(np.int16) + 40
@@ -257,7 +258,7 @@ def test_every_transfer_syntax_cleaned_and_written_to_match(ocr: None, tmp_path:
     for name, (_, expected) in cases.items():
         out = pydicom.dcmread(outputs[name])
         assert out.file_meta.TransferSyntaxUID == expected, name
-        assert out.BurnedInAnnotation == "NO" and not any(t >> 16 == 0x6000 for t in out.keys()), name
+        assert out.BurnedInAnnotation == "NO" and not any(t >> 16 == 0x6000 for t in out.keys()), name  # noqa: SIM118 - a pydicom Dataset iterates over elements
         assert pixels.burned_in_names_read(out, originals[name]) == [], name
         arr = out.pixel_array
         assert arr.shape == (base.Rows, base.Columns)

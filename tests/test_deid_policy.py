@@ -258,7 +258,9 @@ def test_reid_keygen_and_lookup_commands(tmp_path: Path) -> None:
     result = runner.invoke(app, ["deid", "reid-lookup", str(table), "nobody", "--officer-key", str(private)], env=env)
     assert result.exit_code == 1
     bad_env = {**env, "MEDFED_REID_PASSPHRASE": "wrong passphrase"}
-    result = runner.invoke(app, ["deid", "reid-lookup", str(table), "--all", "--officer-key", str(private)], env=bad_env)
+    result = runner.invoke(
+        app, ["deid", "reid-lookup", str(table), "--all", "--officer-key", str(private)], env=bad_env
+    )
     assert result.exit_code == 2 and "wrong" in result.output and "passphrase" in result.output
 
 

@@ -236,7 +236,9 @@ def test_engine_leaves_no_planted_value(phi: Phi, placed: list, policy: Policy, 
     pydicom.dcmread(io.BytesIO(encode(ds, implicit)))  # still writable and readable
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(
     phi=phis,
     placed=st.lists(st.tuples(paths, st.sampled_from(ENGINE_SLOTS + PIPELINE_ONLY_SLOTS)), min_size=1, max_size=6),

@@ -12,6 +12,7 @@ One consortium and one set of synthetic sites are shared by the module.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -114,10 +115,8 @@ class Proc:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def signal_group(self, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, sig)  # the group this process leads: it and the Flower processes it started
-        except ProcessLookupError:
-            pass
 
     def kill(self) -> None:
         self.signal_group(signal.SIGKILL)
@@ -129,10 +128,8 @@ class Proc:
             return
         if self.popen.poll() is None:
             self.signal_group(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=25)
-            except subprocess.TimeoutExpired:
-                pass
         self.signal_group(signal.SIGKILL)  # whatever of the group is left
         if self.popen.poll() is None:
             self.popen.wait(timeout=30)
@@ -142,7 +139,9 @@ class Proc:
         try:
             return self.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.name} still running after {timeout:.0f}s; log:\n{self.text()[-3000:]}")
+            raise AssertionError(
+                f"{self.name} still running after {timeout:.0f}s; log:\n{self.text()[-3000:]}"
+            ) from None
 
 
 @dataclass
@@ -316,9 +315,11 @@ def _listening_addresses(pid: int) -> dict[int, set[str]]:
 
 def _tls_ok(port: int, ca: Path) -> bool:
     ctx = ssl.create_default_context(cafile=str(ca))
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        with ctx.wrap_socket(sock, server_hostname="localhost"):
-            return True
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
+        ctx.wrap_socket(sock, server_hostname="localhost"),
+    ):
+        return True
 
 
 def _plaintext_http_answered(port: int) -> bool:
@@ -350,9 +351,11 @@ def test_every_listening_port_speaks_tls_only(world: World) -> None:
     assert _tls_ok(world.port, ca)
     assert not _plaintext_http_answered(world.port)
     # A client that trusts only the system CAs (no consortium CA) cannot connect.
-    with pytest.raises(ssl.SSLCertVerificationError):
-        with socket.create_connection(("127.0.0.1", world.port), timeout=5) as sock:
-            ssl.create_default_context().wrap_socket(sock, server_hostname="localhost")
+    with (
+        pytest.raises(ssl.SSLCertVerificationError),
+        socket.create_connection(("127.0.0.1", world.port), timeout=5) as sock,
+    ):
+        ssl.create_default_context().wrap_socket(sock, server_hostname="localhost")
     for name, proc in world.sites.items():
         ports = _listening_ports(proc.pid)
         assert ports == {world.ports[name]}, f"{name} listens on {ports}"
@@ -526,7 +529,7 @@ def test_secagg_strategy_receives_only_the_aggregate(world: World) -> None:
     final = torch.load(out / "model.pt", weights_only=True)
     total = sum(weights)
     for k in final:  # the aggregate is the mean of the sites' updates (up to quantization)
-        mean = sum(w * u[k].double() for w, u in zip(weights, updates)) / total
+        mean = sum(w * u[k].double() for w, u in zip(weights, updates, strict=True)) / total
         spread = max(float((u[k].double() - mean).abs().max()) for u in updates)
         err = float((final[k].double() - mean).abs().max())
         assert err < 5e-3 and (spread == 0 or err < spread), (k, err, spread)
@@ -778,7 +781,9 @@ def test_a_trail_rewritten_and_resealed_at_the_site_is_caught_by_the_coordinator
 # ---- a hostile coordinator's models: crafted, poisoned ------------------------------------------
 
 
-def _resume_with(world: World, name: str, state: dict[str, torch.Tensor], config: str) -> subprocess.CompletedProcess[str]:
+def _resume_with(
+    world: World, name: str, state: dict[str, torch.Tensor], config: str
+) -> subprocess.CompletedProcess[str]:
     """The coordinator plants ``state`` as round 1's global model and has the sites train round 2 on it."""
     from coordinator.checkpoint import save_checkpoint
     from coordinator.history import RunHistory

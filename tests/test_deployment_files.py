@@ -19,7 +19,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from coordinator.provision import init_consortium
+from coordinator.provision import SITE_UNIT_FILE, init_consortium, site_unit
 from medfed.cli import app
 from site_client.kit import generate_site_key, load_kit
 
@@ -45,7 +45,11 @@ def test_dockerfiles_copy_what_exists_harden_flower_and_run_a_medfed_command(nam
     text = path.read_text()
     for src in re.findall(r"(?m)^COPY\s+(\S+)\s", text):
         assert (ROOT / src).exists(), f"{name} copies {src}, which is not in the repository"
-    for var in ("FLWR_TELEMETRY_ENABLED=0", "FLWR_DISABLE_UPDATE_CHECK=1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1"):
+    for var in (
+        "FLWR_TELEMETRY_ENABLED=0",
+        "FLWR_DISABLE_UPDATE_CHECK=1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1",
+    ):
         assert var in text
     assert "torch==2.13.0" in text and re.search(r"(?m)^USER medfed$", text)
     argv = _entrypoint(path)
@@ -67,7 +71,7 @@ def test_compose_brings_up_a_coordinator_and_three_sites_with_tls_and_auth(tmp_p
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
     assert set(services) == {"coordinator", "hospital-a", "hospital-b", "hospital-c"}
-    for name, svc in services.items():
+    for svc in services.values():
         ctx = (DEPLOY / svc["build"]["context"]).resolve()
         assert ctx == ROOT and (ctx / svc["build"]["dockerfile"]).is_file()
     assert services["coordinator"]["ports"] == ["9093:9093"]  # one port, HTTPS: nginx, the Fleet API only
@@ -122,11 +126,36 @@ def test_systemd_units_verify(unit: str, tmp_path: Path) -> None:
     argv = exec_start.group(2).split()
     _help_ok([a for a in argv if not a.startswith("/") and not a.startswith("--")][:2])
     # verify against this machine's medfed (the unit's path is where deploy/README.md installs it)
-    (tmp_path / unit).write_text(text.replace("/opt/medfed/.venv/bin/medfed", str(Path(sys.executable).parent / "medfed")))
-    res = subprocess.run(["systemd-analyze", "verify", str(tmp_path / unit)], capture_output=True, text=True, timeout=60)
+    (tmp_path / unit).write_text(
+        text.replace("/opt/medfed/.venv/bin/medfed", str(Path(sys.executable).parent / "medfed"))
+    )
+    res = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / unit)], capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0 and res.stderr.strip() == "" and res.stdout.strip() == "", res.stderr + res.stdout
-    for var in ("FLWR_TELEMETRY_ENABLED=0", "FLWR_DISABLE_UPDATE_CHECK=1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1"):
+    for var in (
+        "FLWR_TELEMETRY_ENABLED=0",
+        "FLWR_DISABLE_UPDATE_CHECK=1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1",
+    ):
         assert f"Environment={var}" in text
+
+
+def test_site_unit_is_stated_once_and_every_kit_ships_it_hardened(tmp_path: Path) -> None:
+    """The deploy/ unit and each kit's unit come from one text, so a kit never lacks the deploy file's hardening."""
+    deployed = (DEPLOY / "systemd" / SITE_UNIT_FILE).read_text()
+    assert deployed == site_unit(), (
+        f"deploy/systemd/{SITE_UNIT_FILE} differs from coordinator.provision.site_unit(); edit the unit there and "
+        "regenerate: python -c 'from coordinator.provision import site_unit; print(site_unit(), end=\"\")' > "
+        f"deploy/systemd/{SITE_UNIT_FILE}")
+    init_consortium(tmp_path / "c", "n", ["h"], [("a", generate_site_key(tmp_path / "site-a").public)])
+    kit_unit = (tmp_path / "c" / "kits" / "a" / SITE_UNIT_FILE).read_text()
+    assert "Description=medfed site node a (" in kit_unit
+    directives = [ln for ln in deployed.splitlines() if "=" in ln and not ln.startswith(("#", "Description="))]
+    for hardening in ("NoNewPrivileges=true", "ProtectSystem=strict", "ProtectKernelTunables=true",
+                      "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX", "UMask=0077", "KillMode=mixed"):
+        assert hardening in directives
+    assert [ln for ln in kit_unit.splitlines() if "=" in ln and not ln.startswith(("#", "Description="))] == directives
 
 
 def test_kubernetes_manifests_are_consistent() -> None:

@@ -62,7 +62,9 @@ def test_clipped_mean_plus_central_noise_and_site_level_epsilon(run: tuple[RunCo
         clipped.append(nds)
     mean = [sum(c[i] for c in clipped) / 3 for i in range(len(keys))]  # uniform: each site weighs 1/m
     final = torch.load(out / "model.pt", weights_only=True)
-    residual = np.concatenate([(final[k].numpy().astype(np.float64) - m).ravel() for k, m in zip(keys, mean)])
+    residual = np.concatenate(
+        [(final[k].numpy().astype(np.float64) - m).ravel() for k, m in zip(keys, mean, strict=True)]
+    )
     expected_std = SIGMA * CLIP / 3  # Flower's DP wrapper: noise sigma*C on the sum of m=3 clipped updates
     assert 0.8 * expected_std < residual.std() < 1.25 * expected_std
     assert abs(residual.mean()) < 5 * expected_std / np.sqrt(residual.size)

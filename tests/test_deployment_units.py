@@ -107,7 +107,9 @@ def _blob(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-MODEL = ArrayRecord({"conv.weight": Array(np.zeros((2, 3), dtype=np.float32)), "head.bias": Array(np.zeros(1, np.float32))})
+MODEL = ArrayRecord(
+    {"conv.weight": Array(np.zeros((2, 3), dtype=np.float32)), "head.bias": Array(np.zeros(1, np.float32))}
+)
 
 
 def _masked(arrays: list[np.ndarray] | None = None, metrics: dict[str, Any] | None = None) -> RecordDict:
@@ -240,6 +242,7 @@ def test_the_supernodes_fleet_client_presents_the_site_certificate(tmp_path: Pat
     import ssl
     import threading
 
+    import httpx
     from flwr.supernode import fleet_http_connection
 
     from coordinator.provision import Layout, init_consortium
@@ -286,7 +289,7 @@ def test_the_supernodes_fleet_client_presents_the_site_certificate(tmp_path: Pat
                 f"localhost:{port}", False, str(tls / "ca.pem"), []) as client:
             client.GetRun(Req(run_id=1))
 
-    with pytest.raises(Exception):  # Flower's client as it is: no certificate, the server refuses it
+    with pytest.raises(httpx.TransportError, match="CERTIFICATE_REQUIRED"):  # Flower's client as it is: refused
         get_run()
     monkeypatch.setattr(fleet_http_connection, "FleetHttpClient", fleet_http_connection.FleetHttpClient)
     supernode.present_client_certificate(str(cert), str(key))

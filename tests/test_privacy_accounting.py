@@ -87,7 +87,9 @@ def test_evaluations_compose_with_training_as_pld_says(history: list[tuple[float
     assert epsilon_of_history(list(reversed(history)), 1e-5, "prv") == prv
 
 
-@pytest.mark.parametrize(("sigma", "steps", "delta"), [(1.0, 1, 1e-5), (2.0, 10, 1e-5), (5.0, 100, 1e-3), (0.8, 3, 1e-6)])
+@pytest.mark.parametrize(
+    ("sigma", "steps", "delta"), [(1.0, 1, 1e-5), (2.0, 10, 1e-5), (5.0, 100, 1e-3), (0.8, 3, 1e-6)]
+)
 def test_full_batch_equals_gaussian_closed_form(sigma: float, steps: int, delta: float) -> None:
     mu = math.sqrt(steps) / sigma
     closed = gaussian_epsilon(mu, delta)

@@ -106,7 +106,9 @@ def test_cli_plan_prints_noise_and_epsilon() -> None:
     m = re.fullmatch(r"noise-multiplier ([\d.]+) epsilon ([\d.]+)", res.output.strip().splitlines()[-1])
     assert m is not None, res.output
     p = plan(3.0, 1e-5, 500, 25, 5, 2)
-    assert float(m.group(1)) == pytest.approx(p.noise_multiplier) and float(m.group(2)) == pytest.approx(p.epsilon, abs=1e-4)
+    assert float(m.group(1)) == pytest.approx(p.noise_multiplier) and float(m.group(2)) == pytest.approx(
+        p.epsilon, abs=1e-4
+    )
     assert float(m.group(2)) <= 3.0
     bad = runner.invoke(app, ["privacy", "plan", "--epsilon", "3", "--delta", "0.05", "--dataset-size", "50",
                               "--batch-size", "5", "--rounds", "5", "--local-epochs", "1"])

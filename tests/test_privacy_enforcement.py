@@ -308,8 +308,13 @@ def test_spend_stands_when_the_site_dies_between_commit_and_send(tmp_path: Path,
     script.write_text(_CHILD)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen([sys.executable, str(script), str(toml), str(signal_file), json.dumps(CFG.to_flower())], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(toml), str(signal_file), json.dumps(CFG.to_flower())],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 300
         while not signal_file.exists():
@@ -340,3 +345,35 @@ def test_spend_stands_when_the_site_dies_between_commit_and_send(tmp_path: Path,
     assert sum(t for *_, t in hist) == 2 * spent["steps"]
     assert again.metrics["epsilon"] == pytest.approx(epsilon_of_history(hist, site.delta, CFG.accountant))
     assert again.metrics["epsilon"] > spent["epsilon_after"]
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew", "ghost"])
+def test_the_update_carries_the_noise_the_accountant_records(mode: str) -> None:
+    """A model whose every per-sample gradient is exactly 0 moves only by the DP noise: std σ·C/B per weight.
+
+    If the noise were switched off (or scaled down) while the accountant still records σ, the released
+    update would be 0 (or too small) and ε a fiction; the statistical audit would notice late, this at once.
+    """
+    import torch
+    from opacus.accountants import RDPAccountant
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from models.training import DPSettings, train_local
+
+    n, d, sigma, clip, lr = 32, 64 * 64, 1.5, 0.8, 0.1
+    # zero images and no bias: dL/dw = (sigmoid(z) - y) * x = 0 for every example, in every mode
+    model = nn.Sequential(nn.Flatten(), nn.Linear(d, 1, bias=False))
+    with torch.no_grad():
+        model[1].weight.fill_(0.01)
+    before = model[1].weight.detach().clone()
+    dataset = TensorDataset(torch.zeros(n, 1, 64, 64), torch.randint(0, 2, (n,)))
+    accountant = RDPAccountant()
+    outcome = train_local(model, dataset, epochs=1, batch_size=n, lr=lr, optimizer="sgd", seed=7,
+                          dp=DPSettings(noise_multiplier=sigma, max_grad_norm=clip), accountant=accountant,
+                          grad_sample_mode=mode)
+    assert (outcome.steps, outcome.sample_rate) == (1, 1.0)  # one step, the whole dataset: B = n
+    assert accountant.history == [(sigma, 1.0, 1)]
+    noise = (before - model[1].weight.detach()) / lr  # SGD's first step: w -= lr * (sum of grads + noise) / B
+    assert noise.mean().abs() < 4 * sigma * clip / n / d**0.5
+    assert noise.std().item() == pytest.approx(sigma * clip / n, rel=0.06)

@@ -209,3 +209,25 @@ def test_cli_init_add_revoke(tmp_path: Path) -> None:
     res = runner.invoke(app, ["consortium", "init", str(tmp_path / "e"), "--name", "n", "--coordinator-host", "x",
                               "--site", "a"])
     assert res.exit_code == 2 and "NAME=PUBLIC_KEY_FILE" in res.output
+
+
+def test_kit_site_template_is_site_config_with_kit_relative_folders(tmp_path: Path) -> None:
+    """The kit's [site] table is generated from SiteConfig: same keys, bounds and words, so they never drift."""
+    from medfed.settings import SiteConfig
+    from site_client.kit import SiteTemplate
+
+    assert list(SiteTemplate.model_fields) == list(SiteConfig.model_fields)
+    for name, field in SiteConfig.model_fields.items():
+        tpl = SiteTemplate.model_fields[name]
+        assert (tpl.alias, tpl.description) == (field.alias, field.description), name
+        if name not in ("data_dir", "state_dir", "audit_dir", "audit_key"):
+            assert (tpl.annotation, tpl.metadata, tpl.default) == (field.annotation, field.metadata, field.default)
+    with pytest.raises(ValueError, match="epsilon-cap"):
+        SiteTemplate.model_validate({"name": "a", "epsilon-cap": 0})
+    init_consortium(tmp_path / "c", "n", ["h"], [("a", generate_site_key(tmp_path / "site-a").public)])
+    kit_toml = (tmp_path / "c" / "kits" / "a" / "kit.toml").read_text()
+    site_table = tomllib.loads(kit_toml)["site"]
+    assert site_table == {"name": "a", "state-dir": "state", "epsilon-cap": 8.0, "delta": 1e-5}
+    for key in ("epsilon-cap", "epsilon-cap-per-run", "size-bucket", "max-model-abs"):
+        field = next(f for f in SiteConfig.model_fields.values() if f.alias == key)
+        assert f"# {field.description}" in kit_toml

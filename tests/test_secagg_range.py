@@ -22,8 +22,9 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
 
 from coordinator.federation import initial_state
+from medfed.protocol import ARRAY_NAMES_KEY
 from medfed.settings import ConfigError, RunConfig
-from site_client.secagg import ARRAY_NAMES_KEY, _adapter, range_problem
+from site_client.secagg import _adapter, range_problem
 
 
 def test_values_that_fit_after_weighting_pass() -> None:

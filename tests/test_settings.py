@@ -9,15 +9,37 @@ import pytest
 
 from medfed.settings import ConfigError, RunConfig, SiteConfig
 
+ROOT = Path(__file__).resolve().parent.parent
+#: Keys whose value in pyproject.toml deliberately differs from RunConfig's default, and why (none today).
+DELIBERATE_DIFFERENCES: dict[str, str] = {}
+
 
 def test_run_config_defaults_match_pyproject() -> None:
+    """One default per setting: a run started from pyproject.toml and RunConfig() in code train alike."""
     import tomllib
 
-    table = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    cfg = RunConfig.from_flower(table)
-    assert cfg.to_flower() == {**RunConfig().to_flower(), **table}
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    defaults = RunConfig().to_flower()
     # every key of pyproject is a field and every field is in pyproject
-    assert set(table) == set(RunConfig().to_flower())
+    assert set(table) == set(defaults)
+    differing = {k: (v, defaults[k]) for k, v in table.items() if v != defaults[k] and k not in DELIBERATE_DIFFERENCES}
+    assert not differing, f"pyproject.toml value vs RunConfig default: {differing}"
+    assert RunConfig.from_flower(table).to_flower() == defaults
+
+
+def test_version_is_stated_once() -> None:
+    """pyproject.toml's [project] version is the one the package, the de-identification stamp and the CLI show."""
+    import tomllib
+
+    import medfed
+    from anonymization.engine import MEDFED_VERSION, PROFILE_LINE
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert medfed.__version__ == MEDFED_VERSION == version
+    assert f"medfed {version}" in PROFILE_LINE
+    sources = [p for p in ROOT.glob("*/**/*.py") if ".venv" not in p.parts and "tests" not in p.parts]
+    stated = [str(p.relative_to(ROOT)) for p in sources if f'"{version}"' in p.read_text()]
+    assert not stated, f"the version is written out again in {stated}: take medfed.__version__"
 
 
 def test_run_config_refuses_unknown_key_naming_it() -> None:

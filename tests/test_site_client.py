@@ -21,8 +21,16 @@ from site_client.task import ledger_for, train_round
 from tests.models_factory import make_store
 
 # A fixed noise multiplier (no calibration), so each round's spend is known in advance.
-CFG = RunConfig().with_overrides(image_size=32, batch_size=8, lr=0.05,
-                                  optimizer="sgd", local_epochs=1, noise_multiplier=1.0, calibrate_noise=False, num_server_rounds=3)
+CFG = RunConfig().with_overrides(
+    image_size=32,
+    batch_size=8,
+    lr=0.05,
+    optimizer="sgd",
+    local_epochs=1,
+    noise_multiplier=1.0,
+    calibrate_noise=False,
+    num_server_rounds=3,
+)
 
 
 # Messages are built here as the coordinator would, outside Flower's runtime (tests/conftest.py).
@@ -102,8 +110,14 @@ def test_client_app_reply_passes_guard_and_is_audited(tmp_path: Path, store: Pat
     assert len(egress) == 1 and egress[0]["run_id"] == "7" and egress[0]["server_round"] == 1
     assert egress[0]["bytes"] > 0 and "epsilon" in egress[0]["metrics"]
 
-    ev = app(Message(content=RecordDict({"arrays": reply.content["arrays"], "config": ConfigRecord({"server-round": 1})}),
-                     dst_node_id=1, message_type="evaluate"), ctx)
+    ev = app(
+        Message(
+            content=RecordDict({"arrays": reply.content["arrays"], "config": ConfigRecord({"server-round": 1})}),
+            dst_node_id=1,
+            message_type="evaluate",
+        ),
+        ctx,
+    )
     assert not ev.has_error()
     metrics = ev.content["metrics"]
     # a DP release (noisy histograms): on a split of a few images a noisy class total may be <= 0 (AUC NaN)
@@ -147,7 +161,9 @@ def test_guard_blocks_a_reply_off_the_allow_list(tmp_path: Path, store: Path) ->
 
 def test_guard_hides_exception_details(tmp_path: Path, store: Path) -> None:
     site = _site(tmp_path, store)
-    reply = _rogue_app({}, raise_exc=RuntimeError("failed on /pacs/DOE^JOHN/1.dcm"))(_train_msg(), _context(site, tmp_path))
+    reply = _rogue_app({}, raise_exc=RuntimeError("failed on /pacs/DOE^JOHN/1.dcm"))(
+        _train_msg(), _context(site, tmp_path)
+    )
     assert reply.has_error() and reply.error.code == SITE_FAILED
     assert "DOE" not in reply.error.reason and "RuntimeError" in reply.error.reason
 

@@ -342,7 +342,12 @@ def test_a_missing_or_altered_request_is_refused_before_anything_is_written(enro
     i = der.find(b"medfed site")
     der[i] ^= 1
     import base64
-    bad = b"-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(bytes(der)) + b"-----END CERTIFICATE REQUEST-----\n"
+
+    bad = (
+        b"-----BEGIN CERTIFICATE REQUEST-----\n"
+        + base64.encodebytes(bytes(der))
+        + b"-----END CERTIFICATE REQUEST-----\n"
+    )
     code, out = _cli("consortium", "add-site", enrolled, "d", "--public-key", other.public,
                      "--csr", _write(tmp_path / "bad.csr", bad))
     assert code == 2 and "not valid" in out, out

@@ -12,7 +12,9 @@ from models.accounting import AccountingError, epsilon_of_history
 from site_client.ledger import LedgerError, PrivacyLedger
 
 
-def _spend(ledger: PrivacyLedger, run: str, rnd: int, steps: int = 10, q: float = 0.1, sigma: float = 1.0) -> tuple[float, float]:
+def _spend(
+    ledger: PrivacyLedger, run: str, rnd: int, steps: int = 10, q: float = 0.1, sigma: float = 1.0
+) -> tuple[float, float]:
     acc = ledger.accountant(run)
     acc.history.append((sigma, q, steps))
     return ledger.commit_spend(run, rnd, acc, delta=1e-5, epsilon_cap=100.0, steps=steps, sample_rate=q,

@@ -256,3 +256,33 @@ def test_non_finite_optimizer_state_is_never_saved_nor_loaded(tmp_path: Path, ne
     path = next((site.state_dir / "optimizer-state").glob("*.pt"))
     torch.save(poisoned, path)
     assert load_optimizer_state(site, "run-s") == {}
+
+
+def test_a_round_is_recorded_trained_only_after_its_spend_is_committed(
+    tmp_path: Path, neighbours: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit trail may never say "trained" for a round whose spend the ledger does not hold."""
+    from site_client.ledger import PrivacyLedger
+
+    site = _site(tmp_path, neighbours[0])
+    cfg = CFG.with_overrides(calibrate_noise=False)
+    real_commit = PrivacyLedger.commit_spend
+    kinds_at_commit: list[list[str]] = []
+
+    def spy(self: PrivacyLedger, *args: object, **kwargs: object) -> object:
+        kinds_at_commit.append([r["kind"] for r in AuditTrail(site.audit_path).records()])
+        return real_commit(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(PrivacyLedger, "commit_spend", spy)
+    assert train_round(site, cfg, "run-order", 1, initial_state(cfg)).state_dict is not None
+    assert len(kinds_at_commit) == 1 and "round_trained" not in kinds_at_commit[0]
+    assert [r["server_round"] for r in AuditTrail(site.audit_path).records() if r["kind"] == "round_trained"] == [1]
+
+    def disk_full(self: PrivacyLedger, *args: object, **kwargs: object) -> object:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PrivacyLedger, "commit_spend", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        train_round(site, cfg, "run-order", 2, initial_state(cfg))
+    assert [r["server_round"] for r in AuditTrail(site.audit_path).records() if r["kind"] == "round_trained"] == [1]
+    assert [r["server_round"] for r in ledger_for(site).rounds("run-order") if r["status"] == "spent"] == [1]

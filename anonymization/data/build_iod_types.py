@@ -242,7 +242,10 @@ def main() -> int:
             iods[sop] = {
                 "iod": name,
                 "sop_class": UID_dictionary[sop][0],
-                "types": {f"{tag_for_keyword(kw):08X}": t for kw, t in sorted(types.items(), key=lambda kv: tag_for_keyword(kv[0]))},
+                "types": {
+                    f"{tag_for_keyword(kw):08X}": t
+                    for kw, t in sorted(types.items(), key=lambda kv: tag_for_keyword(kv[0]))
+                },
             }
             for parent, inner in found.items():
                 for kw, t in inner.items():
