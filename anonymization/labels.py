@@ -18,15 +18,20 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import Any, Protocol, TextIO
 
 from anonymization.errors import LabelsError
 from anonymization.pseudonyms import Pseudonymizer
-from models.study import _NAME as _CLASS_NAME
-from models.study import LABEL_KEYS, MULTILABEL_SEPARATOR, NO_FINDING
+from medfed.labelling import CLASS_NAME as _CLASS_NAME
+from medfed.labelling import LABEL_KEYS, MULTILABEL_SEPARATOR, NO_FINDING
 
-if TYPE_CHECKING:
-    from models.study import Study
+
+class StudyLike(Protocol):
+    """What label checking needs of a study (models.study.Study), without importing the models layer."""
+
+    labels: Any
+
+    def target(self, label: str) -> object: ...
 
 #: The manifest column each CSV key matches.
 MANIFEST_COLUMN: dict[str, str] = {
@@ -66,7 +71,7 @@ def read_labels(
     pseudonymizer: Pseudonymizer,
     *,
     retain_uids: bool = False,
-    study: Study | None = None,
+    study: StudyLike | None = None,
 ) -> LabelTable:
     """Read the labels CSV keyed by any of ``LABEL_KEYS``; raise :class:`LabelsError` on any malformed line.
 
@@ -82,7 +87,8 @@ def read_labels(
         raise LabelsError(f"cannot read labels file {path}: {exc.strerror}") from None
 
 
-def _parse(fh: TextIO, path: Path, pseudonymizer: Pseudonymizer, retain_uids: bool, study: Study | None) -> LabelTable:
+def _parse(fh: TextIO, path: Path, pseudonymizer: Pseudonymizer, retain_uids: bool,
+           study: StudyLike | None) -> LabelTable:
     labels: dict[str, str] = {}
     reader = csv.DictReader(fh)
     try:

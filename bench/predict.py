@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from anonymization.audit_keys import AuditSigner  # noqa: E402
-from medfed.release import model_card, verify_release, write_release  # noqa: E402
+from medfed.signing import Signer as AuditSigner  # noqa: E402
 from models.preprocess import preprocess, read_dicom  # noqa: E402
 from models.registry import build_network  # noqa: E402
+from models.release import model_card, verify_release, write_release  # noqa: E402
 from models.study import DEFAULT_STUDY, Network  # noqa: E402
 from site_client.inference import predict_folder, source_files  # noqa: E402
 

@@ -171,12 +171,13 @@ def _release(out: Path, key: Path) -> None:
     """Sign the final model as the consortium's release (a fresh release/ per finished run)."""
     import shutil
 
-    from anonymization.audit_keys import load_signing_key
     from coordinator.release import RELEASE_DIR, release_run
+    from medfed.signing import load_signing_key
+    from models.release import RELEASE_KEY_WHAT
 
     if (out / RELEASE_DIR).exists():
         shutil.rmtree(out / RELEASE_DIR)
-    path = release_run(out, load_signing_key(key))
+    path = release_run(out, load_signing_key(key, what=RELEASE_KEY_WHAT))
     log.info("release signed: %s", path)
 
 

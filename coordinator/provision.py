@@ -383,11 +383,14 @@ class Layout:
 def release_key_path(layout: Layout) -> Path:
     """The consortium's release key (coordinator/release-signing.key), made on first use; its public half
     (release-signing.pub) goes into every site kit, so each site verifies the models it is given."""
-    from anonymization.audit_keys import load_or_create_signing_key
-    from medfed.release import RELEASE_KEY, RELEASE_PUBLIC_KEY
+    from medfed.signing import KeyFileError, load_or_create_signing_key
+    from models.release import RELEASE_KEY, RELEASE_KEY_WHAT, RELEASE_PUBLIC_KEY
 
     path = layout.coordinator / RELEASE_KEY
-    signer, created = load_or_create_signing_key(path)
+    try:
+        signer, created = load_or_create_signing_key(path, what=RELEASE_KEY_WHAT)
+    except KeyFileError as err:
+        raise ProvisionError(str(err)) from None
     if created or not (layout.coordinator / RELEASE_PUBLIC_KEY).is_file():
         write_file(layout.coordinator / RELEASE_PUBLIC_KEY, signer.public_pem())
     return path

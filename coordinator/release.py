@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from anonymization.audit_keys import AuditSigner
 from coordinator.checkpoint import load_checkpoint
-from medfed.release import ReleaseError, model_card, write_release
 from medfed.settings import RunConfig
+from medfed.signing import Signer
+from models.release import ReleaseError, model_card, write_release
 
 RELEASE_DIR = "release"
 
@@ -30,7 +30,7 @@ def _sites(last: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def release_run(run_dir: Path, signer: AuditSigner, *, server_round: int | None = None,
+def release_run(run_dir: Path, signer: Signer, *, server_round: int | None = None,
                 out: Path | None = None) -> Path:
     """Sign the model of ``run_dir`` (its final model, or the checkpoint of ``server_round``) as a release."""
     from medfed.fab import release_fab_sha256

@@ -34,14 +34,14 @@ def release(
     out: Annotated[Path | None, typer.Option(help="Release folder to write (default: RUN_DIR/release).")] = None,
 ) -> None:
     """Sign a run's model, its study and its model card as a release the sites can verify."""
-    from anonymization.audit_keys import AuditKeyError, load_signing_key
     from coordinator.release import release_run
-    from medfed.release import ReleaseError
     from medfed.settings import ConfigError
+    from medfed.signing import KeyFileError, load_signing_key
+    from models.release import RELEASE_KEY_WHAT, ReleaseError
 
     try:
-        path = release_run(run_dir, load_signing_key(key), server_round=server_round, out=out)
-    except (ReleaseError, AuditKeyError, ConfigError) as err:
+        path = release_run(run_dir, load_signing_key(key, what=RELEASE_KEY_WHAT), server_round=server_round, out=out)
+    except (ReleaseError, KeyFileError, ConfigError) as err:
         _fail(str(err))
     console.print(f"release written and signed: {path}")
 
@@ -49,7 +49,7 @@ def release(
 @model_app.command("verify")
 def verify(release_dir: _RELEASE, public_key: _PUBLIC) -> None:
     """Check a release's signature and every file's hash; print its model card. Exit 1 if it must not be used."""
-    from medfed.release import ReleaseError, public_key_of, verify_release
+    from models.release import ReleaseError, public_key_of, verify_release
 
     try:
         rel = verify_release(release_dir, public_key_of(public_key))
@@ -88,8 +88,8 @@ def _num(v: object) -> str:
     return "n/a" if not isinstance(v, int | float) or v != v else f"{v:.3f}"
 
 
-def _verified(release_dir: Path, public_key: Path):  # noqa: ANN202 - medfed.release.Release, imported lazily
-    from medfed.release import ReleaseError, public_key_of, verify_release
+def _verified(release_dir: Path, public_key: Path):  # noqa: ANN202 - models.release.Release, imported lazily
+    from models.release import ReleaseError, public_key_of, verify_release
 
     try:
         return verify_release(release_dir, public_key_of(public_key))

@@ -133,10 +133,10 @@ def _jsonable(value: Any) -> Any:
 
 def release_key(folder: Path) -> Path:
     """The simulation's own release key (``FOLDER/release-signing.key``, public half beside it)."""
-    from anonymization.audit_keys import load_or_create_signing_key
-    from medfed.release import RELEASE_KEY, RELEASE_PUBLIC_KEY
+    from medfed.signing import load_or_create_signing_key
+    from models.release import RELEASE_KEY, RELEASE_KEY_WHAT, RELEASE_PUBLIC_KEY
 
-    signer, created = load_or_create_signing_key(folder / RELEASE_KEY)
+    signer, created = load_or_create_signing_key(folder / RELEASE_KEY, what=RELEASE_KEY_WHAT)
     if created or not (folder / RELEASE_PUBLIC_KEY).exists():
         write_file(folder / RELEASE_PUBLIC_KEY, signer.public_pem())
     return folder / RELEASE_KEY

@@ -18,6 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medfed.labelling import CLASS_NAME, LABEL_KEYS, MULTILABEL_SEPARATOR, NO_FINDING
 from medfed.settings import ConfigError, OutOfBounds, RunConfig, SiteConfig, describe_validation
 
 Task = Literal["binary", "multiclass", "multilabel"]
@@ -28,16 +29,6 @@ MODALITIES: tuple[str, ...] = ("CT", "CR", "DX", "MG", "MR", "US", "SC", "XC")
 RADIOGRAPHY: tuple[str, ...] = ("CR", "DX", "MG")
 #: Modalities that may carry colour pixels.
 COLOUR: tuple[str, ...] = ("US", "SC", "XC")
-#: The label key a CSV may use, and the level a label then applies to (every image below it).
-LABEL_KEYS: dict[str, str] = {
-    "AccessionNumber": "study",
-    "StudyInstanceUID": "study",
-    "SeriesInstanceUID": "series",
-    "SOPInstanceUID": "image",
-}
-#: Separator of the findings present in a multilabel label ("effusion|nodule"); "none" means no finding.
-MULTILABEL_SEPARATOR = "|"
-NO_FINDING = "none"
 #: Networks of models.registry (the scattering head, and MONAI networks with GroupNorm).
 NETWORKS: tuple[str, ...] = ("scatter-head", "densenet121", "resnet18", "resnet50", "efficientnet-b0")
 #: What of the network is trained; the rest keeps its initial weights.
@@ -47,7 +38,7 @@ METRICS: tuple[str, ...] = (
     "auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "confusion", "calibration-error",
 )
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
+_NAME = CLASS_NAME
 
 
 class _Section(BaseModel):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from medfed.files import write_file
-from medfed.release import Release
+from models.release import Release
 
 
 class CalibrationError(Exception):

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from medfed.files import write_file
-from medfed.release import Release
+from models.release import Release
 from models.study import Study
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 Built with highdicom (TID 1500 measurement report), so the structure follows the standard rather than
 our own reading of it. Every result names the model it came from: the algorithm identification carries
 the release's name, version, threshold and FAB hash, and the observer device's UID is derived from the
-weights' SHA-256 (medfed.release.device_uid), so one UID means exactly one set of weights.
+weights' SHA-256 (models.release.device_uid), so one UID means exactly one set of weights.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from medfed.files import write_file
 if TYPE_CHECKING:
     import torch
 
-    from medfed.release import Release
+    from models.release import Release
     from site_client.inference import Scored
 
 log = logging.getLogger(__name__)
@@ -169,8 +169,9 @@ def write_saliency(folder: Path, model: torch.nn.Module, files: list[Path], src:
                    release: Release, device: str) -> list[Path]:
     """A Grad-CAM (MONAI) of the decided class of each image, as a Secondary Capture referencing its source."""
     import torch
-    from models.preprocess import preprocess, read_dicom
     from monai.visualize import GradCAM
+
+    from models.preprocess import preprocess, read_dicom
 
     study = release.study
     cam = GradCAM(nn_module=model, target_layers=cam_layer(model))

@@ -17,9 +17,10 @@ DESIGN = ROOT / "docs" / "design.md"
 
 #: What every medfed part shares (settings, the wire format, file and process helpers): imports only itself.
 CORE = ("medfed.hardening", "medfed.settings", "medfed.protocol", "medfed.wire", "medfed.files", "medfed.fab",
-        "medfed.node_keys", "medfed.processes", "medfed.logs")
+        "medfed.node_keys", "medfed.processes", "medfed.logs", "medfed.signing",
+        "medfed.labelling")
 #: The top: assembles the command line (medfed.cli and every medfed.cli_*) and the demo; nothing imports it.
-TOP = ("medfed.demo", "medfed.synth")
+TOP = ("medfed.demo", "medfed.synth", "medfed.studies")
 #: Our own top-level packages (an import of anything else is a third-party or standard one).
 OURS = ("medfed", "anonymization", "models", "site_client", "coordinator", "tests", "bench")
 

@@ -22,10 +22,10 @@ import pytest
 import torch
 from pydicom.data import get_testdata_file
 
-from anonymization.audit_keys import AuditSigner
 from coordinator.federation import initial_state
-from medfed.release import RELEASE_PUBLIC_KEY, model_card, verify_release, write_release
 from medfed.settings import RunConfig
+from medfed.signing import Signer as AuditSigner
+from models.release import RELEASE_PUBLIC_KEY, model_card, verify_release, write_release
 from models.study import DEFAULT_STUDY
 from tests.models_factory import make_store
 
@@ -192,6 +192,6 @@ def test_calibration_reaches_the_target_sensitivity_and_binds_to_the_weights(tmp
 
 
 def _raw(kit: Path) -> bytes:
-    from medfed.release import public_key_of
+    from models.release import public_key_of
 
     return public_key_of(kit)

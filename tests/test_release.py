@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from anonymization.audit_keys import AuditSigner, write_private_key
 from coordinator.federation import initial_state
 from coordinator.release import release_run
-from medfed.release import (
+from medfed.settings import RunConfig
+from medfed.signing import Signer as AuditSigner
+from medfed.signing import write_private_key
+from models.release import (
     RELEASE_PUBLIC_KEY,
     SIGNED_FILES,
     ReleaseError,
@@ -21,7 +23,6 @@ from medfed.release import (
     public_key_of,
     verify_release,
 )
-from medfed.settings import RunConfig
 from models.study import DEFAULT_STUDY
 
 MEDFED = str(Path(sys.executable).parent / "medfed")

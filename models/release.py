@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from anonymization.audit_keys import AuditKeyError, AuditSigner, key_id, load_public_key, verify_signature
 from medfed.files import write_file
+from medfed.signing import KeyFileError, Signer, key_id, load_public_key, verify_signature
 
 #: The files of a release, each pinned by SHA-256 in the signed manifest.
 WEIGHTS = "model.pt"
@@ -32,6 +32,7 @@ FORMAT = 1
 #: The consortium's release key (consortium folder) and its public half (in every site kit).
 RELEASE_KEY = "release-signing.key"
 RELEASE_PUBLIC_KEY = "release-signing.pub"
+RELEASE_KEY_WHAT = "consortium release key"
 #: Largest release file read (weights of the largest registry network are ~100 MB).
 MAX_FILE_BYTES = 1 << 30
 
@@ -79,7 +80,7 @@ def _weights_bytes(state_dict: dict[str, Any]) -> bytes:
 
 
 def write_release(out: Path, state_dict: dict[str, Any], study: Any, card: dict[str, Any],
-                  signer: AuditSigner) -> Path:
+                  signer: Signer) -> Path:
     """Write and sign ``out`` (a fresh folder): weights, study, card, manifest, signature."""
     if out.exists() and any(out.iterdir()):
         raise ReleaseError(f"{out} already holds files; a release is written once, into a fresh folder")
@@ -112,10 +113,10 @@ def public_key_of(source: Path) -> bytes:
     """The release public key from a PEM file, or from a site kit folder that carries it."""
     path = source / RELEASE_PUBLIC_KEY if source.is_dir() else source
     try:
-        return load_public_key(path)
-    except AuditKeyError as err:
-        raise ReleaseError(f"{err}; the consortium's release public key is {RELEASE_PUBLIC_KEY} in each site kit")\
-            from None
+        return load_public_key(path, what="release public key",
+                               hint=f"the consortium's release public key is {RELEASE_PUBLIC_KEY} in each site kit")
+    except KeyFileError as err:
+        raise ReleaseError(str(err)) from None
 
 
 def verify_release(path: Path, public_key: bytes) -> Release:
@@ -169,7 +170,7 @@ def _load(path: Path, data: dict[str, bytes], signer_id: str) -> Release:
 def model_card(*, study: Any, run_name: str, rounds: int, fab_sha256: str | None, metrics: dict[str, Any] | None,
                sites: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The card a release carries: what the model is, how it was trained, and what it scored."""
-    from medfed import __version__
+    import medfed
 
     return {
         "name": f"{study.name}-{run_name}",
@@ -182,7 +183,7 @@ def model_card(*, study: Any, run_name: str, rounds: int, fab_sha256: str | None
         "run": run_name,
         "rounds": rounds,
         "fab_sha256": fab_sha256,
-        "medfed_version": __version__,
+        "medfed_version": medfed.__version__,
         "sites": sites,
         "metrics": metrics or {},
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
