@@ -481,6 +481,8 @@ KillMode=mixed
 TimeoutStopSec=60
 Restart=on-failure
 RestartSec=15
+# 78: a fatal refusal no restart cures (bad kit, revoked certificate, port in use): say why once and stop.
+RestartPreventExitStatus=78
 NoNewPrivileges=true
 PrivateTmp=true
 ProtectSystem=strict

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.settings import DEFAULT_EVALUATION_NOISE, RunConfig, SiteConfig
-from models.study import DEFAULT_STUDY, Study
+from models.study import Study
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def prepare_sites(
     from medfed.synth import generate_hospitals
 
     raw = out / "raw"
-    infos = generate_hospitals(raw, sites=sites, patients=patients, seed=seed)
+    infos = generate_hospitals(raw, sites=sites, patients=patients, seed=seed,
+                               image_size=study.image_size if study is not None else 64)
     configs = []
     for info, cap in zip(infos, epsilon_caps, strict=True):
         site_dir = out / "sites" / info.name
@@ -99,6 +100,18 @@ def simulate(cfg: RunConfig, num_sites: int) -> None:
     )
 
 
+def synth_study(task: str = "binary", classes: int | None = None, modality: str = "CT",
+                image_size: int = 64) -> Study:
+    """The study `medfed synth` writes for its hospitals (its study.toml), as a Study."""
+    import tomllib
+
+    from medfed.synth import class_names, study_toml
+    from models.study import parse_study
+
+    text = study_toml(task, class_names(task, classes, modality), modality, image_size)
+    return parse_study(tomllib.loads(text), "the synthetic study")
+
+
 def site_outcome(site: SiteConfig) -> SiteOutcome:
     """Read a site's ledger and manifest (site-side facts; nothing identifying)."""
     from site_client.task import ledger_for
@@ -133,8 +146,8 @@ def run_demo(
     if len(caps) != sites:
         raise ValueError(f"{len(caps)} epsilon caps given for {sites} sites; give one per site")
     overrides = {"num_server_rounds": rounds, "device": device, "seed": seed, **(run_overrides or {})}
-    # The demo is a study like any other: the synthetic hospitals' binary CT study, at the run's image size.
-    study = DEFAULT_STUDY.model_copy(update={"image_size": overrides.pop("image_size", DEFAULT_STUDY.image_size)})
+    # The demo is a study like any other: the one `medfed synth` writes for its binary CT hospitals.
+    study = synth_study(image_size=overrides.pop("image_size", 64))
     site_cfgs = prepare_sites(out, sites=sites, patients=patients, seed=seed, epsilon_caps=caps, delta=delta,
                               workers=workers, progress=progress, evaluation_noise=evaluation_noise, study=study)
     result = simulate_study(study, out, site_cfgs, out, overrides=overrides)
