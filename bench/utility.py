@@ -16,6 +16,13 @@ local epochs), with the same optimizer, batch size and per-round learning rate
   ClientApp in Flower's Simulation Engine, each site calibrating its own noise to
   its cap over the run (`calibrate-noise`), its ledger accounting every step.
 
+``--networks scatter-head,densenet121,resnet18`` runs the network column instead:
+the scattering head against DenseNet-121 and ResNet-18 (GroupNorm) pretrained
+without DP on a separate synthetic "public" hospital (another seed; saved and
+pinned by SHA-256 like a study's weights) and fine-tuned (``--net-trainable``,
+default the last block) by in-process FedAvg + DP at each ε, against pooled
+non-private training of the same network.
+
 AUC is reported on each site's test split, on the pooled test splits, and on all
 images of the unseen site. The goal lines compare on the pooled test splits, for
 FedAvg + DP on the mean of ``--goal-repeats`` runs at ε = 8: its noise is unseeded,
@@ -24,6 +31,8 @@ as at a real site, and one run's AUC moves by several hundredths with the noise 
     .venv/bin/python bench/utility.py [--work DIR] [--patients 2000] [--rounds 20]
                                       [--local-epochs 2] [--batch-size 256] [--lr 0.01]
                                       [--goal-repeats 3]
+    .venv/bin/python bench/utility.py --networks scatter-head,densenet121,resnet18 [--image-size 32]
+                                      [--patients 1000] [--rounds 10] [--public-patients 600]
 """
 
 from __future__ import annotations
@@ -105,7 +114,8 @@ def dp_sigma(n: int, batch: int, epochs: int, eps: float) -> float:
     return calibrate_noise((), q, steps, 1, eps, DELTA, "rdp", floor=NOISE_FLOOR)
 
 
-def train_alone(data: Dataset, args: argparse.Namespace, epochs: int, eps: float | None, seed: int) -> torch.nn.Module:
+def train_alone(data: Dataset, args: argparse.Namespace, epochs: int, eps: float | None, seed: int,
+                make_model: Callable[[], torch.nn.Module] | None = None) -> torch.nn.Module:
     """One model on one dataset for ``epochs`` epochs, optionally DP-SGD at ``eps``.
 
     Trained in ``args.rounds`` chunks of ``args.local_epochs`` epochs with the run's
@@ -113,7 +123,7 @@ def train_alone(data: Dataset, args: argparse.Namespace, epochs: int, eps: float
     the schedule a federated site sees; with DP, one σ over all chunks spends ``eps``.
     """
     torch.manual_seed(seed)
-    model = build_model(args.image_size)
+    model = make_model() if make_model else build_model(args.image_size)
     dp = None
     if eps is not None:
         dp = DPSettings(dp_sigma(len(data), args.batch_size, epochs, eps), args.max_grad_norm)  # type: ignore[arg-type]
@@ -121,22 +131,30 @@ def train_alone(data: Dataset, args: argparse.Namespace, epochs: int, eps: float
     for rnd in range(1, args.rounds + 1):
         train_local(model, data, epochs=args.local_epochs, batch_size=args.batch_size,
                     lr=round_lr(args.lr, rnd, args.rounds, args.lr_schedule), optimizer=args.optimizer,
-                    optimizer_state=state, dp=dp, seed=seed * 10_000 + rnd)
+                    optimizer_state=state, dp=dp, seed=seed * 10_000 + rnd, **_mode(args))
     return model
 
 
+def _mode(args: argparse.Namespace) -> dict[str, str]:
+    """train_local's grad-sample mode when the bench names one."""
+    mode = getattr(args, "grad_sample_mode", None)
+    return {"grad_sample_mode": mode} if mode else {}
+
+
 def fedavg_in_process(train: list[TensorDataset], args: argparse.Namespace, seed: int, eps: float | None = None,
-                      after_round: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> torch.nn.Module:
+                      after_round: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+                      make_model: Callable[[], torch.nn.Module] | None = None) -> torch.nn.Module:
     """FedAvg in one process: each round every site trains from the global model; weighted mean.
 
     Without ``eps`` it is the table's plain FedAvg. With ``eps`` each site runs DP-SGD
     with one σ calibrated to spend ``eps`` over the whole run, as the ClientApp does
     (same `train_local`, same calibration), but with seeded noise so that recipes can
     be compared draw for draw (`bench/dp_recipe.py`). ``after_round(r, state)`` sees
-    each round's global state.
+    each round's global state. ``make_model`` builds the network (default: the default study's).
     """
+    make = make_model or (lambda: build_model(args.image_size))
     torch.manual_seed(seed)
-    global_state = build_model(args.image_size).state_dict()
+    global_state = make().state_dict()
     weights = [len(d) for d in train]
     epochs = args.rounds * args.local_epochs
     dps = [None if eps is None else DPSettings(dp_sigma(len(d), args.batch_size, epochs, eps), args.max_grad_norm)
@@ -145,18 +163,18 @@ def fedavg_in_process(train: list[TensorDataset], args: argparse.Namespace, seed
     for rnd in range(args.rounds):
         states = []
         for i, data in enumerate(train):
-            model = build_model(args.image_size)
+            model = make()
             model.load_state_dict(global_state)
             train_local(model, data, epochs=args.local_epochs, batch_size=args.batch_size,
                         lr=round_lr(args.lr, rnd + 1, args.rounds, args.lr_schedule),
                         optimizer=args.optimizer, optimizer_state=optimizer_states[i], dp=dps[i],
-                        seed=seed * 10_000 + rnd * 100 + i)
+                        seed=seed * 10_000 + rnd * 100 + i, **_mode(args))
             states.append(model.state_dict())
         global_state = {k: sum(w * s[k].float() for w, s in zip(weights, states, strict=True)) / sum(weights)
                         for k in global_state}
         if after_round is not None:
             after_round(rnd + 1, global_state)
-    model = build_model(args.image_size)
+    model = make()
     model.load_state_dict(global_state)
     return model
 
@@ -176,19 +194,11 @@ def fedavg_flower(work: Path, sites: list[SiteConfig], args: argparse.Namespace,
         batch_size=args.batch_size,
         lr=args.lr,
         lr_schedule=args.lr_schedule,
-        optimizer=args.optimizer,
-        max_grad_norm=args.max_grad_norm,
-        noise_multiplier=NOISE_FLOOR,
-        calibrate_noise=True,
-        keep_optimizer_state=True,
-        image_size=args.image_size,
-        demo_dir=str(work),
+        optimizer=args.optimizer, max_grad_norm=args.max_grad_norm, noise_multiplier=NOISE_FLOOR,
+        calibrate_noise=True, keep_optimizer_state=True, image_size=args.image_size, demo_dir=str(work),
         out_dir=str(out),
-        min_train_nodes=len(sites),
-        min_evaluate_nodes=len(sites),
-        min_available_nodes=len(sites),
-        fraction_evaluate=0.0 if args.no_round_eval else 1.0,
-        seed=args.seed,
+        min_train_nodes=len(sites), min_evaluate_nodes=len(sites), min_available_nodes=len(sites),
+        fraction_evaluate=0.0 if args.no_round_eval else 1.0, seed=args.seed,
         run_name=f"utility-eps{eps:g}-{time.time_ns()}",  # a fresh account in each site's ledger
     )
     simulate(cfg, len(sites))
@@ -201,6 +211,121 @@ def fedavg_flower(work: Path, sites: list[SiteConfig], args: argparse.Namespace,
              "trained": [sum(1 for r in metrics["rounds"] if r["sites"].get(k, {}).get("status") == "trained")
                          for k in last]}
     return model, spent
+
+
+#: The network column: the scattering head against two MONAI networks fine-tuned from "public" weights.
+NETWORK_COLUMN = ("scatter-head", "densenet121", "resnet18")
+
+
+def public_set(work: Path, args: argparse.Namespace) -> TensorDataset:
+    """A separate synthetic hospital (another seed), all its images: the "public" data networks are pretrained on."""
+    folder = work / "public"
+    marker = folder / "prepared.json"
+    recipe = {"patients": args.public_patients, "seed": args.seed + 1000, "version": 1}
+    if not (marker.exists() and json.loads(marker.read_text()) == recipe):
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        prepare_sites(folder, sites=1, patients=args.public_patients, seed=args.seed + 1000, epsilon_caps=[8.0],
+                      delta=DELTA, workers=2, progress=False)
+        marker.write_text(json.dumps(recipe))
+    site = next((folder / "sites").iterdir())
+    return tensors(site / "deid", "all", args.image_size)
+
+
+def pretrain(work: Path, name: str, public: TensorDataset, args: argparse.Namespace) -> tuple[str, str]:
+    """Train the whole network on the public set without DP; save it and return (file name, SHA-256).
+
+    This is what a consortium would download once, pin by hash in its study and ship to every site.
+    """
+    from models.registry import build_network, file_sha256
+    from models.study import Study
+
+    path = work / f"public-{name}-{args.image_size}px-{args.pretrain_epochs}ep-{len(public)}.pt"
+    if not path.exists():
+        t = time.monotonic()
+        torch.manual_seed(args.seed)
+        model = build_network(Study.model_validate({"image-size": args.image_size, "network": {"name": name}}))
+        train_local(model, public, epochs=args.pretrain_epochs, batch_size=64, lr=1e-3, optimizer="adam",
+                    seed=args.seed)
+        torch.save(model.state_dict(), path)
+        print(f"  pretrained {name} on {len(public)} public images in {time.monotonic() - t:.0f}s", flush=True)
+    return path.name, file_sha256(path)
+
+
+def network_table(work: Path, sites: list[SiteConfig], unseen: SiteConfig, args: argparse.Namespace) -> None:
+    """Scattering head vs networks fine-tuned from public weights: pooled non-private, FedAvg + DP per ε.
+
+    FedAvg + DP here is the in-process loop (same `train_local` and σ calibration as the
+    ClientApp, seeded noise), since the Flower apps train the run config's network.
+    """
+    from models.registry import prepare_network
+    from models.study import Study
+
+    size, epochs = args.image_size, args.rounds * args.local_epochs
+    train = [tensors(s.data_dir, "train", size) for s in sites]
+    pooled_train = ConcatDataset(train)  # one object, so a fixed front's features are computed once for it
+    evals = {"pooled": ConcatDataset([tensors(s.data_dir, "test", size) for s in sites]),
+             UNSEEN: tensors(unseen.data_dir, "all", size)}
+    public = public_set(work, args)
+    print(f"network column: training images {[len(d) for d in train]}, pooled test {len(evals['pooled'])}, "
+          f"unseen {len(evals[UNSEEN])}, public {len(public)}", flush=True)
+    epsilons = [float(e) for e in args.epsilons.split(",")]
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for name in args.networks.split(","):
+        t_net = time.monotonic()
+        net_args = argparse.Namespace(**vars(args))
+        network: dict[str, object] = {"name": name}
+        if name != "scatter-head":
+            weights, digest = pretrain(work, name, public, args)
+            network.update({"weights": weights, "weights-sha256": digest, "trainable": args.net_trainable})
+            net_args.lr = args.net_lr
+        study = Study.model_validate({"image-size": size, "network": network})
+
+        def make(study: Study = study) -> torch.nn.Module:
+            return prepare_network(study, work)
+
+        row = table.setdefault(name, {})
+
+        def score(column: str, model: torch.nn.Module, t: float, row: dict = row, name: str = name) -> None:
+            row[column] = {k: float(evaluate(model, d)["auc"]) for k, d in evals.items()}
+            print(f"  {name:<14} {column:<22} pooled AUC {row[column]['pooled']:.3f}  unseen "
+                  f"{row[column][UNSEEN]:.3f}  ({time.monotonic() - t:.0f}s)", flush=True)
+
+        if name != "scatter-head":
+            score("public weights only", make(), time.monotonic())
+        t = time.monotonic()
+        score("pooled, no DP", train_alone(pooled_train, net_args, epochs, None, args.seed, make), t)
+        for eps in epsilons:
+            t = time.monotonic()
+            score(f"FedAvg + DP ε={eps:g}", fedavg_in_process(train, net_args, args.seed, eps=eps, make_model=make), t)
+        print(f"  {name}: {time.monotonic() - t_net:.0f}s", flush=True)
+
+    columns = ["public weights only", "pooled, no DP", *[f"FedAvg + DP ε={e:g}" for e in epsilons]]
+    print(f"\nAUC on the pooled test splits (unseen site in brackets), {size}x{size}, {args.rounds} rounds x "
+          f"{args.local_epochs} local epochs, batch {args.batch_size}, {args.optimizer}; scatter-head lr {args.lr:g}, "
+          f"fine-tuned ({args.net_trainable}) lr {args.net_lr:g}, pretrained {args.pretrain_epochs} epochs on "
+          f"{len(public)} public images; delta {DELTA:g}")
+    print("| network | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for name, row in table.items():
+        print(f"| {name} | " + " | ".join(f"{row[c]['pooled']:.3f} ({row[c][UNSEEN]:.3f})" if c in row else "-"
+                                          for c in columns) + " |")
+    goal = f"FedAvg + DP ε={GOAL_EPSILON:g}"
+    reference = max(row["pooled, no DP"]["pooled"] for row in table.values())
+    for name, row in table.items():
+        if name == "scatter-head" or goal not in row:
+            continue
+        gap = reference - row[goal]["pooled"]
+        print(f"goal: {name} at ε={GOAL_EPSILON:g} within 0.03 AUC of the best pooled non-private ({reference:.3f}): "
+              f"{row[goal]['pooled']:.3f} (gap {gap:+.3f}) -> {'met' if gap <= 0.03 else 'MISSED'}")
+        if "scatter-head" in table:
+            above = [f"ε={e:g} {row[c]['pooled']:.3f} vs {table['scatter-head'][c]['pooled']:.3f}"
+                     for e in epsilons for c in [f"FedAvg + DP ε={e:g}"]]
+            wins = all(row[c]["pooled"] > table["scatter-head"][c]["pooled"]
+                       for c in (f"FedAvg + DP ε={e:g}" for e in epsilons))
+            print(f"goal: {name} above the scattering head at every ε: {'; '.join(above)} -> "
+                  f"{'met' if wins else 'MISSED'}")
 
 
 def add_recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -227,12 +352,23 @@ def main() -> None:
     parser.add_argument("--goal-repeats", type=int, default=3, help="FedAvg + DP runs at the goal's ε (8): the noise "
                         "is unseeded, as in production, so one run is one draw; the goal is judged on their mean")
     parser.add_argument("--no-round-eval", action="store_true", help="skip per-round federated evaluation (faster)")
+    parser.add_argument("--networks", default=None, help="run only the network column, for these registry networks "
+                        f"(comma-separated, e.g. {','.join(NETWORK_COLUMN)})")
+    parser.add_argument("--public-patients", type=int, default=600, help="patients of the public pretraining set")
+    parser.add_argument("--pretrain-epochs", type=int, default=6)
+    parser.add_argument("--net-trainable", default="last-block", choices=("last-block", "head", "norm-and-bias", "all"))
+    parser.add_argument("--net-lr", type=float, default=0.002, help="learning rate of the fine-tuned networks")
+    parser.add_argument("--grad-sample-mode", default=None, help="Opacus mode (default: train_local's)")
     args = parser.parse_args()
     logs.setup(False)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.monotonic()
     work = (args.work or Path(tempfile.mkdtemp(prefix="medfed-utility-"))).resolve()
     sites, unseen = prepare(work, args.patients, args.seed)
+    if args.networks:
+        network_table(work, sites, unseen, args)
+        print(f"total {time.monotonic() - t0:.0f}s; work folder {work}")
+        return
     epochs = args.rounds * args.local_epochs
     size = args.image_size
 
@@ -280,12 +416,10 @@ def main() -> None:
 
     cols = [s.name for s in sites] + ["pooled", UNSEEN]
     print()
-    print(
-        f"AUC, {len(sites)} sites + 1 unseen, {args.patients} patients at the largest site, {size}x{size}, "
-        f"{args.rounds} rounds x {args.local_epochs} local epochs (= {epochs} epochs everywhere), batch "
-        f"{args.batch_size}, {args.optimizer} lr {args.lr:g} ({args.lr_schedule} over the rounds), "
-        f"clip {args.max_grad_norm:g}, delta {DELTA:g}"
-    )
+    print(f"AUC, {len(sites)} sites + 1 unseen, {args.patients} patients at the largest site, {size}x{size}, "
+          f"{args.rounds} rounds x {args.local_epochs} local epochs (= {epochs} epochs everywhere), batch "
+          f"{args.batch_size}, {args.optimizer} lr {args.lr:g} ({args.lr_schedule} over the rounds), "
+          f"clip {args.max_grad_norm:g}, delta {DELTA:g}")
     print("| method | ε | " + " | ".join(cols) + " | seconds |")
     print("|---|---|" + "---|" * len(cols) + "---|")
     for method, eps, aucs, secs in rows:

@@ -46,6 +46,7 @@ MIN_TAP_OUTPUT = 8 * 8
 _lock = threading.Lock()
 _depth = 0
 _original: Any = None  # torch's own function while a block holds the swap
+_original_group: Any = None  # torch's grouped-convolution path (batches under 32), likewise
 
 
 def _conv_utils() -> Any | None:
@@ -105,6 +106,16 @@ def _picker(unfold: Any) -> Any:
     return weight_grad_sample
 
 
+def _contiguous(group: Any) -> Any:
+    """torch's grouped path ``view``s the output gradient, which fails when it is not contiguous (the
+    gradient of a ``torch.cat``, as in DenseNet's layers); a contiguous copy gives the same numbers."""
+
+    def weight_grad_sample(input: Any, grad_output: Any, *args: Any) -> Any:
+        return group(input, grad_output.contiguous(), *args)
+
+    return weight_grad_sample
+
+
 @contextlib.contextmanager
 def fast_conv_grad_samples() -> Iterator[bool]:
     """Within the block, 2-D CPU convolutions get their per-sample weight gradients tap by tap.
@@ -112,7 +123,7 @@ def fast_conv_grad_samples() -> Iterator[bool]:
     Yields whether the faster path is active. Re-entrant and thread-safe: the
     original function is restored when the outermost block ends.
     """
-    global _depth, _original
+    global _depth, _original, _original_group
     cu = _conv_utils()
     if cu is None:
         logger.info("torch's expanded-weights conv helpers moved; per-sample conv gradients use torch's own choice")
@@ -122,6 +133,9 @@ def fast_conv_grad_samples() -> Iterator[bool]:
         if _depth == 0:
             _original = cu.conv_unfold_weight_grad_sample
             cu.conv_unfold_weight_grad_sample = _picker(_original)
+            _original_group = getattr(cu, "conv_group_weight_grad_sample", None)
+            if _original_group is not None:
+                cu.conv_group_weight_grad_sample = _contiguous(_original_group)
         _depth += 1
     try:
         yield True
@@ -130,3 +144,5 @@ def fast_conv_grad_samples() -> Iterator[bool]:
             _depth -= 1
             if _depth == 0:
                 cu.conv_unfold_weight_grad_sample, _original = _original, None
+                if _original_group is not None:
+                    cu.conv_group_weight_grad_sample, _original_group = _original_group, None

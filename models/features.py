@@ -1,8 +1,10 @@
 """The network's fixed front end, computed once per dataset instead of once per step.
 
 The scattering front end has no parameters and costs more per image than a
-DP-SGD step of the head, so training and evaluation run it once over a dataset
-and then feed the head. That changes nothing about the model or the privacy
+DP-SGD step of the head, and a network fine-tuned from its last block or head
+(`models.registry`) has a frozen front that costs far more than the rest, so
+training and evaluation run the front once over a dataset and then feed the
+trained part. That changes nothing about the model or the privacy
 guarantee: ``model(x)`` is ``model.trainable(model.fixed_front(x))`` and DP-SGD
 clips and noises the same per-example gradients of the same parameters.
 
@@ -13,6 +15,8 @@ so a site that keeps its dataset across rounds computes them once per run.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import weakref
 from typing import Any
@@ -42,11 +46,19 @@ def split(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
 
 
 def _signature(front: nn.Module, device: str) -> tuple:
-    """What the features depend on besides the data: the front end's class, its settings and the device."""
+    """What the features depend on besides the data: the front end's class, settings, weights and the device.
+
+    The weights are hashed: two fronts of one architecture with different initial
+    weights must not share features.
+    """
     settings = tuple(
         (k, v) for k, v in sorted(vars(front).items()) if k != "training" and isinstance(v, int | float | str | tuple)
     )
-    return (type(front).__qualname__, settings, str(device))
+    digest = hashlib.sha256()
+    for name, tensor in front.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return (type(front).__qualname__, settings, digest.hexdigest(), str(device))
 
 
 def _feature_bytes(front: nn.Module, dataset: Dataset, device: str) -> int:
@@ -87,13 +99,11 @@ def precompute(front: nn.Module, dataset: Dataset, device: str = "cpu") -> Tenso
     ys: list[torch.Tensor] = []
     for xb, yb in DataLoader(dataset, batch_size=BATCH, shuffle=False):
         xs.append(front(xb.to(device)))
-        ys.append(torch.as_tensor(yb).reshape(-1).float())
+        ys.append(torch.as_tensor(yb))  # kept as given: 0/1, class indices or 0/1 vectors
     front.train(was_training)
     features = TensorDataset(torch.cat(xs).contiguous(), torch.cat(ys).to(device))
-    try:
+    with contextlib.suppress(TypeError):  # not weak-referenceable: not cached
         _cache.setdefault(dataset, {})[key] = features
-    except TypeError:
-        pass
     logger.debug("precomputed front-end features of %d examples (%.0f MB)", len(features), size / 1024**2)
     return features
 

@@ -49,14 +49,14 @@ MIN_IMAGE_SIZE = IMAGE_MULTIPLE * 2 ** sum(1 for s in STRIDES if s > 1)
 
 
 class ScatterHead(nn.Module):
-    """What is trained: normalise the coefficients, four conv blocks, global mean+max pool, one logit.
+    """What is trained: normalise the coefficients, four conv blocks, global mean+max pool, the logits.
 
     Global pooling makes the prediction independent of where the finding lies
-    and of the input size, and keeps the last layer at ``2 * CHANNELS[-1] + 1``
-    weights, which matters when every weight receives DP noise.
+    and of the input size, and keeps the last layer at ``(2 * CHANNELS[-1] + 1)``
+    weights per output, which matters when every weight receives DP noise.
     """
 
-    def __init__(self, in_channels: int) -> None:
+    def __init__(self, in_channels: int, num_outputs: int = 1) -> None:
         super().__init__()
         groups = INPUT_GROUPS if in_channels % INPUT_GROUPS == 0 else 1
         # Per-image normalisation without parameters (Tramèr & Boneh normalise the
@@ -77,10 +77,10 @@ class ScatterHead(nn.Module):
             )
             in_ch = out_ch
         self.features = nn.Sequential(*blocks)
-        self.head = nn.Linear(2 * in_ch, 1)
+        self.head = nn.Linear(2 * in_ch, num_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map ``(B, C, s, s)`` scattering coefficients to ``(B, 1)`` logits."""
+        """Map ``(B, C, s, s)`` scattering coefficients to ``(B, num_outputs)`` logits."""
         x = self.features(x)
         # Parameter-free pooling: nothing here needs Opacus per-sample gradients.
         pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
@@ -88,7 +88,7 @@ class ScatterHead(nn.Module):
 
 
 class ScatterCTNet(nn.Module):
-    """Scattering (fixed, no parameters) then the trained head: ``(B, 1, S, S)`` images to ``(B, 1)`` logits.
+    """Scattering (fixed, no parameters) then the trained head: ``(B, 1, S, S)`` images to ``(B, K)`` logits.
 
     ``fixed_front`` and ``trainable`` name the two parts so that training and
     evaluation can compute the front end's output once per dataset
@@ -96,11 +96,11 @@ class ScatterCTNet(nn.Module):
     ``trainable(fixed_front(x))``. The state dict holds the head's tensors only.
     """
 
-    def __init__(self, image_size: int = 64) -> None:
+    def __init__(self, image_size: int = 64, num_outputs: int = 1) -> None:
         super().__init__()
         self.image_size = image_size
         self.scattering = Scattering2D(image_size, J=SCATTERING_J, L=SCATTERING_L)
-        self.classifier = ScatterHead(num_coefficients(SCATTERING_J, SCATTERING_L))
+        self.classifier = ScatterHead(num_coefficients(SCATTERING_J, SCATTERING_L), num_outputs)
 
     @property
     def fixed_front(self) -> nn.Module:
@@ -115,21 +115,17 @@ class ScatterCTNet(nn.Module):
 
 
 def build_model(image_size: int = 64) -> nn.Module:
-    """Build the consortium's model for ``image_size`` x ``image_size`` single-channel inputs.
+    """The default study's network (scattering head, one logit) for ``image_size`` px single-channel inputs.
 
-    Every site and the coordinator call this with the same settings so that the
-    parameter arrays line up; the result passes Opacus' strict validation.
+    Kept for callers that predate studies; it is `models.registry.build_network` of
+    the default study at this size, so both give the same parameter layout.
     """
     if image_size < MIN_IMAGE_SIZE or image_size % IMAGE_MULTIPLE:
         raise ValueError(
             f"image_size must be a multiple of {IMAGE_MULTIPLE} and at least {MIN_IMAGE_SIZE} (got {image_size}); "
             "the scattering front end subsamples by 4 and the head halves its grid twice"
         )
-    model = ScatterCTNet(image_size=image_size)
-    logger.debug(
-        "built ScatterCTNet for %dx%d inputs, %d trained parameters",
-        image_size,
-        image_size,
-        sum(p.numel() for p in model.parameters()),
-    )
-    return model
+    from models.registry import build_network
+    from models.study import DEFAULT_STUDY
+
+    return build_network(DEFAULT_STUDY.model_copy(update={"image_size": image_size}))

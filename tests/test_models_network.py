@@ -67,3 +67,22 @@ def test_run_config_admits_exactly_the_sizes_the_network_takes() -> None:
     RunConfig().with_overrides(image_size=MIN_IMAGE_SIZE)
     with pytest.raises(ConfigError, match="image-size: Input should be a multiple of 4"):
         RunConfig().with_overrides(image_size=MIN_IMAGE_SIZE + 2)
+
+
+def test_build_model_is_the_registry_network_of_the_default_study() -> None:
+    """Callers of build_model and of the registry exchange the same parameter layout."""
+    from models.registry import build_network
+    from models.study import DEFAULT_STUDY
+
+    a, b = build_model(DEFAULT_STUDY.image_size).state_dict(), build_network(DEFAULT_STUDY).state_dict()
+    assert [(k, v.shape) for k, v in a.items()] == [(k, v.shape) for k, v in b.items()]
+
+
+def test_scatter_head_emits_one_logit_per_class() -> None:
+    from models.registry import build_network
+    from models.study import Study
+
+    study = Study.model_validate({"task": "multiclass", "classes": ["a", "b", "c", "d"]})
+    model = build_network(study)
+    assert model(torch.randn(2, 1, 64, 64)).shape == (2, 4)
+    assert model.classifier.head.out_features == study.num_outputs == 4

@@ -204,7 +204,7 @@ def test_round_lr_cosine_decays_to_the_floor_and_constant_stays() -> None:
 
     rates = [round_lr(0.02, r, 20) for r in range(1, 21)]
     assert rates[0] == pytest.approx(0.02)
-    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
     assert LR_FLOOR * 0.02 < rates[-1] < 0.2 * 0.02
     assert round_lr(0.02, 25, 20) == rates[-1]  # past the planned rounds (a resumed run): stays at the end
     assert [round_lr(0.02, r, 20, "constant") for r in (1, 20)] == [0.02, 0.02]
@@ -225,3 +225,93 @@ def test_unseeded_dp_noise_does_not_follow_the_global_rng() -> None:
         train_local(model, data, epochs=1, batch_size=8, lr=0.05, dp=DPSettings(1.0, 1.0))
         runs.append(_flat(model))
     assert not torch.equal(runs[0], runs[1])
+
+
+# ---- tasks and physical batches -------------------------------------------------------------------
+def _separable(task: str, n: int = 60) -> tuple[TensorDataset, nn.Module]:
+    """Gaussian clusters a linear model separates: 3 classes, or 2 findings present independently."""
+    gen = torch.Generator().manual_seed(0)
+    if task == "multiclass":
+        y = torch.arange(n) % 3
+        centres = torch.eye(3, 8) * 3.0
+        x = centres[y] + torch.randn(n, 8, generator=gen) * 0.5
+        outputs = 3
+    else:
+        y = torch.stack([torch.arange(n) % 2, torch.arange(n) // 2 % 2], 1).float()
+        x = torch.cat([y * 6.0 - 3.0, torch.zeros(n, 6)], 1) + torch.randn(n, 8, generator=gen) * 0.5
+        outputs = 2
+    torch.manual_seed(0)
+    return TensorDataset(x, y), nn.Linear(8, outputs)
+
+
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+def test_multiclass_and_multilabel_losses_train(task: str) -> None:
+    from models.training import TaskLoss
+
+    data, model = _separable(task)
+    x, y = data.tensors
+    loss_fn = TaskLoss(task)
+    with torch.no_grad():
+        before = float(loss_fn(model(x), y))
+    out = train_local(model, data, epochs=15, batch_size=10, lr=0.1, task=task, seed=0)
+    with torch.no_grad():
+        logits = model(x)
+        after = float(loss_fn(logits, y))
+    assert out.loss < before and after < 0.3 * before, (before, after)
+    predicted = logits.argmax(1) if task == "multiclass" else (logits > 0).float()
+    assert (predicted == y).float().mean() > 0.95
+    # under DP too (ghost clipping needs one loss per example from the task's loss)
+    for mode in ("hooks", "ghost"):
+        data, model = _separable(task)
+        dp_out = train_local(model, data, epochs=2, batch_size=10, lr=0.1, task=task, seed=0,
+                             dp=DPSettings(0.5, 1.0), grad_sample_mode=mode)
+        assert dp_out.steps == planned_steps(len(data), 10, 2)[0] and math.isfinite(dp_out.loss)
+
+
+def test_task_loss_per_example_and_mean() -> None:
+    from models.training import TaskLoss
+
+    logits = torch.randn(4, 3)
+    cases = {"binary": (logits[:, :1], torch.tensor([0.0, 1.0, 1.0, 0.0])),
+             "multiclass": (logits, torch.tensor([0, 2, 1, 2])),
+             "multilabel": (logits, (torch.rand(4, 3) > 0.5).float())}
+    for task, (z, y) in cases.items():
+        per = TaskLoss(task, reduction="none")(z, y)
+        assert per.shape == (4,)
+        torch.testing.assert_close(TaskLoss(task)(z, y), per.mean())
+    torch.testing.assert_close(TaskLoss("multiclass")(logits, cases["multiclass"][1]),
+                               nn.functional.cross_entropy(logits, cases["multiclass"][1]))
+    torch.testing.assert_close(TaskLoss("multilabel")(logits, cases["multilabel"][1]),
+                               nn.functional.binary_cross_entropy_with_logits(logits, cases["multilabel"][1]))
+    with pytest.raises(ValueError, match="task must be one of"):
+        train_local(_model(), _tiny(), epochs=1, batch_size=8, lr=0.1, task="regression")
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ew", "ghost"])
+def test_large_logical_batches_are_split_into_physical_ones(mode: str) -> None:
+    """Memory bounds the physical batch, not the privacy: same steps, same q, same update (noise 0)."""
+    data = _tiny(24)
+    results = []
+    for physical in (128, 3):
+        model = _model()
+        sizes: list[int] = []
+        model.trainable.register_forward_pre_hook(lambda _m, args, seen=sizes: seen.append(args[0].shape[0]))
+        acc = RDPAccountant()
+        out = train_local(model, data, epochs=2, batch_size=12, lr=0.1, dp=DPSettings(0.0, 0.05), accountant=acc,
+                          seed=4, grad_sample_mode=mode, max_physical_batch_size=physical)
+        assert (out.steps, out.sample_rate) == planned_steps(len(data), 12, 2)
+        assert acc.history == [(0.0, out.sample_rate, out.steps)]
+        results.append((_flat(model), max(sizes)))
+    (whole, big), (split, small) = results
+    assert big > 3 >= small
+    torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-4)
+
+
+def test_non_dp_batches_are_accumulated_over_physical_chunks() -> None:
+    data = _tiny(24)
+    a, b = _model(), _model()
+    train_local(a, data, epochs=1, batch_size=12, lr=0.1, seed=1)
+    train_local(b, data, epochs=1, batch_size=12, lr=0.1, seed=1, max_physical_batch_size=5)
+    torch.testing.assert_close(_flat(a), _flat(b), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="max_physical_batch_size"):
+        train_local(_model(), data, epochs=1, batch_size=12, lr=0.1, max_physical_batch_size=0)
