@@ -73,9 +73,11 @@ def _feature_bytes(front: nn.Module, dataset: Dataset, device: str) -> int:
 def precompute(front: nn.Module, dataset: Dataset, device: str = "cpu") -> TensorDataset | None:
     """The front end's output for every example of ``dataset`` with its label, or None if too large.
 
-    Cached per dataset object, so later rounds and evaluations reuse it.
+    Cached per dataset object, so later rounds and evaluations reuse it. A dataset that augments
+    (a new random view of each image every time it is read) is never precomputed: that would freeze
+    its first draw.
     """
-    if len(dataset) == 0:  # type: ignore[arg-type]
+    if len(dataset) == 0 or getattr(dataset, "augments", False):  # type: ignore[arg-type]
         return None
     key = _signature(front, device)
     try:

@@ -111,3 +111,19 @@ def test_too_large_a_dataset_is_not_precomputed(monkeypatch: pytest.MonkeyPatch,
     assert "running the front end per batch" in caplog.text
     module, data = features.apply_front(model, _data(4))
     assert module is model and len(data) == 4
+
+
+class _Augmenting(TensorDataset):
+    """A dataset whose every read is a new random view (StudyDataset's train split with augmentation)."""
+
+    augments = True
+
+
+def test_an_augmenting_dataset_is_never_precomputed() -> None:
+    """Precomputing would freeze the first random draw: the front end must then run per batch."""
+    model = build_model(32)
+    data = _Augmenting(torch.randn(8, 1, 32, 32), torch.zeros(8))
+    assert features.precompute(model.fixed_front, data) is None
+    trained, fed = features.apply_front(model, data)
+    assert trained is model and fed is data
+    assert features.precompute(model.fixed_front, TensorDataset(*data.tensors)) is not None
