@@ -189,14 +189,26 @@ def _has_voi(fds: Dataset) -> bool:
 
 
 def _file_voi_unit(values: np.ndarray, fds: Dataset) -> np.ndarray:
-    """The file's VOI LUT or window (pydicom's apply_voi_lut), mapped onto [0, 1] by its output range."""
+    """The file's VOI LUT or window (pydicom's apply_voi_lut), mapped onto [0, 1] by its output range.
+
+    A VOI LUT Sequence maps integer stored values (pydicom warns, and mis-maps, on floats), so it is
+    applied to the rounded values and its output range is that of the whole LUT; a window maps floats.
+    """
     try:
-        out = np.asarray(apply_voi_lut(values, fds, index=0), dtype=np.float64)
-        ends = np.asarray(apply_voi_lut(np.array([-1e12, 1e12], dtype=np.float64), fds, index=0), dtype=np.float64)
+        lut = fds.get("VOILUTSequence")
+        if lut:
+            entries, first = int(lut[0].LUTDescriptor[0]) or 65536, int(lut[0].LUTDescriptor[1])
+            out = np.asarray(apply_voi_lut(np.rint(values).astype(np.int64), fds, index=0), dtype=np.float64)
+            table = np.asarray(apply_voi_lut(np.arange(first, first + entries, dtype=np.int64), fds, index=0))
+            lo, hi = float(table.min()), float(table.max())
+        else:
+            out = np.asarray(apply_voi_lut(values, fds, index=0), dtype=np.float64)
+            ends = np.asarray(apply_voi_lut(np.array([-1e12, 1e12], dtype=np.float64), fds, index=0))
+            lo, hi = float(ends.min()), float(ends.max())
     except Exception as exc:  # noqa: BLE001 - a malformed VOI module
         raise Unusable(f"the file's VOI LUT or window cannot be applied ({type(exc).__name__}); "
                        'use voi = "percentile"') from None
-    return _to_unit(out, float(ends.min()), float(ends.max()))
+    return _to_unit(out, lo, hi)
 
 
 def _greyscale(ds: Dataset, source: Source, study: Study) -> None:

@@ -110,6 +110,31 @@ def test_radiograph_file_window_differs_from_percentiles_and_falls_back_without_
     np.testing.assert_allclose(no_window, by_pct)
 
 
+def test_a_voi_lut_sequence_maps_stored_values_as_its_table_says() -> None:
+    """A VOI LUT Sequence (the synthetic DX sites b, c and e write one) is applied to the integer values and
+    scaled by the table's own range: a linear table gives the same input as the equivalent window."""
+    from pydicom.dataset import Dataset
+
+    ds = _read("RG3_UNCR.dcm")
+    bits = int(ds.BitsStored)
+    lo, hi = np.percentile(ds.pixel_array, [5, 95]).astype(int)
+    first, entries = int(lo), int(hi - lo + 1)
+    item = Dataset()
+    item.LUTDescriptor = [entries, first, 12]
+    item.LUTData = [int(round(v)) for v in np.linspace(0, 4095, entries)]
+    ds.VOILUTSequence = [item]
+    del ds.WindowCenter, ds.WindowWidth
+    study = _study(modality="CR", preprocessing={"voi": "file"})
+    (by_lut,) = preprocess(ds, study).arrays
+    assert by_lut.max() - by_lut.min() > 1.0  # never the flat image a float input gave
+    del ds.VOILUTSequence
+    ds.WindowCenter, ds.WindowWidth = (lo + hi) / 2 + 0.5, entries  # the same linear ramp as a window
+    ds.VOILUTFunction = "LINEAR_EXACT"
+    (by_window,) = preprocess(ds, study).arrays
+    np.testing.assert_allclose(by_lut, by_window, atol=0.02)
+    assert bits >= 10
+
+
 def test_mr_zscore_and_percentile() -> None:
     ds = _read("MR_small.dcm")  # 64 x 64
     (z,) = preprocess(ds, _study(modality="MR", **{"image-size": 64})).arrays
