@@ -165,7 +165,8 @@ def predict(
 
     if device not in ("cpu", "cuda"):
         _fail(f"--device {device!r}: use cpu or cuda")
-    target = _send_target(send, sr or explain, (send_tls_cert, send_tls_key, send_tls_ca)) if send else None
+    tls = (send_tls_cert, send_tls_key, send_tls_ca)
+    target = _send_target(send, send_ae_title, sr or explain, tls) if send else None
     rel = _verified(release_dir, public_key)
     study = rel.study
     columns = 1 if study.task == "binary" else len(study.classes)
@@ -200,7 +201,6 @@ def predict(
     if summary.saliency:
         console.print(f"saliency:    {len(summary.saliency)} image(s) in {out / 'explain'}")
     if target is not None:
-        tls = (send_tls_cert, send_tls_key, send_tls_ca)
         _send_results(summary.srs + summary.saliency, out, target, _tls_files(tls), send_ae_title, send_tries,
                       send_timeout)
 
@@ -212,9 +212,9 @@ def _tls_files(parts: _TlsParts) -> TlsFiles | None:
     return TlsFiles(cert, key, ca) if cert and key and ca else None
 
 
-def _send_target(text: str, writes_dicom: bool, tls: _TlsParts) -> Target:
+def _send_target(text: str, calling_ae: str, writes_dicom: bool, tls: _TlsParts) -> Target:
     """Check --send and its TLS files before the images are scored, so a typo costs no inference run."""
-    from site_client.send import SendError, client_tls, parse_target
+    from site_client.send import SendError, check_calling_ae, client_tls, parse_target
 
     if not writes_dicom:
         _fail("--send stores the results as DICOM: add --sr (and/or --explain)")
@@ -222,6 +222,7 @@ def _send_target(text: str, writes_dicom: bool, tls: _TlsParts) -> Target:
         _fail("TLS needs all three of --send-tls-cert, --send-tls-key and --send-tls-ca (or none of them)")
     try:
         target = parse_target(text)
+        check_calling_ae(calling_ae)
         files = _tls_files(tls)
         if files is not None:
             client_tls(files)

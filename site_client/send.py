@@ -74,6 +74,14 @@ def parse_target(text: str) -> Target:
     return Target(ae, match.group(1).strip("[]"), int(match.group(2)))
 
 
+def check_calling_ae(title: str) -> str:
+    """Our calling AE title (the PACS may accept only the titles it knows)."""
+    try:
+        return check_ae_title(title, "--send-ae-title")
+    except IntakeError as err:
+        raise SendError(str(err)) from None
+
+
 def client_tls(files: TlsFiles) -> Any:
     """The client-side TLS context: our certificate and key; the PACS's certificate must come from ``files.ca``."""
     try:
@@ -171,10 +179,7 @@ def send_files(
         raise SendError("--send-tries must be at least 1")
     if timeout <= 0:
         raise SendError("--send-timeout must be more than 0 seconds")
-    try:
-        check_ae_title(calling_ae, "--send-ae-title")
-    except IntakeError as err:
-        raise SendError(str(err)) from None
+    check_calling_ae(calling_ae)
     context = client_tls(tls) if tls is not None else None
     t0 = time.monotonic()
     report = SendReport(target=target, tls=tls is not None)
