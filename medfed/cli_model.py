@@ -245,8 +245,10 @@ def _send_results(paths: list[Path], out: Path, target: Target, tls: TlsFiles | 
         _fail(str(err))
     write_report(report, out / SEND_REPORT, out)
     console.print(f"send: {report.line()}")
-    for o in report.failed:
+    for o in report.failed[:20]:
         console.print(f"  not sent: {o.path.relative_to(out)}: {o.describe()}")
+    if len(report.failed) > 20:
+        console.print(f"  … and {len(report.failed) - 20} more in {out / SEND_REPORT}")
     if not report.ok:
         console.print(f"[bold red]error:[/] {len(report.failed)} file(s) not sent to {target}; they stay in {out} "
                       f"(listed in {out / SEND_REPORT}): fix the cause above and run the command again")
