@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from anonymization.intake import IntakeError, TlsFiles, check_ae_title, tls_context
 
@@ -152,8 +152,11 @@ def write_report(report: SendReport, path: Path, root: Path) -> None:
 
 @dataclass
 class _Item:
+    """A file to send: read again at its turn, so a large send never holds every image in memory."""
+
     outcome: FileOutcome
-    dataset: Dataset
+    sop_class: str
+    syntax: str
 
 
 def send_files(
@@ -188,7 +191,7 @@ def send_files(
         outcome = FileOutcome(Path(path))
         report.outcomes.append(outcome)
         try:
-            ds = dcmread(path)
+            ds = dcmread(path, stop_before_pixels=True)
             outcome.sop_instance_uid = str(ds.get("SOPInstanceUID", ""))
         except Exception as exc:  # noqa: BLE001 - one unreadable file is reported, the rest still go
             outcome.reason, outcome.final = f"not readable DICOM ({type(exc).__name__})", True
@@ -196,7 +199,7 @@ def send_files(
         if not outcome.sop_instance_uid or "SOPClassUID" not in ds or "TransferSyntaxUID" not in ds.file_meta:
             outcome.reason, outcome.final = "no SOP Class / SOP Instance / Transfer Syntax UID: not a DICOM file", True
             continue
-        items.append(_Item(outcome, ds))
+        items.append(_Item(outcome, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
     for attempt in range(1, tries + 1):
         pending = [i for i in items if not i.outcome.final]
         if not pending:
@@ -250,11 +253,15 @@ def _one_try(pending: list[_Item], target: Target, context: Any, calling_ae: str
 def _store(assoc: Any, item: _Item, descriptions: dict[int, tuple[str, str]], errors: _Errors) -> None:
     outcome = item.outcome
     try:
-        answer = assoc.send_c_store(item.dataset)
+        answer = assoc.send_c_store(outcome.path)
     except ValueError:  # no presentation context the PACS accepted fits this file
         outcome.status = None
-        outcome.reason = f"the PACS accepts no presentation context for SOP class {item.dataset.SOPClassUID.name}"
+        outcome.reason = f"the PACS accepts no presentation context for SOP class {UID(item.sop_class).name}"
         outcome.final = True
+        return
+    except (OSError, InvalidDicomError, AttributeError) as exc:  # changed or removed since it was checked
+        outcome.status, outcome.final = None, True
+        outcome.reason = f"could not be read at its turn ({type(exc).__name__})"
         return
     if "Status" not in answer:
         outcome.status = None
@@ -276,10 +283,9 @@ def _contexts(items: list[_Item]) -> Iterator[tuple[str, list[str]]]:
     """Per SOP class: the files' own transfer syntaxes, then explicit and implicit little endian."""
     syntaxes: dict[str, list[str]] = {}
     for item in items:
-        own = syntaxes.setdefault(str(item.dataset.SOPClassUID), [])
-        ts = str(item.dataset.file_meta.TransferSyntaxUID)
-        if ts not in own:
-            own.insert(0, ts)
+        own = syntaxes.setdefault(item.sop_class, [])
+        if item.syntax not in own:
+            own.insert(0, item.syntax)
     if len(syntaxes) > _MAX_CONTEXTS:
         raise SendError(f"{len(syntaxes)} different SOP classes: more than one association can carry; "
                         "send them in smaller groups")

@@ -40,13 +40,16 @@ def uids(paths: list[Path]) -> set[str]:
 
 # ---- a pynetdicom SCP that answers as a given PACS would ------------------------------------------
 @pytest.fixture
-def scp() -> Iterator[Callable[[Callable[[pydicom.Dataset], int]], tuple[int, list[str]]]]:
-    """Start a Storage SCP (AE title PACS) whose answer to each C-STORE is ``answer(dataset)``."""
+def scp() -> Iterator[Callable[..., tuple[int, list[str]]]]:
+    """Start a Storage SCP (AE title PACS) whose answer to each C-STORE is ``answer(dataset)``.
+
+    ``only`` limits the SOP classes it accepts (default: every storage SOP class).
+    """
     from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
     servers = []
 
-    def start(answer: Callable[[pydicom.Dataset], int]) -> tuple[int, list[str]]:
+    def start(answer: Callable[[pydicom.Dataset], int], only: tuple[str, ...] = ()) -> tuple[int, list[str]]:
         received: list[str] = []
 
         def handle(event: object) -> int:
@@ -56,7 +59,8 @@ def scp() -> Iterator[Callable[[Callable[[pydicom.Dataset], int]], tuple[int, li
 
         ae = AE(ae_title="PACS")
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            if not only or cx.abstract_syntax in only:
+                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.require_called_aet = True
         server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)])
         servers.append(server)
@@ -129,6 +133,23 @@ def test_a_permanent_rejection_is_not_retried(files: list[Path], scp) -> None:
     assert {o.tries for o in report.outcomes} == {1}
     assert "rejected the association" in report.failed[0].reason
     assert "Called AE title not recognised" in report.failed[0].reason
+
+
+def test_a_pacs_that_takes_no_sr_is_named_and_not_retried(files: list[Path], scp) -> None:
+    from pydicom.uid import CTImageStorage
+
+    port, received = scp(lambda ds: 0x0000, only=(CTImageStorage,))
+    report = send_files(files, Target("PACS", "127.0.0.1", port), tries=3, timeout=10, backoff=5)
+
+    assert [o.sent for o in report.outcomes] == [False, True, True] and len(received) == 2
+    (sr,) = report.failed
+    assert sr.reason == "the PACS accepts no presentation context for SOP class Comprehensive SR Storage"
+    assert sr.tries == 1 and report.seconds < 4
+
+    port, received = scp(lambda ds: 0x0000, only=(CTImageStorage,))
+    report = send_files(files[:1], Target("PACS", "127.0.0.1", port), tries=3, timeout=10, backoff=5)
+    assert report.failed[0].reason.startswith("no accepted presentation contexts") and report.seconds < 4
+    assert received == []
 
 
 def test_a_closed_port_fails_after_the_bounded_tries(files: list[Path]) -> None:
