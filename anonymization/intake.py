@@ -459,23 +459,29 @@ class TlsFiles:
     ca: Path
 
 
-def tls_context(files: TlsFiles) -> ssl.SSLContext:
-    """Server-side TLS (1.2+) that requires a client certificate issued by ``files.ca``."""
-    for what, path in (("--tls-cert", files.cert), ("--tls-key", files.key), ("--tls-ca", files.ca)):
+def tls_context(files: TlsFiles, *, client: bool = False, option: str = "--tls") -> ssl.SSLContext:
+    """TLS 1.2+ with our certificate, trusting only peers whose certificate ``files.ca`` issued.
+
+    Server side (the intake): a client without such a certificate is refused. Client side (results
+    back to PACS): the PACS must present one, naming the host dialled. ``option`` names the CLI
+    options in error messages.
+    """
+    for what, path in ((f"{option}-cert", files.cert), (f"{option}-key", files.key), (f"{option}-ca", files.ca)):
         if not Path(path).is_file():
             raise IntakeError(f"{what} {path} does not exist; pass the PEM file")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT if client else ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         ctx.load_cert_chain(str(files.cert), str(files.key))
     except (ssl.SSLError, OSError) as err:
-        raise IntakeError(f"--tls-cert {files.cert} / --tls-key {files.key} are not a matching PEM certificate "
+        raise IntakeError(f"{option}-cert {files.cert} / {option}-key {files.key} are not a matching PEM certificate "
                           f"and key ({err})") from None
     try:
         ctx.load_verify_locations(cafile=str(files.ca))
     except (ssl.SSLError, OSError) as err:
-        raise IntakeError(f"--tls-ca {files.ca} is not a PEM CA certificate ({err})") from None
+        raise IntakeError(f"{option}-ca {files.ca} is not a PEM CA certificate ({err})") from None
     ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.check_hostname = client
     return ctx
 
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+if TYPE_CHECKING:
+    from anonymization.intake import TlsFiles
+    from site_client.send import Target
+
+_TlsParts = tuple[Path | None, Path | None, Path | None]
 console = Console()
 model_app = typer.Typer(help="The consortium's signed model releases: release, verify, calibrate.",
                         no_args_is_help=True)
@@ -140,14 +145,28 @@ def predict(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    send: Annotated[str | None, typer.Option(
+        "--send", help="Store the SRs and saliency maps in PACS by C-STORE: AE@HOST:PORT.")] = None,
+    send_ae_title: Annotated[str, typer.Option("--send-ae-title", help="Our calling AE title for --send.")]
+    = "MEDFED",
+    send_tls_cert: Annotated[Path | None, typer.Option("--send-tls-cert", help="Our client certificate (PEM).")]
+    = None,
+    send_tls_key: Annotated[Path | None, typer.Option("--send-tls-key", help="Its private key (PEM).")] = None,
+    send_tls_ca: Annotated[Path | None, typer.Option(
+        "--send-tls-ca", help="CA that issued the PACS's certificate (PEM); no other is trusted.")] = None,
+    send_tries: Annotated[int, typer.Option("--send-tries", min=1, max=10, help="Tries per file.")] = 3,
+    send_timeout: Annotated[float, typer.Option(
+        "--send-timeout", min=0.1, help="Seconds to wait for each step of the PACS's answers.")] = 30.0,
 ) -> None:
-    """Score new studies with a verified release, at the site; nothing is sent anywhere."""
+    """Score new studies with a verified release, at the site; results go only to the PACS --send names."""
     from medfed.settings import ConfigError
     from site_client.calibration import CalibrationError, load_thresholds
     from site_client.inference import PredictError, predict_folder
 
     if device not in ("cpu", "cuda"):
         _fail(f"--device {device!r}: use cpu or cuda")
+    tls = (send_tls_cert, send_tls_key, send_tls_ca)
+    target = _send_target(send, send_ae_title, sr or explain, tls) if send else None
     rel = _verified(release_dir, public_key)
     study = rel.study
     columns = 1 if study.task == "binary" else len(study.classes)
@@ -181,3 +200,56 @@ def predict(
         console.print(f"SR:          {len(summary.srs)} report(s) in {out / 'sr'}")
     if summary.saliency:
         console.print(f"saliency:    {len(summary.saliency)} image(s) in {out / 'explain'}")
+    if target is not None:
+        _send_results(summary.srs + summary.saliency, out, target, _tls_files(tls), send_ae_title, send_tries,
+                      send_timeout)
+
+
+def _tls_files(parts: _TlsParts) -> TlsFiles | None:
+    from anonymization.intake import TlsFiles
+
+    cert, key, ca = parts
+    return TlsFiles(cert, key, ca) if cert and key and ca else None
+
+
+def _send_target(text: str, calling_ae: str, writes_dicom: bool, tls: _TlsParts) -> Target:
+    """Check --send and its TLS files before the images are scored, so a typo costs no inference run."""
+    from site_client.send import SendError, check_calling_ae, client_tls, parse_target
+
+    if not writes_dicom:
+        _fail("--send stores the results as DICOM: add --sr (and/or --explain)")
+    if any(tls) and not all(tls):
+        _fail("TLS needs all three of --send-tls-cert, --send-tls-key and --send-tls-ca (or none of them)")
+    try:
+        target = parse_target(text)
+        check_calling_ae(calling_ae)
+        files = _tls_files(tls)
+        if files is not None:
+            client_tls(files)
+    except SendError as err:
+        _fail(str(err))
+    return target
+
+
+def _send_results(paths: list[Path], out: Path, target: Target, tls: TlsFiles | None, calling_ae: str, tries: int,
+                  timeout: float) -> None:
+    """C-STORE the results; a file not sent stays in OUT, is named, and the exit status says so."""
+    from site_client.send import SEND_FAILED_EXIT, SEND_REPORT, SendError, send_files, write_report
+
+    if not paths:
+        console.print(f"send: nothing to send to {target} (no image was usable)")
+        return
+    try:
+        report = send_files(paths, target, tls, calling_ae, tries, timeout)
+    except SendError as err:
+        _fail(str(err))
+    write_report(report, out / SEND_REPORT, out)
+    console.print(f"send: {report.line()}")
+    for o in report.failed[:20]:
+        console.print(f"  not sent: {o.path.relative_to(out)}: {o.describe()}")
+    if len(report.failed) > 20:
+        console.print(f"  … and {len(report.failed) - 20} more in {out / SEND_REPORT}")
+    if not report.ok:
+        console.print(f"[bold red]error:[/] {len(report.failed)} file(s) not sent to {target}; they stay in {out} "
+                      f"(listed in {out / SEND_REPORT}): fix the cause above and run the command again")
+        raise typer.Exit(SEND_FAILED_EXIT)

@@ -1,9 +1,10 @@
 """`medfed predict`: a verified release applied to DICOM as it comes from PACS, at the site.
 
 Files are read and preprocessed exactly as the study trains (models.preprocess) by DataLoader
-workers while the model scores the previous batch, so decoding overlaps inference. Nothing is
-sent anywhere: the predictions, the results as DICOM and the saliency maps stay in OUT, in the
-hospital's own identifiers (these are the hospital's images, not a de-identified store).
+workers while the model scores the previous batch, so decoding overlaps inference. The
+predictions, the results as DICOM and the saliency maps stay in OUT, in the hospital's own
+identifiers (these are the hospital's images, not a de-identified store); only `--send` stores
+the DICOM results in the PACS the site names (site_client.send).
 """
 
 from __future__ import annotations

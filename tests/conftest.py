@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+
+from tests.dicom_peers import Orthanc, Pki, make_pki, start_orthanc, stop
 
 
 @pytest.fixture
@@ -18,3 +22,17 @@ def task_identity() -> Iterator[None]:
     yield
     for n, v in old.items():
         setattr(TaskIdentity, n, v)
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Callable[[dict[str, list]], Orthanc]]:
+    """Start Debian's Orthanc on loopback with its own storage in tmp_path; modalities given by the test."""
+    procs: list[subprocess.Popen[bytes]] = []
+    yield lambda modalities: start_orthanc(tmp_path / "orthanc", modalities, procs)
+    stop(procs)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    """The hospital's CA (server + client certificates) and a rogue CA's client certificate."""
+    return make_pki(tmp_path / "pki")

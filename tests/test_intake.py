@@ -11,23 +11,16 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from pydicom.dataset import Dataset
 from typer.testing import CliRunner
 
@@ -46,38 +39,11 @@ from anonymization.intake import (
 from anonymization.manifest import read_manifest
 from anonymization.quarantine import QUARANTINE_LOG
 from anonymization.worker import IMAGES_DIR
-from coordinator.provision import CertificateAuthority, private_pem
 from tests.dicom_factory import Patient, make_ct, write
+from tests.dicom_peers import STORESCU, WAIT, Pki, free_port, need, wait_until
 
 # Distinctive raw identifiers of the factory's patients: none may reach DST.
 RAW_MARKERS = (b"Phiname", b"Zelda", b"ZELDA", b"PHIPID-837261", b"PHIACC99182")
-STORESCU, ORTHANC = shutil.which("storescu"), shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-WAIT = 30.0  # every wait in this file is bounded by this many seconds
-
-
-def need(tool: str | None, name: str) -> str:
-    """The tool's path; skip where it is missing, but fail under CI (the Makefile installs it)."""
-    if tool and Path(tool).exists():
-        return tool
-    message = f"{name} is not installed (Debian package {'dcmtk' if name == 'storescu' else 'orthanc'})"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message + " - it is required in CI")
-    pytest.skip(message)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def make_study(folder: Path, n: int, *, patient: int = 0, study: int = 0, size: int = 32) -> list[Path]:
@@ -221,43 +187,6 @@ def test_unknown_calling_ae_is_refused_at_association(tmp_path: Path, start_rece
 
 
 # ---- storescu over TLS -------------------------------------------------------------------------
-@dataclass
-class Pki:
-    server: TlsFiles
-    client_key: Path
-    client_cert: Path
-    rogue_key: Path
-    rogue_cert: Path
-
-
-def _client(ca: CertificateAuthority, name: str, folder: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP384R1())
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])).sign(key, hashes.SHA384()))
-    cert = ca.issue_site(name, csr, days=1)
-    key_path, cert_path = folder / f"{name}.key", folder / f"{name}.pem"
-    key_path.write_bytes(private_pem(key))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    """The hospital's CA (server + PACS client certificates) and a rogue CA's client certificate."""
-    folder = tmp_path / "pki"
-    folder.mkdir()
-    ca, rogue = CertificateAuthority.create("Hospital"), CertificateAuthority.create("Rogue")
-    (folder / "ca.pem").write_bytes(ca.cert_pem)
-    key, cert = ca.issue_server(["127.0.0.1", "localhost"], days=1)
-    (folder / "server.key").write_bytes(private_pem(key))
-    (folder / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "rogue-ca.pem").write_bytes(rogue.cert_pem)
-    client_key, client_cert = _client(ca, "pacs", folder)
-    rogue_key, rogue_cert = _client(rogue, "rogue", folder)
-    return Pki(TlsFiles(folder / "server.pem", folder / "server.key", folder / "ca.pem"),
-               client_key, client_cert, rogue_key, rogue_cert)
-
-
 def _tls(key: Path, cert: Path, ca: Path) -> list[str]:
     return ["+tls", str(key), str(cert), "+cf", str(ca)]
 
@@ -529,61 +458,7 @@ def test_medfed_site_receive_refuses_half_a_tls_configuration(tmp_path: Path) ->
     assert not (tmp_path / "dst").exists()
 
 
-# ---- Orthanc ---------------------------------------------------------------------------------------
-@dataclass
-class Orthanc:
-    http: int
-    dicom: int
-    aet: str = "ORTHANC"
-
-    def rest(self, method: str, path: str, body: bytes | dict | None = None) -> object:
-        data = json.dumps(body).encode() if isinstance(body, dict) else body
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=data, method=method)
-        with urllib.request.urlopen(request, timeout=WAIT) as response:  # noqa: S310 - loopback only
-            return json.loads(response.read() or b"null")
-
-
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Callable[[dict[str, list]], Orthanc]]:
-    """Start Debian's Orthanc on loopback with its own storage in tmp_path; modalities given by the test."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(modalities: dict[str, list]) -> Orthanc:
-        tool = need(ORTHANC, "Orthanc")
-        folder = tmp_path / "orthanc"
-        folder.mkdir(exist_ok=True)
-        peer = Orthanc(http=free_port(), dicom=free_port())
-        config = {
-            "Name": "medfed-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
-            "HttpPort": peer.http, "DicomPort": peer.dicom, "DicomAet": peer.aet, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "HttpServerEnabled": True, "DicomServerEnabled": True,
-            "DicomModalities": modalities, "Plugins": [], "StableAge": 1, "DicomScuTimeout": 10,
-        }
-        (folder / "orthanc.json").write_text(json.dumps(config))
-        log = open(folder / "orthanc.log", "wb")  # noqa: SIM115 - closed with the process
-        procs.append(subprocess.Popen([tool, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT))
-
-        def up() -> bool:
-            assert procs[-1].poll() is None, (folder / "orthanc.log").read_text(errors="replace")[-2000:]
-            try:
-                peer.rest("GET", "/system")
-                return True
-            except OSError:
-                return False
-
-        wait_until(up, "Orthanc to answer on its REST port")
-        return peer
-
-    yield start
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(timeout=WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=WAIT)
-
-
+# ---- Orthanc (the `orthanc` fixture is in conftest.py) ---------------------------------------------
 @pytest.mark.deployment
 def test_orthanc_pushes_a_study_to_medfed(tmp_path: Path, start_receiver, orthanc) -> None:
     files = make_study(tmp_path / "src", 6, patient=6)

@@ -195,3 +195,77 @@ def _raw(kit: Path) -> bytes:
     from models.release import public_key_of
 
     return public_key_of(kit)
+
+
+# ---- results back to PACS: `medfed predict --send` ------------------------------------------------
+@pytest.mark.deployment
+def test_send_stores_the_srs_and_saliency_maps_in_orthanc(pacs: Path, tmp_path: Path, orthanc) -> None:
+    release, kit = _release(tmp_path)
+    rel = verify_release(release, _raw(kit))
+    peer = orthanc({})
+    out = tmp_path / "out"
+    done = _run("predict", str(release), str(pacs), "--out", str(out), "--public-key", str(kit), "--sr", "--explain",
+                "--no-progress", "--send", f"{peer.aet}@127.0.0.1:{peer.dicom}", "--send-ae-title", "MEDFED_SITE")
+    assert done.returncode == 0, done.stdout + done.stderr
+    ours = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
+            for p in [*(out / "sr").glob("*.dcm"), *(out / "explain").glob("*.dcm")]}
+    assert len(ours) > 2 and f"sent {len(ours)}, failed 0" in done.stdout
+    stored = {}
+    for orthanc_id in peer.rest("GET", "/instances"):  # type: ignore[union-attr]
+        tags = peer.rest("GET", f"/instances/{orthanc_id}/simplified-tags")
+        stored[tags["SOPInstanceUID"]] = orthanc_id  # type: ignore[index]
+    assert set(stored) == set(ours)
+    for uid, path in ours.items():
+        if path.parent.name != "sr":
+            continue
+        copy = tmp_path / f"orthanc-{uid}.dcm"
+        copy.write_bytes(peer.rest("GET", f"/instances/{stored[uid]}/file"))  # type: ignore[arg-type]
+        sr = hd.sr.srread(copy)  # Orthanc's copy is a Comprehensive 3D SR that names the model
+        assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34" and sr.SOPInstanceUID == uid
+        assert rel.device_uid in json.dumps(sr.to_json_dict())
+        study = peer.rest("GET", f"/instances/{stored[uid]}/study")
+        assert study["MainDicomTags"]["StudyInstanceUID"] == path.stem  # type: ignore[index]
+    sent = list(csv.DictReader((out / "sent.csv").open()))
+    assert len(sent) == len(ours) and {r["sent"] for r in sent} == {"yes"}
+
+
+def test_send_to_a_closed_port_exits_non_zero_naming_what_was_not_sent(pacs: Path, tmp_path: Path) -> None:
+    from tests.dicom_peers import free_port
+
+    release, kit = _release(tmp_path)
+    out = tmp_path / "out"
+    done = _run("predict", str(release), str(pacs), "--out", str(out), "--public-key", str(kit), "--sr",
+                "--no-progress", "--send", f"PACS@127.0.0.1:{free_port()}", "--send-tries", "2")
+    text = " ".join(done.stdout.split())
+    assert done.returncode == 3, done.stdout + done.stderr
+    srs = sorted((out / "sr").glob("*.dcm"))
+    assert srs, "the results stay in OUT"
+    assert f"sent 0, failed {len(srs)} of {len(srs)}" in text
+    for path in srs:
+        assert f"not sent: sr/{path.name}: cannot connect: [Errno 111] Connection refused (after 2 tries)" in text
+    assert f"{len(srs)} file(s) not sent" in text and "Traceback" not in done.stderr
+    assert {r["sent"] for r in csv.DictReader((out / "sent.csv").open())} == {"no"}
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--sr", "--send", "PACS@pacs.local"], "is not AE@HOST:PORT"),
+    (["--send", "PACS@pacs.local:104"], "--send stores the results as DICOM: add --sr"),
+    (["--sr", "--send", "PACS@pacs.local:104", "--send-tls-cert", "c.pem"], "TLS needs all three of --send-tls"),
+    (["--sr", "--send", "PACS@pacs.local:104", "--send-tls-cert", "c.pem", "--send-tls-key", "k.pem",
+      "--send-tls-ca", "ca.pem"], "c.pem does not exist; pass the PEM file"),
+    (["--sr", "--send", "PACS@pacs.local:104", "--send-ae-title", "NOT\\AN_AE"], "--send-ae-title"),
+])
+def test_send_options_are_checked_before_anything_is_scored(pacs: Path, tmp_path: Path, extra: list[str],
+                                                             message: str) -> None:
+    from typer.testing import CliRunner
+
+    from medfed.cli import app
+
+    release, kit = _release(tmp_path)
+    out = tmp_path / "out"
+    done = CliRunner().invoke(app, ["predict", str(release), str(pacs), "--out", str(out), "--public-key", str(kit),
+                                    *extra])
+    assert done.exit_code == 2, done.output
+    assert message in " ".join(done.output.split())
+    assert isinstance(done.exception, SystemExit), done.exception  # a clear message, no traceback
+    assert not out.exists()
