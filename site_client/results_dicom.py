@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from site_client.inference import Scored
 
 log = logging.getLogger(__name__)
+# highdicom narrates every module it copies at INFO; a person running predict wants our lines only.
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 MANUFACTURER = "medfed"
 #: Our own coding scheme for a study's class names (they are the consortium's, not SNOMED's).
