@@ -306,6 +306,9 @@ def _file_with(tags: list[int], implicit: bool) -> bytes:
             item.add_new(0x0040A121, "DA", "20210315")  # Date
             item.add_new(0x0040A123, "PN", "Doe^Jane")  # Person Name
             item.add_new(0x0040A160, "UT", "Jane Doe")  # Text Value
+            for short in _unlisted():  # short text, removed inside unlisted sequences
+                if dictionary_VR(short) in ("SH", "LO"):
+                    item.add_new(short, dictionary_VR(short), _VALUES[dictionary_VR(short)])
             ds.add_new(tag, vr, [item])
         else:
             ds.add_new(tag, vr, _VALUES[vr])
