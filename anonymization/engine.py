@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydicom import config
 from pydicom._uid_dict import UID_dictionary
@@ -44,6 +44,7 @@ from anonymization.table import (
     KEEP,
     KEEP_REPLACING_UIDS,
     REMOVE,
+    RESOLVABLE_COMPOUNDS,
     UID,
     Profile,
     SafePrivateTags,
@@ -153,6 +154,29 @@ class _Context:
     scrubber: TextScrubber | LazyScrubber | None
 
 
+RawStep = Callable[..., bool]
+DecodedStep = Callable[..., None]
+
+
+@dataclass(frozen=True, slots=True)
+class ActionRule:
+    """What one PS3.15 action code does to an element, for both forms the element can be in.
+
+    ``raw`` acts on a still-raw element from its bytes (False: it needs the value decoded),
+    ``decoded`` on the element with its value converted by pydicom; a code that
+    ``reads_value`` not is applied before anything is decoded. A ``compound`` code has no
+    steps: it is resolved per IOD and position (:func:`anonymization.table.resolve_compound`)
+    to a single code, whose rule applies.
+    """
+
+    code: str | None  # None: an attribute the table does not list (rules by VR)
+    meaning: str
+    raw: RawStep | None = None
+    decoded: DecodedStep | None = None
+    reads_value: bool = True
+    compound: bool = False
+
+
 class Deidentifier:
     """De-identifies datasets in place under one policy and one site secret.
 
@@ -201,8 +225,9 @@ class Deidentifier:
         """
         original_pid = original_patient_id(ds)
         sop_class = str(ds.get(SOP_CLASS_UID).value).strip() if SOP_CLASS_UID in ds else None
-        scrubber: TextScrubber | LazyScrubber
-        scrubber = TextScrubber.from_dataset(ds) if original is None or self._scrubs_often else LazyScrubber(original)
+        scrubber: TextScrubber | LazyScrubber = (
+            TextScrubber.from_dataset(ds) if original is None or self._scrubs_often else LazyScrubber(original)
+        )
         ctx = _Context(self.pseudo.date_offset_days(original_pid), Counter(), sop_class or None, scrubber)
         self._clean(ds, ctx, parent=None, unlisted=False)
         patient = self.pseudo.patient_id(original_pid)
@@ -259,187 +284,194 @@ class Deidentifier:
     def _clean_element(
         self, ds: Dataset, tag: BaseTag, ctx: _Context, parent: int | None, unlisted: bool
     ) -> None:
-        counts = ctx.counts
+        """One element: structural rules first, then the action table's rule for its code."""
+        if self._structural(ds, tag, ctx):
+            return
+        number = int(tag)
+        rule = self._rule(number, ctx, parent)
+        if not rule.reads_value:  # X: removed without reading (or converting) the value
+            assert rule.decoded is not None
+            rule.decoded(self, ds, tag, None, ctx, parent, unlisted)
+            return
+        raw = ds.get_item(tag)
+        if rule.raw is not None and type(raw) is RawDataElement:
+            vr = _raw_vr(raw, number)
+            if vr is not None and rule.raw(self, ds, tag, raw, vr, ctx, parent, unlisted):
+                return  # done on the bytes: kept exactly as read, or a new value written
+        elem = self._decode(ds, tag, ctx)  # converts a raw element; only for elements we keep in some form
+        if elem is None:
+            return
+        if number in _PSEUDONYMIZED:
+            self._pseudonymize(elem, number, ctx)
+            return
+        assert rule.decoded is not None
+        rule.decoded(self, ds, tag, elem, ctx, parent, unlisted)
+
+    def _structural(self, ds: Dataset, tag: BaseTag, ctx: _Context) -> bool:
+        """Private elements, group lengths and curves: decided by the tag alone (True: done)."""
         group = tag >> 16  # integer arithmetic: BaseTag's properties are Python code
         if group & 1:
             self._private(ds, tag, ctx)
-            return
+            return True
         if not tag & 0xFFFF:  # group length: stale once anything changed
             del ds[tag]
-            return
+            return True
         if 0x5000 <= group <= 0x50FF:  # (even: private groups were handled above)
             # Curves (retired): data no option can clean, so never a curve without it.
             del ds[tag]
-            counts[REMOVE] += 1
-            return
-        raw_action = self.profile.raw_action(int(tag))
-        raw = ds.get_item(tag)
-        if raw_action in _MAYBE_UNTOUCHED and self._untouched_raw(raw, raw_action, int(tag), unlisted, counts):
-            return  # kept exactly as read: no conversion (the writer copies its bytes)
-        action = None if raw_action is None else resolve_compound(raw_action, int(tag), ctx.sop_class, parent)
-        if action == REMOVE:
+            ctx.counts[REMOVE] += 1
+            return True
+        return False
+
+    def _rule(self, tag: int, ctx: _Context, parent: int | None) -> ActionRule:
+        """The rule for the table's code of ``tag``; a compound code resolved for this IOD and position."""
+        code = self.profile.raw_action(tag)
+        rule = ACTION_RULES.get(code, FAIL_CLOSED)
+        if rule.compound:
+            assert code is not None
+            rule = ACTION_RULES.get(resolve_compound(code, tag, ctx.sop_class, parent), FAIL_CLOSED)
+        return rule
+
+    def _decode(self, ds: Dataset, tag: BaseTag, ctx: _Context) -> DataElement | None:
+        """The element with its value converted; None if it was an unparsable sequence (then removed).
+
+        A sequence pydicom does not know, read from implicit VR, arrives as UN: its items
+        are parsed so they can be cleaned, or it is dropped - never bytes we cannot inspect.
+        """
+        elem = ds[tag]
+        if elem.VR == "UN" and self.profile.is_sequence(int(tag)) and not _parse_un_sequence(elem):
             del ds[tag]
-            counts[REMOVE] += 1
-            return
-        if type(raw) is RawDataElement and self._raw_fast_path(ds, tag, raw, action, ctx, parent, unlisted):
-            return
+            ctx.counts[REMOVE] += 1
+            ctx.counts["unparsable_sequence"] += 1
+            return None
+        return elem
 
-        elem = ds[tag]  # converts a raw element; only for elements we keep in some form
-        vr = elem.VR
-        if vr == "UN" and self.profile.is_sequence(int(tag)):
-            # A sequence pydicom does not know, read from implicit VR: parse its items
-            # so they can be cleaned, or drop it - never keep bytes we cannot inspect.
-            if not _parse_un_sequence(elem):
-                del ds[tag]
-                counts[REMOVE] += 1
-                counts["unparsable_sequence"] += 1
-                return
-            vr = elem.VR
-
-        # Identifiers that become keyed pseudonyms rather than empty values, so
-        # that images of a patient/study stay linkable and labels can be joined.
+    def _pseudonymize(self, elem: DataElement, tag: int, ctx: _Context) -> None:
+        """Identifiers that become keyed pseudonyms rather than empty values, so that
+        images of a patient/study stay linkable and labels can be joined."""
         if tag == PATIENT_ID:
             elem.value = self.pseudo.patient_id(_as_text(elem))
-            counts["pseudonym"] += 1
-            return
-        if tag == ACCESSION_NUMBER:
+        else:
             text = _as_text(elem)
             elem.value = self.pseudo.accession(text) if text else ""
-            counts["pseudonym"] += 1
-            return
+        ctx.counts["pseudonym"] += 1
 
-        if action is None:
-            self._by_vr(ds, tag, elem, ctx, parent, unlisted)
-            return
-        if action == EMPTY:
-            _empty(elem)
-            counts[EMPTY] += 1
-        elif action == DUMMY:
-            self._dummy(elem, ctx)
-            counts[DUMMY] += 1
-        elif action == UID:
-            if not self.policy.retain_uids:
-                self._replace_uids(elem, ctx)
-            counts[UID] += 1
-        elif action == KEEP_REPLACING_UIDS:
-            if vr == "SQ":
-                self._recurse(elem, ctx, unlisted=False)
-            elif vr == "UI":
-                self._replace_uids(elem, ctx)
-            else:
-                _empty(elem)
-            counts[KEEP_REPLACING_UIDS] += 1
-        elif action == KEEP:
-            if vr == "SQ":
-                self._recurse(elem, ctx, unlisted=False)
-            counts[KEEP] += 1
-        elif action == CLEAN:
-            self._clean_value(ds, tag, elem, ctx, parent)
-        else:  # an action this engine does not know: fail closed
-            del ds[tag]
-            counts[REMOVE] += 1
+    # ---- the rules of the action table, each on a raw and on a decoded element ----------------
+    # Raw steps decide from the VR in the file (or the dictionary's, for implicit VR) without
+    # converting the value - conversion was the largest cost of de-identifying a file - and
+    # return False where the value must be decoded (text in a character set, a value without
+    # its form, ...). The values they write are those of the decoded steps (the tests run both).
+    def _remove(
+        self, ds: Dataset, tag: BaseTag, elem: DataElement | None, ctx: _Context, parent: int | None, unlisted: bool
+    ) -> None:
+        """X (and any code this engine does not know: fail closed)."""
+        del ds[tag]
+        ctx.counts[REMOVE] += 1
 
-    # ---- raw elements: decided and rewritten without pydicom's value conversion ------------
-    def _untouched_raw(self, raw: Any, raw_action: str | None, tag: int, unlisted: bool, counts: Counter[str]) -> bool:
-        """True (and counted) if a still-raw element is kept exactly as read.
-
-        Decided from the VR in the file, without converting the value (conversion was
-        the largest cost of de-identifying a file): K that is not a sequence; C on a
-        time (or the UTC offset) while dates are kept or shifted; an unlisted element
-        with a VR no by-VR rule touches where it sits (top-level short text is kept,
-        text in unlisted sequences is not). Implicit-VR elements (no VR read) and the
-        pseudonymized identifiers take the normal path.
-        """
-        if type(raw) is not RawDataElement or tag in (PATIENT_ID, ACCESSION_NUMBER):
-            return False
-        vr = raw.VR
-        if vr is None or vr in ("SQ", "UN"):
-            return False
-        if raw_action == KEEP:
-            counts[KEEP] += 1
-            return True
-        if raw_action == CLEAN:
-            if (vr == "TM" or tag == TIMEZONE_OFFSET_FROM_UTC) and self.dates != DATES_REMOVED \
-                    and has_form(vr, tag, _raw_texts(raw)):
-                counts[CLEAN] += 1
-                return True
-            return False
-        if vr in _BY_VR_ACTS_ON_ANYWHERE:
-            return False
-        return not (unlisted and vr in TEXT_VRS and tag not in STRUCTURAL_TEXT_TAGS)
-
-    def _raw_fast_path(
-        self, ds: Dataset, tag: BaseTag, raw: RawDataElement, action: str | None, ctx: _Context, parent: int | None,
+    def _keep_raw(
+        self, ds: Dataset, tag: BaseTag, raw: RawDataElement, vr: str, ctx: _Context, parent: int | None,
         unlisted: bool,
     ) -> bool:
-        """Apply Z, D, U, C-on-dates or a by-VR rule to a raw element without converting it.
+        """K on anything but a sequence: kept exactly as read."""
+        ctx.counts[KEEP] += 1
+        return True
 
-        Returns False (nothing done) where the value must be decoded by pydicom: text
-        in a character set, sequences, UN, ambiguous VRs, the pseudonymized identifiers.
-        The values written are the same as on the normal path (the tests run both).
-        """
-        vr = raw.VR or _dictionary_vr(int(tag))
-        if vr is None or vr not in _FAST_VRS or raw.value is None or int(tag) in (PATIENT_ID, ACCESSION_NUMBER):
+    def _keep_decoded(
+        self, ds: Dataset, tag: BaseTag, elem: DataElement, ctx: _Context, parent: int | None, unlisted: bool
+    ) -> None:
+        """K: kept; a sequence's items are cleaned."""
+        if elem.VR == "SQ":
+            self._recurse(elem, ctx, unlisted=False)
+        ctx.counts[KEEP] += 1
+
+    def _empty_raw(
+        self, ds: Dataset, tag: BaseTag, raw: RawDataElement, vr: str, ctx: _Context, parent: int | None,
+        unlisted: bool,
+    ) -> bool:
+        if not _writable(raw, vr):
             return False
-        counts = ctx.counts
-        if action == KEEP:  # (implicit VR: the VR came from the dictionary)
-            counts[KEEP] += 1
-            return True
-        if action == EMPTY:
-            _put(ds, tag, vr, _EMPTY_VALUE.get(vr))
-            counts[EMPTY] += 1
-            return True
-        if action == DUMMY:
-            if vr == "UI":
-                self._replace_raw_uids(ds, tag, raw, ctx)
-            elif not (vr in ("DA", "DT") and self.dates == DATES_MODIFIED and self._shift_raw(ds, tag, vr, raw, ctx)):
-                _put(ds, tag, vr, _dummy_value(vr))  # (a blank date gets the dummy date, as on the normal path)
-            counts[DUMMY] += 1
-            return True
-        if action == UID and vr == "UI":
-            if not self.policy.retain_uids:
-                self._replace_raw_uids(ds, tag, raw, ctx)
-            counts[UID] += 1
-            return True
-        if action == CLEAN and not has_form(vr, int(tag), _raw_texts(raw)):
-            return False  # a value without its attribute's form: _clean_value falls back
-        if action == CLEAN and (vr == "TM" or int(tag) == TIMEZONE_OFFSET_FROM_UTC) and self.dates != DATES_REMOVED:
-            counts[CLEAN] += 1
-            return True
-        if action == CLEAN and vr in ("DA", "DT"):
-            if self.dates == DATES_MODIFIED:
-                self._shift_raw(ds, tag, vr, raw, ctx)
-                counts[CLEAN] += 1
-                return True
-            if self.dates == DATES_FULL:
-                counts[KEEP] += 1
-                return True
+        _put(ds, tag, vr, _EMPTY_VALUE.get(vr))
+        ctx.counts[EMPTY] += 1
+        return True
+
+    def _empty_decoded(
+        self, ds: Dataset, tag: BaseTag, elem: DataElement, ctx: _Context, parent: int | None, unlisted: bool
+    ) -> None:
+        """Z: a zero-length value."""
+        _empty(elem)
+        ctx.counts[EMPTY] += 1
+
+    def _dummy_raw(
+        self, ds: Dataset, tag: BaseTag, raw: RawDataElement, vr: str, ctx: _Context, parent: int | None,
+        unlisted: bool,
+    ) -> bool:
+        if not _writable(raw, vr):
             return False
-        if action is not None:
-            return False
-        if vr == "PN":
-            if raw.length:
-                if self.types.requirement(int(tag), ctx.sop_class, parent) == "1":
-                    _put(ds, tag, vr, DUMMY_TEXT["PN"])
-                else:
-                    _put(ds, tag, vr, None)
-                counts["vr_pn"] += 1
-            return True
-        if vr in ("DA", "DT"):
-            if self.dates == DATES_MODIFIED:
-                if raw.length and self._shift_raw(ds, tag, vr, raw, ctx):
-                    counts["vr_date"] += 1
-            elif self.dates == DATES_REMOVED and raw.length and _raw_texts(raw):
-                _put(ds, tag, vr, None)
-                counts["vr_date"] += 1
-            return True
         if vr == "UI":
-            if not self.policy.retain_uids and self._replace_raw_uids(ds, tag, raw, ctx):
-                counts["vr_uid"] += 1
+            self._replace_raw_uids(ds, tag, raw, ctx)
+        elif not (vr in ("DA", "DT") and self.dates == DATES_MODIFIED and self._shift_raw(ds, tag, vr, raw, ctx)):
+            _put(ds, tag, vr, _dummy_value(vr))  # (a blank date gets the dummy date, as decoded)
+        ctx.counts[DUMMY] += 1
+        return True
+
+    def _dummy_decoded(
+        self, ds: Dataset, tag: BaseTag, elem: DataElement, ctx: _Context, parent: int | None, unlisted: bool
+    ) -> None:
+        """D: see :meth:`_dummy`."""
+        self._dummy(elem, ctx)
+        ctx.counts[DUMMY] += 1
+
+    def _uid_raw(
+        self, ds: Dataset, tag: BaseTag, raw: RawDataElement, vr: str, ctx: _Context, parent: int | None,
+        unlisted: bool,
+    ) -> bool:
+        if vr != "UI" or not _writable(raw, vr):
+            return False
+        if not self.policy.retain_uids:
+            self._replace_raw_uids(ds, tag, raw, ctx)
+        ctx.counts[UID] += 1
+        return True
+
+    def _uid_decoded(
+        self, ds: Dataset, tag: BaseTag, elem: DataElement, ctx: _Context, parent: int | None, unlisted: bool
+    ) -> None:
+        """U: instance UIDs replaced by keyed pseudonyms (unless the policy retains UIDs)."""
+        if not self.policy.retain_uids:
+            self._replace_uids(elem, ctx)
+        ctx.counts[UID] += 1
+
+    def _keep_replacing_uids_decoded(
+        self, ds: Dataset, tag: BaseTag, elem: DataElement, ctx: _Context, parent: int | None, unlisted: bool
+    ) -> None:
+        """U* (of X/Z/U*): a sequence kept and cleaned; a UID replaced; anything else emptied."""
+        vr = elem.VR
+        if vr == "SQ":
+            self._recurse(elem, ctx, unlisted=False)
+        elif vr == "UI":
+            self._replace_uids(elem, ctx)
+        else:
+            _empty(elem)
+        ctx.counts[KEEP_REPLACING_UIDS] += 1
+
+    def _clean_raw(
+        self, ds: Dataset, tag: BaseTag, raw: RawDataElement, vr: str, ctx: _Context, parent: int | None,
+        unlisted: bool,
+    ) -> bool:
+        """C on a time (or the UTC offset) or a date, as :meth:`_clean_value` does it."""
+        number = int(tag)
+        if not has_form(vr, number, _raw_texts(raw)):
+            return False  # a value without its attribute's form: _clean_value falls back
+        if (vr == "TM" or number == TIMEZONE_OFFSET_FROM_UTC) and self.dates != DATES_REMOVED:
+            ctx.counts[CLEAN] += 1
             return True
-        # no by-VR rule for it here (implicit VR: the VR came from the dictionary)
-        return vr not in _BY_VR_ACTS_ON_ANYWHERE and not (
-            unlisted and vr in TEXT_VRS and int(tag) not in STRUCTURAL_TEXT_TAGS)
+        if vr not in ("DA", "DT") or not _writable(raw, vr) or self.dates == DATES_REMOVED:
+            return False
+        if self.dates == DATES_MODIFIED:
+            self._shift_raw(ds, tag, vr, raw, ctx)
+            ctx.counts[CLEAN] += 1
+        else:
+            ctx.counts[KEEP] += 1
+        return True
 
     def _shift_raw(self, ds: Dataset, tag: BaseTag, vr: str, raw: RawDataElement, ctx: _Context) -> bool:
         """:meth:`_shift` on the bytes of a raw DA/DT element."""
@@ -497,36 +529,84 @@ class Deidentifier:
                 self._clean(item, ctx, parent=int(tag), unlisted=True)
         ctx.counts["private_kept"] += 1
 
+    def _by_vr_raw(
+        self, ds: Dataset, tag: BaseTag, raw: RawDataElement, vr: str, ctx: _Context, parent: int | None,
+        unlisted: bool,
+    ) -> bool:
+        """Unlisted, still raw: kept as read where no by-VR rule acts; names, dates, UIDs rewritten on the bytes."""
+        rule = BY_VR_RULES.get(vr)
+        if rule is None:
+            # no rule for the VR here: top-level short text is kept, text in unlisted sequences is not,
+            # free text is decoded (it is in a character set)
+            return vr not in FREE_TEXT_VRS and not (
+                unlisted and vr in TEXT_VRS and int(tag) not in STRUCTURAL_TEXT_TAGS)
+        return rule.raw is not None and _writable(raw, vr) and rule.raw(self, ds, tag, raw, vr, ctx, parent)
+
     def _by_vr(
         self, ds: Dataset, tag: BaseTag, elem: DataElement, ctx: _Context, parent: int | None, unlisted: bool
     ) -> None:
-        """Rules for attributes the table does not list."""
+        """Rules for attributes the table does not list, by VR (:data:`BY_VR_RULES`, then text)."""
         vr = elem.VR
-        counts = ctx.counts
-        if vr == "SQ":
-            if elem.value is not None:
-                for item in elem.value:
-                    self._clean(item, ctx, parent=int(tag), unlisted=True)
-        elif vr == "PN":
-            if not _is_empty(elem):
-                if self.types.requirement(int(tag), ctx.sop_class, parent) == "1":
-                    _dummy(elem)
-                else:
-                    _empty(elem)
-                counts["vr_pn"] += 1
-        elif vr in ("DA", "DT"):
-            if self._date_by_option(elem, ctx):
-                counts["vr_date"] += 1
-        elif vr == "UI":
-            if not self.policy.retain_uids and self._replace_uids(elem, ctx):
-                counts["vr_uid"] += 1
-        elif vr == "UN":
-            # Neither pydicom nor the table knows this attribute: its meaning (and
-            # whether it identifies) is unknown, so it goes.
-            del ds[tag]
-            counts["vr_unknown"] += 1
+        rule = BY_VR_RULES.get(vr)
+        if rule is not None:
+            rule.decoded(self, ds, tag, elem, ctx, parent)
         elif vr in TEXT_VRS and int(tag) not in STRUCTURAL_TEXT_TAGS and (unlisted or vr in FREE_TEXT_VRS):
             self._text_by_vr(ds, tag, elem, ctx, parent, unlisted)
+
+    def _items_by_vr(self, ds: Dataset, tag: BaseTag, elem: DataElement, ctx: _Context, parent: int | None) -> None:
+        """An unlisted sequence: its items cleaned as unlisted (their free text removed)."""
+        if elem.value is not None:
+            for item in elem.value:
+                self._clean(item, ctx, parent=int(tag), unlisted=True)
+
+    def _name_by_vr_raw(
+        self, ds: Dataset, tag: BaseTag, raw: RawDataElement, vr: str, ctx: _Context, parent: int | None
+    ) -> bool:
+        if raw.length:
+            required = self.types.requirement(int(tag), ctx.sop_class, parent) == "1"
+            _put(ds, tag, vr, DUMMY_TEXT["PN"] if required else None)
+            ctx.counts["vr_pn"] += 1
+        return True
+
+    def _name_by_vr(self, ds: Dataset, tag: BaseTag, elem: DataElement, ctx: _Context, parent: int | None) -> None:
+        """A person's name: a dummy where the IOD requires one (Type 1), else emptied."""
+        if not _is_empty(elem):
+            if self.types.requirement(int(tag), ctx.sop_class, parent) == "1":
+                _dummy(elem)
+            else:
+                _empty(elem)
+            ctx.counts["vr_pn"] += 1
+
+    def _date_by_vr_raw(
+        self, ds: Dataset, tag: BaseTag, raw: RawDataElement, vr: str, ctx: _Context, parent: int | None
+    ) -> bool:
+        if self.dates == DATES_MODIFIED:
+            if raw.length and self._shift_raw(ds, tag, vr, raw, ctx):
+                ctx.counts["vr_date"] += 1
+        elif self.dates == DATES_REMOVED and raw.length and _raw_texts(raw):
+            _put(ds, tag, vr, None)
+            ctx.counts["vr_date"] += 1
+        return True
+
+    def _date_by_vr(self, ds: Dataset, tag: BaseTag, elem: DataElement, ctx: _Context, parent: int | None) -> None:
+        if self._date_by_option(elem, ctx):
+            ctx.counts["vr_date"] += 1
+
+    def _uids_by_vr_raw(
+        self, ds: Dataset, tag: BaseTag, raw: RawDataElement, vr: str, ctx: _Context, parent: int | None
+    ) -> bool:
+        if not self.policy.retain_uids and self._replace_raw_uids(ds, tag, raw, ctx):
+            ctx.counts["vr_uid"] += 1
+        return True
+
+    def _uids_by_vr(self, ds: Dataset, tag: BaseTag, elem: DataElement, ctx: _Context, parent: int | None) -> None:
+        if not self.policy.retain_uids and self._replace_uids(elem, ctx):
+            ctx.counts["vr_uid"] += 1
+
+    def _unknown_by_vr(self, ds: Dataset, tag: BaseTag, elem: DataElement, ctx: _Context, parent: int | None) -> None:
+        """UN: neither pydicom nor the table knows it, so its meaning (and whether it identifies) is unknown."""
+        del ds[tag]
+        ctx.counts["vr_unknown"] += 1
 
     def _text_by_vr(
         self, ds: Dataset, tag: BaseTag, elem: DataElement, ctx: _Context, parent: int | None, unlisted: bool
@@ -572,7 +652,7 @@ class Deidentifier:
             self._clean(item, ctx, parent=int(elem.tag), unlisted=unlisted)
 
     def _clean_value(
-        self, ds: Dataset, tag: BaseTag, elem: DataElement, ctx: _Context, parent: int | None
+        self, ds: Dataset, tag: BaseTag, elem: DataElement, ctx: _Context, parent: int | None, unlisted: bool = False
     ) -> None:
         """C: keep the attribute with values of similar meaning that do not identify.
 
@@ -583,52 +663,55 @@ class Deidentifier:
         scrubbing empties, a value without its attribute's form: :func:`has_form`)
         falls back to the Basic Profile's action.
         """
-        vr = elem.VR
-        counts = ctx.counts
-        if (vr in FORMED_VRS or int(tag) in _TAG_FORMS) and not has_form(vr, int(tag), _values(elem)):
-            counts["clean_malformed"] += 1  # free text in a time, an offset, a code: not kept
-        elif vr in ("DA", "DT") or (vr == "UN" and self.dates == DATES_MODIFIED and _looks_like_dt(elem)):
-            if self.dates == DATES_MODIFIED:
-                self._shift(elem, ctx, vr="DT" if vr == "UN" else vr)
-                counts[CLEAN] += 1
-                return
-            if self.dates == DATES_FULL:
-                counts[KEEP] += 1
-                return
-        elif vr == "TM" or int(tag) == TIMEZONE_OFFSET_FROM_UTC:
-            if self.dates != DATES_REMOVED:
-                counts[CLEAN] += 1
-                return
-        elif vr == "SQ":
-            self._recurse(elem, ctx, unlisted=False)
-            counts[CLEAN] += 1
-            return
-        elif vr == "AE":
-            values = _values(elem)
-            _set_values(elem, [self.pseudo.digest(b"medfed/ae\x00" + v.strip().encode())[:16].upper() for v in values])
-            counts[CLEAN] += 1
-            return
-        elif vr in TEXT_VRS or vr == "PN":
-            if ctx.scrubber is not None and self._scrub(elem, ctx):
-                counts[CLEAN] += 1
-                return
-        elif (vr == "CS" and int(tag) == REASON_FOR_ATTRIBUTE_MODIFICATION
-              and all(v.strip().upper() in _MODIFICATION_REASONS for v in _values(elem))):
-            counts[CLEAN] += 1
+        kept = self._cleaned(tag, elem, ctx)
+        if kept is not None:
+            ctx.counts[kept] += 1
             return
         basic = self.profile.basic_action_for(int(tag), ctx.sop_class, parent) or REMOVE
-        if basic == DUMMY:
-            self._dummy(elem, ctx)
-            counts[DUMMY] += 1
-        elif basic == EMPTY:
-            _empty(elem)
-            counts[EMPTY] += 1
-        elif basic == UID:
+        if basic == UID:  # (replaced even under Retain UIDs: the option asked for C, not for U)
             self._replace_uids(elem, ctx)
-            counts[UID] += 1
-        else:
-            del ds[tag]
-            counts[REMOVE] += 1
+            ctx.counts[UID] += 1
+            return
+        rule = ACTION_RULES[basic if basic in (DUMMY, EMPTY) else REMOVE]
+        assert rule.decoded is not None
+        rule.decoded(self, ds, tag, elem, ctx, parent, unlisted)
+
+    def _cleaned(self, tag: BaseTag, elem: DataElement, ctx: _Context) -> str | None:
+        """Clean the value in place where it can be kept: the count to add (C; K for full dates), else None."""
+        vr = elem.VR
+        number = int(tag)
+        if (vr in FORMED_VRS or number in _TAG_FORMS) and not has_form(vr, number, _values(elem)):
+            ctx.counts["clean_malformed"] += 1  # free text in a time, an offset, a code: not kept
+            return None
+        if vr in ("DA", "DT") or (vr == "UN" and self.dates == DATES_MODIFIED and _looks_like_dt(elem)):
+            if self.dates == DATES_MODIFIED:
+                self._shift(elem, ctx, vr="DT" if vr == "UN" else vr)
+                return CLEAN
+            return KEEP if self.dates == DATES_FULL else None
+        if vr == "TM" or number == TIMEZONE_OFFSET_FROM_UTC:
+            return CLEAN if self.dates != DATES_REMOVED else None
+        cleaner = _VALUE_CLEANERS.get(vr)
+        return cleaner(self, number, elem, ctx) if cleaner is not None else None
+
+    def _clean_items(self, tag: int, elem: DataElement, ctx: _Context) -> str | None:
+        self._recurse(elem, ctx, unlisted=False)
+        return CLEAN
+
+    def _clean_ae(self, tag: int, elem: DataElement, ctx: _Context) -> str | None:
+        """AE titles name a hospital's devices: keyed pseudonyms keep them distinct and meaningless."""
+        values = _values(elem)
+        _set_values(elem, [self.pseudo.digest(b"medfed/ae\x00" + v.strip().encode())[:16].upper() for v in values])
+        return CLEAN
+
+    def _clean_text(self, tag: int, elem: DataElement, ctx: _Context) -> str | None:
+        return CLEAN if ctx.scrubber is not None and self._scrub(elem, ctx) else None
+
+    def _clean_code(self, tag: int, elem: DataElement, ctx: _Context) -> str | None:
+        """A code string is kept only where its defined terms are known (Reason for the Attribute Modification)."""
+        if tag == REASON_FOR_ATTRIBUTE_MODIFICATION and all(
+                v.strip().upper() in _MODIFICATION_REASONS for v in _values(elem)):
+            return CLEAN
+        return None
 
     # ---- value rewriting --------------------------------------------------------
     def _scrub(self, elem: DataElement, ctx: _Context) -> bool:
@@ -717,15 +800,82 @@ class Deidentifier:
         _put(ds, Tag(LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED), "CS", self.dates)
 
 
+# ---- the action table: one rule per PS3.15 action code, driving both element forms ----------
+ACTION_RULES: dict[str | None, ActionRule] = {
+    rule.code: rule
+    for rule in (
+        ActionRule(REMOVE, "remove", decoded=Deidentifier._remove, reads_value=False),
+        ActionRule(EMPTY, "zero-length value", Deidentifier._empty_raw, Deidentifier._empty_decoded),
+        ActionRule(DUMMY, "dummy value of the VR", Deidentifier._dummy_raw, Deidentifier._dummy_decoded),
+        ActionRule(KEEP, "keep (sequences cleaned)", Deidentifier._keep_raw, Deidentifier._keep_decoded),
+        ActionRule(CLEAN, "clean: similar meaning, not identifying", Deidentifier._clean_raw,
+                   Deidentifier._clean_value),
+        ActionRule(UID, "replace UIDs", Deidentifier._uid_raw, Deidentifier._uid_decoded),
+        ActionRule(KEEP_REPLACING_UIDS, "keep the sequence, UIDs inside replaced",
+                   decoded=Deidentifier._keep_replacing_uids_decoded),
+        ActionRule(None, "not in the table: by VR", Deidentifier._by_vr_raw, Deidentifier._by_vr),
+        *(ActionRule(code, "compound: the weakest that keeps the IOD valid", compound=True)
+          for code in sorted(RESOLVABLE_COMPOUNDS)),
+    )
+}
+# A code this engine does not know (a table newer than it): fail closed.
+FAIL_CLOSED = ActionRule("?", "unknown code: remove", decoded=Deidentifier._remove)
+
+
+class VrRule(NamedTuple):
+    """A by-VR rule for attributes the table does not list: on the raw bytes (None: decode) and decoded."""
+
+    raw: Callable[..., bool] | None
+    decoded: Callable[..., None]
+
+
+# Unlisted attributes by VR; text VRs not here are decided by where they sit (Deidentifier._by_vr).
+BY_VR_RULES: dict[str, VrRule] = {
+    "SQ": VrRule(None, Deidentifier._items_by_vr),
+    "PN": VrRule(Deidentifier._name_by_vr_raw, Deidentifier._name_by_vr),
+    "DA": VrRule(Deidentifier._date_by_vr_raw, Deidentifier._date_by_vr),
+    "DT": VrRule(Deidentifier._date_by_vr_raw, Deidentifier._date_by_vr),
+    "UI": VrRule(Deidentifier._uids_by_vr_raw, Deidentifier._uids_by_vr),
+    "UN": VrRule(None, Deidentifier._unknown_by_vr),
+}
+
+# C by VR, after dates and times (Deidentifier._cleaned): what can be kept of each kind of value.
+_VALUE_CLEANERS: dict[str, Callable[..., str | None]] = {
+    **{vr: Deidentifier._clean_text for vr in TEXT_VRS | {"PN"}},
+    "AE": Deidentifier._clean_ae,
+    "SQ": Deidentifier._clean_items,
+    "CS": Deidentifier._clean_code,
+}
+
+
 # ---- element helpers ------------------------------------------------------------
-# VRs the by-VR rules (:meth:`Deidentifier._by_vr`) act on wherever the element sits;
-# short text (SH, LO, ...) only inside unlisted sequences. Anything else unlisted is kept.
-_BY_VR_ACTS_ON_ANYWHERE = frozenset({"SQ", "PN", "DA", "DT", "UI", "UN"}) | FREE_TEXT_VRS
-_MAYBE_UNTOUCHED = frozenset({None, KEEP, CLEAN})
-# VRs whose new value the raw fast path can write without decoding the old one (text in
-# a character set, numbers and bytes only when emptied or given a dummy).
+# VRs whose new value a raw step can write without decoding the old one (text in a
+# character set, numbers and bytes only when emptied or given a dummy).
 _FAST_VRS = frozenset(DUMMY_TEXT) | {"UI", "AT"} | NUMBER_VRS | (BYTES_VRS - {"UN"})
 _EMPTY_VALUE: dict[str, Any] = {vr: b"" for vr in BYTES_VRS}
+# Identifiers that become keyed pseudonyms: always decoded (see Deidentifier._pseudonymize).
+_PSEUDONYMIZED = frozenset({PATIENT_ID, ACCESSION_NUMBER})
+
+
+def _raw_vr(raw: RawDataElement, tag: int) -> str | None:
+    """The VR a raw step may decide a still-raw element by; None: decode it first.
+
+    The VR read from the file, else (implicit VR) the dictionary's if the value was
+    read. Sequences, UN and the pseudonymized identifiers are always decoded.
+    """
+    if tag in _PSEUDONYMIZED:
+        return None
+    vr = raw.VR
+    if vr is None:
+        if raw.value is None:
+            return None
+        vr = _dictionary_vr(tag)
+    return None if vr is None or vr == "SQ" or vr == "UN" else vr
+
+
+def _writable(raw: RawDataElement, vr: str) -> bool:
+    """True if a raw step may write a new value for this element (its old one was read, its VR is known)."""
+    return raw.value is not None and vr in _FAST_VRS
 
 
 @lru_cache(maxsize=8192)
@@ -830,9 +980,9 @@ def _parse_un_sequence(elem: DataElement) -> bool:
 
 def _drop_orphan_creators(ds: Dataset) -> None:
     """Remove private creators (gggg,0010-00FF) whose block lost every element."""
-    tags = ds.keys()  # a pydicom Dataset iterates over its elements; its keys are the tags
+    tags = list(ds.keys())  # (iterating the Dataset itself would convert every element)
     kept_blocks = {(t >> 16, (t & 0xFFFF) >> 8) for t in tags if BaseTag(t).is_private and (t & 0xFFFF) >= 0x1000}
-    for t in list(ds.keys()):
+    for t in tags:
         tag = BaseTag(t)
         if tag.is_private and 0x0010 <= tag.element <= 0x00FF and (tag.group, tag.element) not in kept_blocks:
             del ds[tag]

@@ -124,7 +124,7 @@ def _print_test(m: dict[str, Any], title: str) -> None:
              if k in m.get("macro", {})]
     for k in names:
         table.add_column(k, justify="right")
-    for cls, row in list(m.get("per_class", {}).items()) + [("macro", m.get("macro", {}))]:
+    for cls, row in list(m.get("per-class", {}).items()) + [("macro", m.get("macro", {}))]:
         table.add_row(cls, *(_fmt(row.get(k)) for k in names))
     console.print(table)
 

@@ -109,12 +109,12 @@ def train_site(deid_dir: Path, study: Study, study_dir: Path, out: Path, *, epsi
 def exact_metrics(site: SiteConfig, study: Study, state: dict) -> dict[str, Any]:
     """The study's metrics of ``state`` on the site's own test split (seen only here)."""
     from models.evaluation import predict
-    from models.metrics import compute
+    from models.metrics import metrics_from_logits
     from site_client.task import site_dataset, site_network
 
     model = site_network(study, state)
     logits, targets = predict(model, site_dataset(site, study, "test"))
-    return compute(logits.numpy(), targets.numpy(), study)
+    return metrics_from_logits(logits, targets, study).to_json()
 
 
 def _torch_bytes(torch: Any, state: dict) -> bytes:

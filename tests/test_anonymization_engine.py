@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import itertools
 
 import pydicom
 import pytest
@@ -236,3 +237,170 @@ def test_raw_fast_paths_give_what_the_normal_path_gives(options: dict[str, bool]
         assert fast_counts == slow_counts, path.name
         compared += 1
     assert compared > 60
+
+
+# ---- the action table: one rule per PS3.15 code drives raw and decoded elements alike ------------
+_COLUMNS = ("basic", "retain_safe_private", "retain_uids", "retain_device_identity", "retain_institution_identity",
+            "retain_patient_characteristics", "retain_longitudinal_full_dates", "retain_longitudinal_modified_dates",
+            "clean_descriptors", "clean_structured_content", "clean_graphics")
+_ITEM_UID = "1.2.826.0.1.3680043.2.1125.77"
+_VALUES: dict[str, object] = {
+    "AE": "STATION7", "AS": "045Y", "CS": "COERCE", "DA": "20210315", "DS": "1.5", "DT": "20210315101112",
+    "IS": "7", "LO": "Jane Doe's ward", "LT": "Seen by Dr Jane Doe", "PN": "Doe^Jane", "SH": "DOE-7",
+    "ST": "Jane Doe", "TM": "101112", "UC": "Jane Doe", "UI": "1.2.826.0.1.3680043.2.1125.5", "UR": "http://doe.example",
+    "UT": "Jane Doe", "AT": 0x00100010, "FL": 1.5, "FD": 2.5, "SL": -3, "SS": -2, "SV": -4, "UL": 3, "US": 2, "UV": 4,
+    "OB": b"\x01\x02", "OD": b"\x00" * 8, "OF": b"\x00" * 4, "OL": b"\x00" * 4, "OV": b"\x00" * 8, "OW": b"\x01\x02",
+}
+
+
+def _table_codes(column: str) -> dict[str, list[int]]:
+    """Code -> the data set tags (no patterns, command or meta groups) a column gives it, of a VR pydicom knows."""
+    from pydicom.datadict import dictionary_VR
+
+    by_code: dict[str, list[int]] = {}
+    for row in load_rows():
+        code = row.basic if column == "basic" else row.options.get(column)
+        if not code or row.is_pattern or row.is_private_row or row.mask != 0xFFFFFFFF or row.value >> 16 in (0, 2):
+            continue
+        try:
+            vr = dictionary_VR(row.value)
+        except KeyError:
+            continue
+        if vr in _VALUES or vr == "SQ":
+            by_code.setdefault(code, []).append(row.value)
+    return by_code
+
+
+def _unlisted() -> list[int]:
+    """One attribute per VR that the table does not list (the rules by VR apply to it)."""
+    from pydicom.datadict import DicomDictionary
+
+    listed = set(default_profile().listed())
+    by_vr: dict[str, int] = {}
+    for tag, entry in sorted(DicomDictionary.items()):
+        vr = entry[0]
+        if tag in listed or tag >> 16 in (0, 2) or 0x5000 <= tag >> 16 <= 0x60FF or default_profile().raw_action(tag):
+            continue
+        if (vr in _VALUES or vr == "SQ") and vr not in by_vr:
+            by_vr[vr] = tag
+    return sorted(by_vr.values())
+
+
+def _every_code() -> list[str]:
+    """Every code of Table E.1-1 (any column), and "unlisted" for attributes it does not list."""
+    return sorted({code for column in _COLUMNS for code in _table_codes(column)}) + ["unlisted"]
+
+
+def _file_with(tags: list[int], implicit: bool) -> bytes:
+    """A CT file carrying every tag in ``tags`` with a plausible, identifying value of its VR."""
+    from pydicom.datadict import dictionary_VR
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    ds = make_ct()
+    for tag in tags:
+        vr = dictionary_VR(tag)
+        if vr == "SQ":
+            item = Dataset()
+            item.ReferencedSOPInstanceUID = _ITEM_UID
+            item.CodeMeaning = "Jane Doe"
+            item.add_new(0x0040A121, "DA", "20210315")  # Date
+            item.add_new(0x0040A123, "PN", "Doe^Jane")  # Person Name
+            item.add_new(0x0040A160, "UT", "Jane Doe")  # Text Value
+            for short in _unlisted():  # short text, removed inside unlisted sequences
+                if dictionary_VR(short) in ("SH", "LO"):
+                    item.add_new(short, dictionary_VR(short), _VALUES[dictionary_VR(short)])
+            ds.add_new(tag, vr, [item])
+        else:
+            ds.add_new(tag, vr, _VALUES[vr])
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _is_empty_value(elem: pydicom.DataElement) -> bool:
+    return elem.value in (None, "", b"") or (elem.VR == "SQ" and len(elem.value) == 0)
+
+
+def test_the_action_table_has_a_rule_for_every_code_of_ps3_15() -> None:
+    """Every code Table E.1-1 uses in any column has a rule; compound codes resolve to codes with steps."""
+    from anonymization.engine import ACTION_RULES
+    from anonymization.table import RESOLVABLE_COMPOUNDS
+
+    codes = set(_every_code()) - {"unlisted"}
+    assert {"X", "Z", "D", "K", "C", "U", "X/Z", "X/D", "X/Z/D", "Z/D", "X/Z/U*"} <= codes
+    for code in codes:
+        rule = ACTION_RULES[code]
+        assert rule.compound == (code in RESOLVABLE_COMPOUNDS), code
+        for part in code.split("/"):
+            resolved = ACTION_RULES[part]
+            assert not resolved.compound and resolved.decoded is not None, (code, part)
+    assert ACTION_RULES[None].raw is not None  # unlisted attributes: rules by VR, also on raw bytes
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("code", _every_code())
+def test_raw_and_decoded_elements_get_the_same_action_for_each_code(code: str) -> None:
+    """For each PS3.15 action code: every attribute the table gives that code (under each option column),
+    read from explicit and implicit VR files, comes out the same whether the engine worked on the raw
+    bytes or on pydicom's decoded values, and the outcome is the code's (X absent, Z empty, D non-empty,
+    K unchanged, U replaced)."""
+    from anonymization.policy import Policy
+
+    checked = 0
+    for column in _COLUMNS:
+        tags = _unlisted() if code == "unlisted" else _table_codes(column).get(code)
+        if not tags:
+            continue
+        for dates, implicit in itertools.product(_DATE_MODES, (False, True)):
+            if column.startswith("retain_longitudinal") and column != dates:
+                continue
+            options = {**_DATE_MODES[dates], **({} if column == "basic" or column == dates else {column: True})}
+            engine = Deidentifier(Pseudonymizer(SECRET), policy=Policy(**options))
+            wanted = None if code == "unlisted" else code
+            chosen = [tag for tag in tags if engine.profile.raw_action(tag) == wanted]  # (another option may win)
+            if not chosen:
+                continue
+            data = _file_with(chosen, implicit)
+            raw, decoded = pydicom.dcmread(io.BytesIO(data)), pydicom.dcmread(io.BytesIO(data))
+            for _ in decoded.iterall():  # every value converted: no raw step can apply
+                pass
+            original = lambda data=data: pydicom.dcmread(io.BytesIO(data))  # noqa: E731
+            raw_counts = engine.deidentify(raw, original=original)
+            decoded_counts = engine.deidentify(decoded, original=original)
+            where = f"{code} under {column}, {dates}, {'implicit' if implicit else 'explicit'} VR"
+            assert _snapshot(raw) == _snapshot(decoded), where
+            assert raw_counts == decoded_counts, where
+            _assert_outcome(code, chosen, pydicom.dcmread(io.BytesIO(data)), raw, where)
+            checked += len(chosen)
+    assert checked, code
+
+
+_DATE_MODES: dict[str, dict[str, bool]] = {
+    "retain_longitudinal_modified_dates": {},
+    "retain_longitudinal_full_dates": {
+        "retain_longitudinal_modified_dates": False, "retain_longitudinal_full_dates": True},
+    "dates removed": {"retain_longitudinal_modified_dates": False},
+}
+_SET_BY_ENGINE = frozenset({0x00100010, 0x00100020, 0x00080050, 0x00120062, 0x00120063, 0x00120064, 0x00280303})
+
+
+def _assert_outcome(code: str, tags: list[int], before: Dataset, after: Dataset, where: str) -> None:
+    """The resolved action's effect on each attribute (those the engine sets itself excepted)."""
+    sop_class = str(before.SOPClassUID)
+    for tag in tags:
+        if tag in _SET_BY_ENGINE or code == "unlisted":
+            continue
+        action = resolve_compound(code, tag, sop_class)
+        elem = after.get(tag)
+        label = f"{pydicom.tag.Tag(tag)} {keyword_for_tag(tag)}: {code} -> {action} ({where})"
+        if action == "X":
+            assert elem is None, label
+        elif action == "Z":
+            assert elem is not None and _is_empty_value(elem), label
+        elif action == "D":
+            assert elem is not None and not _is_empty_value(elem), label
+        elif action == "K" and elem is not None and elem.VR != "SQ":
+            assert elem.value == before[tag].value, label
+        elif action == "U" and not is_well_known_uid(str(before[tag].value)):
+            assert elem is not None and elem.value != before[tag].value, label
