@@ -22,11 +22,13 @@ def _final_round(metrics: dict[str, Any], upto: int | None) -> dict[str, Any]:
 def _sites(last: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each site's ε, δ and its DP metrics of the release's round (what the sites chose to release)."""
     out = {}
-    for name, s in last.get("sites", {}).items():
+    for node, s in last.get("sites", {}).items():
         train, evaluate = s.get("train", {}), s.get("evaluate", {})
-        out[name] = {"epsilon": s.get("epsilon"), "epsilon_cap": s.get("epsilon_cap"),
-                     "delta": train.get("delta", evaluate.get("delta")),
-                     "metrics": {k: v for k, v in evaluate.items() if k not in ("epsilon", "epsilon-cap")}}
+        name = s.get("name") or node  # the site's name from its audit anchor; the node id if it sent none
+        out[name if name not in out else f"{name} ({node})"] = {
+            "epsilon": s.get("epsilon"), "epsilon_cap": s.get("epsilon_cap"),
+            "delta": train.get("delta", evaluate.get("delta")),
+            "metrics": s.get("metrics") or {k: v for k, v in evaluate.items() if k not in ("epsilon", "epsilon-cap")}}
     return out
 
 
@@ -61,6 +63,6 @@ def release_run(run_dir: Path, signer: Signer, *, server_round: int | None = Non
     last = _final_round(metrics, server_round)
     card = model_card(study=study, run_name=cfg.run_name or run_dir.name, rounds=int(last.get("round", 0)),
                       fab_sha256=metrics.get("fab_sha256") or release_fab_sha256(),
-                      metrics=last.get("evaluate", {}), sites=_sites(last))
+                      metrics=last.get("pooled") or last.get("evaluate", {}), sites=_sites(last))
     target = out or (run_dir / (RELEASE_DIR if server_round is None else f"{RELEASE_DIR}-round-{server_round:04d}"))
     return write_release(target, state, study, card, signer)

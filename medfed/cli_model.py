@@ -80,13 +80,17 @@ def print_card(card: dict, key_id: str) -> None:
     for col in ("site", "ε", "ε cap", "δ", "AUC"):
         sites.add_column(col, justify="right" if col != "site" else "left")
     for name, s in card.get("sites", {}).items():
-        auc = s.get("metrics", {}).get("auc")
+        m = s.get("metrics", {})
+        auc = m.get("macro", m).get("auc")
         sites.add_row(name, _num(s.get("epsilon")), _num(s.get("epsilon_cap")), f"{s.get('delta')}", _num(auc))
     console.print(sites)
     pooled = card.get("metrics", {})
-    if pooled:
-        console.print("pooled: " + ", ".join(f"{k} {_num(v)}" for k, v in pooled.items()
-                                             if isinstance(v, int | float)))
+    macro = pooled.get("macro", pooled)
+    if macro:
+        console.print("pooled (macro): " + ", ".join(f"{k} {_num(v)}" for k, v in macro.items()
+                                                     if isinstance(v, int | float)))
+    for name, row in pooled.get("per-class", {}).items():
+        console.print(f"  {name}: " + ", ".join(f"{k} {_num(v)}" for k, v in row.items() if isinstance(v, int | float)))
 
 
 def _num(v: object) -> str:
