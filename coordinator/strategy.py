@@ -132,6 +132,13 @@ class StrategyWrapper(Strategy):
         return self.strategy.aggregate_evaluate(server_round, replies)
 
 
+def innermost(strategy: Strategy) -> Strategy:
+    """The Flower strategy inside the wrappers (each keeps the one it wraps as ``strategy``, as Flower's do)."""
+    while isinstance(inner := getattr(strategy, "strategy", None), Strategy):
+        strategy = inner
+    return strategy
+
+
 class UniformWeights(StrategyWrapper):
     """Every site weighs the same in the model update (1/m each), whatever ``num-examples`` it claims.
 
@@ -142,9 +149,10 @@ class UniformWeights(StrategyWrapper):
     """
 
     def __init__(self, strategy: Strategy, key: str = UNIFORM_KEY) -> None:
-        if isinstance(strategy, FedAvg) and strategy.weighted_by_key != key:
+        base = innermost(strategy)
+        if isinstance(base, FedAvg) and base.weighted_by_key != key:
             raise ValueError(f"UniformWeights sets {key!r}: build the strategy with weighted_by_key={key!r}, "
-                             f"not {strategy.weighted_by_key!r}")
+                             f"not {base.weighted_by_key!r}")
         super().__init__(strategy)
         self.key = key
 
@@ -186,6 +194,10 @@ class PoissonSampling(StrategyWrapper):
             raise ValueError(f"the Poisson sampling rate {rate} must be in (0, 1]")
         if expected_sites <= 0:
             raise ValueError(f"the expected number of sites {expected_sites} must be positive")
+        base = innermost(strategy)
+        if isinstance(base, FedAvg) and base.fraction_train != 1.0:
+            raise ValueError(f"Poisson sampling draws from every site: build the strategy with fraction_train=1.0, "
+                             f"not {base.fraction_train}")
         super().__init__(strategy)
         self.rate = rate
         self.expected_sites = expected_sites

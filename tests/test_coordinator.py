@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from coordinator.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from coordinator.history import RunHistory
 from coordinator.report import plot_metrics, write_metrics
-from coordinator.strategy import build_strategy, weighted_mean_ignoring_nan
+from coordinator.strategy import build_strategy, innermost, weighted_mean_ignoring_nan
 from medfed.settings import RunConfig
 from tests.grid_factory import Sites
 
@@ -36,9 +36,7 @@ def test_weighted_mean_skips_nan_sites() -> None:
 @pytest.mark.parametrize("name, cls", [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam)])
 def test_strategy_from_run_config(name: str, cls: type) -> None:
     cfg = RunConfig().with_overrides(strategy=name, min_train_nodes=3, min_available_nodes=3)
-    strategy: Any = build_strategy(cfg, RunHistory())
-    while hasattr(strategy, "strategy"):  # the Flower strategy inside our wrappers
-        strategy = strategy.strategy
+    strategy: Any = innermost(build_strategy(cfg, RunHistory()))  # the Flower strategy inside our wrappers
     assert type(strategy) is cls
     assert strategy.min_train_nodes == 3
     if name == "fedprox":
