@@ -478,18 +478,25 @@ def build_strategy(cfg: RunConfig, history: RunHistory, study: Study | None = No
     """
     # A site's own claim never sets its weight unless the run says so (docs/deployment.md, "A malicious site").
     uniform = cfg.site_weights == "uniform" or site_dp_plan is not None
-    poisson = site_dp_plan is not None and site_dp_plan.sampling == "poisson"
+    poisson = site_dp_plan if site_dp_plan is not None and site_dp_plan.sampling == "poisson" else None
     base = flower_strategy(cfg, weighted_by_key=UNIFORM_KEY if uniform else NUM_EXAMPLES,
                            fraction_train=1.0 if poisson else cfg.fraction_train)
+    strategy = _wrapped(base, cfg, uniform=uniform, poisson=poisson, site_dp_plan=site_dp_plan, receipts=receipts,
+                        round_offset=round_offset)
+    return Recording(strategy, history, screen=ReplyScreen(base.arrayrecord_key, cfg.max_update_norm,
+                                                           check_replay=not cfg.secagg, seen=dict(seen or {})),
+                     min_available_nodes=cfg.min_available_nodes, node_wait_timeout=cfg.round_timeout,
+                     study=study or DEFAULT_STUDY, receipts=receipts, secure=cfg.secagg, round_offset=round_offset)
+
+
+def _wrapped(base: FedAvg, cfg: RunConfig, *, uniform: bool, poisson: site_dp.SiteDPPlan | None,
+             site_dp_plan: site_dp.SiteDPPlan | None, receipts: Receipts | None, round_offset: int) -> Strategy:
+    """``base`` inside the wrappers below :class:`Recording`, innermost first."""
     strategy: Strategy = UniformWeights(base) if uniform else base
-    if poisson and site_dp_plan is not None:
-        strategy = PoissonSampling(strategy, site_dp_plan.sample_rate, site_dp_plan.expected_sites)
+    if poisson is not None:
+        strategy = PoissonSampling(strategy, poisson.sample_rate, poisson.expected_sites)
     if receipts is not None:
         strategy = AggregationReceipts(strategy, receipts, secure=cfg.secagg, round_offset=round_offset)
     if site_dp_plan is not None:
         strategy = site_dp.wrap(strategy, cfg, site_dp_plan)
-    screen = ReplyScreen(base.arrayrecord_key, cfg.max_update_norm, check_replay=not cfg.secagg,
-                         seen=dict(seen or {}))
-    return Recording(strategy, history, screen=screen, min_available_nodes=cfg.min_available_nodes,
-                     node_wait_timeout=cfg.round_timeout, study=study or DEFAULT_STUDY, receipts=receipts,
-                     secure=cfg.secagg, round_offset=round_offset)
+    return strategy
