@@ -23,7 +23,7 @@ from coordinator.history import RunHistory
 from coordinator.receipts import Receipts, train_digests
 from coordinator.report import plot_metrics, write_metrics
 from coordinator.secure import SecAggPlusGrid
-from coordinator.strategy import build_strategy, screen_first, wait_for_nodes
+from coordinator.strategy import build_strategy, wait_for_nodes
 from medfed.files import open_atomic, write_text
 from medfed.protocol import UNIFORM_WEIGHT_KEY
 from medfed.settings import RunConfig
@@ -80,29 +80,22 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Feder
     if remaining <= 0:
         log.info("nothing to do: the checkpoint is already at round %d", start_round)
 
-    strategy = build_strategy(cfg, history, study_of(cfg))
-    last_tick = [time.monotonic()]
-    run_config = cfg.to_flower()
-
-    # Deployment options (issue 6): receipts of what arrived, site-level DP, secure aggregation.
+    # Deployment options: receipts of what arrived, site-level DP, secure aggregation.
     receipts = Receipts(out, run=cfg.run_name or _run_id(grid))
-    strategy.receipts = receipts  # type: ignore[attr-defined]
-    strategy.secure = cfg.secagg  # type: ignore[attr-defined]
-    if resume:  # a replay of an update from before the resume is still a replay
-        strategy._seen = train_digests(out)  # type: ignore[attr-defined]
     dp_plan: site_dp.SiteDPPlan | None = None
     released: list[int] = _released_rounds(out, start_round) if resume else []
-    top = strategy
     if cfg.site_dp != "off" and remaining > 0:
         n_sites = wait_for_nodes(grid, cfg.min_available_nodes, cfg.round_timeout)
         dp_plan = site_dp.plan(cfg, n_sites)
-        strategy.uniform_weights = True  # type: ignore[attr-defined]
-        strategy.num_sites = n_sites  # type: ignore[attr-defined]
-        if cfg.site_sampling == "poisson":
-            strategy.poisson_rate = cfg.fraction_train  # type: ignore[attr-defined]
-        top = screen_first(site_dp.wrap(strategy, cfg, dp_plan), strategy)
-        log.info("site-level DP: %s, %s sampling (%s), sigma=%g, C=%g", dp_plan.mode, dp_plan.sampling,
-                 dp_plan.relation, dp_plan.noise_multiplier, dp_plan.clipping_norm)
+        if dp_plan is not None:
+            log.info("site-level DP: %s, %s sampling (%s), sigma=%g, C=%g", dp_plan.mode, dp_plan.sampling,
+                     dp_plan.relation, dp_plan.noise_multiplier, dp_plan.clipping_norm)
+    # Round numbers Flower's strategy sees restart at 1; the history and the sites see the run's.
+    # A replay of an update from before the resume is still a replay.
+    strategy = build_strategy(cfg, history, study_of(cfg), receipts=receipts, round_offset=start_round,
+                              seen=train_digests(out) if resume else None, site_dp_plan=dp_plan)
+    last_tick = [time.monotonic()]
+    run_config = cfg.to_flower()
     run_grid = grid
     if cfg.secagg:
         run_grid = SecAggPlusGrid(  # type: ignore[assignment]
@@ -124,8 +117,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Feder
         if local_round > 0:
             rec = history.round(server_round)
             rec.seconds = round(now - last_tick[0], 3)
-            if dp_plan is not None and strategy.released_rounds > len(  # type: ignore[attr-defined]
-                    [r for r in released if r > start_round]):
+            if dp_plan is not None and strategy.released_rounds > len([r for r in released if r > start_round]):
                 released.append(server_round)
                 _write_released(out, released)
             save_checkpoint(ckpt_dir, server_round, unpack(arrays, state), history, run_config)
@@ -136,15 +128,12 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Feder
         last_tick[0] = now
         return None
 
-    # Round numbers the strategy sees restart at 1; keep the history's numbering global.
-    strategy.round_offset = start_round  # type: ignore[attr-defined]
-
     result = None
     if remaining > 0:
         train_config = ConfigRecord({"lr": cfg.lr, "local-epochs": cfg.local_epochs})
         if cfg.secagg_uniform_weights:
             train_config[UNIFORM_WEIGHT_KEY] = True  # the SecAgg+ weight of every site is 1
-        result = top.start(
+        result = strategy.start(
             grid=run_grid,
             initial_arrays=pack(state),
             num_rounds=remaining,

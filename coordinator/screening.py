@@ -11,13 +11,15 @@ the run config (``site-weights``), never by the claim (docs/deployment.md).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from anonymization.audit_anchors import ANCHOR_RECORD
 from coordinator.receipts import arrays_digest
+from medfed.protocol import COORDINATOR_REJECTED
 
 #: The metric record of a reply (the sites' egress guard allows this one name).
 METRICS_RECORD = "metrics"
@@ -100,3 +102,52 @@ def _metrics_problem(metrics: MetricRecord) -> str | None:
     if count < 1 or count != int(count):
         return f"metric {NUM_EXAMPLES!r} = {metrics[NUM_EXAMPLES]} is not a positive count"
     return None
+
+
+@dataclass(frozen=True)
+class Screened:
+    """One reply after the screen: ``message`` is what aggregation sees (the reply, or an error standing in
+    for it when it was refused), ``original`` what the site sent, ``verdict`` what its receipt says."""
+
+    message: Message
+    original: Message
+    verdict: dict[str, object] | None = None
+
+
+@dataclass
+class ReplyScreen:
+    """Screens each round's training replies with :func:`check_train_reply`.
+
+    It remembers the digest of every update of the run (``seen``: a resumed run
+    starts from its receipts), so a replay of an earlier round's update, from any
+    site, is refused. Under SecAgg+ every reply carries the same aggregate, so
+    ``check_replay`` is off there.
+    """
+
+    arrays_key: str
+    max_update_norm: float = 0.0  # L2 bound on a reply's update (0: none)
+    check_replay: bool = True
+    seen: dict[str, int] = field(default_factory=dict)
+
+    def screen(self, replies: Iterable[Message], current: ArrayRecord | None, server_round: int) -> list[Screened]:
+        """Each reply with its verdict; a refused one replaced by an error (code COORDINATOR_REJECTED, the
+        reason), so that Flower's strategies and DP wrappers treat the site as one that sent nothing.
+        Without the global model that was sent (``current``) nothing can be checked, and replies pass."""
+        return [self._one(msg, current, server_round) for msg in replies]
+
+    def _one(self, msg: Message, current: ArrayRecord | None, server_round: int) -> Screened:
+        if msg.has_error():
+            return Screened(msg, msg)
+        if current is None:
+            return Screened(msg, msg, {"status": "accepted"})
+        verdict = check_train_reply(msg.content, current, arrays_key=self.arrays_key,
+                                    max_update_norm=self.max_update_norm, seen=self.seen,
+                                    server_round=server_round, check_replay=self.check_replay)
+        if verdict.digest is not None:
+            self.seen.setdefault(verdict.digest, server_round)
+        if verdict.reason is not None:
+            stand_in = Message(error=Error(COORDINATOR_REJECTED, verdict.reason), metadata=msg.metadata)
+            return Screened(stand_in, msg, {"status": "rejected", "reason": verdict.reason})
+        if verdict.update_norm is None:
+            return Screened(msg, msg, {"status": "accepted"})
+        return Screened(msg, msg, {"status": "accepted", "update_norm": verdict.update_norm})

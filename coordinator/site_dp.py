@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medfed.settings import RunConfig
+
+if TYPE_CHECKING:
+    from flwr.serverapp.strategy import Strategy
 
 #: RDP orders: Opacus' defaults extended, so both accountants search the same grid.
 ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [128, 256, 512])
@@ -132,7 +135,7 @@ def plan(cfg: RunConfig, num_sites: int) -> SiteDPPlan | None:
                       clipping_norm=cfg.site_dp_clipping_norm, delta=cfg.site_dp_delta)
 
 
-def wrap(strategy: Any, cfg: RunConfig, p: SiteDPPlan) -> Any:
+def wrap(strategy: Strategy, cfg: RunConfig, p: SiteDPPlan) -> Strategy:
     """``strategy`` inside the Flower DP wrapper the run config asks for."""
     from flwr.serverapp.strategy import (
         DifferentialPrivacyClientSideFixedClipping,

@@ -14,7 +14,7 @@ import hashlib
 import io
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -201,88 +201,136 @@ def check_secagg_reply(content: RecordDict, message_type: str, expected_arrays: 
     if _category(message_type) != "train":
         raise EgressViolation(f"SecAgg+ records may only answer a train message, not {message_type!r}")
     rec = content.config_records[SECAGG_RECORD]
+    stage = _secagg_stage(rec)
+    _check_secagg_records(content, stage)
+    report = EgressReport(message_type=f"{message_type}:secagg:{stage}")
+    if stage == "setup":
+        sent = _check_public_keys(rec, report)
+    elif stage in ("share_keys", "unmask"):
+        sent = _check_shares(rec, stage, report)
+    else:  # collect_masked_vectors: the masked update, shaped like the model
+        sent = _check_masked_update(content, rec, expected_arrays, report)
+    report.digest = hashlib.sha256(b"".join(sent)).hexdigest()
+    return report
+
+
+def _secagg_stage(rec: ConfigRecord) -> str:
+    """The protocol stage whose reply keys the record holds, exactly."""
     keys = frozenset(rec.keys())
     stage = next((s for s, k in SECAGG_STAGE_KEYS.items() if k == keys), None)
     if stage is None:
         raise EgressViolation(f"SecAgg+ record keys {sorted(keys)} match no protocol stage")
+    return stage
+
+
+def _check_secagg_records(content: RecordDict, stage: str) -> None:
+    """Besides the SecAgg+ record, only the masked-vector stage may carry records (Flower's FitRes layout)."""
     extra = set(content.keys()) - {SECAGG_RECORD}
     allowed_extra = SECAGG_FITRES_RECORDS if stage == "collect_masked_vectors" else frozenset()
     if not extra <= allowed_extra:
         raise EgressViolation(f"records {sorted(extra - allowed_extra)} may not leave with SecAgg+ stage {stage}")
 
-    report = EgressReport(message_type=f"{message_type}:secagg:{stage}")
-    digest = hashlib.sha256()
 
-    def _bytes_list(name: str, limit: int | None) -> list[bytes]:
-        value = rec[name]
-        if not isinstance(value, list) or not all(isinstance(b, bytes) for b in value):
-            raise EgressViolation(f"SecAgg+ {stage}: {name!r} must be a list of bytes")
-        for b in value:
-            if limit is not None and len(b) > limit:
-                raise EgressViolation(f"SecAgg+ {stage}: an item of {name!r} is {len(b)} bytes, over {limit}")
-        return value
+def _bytes_list(rec: ConfigRecord, stage: str, name: str, limit: int | None) -> list[bytes]:
+    """``rec[name]`` as a list of byte strings, each at most ``limit`` bytes long."""
+    value = rec[name]
+    if not isinstance(value, list) or not all(isinstance(b, bytes) for b in value):
+        raise EgressViolation(f"SecAgg+ {stage}: {name!r} must be a list of bytes")
+    for b in value:
+        if limit is not None and len(b) > limit:
+            raise EgressViolation(f"SecAgg+ {stage}: an item of {name!r} is {len(b)} bytes, over {limit}")
+    return cast(list[bytes], value)
 
-    def _ints(name: str) -> list[int]:
-        value = rec[name]
-        if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
-            raise EgressViolation(f"SecAgg+ {stage}: {name!r} must be a list of node ids")
-        return value
 
-    if stage == "setup":
-        for k in ("pk1", "pk2"):
-            v = rec[k]
-            if not isinstance(v, bytes) or len(v) > _MAX_KEY_BYTES:
-                raise EgressViolation(f"SecAgg+ setup: {k!r} must be one public key (bytes)")
-            digest.update(v)
-            report.bytes += len(v)
-    elif stage in ("share_keys", "unmask"):
-        ids_key, blobs_key = ("dsts", "ctxts") if stage == "share_keys" else ("nids", "shares")
-        ids = _ints(ids_key)
-        blobs = _bytes_list(blobs_key, _MAX_KEY_BYTES)
-        if len(ids) != len(blobs):
-            raise EgressViolation(f"SecAgg+ {stage}: {ids_key!r} and {blobs_key!r} differ in length")
-        for b in blobs:
-            digest.update(b)
-            report.bytes += len(b)
-    else:  # collect_masked_vectors: the masked update, shaped like the model
-        masked = _bytes_list("masked_params", None)
-        if expected_arrays is None:
-            raise EgressViolation("SecAgg+ masked update without the global model it answers")
-        # Flower's SecAgg+ puts the (masked, quantized) weight first, as a one-element array.
-        names = ["(weight)", *expected_arrays.keys()]
-        want = [(1,), *(tuple(a.shape) for a in expected_arrays.values())]
-        if len(masked) != len(want):
-            raise EgressViolation(f"SecAgg+ masked update has {len(masked)} arrays, the model needs {len(want)} "
-                                  "(weight + one per model array)")
-        for name, blob, shape in zip(names, masked, want, strict=True):
-            try:
-                arr = np.load(io.BytesIO(blob), allow_pickle=False)
-            except (ValueError, OSError) as err:
-                raise EgressViolation(f"SecAgg+ masked array {name!r} is not a plain array: {err}") from None
-            if tuple(arr.shape) != shape or arr.dtype.kind not in "iu":
-                raise EgressViolation(f"SecAgg+ masked array {name!r} is {arr.dtype}{list(arr.shape)}, "
-                                      f"not an integer array of shape {list(shape)}")
-            digest.update(name.encode())
-            digest.update(blob)
-            report.arrays.append({"name": name, "shape": list(arr.shape), "dtype": str(arr.dtype),
-                                  "bytes": len(blob), "masked": True})
-            report.bytes += len(blob)
-        params = content.array_records["fitres.parameters"]
-        if any(len(a.data) for a in params.values()):
-            raise EgressViolation("SecAgg+ masked-vector reply still carries unmasked arrays")
-        num = content.metric_records["fitres.num_examples"]
-        if set(num.keys()) != {"num_examples"}:
-            raise EgressViolation("SecAgg+ fitres.num_examples must hold only num_examples")
-        status = content.config_records["fitres.status"]
-        if set(status.keys()) != {"code", "message"} or status["message"] not in ("", None):
-            raise EgressViolation("SecAgg+ fitres.status must be an empty status")
-        metrics = content.config_records["fitres.metrics"]
-        for name, value in metrics.items():
-            if name not in TRAIN_METRICS:
-                raise EgressViolation(f"metric {name!r} is not on the train allow-list")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                    isinstance(value, float) and math.isinf(value)):
-                raise EgressViolation(f"metric {name!r} must be a single finite number")
-        report.metrics = sorted(metrics.keys())
-    report.digest = digest.hexdigest()
-    return report
+def _node_ids(rec: ConfigRecord, stage: str, name: str) -> list[int]:
+    """``rec[name]`` as a list of node ids (integers, not booleans)."""
+    value = rec[name]
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise EgressViolation(f"SecAgg+ {stage}: {name!r} must be a list of node ids")
+    return cast(list[int], value)
+
+
+def _check_public_keys(rec: ConfigRecord, report: EgressReport) -> list[bytes]:
+    """Setup: two public keys, each one short byte string. Returns what the digest covers."""
+    keys = []
+    for k in ("pk1", "pk2"):
+        v = rec[k]
+        if not isinstance(v, bytes) or len(v) > _MAX_KEY_BYTES:
+            raise EgressViolation(f"SecAgg+ setup: {k!r} must be one public key (bytes)")
+        keys.append(v)
+        report.bytes += len(v)
+    return keys
+
+
+def _check_shares(rec: ConfigRecord, stage: str, report: EgressReport) -> list[bytes]:
+    """Share keys / unmask: node ids and as many key-sized blobs (encrypted shares, Shamir shares).
+    Returns what the digest covers."""
+    ids_key, blobs_key = ("dsts", "ctxts") if stage == "share_keys" else ("nids", "shares")
+    ids = _node_ids(rec, stage, ids_key)
+    blobs = _bytes_list(rec, stage, blobs_key, _MAX_KEY_BYTES)
+    if len(ids) != len(blobs):
+        raise EgressViolation(f"SecAgg+ {stage}: {ids_key!r} and {blobs_key!r} differ in length")
+    report.bytes += sum(len(b) for b in blobs)
+    return blobs
+
+
+def _check_masked_update(content: RecordDict, rec: ConfigRecord, expected_arrays: ArrayRecord | None,
+                         report: EgressReport) -> list[bytes]:
+    """Collect masked vectors: one integer array per model array (the weight first), and an empty FitRes.
+    Returns what the digest covers: each array's name and bytes."""
+    masked = _bytes_list(rec, "collect_masked_vectors", "masked_params", None)
+    if expected_arrays is None:
+        raise EgressViolation("SecAgg+ masked update without the global model it answers")
+    # Flower's SecAgg+ puts the (masked, quantized) weight first, as a one-element array.
+    names = ["(weight)", *expected_arrays.keys()]
+    want = [(1,), *(tuple(a.shape) for a in expected_arrays.values())]
+    if len(masked) != len(want):
+        raise EgressViolation(f"SecAgg+ masked update has {len(masked)} arrays, the model needs {len(want)} "
+                              "(weight + one per model array)")
+    sent = []
+    for name, blob, shape in zip(names, masked, want, strict=True):
+        arr = _masked_array(name, blob, shape)
+        sent += [name.encode(), blob]
+        report.arrays.append({"name": name, "shape": list(arr.shape), "dtype": str(arr.dtype),
+                              "bytes": len(blob), "masked": True})
+        report.bytes += len(blob)
+    report.metrics = _check_fitres(content)
+    return sent
+
+
+def _masked_array(name: str, blob: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """One masked array: a plain .npy of integers of the model array's shape (no pickles)."""
+    try:
+        arr = np.load(io.BytesIO(blob), allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise EgressViolation(f"SecAgg+ masked array {name!r} is not a plain array: {err}") from None
+    if tuple(arr.shape) != shape or arr.dtype.kind not in "iu":
+        raise EgressViolation(f"SecAgg+ masked array {name!r} is {arr.dtype}{list(arr.shape)}, "
+                              f"not an integer array of shape {list(shape)}")
+    return arr
+
+
+def _check_fitres(content: RecordDict) -> list[str]:
+    """The FitRes records beside the masked update: no unmasked arrays, the count, an empty status, and
+    metrics from the train allow-list only. Returns the metric names."""
+    params = content.array_records["fitres.parameters"]
+    if any(len(a.data) for a in params.values()):
+        raise EgressViolation("SecAgg+ masked-vector reply still carries unmasked arrays")
+    num = content.metric_records["fitres.num_examples"]
+    if set(num.keys()) != {"num_examples"}:
+        raise EgressViolation("SecAgg+ fitres.num_examples must hold only num_examples")
+    status = content.config_records["fitres.status"]
+    if set(status.keys()) != {"code", "message"} or status["message"] not in ("", None):
+        raise EgressViolation("SecAgg+ fitres.status must be an empty status")
+    return _check_fitres_metrics(content.config_records["fitres.metrics"])
+
+
+def _check_fitres_metrics(metrics: ConfigRecord) -> list[str]:
+    """The site's training metrics beside a masked update: train allow-list names, one finite number each."""
+    for name, value in metrics.items():
+        if name not in TRAIN_METRICS:
+            raise EgressViolation(f"metric {name!r} is not on the train allow-list")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(value, float) and math.isinf(value)):
+            raise EgressViolation(f"metric {name!r} must be a single finite number")
+    return sorted(metrics.keys())

@@ -28,6 +28,7 @@ from site_client.client_app import build_app, make_egress_guard
 from site_client.egress import EgressViolation, check_reply, check_secagg_reply
 from site_client.trail import audit_for
 from tests.audit_factory import reseal_without
+from tests.grid_factory import Sites
 
 runner = CliRunner()
 CFG = RunConfig().with_overrides(image_size=32, batch_size=8, lr=0.05, optimizer="sgd", local_epochs=1,
@@ -78,18 +79,19 @@ def _quick_app(smuggle: dict[str, Any] | None = None, secagg_reply: RecordDict |
 
 
 def _coordinator(out: Path) -> Any:
-    """The coordinator's strategy writing receipts to ``out``, as run_federation wires it."""
-    strategy = build_strategy(CFG, RunHistory())
-    strategy.receipts = Receipts(out, run=RUN)
-    return strategy
+    """The coordinator's strategy writing receipts to ``out``, as run_federation wires it, for the one site."""
+    cfg = CFG.with_overrides(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
+    return build_strategy(cfg, RunHistory(), receipts=Receipts(out, run=RUN))
 
 
 def _exchange(app: ClientApp, strategy: Any, ctx: Context, phase: str, server_round: int) -> Message:
     """One message to the site and its reply through the coordinator's strategy (which keeps receipts)."""
-    sent = strategy._remember([_msg(phase, server_round)])
-    reply = app(sent[0], ctx)
+    configure = strategy.configure_train if phase == "train" else strategy.configure_evaluate
+    (sent,) = configure(server_round, pack(initial_state(CFG)), ConfigRecord(), Sites(NODE))
+    reply = app(sent, ctx)
     assert not reply.has_error(), reply.error.reason
-    strategy._record(server_round, [reply], phase)
+    aggregate = strategy.aggregate_train if phase == "train" else strategy.aggregate_evaluate
+    aggregate(server_round, [reply])
     return reply
 
 

@@ -7,21 +7,18 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from coordinator.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from coordinator.history import RunHistory
 from coordinator.report import plot_metrics, write_metrics
-from coordinator.strategy import (
-    RecordingFedAdam,
-    RecordingFedAvg,
-    RecordingFedProx,
-    build_strategy,
-    weighted_mean_ignoring_nan,
-)
+from coordinator.strategy import build_strategy, innermost, weighted_mean_ignoring_nan
 from medfed.settings import RunConfig
+from tests.grid_factory import Sites
 
 
 def _rec(n: int, **m: float) -> RecordDict:
@@ -29,22 +26,18 @@ def _rec(n: int, **m: float) -> RecordDict:
 
 
 def test_weighted_mean_skips_nan_sites() -> None:
-    out = weighted_mean_ignoring_nan(
-        [_rec(30, auc=0.9, loss=1.0), _rec(10, auc=float("nan"), loss=3.0)], "num-examples"
-    )
+    sites = [_rec(30, auc=0.9, loss=1.0), _rec(10, auc=float("nan"), loss=3.0)]
+    out = weighted_mean_ignoring_nan(sites, "num-examples")
     assert out["auc"] == pytest.approx(0.9)
     assert out["loss"] == pytest.approx((30 * 1.0 + 10 * 3.0) / 40)
     assert out["num-examples"] == 40
 
 
-@pytest.mark.parametrize(
-    "name, cls", [("fedavg", RecordingFedAvg), ("fedprox", RecordingFedProx), ("fedadam", RecordingFedAdam)]
-)
+@pytest.mark.parametrize("name, cls", [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam)])
 def test_strategy_from_run_config(name: str, cls: type) -> None:
-    strategy = build_strategy(
-        RunConfig().with_overrides(strategy=name, min_train_nodes=3, min_available_nodes=3), RunHistory()
-    )
-    assert isinstance(strategy, cls)
+    cfg = RunConfig().with_overrides(strategy=name, min_train_nodes=3, min_available_nodes=3)
+    strategy: Any = innermost(build_strategy(cfg, RunHistory()))  # the Flower strategy inside our wrappers
+    assert type(strategy) is cls
     assert strategy.min_train_nodes == 3
     if name == "fedprox":
         assert strategy.proximal_mu == RunConfig().proximal_mu
@@ -119,18 +112,17 @@ def test_wait_for_nodes_is_bounded_and_says_what_to_do() -> None:
         wait_for_nodes(_Grid([1]), 3, timeout=0.05, poll=0.01)  # type: ignore[arg-type]
 
 
+@pytest.mark.usefixtures("task_identity")
 def test_configure_train_samples_every_site_once_they_connect(monkeypatch: pytest.MonkeyPatch) -> None:
     """Flower sizes the sample before waiting; ours waits first, so fraction 1.0 means every site."""
     from flwr.app import ArrayRecord, ConfigRecord
 
-    strategy = build_strategy(RunConfig().with_overrides(min_train_nodes=1, min_available_nodes=3), RunHistory())
+    cfg = RunConfig().with_overrides(min_train_nodes=1, min_available_nodes=3, round_timeout=5.0)
+    strategy = build_strategy(cfg, RunHistory())
     grid = _Grid([0, 3])
-    strategy.node_wait_timeout = 5.0  # type: ignore[attr-defined]
-    # Messages need a Flower run context; record whom they would go to instead.
-    monkeypatch.setattr(strategy, "_construct_messages", lambda record, node_ids, message_type: list(node_ids))
     monkeypatch.setattr("coordinator.strategy.time.sleep", lambda s: None)
     msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))  # type: ignore[arg-type]
-    assert sorted(msgs) == [0, 1, 2]
+    assert sorted(m.metadata.dst_node_id for m in msgs) == [0, 1, 2]
 
 
 def test_site_that_only_evaluated_is_not_marked_trained() -> None:
@@ -140,37 +132,41 @@ def test_site_that_only_evaluated_is_not_marked_trained() -> None:
 
 
 @pytest.fixture
-def recording(monkeypatch: pytest.MonkeyPatch) -> tuple[RunHistory, Any]:
-    """A strategy, its history, and the identity of a running task that real Flower messages need."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
+def recording(task_identity: None) -> tuple[RunHistory, Any]:
+    """A strategy and its history; messages need the identity of a running task (tests/conftest.py)."""
     history = RunHistory()
     return history, build_strategy(RunConfig(), history)
 
 
-def _send(strategy: Any, message_type: str, nodes: tuple[int, ...]) -> list[Any]:
-    """The messages the strategy sent to ``nodes`` (remembered, as configure_train/evaluate do)."""
-    from flwr.app import ArrayRecord, Message
+def _send(strategy: Any, phase: str, nodes: tuple[int, ...], server_round: int = 1) -> dict[int, Any]:
+    """The messages the strategy sends to ``nodes`` for ``phase``, by node."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
 
-    content = {"arrays": ArrayRecord()} if message_type == "train" else {}
-    return strategy._remember([Message(RecordDict(content), dst_node_id=n, message_type=message_type) for n in nodes])
+    configure = strategy.configure_train if phase == "train" else strategy.configure_evaluate
+    model = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    return {m.metadata.dst_node_id: m for m in configure(server_round, model, ConfigRecord(), Sites(*nodes))}
+
+
+def _trained(to: Any, step: float = 0.1) -> Any:
+    from flwr.app import Array, ArrayRecord, Message
+
+    arrays = ArrayRecord({"w": Array(np.full(3, step, np.float32))})
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 5})}), reply_to=to)
 
 
 def test_an_evaluate_failure_does_not_hide_why_a_site_did_not_train(recording: tuple[RunHistory, Any]) -> None:
     """A site that refused to train and then failed to evaluate keeps its refusal as the round's reason."""
-    from flwr.app import ArrayRecord, Error, Message
+    from flwr.app import Error, Message
 
     from medfed.protocol import SITE_REFUSED
 
     history, strategy = recording
     train = _send(strategy, "train", (7, 8))
-    ok = Message(RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord({"num-examples": 5})}), reply_to=train[1])
-    strategy._record(1, [Message(Error(SITE_REFUSED, "site b refuses: cap 0.05"), reply_to=train[0]), ok], "train")
+    strategy.aggregate_train(1, [Message(Error(SITE_REFUSED, "site b refuses: cap 0.05"), reply_to=train[7]),
+                                 _trained(train[8])])
     evaluate = _send(strategy, "evaluate", (7, 8))
-    ev_ok = Message(RecordDict({"metrics": MetricRecord({"num-examples": 2, "auc": 0.7})}), reply_to=evaluate[1])
-    strategy._record(1, [Message(Error(4004, "site b failed (DatasetError)"), reply_to=evaluate[0]), ev_ok], "evaluate")
+    ev_ok = Message(RecordDict({"metrics": MetricRecord({"num-examples": 2, "auc": 0.7})}), reply_to=evaluate[8])
+    strategy.aggregate_evaluate(1, [Message(Error(4004, "site b failed (DatasetError)"), reply_to=evaluate[7]), ev_ok])
     sites = history.to_json()[0]["sites"]
     assert (sites["7"]["status"], sites["7"]["reason"]) == ("refused", "site b refuses: cap 0.05")
     assert sites["7"]["evaluate_error"] == "site b failed (DatasetError)"
@@ -180,14 +176,11 @@ def test_an_evaluate_failure_does_not_hide_why_a_site_did_not_train(recording: t
 
 def test_a_site_that_stays_silent_is_recorded_as_no_reply(recording: tuple[RunHistory, Any]) -> None:
     """Flower passes on only the replies that came; the round must still name the site that sent none."""
-    from flwr.app import ArrayRecord, Message
-
     history, strategy = recording
     train = _send(strategy, "train", (7, 8))
-    ok = Message(RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord({"num-examples": 5})}), reply_to=train[1])
-    strategy._record(2, [ok], "train")
+    strategy.aggregate_train(1, [_trained(train[8])])
     _send(strategy, "evaluate", (7, 8))
-    strategy._record(2, [], "evaluate")
+    strategy.aggregate_evaluate(1, [])
     sites = history.to_json()[0]["sites"]
     assert sites["7"]["status"] == "no-reply" and "no train reply" in sites["7"]["reason"]
     assert sites["8"]["status"] == "trained"

@@ -24,9 +24,11 @@ from coordinator.receipts import (
     read_jsonl,
     train_digests,
 )
+from coordinator.site_dp import SiteDPPlan
 from coordinator.strategy import build_strategy
 from medfed.settings import ConfigError, RunBounds, RunConfig
 from medfed.wire import MODEL_ARRAY
+from tests.grid_factory import Sites
 
 pytestmark = [pytest.mark.adversarial, pytest.mark.usefixtures("task_identity")]
 
@@ -72,20 +74,19 @@ def _cfg(strategy: str = "fedavg", sites: int = 3, **kw: Any) -> RunConfig:
 class Round:
     """A strategy driven round by round in-process, with real Flower messages and the run's receipts."""
 
-    def __init__(self, cfg: RunConfig, out: Path) -> None:
+    def __init__(self, cfg: RunConfig, out: Path, *, seen: dict[str, int] | None = None,
+                 plan: SiteDPPlan | None = None) -> None:
         self.history = RunHistory()
-        self.strategy = build_strategy(cfg, self.history)
-        self.strategy.receipts = Receipts(out)  # type: ignore[attr-defined]
+        self.strategy = build_strategy(cfg, self.history, receipts=Receipts(out), seen=seen, site_dp_plan=plan)
         self.out = out
         self.global_ = GLOBAL.copy()
 
     def run(self, server_round: int, replies: dict[int, RecordDict]) -> np.ndarray | None:
-        s: Any = self.strategy
-        s._current = ArrayRecord({MODEL_ARRAY: Array(self.global_.copy())})
-        sent = s._remember([Message(RecordDict({"arrays": s._current}), dst_node_id=n, message_type="train")
-                            for n in replies])
-        msgs = [Message(content, reply_to=m) for m, content in zip(sent, replies.values(), strict=True)]
-        arrays, _ = s.aggregate_train(server_round, msgs)
+        current = ArrayRecord({MODEL_ARRAY: Array(self.global_.copy())})
+        sent = {m.metadata.dst_node_id: m
+                for m in self.strategy.configure_train(server_round, current, ConfigRecord(), Sites(*replies))}
+        msgs = [Message(content, reply_to=sent[n]) for n, content in replies.items()]
+        arrays, _ = self.strategy.aggregate_train(server_round, msgs)
         if arrays is None:
             return None
         self.global_ = arrays[MODEL_ARRAY].numpy()
@@ -141,10 +142,8 @@ def test_update_norm_bound_rejects_above_and_keeps_below(tmp_path: Path) -> None
     r = Round(_cfg(sites=2, max_update_norm=bound), tmp_path)
     model = r.run(1, _honest(GLOBAL))
     np.testing.assert_allclose(model, GLOBAL + 0.1, rtol=1e-6)  # type: ignore[arg-type]
-    assert (
-        r.site(1, 8)["status"] == "rejected"
-        and "update L2 norm 2.4 is above max-update-norm 2" in r.site(1, 8)["reason"]
-    )
+    assert r.site(1, 8)["status"] == "rejected"
+    assert "update L2 norm 2.4 is above max-update-norm 2" in r.site(1, 8)["reason"]
     (accepted,) = [x for x in read_jsonl(tmp_path / RECEIVED_FILE) if x["status"] == "accepted"]
     assert accepted["node"] == 7 and accepted["update_norm"] == pytest.approx(0.8, rel=1e-5)  # what to tune it by
     off = Round(_cfg(sites=2, max_update_norm=0.0), tmp_path / "off")
@@ -161,8 +160,7 @@ def test_a_replayed_update_is_refused_from_any_site_and_after_a_resume(tmp_path:
     assert (r.site(2, ATTACKER)["status"], r.site(2, ATTACKER)["reason"]) == ("rejected", "replayed")
     assert model is not None and np.isfinite(model).all()
     # A resumed coordinator remembers the digests its received.jsonl holds.
-    resumed = Round(_cfg(), tmp_path)
-    resumed.strategy._seen = train_digests(tmp_path)  # type: ignore[attr-defined]
+    resumed = Round(_cfg(), tmp_path, seen=train_digests(tmp_path))
     resumed.global_ = r.global_
     honest = {7: _reply(r.global_ + 0.11), 8: _reply(r.global_ + 0.33)}
     resumed.run(3, {**honest, ATTACKER: _reply(own)})  # its own round-1 update
@@ -187,26 +185,15 @@ def test_robust_strategies_outvote_a_large_update_without_the_norm_bound(
     assert spoilt is not None and spoilt.mean() > 1e3  # the same attack without a robust rule or a bound
 
 
-@pytest.mark.parametrize(
-    "overrides, says",
-    [
-        (
-            {"strategy": "fedmedian", "secagg": True, "min_train_nodes": 3, "min_available_nodes": 3},
-            "sees only their sum",
-        ),
-        (
-            {"strategy": "fedmedian", "site_dp": "server-fixed", "min_train_nodes": 3, "min_available_nodes": 3},
-            "site-dp",
-        ),
-        ({"site_weights": "reported", "site_dp": "server-fixed"}, "site-weights=uniform"),
-        ({"strategy": "krum", "min_train_nodes": 4, "min_available_nodes": 4}, "at least 5 sites"),
-        ({"strategy": "bulyan", "min_train_nodes": 6, "min_available_nodes": 6}, "at least 7 sites"),
-        (
-            {"strategy": "fedtrimmedavg", "min_train_nodes": 3, "min_available_nodes": 3, "trim_beta": 0.2},
-            "raise trim-beta",
-        ),
-    ],
-)
+@pytest.mark.parametrize("overrides, says", [
+    ({"strategy": "fedmedian", "secagg": True, "min_train_nodes": 3, "min_available_nodes": 3}, "sees only their sum"),
+    ({"strategy": "fedmedian", "site_dp": "server-fixed", "min_train_nodes": 3, "min_available_nodes": 3}, "site-dp"),
+    ({"site_weights": "reported", "site_dp": "server-fixed"}, "site-weights=uniform"),
+    ({"strategy": "krum", "min_train_nodes": 4, "min_available_nodes": 4}, "at least 5 sites"),
+    ({"strategy": "bulyan", "min_train_nodes": 6, "min_available_nodes": 6}, "at least 7 sites"),
+    ({"strategy": "fedtrimmedavg", "min_train_nodes": 3, "min_available_nodes": 3, "trim_beta": 0.2},
+     "raise trim-beta"),
+])
 def test_combinations_that_cannot_work_are_refused_with_the_reason(overrides: dict[str, Any], says: str) -> None:
     with pytest.raises(ConfigError, match=says):
         RunConfig().with_overrides(**overrides)
@@ -226,19 +213,11 @@ def test_combinations_that_work_are_accepted_and_sites_may_accept_the_new_strate
 def test_a_bad_reply_under_a_site_dp_wrapper_is_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
     """Flower's DP wrappers clip before our layer; an array of another shape must be refused before that."""
     from coordinator import site_dp
-    from coordinator.strategy import screen_first
 
     cfg = _cfg(site_dp="server-fixed", site_dp_clipping_norm=10.0)
-    r = Round(cfg, tmp_path)
     plan = site_dp.plan(cfg, 3)
-    assert plan is not None
-    top: Any = screen_first(site_dp.wrap(r.strategy, cfg, plan), r.strategy)
-    s: Any = r.strategy
-    s._current = top.current_arrays = ArrayRecord({MODEL_ARRAY: Array(GLOBAL.copy())})
-    sent = s._remember([Message(RecordDict({"arrays": s._current}), dst_node_id=n, message_type="train")
-                        for n in (7, 8, ATTACKER)])
-    contents = [*_honest(GLOBAL).values(), _reply(np.full(N + 1, 0.7, dtype=np.float32))]
-    arrays, _ = top.aggregate_train(1, [Message(c, reply_to=m) for m, c in zip(sent, contents, strict=True)])
+    r = Round(cfg, tmp_path, plan=plan)
+    arrays = r.run(1, {**_honest(GLOBAL), ATTACKER: _reply(np.full(N + 1, 0.7, dtype=np.float32))})
     assert arrays is None  # Flower's wrapper releases nothing in a round with a failed site
     site = r.site(1, ATTACKER)
     assert site["status"] == "rejected" and "float32[65]" in site["reason"]
@@ -307,9 +286,8 @@ def _attack_client() -> Any:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize(
-    "strategy, total", [("fedavg", 0.08 / 3 + 0.53 / 3 + 6 * 0.015), ("fedmedian", 0.02 * 2 + 6 * 0.015)]
-)
+@pytest.mark.parametrize("strategy, total", [("fedavg", 0.08 / 3 + 0.53 / 3 + 6 * 0.015),
+                                             ("fedmedian", 0.02 * 2 + 6 * 0.015)])
 def test_attack_table_through_a_flower_simulation(tmp_path: Path, strategy: str, total: float) -> None:
     """Every round the attacker tries the next row of the table; the run completes every round and the final
     model is exactly the honest sites' work plus the two replies that were acceptable (weighing 1 each)."""

@@ -176,16 +176,14 @@ def _msg(src: int, dst: int, mid: str, reply_to: str, error: bool = False) -> An
 
 
 def test_a_superlink_generated_error_is_attributed_to_the_site_it_stands_for() -> None:
-    from coordinator.history import RunHistory
-    from coordinator.strategy import build_strategy
+    from coordinator.strategy import reply_sites
 
-    strategy = build_strategy(RunConfig(), RunHistory())
-    strategy._sent = [_msg(1, 11, "m11", ""), _msg(1, 22, "m22", ""), _msg(1, 33, "m33", "")]
+    sent = [_msg(1, 11, "m11", ""), _msg(1, 22, "m22", ""), _msg(1, 33, "m33", "")]
     replies = [_msg(11, 1, "r1", "m11"), _msg(1, 1, "r2", "m33", error=True), _msg(22, 1, "r3", "m22")]
-    assert strategy._sites_of(replies) == [11, 33, 22]
+    assert reply_sites(sent, replies) == [11, 33, 22]
     # without a matching id it is one of the sites that did not answer
     replies[1] = _msg(1, 1, "r2", "unknown", error=True)
-    assert strategy._sites_of(replies) == [11, 33, 22]
+    assert reply_sites(sent, replies) == [11, 33, 22]
 
 
 def test_a_resumed_run_tells_the_sites_its_global_round() -> None:
@@ -200,8 +198,8 @@ def test_a_resumed_run_tells_the_sites_its_global_round() -> None:
         def get_node_ids(self) -> list[int]:
             return [5, 6]
 
-    strategy = build_strategy(RunConfig(), RunHistory())
-    strategy.round_offset = 3  # resumed after round 3: the strategy's round 1 is the run's round 4
+    # resumed after round 3: the strategy's round 1 is the run's round 4
+    strategy = build_strategy(RunConfig(), RunHistory(), round_offset=3)
     arrays = ArrayRecord([np.zeros(2, np.float32)])
     train = list(strategy.configure_train(1, arrays, ConfigRecord({"lr": 0.1}), Grid()))
     evaluate = list(strategy.configure_evaluate(1, arrays, ConfigRecord(), Grid()))

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -35,6 +36,7 @@ from site_client.dp_evaluation import (
 )
 from site_client.egress import EVALUATE_METRICS, check_reply
 from site_client.task import evaluate_round, ledger_for
+from tests.grid_factory import Sites
 
 MULTICLASS = Study(task="multiclass", classes=("normal", "benign", "malignant"))
 MULTILABEL = Study(task="multilabel", classes=("effusion", "nodule"))
@@ -160,6 +162,13 @@ def test_released_figures_converge_to_the_exact_ones_as_noise_vanishes(study: St
         assert released[k] == pytest.approx(exact[k], abs=1e-5)
 
 
+def _evaluate(strategy: Any, *nodes: int) -> list[Message]:
+    """The evaluate messages the coordinator's strategy sends to ``nodes``, in that order."""
+    messages = strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), Sites(*nodes))
+    sent = {m.metadata.dst_node_id: m for m in messages}
+    return [sent[n] for n in nodes]
+
+
 def _reply(metrics: dict[str, object], site: str, to: Message) -> Message:
     content = RecordDict({"metrics": MetricRecord(metrics),  # type: ignore[arg-type]
                           ANCHOR_RECORD: ConfigRecord(anchor_fields(site, 3, "cd" * 32))})
@@ -176,7 +185,7 @@ def test_round_trip_from_site_evaluation_to_pooled_figures(tmp_path: Path, study
     state = splits[0][1]
     history = RunHistory()
     strategy = build_strategy(CFG, history, study)
-    sent = strategy._remember([Message(RecordDict({}), dst_node_id=n, message_type="evaluate") for n in (7, 8, 9)])
+    sent = _evaluate(strategy, 7, 8, 9)
     replies, exact = [], None
     for name, (data, _), msg in zip(names, splits, sent, strict=True):
         site = _site(tmp_path, name, noise=0.05)
@@ -222,7 +231,7 @@ def test_a_site_whose_counts_do_not_fit_the_study_is_not_pooled(tmp_path: Path) 
     """A hostile site sending counts of another shape is left out of the pool, with the reason kept."""
     history = RunHistory()
     strategy = build_strategy(CFG, history, MULTICLASS)
-    sent = strategy._remember([Message(RecordDict({}), dst_node_id=n, message_type="evaluate") for n in (7, 8)])
+    sent = _evaluate(strategy, 7, 8)
     data, state = _split(MULTICLASS, 60, seed=3)
     good = evaluate_round(_site(tmp_path, "hospital-a"), CFG, "run-h", state, 1, study=MULTICLASS,
                           build=lambda: _Net(3), dataset=data)
