@@ -203,7 +203,13 @@ def predict_folder(release: Release, src: Path, out: Path, *, thresholds: tuple[
         raise PredictError(f"{src} holds no files; pass the folder PACS exported the studies to")
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(release, device)
-    workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    cpus = os.cpu_count() or 1
+    workers = min(2, cpus) if workers is None else workers
+    threads = torch.get_num_threads()
+    if device == "cpu" and workers:
+        # The workers decode on their own cores; a model spread over the same cores as well thrashes
+        # (2 cores: 33 img/s with 2 model threads, 70 with 1).
+        torch.set_num_threads(max(1, min(threads, cpus - workers)))
     scored: list[Scored] = []
     unusable: list[tuple[str, str]] = []
     columns = (TextColumn("scoring"), BarColumn(bar_width=30), MofNCompleteColumn(), TimeRemainingColumn())
@@ -219,6 +225,7 @@ def predict_folder(release: Release, src: Path, out: Path, *, thresholds: tuple[
             new = {i for i, *_ in batch} | {i for i, _ in bad}
             bar.advance(task, len(new - seen))
             seen |= new
+    torch.set_num_threads(threads)
     _write_predictions(out, scored, study, threshold_label)
     _write_unusable(out, unusable)
     summary = PredictSummary(out=out, images=len(scored), files=len(files), unusable=unusable,
