@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import warnings
 from pathlib import Path
 
 
@@ -36,7 +37,10 @@ def build_fab(app: Path) -> bytes:
     if not (app / "pyproject.toml").is_file():
         raise FabError(f"{app} holds no pyproject.toml: pass a Flower app folder or a .fab file")
     try:
-        return build_fab_from_disk(app)
+        with warnings.catch_warnings():
+            # Flower's builder uses pathspec's deprecated pattern name; not ours to fix, and not the user's news.
+            warnings.filterwarnings("ignore", message="GitWildMatchPattern", category=DeprecationWarning)
+            return build_fab_from_disk(app)
     except (ValueError, OSError) as err:
         raise FabError(f"cannot build a FAB from {app}: {err}") from None
 
