@@ -1,0 +1,85 @@
+"""``deid run --workers N``: the same store, manifest, audit trail and quarantine log as one worker."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from anonymization.audit import read_records
+from anonymization.audit_verify import verify_trail
+from anonymization.batch import DONE_DIR, run_deid
+from anonymization.quarantine import QUARANTINE_LOG
+from anonymization.screening import REASON_DUPLICATE
+from tests.dicom_factory import Patient, make_ct, write
+
+pytestmark = pytest.mark.integration
+
+UNORDERED = ("time", "prev", "sig")  # the clock and the hashes that cover it: all else must match
+
+
+def make_mixed_source(src: Path) -> None:
+    """Enough files for several pool tasks per worker, and every kind of outcome among them."""
+    for i in range(36):
+        ds = make_ct(Patient(i % 5), study=i % 2, instance=i)
+        write(ds, src / f"p{i % 5}" / f"img{i:03d}.dcm")
+    first = src / "p0" / "img000.dcm"
+    (src / "p0" / "copy-of-img000.dcm").write_bytes(first.read_bytes())  # the same instance again: skipped
+    clash = make_ct(Patient(0), study=0, instance=0)  # same SOP instance, other content: quarantined
+    clash.PixelData = bytes(len(clash.PixelData))  # other pixels under the same UID
+    write(clash, src / "p9" / "clash.dcm")
+    (src / "p2" / "notes.txt").write_text("not DICOM")  # quarantined: not DICOM
+    (src / "p3" / "link.dcm").symlink_to(first)  # refused unread
+    (src / "p4" / "cut.dcm").write_bytes(first.read_bytes()[:700])  # quarantined: truncated
+
+
+def run_with(workers: int, src: Path, root: Path, key: Path) -> Path:
+    dst = root / f"out-{workers}"
+    run_deid(src, dst, key, workers=workers, progress=False)
+    return dst
+
+
+def trail_content(dst: Path) -> list[dict[str, object]]:
+    """Every record of the verified trail (seals included), less its clock and the hashes over it."""
+    assert verify_trail(dst / "audit").exit_code == 0
+    return [{k: v for k, v in r.items() if k not in UNORDERED} for r in read_records(dst / "audit")]
+
+
+def quarantine_content(root: Path, dst: Path) -> list[dict[str, str]]:
+    lines = (root / f"{dst.name}-quarantine" / QUARANTINE_LOG).read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
+
+
+def store_bytes(dst: Path) -> dict[str, bytes]:
+    """The de-identified files, the manifest and the done-index, by path relative to DST."""
+    return {p.relative_to(dst).as_posix(): p.read_bytes() for p in sorted(dst.rglob("*"))
+            if p.is_file() and p.relative_to(dst).parts[0] in ("images", "objects", DONE_DIR, "manifest.csv")}
+
+
+def test_two_workers_write_exactly_what_one_worker_writes(tmp_path: Path) -> None:
+    src, key = tmp_path / "src", tmp_path / "k.key"
+    make_mixed_source(src)
+    one, two = run_with(1, src, tmp_path, key), run_with(2, src, tmp_path, key)
+
+    records = trail_content(one)
+    kinds = [r["kind"] for r in records]
+    assert kinds.count("deidentified") == 36 and kinds.count("skipped") == 1
+    assert kinds.count("quarantined") == 4 and kinds[-2:] == ["deid_run", "seal"]
+    assert [r for r in records if r.get("reason") == REASON_DUPLICATE]
+    assert trail_content(two) == records  # same records, same order, same seq
+    assert quarantine_content(tmp_path, two) == quarantine_content(tmp_path, one)
+    store = store_bytes(one)
+    assert len([p for p in store if p.startswith("images/")]) == 36
+    assert store_bytes(two) == store  # outputs, manifest.csv and done-index, byte for byte
+
+
+def test_two_workers_resume_exactly_as_one_worker(tmp_path: Path) -> None:
+    """A re-run over a finished store: every input found done, recorded in the same order."""
+    src, key = tmp_path / "src", tmp_path / "k.key"
+    make_mixed_source(src)
+    one, two = run_with(1, src, tmp_path, key), run_with(2, src, tmp_path, key)
+    run_deid(src, one, key, workers=2, progress=False)
+    run_deid(src, two, key, workers=1, progress=False)
+    assert trail_content(two) == trail_content(one)
+    assert store_bytes(two) == store_bytes(one)
