@@ -33,6 +33,7 @@ import logging
 import multiprocessing
 import os
 import secrets
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -168,12 +169,10 @@ def _iter_files(src: Path, excluded: list[Path]) -> Iterator[_Task]:
     if src.is_file():
         yield _Task(src.resolve(), src.name)  # named on the command line: the one path we resolve
         return
-    skip = {p.resolve() for p in excluded}
-
-    def skipped(path: Path) -> bool:
-        return path in skip or any(parent in skip for parent in path.parents)
-
+    skip = {str(p.resolve()) for p in excluded}
     top = src.resolve()
+    if any(str(folder) in skip for folder in (top, *top.parents)):
+        return  # SRC lies in one of our own folders: nothing in it is an input
     for root, dirs, names in os.walk(src, followlinks=False):
         here = Path(root)
         resolved = here.resolve()
@@ -181,17 +180,28 @@ def _iter_files(src: Path, excluded: list[Path]) -> Iterator[_Task]:
             dirs[:] = []
             yield _Task(here, here.relative_to(src).as_posix(), REASON_LINK)
             continue
-        links = sorted(d for d in dirs if os.path.islink(here / d))  # listed, never entered
-        dirs[:] = sorted(d for d in dirs if d not in links and not skipped(resolved / d))
-        for name in sorted([*names, *links]):
-            path = here / name
-            if skipped(resolved / name):
-                continue
-            try:
-                refusal = refusal_for_mode(os.lstat(path).st_mode)  # lstat: a link is never followed
-            except OSError:
-                continue  # gone since the listing
-            yield _Task(path, path.relative_to(src).as_posix(), refusal)
+        yield from _listed(here, here.relative_to(src).as_posix(), f"{resolved}{os.sep}", dirs, names, skip)
+
+
+def _listed(
+    here: Path, relative: str, resolved: str, dirs: list[str], names: list[str], skip: set[str]
+) -> Iterator[_Task]:
+    """One folder of :func:`_iter_files`: its files and links in name order; prunes ``dirs`` in place.
+
+    Every folder above ``here`` was checked against ``skip`` on the way down, so a name is checked alone.
+    """
+    links = sorted(d for d in dirs if os.path.islink(here / d))  # listed, never entered
+    dirs[:] = sorted(d for d in dirs if d not in links and resolved + d not in skip)
+    prefix = "" if relative == "." else f"{relative}/"
+    for name in sorted([*names, *links]):
+        if resolved + name in skip:
+            continue
+        path = here / name
+        try:
+            refusal = refusal_for_mode(os.lstat(path).st_mode)  # lstat: a link is never followed
+        except OSError:
+            continue  # gone since the listing
+        yield _Task(path, prefix + name, refusal)
 
 
 def _cannot_write(err: OSError, folder: Path) -> str:
@@ -287,6 +297,8 @@ class DoneIndex:
         self._pending: list[str] = []
         self._last = time.monotonic()
         self._before_commit = before_commit  # flush other per-file records first (re-identification table)
+        self._committer: threading.Thread | None = None
+        self._failure: tuple[OSError, list[str]] | None = None  # a background commit's error, its lines
 
     def add(self, digest: str, row: dict[str, str] | None = None) -> None:
         """Journal an input as done, with its manifest row (images) - written at the next checkpoint."""
@@ -308,15 +320,59 @@ class DoneIndex:
         return spool
 
     def checkpoint(self, *, force: bool = False) -> None:
-        """If due (or ``force``): make outputs durable, then record their inputs as done."""
+        """If due (or ``force``): make outputs durable, then record their inputs as done.
+
+        A due checkpoint commits in a background thread (``syncfs`` waits on the disk, the
+        workers need not), one commit at a time; ``force`` waits for every commit to end.
+        A failed commit's error (a full disk) is raised by the next call, its lines kept.
+        """
+        due = force or len(self._pending) >= CHECKPOINT_FILES or time.monotonic() - self._last >= CHECKPOINT_SECONDS
+        if not due and self._failure is None:
+            return
+        self.wait()
         if not self._pending:
             return
-        if not force and len(self._pending) < CHECKPOINT_FILES and time.monotonic() - self._last < CHECKPOINT_SECONDS:
-            return
         if self._before_commit is not None:
-            self._before_commit()
+            self._before_commit()  # in this thread: the records it flushes are this thread's
+        lines, self._pending = self._pending, []
+        self._last = time.monotonic()
+        if force:
+            try:
+                self._commit(lines)
+            except OSError:
+                self._pending[:0] = lines  # still pending, in order
+                raise
+            return
+        self._committer = threading.Thread(target=self._commit_in_background, args=(lines,),
+                                           name="medfed-done-index", daemon=True)
+        self._committer.start()
+
+    def wait(self) -> None:
+        """Until the background commit (if any) has ended; raise what it failed with."""
+        if self._committer is not None:
+            self._committer.join()
+            self._committer = None
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            error, lines = failure
+            self._pending[:0] = lines  # still pending, in order, ahead of later ones
+            raise error
+
+    @property
+    def unwritten(self) -> int:
+        """Lines journaled in memory only (a re-run redoes those inputs)."""
+        return len(self._pending)
+
+    def _commit_in_background(self, lines: list[str]) -> None:
+        try:
+            self._commit(lines)
+        except OSError as err:
+            self._failure = (err, lines)
+
+    def _commit(self, lines: list[str]) -> None:
+        """Make every output written so far durable, then append ``lines`` to the journal."""
         _sync_filesystem(self.dst)
-        data = memoryview(("\n".join(self._pending) + "\n").encode("utf-8"))
+        data = memoryview(("\n".join(lines) + "\n").encode("utf-8"))
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         try:
             size = os.fstat(fd).st_size
@@ -329,8 +385,6 @@ class DoneIndex:
                 raise
         finally:
             os.close(fd)
-        self._pending.clear()
-        self._last = time.monotonic()
 
 
 JOURNAL_COLUMNS = ("patient", "study_uid", "series_uid", "sop_uid", "accession", "path")
@@ -433,18 +487,24 @@ def _results(
     """
     if workers <= 1:
         init_worker(job)
-        return _Results(_in_process(tasks, fn), None)
-    pool = _new_pool(job, workers, fork=True)
-    return _Results(_pooled(pool, tasks, job, workers, fn, chunk), pool)
+        return _Results(_in_process(tasks, fn), None, [])
+    pool, deaths = _new_pool(job, workers, fork=True), []
+    return _Results(_pooled(pool, tasks, job, workers, fn, chunk, deaths), pool, deaths)
 
 
 class _Results(Iterator[tuple[_Task, FileResult]]):
     """What :func:`_results` returns; ``close`` also stops a pool that no result was read from yet."""
 
     def __init__(self, results: Generator[tuple[_Task, FileResult], None, None],
-                 pool: ProcessPoolExecutor | None) -> None:
+                 pool: ProcessPoolExecutor | None, deaths: list[int]) -> None:
         self._results = results
         self._pool = pool
+        self._deaths = deaths
+
+    @property
+    def worker_died(self) -> bool:
+        """A worker process died during the run (its files were re-run; it may have left temporaries)."""
+        return bool(self._deaths)
 
     def __next__(self) -> tuple[_Task, FileResult]:
         return next(self._results)
@@ -468,8 +528,9 @@ def _merged(batch: list[_Task], results: list[FileResult]) -> Iterator[tuple[_Ta
 
 
 def _pooled(
-    pool: ProcessPoolExecutor, tasks: Iterable[_Task], job: Job, workers: int, fn: ProcessFn, chunk: int
-) -> Iterator[tuple[_Task, FileResult]]:
+    pool: ProcessPoolExecutor, tasks: Iterable[_Task], job: Job, workers: int, fn: ProcessFn, chunk: int,
+    deaths: list[int],
+) -> Generator[tuple[_Task, FileResult], None, None]:
     todo = iter(tasks)
     pending: deque[tuple[list[_Task], Future[list[FileResult]]]] = deque()
     try:
@@ -484,10 +545,11 @@ def _pooled(
                 results = future.result()
             except Exception:  # noqa: BLE001 - a worker died (BrokenProcessPool)
                 log.warning("a de-identification worker died; isolating the files it held")
+                deaths.append(len(batch))
                 pool.shutdown(wait=True, cancel_futures=True)
                 held = [(batch, future), *pending]
                 pending.clear()
-                yield from _recovered(held, job, workers, fn, chunk)
+                yield from _recovered(held, job, workers, fn, chunk, deaths)
                 pool = _new_pool(job, workers, fork=False)
                 continue
             yield from _merged(batch, results)
@@ -496,7 +558,8 @@ def _pooled(
 
 
 def _recovered(
-    held: list[tuple[list[_Task], Future[list[FileResult]]]], job: Job, workers: int, fn: ProcessFn, chunk: int
+    held: list[tuple[list[_Task], Future[list[FileResult]]]], job: Job, workers: int, fn: ProcessFn, chunk: int,
+    deaths: list[int],
 ) -> Iterator[tuple[_Task, FileResult]]:
     """The held tasks' results, in order, after a worker died.
 
@@ -509,12 +572,14 @@ def _recovered(
             for batch, future in items:
                 yield from _merged(batch, future.result())
         else:
-            yield from _rerun([task for batch, _future in items for task in batch], job, workers, fn, chunk)
+            yield from _rerun([task for batch, _future in items for task in batch], job, workers, fn, chunk, deaths)
 
 
-def _rerun(tasks: list[_Task], job: Job, workers: int, fn: ProcessFn, chunk: int) -> Iterator[tuple[_Task, FileResult]]:
+def _rerun(
+    tasks: list[_Task], job: Job, workers: int, fn: ProcessFn, chunk: int, deaths: list[int]
+) -> Iterator[tuple[_Task, FileResult]]:
     if chunk > 1:
-        yield from _pooled(_new_pool(job, workers, fork=False), tasks, job, workers, fn, 1)
+        yield from _pooled(_new_pool(job, workers, fork=False), tasks, job, workers, fn, 1, deaths)
         return
     for task in tasks:
         yield task, _refused_unread(task) if task.refusal is not None else _isolated(task, job, fn)
@@ -810,9 +875,13 @@ class _Recorder:
         else:
             self.tally.quarantined += 1
 
-    def close(self, stopped: DiskFullError | None) -> None:
-        """After the last result (or an interruption): sweep temporaries, make the journal durable."""
-        _sweep_temporaries(self.paths.dst)  # also gives back the space of outputs still in flight
+    def close(self, stopped: DiskFullError | None, *, sweep: bool) -> None:
+        """After the last result (or an interruption): sweep temporaries if any may be left, make the journal durable.
+
+        A run that received every result, with no worker lost, left none: each output was renamed or removed.
+        """
+        if sweep:
+            _sweep_temporaries(self.paths.dst)  # also gives back the space of outputs still in flight
         self.store.reserve.release()  # after a full disk: room for the last journal lines and the stop record
         try:
             if self.store.reid_writer is not None:
@@ -822,7 +891,7 @@ class _Recorder:
             if stopped is None or not is_disk_full(err):
                 raise
             log.warning("the last %d done-index line(s) could not be written; a re-run redoes those files",
-                        len(self.done._pending))
+                        self.done.unwritten)
 
 
 def _deidentify_all(
@@ -830,6 +899,7 @@ def _deidentify_all(
 ) -> DiskFullError | None:
     """Record every result; a full disk stops the run (returned), anything else propagates."""
     stopped: DiskFullError | None = None
+    complete = False
     pydicom_logger = logging.getLogger("pydicom")
     pydicom_level = pydicom_logger.level
     try:
@@ -842,6 +912,8 @@ def _deidentify_all(
                 finally:
                     bar.update(bar_task, advance=1, ok=tally.deidentified, skipped=tally.skipped,
                                quarantined=tally.quarantined + tally.refused, resumed=tally.resumed)
+        recorder.done.wait()  # a background commit's failure stops the run like any other
+        complete = not getattr(results, "worker_died", True)
     except DiskFullError as err:
         stopped = err
     except OSError as err:  # the trail, the journal, a rename: the disk, not a file, is to blame
@@ -850,7 +922,7 @@ def _deidentify_all(
         stopped = DiskFullError(_disk_full(recorder.paths.dst, err))
     finally:
         pydicom_logger.setLevel(pydicom_level)
-        recorder.close(stopped)
+        recorder.close(stopped, sweep=not complete)
     return stopped
 
 

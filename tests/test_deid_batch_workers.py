@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from anonymization import batch
 from anonymization.audit import read_records
 from anonymization.audit_verify import verify_trail
 from anonymization.batch import DONE_DIR, run_deid
@@ -81,5 +83,45 @@ def test_two_workers_resume_exactly_as_one_worker(tmp_path: Path) -> None:
     one, two = run_with(1, src, tmp_path, key), run_with(2, src, tmp_path, key)
     run_deid(src, one, key, workers=2, progress=False)
     run_deid(src, two, key, workers=1, progress=False)
+    assert trail_content(two) == trail_content(one)
+    assert store_bytes(two) == store_bytes(one)
+
+
+def interrupted_then_resumed(workers: int, src: Path, root: Path, key: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Checkpoints every 4 files (committed in the background), Ctrl-C after 20 results, then a re-run."""
+    monkeypatch.setattr(batch, "CHECKPOINT_FILES", 4)
+    real = batch._results
+
+    def interrupted(*args: object, **kwargs: object) -> Iterator[object]:
+        results = real(*args, **kwargs)
+        try:
+            for count, item in enumerate(results):
+                if count == 20:
+                    raise KeyboardInterrupt  # the operator pressed Ctrl-C
+                yield item
+        finally:
+            results.close()
+
+    monkeypatch.setattr(batch, "_results", interrupted)
+    dst = root / f"out-{workers}"
+    with pytest.raises(KeyboardInterrupt):
+        run_deid(src, dst, key, workers=workers, progress=False)
+    monkeypatch.setattr(batch, "_results", real)
+    journal = [line.split("\t") for line in next((dst / DONE_DIR).iterdir()).read_text().splitlines()]
+    assert len(journal) == 20  # the first 20 listed are images: each placed one journaled, none after it
+    assert all((dst / row[-1]).is_file() for row in journal if len(row) > 1)  # a journaled output exists
+    assert not list(dst.rglob("*.tmp"))  # in-flight outputs swept
+    summary = run_deid(src, dst, key, workers=workers, progress=False)
+    assert summary.resumed == 20
+    return dst
+
+
+def test_interrupted_and_resumed_run_is_the_same_with_two_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, key = tmp_path / "src", tmp_path / "k.key"
+    make_mixed_source(src)
+    one = interrupted_then_resumed(1, src, tmp_path, key, monkeypatch)
+    two = interrupted_then_resumed(2, src, tmp_path, key, monkeypatch)
     assert trail_content(two) == trail_content(one)
     assert store_bytes(two) == store_bytes(one)
