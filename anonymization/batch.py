@@ -1,9 +1,19 @@
 """``medfed deid run``: de-identify a folder of DICOM files into a de-identified store.
 
-One file at a time (optionally in a process pool); the parent is the only
-writer of the manifest, the audit trail and the quarantine log, renames each
-worker's temporary output into place, and never lets a bad file stop the run
-(invariant 7). Nothing it logs or records names a patient (invariant 4).
+One file at a time, in this process or in a pool of worker processes; the
+parent is the only writer of the manifest, the audit trail, the done-index and
+the quarantine log, renames each worker's temporary output into place, and
+never lets a bad file stop the run (invariant 7). Nothing it logs or records
+names a patient (invariant 4).
+
+Workers: each worker reads, screens, cleans, encodes, hashes and writes its
+files to temporary names (:class:`~anonymization.worker.FileWorker`); files go
+to the pool a chunk at a time (one round trip per chunk, not per file), and the
+parent takes the results back in listing order, so the trail, the journal, the
+quarantine log and the manifest are the same whatever the number of workers.
+Where the platform has ``fork`` the workers are forked, before the trail's
+signing key is loaded, and so start in milliseconds instead of re-importing the
+engine. The parent's own work per file is a rename, a stat and a trail record.
 
 Scale: files are listed lazily (a counting pass for the progress bar, then a
 streaming pass), results are folded into counts as they arrive, and duplicates
@@ -14,12 +24,12 @@ Resume: ``DST/done/<fingerprint>.txt`` is a journal with one line per input
 already de-identified under this key, policy and version: the keyed digest of
 its bytes (HMAC with the site secret, 128 bits) and, for images, its manifest
 row (pseudonyms and the output path only; no identifier). A re-run skips those
-inputs. Outputs are made durable in batches (``syncfs``) before their lines are
-appended, so a power cut never leaves a "done" input whose output is not on
-disk. The manifest is rebuilt at the end of every run by a streaming merge of
-the earlier manifest and the journal (:func:`~anonymization.manifest.write_merged`,
-sorted chunks on disk), so even a run that was killed leaves nothing unlisted
-once the next run ends.
+inputs. Outputs are made durable in batches (``syncfs``, in a background thread
+while the workers go on) before their lines are appended, so a power cut never
+leaves a "done" input whose output is not on disk. The manifest is rebuilt at
+the end of every run by a streaming merge of the earlier manifest and the
+journal (:func:`~anonymization.manifest.write_merged`, sorted chunks on disk),
+so even a run that was killed leaves nothing unlisted once the next run ends.
 """
 
 from __future__ import annotations

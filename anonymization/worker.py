@@ -1,9 +1,12 @@
 """De-identification of one file: read, screen, clean, write to a temporary name.
 
-Runs in the parent or in a pool worker; it never writes records (manifest,
-audit, quarantine) - it returns a :class:`FileResult` and the parent, the only
-writer, renames the temporary output into place or quarantines the file.
-Nothing raised here escapes: any failure becomes a quarantine reason.
+A :class:`FileWorker` holds what the per-file path needs (engine, keys, done-index),
+built once per process from a :class:`Job`; it runs in the parent or in a pool
+worker (:func:`init_worker` builds the process's own, :func:`process_path` uses
+it). It never writes records (manifest, audit, quarantine) - it returns a
+:class:`FileResult` and the parent, the only writer, renames the temporary
+output into place or quarantines the file. Nothing raised here escapes: any
+failure becomes a quarantine reason.
 
 The hot path is tuned (see bench/deid_throughput.py): the input is read once
 into memory and parsed lazily; pixel data is never decoded unless Clean Pixel

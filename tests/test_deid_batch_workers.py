@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import multiprocessing
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +23,7 @@ from tests.dicom_factory import Patient, make_ct, write
 
 pytestmark = pytest.mark.integration
 
+ROOT = Path(__file__).resolve().parent.parent
 UNORDERED = ("time", "prev", "sig")  # the clock and the hashes that cover it: all else must match
 
 
@@ -125,3 +131,58 @@ def test_interrupted_and_resumed_run_is_the_same_with_two_workers(
     two = interrupted_then_resumed(2, src, tmp_path, key, monkeypatch)
     assert trail_content(two) == trail_content(one)
     assert store_bytes(two) == store_bytes(one)
+
+
+def memory_holds(pid: int, needles: tuple[bytes, ...]) -> bool:
+    """True if any readable mapping of process ``pid`` holds one of ``needles``."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("r") or line.rstrip().endswith(("[vvar]", "[vsyscall]")):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                chunk = mem.read(end - start)
+            except (OSError, ValueError, OverflowError):
+                continue
+            if any(needle in chunk for needle in needles):
+                return True
+    return False
+
+
+@pytest.mark.adversarial
+def test_a_worker_never_holds_the_audit_signing_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hostile file that takes over a worker (a decoder exploit) finds no key that seals the trail."""
+    src, key = tmp_path / "src", tmp_path / "keys" / "site.key"
+    make_mixed_source(src)
+    signing_key = key.parent / "audit-signing.key"
+    subprocess.run([sys.executable, "-c", "import sys; from anonymization.audit_keys import "
+                    "AuditSigner, write_private_key as w; w(__import__('pathlib').Path(sys.argv[1]), "
+                    "AuditSigner.generate(None))", str(signing_key)], check=True, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})  # made elsewhere: never in this process
+    real, found = batch._results, {}
+
+    def inspected(*args: object, **kwargs: object) -> Iterator[object]:
+        results = real(*args, **kwargs)  # called, as run_deid calls it: the workers start here
+
+        def first_result_inspected() -> Iterator[object]:
+            try:
+                for count, item in enumerate(results):
+                    if count == 0:  # the workers are up, and the parent has opened the trail
+                        pem = signing_key.read_bytes()
+                        body = b"".join(pem.splitlines()[1:-1])
+                        needles = (body, base64.b64decode(body)[-32:])  # the PEM and the raw Ed25519 seed
+                        found["parent"] = memory_holds(os.getpid(), needles)
+                        found.update({child.pid: memory_holds(child.pid, needles)
+                                      for child in multiprocessing.active_children()})
+                    yield item
+            finally:
+                results.close()
+
+        return first_result_inspected()
+
+    monkeypatch.setattr(batch, "_results", inspected)
+    run_deid(src, tmp_path / "out", key, workers=2, progress=False)
+    assert found.pop("parent")  # the search finds the key where it is
+    assert len(found) == 2 and not any(found.values()), found
