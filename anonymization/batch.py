@@ -96,6 +96,7 @@ STATE_FILE = "deid.json"  # which key and profile wrote this store (no identifie
 DONE_DIR = "done"  # resume index: keyed digests of inputs already de-identified
 CHECKPOINT_FILES = 1000  # make outputs durable and extend the done-index this often ...
 CHECKPOINT_SECONDS = 30.0  # ... or after this long, whichever comes first
+COMMIT_FILES = 200  # and sooner, when no commit is running: the disk keeps pace, little is left for the end
 REASON_RESUMED = "already de-identified by an earlier run (done-index)"
 
 
@@ -332,12 +333,16 @@ class DoneIndex:
     def checkpoint(self, *, force: bool = False) -> None:
         """If due (or ``force``): make outputs durable, then record their inputs as done.
 
-        A due checkpoint commits in a background thread (``syncfs`` waits on the disk, the
-        workers need not), one commit at a time; ``force`` waits for every commit to end.
-        A failed commit's error (a full disk) is raised by the next call, its lines kept.
+        A checkpoint commits in a background thread (``syncfs`` waits on the disk, the
+        workers need not), one commit at a time: every :data:`COMMIT_FILES` files while the
+        last commit has ended, and waiting for it when due; ``force`` waits for every
+        commit to end. A failed commit's error (a full disk) is raised by the next call,
+        its lines kept.
         """
-        due = force or len(self._pending) >= CHECKPOINT_FILES or time.monotonic() - self._last >= CHECKPOINT_SECONDS
-        if not due and self._failure is None:
+        pending = len(self._pending)
+        due = force or pending >= CHECKPOINT_FILES or time.monotonic() - self._last >= CHECKPOINT_SECONDS
+        idle = self._committer is None or not self._committer.is_alive()
+        if not (due or (idle and pending >= COMMIT_FILES)) and self._failure is None:
             return
         self.wait()
         if not self._pending:

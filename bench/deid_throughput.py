@@ -404,6 +404,7 @@ def scaling(src: Path, work: Path, repeat: int, workers: int) -> None:
     for round_ in range(max(1, repeat)):
         for count in counts:
             print(f"round {round_ + 1}/{repeat}: medfed, {count} worker(s) ...", file=sys.stderr)
+            os.sync()  # the last run's deleted outputs must not weigh on this run's syncfs
             result = measure("medfed", src, work, count, pin=False)
             if isinstance(result, str):
                 raise SystemExit(f"medfed with {count} worker(s) {result}")

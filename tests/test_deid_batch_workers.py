@@ -94,8 +94,9 @@ def test_two_workers_resume_exactly_as_one_worker(tmp_path: Path) -> None:
 
 
 def interrupted_then_resumed(workers: int, src: Path, root: Path, key: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Checkpoints every 4 files (committed in the background), Ctrl-C after 20 results, then a re-run."""
-    monkeypatch.setattr(batch, "CHECKPOINT_FILES", 4)
+    """Commits in the background (every 2 files when none runs, waited for at 6), Ctrl-C after 20 results."""
+    monkeypatch.setattr(batch, "COMMIT_FILES", 2)
+    monkeypatch.setattr(batch, "CHECKPOINT_FILES", 6)
     real = batch._results
 
     def interrupted(*args: object, **kwargs: object) -> Iterator[object]:
