@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import gc
 import hashlib
 import hmac
 import json
@@ -486,7 +487,11 @@ def _new_pool(job: Job, workers: int, *, fork: bool) -> ProcessPoolExecutor:
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
                                initializer=init_worker, initargs=(job,))
     if method == "fork":
-        pool.submit(os.getpid)  # a fork pool starts all its workers on the first task: now
+        gc.freeze()  # the workers' collector leaves the inherited objects (and their pages) alone
+        try:
+            pool.submit(os.getpid)  # a fork pool starts all its workers on the first task: now
+        finally:
+            gc.unfreeze()
     return pool
 
 
@@ -925,8 +930,9 @@ def _deidentify_all(
                 try:
                     recorder.record(task, result)
                 finally:
-                    bar.update(bar_task, advance=1, ok=tally.deidentified, skipped=tally.skipped,
-                               quarantined=tally.quarantined + tally.refused, resumed=tally.resumed)
+                    if progress:
+                        bar.update(bar_task, advance=1, ok=tally.deidentified, skipped=tally.skipped,
+                                   quarantined=tally.quarantined + tally.refused, resumed=tally.resumed)
         recorder.done.wait()  # a background commit's failure stops the run like any other
         complete = not getattr(results, "worker_died", True)
     except DiskFullError as err:
