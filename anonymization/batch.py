@@ -340,10 +340,7 @@ class DoneIndex:
         commit to end. A failed commit's error (a full disk) is raised by the next call,
         its lines kept.
         """
-        pending = len(self._pending)
-        due = force or pending >= CHECKPOINT_FILES or time.monotonic() - self._last >= CHECKPOINT_SECONDS
-        idle = self._committer is None or not self._committer.is_alive()
-        if not (due or (idle and pending >= COMMIT_FILES)) and self._failure is None:
+        if not (force or self._due()) and self._failure is None:
             return
         self.wait()
         if not self._pending:
@@ -362,6 +359,13 @@ class DoneIndex:
         self._committer = threading.Thread(target=self._commit_in_background, args=(lines,),
                                            name="medfed-done-index", daemon=True)
         self._committer.start()
+
+    def _due(self) -> bool:
+        """A commit is due: enough lines or time since the last, or a few lines and no commit running."""
+        pending = len(self._pending)
+        if pending >= CHECKPOINT_FILES or time.monotonic() - self._last >= CHECKPOINT_SECONDS:
+            return True
+        return pending >= COMMIT_FILES and (self._committer is None or not self._committer.is_alive())
 
     def wait(self) -> None:
         """Until the background commit (if any) has ended; raise what it failed with."""
