@@ -1,9 +1,19 @@
 """``medfed deid run``: de-identify a folder of DICOM files into a de-identified store.
 
-One file at a time (optionally in a process pool); the parent is the only
-writer of the manifest, the audit trail and the quarantine log, renames each
-worker's temporary output into place, and never lets a bad file stop the run
-(docs/design.md invariant 7). Nothing it logs or records names a patient (docs/design.md invariant 4).
+One file at a time, in this process or in a pool of worker processes; the
+parent is the only writer of the manifest, the audit trail, the done-index and
+the quarantine log, renames each worker's temporary output into place, and
+never lets a bad file stop the run (docs/design.md invariant 7). Nothing it logs or records
+names a patient (docs/design.md invariant 4).
+
+Workers: each worker reads, screens, cleans, encodes, hashes and writes its
+files to temporary names (:class:`~anonymization.worker.FileWorker`); files go
+to the pool a chunk at a time (one round trip per chunk, not per file), and the
+parent takes the results back in listing order, so the trail, the journal, the
+quarantine log and the manifest are the same whatever the number of workers.
+Where the platform has ``fork`` the workers are forked, before the trail's
+signing key is loaded, and so start in milliseconds instead of re-importing the
+engine. The parent's own work per file is a rename, a stat and a trail record.
 
 Scale: files are listed lazily (a counting pass for the progress bar, then a
 streaming pass), results are folded into counts as they arrive, and duplicates
@@ -14,18 +24,19 @@ Resume: ``DST/done/<fingerprint>.txt`` is a journal with one line per input
 already de-identified under this key, policy and version: the keyed digest of
 its bytes (HMAC with the site secret, 128 bits) and, for images, its manifest
 row (pseudonyms and the output path only; no identifier). A re-run skips those
-inputs. Outputs are made durable in batches (``syncfs``) before their lines are
-appended, so a power cut never leaves a "done" input whose output is not on
-disk. The manifest is rebuilt at the end of every run by a streaming merge of
-the earlier manifest and the journal (:func:`~anonymization.manifest.write_merged`,
-sorted chunks on disk), so even a run that was killed leaves nothing unlisted
-once the next run ends.
+inputs. Outputs are made durable in batches (``syncfs``, in a background thread
+while the workers go on) before their lines are appended, so a power cut never
+leaves a "done" input whose output is not on disk. The manifest is rebuilt at
+the end of every run by a streaming merge of the earlier manifest and the
+journal (:func:`~anonymization.manifest.write_merged`, sorted chunks on disk),
+so even a run that was killed leaves nothing unlisted once the next run ends.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import gc
 import hashlib
 import hmac
 import json
@@ -33,11 +44,14 @@ import logging
 import multiprocessing
 import os
 import secrets
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
+from itertools import groupby, islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,11 +64,12 @@ from anonymization.audit_keys import SIGNING_KEY_NAME
 from anonymization.engine import MEDFED_VERSION
 from anonymization.errors import DeidError, DiskFullError, KeyFileError, LabelsError, is_disk_full
 from anonymization.keys import load_or_create_secret
-from anonymization.labels import read_labels
+from anonymization.labels import LabelTable, read_labels
 from anonymization.manifest import MANIFEST_FILE, RowSpool, write_merged
 from anonymization.policy import Policy, load_policy
 from anonymization.pseudonyms import Pseudonymizer
 from anonymization.quarantine import QUARANTINE_LOG, Quarantine
+from anonymization.reid import ReidTable
 from anonymization.reid import open_for_run as open_reid_for_run
 from anonymization.worker import (
     DONE_DIGEST_HEX,
@@ -82,6 +97,7 @@ STATE_FILE = "deid.json"  # which key and profile wrote this store (no identifie
 DONE_DIR = "done"  # resume index: keyed digests of inputs already de-identified
 CHECKPOINT_FILES = 1000  # make outputs durable and extend the done-index this often ...
 CHECKPOINT_SECONDS = 30.0  # ... or after this long, whichever comes first
+COMMIT_FILES = 200  # and sooner, when no commit is running: the disk keeps pace, little is left for the end
 REASON_RESUMED = "already de-identified by an earlier run (done-index)"
 
 
@@ -165,12 +181,10 @@ def _iter_files(src: Path, excluded: list[Path]) -> Iterator[_Task]:
     if src.is_file():
         yield _Task(src.resolve(), src.name)  # named on the command line: the one path we resolve
         return
-    skip = {p.resolve() for p in excluded}
-
-    def skipped(path: Path) -> bool:
-        return path in skip or any(parent in skip for parent in path.parents)
-
+    skip = {str(p.resolve()) for p in excluded}
     top = src.resolve()
+    if any(str(folder) in skip for folder in (top, *top.parents)):
+        return  # SRC lies in one of our own folders: nothing in it is an input
     for root, dirs, names in os.walk(src, followlinks=False):
         here = Path(root)
         resolved = here.resolve()
@@ -178,17 +192,28 @@ def _iter_files(src: Path, excluded: list[Path]) -> Iterator[_Task]:
             dirs[:] = []
             yield _Task(here, here.relative_to(src).as_posix(), REASON_LINK)
             continue
-        links = sorted(d for d in dirs if os.path.islink(here / d))  # listed, never entered
-        dirs[:] = sorted(d for d in dirs if d not in links and not skipped(resolved / d))
-        for name in sorted([*names, *links]):
-            path = here / name
-            if skipped(resolved / name):
-                continue
-            try:
-                refusal = refusal_for_mode(os.lstat(path).st_mode)  # lstat: a link is never followed
-            except OSError:
-                continue  # gone since the listing
-            yield _Task(path, path.relative_to(src).as_posix(), refusal)
+        yield from _listed(here, here.relative_to(src).as_posix(), f"{resolved}{os.sep}", dirs, names, skip)
+
+
+def _listed(
+    here: Path, relative: str, resolved: str, dirs: list[str], names: list[str], skip: set[str]
+) -> Iterator[_Task]:
+    """One folder of :func:`_iter_files`: its files and links in name order; prunes ``dirs`` in place.
+
+    Every folder above ``here`` was checked against ``skip`` on the way down, so a name is checked alone.
+    """
+    links = sorted(d for d in dirs if os.path.islink(here / d))  # listed, never entered
+    dirs[:] = sorted(d for d in dirs if d not in links and resolved + d not in skip)
+    prefix = "" if relative == "." else f"{relative}/"
+    for name in sorted([*names, *links]):
+        if resolved + name in skip:
+            continue
+        path = here / name
+        try:
+            refusal = refusal_for_mode(os.lstat(path).st_mode)  # lstat: a link is never followed
+        except OSError:
+            continue  # gone since the listing
+        yield _Task(path, prefix + name, refusal)
 
 
 def _cannot_write(err: OSError, folder: Path) -> str:
@@ -269,7 +294,9 @@ class DoneIndex:
     Digests are appended only at a checkpoint, after the outputs are durable.
     """
 
-    def __init__(self, dst: Path, secret: bytes, policy: Policy, before_commit: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, dst: Path, secret: bytes, policy: Policy, before_commit: Callable[[], None] | None = None
+    ) -> None:
         fingerprint = getattr(policy, "fingerprint", None)
         policy_id = fingerprint() if callable(fingerprint) else repr(sorted(policy.applied_options))
         label = f"medfed/done-index\x00{MEDFED_VERSION}\x00{policy_id}".encode()
@@ -282,6 +309,8 @@ class DoneIndex:
         self._pending: list[str] = []
         self._last = time.monotonic()
         self._before_commit = before_commit  # flush other per-file records first (re-identification table)
+        self._committer: threading.Thread | None = None
+        self._failure: tuple[OSError, list[str]] | None = None  # a background commit's error, its lines
 
     def add(self, digest: str, row: dict[str, str] | None = None) -> None:
         """Journal an input as done, with its manifest row (images) - written at the next checkpoint."""
@@ -299,19 +328,71 @@ class DoneIndex:
             for line in fh:
                 fields = line.rstrip("\n").split("\t")
                 if len(fields) == len(JOURNAL_COLUMNS) + 1:
-                    spool.add(dict(zip(JOURNAL_COLUMNS, fields[1:])))
+                    spool.add(dict(zip(JOURNAL_COLUMNS, fields[1:], strict=True)))
         return spool
 
     def checkpoint(self, *, force: bool = False) -> None:
-        """If due (or ``force``): make outputs durable, then record their inputs as done."""
+        """If due (or ``force``): make outputs durable, then record their inputs as done.
+
+        A checkpoint commits in a background thread (``syncfs`` waits on the disk, the
+        workers need not), one commit at a time: every :data:`COMMIT_FILES` files while the
+        last commit has ended, and waiting for it when due; ``force`` waits for every
+        commit to end. A failed commit's error (a full disk) is raised by the next call,
+        its lines kept.
+        """
+        if not (force or self._due()) and self._failure is None:
+            return
+        self.wait()
         if not self._pending:
             return
-        if not force and len(self._pending) < CHECKPOINT_FILES and time.monotonic() - self._last < CHECKPOINT_SECONDS:
-            return
         if self._before_commit is not None:
-            self._before_commit()
+            self._before_commit()  # in this thread: the records it flushes are this thread's
+        lines, self._pending = self._pending, []
+        self._last = time.monotonic()
+        if force:
+            try:
+                self._commit(lines)
+            except OSError:
+                self._pending[:0] = lines  # still pending, in order
+                raise
+            return
+        self._committer = threading.Thread(target=self._commit_in_background, args=(lines,),
+                                           name="medfed-done-index", daemon=True)
+        self._committer.start()
+
+    def _due(self) -> bool:
+        """A commit is due: enough lines or time since the last, or a few lines and no commit running."""
+        pending = len(self._pending)
+        if pending >= CHECKPOINT_FILES or time.monotonic() - self._last >= CHECKPOINT_SECONDS:
+            return True
+        return pending >= COMMIT_FILES and (self._committer is None or not self._committer.is_alive())
+
+    def wait(self) -> None:
+        """Until the background commit (if any) has ended; raise what it failed with."""
+        if self._committer is not None:
+            self._committer.join()
+            self._committer = None
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            error, lines = failure
+            self._pending[:0] = lines  # still pending, in order, ahead of later ones
+            raise error
+
+    @property
+    def unwritten(self) -> int:
+        """Lines journaled in memory only (a re-run redoes those inputs)."""
+        return len(self._pending)
+
+    def _commit_in_background(self, lines: list[str]) -> None:
+        try:
+            self._commit(lines)
+        except OSError as err:
+            self._failure = (err, lines)
+
+    def _commit(self, lines: list[str]) -> None:
+        """Make every output written so far durable, then append ``lines`` to the journal."""
         _sync_filesystem(self.dst)
-        data = memoryview(("\n".join(self._pending) + "\n").encode("utf-8"))
+        data = memoryview(("\n".join(lines) + "\n").encode("utf-8"))
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         try:
             size = os.fstat(fd).st_size
@@ -324,8 +405,6 @@ class DoneIndex:
                 raise
         finally:
             os.close(fd)
-        self._pending.clear()
-        self._last = time.monotonic()
 
 
 JOURNAL_COLUMNS = ("patient", "study_uid", "series_uid", "sop_uid", "accession", "path")
@@ -366,6 +445,23 @@ def _sweep_temporaries(dst: Path) -> None:
 
 # ---- execution ------------------------------------------------------------------
 ProcessFn = Callable[[str], FileResult]
+CHUNK_FILES = 16  # files per pool task at most: one inter-process round trip serves this many files
+WINDOW_CHUNKS = 3  # tasks in flight per worker: keeps every worker busy while the parent records
+
+
+def _refused_unread(task: _Task) -> FileResult:
+    """The result for a link or special file: refused here, in order, never handed to a worker."""
+    return FileResult(KIND_QUARANTINED, "", reason=task.refusal or REASON_LINK, unread=True)
+
+
+def _run_chunk(fn: ProcessFn, paths: list[str]) -> list[FileResult]:
+    """One pool task: de-identify a few files in a row (in a worker process)."""
+    return [fn(path) for path in paths]
+
+
+def _chunk_size(total: int, workers: int) -> int:
+    """Files per pool task: :data:`CHUNK_FILES`, fewer when a small run would leave a worker idle."""
+    return max(1, min(CHUNK_FILES, total // (workers * 4)))
 
 
 def _isolated(task: _Task, job: Job, fn: ProcessFn) -> FileResult:
@@ -382,54 +478,139 @@ def _isolated(task: _Task, job: Job, fn: ProcessFn) -> FileResult:
         return FileResult(KIND_QUARANTINED, digest, reason=screening.REASON_CRASH)
 
 
-def _results(
-    tasks: Iterable[_Task], job: Job, workers: int, fn: ProcessFn = process_path
-) -> Iterator[tuple[_Task, FileResult]]:
-    """Results in task order: in this process, or from a spawn-based process pool.
+def _new_pool(job: Job, workers: int, *, fork: bool) -> ProcessPoolExecutor:
+    """A pool whose workers each hold a :class:`~anonymization.worker.FileWorker` for ``job``.
 
-    If a worker process dies (a decoder crash, the OOM killer), the files it may
-    have held are re-run one by one in fresh processes: the culprit is
-    quarantined, the others are de-identified, and the batch goes on.
+    ``fork`` (where the platform has it): the workers inherit the parent's imported engine
+    instead of each importing it anew (a spawned worker costs about 0.4 CPU-seconds, as
+    much as 150 small files); they are started here, at once, before the process has any
+    other thread and before it loads the audit signing key. Pools made later (after a
+    worker died) are spawned.
+    """
+    method = "fork" if fork and "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                               initializer=init_worker, initargs=(job,))
+    if method == "fork":
+        gc.freeze()  # the workers' collector leaves the inherited objects (and their pages) alone
+        try:
+            pool.submit(os.getpid)  # a fork pool starts all its workers on the first task: now
+        finally:
+            gc.unfreeze()
+    return pool
+
+
+def _results(
+    tasks: Iterable[_Task], job: Job, workers: int, fn: ProcessFn = process_path, chunk: int = CHUNK_FILES
+) -> _Results:
+    """Results in task order: in this process, or from a process pool, ``chunk`` files per task.
+
+    The pool (if any) is started by this call, not by the first ``next``. Links and special
+    files are answered here, unread, in their place in the order. If a worker process dies
+    (a decoder crash, the OOM killer), the files it may have held are re-run in fresh
+    processes: the culprit is quarantined, the others are de-identified, the batch goes on.
     """
     if workers <= 1:
         init_worker(job)
-        for task in tasks:
-            yield task, fn(str(task.path))
-        return
-    ctx = multiprocessing.get_context("spawn")
+        return _Results(_in_process(tasks, fn), None, [])
+    pool, deaths = _new_pool(job, workers, fork=True), []
+    return _Results(_pooled(pool, tasks, job, workers, fn, chunk, deaths), pool, deaths)
 
-    def new_pool() -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(job,))
 
-    window = workers * 4
+class _Results(Iterator[tuple[_Task, FileResult]]):
+    """What :func:`_results` returns; ``close`` also stops a pool that no result was read from yet."""
+
+    def __init__(self, results: Generator[tuple[_Task, FileResult], None, None],
+                 pool: ProcessPoolExecutor | None, deaths: list[int]) -> None:
+        self._results = results
+        self._pool = pool
+        self._deaths = deaths
+
+    @property
+    def worker_died(self) -> bool:
+        """A worker process died during the run (its files were re-run; it may have left temporaries)."""
+        return bool(self._deaths)
+
+    def __next__(self) -> tuple[_Task, FileResult]:
+        return next(self._results)
+
+    def close(self) -> None:
+        self._results.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _in_process(tasks: Iterable[_Task], fn: ProcessFn) -> Iterator[tuple[_Task, FileResult]]:
+    for task in tasks:
+        yield task, _refused_unread(task) if task.refusal is not None else fn(str(task.path))
+
+
+def _merged(batch: list[_Task], results: list[FileResult]) -> Iterator[tuple[_Task, FileResult]]:
+    """A chunk's tasks with their results (the workers saw only its regular files)."""
+    done = iter(results)
+    for task in batch:
+        yield task, _refused_unread(task) if task.refusal is not None else next(done)
+
+
+def _pooled(
+    pool: ProcessPoolExecutor, tasks: Iterable[_Task], job: Job, workers: int, fn: ProcessFn, chunk: int,
+    deaths: list[int],
+) -> Generator[tuple[_Task, FileResult], None, None]:
     todo = iter(tasks)
-    pending: deque[tuple[_Task, Future[FileResult]]] = deque()
-    pool = new_pool()
+    pending: deque[tuple[list[_Task], Future[list[FileResult]]]] = deque()
     try:
         while True:
-            while len(pending) < window:
-                task = next(todo, None)
-                if task is None:
-                    break
-                pending.append((task, pool.submit(fn, str(task.path))))
+            while len(pending) < workers * WINDOW_CHUNKS and (batch := list(islice(todo, chunk))):
+                paths = [str(t.path) for t in batch if t.refusal is None]
+                pending.append((batch, pool.submit(_run_chunk, fn, paths)))
             if not pending:
-                break
-            task, future = pending.popleft()
+                return
+            batch, future = pending.popleft()
             try:
-                yield task, future.result()
-                continue
+                results = future.result()
             except Exception:  # noqa: BLE001 - a worker died (BrokenProcessPool)
                 log.warning("a de-identification worker died; isolating the files it held")
-            pool.shutdown(wait=True, cancel_futures=True)
-            for held, held_future in [(task, future), *pending]:
-                if held_future.done() and not held_future.cancelled() and held_future.exception() is None:
-                    yield held, held_future.result()
-                else:
-                    yield held, _isolated(held, job, fn)
-            pending.clear()
-            pool = new_pool()
+                deaths.append(len(batch))
+                pool.shutdown(wait=True, cancel_futures=True)
+                held = [(batch, future), *pending]
+                pending.clear()
+                yield from _recovered(held, job, workers, fn, chunk, deaths)
+                pool = _new_pool(job, workers, fork=False)
+                continue
+            yield from _merged(batch, results)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _recovered(
+    held: list[tuple[list[_Task], Future[list[FileResult]]]], job: Job, workers: int, fn: ProcessFn, chunk: int,
+    deaths: list[int],
+) -> Iterator[tuple[_Task, FileResult]]:
+    """The held tasks' results, in order, after a worker died.
+
+    A chunk that finished keeps its results. The others run again one file per task in
+    a fresh pool; where that was already so, each file runs alone in its own process.
+    """
+    for finished, group in groupby(held, key=lambda item: _finished(item[1])):
+        items = list(group)
+        if finished:
+            for batch, future in items:
+                yield from _merged(batch, future.result())
+        else:
+            yield from _rerun([task for batch, _future in items for task in batch], job, workers, fn, chunk, deaths)
+
+
+def _rerun(
+    tasks: list[_Task], job: Job, workers: int, fn: ProcessFn, chunk: int, deaths: list[int]
+) -> Iterator[tuple[_Task, FileResult]]:
+    if chunk > 1:
+        yield from _pooled(_new_pool(job, workers, fork=False), tasks, job, workers, fn, 1, deaths)
+        return
+    for task in tasks:
+        yield task, _refused_unread(task) if task.refusal is not None else _isolated(task, job, fn)
+
+
+def _finished(future: Future[list[FileResult]]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 def _progress(enabled: bool) -> Progress:
@@ -472,6 +653,339 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
+# ---- the command: preparation ------------------------------------------------------
+@dataclass(frozen=True)
+class _Paths:
+    """Where a run reads and writes, checked against each other."""
+
+    src: Path
+    dst: Path
+    key_file: Path
+    labels: Path | None
+    quarantine_dir: Path
+    audit_dir: Path
+    audit_given: bool  # --audit was passed: a failure to write there names that folder
+    audit_key: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.dst / MANIFEST_FILE
+
+    def excluded(self, reid_writer: ReidTable | None) -> list[Path]:
+        """Our own outputs and inputs: never listed as sources even when they lie under SRC."""
+        found = [self.dst, self.quarantine_dir, self.audit_dir, self.key_file, self.audit_key]
+        found += [self.labels] if self.labels is not None else []
+        return found + ([reid_writer.path] if reid_writer is not None else [])
+
+
+def _prepare_paths(
+    src: Path, dst: Path, key_file: Path, labels: Path | None, quarantine: Path | None,
+    audit: Path | None, audit_key: Path | None,
+) -> _Paths:
+    """Resolve the run's folders and refuse any layout that would mix raw and de-identified data."""
+    src, dst, key_file = Path(src), Path(dst), Path(key_file)
+    _check_source_and_destination(src, dst)
+    quarantine_dir = Path(quarantine) if quarantine is not None else dst.parent / f"{dst.name}-quarantine"
+    _check_quarantine_and_key(src, dst, quarantine_dir, key_file)
+    audit_dir = Path(audit) if audit is not None else dst / "audit"
+    # The trail's signing key: --audit-key, else the one the trail records, else next to the site secret.
+    audit_key_path = resolve_key_path(audit_dir, audit_key, key_file.parent / SIGNING_KEY_NAME)
+    return _Paths(src, dst, key_file, Path(labels) if labels is not None else None, quarantine_dir, audit_dir,
+                  audit is not None, audit_key_path)
+
+
+def _check_source_and_destination(src: Path, dst: Path) -> None:
+    if not src.exists():
+        raise DeidError(f"source {src} does not exist; pass the folder holding the DICOM export")
+    if dst.resolve() == src.resolve():
+        raise DeidError("the destination must differ from the source")
+    if _inside(src, dst):
+        raise DeidError(f"the source {src} lies inside the destination {dst}; choose another destination")
+    if src.is_dir() and _inside(dst, src):
+        raise DeidError(
+            f"the destination {dst} lies inside the source {src}: a later run would read its own "
+            "output back in as input; choose a destination outside the source"
+        )
+    if dst.exists() and not dst.is_dir():
+        raise DeidError(f"destination {dst} exists and is not a folder")
+
+
+def _check_quarantine_and_key(src: Path, dst: Path, quarantine_dir: Path, key_file: Path) -> None:
+    if _inside(quarantine_dir, dst):
+        raise DeidError(
+            f"the quarantine {quarantine_dir} lies inside the destination {dst}: it holds raw, "
+            "identifying files; choose a folder outside the destination"
+        )
+    if src.is_dir() and _inside(quarantine_dir, src):
+        raise DeidError(
+            f"the quarantine {quarantine_dir} lies inside the source {src}: a later run would read "
+            "its copies back in as input; choose a folder outside the source (--quarantine)"
+        )
+    if _inside(key_file, dst):
+        raise DeidError(
+            f"the key file {key_file} lies inside the destination {dst}; the site secret must "
+            "never be stored with de-identified data: keep it elsewhere"
+        )
+
+
+def _prepare_policy(policy: Policy | Path | None, clean_pixel_data: bool | None) -> Policy:
+    """The site's policy (None: the default), with ``--clean-pixels`` applied; refuse OCR without tesseract."""
+    site_policy = policy if isinstance(policy, Policy) else load_policy(policy)
+    if clean_pixel_data is not None and bool(clean_pixel_data) != site_policy.clean_pixel_data:
+        site_policy = site_policy.model_copy(update={"clean_pixel_data": bool(clean_pixel_data)})
+    if site_policy.clean_pixel_data:
+        from anonymization.pixels import REASON_NO_OCR, tesseract_available
+
+        if not tesseract_available():
+            raise DeidError(REASON_NO_OCR)
+    return site_policy
+
+
+@dataclass
+class _Store:
+    """DST made ready: its re-identification table writer, the officer's key and the space reserve."""
+
+    reid_writer: ReidTable | None
+    reid_key_pem: bytes | None
+    reserve: _Reserve
+
+
+def _prepare_store(paths: _Paths, secret: bytes, site_policy: Policy, reid_table: Path | None) -> _Store:
+    """Create DST, check it is ours (same key), sweep a crashed run's temporaries, reserve space."""
+    try:
+        reid_writer, reid_key_pem = open_reid_for_run(site_policy, reid_table, paths.dst)
+        paths.dst.mkdir(parents=True, exist_ok=True)
+        _check_store(paths.dst, secret, site_policy.applied_options)
+        _sweep_temporaries(paths.dst)
+        return _Store(reid_writer, reid_key_pem, _Reserve(paths.dst))
+    except OSError as err:
+        raise DeidError(_cannot_write(err, paths.dst)) from None
+
+
+def _prepare_done_index(paths: _Paths, secret: bytes, site_policy: Policy, store: _Store) -> DoneIndex:
+    reid_flush = getattr(store.reid_writer, "flush", None)  # a done input's sealed row must be on disk too
+    try:
+        return DoneIndex(paths.dst, secret, site_policy, before_commit=reid_flush if callable(reid_flush) else None)
+    except OSError as err:
+        store.reserve.release()
+        raise DeidError(_cannot_write(err, paths.dst)) from None
+
+
+def _prepare_trail(paths: _Paths, site_policy: Policy, store: _Store, total: int) -> AuditTrail:
+    """Open the audit trail and record the policy in force; a failure to do so stops the run."""
+    trail: AuditTrail | None = None
+    try:
+        trail = open_trail(paths.audit_dir, audit_key=paths.audit_key, default_key=paths.audit_key,
+                           forbidden=(paths.dst,), fsync=False)
+        trail.record_policy("deidentification", {**site_policy.model_dump(mode="json", exclude={"reid"}),
+                                                 "reid_table": site_policy.reid is not None,
+                                                 "tool": f"medfed {MEDFED_VERSION}"})
+    except AuditError as err:
+        store.reserve.release()
+        raise DeidError(str(err)) from None
+    except OSError as err:
+        store.reserve.release()
+        message = _cannot_write(err, paths.audit_dir if paths.audit_given else paths.dst)
+        if trail is not None and is_disk_full(err):
+            _seal_stop(trail, message, {"files": total})
+        raise DeidError(message) from None
+    if store.reid_writer is not None:
+        store.reid_writer.use_signer(trail.signer)  # re-identification rows are signed with the trail's key
+    return trail
+
+
+def _seal_stop(trail: AuditTrail, reason: str, counts: dict[str, object]) -> None:
+    """End a stopped run's trail with a sealed record of why, if the disk still allows it."""
+    try:
+        trail.append("deid_stopped", reason=reason, **counts)
+        trail.close()
+    except OSError:
+        pass
+
+
+# ---- the command: the parent's records ----------------------------------------------
+@dataclass
+class _Tally:
+    deidentified: int = 0  # this run (``resumed`` are counted apart)
+    quarantined: int = 0
+    skipped: int = 0
+    resumed: int = 0
+    refused: int = 0
+
+    def counts(self, total: int) -> dict[str, int]:
+        """What the end-of-run record says (``deidentified`` includes files done by an earlier run)."""
+        return {"files": total, "deidentified": self.deidentified + self.resumed, "resumed": self.resumed,
+                "quarantined": self.quarantined, "refused": self.refused, "skipped": self.skipped}
+
+
+class _Recorder:
+    """The parent's side of a run: the only writer of DST's names, the trail, the done-index and the quarantine.
+
+    Results arrive in task order whatever the number of workers, so the records are the same too.
+    """
+
+    def __init__(self, paths: _Paths, trail: AuditTrail, done: DoneIndex, store: _Store) -> None:
+        self.paths = paths
+        self.trail = trail
+        self.done = done
+        self.store = store
+        self.quarantine = Quarantine(paths.quarantine_dir)
+        self.tally = _Tally()
+
+    def record(self, task: _Task, result: FileResult) -> None:
+        """Place a worker's output, or quarantine its input, and record which; then checkpoint."""
+        try:
+            self._record(task, result)
+        finally:
+            self.done.checkpoint()
+
+    def _record(self, task: _Task, result: FileResult) -> None:
+        if result.kind == KIND_DISK_FULL:  # no file is to blame: stop, quarantine nothing
+            raise DiskFullError(_disk_full(self.paths.dst, result.reason))
+        if result.kind == KIND_DONE:
+            self.trail.append(KIND_SKIPPED, input_digest=result.input_digest, reason=REASON_RESUMED)
+            self.tally.resumed += 1
+        elif result.kind != KIND_DEIDENTIFIED:
+            self.refuse(task, result, result.reason or screening.REASON_UNREADABLE)
+        elif result.rel_path is None or result.tmp_path is None:  # cannot happen: fail closed
+            self.refuse(task, result, screening.REASON_WRITE)
+        else:
+            self._place(task, result, result.rel_path, result.tmp_path)
+
+    def _place(self, task: _Task, result: FileResult, rel_path: str, tmp_path: str) -> None:
+        """Rename the output into place (or settle a duplicate of this run) and journal its input."""
+        target = self.paths.dst / rel_path
+        if _written_this_run(target, self.done.mark_ns):
+            Path(tmp_path).unlink(missing_ok=True)
+            self._duplicate(task, result, target)
+            return
+        os.replace(tmp_path, target)
+        self.trail.append(
+            KIND_DEIDENTIFIED,
+            input_digest=result.input_digest,
+            sop_uid=result.sop_uid,
+            path=rel_path,
+            actions=result.actions,
+            output_digest=result.output_digest,
+            **({"pixel_cleaning": result.pixel_cleaning} if result.pixel_cleaning else {}),
+        )
+        self.done.add(result.input_digest, result.row)
+        self.tally.deidentified += 1
+        if self.store.reid_writer is not None and result.reid_row is not None:
+            self.store.reid_writer.add(*result.reid_row)
+
+    def _duplicate(self, task: _Task, result: FileResult, target: Path) -> None:
+        """A second input with the same output path: the same bytes are a duplicate, others a conflict."""
+        if _file_sha256(target) != result.output_digest:
+            self.refuse(task, result, screening.REASON_DUPLICATE)
+            return
+        self.trail.append(KIND_SKIPPED, input_digest=result.input_digest, sop_uid=result.sop_uid,
+                          reason="duplicate of a file already de-identified in this run")
+        self.tally.skipped += 1
+        self.done.add(result.input_digest)  # its row is the first copy's
+
+    def refuse(self, task: _Task, result: FileResult, reason: str) -> None:
+        """Quarantine the input (a copy, unless it was never read) and record why."""
+        try:
+            self.quarantine.add(task.path, task.relative, reason, result.input_digest, copy=not result.unread)
+        except OSError as err:
+            if is_disk_full(err):
+                raise DiskFullError(_disk_full(self.paths.quarantine_dir, err)) from None
+            raise
+        self.trail.append(KIND_QUARANTINED, input_digest=result.input_digest, reason=reason)
+        log.info("quarantined file %s: %s", result.input_digest[:16] or "(unread)", reason)
+        if result.unread:
+            self.tally.refused += 1
+        else:
+            self.tally.quarantined += 1
+
+    def close(self, stopped: DiskFullError | None, *, sweep: bool) -> None:
+        """After the last result (or an interruption): sweep temporaries if any may be left, make the journal durable.
+
+        A run that received every result, with no worker lost, left none: each output was renamed or removed.
+        """
+        if sweep:
+            _sweep_temporaries(self.paths.dst)  # also gives back the space of outputs still in flight
+        self.store.reserve.release()  # after a full disk: room for the last journal lines and the stop record
+        try:
+            if self.store.reid_writer is not None:
+                self.store.reid_writer.close()
+            self.done.checkpoint(force=True)  # even after an interruption: what is in place is done
+        except OSError as err:
+            if stopped is None or not is_disk_full(err):
+                raise
+            log.warning("the last %d done-index line(s) could not be written; a re-run redoes those files",
+                        self.done.unwritten)
+
+
+def _deidentify_all(
+    recorder: _Recorder, results: Iterator[tuple[_Task, FileResult]] | _Results, total: int, progress: bool
+) -> DiskFullError | None:
+    """Record every result; a full disk stops the run (returned), anything else propagates."""
+    stopped: DiskFullError | None = None
+    complete = False
+    pydicom_logger = logging.getLogger("pydicom")
+    pydicom_level = pydicom_logger.level
+    try:
+        with closing(results), _progress(progress) as bar:  # closing: the pool is gone before the sweep
+            bar_task = bar.add_task("deid", total=total, ok=0, quarantined=0, skipped=0, resumed=0)
+            tally = recorder.tally
+            for task, result in results:
+                try:
+                    recorder.record(task, result)
+                finally:
+                    if progress:
+                        bar.update(bar_task, advance=1, ok=tally.deidentified, skipped=tally.skipped,
+                                   quarantined=tally.quarantined + tally.refused, resumed=tally.resumed)
+        recorder.done.wait()  # a background commit's failure stops the run like any other
+        complete = not getattr(results, "worker_died", True)
+    except DiskFullError as err:
+        stopped = err
+    except OSError as err:  # the trail, the journal, a rename: the disk, not a file, is to blame
+        if not is_disk_full(err):
+            raise
+        stopped = DiskFullError(_disk_full(recorder.paths.dst, err))
+    finally:
+        pydicom_logger.setLevel(pydicom_level)
+        recorder.close(stopped, sweep=not complete)
+    return stopped
+
+
+def _finish(recorder: _Recorder, stopped: DiskFullError | None, total: int, secret: bytes, site_policy: Policy,
+            labels: LabelTable | None) -> DeidSummary:
+    """Seal the trail: with the stop record (and raise), or after rebuilding the manifest."""
+    trail, paths = recorder.trail, recorder.paths
+    counts = recorder.tally.counts(total)
+    fingerprint = _key_fingerprint(secret)
+    if stopped is not None:
+        try:
+            trail.append("deid_stopped", reason=str(stopped), **counts, key_fingerprint=fingerprint)
+            trail.close()  # seals the run: it ends here, and says why
+        except OSError as err:
+            raise DiskFullError(f"{stopped}; the audit trail could not be sealed either ({err.strerror})") from None
+        raise stopped
+    journal = recorder.done.rows()
+    try:
+        write_merged(paths.manifest, journal, paths.dst, labels=labels.labels if labels else None,
+                     label_column=labels.column if labels else "accession")
+    finally:
+        journal.close()
+    trail.append("deid_run", **counts, profile=list(site_policy.applied_options), key_fingerprint=fingerprint)
+    trail.close()  # seals the run
+    tally = recorder.tally
+    return DeidSummary(
+        deidentified=tally.deidentified + tally.resumed,
+        resumed=tally.resumed,
+        quarantined=tally.quarantined,
+        skipped=tally.skipped,
+        refused=tally.refused,
+        dst=paths.dst,
+        quarantine_dir=paths.quarantine_dir,
+        audit_dir=paths.audit_dir,
+        manifest=paths.manifest,
+    )
+
+
 # ---- the command ------------------------------------------------------------------
 def run_deid(
     src: Path,
@@ -494,227 +1008,31 @@ def run_deid(
     policy (``medfed deid run --clean-pixels``): images that may carry burned-in
     text are cleaned with OCR instead of quarantined (see :mod:`anonymization.pixels`).
     """
-    src, dst, key_file = Path(src), Path(dst), Path(key_file)
-    if not src.exists():
-        raise DeidError(f"source {src} does not exist; pass the folder holding the DICOM export")
     if workers < 1:
         raise DeidError("--workers must be at least 1")
-    if dst.resolve() == src.resolve():
-        raise DeidError("the destination must differ from the source")
-    if _inside(src, dst):
-        raise DeidError(f"the source {src} lies inside the destination {dst}; choose another destination")
-    if src.is_dir() and _inside(dst, src):
-        raise DeidError(
-            f"the destination {dst} lies inside the source {src}: a later run would read its own "
-            "output back in as input; choose a destination outside the source"
-        )
-    if dst.exists() and not dst.is_dir():
-        raise DeidError(f"destination {dst} exists and is not a folder")
-    quarantine_dir = Path(quarantine) if quarantine is not None else dst.parent / f"{dst.name}-quarantine"
-    if _inside(quarantine_dir, dst):
-        raise DeidError(
-            f"the quarantine {quarantine_dir} lies inside the destination {dst}: it holds raw, "
-            "identifying files; choose a folder outside the destination"
-        )
-    if src.is_dir() and _inside(quarantine_dir, src):
-        raise DeidError(
-            f"the quarantine {quarantine_dir} lies inside the source {src}: a later run would read "
-            "its copies back in as input; choose a folder outside the source (--quarantine)"
-        )
-    if _inside(key_file, dst):
-        raise DeidError(
-            f"the key file {key_file} lies inside the destination {dst}; the site secret must "
-            "never be stored with de-identified data: keep it elsewhere"
-        )
-    audit_dir = Path(audit) if audit is not None else dst / "audit"
-    # The trail's signing key: --audit-key, else the one the trail records, else next to the site secret.
-    audit_key_path = resolve_key_path(audit_dir, audit_key, key_file.parent / SIGNING_KEY_NAME)
-
-    secret = load_or_create_secret(key_file)
-    pseudo = Pseudonymizer(secret)
-    site_policy = policy if isinstance(policy, Policy) else load_policy(policy)  # None: default policy
-    label_table = read_labels(labels, pseudo, retain_uids=site_policy.retain_uids) if labels is not None else None
-    if clean_pixel_data is not None and bool(clean_pixel_data) != site_policy.clean_pixel_data:
-        site_policy = site_policy.model_copy(update={"clean_pixel_data": bool(clean_pixel_data)})
-    if site_policy.clean_pixel_data:
-        from anonymization.pixels import REASON_NO_OCR, tesseract_available
-
-        if not tesseract_available():
-            raise DeidError(REASON_NO_OCR)
-    try:
-        reid_writer, reid_key_pem = open_reid_for_run(site_policy, reid_table, dst)
-        dst.mkdir(parents=True, exist_ok=True)
-        options = site_policy.applied_options
-        _check_store(dst, secret, options)
-        _sweep_temporaries(dst)
-        reserve = _Reserve(dst)
-    except OSError as err:
-        raise DeidError(_cannot_write(err, dst)) from None
-
-    excluded = [dst, quarantine_dir, audit_dir, key_file, audit_key_path] + ([Path(labels)] if labels is not None else [])
-    excluded += [reid_writer.path] if reid_writer is not None else []
-    total = sum(1 for _ in _iter_files(src, excluded))  # counting pass: the bar's total
+    paths = _prepare_paths(src, dst, key_file, labels, quarantine, audit, audit_key)
+    secret = load_or_create_secret(paths.key_file)
+    site_policy = _prepare_policy(policy, clean_pixel_data)
+    labels_read = (read_labels(paths.labels, Pseudonymizer(secret), retain_uids=site_policy.retain_uids)
+                   if paths.labels is not None else None)
+    store = _prepare_store(paths, secret, site_policy, reid_table)
+    total = sum(1 for _ in _iter_files(paths.src, paths.excluded(store.reid_writer)))  # the bar's total
     log.info("de-identifying %d file(s) with %d worker(s)", total, workers)
-    reid_flush = getattr(reid_writer, "flush", None)  # a done input's sealed row must be on disk too
-    trail: AuditTrail | None = None
-    try:
-        done = DoneIndex(dst, secret, site_policy, before_commit=reid_flush if callable(reid_flush) else None)
-        trail = open_trail(audit_dir, audit_key=audit_key_path, default_key=audit_key_path, forbidden=(dst,), fsync=False)
-        trail.record_policy("deidentification", {**site_policy.model_dump(mode="json", exclude={"reid"}),
-                                                 "reid_table": site_policy.reid is not None,
-                                                 "tool": f"medfed {MEDFED_VERSION}"})
-    except AuditError as err:
-        reserve.release()
-        raise DeidError(str(err)) from None
-    except OSError as err:
-        reserve.release()
-        message = _cannot_write(err, audit_dir if audit is not None else dst)
-        if trail is not None and is_disk_full(err):
-            try:  # the trail was opened: end it with a sealed record of why
-                trail.append("deid_stopped", reason=message, files=total)
-                trail.close()
-            except OSError:
-                pass
-        raise DeidError(message) from None
-    assert trail is not None  # opened above, or the run has stopped
-    if reid_writer is not None:
-        reid_writer.use_signer(trail.signer)  # re-identification rows are signed with the trail's key
-    quarantine_folder = Quarantine(quarantine_dir)
-    job = Job(secret=secret, dst=str(dst.resolve()), options=site_policy.table_options, policy=site_policy,
-              reid_public_key=reid_key_pem, done_index=str(done.path))
-    manifest_path = dst / MANIFEST_FILE
-    deidentified = quarantined = skipped = resumed = refused = 0
-
-    def refuse(task: _Task, result: FileResult, reason: str) -> None:
-        nonlocal quarantined, refused
-        try:
-            quarantine_folder.add(task.path, task.relative, reason, result.input_digest, copy=not result.unread)
-        except OSError as err:
-            if is_disk_full(err):
-                raise DiskFullError(_disk_full(quarantine_dir, err)) from None
-            raise
-        trail.append(KIND_QUARANTINED, input_digest=result.input_digest, reason=reason)
-        log.info("quarantined file %s: %s", result.input_digest[:16] or "(unread)", reason)
-        if result.unread:
-            refused += 1
-        else:
-            quarantined += 1
-
-    def regular(tasks: Iterable[_Task]) -> Iterator[_Task]:
-        """Hands regular files on to the workers; refuses links and special files here, unread."""
-        for task in tasks:
-            if task.refusal is None:
-                yield task
-                continue
-            refuse(task, FileResult(KIND_QUARANTINED, "", reason=task.refusal, unread=True), task.refusal)
-            bar.update(bar_task, advance=1, quarantined=quarantined + refused)
-
-    stopped: DiskFullError | None = None
-    pydicom_logger = logging.getLogger("pydicom")
-    pydicom_level = pydicom_logger.level
-    try:
-        with _progress(progress) as bar:
-            bar_task = bar.add_task("deid", total=total, ok=0, quarantined=0, skipped=0, resumed=0)
-            for task, result in _results(regular(_iter_files(src, excluded)), job, workers):
-                try:
-                    if result.kind == KIND_DISK_FULL:  # no file is to blame: stop, quarantine nothing
-                        raise DiskFullError(_disk_full(dst, result.reason))
-                    if result.kind == KIND_DONE:
-                        trail.append(KIND_SKIPPED, input_digest=result.input_digest, reason=REASON_RESUMED)
-                        resumed += 1
-                        continue
-                    if result.kind != KIND_DEIDENTIFIED:
-                        refuse(task, result, result.reason or screening.REASON_UNREADABLE)
-                        continue
-                    if result.rel_path is None or result.tmp_path is None:  # cannot happen: fail closed
-                        refuse(task, result, screening.REASON_WRITE)
-                        continue
-                    target = dst / result.rel_path
-                    if _written_this_run(target, done.mark_ns):
-                        Path(result.tmp_path).unlink(missing_ok=True)
-                        if _file_sha256(target) == result.output_digest:
-                            trail.append(
-                                KIND_SKIPPED,
-                                input_digest=result.input_digest,
-                                sop_uid=result.sop_uid,
-                                reason="duplicate of a file already de-identified in this run",
-                            )
-                            skipped += 1
-                            done.add(result.input_digest)  # its row is the first copy's
-                        else:
-                            refuse(task, result, screening.REASON_DUPLICATE)
-                        continue
-                    os.replace(result.tmp_path, target)
-                    trail.append(
-                        KIND_DEIDENTIFIED,
-                        input_digest=result.input_digest,
-                        sop_uid=result.sop_uid,
-                        path=result.rel_path,
-                        actions=result.actions,
-                        output_digest=result.output_digest,
-                        **({"pixel_cleaning": result.pixel_cleaning} if result.pixel_cleaning else {}),
-                    )
-                    done.add(result.input_digest, result.row)
-                    deidentified += 1
-                    if reid_writer is not None and result.reid_row is not None:
-                        reid_writer.add(*result.reid_row)
-                finally:
-                    done.checkpoint()
-                    bar.update(bar_task, advance=1, ok=deidentified, quarantined=quarantined + refused,
-                               skipped=skipped, resumed=resumed)
-    except DiskFullError as err:
-        stopped = err
-    except OSError as err:  # the trail, the journal, a rename: the disk, not a file, is to blame
-        if not is_disk_full(err):
-            raise
-        stopped = DiskFullError(_disk_full(dst, err))
-    finally:
-        pydicom_logger.setLevel(pydicom_level)
-        _sweep_temporaries(dst)  # also gives back the space of outputs still in flight
-        reserve.release()  # after a full disk: room for the last journal lines and the sealed stop record
-        try:
-            if reid_writer is not None:
-                reid_writer.close()
-            done.checkpoint(force=True)  # even after an interruption: what is in place is done
-        except OSError as err:
-            if stopped is None or not is_disk_full(err):
-                raise
-            log.warning("the last %d done-index line(s) could not be written; a re-run redoes those files",
-                        len(done._pending))
-
-    counts = {
-        "files": total,
-        "deidentified": deidentified + resumed,
-        "resumed": resumed,
-        "quarantined": quarantined,
-        "refused": refused,
-        "skipped": skipped,
-    }
-    if stopped is not None:
-        try:
-            trail.append("deid_stopped", reason=str(stopped), **counts, key_fingerprint=_key_fingerprint(secret))
-            trail.close()  # seals the run: it ends here, and says why
-        except OSError as err:
-            raise DiskFullError(f"{stopped}; the audit trail could not be sealed either ({err.strerror})") from None
-        raise stopped
-    journal = done.rows()
-    try:
-        write_merged(manifest_path, journal, dst, labels=label_table.labels if label_table else None,
-                     label_column=label_table.column if label_table else "accession")
-    finally:
-        journal.close()
-    trail.append("deid_run", **counts, profile=list(options), key_fingerprint=_key_fingerprint(secret))
-    trail.close()  # seals the run
-    summary = DeidSummary(
-        deidentified=deidentified + resumed,
-        resumed=resumed,
-        quarantined=quarantined,
-        skipped=skipped,
-        refused=refused,
-        dst=dst,
-        quarantine_dir=quarantine_dir,
-        audit_dir=audit_dir,
-        manifest=manifest_path,
-    )
+    done = _prepare_done_index(paths, secret, site_policy, store)
+    job = Job(secret=secret, dst=str(paths.dst.resolve()), options=site_policy.table_options, policy=site_policy,
+              reid_public_key=store.reid_key_pem, done_index=str(done.path))
+    tasks = _iter_files(paths.src, paths.excluded(store.reid_writer))
+    results: _Results | None = None
+    try:  # the workers start before the trail opens: they never hold its signing key
+        results = _results(tasks, job, workers, chunk=_chunk_size(total, workers))
+        trail = _prepare_trail(paths, site_policy, store, total)
+    except BaseException:
+        if results is not None:
+            results.close()
+        store.reserve.release()
+        raise
+    recorder = _Recorder(paths, trail, done, store)
+    stopped = _deidentify_all(recorder, results, total, progress)
+    summary = _finish(recorder, stopped, total, secret, site_policy, labels_read)
     log.info("%s", summary.line())
     return summary

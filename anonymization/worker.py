@@ -1,9 +1,12 @@
 """De-identification of one file: read, screen, clean, write to a temporary name.
 
-Runs in the parent or in a pool worker; it never writes records (manifest,
-audit, quarantine) - it returns a :class:`FileResult` and the parent, the only
-writer, renames the temporary output into place or quarantines the file.
-Nothing raised here escapes: any failure becomes a quarantine reason.
+A :class:`FileWorker` holds what the per-file path needs (engine, keys, done-index),
+built once per process from a :class:`Job`; it runs in the parent or in a pool
+worker (:func:`init_worker` builds the process's own, :func:`process_path` uses
+it). It never writes records (manifest, audit, quarantine) - it returns a
+:class:`FileResult` and the parent, the only writer, renames the temporary
+output into place or quarantines the file. Nothing raised here escapes: any
+failure becomes a quarantine reason.
 
 The hot path is tuned (see bench/deid_throughput.py): the input is read once
 into memory and parsed lazily; pixel data is never decoded unless Clean Pixel
@@ -27,7 +30,6 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -117,45 +119,82 @@ class Job:
     done_index: str | None = None  # file of keyed input digests already de-identified (resume)
 
 
-_state: dict[str, Any] = {}
+class FileWorker:
+    """One process's de-identification state, built once from a :class:`Job`.
+
+    Everything the per-file path needs travels in this object (no module state), so
+    the batch's pool workers, the parent and the DICOM intake each hold their own.
+    """
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.dst = Path(job.dst)
+        self.pseudo = Pseudonymizer(job.secret)
+        self.policy = job.policy if job.policy is not None else Policy.from_options(job.options)
+        self.engine = Deidentifier(self.pseudo, policy=self.policy)
+        self.sealer = Sealer(job.reid_public_key, self.pseudo) if job.reid_public_key else None
+        self.done = load_done_index(Path(job.done_index)) if job.done_index else None
+        self._dirs: set[str] = set()  # output folders known to exist (bounded, see ensure_dir)
+
+    def process_path(self, path: str) -> FileResult:
+        """De-identify one file into a temporary output beside its final name; never raise."""
+        try:
+            data = read_regular(path)
+        except NotRegularFile as err:
+            return FileResult(KIND_QUARANTINED, "", reason=err.reason, unread=True)
+        except OSError:
+            return FileResult(KIND_QUARANTINED, "", reason="the file could not be read")
+        digest = self.pseudo.digest(data)
+        if is_done(self.done, digest):
+            return FileResult(KIND_DONE, digest)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return _process(self, data, digest)
+            except Exception as exc:  # noqa: BLE001 - bad input must never crash the batch
+                if is_disk_full(exc):
+                    return FileResult(KIND_DISK_FULL, digest, reason=str(exc.strerror))  # type: ignore[attr-defined]
+                log.debug("file %s: %s", digest[:16], type(exc).__name__)
+                return FileResult(KIND_QUARANTINED, digest,
+                                  reason=f"{screening.REASON_FAILED} ({type(exc).__name__})")
+
+    def ensure_dir(self, folder: Path) -> None:
+        """mkdir -p, once per folder per process (a set bounded to 100k entries)."""
+        known = self._dirs
+        key = str(folder)
+        if key in known:
+            return
+        parent = str(folder.parent)
+        if parent not in known:  # a new patient: make its folder first (saves a failing mkdir)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:  # its parent went away since we cached it
+            folder.mkdir(parents=True, exist_ok=True)
+        if len(known) > 100_000:
+            known.clear()
+        known.update((key, parent))
 
 
-def init_worker(job: Job) -> None:
-    """Pool initializer (and in-process setup): build the engine once per process."""
-    pseudo = Pseudonymizer(job.secret)
-    _state["job"] = job
-    _state["pseudo"] = pseudo
-    policy = job.policy if job.policy is not None else Policy.from_options(job.options)
-    _state["policy"] = policy
-    _state["engine"] = Deidentifier(pseudo, policy=policy)
-    _state["sealer"] = Sealer(job.reid_public_key, pseudo) if job.reid_public_key else None
-    _state["done"] = load_done_index(Path(job.done_index)) if job.done_index else None
-    _state["dirs"] = set()  # output folders known to exist (bounded, see _ensure_dir)
+_worker: FileWorker | None = None  # this process's worker, set by init_worker (the pool's initializer)
+
+
+def init_worker(job: Job) -> FileWorker:
+    """Pool initializer (and in-process setup): build this process's :class:`FileWorker` once."""
+    global _worker
+    _worker = FileWorker(job)
     # pydicom may log offending values; none of that may reach our logs.
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    return _worker
 
 
 def process_path(path: str) -> FileResult:
-    """Entry point for the pool: de-identify one file, never raise."""
-    pseudo: Pseudonymizer = _state["pseudo"]
-    try:
-        data = read_regular(path)
-    except NotRegularFile as err:
-        return FileResult(KIND_QUARANTINED, "", reason=err.reason, unread=True)
-    except OSError:
-        return FileResult(KIND_QUARANTINED, "", reason="the file could not be read")
-    digest = pseudo.digest(data)
-    if is_done(_state.get("done"), digest):
-        return FileResult(KIND_DONE, digest)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return _process(data, digest)
-        except Exception as exc:  # noqa: BLE001 - bad input must never crash the batch
-            if is_disk_full(exc):
-                return FileResult(KIND_DISK_FULL, digest, reason=str(exc.strerror))  # type: ignore[attr-defined]
-            log.debug("file %s: %s", digest[:16], type(exc).__name__)
-            return FileResult(KIND_QUARANTINED, digest, reason=f"{screening.REASON_FAILED} ({type(exc).__name__})")
+    """Entry point for the pool: de-identify one file with this process's worker, never raise."""
+    if _worker is None:
+        raise RuntimeError("init_worker(job) must run in this process first")
+    return _worker.process_path(path)
 
 
 class NotRegularFile(OSError):
@@ -234,26 +273,6 @@ def is_done(index: np.ndarray | None, digest: str) -> bool:
     return at < len(index) and index[at] == key[0]
 
 
-def _ensure_dir(folder: Path) -> None:
-    """mkdir -p, once per folder per process (a set bounded to 100k entries)."""
-    known: set[str] = _state["dirs"]
-    key = str(folder)
-    if key in known:
-        return
-    parent = str(folder.parent)
-    if parent not in known:  # a new patient: make its folder first (saves a failing mkdir)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.mkdir(folder)
-    except FileExistsError:
-        pass
-    except FileNotFoundError:  # its parent went away since we cached it
-        folder.mkdir(parents=True, exist_ok=True)
-    if len(known) > 100_000:
-        known.clear()
-    known.update((key, parent))
-
-
 def _read(data: bytes) -> tuple[Dataset | None, str | None]:
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -276,102 +295,154 @@ def _read(data: bytes) -> tuple[Dataset | None, str | None]:
         return None, screening.REASON_NOT_DICOM
 
 
-def _process(data: bytes, digest: str) -> FileResult:
-    job: Job = _state["job"]
-    engine: Deidentifier = _state["engine"]
-    policy: Policy = _state["policy"]
-    reason = inflated_refusal(data, policy.limits.max_inflated_bytes)  # before pydicom inflates it
-    if reason is not None:
-        return FileResult(KIND_QUARANTINED, digest, reason=reason)
-    ds, reason = _read(data)
-    if ds is None:
-        return FileResult(KIND_QUARANTINED, digest, reason=reason or screening.REASON_NOT_DICOM)
-    clean_pixels = bool(getattr(policy, "clean_pixel_data", False))
-    reason = (screening.truncation(ds, len(data)) or pixel_refusal(ds, policy.limits.max_pixel_bytes)
-              or screening.refusal(ds, clean_pixel_data=clean_pixels))  # the limit before any decoding
-    if reason is not None:
-        return FileResult(KIND_QUARANTINED, digest, reason=reason)
+class _Refused(Exception):
+    """A step's reason to quarantine the file (control flow inside :func:`_process` only)."""
 
-    had_meta_ts = bool(ds.file_meta.get("TransferSyntaxUID")) if hasattr(ds, "file_meta") else False
-    transfer_syntax = ds.file_meta.TransferSyntaxUID if had_meta_ts else _syntax_for(ds)
-    identifiers = _identifiers(ds)
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _process(worker: FileWorker, data: bytes, digest: str) -> FileResult:
+    """Screen, clean, check and write one file read into memory; a refusal becomes a quarantine."""
+    try:
+        return _deidentify(worker, data, digest)
+    except _Refused as refused:
+        return FileResult(KIND_QUARANTINED, digest, reason=refused.reason)
+
+
+def _deidentify(worker: FileWorker, data: bytes, digest: str) -> FileResult:
+    """The steps of :func:`_process`, in the order the guarantees need them."""
+    ds = _screened(worker.policy, data)
+    identifiers = _identifiers(ds)  # before cleaning: what must not survive it
     is_image = screening.has_pixels(ds)
-    pixel_cleaning: dict[str, object] | None = None
-    if clean_pixels and screening.needs_pixel_cleaning(ds):
-        from anonymization import pixels  # OCR stack: imported only when a file needs it
-
-        try:
-            cleaned = pixels.clean_pixel_data(
-                ds, str(transfer_syntax), strict=screening.strict_text_search(ds),
-                identifiers=pixels.identifier_tokens(ds),
-            )
-        except pixels.PixelCleaningError as err:
-            return FileResult(KIND_QUARANTINED, digest, reason=err.reason)
-        transfer_syntax = cleaned.transfer_syntax
-        pixel_cleaning = cleaned.audit()
-
-    sealer: Sealer | None = _state.get("sealer")
-    before = reid_originals(ds) if sealer is not None else None
-    counts = engine.deidentify(ds, original=lambda: _read(data)[0])
-    leak = _residual(ds, identifiers)
-    if leak:
-        return FileResult(KIND_QUARANTINED, digest, reason=screening.REASON_RESIDUAL)
-    reid_row = sealer.seal(before, ds) if sealer is not None and before is not None else None
-
-    sop_uid = str(ds.SOPInstanceUID)
-    meta = {  # File Meta Information, rebuilt from scratch (the source's may name its station)
-        "MediaStorageSOPClassUID": str(ds.SOPClassUID),
-        "MediaStorageSOPInstanceUID": sop_uid,
-        "TransferSyntaxUID": str(transfer_syntax),
-        "ImplementationClassUID": IMPLEMENTATION_CLASS_UID,
-        "ImplementationVersionName": IMPLEMENTATION_VERSION_NAME,
-    }
-    try:
-        out = encode_file(ds, meta, data)
-    except Exception as exc:  # noqa: BLE001
-        return FileResult(KIND_QUARANTINED, digest, reason=f"{screening.REASON_WRITE} ({type(exc).__name__})")
-
-    patient = str(ds.PatientID)
-    study = str(ds.get("StudyInstanceUID", "") or "") or "no-study"
-    series = str(ds.get("SeriesInstanceUID", "") or "")
-    for part in (patient, study, sop_uid):  # Retain UIDs keeps the source's values: check them
-        if not plain_name(part):
-            return FileResult(KIND_QUARANTINED, digest, reason=REASON_PATH_VALUE)
-    top = IMAGES_DIR if is_image else OBJECTS_DIR
-    rel = f"{top}/{patient}/{study}/{sop_uid}.dcm"
-    final = Path(job.dst) / rel
-    _ensure_dir(final.parent)
-    tmp = final.parent / f".{sop_uid}.{secrets.token_hex(4)}{TMP_SUFFIX}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(out)  # made durable by the parent, in batches, before it is recorded as done
-    except OSError as err:
-        tmp.unlink(missing_ok=True)  # never leave a half-written output behind
-        if is_disk_full(err):
-            return FileResult(KIND_DISK_FULL, digest, reason=str(err.strerror))
-        return FileResult(KIND_QUARANTINED, digest, reason=screening.REASON_WRITE)
-    row = None
-    if is_image:
-        row = {
-            "patient": patient,
-            "study_uid": study,
-            "series_uid": series,
-            "sop_uid": sop_uid,
-            "accession": str(ds.get("AccessionNumber", "") or ""),
-            "path": rel,
-        }
+    transfer_syntax, pixel_cleaning = _clean_pixels(worker.policy, ds, _source_syntax(ds))
+    counts, reid_row = _clean_header(worker, ds, data, identifiers)
+    out = _encode(ds, transfer_syntax, data)
+    rel, row = _destination(ds, is_image)
+    tmp = _write_temporary(worker, rel, out)
     return FileResult(
         KIND_DEIDENTIFIED,
         digest,
         tmp_path=str(tmp),
         rel_path=rel,
         row=row,
-        sop_uid=sop_uid,
+        sop_uid=str(ds.SOPInstanceUID),
         actions=dict(sorted(counts.items())),
         output_digest=hashlib.sha256(out).hexdigest(),
         reid_row=reid_row,
         pixel_cleaning=pixel_cleaning,
     )
+
+
+def _screened(policy: Policy, data: bytes) -> Dataset:
+    """The parsed data set, once the size limits and the screening rules accept it."""
+    reason = inflated_refusal(data, policy.limits.max_inflated_bytes)  # before pydicom inflates it
+    if reason is not None:
+        raise _Refused(reason)
+    ds, reason = _read(data)
+    if ds is None:
+        raise _Refused(reason or screening.REASON_NOT_DICOM)
+    reason = (screening.truncation(ds, len(data)) or pixel_refusal(ds, policy.limits.max_pixel_bytes)
+              or screening.refusal(ds, clean_pixel_data=_cleans_pixels(policy)))  # the limit before decoding
+    if reason is not None:
+        raise _Refused(reason)
+    return ds
+
+
+def _cleans_pixels(policy: Policy) -> bool:
+    return bool(getattr(policy, "clean_pixel_data", False))
+
+
+def _source_syntax(ds: Dataset) -> str:
+    """The transfer syntax the input is encoded in (its file meta, else inferred)."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID"):
+        return str(meta.TransferSyntaxUID)
+    return str(_syntax_for(ds))
+
+
+def _clean_pixels(policy: Policy, ds: Dataset, transfer_syntax: str) -> tuple[str, dict[str, object] | None]:
+    """Clean Pixel Data where the policy asks and the image needs it: (output syntax, what was done)."""
+    if not (_cleans_pixels(policy) and screening.needs_pixel_cleaning(ds)):
+        return transfer_syntax, None
+    from anonymization import pixels  # OCR stack: imported only when a file needs it
+
+    try:
+        cleaned = pixels.clean_pixel_data(
+            ds, transfer_syntax, strict=screening.strict_text_search(ds), identifiers=pixels.identifier_tokens(ds),
+        )
+    except pixels.PixelCleaningError as err:
+        raise _Refused(err.reason) from None
+    return str(cleaned.transfer_syntax), cleaned.audit()
+
+
+def _clean_header(
+    worker: FileWorker, ds: Dataset, data: bytes, identifiers: list[str]
+) -> tuple[dict[str, int], tuple[str, str] | None]:
+    """Apply the profile; refuse a file where an identifier survives; seal its re-identification row."""
+    sealer = worker.sealer
+    before = reid_originals(ds) if sealer is not None else None
+    counts = worker.engine.deidentify(ds, original=lambda: _read(data)[0])
+    if _residual(ds, identifiers):
+        raise _Refused(screening.REASON_RESIDUAL)
+    reid_row = sealer.seal(before, ds) if sealer is not None and before is not None else None
+    return counts, reid_row
+
+
+def _encode(ds: Dataset, transfer_syntax: str, data: bytes) -> bytes:
+    """The output file, with File Meta Information rebuilt from scratch (the source's may name its station)."""
+    meta = {
+        "MediaStorageSOPClassUID": str(ds.SOPClassUID),
+        "MediaStorageSOPInstanceUID": str(ds.SOPInstanceUID),
+        "TransferSyntaxUID": transfer_syntax,
+        "ImplementationClassUID": IMPLEMENTATION_CLASS_UID,
+        "ImplementationVersionName": IMPLEMENTATION_VERSION_NAME,
+    }
+    try:
+        return encode_file(ds, meta, data)
+    except Exception as exc:  # noqa: BLE001
+        raise _Refused(f"{screening.REASON_WRITE} ({type(exc).__name__})") from None
+
+
+def _destination(ds: Dataset, is_image: bool) -> tuple[str, dict[str, str] | None]:
+    """The output's path under DST and, for an image, its manifest row (pseudonyms and the path only)."""
+    patient = str(ds.PatientID)
+    study = str(ds.get("StudyInstanceUID", "") or "") or "no-study"
+    sop_uid = str(ds.SOPInstanceUID)
+    if not all(plain_name(part) for part in (patient, study, sop_uid)):  # Retain UIDs keeps the source's
+        raise _Refused(REASON_PATH_VALUE)
+    rel = f"{IMAGES_DIR if is_image else OBJECTS_DIR}/{patient}/{study}/{sop_uid}.dcm"
+    if not is_image:
+        return rel, None
+    return rel, {
+        "patient": patient,
+        "study_uid": study,
+        "series_uid": str(ds.get("SeriesInstanceUID", "") or ""),
+        "sop_uid": sop_uid,
+        "accession": str(ds.get("AccessionNumber", "") or ""),
+        "path": rel,
+    }
+
+
+def _write_temporary(worker: FileWorker, rel: str, out: bytes) -> Path:
+    """Write ``out`` to a hidden temporary name beside ``rel``; the parent renames it into place.
+
+    Not fsync'ed here: the parent makes outputs durable in batches before it records them as
+    done. A full disk propagates (the run stops); any other write error refuses the file.
+    """
+    final = worker.dst / rel
+    worker.ensure_dir(final.parent)
+    tmp = final.parent / f".{final.stem}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(out)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)  # never leave a half-written output behind
+        if is_disk_full(err):
+            raise
+        raise _Refused(screening.REASON_WRITE) from None
+    return tmp
 
 
 def _syntax_for(ds: Dataset) -> str:
@@ -455,9 +526,8 @@ def _residual(ds: Dataset, identifiers: list[str]) -> bool:
             if elem.VR == "SQ":
                 if any(walk(child, False) for child in elem.value or []):
                     return True
-            elif elem.VR in _SCANNED_VRS and elem.value not in (None, ""):
-                if leaks(str(elem.value)):
-                    return True
+            elif elem.VR in _SCANNED_VRS and elem.value not in (None, "") and leaks(str(elem.value)):
+                return True
         return False
 
     return walk(ds, True)

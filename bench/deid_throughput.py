@@ -28,6 +28,11 @@ checked on both.
 Memory: medfed's peak resident set (its processes, largest) on the first 100 and
 on all 1,000 CT_small copies - flat in the number of files.
 
+``--scaling`` measures only how medfed scales with cores: ``medfed deid run`` with one
+worker and with ``--scaling-workers`` (default 2) worker processes, unpinned, alternating
+in the same run over the same corpus, best of ``--repeat`` runs each; it prints files/s
+for both and their ratio (goal >= 1.8x with 2 workers on 2 cores).
+
 A last section measures Clean Pixel Data on synthetic images with the patient's
 name burned in: the share of burned-in names that OCR still reads after medfed
 cleaned them (must be 0), and the share it read before (shows the OCR works).
@@ -35,6 +40,7 @@ cleaned them (must be 0), and the share it read before (shows the OCR works).
     .venv/bin/python bench/deid_throughput.py [--work DIR] [--copies 1000] [--synthetic 200]
                                               [--tools medfed,dicom-anonymizer,...] [--repeat 3]
                                               [--no-ocr] [--no-memory]
+    .venv/bin/python bench/deid_throughput.py --scaling [--copies 1800 --synthetic 200] [--repeat 5]
 
 The peers are optional dependencies: ``pip install -e '.[bench]'``
 (dicom-anonymizer 2.1.0, dicognito, deid); a missing one is reported, not fatal.
@@ -383,6 +389,42 @@ def ocr_residual(work: Path, patients: int) -> None:
           f"{total / seconds:.2f} files/s with OCR")
 
 
+# ---- scaling with cores ----------------------------------------------------------------
+SCALING_GOAL = 1.8  # files/s with 2 workers over 1 worker, on 2 cores
+
+
+def scaling(src: Path, work: Path, repeat: int, workers: int) -> None:
+    """Files/s of ``medfed deid run`` with 1 and with ``workers`` worker processes, in one run.
+
+    The two alternate round by round (1, N, 1, N, ...), unpinned, so a busy minute on a
+    shared machine hurts both alike; each line is the best of ``repeat`` runs.
+    """
+    counts = (1, workers)
+    best: dict[int, dict[str, float]] = {}
+    for round_ in range(max(1, repeat)):
+        for count in counts:
+            print(f"round {round_ + 1}/{repeat}: medfed, {count} worker(s) ...", file=sys.stderr)
+            os.sync()  # the last run's deleted outputs must not weigh on this run's syncfs
+            result = measure("medfed", src, work, count, pin=False)
+            if isinstance(result, str):
+                raise SystemExit(f"medfed with {count} worker(s) {result}")
+            if count not in best or result["seconds"] < best[count]["seconds"]:
+                best[count] = result
+    print(f"\nCorpus: {len(inputs(src))} files in {src}; {os.cpu_count()} CPUs, python {sys.version.split()[0]}; "
+          f"best of {repeat} runs per line, alternating; load average at the end {os.getloadavg()[0]:.1f}\n")
+    print("| workers | files | seconds | files/s | CPU s of that run |")
+    print("|---:|---:|---:|---:|---:|")
+    rate = {}
+    for count in counts:
+        result = best[count]
+        rate[count] = result["files"] / result["seconds"]
+        print(f"| {count} | {int(result['files'])} | {result['seconds']:.2f} | {rate[count]:.1f} "
+              f"| {result['cpu']:.2f} |")
+    ratio = rate[workers] / rate[1]
+    verdict = f", goal >= {SCALING_GOAL}x {'met' if ratio >= SCALING_GOAL else 'NOT met'}" if workers == 2 else ""
+    print(f"\n- medfed {workers} workers / 1 worker (wall clock): {ratio:.2f}x{verdict}")
+
+
 # ---- report -----------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -395,6 +437,9 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory section")
     parser.add_argument("--ocr-patients", type=int, default=6)
     parser.add_argument("--profile", type=Path, default=None, help="write a pyinstrument profile of medfed here")
+    parser.add_argument("--scaling", action="store_true",
+                        help="only measure medfed with 1 and with --scaling-workers workers, and their ratio")
+    parser.add_argument("--scaling-workers", type=int, default=2)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--src", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dst", type=Path, help=argparse.SUPPRESS)
@@ -408,6 +453,9 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     print(f"building the corpus in {args.work} ...", file=sys.stderr)
     src = build_corpus(args.work, args.copies, args.synthetic)
+    if args.scaling:
+        scaling(src, args.work, args.repeat, args.scaling_workers)
+        return
     n = len(inputs(src))
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     # (label, tool, cores, workers, pinned, whole process)
@@ -462,8 +510,8 @@ def main() -> None:
                 parts.append(f"{ratio:.2f}x by {name}{verdict}")
             print(f"- medfed / {peer} on one core: " + "; ".join(parts))
         if ("medfed", "2 workers") in rate:
-            speedup = rate[("medfed", "2 workers")] / rate[("medfed", one)]
-            print(f"- medfed 2 workers / 1 core (wall clock): {speedup:.2f}x")
+            ratio = rate[("medfed", "2 workers")] / rate[("medfed", one)]
+            print(f"- medfed 2 workers / 1 core (wall clock): {ratio:.2f}x")
         if ("medfed (process)", one) in rate and ("bare-pydicom", one) in rate:
             print(f"- medfed as a whole process (interpreter start to exit) / bare-pydicom loop: "
                   f"{rate[('medfed (process)', one)] / rate[('bare-pydicom', one)]:.2f}x by wall clock")

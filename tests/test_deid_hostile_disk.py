@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from anonymization import worker
+from anonymization import batch, worker
 from anonymization.audit import read_records
 from anonymization.audit_verify import verify_trail
 from anonymization.batch import (
@@ -263,8 +263,11 @@ def test_full_disk_stops_the_run_seals_the_trail_and_a_rerun_resumes(tmp_path: P
     assert verify_trail(dst / "audit").exit_code == 0
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_full_disk_raises_disk_full_error_in_the_api(tmp_path: Path, small_disk: Path, workers: int) -> None:
+@pytest.mark.parametrize(("workers", "checkpoint_files"), [(1, 1000), (2, 1000), (2, 3)])
+def test_full_disk_raises_disk_full_error_in_the_api(
+    tmp_path: Path, small_disk: Path, workers: int, checkpoint_files: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batch, "CHECKPOINT_FILES", checkpoint_files)  # 3: commits in the background fail too
     src = tmp_path / "src"
     make_source(src, 20, size=256)
     with pytest.raises(DiskFullError, match="is full"):
