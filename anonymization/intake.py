@@ -53,7 +53,7 @@ from anonymization.batch import (
 from anonymization.engine import MEDFED_VERSION
 from anonymization.errors import DeidError, is_disk_full
 from anonymization.keys import load_or_create_secret
-from anonymization.labels import load_labels
+from anonymization.labels import read_labels
 from anonymization.manifest import MANIFEST_FILE, write_merged
 from anonymization.policy import Policy, load_policy
 from anonymization.pseudonyms import Pseudonymizer
@@ -204,9 +204,10 @@ class Intake:
         secret = load_or_create_secret(self.key_file)
         self._secret = secret
         pseudo = Pseudonymizer(secret)
-        self.label_map = load_labels(self.labels, pseudo) if self.labels is not None else None
         policy = self._policy_arg
         self.policy = policy if isinstance(policy, Policy) else load_policy(policy)
+        self.label_table = (read_labels(self.labels, pseudo, retain_uids=self.policy.retain_uids)
+                            if self.labels is not None else None)
         if self.policy.clean_pixel_data:
             from anonymization.pixels import REASON_NO_OCR, tesseract_available
 
@@ -438,7 +439,9 @@ class Intake:
             return True
         journal = self.done.rows()
         try:
-            write_merged(self.dst / MANIFEST_FILE, journal, self.dst, labels=self.label_map)
+            table = self.label_table
+            write_merged(self.dst / MANIFEST_FILE, journal, self.dst, labels=table.labels if table else None,
+                         label_column=table.column if table else "accession")
         except OSError as err:
             if not is_disk_full(err):
                 raise
