@@ -184,7 +184,9 @@ def simulate_study(study: Study, study_dir: Path, sites: list[SiteConfig], out: 
         raise StudyRunError(f"{out / 'sites'} holds {', '.join(on_disk)} but the run names {', '.join(names)}; "
                             "use a fresh --out folder")
     base = {"min_train_nodes": 1, "min_evaluate_nodes": len(sites), "min_available_nodes": len(sites),
-            "release_key": str(release_key(out))}
+            "release_key": str(release_key(out)),
+            # the run's name keys each site's ledger and names the release: the study and when it ran
+            "run_name": f"{study.name}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}".replace(" ", "-")}
     try:
         cfg = study_run_config(study, study_dir, demo_dir=str(out), out_dir=str(out / "coordinator"),
                                **{**base, **(overrides or {})})
