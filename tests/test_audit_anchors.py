@@ -21,7 +21,7 @@ from coordinator.federation import initial_state
 from coordinator.history import RunHistory
 from coordinator.receipts import Receipts, read_jsonl
 from coordinator.strategy import build_strategy
-from medfed.cli_audit import audit_app
+from medfed.cli.audit import audit_app
 from medfed.settings import RunConfig, SiteConfig
 from medfed.wire import pack
 from site_client.client_app import build_app, make_egress_guard

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from medfed.cli_audit import audit_app as app
+from medfed.cli.audit import audit_app as app
 from tests.audit_factory import (
     chromium,
     lines_of,

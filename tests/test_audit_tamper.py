@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from anonymization.audit import AuditTrail, segment_files
 from anonymization.audit_keys import AuditSigner, b64
-from medfed.cli_audit import audit_app as app
+from medfed.cli.audit import audit_app as app
 from tests.audit_factory import forge_append, lines_of, locate, rechain, record, sealed_trail, signer_file, write_lines
 
 runner = CliRunner()

@@ -141,7 +141,7 @@ def test_every_sites_trail_matches_the_anchors_the_coordinator_kept(demo: DemoSu
     from anonymization.audit import read_records
     from anonymization.audit_anchors import ANCHORS_FILE
     from coordinator.receipts import read_jsonl
-    from medfed.cli_audit import audit_app
+    from medfed.cli.audit import audit_app
 
     anchors = read_jsonl(demo.out / "coordinator" / ANCHORS_FILE)
     for site in _sites(demo):

@@ -126,8 +126,8 @@ def test_cli_release_signs_a_checkpoint_round(tmp_path: Path) -> None:
     assert rel.card["rounds"] == 0  # metrics.json knows no round up to 2 in this fixture
     missing = subprocess.run([MEDFED, "model", "release", str(run), "--key", str(key), "--round", "9"],
                              capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "round-0009.pt does not exist" in missing.stdout.replace("\n", "")
-    assert "Traceback" not in missing.stderr
+    assert missing.returncode == 2 and "round-0009.pt does not exist" in missing.stderr
+    assert "Traceback" not in missing.stderr and missing.stdout == ""
 
 
 def _pem(tmp_path: Path, signer: AuditSigner) -> Path:

@@ -1,6 +1,6 @@
 """`medfed audit ...`: verify a site's audit trail, report on it, export and rotate its key.
 
-Kept apart from `medfed/cli.py` and light to import (no torch, no Flower): a
+Kept apart from the other commands and light to import (no torch, no Flower): a
 privacy officer or an outside auditor runs these on a plain machine with a
 copy of the trail folder and the site's exported public key.
 """
@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from medfed.cli.output import fail
 
 audit_app = typer.Typer(
     help="The site's tamper-evident audit trail: verify it, report on it, export or rotate its signing key.",
@@ -39,10 +41,6 @@ _KEY = Annotated[
 ]
 
 
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
 
 def _public(path: Path | None) -> bytes | None:
     from anonymization.audit_keys import AuditKeyError, load_public_key
@@ -52,7 +50,7 @@ def _public(path: Path | None) -> bytes | None:
     try:
         return load_public_key(path)
     except AuditKeyError as err:
-        _fail(str(err))
+        fail(str(err))
     return None
 
 
@@ -62,11 +60,11 @@ def _signer_path(directory: Path | None, audit_key: Path | None) -> Path:
     if audit_key is not None:
         return audit_key
     if directory is None:
-        _fail("say which key: pass the trail folder (DIR) or --audit-key FILE")
+        fail("say which key: pass the trail folder (DIR) or --audit-key FILE")
     assert directory is not None
     recorded = read_meta(directory).get("signing_key")
     if not recorded:
-        _fail(f"{directory} records no signing key (is it an audit trail folder?); pass --audit-key FILE")
+        fail(f"{directory} records no signing key (is it an audit trail folder?); pass --audit-key FILE")
     return Path(str(recorded))
 
 
@@ -80,15 +78,15 @@ def verify(directory: _DIR, public_key: _PUBLIC = None, anchors: _ANCHORS = None
     from anonymization.audit_verify import verify_trail
 
     if not directory.is_dir():
-        _fail(f"{directory} is not a folder; pass the audit trail folder (e.g. DST/audit)")
+        fail(f"{directory} is not a folder; pass the audit trail folder (e.g. DST/audit)")
     if site is not None and not anchors:
-        _fail("--site picks whose anchors to check; pass the coordinator's receipts with --anchors too")
+        fail("--site picks whose anchors to check; pass the coordinator's receipts with --anchors too")
     kept = None
     if anchors:
         try:
             kept = load_anchors(anchors)
         except AnchorError as err:
-            _fail(str(err))
+            fail(str(err))
     result = verify_trail(directory, public_key=_public(public_key), anchors=kept, site=site)
     typer.echo(f"{result.summary()} [{result.seconds:.2f}s]")
     raise typer.Exit(result.exit_code)
@@ -97,7 +95,8 @@ def verify(directory: _DIR, public_key: _PUBLIC = None, anchors: _ANCHORS = None
 @audit_app.command("report")
 def report(
     directory: _DIR,
-    out: Annotated[Path, typer.Option("--out", help="HTML file to write (self-contained).")] = Path("audit-report.html"),
+    out: Annotated[Path, typer.Option("--out", help="HTML file to write (self-contained).")] = Path(
+        "audit-report.html"),
     public_key: _PUBLIC = None,
 ) -> None:
     """Write one self-contained HTML page for the privacy officer (verification status, files,
@@ -105,7 +104,7 @@ def report(
     from anonymization.audit_report import write_report
 
     if not directory.is_dir():
-        _fail(f"{directory} is not a folder; pass the audit trail folder (e.g. DST/audit)")
+        fail(f"{directory} is not a folder; pass the audit trail folder (e.g. DST/audit)")
     result = write_report(directory, out, public_key=_public(public_key))
     typer.echo(f"wrote {out}: {result.summary()}")
 
@@ -122,7 +121,7 @@ def export_key(
     try:
         signer = load_signing_key(_signer_path(directory, audit_key))
     except AuditKeyError as err:
-        _fail(str(err))
+        fail(str(err))
         return
     pem = signer.public_pem()
     if out is None:
@@ -145,7 +144,7 @@ def rotate_key(directory: _DIR, audit_key: _KEY = None) -> None:
             old = trail.signer.key_id if trail.signer else "?"
             new = trail.rotate_key()
     except AuditError as err:
-        _fail(str(err))
+        fail(str(err))
         return
     typer.echo(f"rotated the audit key of {directory}: {old} -> {new.key_id} (in {path}); "
                "export the new public key with `medfed audit export-key`")

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from medfed.cli.output import console, fail
 
 if TYPE_CHECKING:
     from anonymization.intake import TlsFiles
     from site_client.send import Target
 
 _TlsParts = tuple[Path | None, Path | None, Path | None]
-console = Console()
 model_app = typer.Typer(help="The consortium's signed model releases: release, verify, calibrate.",
                         no_args_is_help=True)
 
@@ -24,10 +24,6 @@ _PUBLIC = Annotated[Path, typer.Option(
     "--public-key",
     help="The consortium's release public key: release-signing.pub, or the site kit folder holding it.")]
 
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
 
 
 @model_app.command("release")
@@ -47,7 +43,7 @@ def release(
     try:
         path = release_run(run_dir, load_signing_key(key, what=RELEASE_KEY_WHAT), server_round=server_round, out=out)
     except (ReleaseError, KeyFileError, ConfigError) as err:
-        _fail(str(err))
+        fail(str(err))
     console.print(f"release written and signed: {path}")
 
 
@@ -103,7 +99,7 @@ def _verified(release_dir: Path, public_key: Path):  # noqa: ANN202 - models.rel
     try:
         return verify_release(release_dir, public_key_of(public_key))
     except ReleaseError as err:
-        _fail(f"refused: {err}", code=1)
+        fail(f"refused: {err}", code=1)
 
 
 @model_app.command("calibrate")
@@ -123,7 +119,7 @@ def calibrate(
     try:
         cal = calibrate(rel, deid_dir, target_sensitivity)
     except (CalibrationError, DatasetError, ConfigError) as err:
-        _fail(str(err))
+        fail(str(err))
     path = save(rel, cal)
     table = Table(title=f"operating point at sensitivity ≥ {target_sensitivity:g} (chosen on the train split)")
     for col in ("class", "threshold", "sens. (train)", "spec. (train)", "sens. (test)", "spec. (test)"):
@@ -168,7 +164,7 @@ def predict(
     from site_client.inference import PredictError, predict_folder
 
     if device not in ("cpu", "cuda"):
-        _fail(f"--device {device!r}: use cpu or cuda")
+        fail(f"--device {device!r}: use cpu or cuda")
     tls = (send_tls_cert, send_tls_key, send_tls_ca)
     target = _send_target(send, send_ae_title, sr or explain, tls) if send else None
     rel = _verified(release_dir, public_key)
@@ -185,15 +181,15 @@ def predict(
                 raise ValueError
             thresholds = (value,) * columns
     except CalibrationError as err:
-        _fail(str(err))
+        fail(str(err))
     except ValueError:
-        _fail(f"--threshold {threshold!r}: give a number between 0 and 1, 'auto' or 'study'")
+        fail(f"--threshold {threshold!r}: give a number between 0 and 1, 'auto' or 'study'")
     label = threshold if threshold in ("auto", "study") else "fixed"
     try:
         summary = predict_folder(rel, src, out, thresholds=thresholds, threshold_label=label, sr=sr, explain=explain,
                                  device=device, batch_size=batch_size, progress=not no_progress)
     except (PredictError, ConfigError) as err:
-        _fail(str(err))
+        fail(str(err))
     console.print(summary.line())
     for path, reason in summary.unusable[:20]:
         console.print(f"  unusable: {path}: {reason}")
@@ -221,9 +217,9 @@ def _send_target(text: str, calling_ae: str, writes_dicom: bool, tls: _TlsParts)
     from site_client.send import SendError, check_calling_ae, client_tls, parse_target
 
     if not writes_dicom:
-        _fail("--send stores the results as DICOM: add --sr (and/or --explain)")
+        fail("--send stores the results as DICOM: add --sr (and/or --explain)")
     if any(tls) and not all(tls):
-        _fail("TLS needs all three of --send-tls-cert, --send-tls-key and --send-tls-ca (or none of them)")
+        fail("TLS needs all three of --send-tls-cert, --send-tls-key and --send-tls-ca (or none of them)")
     try:
         target = parse_target(text)
         check_calling_ae(calling_ae)
@@ -231,7 +227,7 @@ def _send_target(text: str, calling_ae: str, writes_dicom: bool, tls: _TlsParts)
         if files is not None:
             client_tls(files)
     except SendError as err:
-        _fail(str(err))
+        fail(str(err))
     return target
 
 
@@ -246,7 +242,7 @@ def _send_results(paths: list[Path], out: Path, target: Target, tls: TlsFiles | 
     try:
         report = send_files(paths, target, tls, calling_ae, tries, timeout)
     except SendError as err:
-        _fail(str(err))
+        fail(str(err))
     write_report(report, out / SEND_REPORT, out)
     console.print(f"send: {report.line()}")
     for o in report.failed[:20]:
@@ -254,6 +250,5 @@ def _send_results(paths: list[Path], out: Path, target: Target, tls: TlsFiles | 
     if len(report.failed) > 20:
         console.print(f"  … and {len(report.failed) - 20} more in {out / SEND_REPORT}")
     if not report.ok:
-        console.print(f"[bold red]error:[/] {len(report.failed)} file(s) not sent to {target}; they stay in {out} "
-                      f"(listed in {out / SEND_REPORT}): fix the cause above and run the command again")
-        raise typer.Exit(SEND_FAILED_EXIT)
+        fail(f"{len(report.failed)} file(s) not sent to {target}; they stay in {out} "
+             f"(listed in {out / SEND_REPORT}): fix the cause above and run the command again", SEND_FAILED_EXIT)

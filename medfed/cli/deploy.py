@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
+
+from medfed.cli.output import console, fail
 
 log = logging.getLogger("medfed")
 
@@ -23,10 +25,6 @@ coordinator_app = typer.Typer(help="Run the coordinator's Flower SuperLink (TLS,
 site_app = typer.Typer(help="Make the site's key (keygen), run its Flower SuperNode from its kit, receive from PACS.",
                         no_args_is_help=True)
 
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 #: Default of `medfed run --wait-for-sites`: how long a run waits for the consortium's sites before it is submitted.
@@ -64,7 +62,7 @@ def consortium_init(
         cfg = init_consortium(directory, name, coordinator_host, sites, port=port, bind_host=bind_host,
                               ca_passphrase=passphrase)
     except ProvisionError as err:
-        _fail(str(err))
+        fail(str(err))
         return
     root = directory.resolve()
     typer.echo(f"consortium {cfg.name} in {root}: coordinator https://{cfg.coordinator_hosts[0]}:{cfg.port}, "
@@ -93,14 +91,14 @@ def _change_sites(directory: Path, site: str, change: Callable[[Path, str], Any]
     try:
         entry = change(directory, site)
     except (ProvisionError, CoordinatorError) as err:
-        _fail(str(err))
+        fail(str(err))
     live = running_pid(directory) is not None
     if live:
         try:
             reload_proxy(directory)  # nginx re-reads the CRL: a revoked certificate is refused from now on
             sync_registrations(directory)
         except (ProvisionError, CoordinatorError, OSError) as err:
-            _fail(f"{directory / 'consortium.toml'} records the change to site {site}, but the running coordinator "
+            fail(f"{directory / 'consortium.toml'} records the change to site {site}, but the running coordinator "
                   f"could not be told ({err}); `medfed run` applies it before the next run, or restart the "
                   f"coordinator (`medfed coordinator start {directory}`)", 1)
     return entry, live
@@ -124,7 +122,7 @@ def consortium_add_site(
     try:
         passphrase = ca_passphrase(ca_passphrase_file)
     except ProvisionError as err:
-        _fail(str(err))
+        fail(str(err))
     entry, live = _change_sites(directory, site, lambda d, s: add_site(d, s, public_key, csr,
                                                                        ca_passphrase=passphrase))
     typer.echo(f"site {entry.name} added"
@@ -141,7 +139,7 @@ def consortium_revoke_site(directory: _DIR, site: Annotated[str, typer.Argument(
     try:
         passphrase = ca_passphrase(ca_passphrase_file)
     except ProvisionError as err:
-        _fail(str(err))
+        fail(str(err))
     entry, live = _change_sites(directory, site, lambda d, s: revoke_site(d, s, passphrase))
     typer.echo(f"site {entry.name} revoked ({entry.revoked}): its certificate is on the CRL"
                + ("; refused by the running coordinator" if live else "; refused from the next coordinator start"))
@@ -155,7 +153,7 @@ def consortium_renew_tls(directory: _DIR, ca_passphrase_file: _CA_PASSPHRASE = N
     try:
         cert = renew_tls(directory, ca_passphrase(ca_passphrase_file))
     except ProvisionError as err:
-        _fail(str(err))
+        fail(str(err))
         return
     typer.echo(f"new coordinator certificate in {directory.resolve() / 'coordinator' / 'tls'}, valid until "
                f"{cert.not_valid_after_utc:%Y-%m-%d}; restart the coordinator to use it")
@@ -174,7 +172,7 @@ def coordinator_start(
     try:
         raise typer.Exit(start_coordinator(directory, port=port, bind_host=bind_host))
     except (ProvisionError, CoordinatorError) as err:
-        _fail(str(err))
+        fail(str(err))
 
 
 @coordinator_app.command("nodes")
@@ -186,7 +184,7 @@ def coordinator_nodes(directory: _DIR) -> None:
     try:
         nodes = list_nodes(directory)
     except (ProvisionError, CoordinatorError) as err:
-        _fail(str(err))
+        fail(str(err))
     for n in nodes:
         typer.echo(f"{n['name'] or '-':<24} {n['node_id']:>22} {n['status']}")
 
@@ -203,7 +201,7 @@ def site_keygen(
     try:
         key = generate_site_key(kit, force=force)
     except KitError as err:
-        _fail(str(err))
+        fail(str(err))
         return
     typer.echo(f"{'replaced the' if key.replaced else 'made this'} site's SuperNode key pair:\n"
                f"  private key {key.private} (mode 600; never leaves this site)\n"
@@ -244,13 +242,13 @@ def site_start(
             k.config.clientapp_port = clientapp_port
         site, path = write_site_config(k, data)
     except KitError as err:
-        _fail(str(err), FATAL_EXIT)
+        fail(str(err), FATAL_EXIT)
     typer.echo(f"site {site.name}: data {site.data_dir}, state {site.state_dir}, privacy cap ε={site.epsilon_cap:g} "
                f"(δ={site.delta:g}); connecting to {k.config.superlink}")
     try:
         code = run_site(k, path, reconnect_seconds=reconnect_seconds)
     except SiteFatal as err:
-        _fail(str(err), FATAL_EXIT)
+        fail(str(err), FATAL_EXIT)
     raise typer.Exit(code)
 
 
@@ -286,17 +284,17 @@ def site_receive(
 
     tls_parts = (tls_cert, tls_key, tls_ca)
     if any(tls_parts) and not all(tls_parts):
-        _fail("TLS needs all three of --tls-cert, --tls-key and --tls-ca (or none of them)")
+        fail("TLS needs all three of --tls-cert, --tls-key and --tls-ca (or none of them)")
     try:
         counts = run_receive(dst, key, ae_title=ae_title, allowed=split_ae_titles(allow_ae), port=port, host=host,
                              tls=TlsFiles(tls_cert, tls_key, tls_ca) if tls_cert and tls_key and tls_ca else None,
                              policy=policy, labels=labels, quarantine=quarantine, spool=spool, audit=audit,
                              audit_key=audit_key, min_free_bytes=parse_size(min_free), study_timeout=study_timeout)
     except DeidError as err:  # IntakeError, KeyFileError, LabelsError...: the message says what to do
-        _fail(str(err))
+        fail(str(err))
         return
     except OSError as err:
-        _fail(f"{err.filename or dst}: {err.strerror or err}; check that disk and its permissions, then start again")
+        fail(f"{err.filename or dst}: {err.strerror or err}; check that disk and its permissions, then start again")
         return
     typer.echo(counts.line())
 
@@ -312,7 +310,7 @@ def site_approve(
     try:
         entry = approve(kit, app)
     except ApprovalError as err:
-        _fail(str(err))
+        fail(str(err))
         return
     typer.echo(f"approved sha256:{entry.sha256} ({entry.source}) for the site in {kit}")
 
@@ -326,7 +324,7 @@ def site_approvals(kit: Annotated[Path, typer.Argument(help="This site's kit fol
     try:
         items = approvals(kit)
     except (ApprovalError, FabError) as err:
-        _fail(str(err))
+        fail(str(err))
         return
     if not items:
         typer.echo("no app is approved: this site refuses every run (approve one with `medfed site approve`)")
@@ -372,13 +370,12 @@ def run_command(
             typer.echo(f"resuming run {plan.run_name} after round {plan.resume_from}")
         metrics = run(directory, plan, app=app, timeout=timeout, echo=typer.echo, wait_for=wait_for_sites)
     except (ConfigError, ProvisionError, CoordinatorError) as err:
-        _fail(str(err))
+        fail(str(err))
         return
     _summary(directory, plan.run_name, plan.out_dir, metrics)
 
 
 def _summary(directory: Path, name: str, out: Path, metrics: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from coordinator.federation import CHECKPOINTS, METRICS_FILE, MODEL_FILE, PLOT_FILE
@@ -394,7 +391,6 @@ def _summary(directory: Path, name: str, out: Path, metrics: dict) -> None:
         auc = r.get("auc")
         table.add_row(str(r["round"]), "n/a" if auc is None else f"{auc:.3f}", f"{trained}/{len(r['sites'])}",
                       f"{r.get('seconds', 0):.1f}")
-    console = Console()
     console.print(table)
     spent: dict[str, tuple[float | None, float | None, int]] = {}
     for r in metrics["rounds"]:

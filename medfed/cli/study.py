@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from medfed.cli.output import console, fail
 
 _STUDY = Annotated[Path, typer.Option("--study", help="The study file (`medfed study init` writes one).")]
 _RUN_CONFIG = Annotated[list[str] | None, typer.Option(
     "--run-config", help="Run settings 'key=value ...' as in pyproject's [tool.flwr.app.config] (e.g. 'lr=0.02').")]
 
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
 
 
 def _overrides(items: list[str] | None) -> dict[str, Any]:
@@ -56,7 +51,7 @@ def train(
         result = train_site(deid_dir, study, study_file.resolve().parent, out, epsilon_cap=epsilon_cap, delta=delta,
                             overrides={"num_server_rounds": rounds, **_overrides(run_config)}, site=site)
     except (ConfigError, StudyRunError, DatasetError, NetworkError) as err:
-        _fail(str(err))
+        fail(str(err))
     _print_test(result.test_metrics, f"{study.name}: test split of {deid_dir}")
     if result.declined:
         console.print(f"[yellow]stopped early:[/] {result.declined}")
@@ -82,21 +77,21 @@ def simulate(
     for spec in site:
         name, sep, folder = spec.partition("=")
         if not sep or not name or not folder:
-            _fail(f"--site {spec!r}: write NAME=DEID_DIR, e.g. --site hospital-a=/data/deid-a")
+            fail(f"--site {spec!r}: write NAME=DEID_DIR, e.g. --site hospital-a=/data/deid-a")
         if name in stores:
-            _fail(f"--site {name} is given twice; give each site once")
+            fail(f"--site {name} is given twice; give each site once")
         stores[name] = Path(folder)
     if len(stores) < 2:
-        _fail("a federation needs at least two sites: give --site NAME=DEID_DIR twice or more")
+        fail("a federation needs at least two sites: give --site NAME=DEID_DIR twice or more")
     if out.exists() and any(out.iterdir()):
-        _fail(f"{out} is not empty; choose a fresh --out folder")
+        fail(f"{out} is not empty; choose a fresh --out folder")
     try:
         study = _load(study_file)
         sites = prepare_stores(out.resolve(), stores, study, epsilon_cap=epsilon_cap, delta=delta)
         result = simulate_study(study, study_file.resolve().parent, sites, out,
                                 overrides={"num_server_rounds": rounds, **_overrides(run_config)})
     except (ConfigError, StudyRunError) as err:
-        _fail(str(err))
+        fail(str(err))
     print_run(result.metrics)
     console.print(f"simulation {result.seconds:.0f}s\nmodel:   {result.model}\nmetrics: {result.metrics}\n"
                   f"plot:    {result.plot}")

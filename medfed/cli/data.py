@@ -14,13 +14,11 @@ from typing import Annotated
 
 import typer
 
+from medfed.cli.output import fail
+
 study_app = typer.Typer(help="Write and validate a study file (study.toml).", no_args_is_help=True)
 data_app = typer.Typer(help="Check a de-identified store against a study.", no_args_is_help=True)
 
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def _load(path: Path):  # noqa: ANN202 - Study, imported lazily
@@ -30,7 +28,7 @@ def _load(path: Path):  # noqa: ANN202 - Study, imported lazily
     try:
         return load_study(path)
     except ConfigError as err:
-        _fail(str(err))
+        fail(str(err), 1)
 
 
 # ---- study init --------------------------------------------------------------------------
@@ -151,7 +149,7 @@ def study_init(
     from models.study import parse_study
 
     if file.exists() and not force:
-        _fail(f"{file} exists; choose another name or pass --force to overwrite it")
+        fail(f"{file} exists; choose another name or pass --force to overwrite it", 1)
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", file.stem).strip("-._") or "study"
     text = study_template(name[:64], task, _class_names(task, classes), modality.upper(), network, image_size)
     import tomllib
@@ -159,7 +157,7 @@ def study_init(
     try:
         parse_study(tomllib.loads(text), file)
     except ConfigError as err:  # e.g. an unknown task or modality: say which option, write nothing
-        _fail(str(err).replace("`medfed study check FILE`", "the options of `medfed study init`"))
+        fail(str(err).replace("`medfed study check FILE`", "the options of `medfed study init`"), 1)
     write_file(file, text.encode("utf-8"))
     typer.echo(f"wrote {file}; edit it, then run `medfed study check {file}`")
 
@@ -225,7 +223,7 @@ def data_check(
     try:
         store = read_store_rows(root, study)
     except DatasetError as err:
-        _fail(str(err))
+        fail(str(err), 1)
     refused: list[tuple[str, str]] = [(rel or f"row {row}", reason) for row, rel, reason in store.bad]
     fatal = len(store.bad)
     items = []
@@ -255,7 +253,7 @@ def data_check(
     try:
         entries = cache.ensure(items, checked)
     except CacheError as err:
-        _fail(str(err))
+        fail(str(err), 1)
     splits = assign_splits((r.patient for r in store.labelled), study.test_fraction) if store.labelled else {}
     per_class: Counter[str] = Counter()
     per_split: Counter[tuple[str, str]] = Counter()

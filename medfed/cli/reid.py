@@ -13,15 +13,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+
+from medfed.cli.output import console, fail
 
 PASSPHRASE_ENV = "MEDFED_REID_PASSPHRASE"
-console = Console()
 
-
-def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
 
 
 def _passphrase(confirm: bool) -> bytes:
@@ -47,8 +43,9 @@ def register_reid_commands(deid_app: typer.Typer) -> None:
         try:
             fp = generate_officer_keys(private, public, _passphrase(confirm=True))
         except ReidError as err:
-            _fail(str(err))
-        console.print(f"private key {private} (keep it off the site machine), public key {public}; fingerprint {fp[:16]}")
+            fail(str(err))
+        console.print(f"private key {private} (keep it off the site machine), public key {public}; "
+                      f"fingerprint {fp[:16]}")
 
     @deid_app.command("reid-lookup")
     def reid_lookup(
@@ -69,19 +66,22 @@ def register_reid_commands(deid_app: typer.Typer) -> None:
         from anonymization.reid import ReidError, is_legacy_private_key, load_private_key, lookup, read_table
 
         if pseudonym is None and not all_rows:
-            _fail("give a pseudonym to look up, or --all")
+            fail("give a pseudonym to look up, or --all")
         try:
             site_keys = [load_public_key(p) for p in site_key or []]
             key = load_private_key(officer_key, _passphrase(confirm=False))
             options = {"site_keys": site_keys or None, "accept_unsigned": accept_unsigned}
-            rows = list(read_table(table, key, **options)) if all_rows else lookup(table, key, pseudonym or "", **options)
+            if all_rows:
+                rows = list(read_table(table, key, **options))
+            else:
+                rows = lookup(table, key, pseudonym or "", **options)
         except (ReidError, AuditKeyError) as err:
-            _fail(str(err))
+            fail(str(err))
         if is_legacy_private_key(officer_key):
             console.print(f"[yellow]note:[/] {officer_key} uses the old key format (PBKDF2, 2,048 iterations); "
                           f"re-encrypt it with `medfed deid reid-rekey --officer-key {officer_key}`")
         if not rows:
-            _fail("no row of the table has that pseudonym", code=1)
+            fail("no row of the table has that pseudonym", code=1)
         # One "field: value" line each (no table: UIDs must never be cut to fit a terminal).
         for i, r in enumerate(rows):
             if i:
@@ -104,7 +104,7 @@ def register_reid_commands(deid_app: typer.Typer) -> None:
         try:
             rekey_officer_key(officer_key, _passphrase(confirm=False))
         except ReidError as err:
-            _fail(str(err))
+            fail(str(err))
         console.print(f"re-encrypted {officer_key} (scrypt); the public key and the table are unchanged")
 
     @deid_app.command("policy-check")
@@ -117,7 +117,7 @@ def register_reid_commands(deid_app: typer.Typer) -> None:
         try:
             loaded = load_policy(policy)
         except PolicyError as err:
-            _fail(str(err))
+            fail(str(err))
         for code in loaded.method_codes():
             console.print(f"{code.value}  {code.meaning}")
         console.print(f"Longitudinal Temporal Information Modified: {loaded.longitudinal_temporal_information}")

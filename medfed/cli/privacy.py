@@ -1,18 +1,19 @@
 """`medfed privacy ...`: price a DP-SGD run, plan its noise, read a site's ledger, audit a trained model.
 
-Kept apart from `medfed/cli.py`; the heavy imports (Opacus, torch) happen inside
+Kept apart from the other commands; the heavy imports (Opacus, torch) happen inside
 the commands. ``epsilon``, ``plan`` and ``ledger`` print their answer as the last
 line so that scripts can read it with ``tail -1``.
 """
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from medfed.cli.output import fail
 from medfed.settings import RunConfig
 
 privacy_app = typer.Typer(
@@ -22,12 +23,12 @@ privacy_app = typer.Typer(
 )
 
 
-class Accountant(str, Enum):
+class Accountant(StrEnum):
     rdp = "rdp"
     prv = "prv"
 
 
-class ShadowOptimizer(str, Enum):
+class ShadowOptimizer(StrEnum):
     adam = "adam"
     sgd = "sgd"
 
@@ -38,10 +39,6 @@ _DEFAULT_ACCOUNTANT = Accountant(RunConfig.model_fields["accountant"].default)
 LEDGER_FILE = "privacy-ledger.sqlite"
 _DELTA = Annotated[float, typer.Option("--delta", help="δ; must be below 1/n for a dataset of n records.")]
 
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 @privacy_app.command("epsilon")
@@ -58,7 +55,7 @@ def epsilon_cmd(
     try:
         eps = epsilon(sample_rate, noise_multiplier, steps, delta, accountant.value)
     except AccountingError as err:
-        _fail(str(err))
+        fail(str(err))
     typer.echo(f"q={sample_rate:g} sigma={noise_multiplier:g} steps={steps} delta={delta:g} "
                f"accountant={accountant.value}")
     typer.echo(f"{eps:.6g}")
@@ -80,7 +77,7 @@ def plan_cmd(
     try:
         p = plan(epsilon, delta, dataset_size, batch_size, rounds, local_epochs, accountant.value)
     except AccountingError as err:
-        _fail(str(err))
+        fail(str(err))
     typer.echo(f"q={p.sample_rate:.6g} steps/round={p.steps_per_round} rounds={p.rounds} steps={p.steps} "
                f"delta={delta:g} accountant={p.accountant}")
     typer.echo(f"noise-multiplier {p.noise_multiplier:g} epsilon {p.epsilon:.4f}")
@@ -98,26 +95,26 @@ def ledger_cmd(
 
     folder = kit_or_state
     if not folder.is_dir():
-        _fail(f"{folder} is not a folder; pass a site kit folder (with site.toml) or a site's state folder "
+        fail(f"{folder} is not a folder; pass a site kit folder (with site.toml) or a site's state folder "
               f"(with {LEDGER_FILE})")
     site: SiteConfig | None = None
     if (folder / "site.toml").is_file():
         try:
             site = SiteConfig.from_toml(folder / "site.toml")
         except ConfigError as err:
-            _fail(str(err))
+            fail(str(err))
         state = site.state_dir
     elif (folder / LEDGER_FILE).is_file():
         state = folder
     elif (folder / "kit.toml").is_file():
-        _fail(f"{folder} is a site kit without site.toml: start the site once (`medfed site start {folder} --data "
+        fail(f"{folder} is a site kit without site.toml: start the site once (`medfed site start {folder} --data "
               "DEID_DIR`) so it writes site.toml, or pass the site's state folder")
     else:
-        _fail(f"{folder} holds neither site.toml (a site kit) nor {LEDGER_FILE} (a site's state folder); pass one "
+        fail(f"{folder} holds neither site.toml (a site kit) nor {LEDGER_FILE} (a site's state folder); pass one "
               "of those")
     path = state / LEDGER_FILE
     if not path.is_file():
-        _fail(f"{path} does not exist: this site has not taken part in a run yet (nothing spent)")
+        fail(f"{path} does not exist: this site has not taken part in a run yet (nothing spent)")
     ledger = PrivacyLedger(path)
     policy = ledger.policy()
     if site is not None:
@@ -125,13 +122,14 @@ def ledger_cmd(
     elif policy is not None:
         cap, delta = policy["epsilon_cap"], policy["delta"]
     else:
-        _fail(f"{path} records no lifetime cap (written by an older site); pass the site's kit folder instead, "
+        fail(f"{path} records no lifetime cap (written by an older site); pass the site's kit folder instead, "
               "whose site.toml holds epsilon-cap and delta")
     accountant = policy["accountant"] if policy is not None else LEGACY_ACCOUNTANT
     rows = ledger.summary(delta)
     typer.echo(f"{'run':<28} {'accountant':<10} {'spent':>5} {'declined':>8} {'evaluations':>11} {'epsilon':>9}")
     for r in rows:
-        evals = f"{r['evaluations']}" + (f" (+{r['evaluations_declined']} declined)" if r["evaluations_declined"] else "")
+        declined = r["evaluations_declined"]
+        evals = f"{r['evaluations']}" + (f" (+{declined} declined)" if declined else "")
         typer.echo(f"{r['run']:<28} {r['accountant']:<10} {r['spent']:>5} {r['declined']:>8} {evals:>11} "
                    f"{r['epsilon']:>9.3f}")
     lifetime = ledger.lifetime_epsilon(delta, accountant)
@@ -163,28 +161,28 @@ def audit_cmd(
     from models.training import DPSettings, train_local
 
     if members.resolve() == non_members.resolve():
-        _fail("--members and --non-members are the same store; pass two disjoint stores")
+        fail("--members and --non-members are the same store; pass two disjoint stores")
     try:
         state = torch.load(model, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        _fail(f"{model} does not exist; pass the model.pt a run wrote")
+        fail(f"{model} does not exist; pass the model.pt a run wrote")
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
-        _fail(f"{model} is not a saved state dict ({type(err).__name__}); pass the model.pt a run wrote")
+        fail(f"{model} is not a saved state dict ({type(err).__name__}); pass the model.pt a run wrote")
     target = build_model(image_size)
     try:
         target.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:
-        _fail(f"{model} does not fit the consortium model: {str(err).splitlines()[0]}")
+        fail(f"{model} does not fit the consortium model: {str(err).splitlines()[0]}")
     try:
         member_ds = ManifestDataset(members, split="all", image_size=image_size)
         non_member_ds = ManifestDataset(non_members, split="all", image_size=image_size)
     except DatasetError as err:
-        _fail(str(err))
+        fail(str(err))
 
     results = [loss_threshold_attack(target, member_ds, non_member_ds)]
     if shadows:
         if shadows < 2:
-            _fail("LiRA needs at least 2 shadow models; pass --shadows 0 or >= 2")
+            fail("LiRA needs at least 2 shadow models; pass --shadows 0 or >= 2")
 
         def train_shadow(ds, shadow_seed: int) -> torch.nn.Module:
             torch.manual_seed(shadow_seed)
