@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from anonymization.audit import AuditTrail
-from anonymization.audit_keys import AuditSigner
+from anonymization.audit.keys import AuditSigner
 from tests.audit_factory import signer_file
 
 
@@ -47,7 +47,7 @@ def test_tampering_is_detected(tmp_path: Path) -> None:
 
 
 def _appender(directory: str, key: str, worker: int) -> None:
-    from anonymization.audit_keys import load_signing_key
+    from anonymization.audit.keys import load_signing_key
 
     with AuditTrail(Path(directory), fsync=False, signer=load_signing_key(Path(key))) as trail:
         for i in range(25):

@@ -15,8 +15,8 @@ from flwr.clientapp import ClientApp
 from typer.testing import CliRunner
 
 from anonymization.audit import AuditTrail, read_records
-from anonymization.audit_anchors import ANCHORS_FILE, anchor_fields
-from anonymization.audit_keys import SIGNING_KEY_NAME, AuditSigner, load_signing_key
+from anonymization.audit.anchors import ANCHORS_FILE, anchor_fields
+from anonymization.audit.keys import SIGNING_KEY_NAME, AuditSigner, load_signing_key
 from coordinator.federation import initial_state
 from coordinator.history import RunHistory
 from coordinator.receipts import Receipts, read_jsonl

@@ -29,8 +29,8 @@ from typer.testing import CliRunner
 
 from anonymization import pixels
 from anonymization.audit import read_records
-from anonymization.audit_keys import SIGNING_KEY_NAME, load_signing_key
-from anonymization.audit_report import ACTION_MEANINGS
+from anonymization.audit.keys import SIGNING_KEY_NAME, load_signing_key
+from anonymization.audit.report import ACTION_MEANINGS
 from anonymization.keys import load_or_create_secret
 from coordinator.federation import initial_state
 from medfed.cli import app as medfed

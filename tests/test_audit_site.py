@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from anonymization.audit import read_records
-from anonymization.audit_verify import verify_trail
+from anonymization.audit.verify import verify_trail
 from coordinator.federation import initial_state
 from medfed.protocol import EGRESS_BLOCKED, SITE_FAILED
 from medfed.settings import RunConfig, SiteConfig

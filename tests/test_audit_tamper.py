@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from anonymization.audit import AuditTrail, segment_files
-from anonymization.audit_keys import AuditSigner, b64
+from anonymization.audit.keys import AuditSigner, b64
 from medfed.cli.audit import audit_app as app
 from tests.audit_factory import forge_append, lines_of, locate, rechain, record, sealed_trail, signer_file, write_lines
 

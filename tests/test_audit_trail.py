@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from anonymization.audit import AuditKeyError, AuditTrail, open_trail, read_meta, segment_files
-from anonymization.audit_keys import SIGNING_KEY_NAME, AuditSigner, load_public_key, load_signing_key
-from anonymization.audit_verify import verify_trail
+from anonymization.audit.keys import SIGNING_KEY_NAME, AuditSigner, load_public_key, load_signing_key
+from anonymization.audit.verify import verify_trail
 from medfed.cli.audit import audit_app as app
 from tests.audit_factory import sealed_trail, signer_file
 

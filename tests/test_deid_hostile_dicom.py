@@ -230,7 +230,7 @@ def _signed_table(path: Path, public: Path, signer) -> Path:
 
 def test_a_row_forged_with_the_officer_public_key_is_refused(officer, tmp_path: Path) -> None:
     """The attack: append a row sealed to the officer's public key; a lookup must not return it."""
-    from anonymization.audit_keys import AuditSigner
+    from anonymization.audit.keys import AuditSigner
     from anonymization.reid import ReidError, fingerprint, load_private_key, load_public_key, lookup, seal, sign_line
 
     private, public = officer
@@ -259,7 +259,7 @@ def test_a_row_forged_with_the_officer_public_key_is_refused(officer, tmp_path: 
 
 
 def test_a_rewritten_header_does_not_fool_an_officer_who_pins_the_site_key(officer, tmp_path: Path) -> None:
-    from anonymization.audit_keys import AuditSigner
+    from anonymization.audit.keys import AuditSigner
     from anonymization.reid import ReidError, load_private_key, lookup
 
     private, public = officer
@@ -333,7 +333,7 @@ def test_officer_key_uses_scrypt_and_an_old_key_is_migrated(officer, tmp_path: P
 
 
 def test_an_unsigned_format_1_table_is_read_only_on_request_and_never_appended(officer, tmp_path: Path) -> None:
-    from anonymization.audit_keys import AuditSigner
+    from anonymization.audit.keys import AuditSigner
     from anonymization.reid import (
         UNSIGNED_VERSION,
         ReidError,
@@ -363,7 +363,7 @@ def test_cli_notes_an_old_officer_key_and_rekeys_it(officer, tmp_path: Path) -> 
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     from typer.testing import CliRunner
 
-    from anonymization.audit_keys import AuditSigner
+    from anonymization.audit.keys import AuditSigner
     from anonymization.reid import ReidTable, seal
     from medfed.cli import app
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from anonymization import worker
 from anonymization.audit import read_records
-from anonymization.audit_verify import verify_trail
+from anonymization.audit.verify import verify_trail
 from anonymization.batch import (
     RESERVE_FILE,
     DeidError,

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from typer.testing import CliRunner
 
-from anonymization.audit_keys import AuditSigner
+from anonymization.audit.keys import AuditSigner
 from anonymization.batch import DeidError, run_deid
 from anonymization.policy import (
     DEFAULT_POLICY,

@@ -752,7 +752,7 @@ def test_a_run_outside_the_sites_bounds_is_refused_and_recorded(world: World) ->
 def test_a_trail_rewritten_and_resealed_at_the_site_is_caught_by_the_coordinators_anchors(
         world: World, basic_run: dict[str, Any], tmp_path: Path) -> None:
     from anonymization.audit import resolve_key_path
-    from anonymization.audit_keys import SIGNING_KEY_NAME, load_signing_key
+    from anonymization.audit.keys import SIGNING_KEY_NAME, load_signing_key
     from tests.audit_factory import reseal_without
 
     site = world.site_config("hospital-a")

@@ -31,7 +31,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "models": ("models",) + CORE,
     "site_client": ("site_client", "anonymization", "models") + CORE,
     # The coordinator has no business with DICOM or the site: only the anchor format both ends must agree on.
-    "coordinator": ("coordinator", "models", "anonymization.audit_anchors") + CORE,
+    "coordinator": ("coordinator", "models", "anonymization.audit.anchors") + CORE,
     "top": OURS,
 }
 #: Third-party packages a layer must never import, and why.
@@ -138,6 +138,59 @@ def test_the_check_catches_an_import_against_the_direction(
     monkeypatch.setattr(Path, "read_text", read_text)
     problems = _violations()
     assert len(problems) == 1 and problems[0].startswith(module) and f"the {layer} layer" in problems[0]
+
+
+def _import_cycle(package: str) -> list[str]:
+    """The first import cycle among ``package``'s modules (its ``__init__`` included), or []; lazy imports count."""
+    folder = ROOT.joinpath(*package.split("."))
+    modules = {_module_name(path): path for path in sorted(folder.glob("*.py"))}
+    graph = {}
+    for module, path in modules.items():
+        # an import of a submodule (or a name in it) is an edge to that module; of the package, to its __init__
+        graph[module] = {max((m for m in modules if _matches(name, (m,))), key=len)
+                         for _line, name in _imports(path) if _matches(name, (package,))}
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str]:
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in done:
+            return []
+        for nxt in sorted(graph[module]):
+            if cycle := visit(nxt, [*path, module]):
+                return cycle
+        done.add(module)
+        return []
+
+    for module in sorted(graph):
+        if cycle := visit(module, []):
+            return cycle
+    return []
+
+
+def test_the_audit_subpackage_has_no_import_cycle() -> None:
+    """The verifier reads the trail's format without the writer: no module of anonymization.audit imports back."""
+    assert _import_cycle("anonymization.audit") == []
+
+
+@pytest.mark.parametrize("source", [
+    "from anonymization.audit.trail import AuditTrail\n",
+    "def f():\n    from anonymization.audit import AuditTrail\n",
+])
+def test_the_cycle_check_catches_the_verifier_importing_the_writer(
+    source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A planted import back from verify.py (top level or lazy, as the writer's lazy one once was) is a cycle."""
+    planted = ROOT / "anonymization" / "audit" / "verify.py"
+    real = Path.read_text
+
+    def read_text(self: Path, *args: object, **kwargs: object) -> str:
+        text = real(self, *args, **kwargs)  # type: ignore[arg-type]
+        return text + "\n" + source if self == planted else text
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    cycle = _import_cycle("anonymization.audit")
+    assert "anonymization.audit.verify" in cycle and cycle[0] == cycle[-1]
 
 
 def test_every_test_the_design_names_exists() -> None:

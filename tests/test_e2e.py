@@ -139,7 +139,7 @@ def test_every_sites_trail_matches_the_anchors_the_coordinator_kept(demo: DemoSu
     from typer.testing import CliRunner
 
     from anonymization.audit import read_records
-    from anonymization.audit_anchors import ANCHORS_FILE
+    from anonymization.audit.anchors import ANCHORS_FILE
     from coordinator.receipts import read_jsonl
     from medfed.cli.audit import audit_app
 

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from anonymization.audit_anchors import ANCHOR_RECORD, anchor_fields
+from anonymization.audit.anchors import ANCHOR_RECORD, anchor_fields
 from coordinator.history import RunHistory
 from coordinator.report import plot_metrics, summary_lines, write_metrics
 from coordinator.strategy import build_strategy

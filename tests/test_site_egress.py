@@ -6,7 +6,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from anonymization.audit_anchors import anchor_fields
+from anonymization.audit.anchors import anchor_fields
 from site_client.egress import EVALUATE_METRICS, TRAIN_METRICS, EgressViolation, check_reply
 
 ANCHOR = anchor_fields("hospital-a", 12, "ab" * 32)  # every reply carries the audit trail's head

@@ -81,7 +81,7 @@ def test_site_egress_and_coordinator_record_the_same_digest_of_an_update() -> No
     """One digest links a site's round record, its egress record and the coordinator's receipt."""
     import hashlib
 
-    from anonymization.audit_anchors import anchor_fields
+    from anonymization.audit.anchors import anchor_fields
     from coordinator.receipts import arrays_digest
     from site_client.egress import check_reply
     from site_client.task import update_summary

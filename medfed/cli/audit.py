@@ -43,7 +43,7 @@ _KEY = Annotated[
 
 
 def _public(path: Path | None) -> bytes | None:
-    from anonymization.audit_keys import AuditKeyError, load_public_key
+    from anonymization.audit.keys import AuditKeyError, load_public_key
 
     if path is None:
         return None
@@ -74,8 +74,8 @@ def verify(directory: _DIR, public_key: _PUBLIC = None, anchors: _ANCHORS = None
 
     Exit codes: 0 all check; 1 BROKEN, evidence of tampering or damage (the first break is named), or NOT ANCHORED (the receipts hold no anchor of the site); 2 a usage error (not a folder, a bad option or receipts file); 3 INCOMPLETE, the end is not sealed (a crash, or records cut off); 4 NO TRAIL, the folder holds no audit records (wrong folder?).
     """  # noqa: E501 - one paragraph per line: --help wraps it
-    from anonymization.audit_anchors import AnchorError, load_anchors
-    from anonymization.audit_verify import verify_trail
+    from anonymization.audit.anchors import AnchorError, load_anchors
+    from anonymization.audit.verify import verify_trail
 
     if not directory.is_dir():
         fail(f"{directory} is not a folder; pass the audit trail folder (e.g. DST/audit)")
@@ -101,7 +101,7 @@ def report(
 ) -> None:
     """Write one self-contained HTML page for the privacy officer (verification status, files,
     actions, policy, privacy budget per round, what left the site)."""
-    from anonymization.audit_report import write_report
+    from anonymization.audit.report import write_report
 
     if not directory.is_dir():
         fail(f"{directory} is not a folder; pass the audit trail folder (e.g. DST/audit)")
@@ -116,7 +116,7 @@ def export_key(
     out: Annotated[Path | None, typer.Option("--out", help="Write the PEM here instead of stdout.")] = None,
 ) -> None:
     """Print the public half of the site's audit key (PEM): give it to whoever verifies the trail."""
-    from anonymization.audit_keys import AuditKeyError, load_signing_key
+    from anonymization.audit.keys import AuditKeyError, load_signing_key
 
     try:
         signer = load_signing_key(_signer_path(directory, audit_key))
@@ -136,7 +136,7 @@ def rotate_key(directory: _DIR, audit_key: _KEY = None) -> None:
     """Replace the trail's signing key: the old key seals and endorses the new one, which replaces
     it in its file. Export the new public key afterwards."""
     from anonymization.audit import AuditError, AuditTrail
-    from anonymization.audit_keys import load_signing_key
+    from anonymization.audit.keys import load_signing_key
 
     try:
         path = _signer_path(directory, audit_key)

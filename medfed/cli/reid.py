@@ -62,7 +62,7 @@ def register_reid_commands(deid_app: typer.Typer) -> None:
             "--accept-unsigned", help="Read a format-1 table, whose rows are not signed.")] = False,
     ) -> None:
         """Print the original identifiers behind a pseudonym (needs the officer's private key)."""
-        from anonymization.audit_keys import AuditKeyError, load_public_key
+        from anonymization.audit.keys import AuditKeyError, load_public_key
         from anonymization.reid import ReidError, is_legacy_private_key, load_private_key, lookup, read_table
 
         if pseudonym is None and not all_rows:

@@ -11,7 +11,7 @@ periodic seals is reported as incomplete. What it cannot see on its own: a trail
 cut back to an earlier run's end, with whole runs removed, still verifies.
 Compare the summary's last seal (number, time, head hash) with what an earlier
 verification printed to catch that, or check the trail against the anchors the
-coordinator kept (``anchors``, see :mod:`anonymization.audit_anchors`): they
+coordinator kept (``anchors``, see :mod:`anonymization.audit.anchors`): they
 also catch a trail rewritten and re-sealed with the site's own key.
 """
 
@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anonymization.audit import (
+from anonymization.audit.anchors import Anchor, anchored_site, first_mismatch
+from anonymization.audit.keys import key_id, verify_signature
+from anonymization.audit.records import (
     AUDIT_FILE,
     GENESIS,
     KIND_KEY_CREATED,
@@ -39,13 +41,11 @@ from anonymization.audit import (
     SEAL_ROLLOVER,
     SEGMENT_NAME,
     SIG_RE,
-    _parse,
     line_hash,
+    parse_line,
     read_segments,
     rotation_message,
 )
-from anonymization.audit_anchors import Anchor, anchored_site, first_mismatch
-from anonymization.audit_keys import key_id, verify_signature
 
 STATUS_OK = "ok"
 STATUS_BROKEN = "broken"  # evidence of tampering or damage
@@ -212,7 +212,7 @@ class _Verifier:
         last_record: dict[str, Any] | None = None
         for i, raw in enumerate(lines):
             where = f"{path.name} line {i + 1}"
-            rec = _parse(raw)
+            rec = parse_line(raw)
             if rec is None or not isinstance(rec.get("seq"), int) or isinstance(rec.get("seq"), bool):
                 if is_last_file and i == len(lines) - 1:
                     raise _Break(
@@ -271,7 +271,7 @@ class _Verifier:
             )
         if seq != self.expected:
             if seq > self.expected:
-                after = _parse(lookahead[0]) if lookahead else None
+                after = parse_line(lookahead[0]) if lookahead else None
                 if after is not None and after.get("seq") == self.expected:
                     raise _Break(
                         STATUS_BROKEN,
@@ -397,7 +397,7 @@ def verify_trail(
 ) -> VerifyResult:
     """Verify the trail in ``directory``; ``public_key`` (raw Ed25519 bytes) anchors the signing keys.
 
-    With ``anchors`` (the coordinator's, :func:`~anonymization.audit_anchors.load_anchors`), every anchor of
+    With ``anchors`` (the coordinator's, :func:`~anonymization.audit.anchors.load_anchors`), every anchor of
     ``site`` must name a record of the trail with that exact hash. ``site`` defaults to the names the
     trail's egress records say its replies carried, else to the only site in ``anchors``.
     """

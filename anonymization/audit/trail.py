@@ -26,21 +26,18 @@ counts in it (docs/design.md invariant 4): nothing here can tell an identifier f
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import fcntl
 import hashlib
 import json
 import os
-import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from anonymization.audit_keys import (
+from anonymization.audit.keys import (
     ALGORITHM,
-    SIGNING_KEY_NAME,
     AuditError,
     AuditKeyError,
     AuditSigner,
@@ -50,137 +47,44 @@ from anonymization.audit_keys import (
     load_signing_key,
     write_private_key,
 )
+from anonymization.audit.records import (
+    AUDIT_FILE,
+    FORMAT,
+    GENESIS,
+    KIND_KEY_CREATED,
+    KIND_KEY_ROTATED,
+    KIND_POLICY,
+    KIND_SEAL,
+    KIND_SEGMENT,
+    KIND_TORN,
+    LOCK_FILE,
+    META_FILE,
+    SEAL_DOMAIN,
+    SEAL_END,
+    SEAL_PERIODIC,
+    SEAL_ROLLOVER,
+    SEAL_ROTATION,
+    SEGMENT_NAME,
+    TRAIL_KINDS,
+    encode,
+    line_hash,
+    parse_line,
+    read_meta,
+    rotation_message,
+    segment_files,
+    utc_now,
+)
+from anonymization.audit.verify import verify_trail
 from medfed.files import fsync_dir, write_text
 
-__all__ = [
-    "AUDIT_FILE",
-    "AuditError",
-    "AuditKeyError",
-    "AuditTrail",
-    "GENESIS",
-    "open_trail",
-    "segment_files",
-    "utc_now",
-]
+__all__ = ["AuditTrail", "open_trail", "resolve_key_path"]
 
-AUDIT_FILE = "audit.jsonl"  # the active segment
-SEGMENT_NAME = "audit-{:06d}.jsonl"  # closed segments
-SEGMENT_RE = re.compile(r"^audit-(\d{6})\.jsonl$")
-LOCK_FILE = "audit.lock"
-META_FILE = "trail.json"
-GENESIS = "0" * 64
-FORMAT = "medfed-audit-trail/1"
-
-KIND_SEAL = "seal"
-KIND_KEY_CREATED = "key_created"
-KIND_KEY_ROTATED = "key_rotated"
-KIND_SEGMENT = "segment_opened"
-KIND_TORN = "torn_line"
-KIND_POLICY = "policy"
-#: Why a seal was written. A run that finishes ends the trail with an end-of-run (or key
-#: rotation) seal; a trail whose last seal is periodic was cut off, or its run has not finished.
-SEAL_PERIODIC = "periodic"
-SEAL_ROLLOVER = "rollover"
-SEAL_END = "end of run"
-SEAL_ROTATION = "key rotation"
-END_SEALS = frozenset({SEAL_END, SEAL_ROTATION})
-#: Records the trail writes itself; :meth:`AuditTrail.records` leaves them out unless asked.
-TRAIL_KINDS = frozenset({KIND_SEAL, KIND_KEY_CREATED, KIND_KEY_ROTATED, KIND_SEGMENT, KIND_TORN, KIND_POLICY})
-
-SEAL_DOMAIN = b"medfed-audit-seal/1\n"
-ROTATION_DOMAIN = b"medfed-audit-key-rotation/1\n"
-#: A seal line ends with its signature over everything before it (with ``}`` closing).
-SIG_RE = re.compile(rb',"sig":"([0-9a-f]{128})"\}$')
-
+#: Fields the trail sets on every record itself; a caller's fields must not shadow them.
 _RESERVED = frozenset({"seq", "time", "kind", "prev", "sig"})
-
-
-def utc_now() -> str:
-    """Current UTC time, ISO 8601 with milliseconds."""
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
-
-
-def encode(record: Mapping[str, Any]) -> bytes:
-    """One record as its line (without the newline): compact, ASCII-only, key order kept."""
-    return json.dumps(record, separators=(",", ":"), default=str, ensure_ascii=True).encode("ascii")
-
-
-def line_hash(raw: bytes) -> str:
-    """What the next record's ``prev`` holds: SHA-256 of the line's bytes."""
-    return hashlib.sha256(raw).hexdigest()
-
-
-def rotation_message(previous_key_id: str, new_public_raw: bytes) -> bytes:
-    """What the retiring key signs to vouch for its successor."""
-    return ROTATION_DOMAIN + previous_key_id.encode("ascii") + b"\n" + new_public_raw
-
-
-def segment_files(directory: Path) -> list[tuple[int, Path]]:
-    """The trail's segments in order: closed ones by number, then the active ``audit.jsonl``."""
-    directory = Path(directory)
-    closed: list[tuple[int, Path]] = []
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    for name in names:
-        m = SEGMENT_RE.match(name)
-        if m:
-            closed.append((int(m.group(1)), directory / name))
-    closed.sort()
-    active = directory / AUDIT_FILE
-    if active.exists():
-        closed.append(((closed[-1][0] if closed else 0) + 1, active))
-    return closed
-
-
-def read_segments(directory: Path) -> list[tuple[int, Path, bytes]]:
-    """Every segment's number, path and bytes, read under the trail's shared lock when it can
-    be taken (never created: the folder may be a read-only copy)."""
-    try:
-        fd: int | None = os.open(Path(directory) / LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        fd = None
-    if fd is not None:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_SH)
-    try:
-        return [(n, p, p.read_bytes()) for n, p in segment_files(directory)]
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-def read_records(directory: Path) -> list[dict[str, Any]]:
-    """Every parseable record of a trail folder, oldest first, without opening it for writing."""
-    out: list[dict[str, Any]] = []
-    for _n, _p, data in read_segments(directory):
-        for raw in data.split(b"\n"):
-            rec = _parse(raw) if raw else None
-            if rec is not None:
-                out.append(rec)
-    return out
-
-
-def read_meta(directory: Path) -> dict[str, Any]:
-    """``trail.json`` (which key seals the trail, the policies last recorded); {} if absent."""
-    try:
-        value = json.loads((Path(directory) / META_FILE).read_text("utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _write_meta(directory: Path, meta: Mapping[str, Any]) -> None:
     write_text(Path(directory) / META_FILE, json.dumps(dict(meta), indent=1, sort_keys=True) + "\n", mode=None)
-
-
-def _parse(raw: bytes) -> dict[str, Any] | None:
-    try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 @dataclass
@@ -206,12 +110,12 @@ def _last_record(data: bytes) -> tuple[bytes | None, bytes | None, int]:
     torn = None
     if lines and lines[-1] == b"":
         lines.pop()
-    elif lines and _parse(lines[-1]) is None:
+    elif lines and parse_line(lines[-1]) is None:
         torn = lines.pop()
     last = None
     count = 0
     for raw in lines:
-        if _parse(raw) is not None:
+        if parse_line(raw) is not None:
             last = raw
             count += 1
     return last, torn, count
@@ -378,7 +282,7 @@ class AuditTrail:
 
     def head(self) -> tuple[int, str]:
         """(number, line hash) of the trail's last record: what the next record's ``prev`` will hold,
-        and what a reply anchors off-site (:mod:`anonymization.audit_anchors`)."""
+        and what a reply anchors off-site (:mod:`anonymization.audit.anchors`)."""
         with self._locked(shared=True):
             tail = self._tail()
             return tail.seq, tail.prev
@@ -403,14 +307,12 @@ class AuditTrail:
         for data in blobs:
             for raw in data.split(b"\n"):
                 if raw:
-                    rec = _parse(raw)
+                    rec = parse_line(raw)
                     if rec is not None:
                         yield rec
 
     def verify(self, public_key: bytes | None = None) -> bool:
-        """True if the chain, every segment and every seal check (see :mod:`audit_verify`)."""
-        from anonymization.audit_verify import verify_trail
-
+        """True if the chain, every segment and every seal check (see :mod:`anonymization.audit.verify`)."""
         return verify_trail(self.directory, public_key=public_key).ok
 
     # ---- locking and the tail -------------------------------------------------------------
@@ -466,7 +368,7 @@ class AuditTrail:
         if last is None and closed:
             last, _torn, _count = _last_record(closed[-1][1].read_bytes())
         if last is not None:
-            record = _parse(last) or {}
+            record = parse_line(last) or {}
             tail.seq = int(record.get("seq", 0))
             tail.prev = line_hash(last)
             tail.last_kind = str(record.get("kind", ""))
@@ -591,7 +493,7 @@ class AuditTrail:
         """Like :meth:`iter_records`, for callers that already hold the lock."""
         for _n, path in segment_files(self.directory):
             for raw in path.read_bytes().split(b"\n"):
-                rec = _parse(raw) if raw else None
+                rec = parse_line(raw) if raw else None
                 if rec is not None:
                     yield rec
 
@@ -651,5 +553,3 @@ def open_trail(
     signer, _created = load_or_create_signing_key(path, forbidden=(*forbidden, directory))
     return AuditTrail(directory, signer=signer, **options)
 
-
-__all__ += ["SIGNING_KEY_NAME", "read_records", "read_segments", "resolve_key_path"]

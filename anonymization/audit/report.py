@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from anonymization.audit import (
+from anonymization.audit.records import (
     KIND_KEY_CREATED,
     KIND_KEY_ROTATED,
     KIND_POLICY,
@@ -26,7 +26,7 @@ from anonymization.audit import (
     read_records,
     utc_now,
 )
-from anonymization.audit_verify import VerifyResult, verify_trail
+from anonymization.audit.verify import VerifyResult, verify_trail
 from medfed.files import write_text
 
 #: What each action count means (PS3.15 Table E.1-1 action codes and the engine's own kinds).
