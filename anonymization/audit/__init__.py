@@ -3,7 +3,7 @@
 ``records`` is the format both ends agree on, ``trail`` writes it (:class:`AuditTrail`), ``verify`` checks it
 from its files alone, ``report`` renders it for the privacy officer, ``keys`` holds the Ed25519 key that seals
 it and ``anchors`` the heads a site hands the coordinator to keep. ``verify`` never imports ``trail``, so a
-verifier reads the format without the writer (tests/test_design.py checks the subpackage has no import cycle).
+verifier reads the format without the writer (tests/medfed/test_design.py checks the subpackage has no import cycle).
 """
 
 from anonymization.audit.keys import SIGNING_KEY_NAME, AuditError, AuditKeyError

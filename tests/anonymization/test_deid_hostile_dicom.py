@@ -27,7 +27,7 @@ from tests import dicom_factory as factory
 
 pytestmark = pytest.mark.adversarial
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BOMB_SIDE = 16384  # an RLE header declaring 16384 x 16384 x 16 bits: 512 MiB from under a kilobyte
 INFLATED_ZEROS = 300 * 1024 * 1024  # the deflated bomb's run of zeros, inflated
 

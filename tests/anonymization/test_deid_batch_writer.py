@@ -99,7 +99,7 @@ def test_deidentified_data_sets_written_exactly_as_dcmwrite_would(policy_name: s
             ds = pydicom.dcmread(io.BytesIO(data))
             if not ds.file_meta.get("TransferSyntaxUID") or "SOPInstanceUID" not in ds:
                 continue
-            engine.deidentify(ds, original=lambda: pydicom.dcmread(io.BytesIO(data)))
+            engine.deidentify(ds, original=lambda data=data: pydicom.dcmread(io.BytesIO(data)))
             meta = _meta(ds)
             ours = encode_file(ds, meta, data)
             ds.file_meta, ds.preamble = copy.deepcopy(meta), b"\x00" * 128

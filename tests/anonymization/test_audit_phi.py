@@ -39,10 +39,10 @@ from medfed.settings import RunConfig, SiteConfig
 from medfed.wire import MODEL_ARRAY, pack
 from site_client.client_app import build_app
 from site_client.task import ledger_for, train_round
+from tests.anonymization.test_deid_pixels import MRN, NAME, burned_ct
 from tests.audit_factory import chromium, lines_of, locate, page_fetches, painted, render, visible_text, write_lines
 from tests.dicom_factory import PHI_MARKERS, Patient, all_bytes_under, make_ct, write
 from tests.models_factory import make_store
-from tests.test_deid_pixels import MRN, NAME, burned_ct
 
 pytestmark = pytest.mark.integration
 # A fixed noise multiplier (no calibration), so each round's spend is known in advance.

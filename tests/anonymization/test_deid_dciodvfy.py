@@ -101,7 +101,7 @@ def test_no_new_dciodvfy_error(dciodvfy: str, inputs: list[Path], tmp_path: Path
 @pytest.mark.parametrize("policy_name", ["default", "basic", "cleaning"])
 def test_no_new_dciodvfy_error_on_real_files(dciodvfy: str, tmp_path: Path, policy_name: str) -> None:
     """Beyond CT and MR: every real file that de-identifies (SR, SEG, RT, PET, NM, ...)."""
-    from tests.test_deid_realfiles import real_files
+    from tests.anonymization.test_deid_realfiles import real_files
 
     policy = POLICIES[policy_name]
     worker.init_worker(worker.Job(secret=SECRET, dst=str(tmp_path), options=policy.table_options, policy=policy))

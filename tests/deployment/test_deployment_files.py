@@ -23,7 +23,7 @@ from coordinator.provision import SITE_UNIT_FILE, init_consortium, site_unit
 from medfed.cli import app
 from site_client.kit import generate_site_key, load_kit
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 DOCKERFILES = ["Dockerfile.coordinator", "Dockerfile.site", "Dockerfile.site-cpu"]
 

@@ -1,6 +1,6 @@
 """The audit trail's original contract: hash-chained records, sealed, safe for several processes.
 
-The full set lives in tests/test_audit_*.py (segments, seals, keys, tampering, report).
+The full set lives in tests/anonymization/test_audit_*.py (segments, seals, keys, tampering, report).
 """
 
 from __future__ import annotations

@@ -214,7 +214,7 @@ def test_medfed_run_refuses_an_app_that_would_ship_a_site_or_consortium_folder(t
 
     app = tmp_path / "app"
     app.mkdir()
-    shutil.copy(Path(__file__).resolve().parent.parent / "pyproject.toml", app / "pyproject.toml")
+    shutil.copy(Path(__file__).resolve().parents[2] / "pyproject.toml", app / "pyproject.toml")
     for pkg in ("medfed", "anonymization", "models", "site_client", "coordinator"):
         (app / pkg).mkdir()
         (app / pkg / "__init__.py").write_text("")

@@ -1,6 +1,6 @@
 """Compound actions per IOD, each PS3.15 option, the VR rules, and the marks written.
 
-Complements :mod:`tests.test_deid_conformance` (which walks every row): here each
+Complements :mod:`tests.anonymization.test_deid_conformance` (which walks every row): here each
 option is shown changing what it should and nothing else, the compound actions are
 shown to follow the IOD's Types, and the De-identification Method Code Sequence is
 shown to list exactly the profile and options applied.

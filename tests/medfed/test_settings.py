@@ -9,7 +9,7 @@ import pytest
 
 from medfed.settings import ConfigError, RunConfig, SiteConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 #: Keys whose value in pyproject.toml deliberately differs from RunConfig's default, and why (none today).
 DELIBERATE_DIFFERENCES: dict[str, str] = {}
 

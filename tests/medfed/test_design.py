@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DESIGN = ROOT / "docs" / "design.md"
 
 #: What every medfed part shares (settings, the wire format, file and process helpers): imports only itself.
@@ -193,16 +193,20 @@ def test_the_cycle_check_catches_the_verifier_importing_the_writer(
     assert "anonymization.audit.verify" in cycle and cycle[0] == cycle[-1]
 
 
+#: A test file or test named in a document: `tests/<package>/test_x.py` or `tests/<package>/test_x.py::test_y`.
+_NAMED_TEST = re.compile(r"(tests/(?:\w+/)*test_\w+\.py)(?:::(test_\w+))?")
+
+
 def test_every_test_the_design_names_exists() -> None:
     """docs/design.md names the tests that enforce each invariant; a renamed or deleted test breaks this."""
-    text = DESIGN.read_text("utf-8")
-    named = re.findall(r"`(tests/test_\w+\.py)::(test_\w+)`", text)
-    assert len(named) >= 30
+    assert len([m for m in _NAMED_TEST.finditer(DESIGN.read_text("utf-8")) if m.group(2)]) >= 30
     missing = []
-    for file, name in named:
-        path = ROOT / file
-        if not path.is_file() or not re.search(rf"(?m)^(async )?def {name}\(", path.read_text("utf-8")):
-            missing.append(f"{file}::{name}")
+    for doc in [ROOT / "README.md", *sorted(ROOT.glob("docs/*.md")), *sorted(ROOT.glob("deploy/*.md"))]:
+        for m in _NAMED_TEST.finditer(doc.read_text("utf-8")):
+            file, name = m.groups()
+            path = ROOT / file
+            if not path.is_file() or (name and not re.search(rf"(?m)^(async )?def {name}\(", path.read_text("utf-8"))):
+                missing.append(f"{doc.relative_to(ROOT)}: {m.group(0)}")
     assert missing == []
 
 
@@ -213,9 +217,9 @@ def test_every_invariant_names_a_test_and_every_citation_points_at_one() -> None
     items = re.split(r"(?m)^(?=\d+\. )", section)[1:]
     numbers = [int(item.split(".", 1)[0]) for item in items]
     assert numbers == list(range(1, len(items) + 1))
-    assert all("`tests/test_" in item for item in items), "an invariant without a test"
+    assert all(_NAMED_TEST.search(item) for item in items), "an invariant without a test"
     cited = set()
-    for path in [*_sources(), ROOT / "Makefile", *ROOT.glob("docs/*.md"), *ROOT.glob("tests/*.py")]:
+    for path in [*_sources(), ROOT / "Makefile", *ROOT.glob("docs/*.md"), *ROOT.glob("tests/**/*.py")]:
         for m in re.finditer(r"(DESIGN\.md|design\.md),? invariants? (\d+)", path.read_text("utf-8")):
             assert m.group(1) == "design.md", f"{path}: cites the old DESIGN.md"
             cited.add(int(m.group(2)))

@@ -1,6 +1,6 @@
 """The site decides what runs and what a run may ask: FAB approvals and the site's run bounds.
 
-The deployment tests (tests/test_deployment.py) show the same against real SuperNodes; these
+The deployment tests (tests/deployment/test_deployment.py) show the same against real SuperNodes; these
 check the pieces without Flower's runtime: approvals by FAB hash, and the ClientApp's refusal of
 a run outside the site's ``[run-bounds]``, recorded in its audit trail.
 """

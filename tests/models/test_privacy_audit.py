@@ -1,7 +1,7 @@
 """Empirical audit: a model trained without DP on a small site leaks membership; the DP model does not.
 
 Also the `medfed privacy` commands (epsilon, plan, audit) through Typer's CliRunner.
-``python -m tests.test_privacy_audit`` prints the attack table the README shows.
+``python -m tests.models.test_privacy_audit`` prints the attack table the README shows.
 """
 
 from __future__ import annotations

@@ -416,7 +416,7 @@ def test_the_spool_and_quarantine_may_not_lie_inside_the_store(tmp_path: Path) -
 def _env(tmp_path: Path) -> dict[str, str]:
     from medfed.hardening import child_env
 
-    return child_env({"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HOME": str(tmp_path),
+    return child_env({"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "HOME": str(tmp_path),
                       "COLUMNS": "200"})
 
 
@@ -541,7 +541,7 @@ def test_deid_labels_refuses_another_sites_key(tmp_path: Path, start_receiver) -
 
 # ---- the systemd unit -------------------------------------------------------------------------------
 def test_the_receive_unit_has_the_site_units_hardening() -> None:
-    systemd = Path(__file__).resolve().parents[1] / "deploy" / "systemd"
+    systemd = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 
     def settings(name: str) -> set[str]:
         keys = ("NoNewPrivileges", "PrivateTmp", "Protect", "RestrictAddressFamilies", "ReadWritePaths", "UMask",

@@ -29,7 +29,7 @@ from tests.models_factory import make_store
 # A fixed noise multiplier (no calibration), so each round's spend is known in advance.
 CFG = RunConfig().with_overrides(image_size=16, batch_size=3, lr=0.05, num_server_rounds=3, grad_sample_mode="hooks",
                                   optimizer="sgd", local_epochs=1, noise_multiplier=1.0, calibrate_noise=False)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # Messages are built here as the coordinator would, outside Flower's runtime (tests/conftest.py).
@@ -172,7 +172,7 @@ def test_delta_not_below_one_over_the_bucket_or_n_is_refused_without_n(tmp_path:
 
 def test_the_accountant_is_fixed_for_the_run(tmp_path: Path, store: Path) -> None:
     site = _site(tmp_path, store, cap=50.0)
-    assert CFG.accountant == "prv"  # the default: tight (tests/test_privacy_accounting.py)
+    assert CFG.accountant == "prv"  # the default: tight (tests/models/test_privacy_accounting.py)
     reply = train_round(site, CFG, "run-p", 1, initial_state(CFG))
     ledger = ledger_for(site)
     assert ledger.accountant_name("run-p") == "prv"

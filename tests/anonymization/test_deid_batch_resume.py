@@ -21,7 +21,7 @@ from tests.dicom_factory import PHI_MARKERS, Patient, make_ct, write
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_source(src: Path, n: int) -> list[Path]:
@@ -163,13 +163,15 @@ def test_row_spool_spills_and_merges_sorted_latest_wins(tmp_path: Path) -> None:
         assert write_merged(path, spool, root) == 4
     finally:
         spool.close()
-    rows = list(csv.DictReader(open(path, newline="")))
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
     # The newest row wins, but without a labels file a path keeps the label the earlier manifest gave it.
     assert [(r["sop_uid"], r["series_uid"], r["label"]) for r in rows] == [
         ("a", "old", "0"), ("b", "new", "2"), ("c", "new", "0"), ("d", "new", "1")]
     spool = RowSpool()
     write_merged(path, spool, root, labels={"": "7"})
-    assert {r["label"] for r in csv.DictReader(open(path, newline=""))} == {"7"}
+    with open(path, newline="") as fh:
+        assert {r["label"] for r in csv.DictReader(fh)} == {"7"}
 
 
 def test_files_are_listed_lazily(tmp_path: Path) -> None:

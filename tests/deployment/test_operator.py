@@ -31,7 +31,7 @@ from site_client.kit import KitError, SiteFatal, check_clientapp_port, generate_
 from site_client.supernode import FATAL_EXIT, FATAL_FILE_ENV, refusal_reason
 
 MEDFED = str(Path(sys.executable).parent / "medfed")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SITES = ("hospital-a", "hospital-b")
 runner = CliRunner()
 

@@ -103,7 +103,9 @@ def test_evaluation_on_features_equals_evaluation_of_the_whole_model(monkeypatch
         assert fast[k] == pytest.approx(slow[k], rel=1e-5, abs=1e-6), k
 
 
-def test_too_large_a_dataset_is_not_precomputed(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_too_large_a_dataset_is_not_precomputed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     model = build_model(SIZE)
     monkeypatch.setattr(features, "MAX_FEATURE_BYTES", 1024)
     with caplog.at_level("INFO", logger="models.features"):

@@ -29,7 +29,8 @@ def test_synth_then_deid_through_the_cli(tmp_path: Path) -> None:
     assert (site / "labels.csv").exists() and any((site / "dicom").rglob("*.dcm"))
 
     dst = tmp_path / "site-a" / "deid"
-    result = runner.invoke(app, ["deid", "run", str(site / "dicom"), str(dst), "--key", str(tmp_path / "site-a" / "site.key"),
+    result = runner.invoke(app, ["deid", "run", str(site / "dicom"), str(dst),
+                                 "--key", str(tmp_path / "site-a" / "site.key"),
                                  "--labels", str(site / "labels.csv"), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "de-identified" in result.output
@@ -39,7 +40,8 @@ def test_synth_then_deid_through_the_cli(tmp_path: Path) -> None:
 
 
 def test_deid_with_missing_source_fails_clearly(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["deid", "run", str(tmp_path / "nope"), str(tmp_path / "out"), "--key", str(tmp_path / "k")])
+    result = runner.invoke(app, ["deid", "run", str(tmp_path / "nope"), str(tmp_path / "out"),
+                                 "--key", str(tmp_path / "k")])
     assert result.exit_code == 2
     assert "error" in result.output.lower() and "nope" in result.output
 

@@ -80,16 +80,20 @@ def test_torchs_unfold_stays_for_what_the_tap_loop_does_not_cover(monkeypatch: p
 
 @pytest.mark.parametrize(
     ("kernel", "stride", "padding", "shape"),
-    [(3, 1, 1, (9, 12)), (3, 1, 0, (10, 11)), (5, 1, 2, (8, 9)), (1, 1, 0, (8, 10)), (3, 2, 1, (17, 19)), (2, 2, 0, (16, 18))],
+    [(3, 1, 1, (9, 12)), (3, 1, 0, (10, 11)), (5, 1, 2, (8, 9)), (1, 1, 0, (8, 10)), (3, 2, 1, (17, 19)),
+     (2, 2, 0, (16, 18))],
 )
-def test_tap_loop_equals_unfold_for_every_layout(kernel: int, stride: int, padding: int, shape: tuple[int, int]) -> None:
+def test_tap_loop_equals_unfold_for_every_layout(
+    kernel: int, stride: int, padding: int, shape: tuple[int, int]
+) -> None:
     """Stride 1 takes the flattened-rows path, other strides the strided views: both give torch's numbers."""
     g = torch.Generator().manual_seed(kernel * 10 + stride)
     conv = torch.nn.Conv2d(3, 5, kernel, stride=stride, padding=padding)
     x = torch.randn(33, 3, *shape, generator=g)
     out_shape = conv(x).shape
     grad_out = torch.randn(out_shape, generator=g)
-    args = (conv.weight.shape, (kernel, kernel), (stride, stride), (padding, padding), (1, 1), 1, torch.nn.functional.conv2d)
+    args = (conv.weight.shape, (kernel, kernel), (stride, stride), (padding, padding), (1, 1), 1,
+            torch.nn.functional.conv2d)
     want = conv_utils.conv_unfold_weight_grad_sample(x, grad_out, *args)
     with fast_conv_grad_samples():
         got = conv_utils.conv_unfold_weight_grad_sample(x, grad_out, *args)

@@ -186,11 +186,13 @@ def test_uids_consistent_and_intervals_kept(site: Site) -> None:
     p = pseudo(site)
     outputs = {}
     for rel, original in site.originals.items():
-        path = site.dst / "images" / p.patient_id(original.PatientID) / p.uid(original.StudyInstanceUID) / f"{p.uid(original.SOPInstanceUID)}.dcm"
+        study = site.dst / "images" / p.patient_id(original.PatientID) / p.uid(original.StudyInstanceUID)
+        path = study / f"{p.uid(original.SOPInstanceUID)}.dcm"
         if path.exists():
             outputs[rel] = pydicom.dcmread(path)
     assert len(outputs) == 5
-    a, b = outputs["Phiname0_Zelda PHIPID-837261-0/study0/img0.dcm"], outputs["Phiname0_Zelda PHIPID-837261-0/study0/img1.dcm"]
+    a = outputs["Phiname0_Zelda PHIPID-837261-0/study0/img0.dcm"]
+    b = outputs["Phiname0_Zelda PHIPID-837261-0/study0/img1.dcm"]
     later = outputs["Phiname0_Zelda PHIPID-837261-0/study1/img0.dcm"]
     assert a.SeriesInstanceUID == b.SeriesInstanceUID and a.StudyInstanceUID == b.StudyInstanceUID
     assert a.FrameOfReferenceUID == b.FrameOfReferenceUID and a.SOPInstanceUID != b.SOPInstanceUID
@@ -212,7 +214,8 @@ def test_quarantine_sibling_with_reasons_and_copies(site: Site) -> None:
     qdir = site.summary.quarantine_dir
     assert qdir.parent == site.dst.parent and not qdir.is_relative_to(site.dst)
     assert stat.S_IMODE(qdir.stat().st_mode) == 0o700
-    records = {r["source"]: r for r in (json.loads(line) for line in (qdir / "quarantine.jsonl").read_text().splitlines())}
+    lines = (qdir / "quarantine.jsonl").read_text().splitlines()
+    records = {r["source"]: r for r in (json.loads(line) for line in lines)}
     assert set(records) == {
         "notes PHIPID-837261-0.txt", "burned.dcm", "leak.dcm", "truncated_pixels.dcm", "truncated_header.dcm",
     }
@@ -347,7 +350,7 @@ def test_progress_bar_runs(site: Site, tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_key_inside_source_is_not_an_input(site: Site, tmp_path: Path) -> None:
-    """(A destination inside the source is refused: tests/test_deid_hostile_disk.py.)"""
+    """(A destination inside the source is refused: tests/anonymization/test_deid_hostile_disk.py.)"""
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy(site.src / "CT_small.dcm", src / "a.dcm")

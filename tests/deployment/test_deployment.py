@@ -58,7 +58,7 @@ BASE_CONFIG = ("image-size=32 batch-size=8 min-available-nodes=3 min-train-nodes
                "round-timeout=300.0")
 
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "docker"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "docker"
 
 
 def entrypoint(dockerfile: str, paths: dict[str, Path]) -> list[str]:

@@ -2,7 +2,7 @@
 
 Each site makes its own key pair in its kit folder (as `medfed site keygen` at the
 site); the operator enrols only the public keys. (Key handling in depth:
-tests/test_site_keys.py.)"""
+tests/site_client/test_site_keys.py.)"""
 
 from __future__ import annotations
 

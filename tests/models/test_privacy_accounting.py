@@ -1,6 +1,6 @@
 """Our ε against an independent accountant (Google's dp-accounting PLD) and the Gaussian closed form.
 
-``python -m tests.test_privacy_accounting`` prints the cross-check table the README shows.
+``python -m tests.models.test_privacy_accounting`` prints the cross-check table the README shows.
 """
 
 from __future__ import annotations
