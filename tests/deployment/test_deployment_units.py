@@ -218,7 +218,10 @@ def test_medfed_run_refuses_an_app_that_would_ship_a_site_or_consortium_folder(t
     for pkg in ("medfed", "anonymization", "models", "site_client", "coordinator"):
         (app / pkg).mkdir()
         (app / pkg / "__init__.py").write_text("")
-    check_app_contents(app)  # code only: fine
+    (app / "anonymization" / "audit").mkdir()
+    for module in ("__init__.py", "trail.py", "verify.py"):
+        (app / "anonymization" / "audit" / module).write_text("")
+    check_app_contents(app)  # code only, the audit package's included: fine
     (app / "deploy" / "sites" / "a").mkdir(parents=True)
     (app / "deploy" / "sites" / "a" / "site.toml").write_text('name = "a"\n')
     check_app_contents(app)  # outside the packages fab-include ships: never in the FAB
@@ -228,6 +231,14 @@ def test_medfed_run_refuses_an_app_that_would_ship_a_site_or_consortium_folder(t
     (demo / "deid" / "audit" / "audit-0001.jsonl").write_text("{}\n")
     with pytest.raises(CoordinatorError, match="site.toml"):
         check_app_contents(app)
+    (demo / "site.toml").unlink()
+    (demo / "deid" / "audit" / "audit-0001.jsonl").unlink()
+    for trail in (demo / "deid" / "audit", app / "anonymization" / "audit"):  # a trail's meta, even beside our code
+        (trail / "trail.json").write_text("{}\n")
+        with pytest.raises(CoordinatorError, match="audit/trail.json"):
+            check_app_contents(app)
+        (trail / "trail.json").unlink()
+    check_app_contents(app)
 
 
 # ---- the SuperNode presents the site's TLS client certificate ---------------------------------------
