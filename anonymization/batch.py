@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
 from anonymization import screening
 from anonymization.audit import AUDIT_FILE, AuditError, AuditTrail, open_trail, resolve_key_path
-from anonymization.audit_keys import SIGNING_KEY_NAME
+from anonymization.audit.keys import SIGNING_KEY_NAME
 from anonymization.engine import MEDFED_VERSION
 from anonymization.errors import DeidError, DiskFullError, KeyFileError, LabelsError, is_disk_full
 from anonymization.keys import load_or_create_secret

@@ -40,7 +40,7 @@ from typing import Any
 
 from anonymization import screening
 from anonymization.audit import AuditError, AuditTrail, open_trail, resolve_key_path
-from anonymization.audit_keys import SIGNING_KEY_NAME
+from anonymization.audit.keys import SIGNING_KEY_NAME
 from anonymization.batch import (
     DoneIndex,
     _check_store,

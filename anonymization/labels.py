@@ -176,7 +176,7 @@ def attach_labels(dst: Path, key_file: Path, labels: Path, *, audit: Path | None
     rewritten atomically and the counts recorded in the audit trail.
     """
     from anonymization.audit import AuditError, open_trail, resolve_key_path
-    from anonymization.audit_keys import SIGNING_KEY_NAME
+    from anonymization.audit.keys import SIGNING_KEY_NAME
     from anonymization.batch import STATE_FILE, _key_fingerprint
     from anonymization.keys import load_or_create_secret
     from anonymization.manifest import COLUMNS, MANIFEST_FILE, read_manifest

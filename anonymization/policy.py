@@ -44,7 +44,7 @@ class Code(NamedTuple):
 # PS3.16 CID 7050 (De-identification Method), written out rather than taken from
 # pydicom.sr.codedict: importing pydicom.sr loads every SR concept pydicom knows
 # (~0.15 s per process, paid by each `deid run` and each of its workers).
-# tests/test_deid_policy.py checks every code here against pydicom's CID 7050.
+# tests/anonymization/test_deid_policy.py checks every code here against pydicom's CID 7050.
 BASIC_PROFILE_CODE = Code("113100", "DCM", "Basic Application Confidentiality Profile")
 # The code of each option, in the order PS3.16 lists them.
 _CODES: dict[str, Code] = {

@@ -10,7 +10,7 @@ a passphrase - can open them (``medfed deid reid-lookup``).
 
 Encryption alone does not say who wrote a row: anyone with the officer's *public* key
 can seal one, and a forged row would make a lookup return another patient. So every
-row is also signed with the site's Ed25519 audit signing key (:mod:`anonymization.audit_keys`),
+row is also signed with the site's Ed25519 audit signing key (:mod:`anonymization.audit.keys`),
 and a lookup refuses an unsigned row or one whose signature does not verify.
 
 File format (JSON lines, append-only), version 2:
@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from pydicom.dataset import Dataset
 
-from anonymization.audit_keys import AuditSigner, key_id, verify_signature
+from anonymization.audit.keys import AuditSigner, key_id, verify_signature
 from anonymization.errors import DeidError
 from anonymization.policy import Policy
 from anonymization.pseudonyms import Pseudonymizer

@@ -113,7 +113,7 @@ def _simple_bytes(elem: DataElement, encoding: tuple[bool, bool]) -> bytes | Non
 
     The engine rewrites dozens of short strings per file (dates, UIDs, emptied names);
     pydicom's generic writer costs ~20 us each. The bytes are the ones
-    ``write_data_element`` produces (tests/test_deid_batch_writer.py compares them).
+    ``write_data_element`` produces (tests/anonymization/test_deid_batch_writer.py compares them).
     """
     vr = elem.VR
     if vr not in _SIMPLE_VRS or elem.is_undefined_length:

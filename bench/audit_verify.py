@@ -27,8 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anonymization.audit import AuditTrail, segment_files  # noqa: E402
-from anonymization.audit_keys import AuditSigner  # noqa: E402
-from anonymization.audit_verify import verify_trail  # noqa: E402
+from anonymization.audit.keys import AuditSigner  # noqa: E402
+from anonymization.audit.verify import verify_trail  # noqa: E402
 
 
 def build(directory: Path, signer: AuditSigner, records: int, segment_records: int) -> int:

@@ -159,6 +159,15 @@ def plan_run(directory: Path, *, rounds: int | None = None, run_config: list[str
 
 #: Files that must never ship inside the app (they belong to a consortium, a site, or its audit trail).
 _NEVER_SHIP = ("consortium.toml", "kit.toml", "site.toml")
+#: The one source folder named audit (the trail's code): its modules ship; any other file in an audit/ is a trail's.
+_AUDIT_PACKAGE = "anonymization/audit/"
+
+
+def _trail_file(name: str) -> bool:
+    """A file of an audit trail folder (records, its key, its lock or meta), not one of the audit package's modules."""
+    if name.startswith(_AUDIT_PACKAGE) and name.endswith(".py") and "/" not in name.removeprefix(_AUDIT_PACKAGE):
+        return False
+    return "/audit/" in f"/{name}"
 
 
 def check_app_contents(app: Path) -> None:
@@ -177,7 +186,7 @@ def check_app_contents(app: Path) -> None:
         names = zipfile.ZipFile(io.BytesIO(build_fab(app))).namelist()
     except FabError as err:
         raise CoordinatorError(str(err)) from None
-    bad = [n for n in names if Path(n).name in _NEVER_SHIP or n.endswith(".jsonl") or "/audit/" in n]
+    bad = [n for n in names if Path(n).name in _NEVER_SHIP or n.endswith(".jsonl") or _trail_file(n)]
     if bad:
         raise CoordinatorError(
             f"the app folder {app} would ship {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} to the SuperLink "

@@ -449,7 +449,7 @@ reconnect-seconds = 3600            # how long the SuperNode keeps retrying a lo
 
 
 #: The site's systemd unit, stated once: deploy/systemd/medfed-site.service is :func:`site_unit` with no
-#: site (tests/test_deployment_files.py checks it byte for byte) and every kit ships it with its site's name.
+#: site (tests/deployment/test_deployment_files.py checks it byte for byte) and every kit ships it with its site's name.
 SITE_UNIT_FILE = "medfed-site.service"
 _SITE_UNIT = """# medfed site node: Flower SuperNode with TLS and node authentication, outbound only.
 # Install (as root), with medfed in /opt/medfed and the site's files in /srv/medfed:

@@ -26,7 +26,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
-from anonymization.audit_anchors import ANCHOR_RECORD, ANCHORS_FILE, AnchorError, parse_anchor
+from anonymization.audit.anchors import ANCHOR_RECORD, ANCHORS_FILE, AnchorError, parse_anchor
 from medfed.wire import summarize
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from anonymization.audit_anchors import ANCHOR_RECORD
+from anonymization.audit.anchors import ANCHOR_RECORD
 from coordinator.receipts import arrays_digest
 from medfed.protocol import COORDINATOR_REJECTED
 

@@ -34,7 +34,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
-from anonymization.audit_anchors import ANCHOR_RECORD, AnchorError, parse_anchor
+from anonymization.audit.anchors import ANCHOR_RECORD, AnchorError, parse_anchor
 from coordinator import site_dp
 from coordinator.history import RoundRecord, RunHistory, SiteRound
 from coordinator.receipts import Receipts, aggregation_inputs

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 AccountantName = Literal["rdp", "prv"]
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
-#: The accountant used where none is named: PRV, within 0.5% of Google's PLD (tests/test_privacy_accounting.py).
+#: The accountant used where none is named: PRV, within 0.5% of Google's PLD (tests/models/test_privacy_accounting.py).
 DEFAULT_ACCOUNTANT = "prv"
 #: One segment of an Opacus history: (noise multiplier σ, sample rate q, steps T).
 Segment = tuple[float, float, int]

@@ -2,7 +2,7 @@
 
 The coordinator keeps the anchors in the run's receipts, out of reach of anyone
 at the site, so a trail rewritten and re-sealed with the site's own key fails
-``medfed audit verify --anchors`` (see :mod:`anonymization.audit_anchors`).
+``medfed audit verify --anchors`` (see :mod:`anonymization.audit.anchors`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Message
 
 from anonymization.audit import AuditTrail
-from anonymization.audit_anchors import ANCHOR_RECORD, anchor_fields
+from anonymization.audit.anchors import ANCHOR_RECORD, anchor_fields
 from medfed.settings import SiteConfig
 
 

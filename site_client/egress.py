@@ -5,7 +5,7 @@ as a Flower mod in `client_app.py`); a reply that carries anything else is
 replaced by an error that says only that it was blocked. What did leave is
 recorded in the site's audit trail: names, shapes, dtypes, bytes and a digest
 (docs/design.md invariant 1), and the anchor (site name, record number, line hash:
-see :mod:`anonymization.audit_anchors`).
+see :mod:`anonymization.audit.anchors`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, cast
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from anonymization.audit_anchors import ANCHOR_RECORD, EGRESS_ANCHOR_FIELD, AnchorError, parse_anchor
+from anonymization.audit.anchors import ANCHOR_RECORD, EGRESS_ANCHOR_FIELD, AnchorError, parse_anchor
 from medfed.wire import summarize
 
 ARRAYS_KEY = "arrays"

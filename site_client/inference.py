@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from torch.utils.data import Dataset as TorchDataset
 from medfed.files import write_file
 from models.release import Release
 from models.study import Study
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -188,13 +191,19 @@ def score_batches(model: torch.nn.Module, files: list[Path], study: Study, *, de
         yield pending, bad, run(pending) if pending else np.zeros((0, study.num_outputs))
 
 
+def scoring_progress(enabled: bool) -> Progress:
+    """The bar `medfed predict` shows while scoring: counts only, never a file name, within 80 columns."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("scoring"), BarColumn(bar_width=30), MofNCompleteColumn(), TimeRemainingColumn())
+    return Progress(*columns, disable=not enabled, transient=True)
+
+
 def predict_folder(release: Release, src: Path, out: Path, *, thresholds: tuple[float, ...], threshold_label: str,
                    sr: bool = False, explain: bool = False, device: str = "cpu", batch_size: int = 32,
                    workers: int | None = None, progress: bool = True) -> PredictSummary:
     """Score every usable image under ``src``; write predictions.csv, unusable.csv, and SRs / saliency maps."""
     import time
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     t0 = time.monotonic()
     study = release.study
@@ -212,8 +221,7 @@ def predict_folder(release: Release, src: Path, out: Path, *, thresholds: tuple[
         torch.set_num_threads(max(1, min(threads, cpus - workers)))
     scored: list[Scored] = []
     unusable: list[tuple[str, str]] = []
-    columns = (TextColumn("scoring"), BarColumn(bar_width=30), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar:
+    with scoring_progress(progress) as bar:
         task = bar.add_task("scoring", total=len(files))
         seen: set[int] = set()
         for batch, bad, scores in score_batches(model, files, study, device=device, batch_size=batch_size,

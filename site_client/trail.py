@@ -8,7 +8,7 @@ torch, Opacus and MONAI in every short-lived ClientApp process.
 from __future__ import annotations
 
 from anonymization.audit import AuditTrail, open_trail
-from anonymization.audit_keys import SIGNING_KEY_NAME
+from anonymization.audit.keys import SIGNING_KEY_NAME
 from medfed.settings import SiteConfig
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from anonymization.audit import AuditTrail, line_hash, segment_files
-from anonymization.audit_keys import AuditSigner, write_private_key
+from anonymization.audit.keys import AuditSigner, write_private_key
 
 
 def signer_file(path: Path) -> AuditSigner:
