@@ -186,9 +186,8 @@ def wait_for_tls(host: str, port: int, ca_file: Path, timeout: float, proc: subp
         if proc is not None and proc.poll() is not None:
             raise CoordinatorError(f"the SuperLink exited with code {proc.returncode} while starting")
         try:
-            with socket.create_connection((host, port), timeout=2) as sock:
-                with ctx.wrap_socket(sock, server_hostname=host):
-                    return
+            with socket.create_connection((host, port), timeout=2) as sock, ctx.wrap_socket(sock, server_hostname=host):
+                return
         except (OSError, ssl.SSLError) as err:
             last = err
             time.sleep(0.3)

@@ -269,7 +269,8 @@ def epsilon_of_history(history: Iterable[Sequence[float]], delta: float, account
     return _epsilon_cached(_merged(_normalise(history)), float(delta), accountant)
 
 
-def epsilon(sample_rate: float, noise_multiplier: float, steps: int, delta: float, accountant: str = DEFAULT_ACCOUNTANT) -> float:
+def epsilon(sample_rate: float, noise_multiplier: float, steps: int, delta: float,
+            accountant: str = DEFAULT_ACCOUNTANT) -> float:
     """ε of ``steps`` DP-SGD steps at sampling rate ``q`` and noise multiplier ``σ``."""
     return epsilon_of_history([(noise_multiplier, sample_rate, steps)], delta, accountant)
 
@@ -335,8 +336,8 @@ def calibrate_noise(
 
     if committed >= epsilon_cap:
         reserved = f" ({committed:.4g} with the planned evaluations reserved)" if later else ""
-        fix = ("raise the cap, or raise the site's evaluation-noise, or plan fewer evaluated rounds (num-server-rounds, "
-               "fraction-evaluate = 0)") if later and spent < epsilon_cap else "raise the cap"
+        fix = ("raise the cap, or raise the site's evaluation-noise, or plan fewer evaluated rounds "
+               "(num-server-rounds, fraction-evaluate = 0)") if later and spent < epsilon_cap else "raise the cap"
         raise AccountingError(
             f"epsilon {spent:.4g} is already spent{reserved}, at or over the cap {epsilon_cap:g} "
             f"(delta={delta:g}): no noise multiplier lets another round in; {fix}"

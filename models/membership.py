@@ -59,7 +59,8 @@ def attack_metrics(attack: str, member_scores: np.ndarray, non_member_scores: np
                         members=len(member_scores), non_members=len(non_member_scores))
 
 
-def logits_and_labels(model: nn.Module, dataset: Dataset, device: str = "cpu", batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def logits_and_labels(model: nn.Module, dataset: Dataset, device: str = "cpu",
+                      batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """The model's logit and the label of every example, in dataset order."""
     logits, labels = predict(model, dataset, batch_size=batch_size, device=device)
     return logits.numpy().astype(np.float64), labels.numpy().astype(np.float64)
@@ -75,7 +76,8 @@ def label_confidence(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.where(labels > 0.5, logits, -logits)
 
 
-def loss_threshold_attack(model: nn.Module, members: Dataset, non_members: Dataset, device: str = "cpu") -> AttackResult:
+def loss_threshold_attack(model: nn.Module, members: Dataset, non_members: Dataset,
+                          device: str = "cpu") -> AttackResult:
     """Yeom et al.'s attack: members have lower loss; the score is -loss."""
     zm, ym = logits_and_labels(model, members, device)
     zn, yn = logits_and_labels(model, non_members, device)

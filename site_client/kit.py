@@ -424,8 +424,8 @@ def check_clientapp_port(kit: Kit) -> None:
         except OSError as err:
             raise SiteFatal(
                 f"the ClientApp port 127.0.0.1:{port} (clientapp-port in {kit.root / KIT_FILE}) is in use "
-                f"({err.strerror}): another site or an old SuperNode runs on this host. Stop it, or give this site its own port "
-                "(clientapp-port in kit.toml, or --clientapp-port)") from None
+                f"({err.strerror}): another site or an old SuperNode runs on this host. Stop it, or give this site "
+                "its own port (clientapp-port in kit.toml, or --clientapp-port)") from None
 
 
 def run_site(kit: Kit, site_toml: Path, *, reconnect_seconds: float | None = None, backoff: float = 5.0) -> int:

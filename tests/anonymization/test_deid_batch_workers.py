@@ -15,7 +15,7 @@ import pytest
 
 from anonymization import batch
 from anonymization.audit import read_records
-from anonymization.audit_verify import verify_trail
+from anonymization.audit.verify import verify_trail
 from anonymization.batch import DONE_DIR, run_deid
 from anonymization.quarantine import QUARANTINE_LOG
 from anonymization.screening import REASON_DUPLICATE
@@ -23,7 +23,7 @@ from tests.dicom_factory import Patient, make_ct, write
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNORDERED = ("time", "prev", "sig")  # the clock and the hashes that cover it: all else must match
 
 
@@ -158,7 +158,7 @@ def test_a_worker_never_holds_the_audit_signing_key(tmp_path: Path, monkeypatch:
     src, key = tmp_path / "src", tmp_path / "keys" / "site.key"
     make_mixed_source(src)
     signing_key = key.parent / "audit-signing.key"
-    subprocess.run([sys.executable, "-c", "import sys; from anonymization.audit_keys import "
+    subprocess.run([sys.executable, "-c", "import sys; from anonymization.audit.keys import "
                     "AuditSigner, write_private_key as w; w(__import__('pathlib').Path(sys.argv[1]), "
                     "AuditSigner.generate(None))", str(signing_key)], check=True, cwd=ROOT,
                    env={**os.environ, "PYTHONPATH": str(ROOT)})  # made elsewhere: never in this process
