@@ -514,7 +514,8 @@ def kit_readme(consortium: str, site: str, superlink: str) -> str:
 From the consortium operator. It holds no private key: `kit.toml`, `ca.pem`
 (checks the coordinator), `auth/node.pub` (the public key the operator enrolled
 for {site}), `auth/tls.pem` (this site's TLS client certificate, signed from the
-request `auth/tls.csr`) and `medfed-site.service`.
+request `auth/tls.csr`), `release-signing.pub` (checks every model release the
+consortium sends: `medfed model verify`, `predict`, `calibrate`) and `medfed-site.service`.
 
 Copy its contents *into* the site's kit folder, the one where `medfed site keygen`
 made `auth/node.key` and `auth/tls.key` (e.g. `cp -r {site}/. /srv/medfed/kit/`). Never replace that

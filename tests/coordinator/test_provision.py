@@ -80,7 +80,8 @@ def test_server_certificate_names_the_hosts_and_chains_to_the_ca(cons: Path) -> 
 
 def test_operator_holds_no_site_private_key_and_sites_keys_are_0600(cons: Path) -> None:
     private = {p for p in cons.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()}
-    assert {p.relative_to(cons).as_posix() for p in private} == {"ca/ca.key", "coordinator/tls/server.key"}
+    assert {p.relative_to(cons).as_posix() for p in private} == {"ca/ca.key", "coordinator/tls/server.key",
+                                                                  "coordinator/release-signing.key"}
     assert all(_mode(p) == 0o600 for p in private)
     for s in SITES:
         key = site_dir(cons, s) / "auth" / "node.key"
@@ -90,7 +91,8 @@ def test_operator_holds_no_site_private_key_and_sites_keys_are_0600(cons: Path) 
             assert not f.is_file() or secret not in f.read_bytes(), f"{s}'s private key in {f}"
         # every kit the operator writes: the kit files and the site's public key, nothing else
         assert {p.relative_to(cons / "kits" / s).as_posix() for p in (cons / "kits" / s).rglob("*") if p.is_file()} \
-            == {"kit.toml", "ca.pem", "auth/node.pub", "auth/tls.pem", "medfed-site.service", "README.md"}
+            == {"kit.toml", "ca.pem", "auth/node.pub", "auth/tls.pem", "medfed-site.service", "README.md",
+                "release-signing.pub"}
 
 
 def test_node_key_pair_is_what_flower_supernode_auth_reads(cons: Path) -> None:

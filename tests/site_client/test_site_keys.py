@@ -128,14 +128,16 @@ def enrolled(tmp_path: Path) -> Path:
 
 
 def test_no_private_key_at_the_operator_but_the_ca_and_the_coordinators_own(enrolled: Path) -> None:
-    assert _private_files(enrolled) == {"ca/ca.key", "coordinator/tls/server.key"}
+    # the CA's, the coordinator's TLS key and the consortium's release key (it signs models, never a site's)
+    assert _private_files(enrolled) == {"ca/ca.key", "coordinator/tls/server.key", "coordinator/release-signing.key"}
     sites = enrolled.parent / "sites"
     for s in ("a", "b"):
         secret = (sites / s / "auth" / "node.key").read_bytes()
         assert all(secret not in p.read_bytes() for p in enrolled.rglob("*") if p.is_file())
         kit = enrolled / "kits" / s
         assert sorted(p.relative_to(kit).as_posix() for p in kit.rglob("*") if p.is_file()) == [
-            "README.md", "auth/node.pub", "auth/tls.pem", "ca.pem", "kit.toml", "medfed-site.service"]
+            "README.md", "auth/node.pub", "auth/tls.pem", "ca.pem", "kit.toml", "medfed-site.service",
+            "release-signing.pub"]
         # the site's copy of the kit kept its own private key, and `site start` accepts it
         assert _mode(sites / s / "auth" / "node.key") == 0o600 and _mode(sites / s / "auth") == 0o700
         assert load_kit(sites / s).auth_key == sites / s / "auth" / "node.key"
