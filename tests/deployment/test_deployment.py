@@ -266,7 +266,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 def test_operator_holds_no_site_private_key_and_the_ca_key_is_encrypted(world: World) -> None:
     private = {p.relative_to(world.cons).as_posix() for p in world.cons.rglob("*")
                if p.is_file() and b"PRIVATE KEY" in p.read_bytes()}
-    assert private == {"ca/ca.key", "coordinator/tls/server.key"}
+    assert private == {"ca/ca.key", "coordinator/tls/server.key", "coordinator/release-signing.key"}
     assert b"ENCRYPTED PRIVATE KEY" in (world.cons / "ca" / "ca.key").read_bytes()
     for name in [*SITES, REVOKED]:
         assert (world.kit(name) / "auth" / "node.key").stat().st_mode & 0o077 == 0
