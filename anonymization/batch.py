@@ -314,12 +314,19 @@ class DoneIndex:
 
     def add(self, digest: str, row: dict[str, str] | None = None) -> None:
         """Journal an input as done, with its manifest row (images) - written at the next checkpoint."""
+        line = self.line(digest, row)
+        if line is not None:
+            self._pending.append(line)
+
+    @staticmethod
+    def line(digest: str, row: dict[str, str] | None = None) -> str | None:
+        """The journal line for an input (None for a digest too short to be one)."""
         if len(digest) < DONE_DIGEST_HEX:
-            return
+            return None
         line = digest[:DONE_DIGEST_HEX]
         if row is not None:
             line += "\t" + "\t".join(_journal_field(row.get(c, "")) for c in JOURNAL_COLUMNS)
-        self._pending.append(line)
+        return line
 
     def rows(self, chunk_rows: int = 20_000) -> RowSpool:
         """Every manifest row journaled under this fingerprint, as a rank-1 spool (bounded memory)."""
@@ -392,17 +399,37 @@ class DoneIndex:
     def _commit(self, lines: list[str]) -> None:
         """Make every output written so far durable, then append ``lines`` to the journal."""
         _sync_filesystem(self.dst)
-        data = memoryview(("\n".join(lines) + "\n").encode("utf-8"))
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self.append(lines)
+
+    def append(self, lines: list[str], *, fsync: bool = True) -> None:
+        """Append ``lines`` to the journal now; the caller has made their outputs durable.
+
+        A torn last line (a crash mid-append) is ended first so it cannot glue itself to ours.
+        ``fsync=False`` is for callers that can rebuild lost lines from durable records.
+        """
+        if not lines:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
         try:
             size = os.fstat(fd).st_size
+            torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+            data = memoryview((("\n" if torn else "") + "\n".join(lines) + "\n").encode("utf-8"))
             try:
                 while data:
                     data = data[os.write(fd, data):]
-                os.fsync(fd)
+                if fsync:
+                    os.fsync(fd)
             except OSError:  # a full disk: no torn line may glue itself to the next checkpoint's
                 os.ftruncate(fd, size)
                 raise
+        finally:
+            os.close(fd)
+
+    def sync(self) -> None:
+        """Force lines appended with ``fsync=False`` to disk."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
         finally:
             os.close(fd)
 

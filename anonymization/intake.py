@@ -34,20 +34,24 @@ import ssl
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from anonymization import screening
-from anonymization.audit import AuditError, AuditTrail, open_trail, resolve_key_path
+from anonymization.audit import AuditError, AuditTrail, open_trail, read_records, resolve_key_path
 from anonymization.audit.keys import SIGNING_KEY_NAME
 from anonymization.batch import (
     DoneIndex,
     _check_store,
     _file_sha256,
     _inside,
+    _isolated,
     _key_fingerprint,
+    _new_pool,
     _sweep_temporaries,
+    _Task,
     _written_this_run,
 )
 from anonymization.engine import MEDFED_VERSION
@@ -60,6 +64,7 @@ from anonymization.pseudonyms import Pseudonymizer
 from anonymization.quarantine import Quarantine
 from anonymization.reid import open_for_run as open_reid_for_run
 from anonymization.worker import (
+    IMAGES_DIR,
     KIND_DEIDENTIFIED,
     KIND_DISK_FULL,
     KIND_DONE,
@@ -68,6 +73,8 @@ from anonymization.worker import (
     FileResult,
     Job,
     init_worker,
+    is_done,
+    load_done_index,
     process_path,
 )
 
@@ -86,6 +93,7 @@ KIND_STOPPED = "intake_stopped"
 KIND_REFUSED = "intake_refused"  # out of resources: nothing kept
 KIND_SPOOL_CLEARED = "intake_spool_cleared"
 KIND_STUDY_COMPLETE = "study_complete"
+KIND_RECOVERED = "intake_recovered"  # done-index lines rebuilt at start from the trail and the durable outputs
 REASON_DUPLICATE_RECEIVED = "the same SOP instance was received before; one output kept"
 REASON_ALREADY_DONE = "already de-identified (done-index)"
 _SAFE_AE = re.compile(r"[^A-Za-z0-9_-]")
@@ -145,11 +153,15 @@ def free_bytes(folder: Path) -> int:
 
 
 class Intake:
-    """The de-identifying store behind the SCP: one received instance at a time, no network.
+    """The de-identifying store behind the SCP: received instances in, statuses out, no network.
 
-    Thread-safe: every association's handler calls :meth:`receive`; a lock
-    serialises them, because the engine's per-process state and the store's
-    records (trail, journal) have one writer.
+    Thread-safe: every association's handler calls :meth:`receive`. Instances are
+    de-identified in ``workers`` forked processes (as ``deid run --workers``), so
+    several associations use several cores; with one worker the engine runs here,
+    one instance at a time. Placing outputs and writing the records (trail,
+    journal) is serialised by a lock, and a committer thread makes the outputs of
+    every instance placed meanwhile durable together (group commit) before their
+    handlers answer.
     """
 
     def __init__(
@@ -166,6 +178,7 @@ class Intake:
         min_free_bytes: int = DEFAULT_MIN_FREE,
         study_timeout: float = DEFAULT_STUDY_TIMEOUT,
         clock: Any = time.monotonic,
+        workers: int | None = None,
     ) -> None:
         self.dst, self.key_file = Path(dst), Path(key_file)
         beside = self.dst.parent
@@ -197,6 +210,13 @@ class Intake:
             raise IntakeError(f"the key file {self.key_file} lies inside the destination {self.dst}; the site "
                               "secret must never be stored with de-identified data: keep it elsewhere")
         self._policy_arg = policy
+        self.workers = int(workers) if workers is not None else max(1, os.cpu_count() or 1)
+        if self.workers < 1:
+            raise IntakeError("--workers must be at least 1")
+        self._pool: ProcessPoolExecutor | None = None
+        self._engine_lock = threading.Lock()  # one worker: the engine in this process, one caller at a time
+        self._commits: _GroupCommit | None = None
+        self._recovered = 0
 
     # ---- life cycle -------------------------------------------------------------------
     def open(self) -> Intake:
@@ -222,11 +242,21 @@ class Intake:
             leftovers = self._clear_spool()
             flush = getattr(self.reid_writer, "flush", None)
             self.done = DoneIndex(self.dst, secret, self.policy, before_commit=flush if callable(flush) else None)
+            records = read_records(self.audit_dir) if self.audit_dir.is_dir() else []
+            self._completed = {str(r.get("study")) for r in records
+                               if r.get("kind") == KIND_STUDY_COMPLETE and r.get("study")}
+            self._recovered = self._catch_up(records)
+            del records
+            self.job = Job(secret=secret, dst=str(self.dst.resolve()), options=self.policy.table_options,
+                           policy=self.policy, reid_public_key=reid_key_pem, done_index=str(self.done.path))
+            self._start_engine()  # forked before the trail opens: the workers never hold its signing key
             self.trail: AuditTrail = open_trail(self.audit_dir, audit_key=None, default_key=audit_key_path,
                                                 forbidden=(self.dst,), fsync=False)
         except AuditError as err:
+            self._stop_engine()
             raise IntakeError(str(err)) from None
         except OSError as err:
+            self._stop_engine()
             raise IntakeError(f"cannot set up {err.filename or self.dst} ({err.strerror or err}): choose folders "
                               "the site account can write to") from None
         if self.reid_writer is not None:
@@ -237,12 +267,13 @@ class Intake:
         if leftovers:
             self.trail.append(KIND_SPOOL_CLEARED, files=leftovers,
                               reason="raw files left by an earlier intake that stopped; never stored")
-        self._completed = {str(r.get("study")) for r in self.trail.iter_records()
-                           if r.get("kind") == KIND_STUDY_COMPLETE and r.get("study")}
+        if self._recovered:
+            self.trail.append(KIND_RECOVERED, instances=self._recovered,
+                              reason="acknowledged instances whose done-index lines a crash lost; rebuilt from "
+                                     "the trail and the durable outputs")
+            self._manifest_stale = True
         self.quarantine = Quarantine(self.quarantine_dir)
-        self.job = Job(secret=secret, dst=str(self.dst.resolve()), options=self.policy.table_options,
-                       policy=self.policy, reid_public_key=reid_key_pem, done_index=str(self.done.path))
-        init_worker(self.job)  # the engine lives in this process; the lock gives it one caller at a time
+        self._commits = _GroupCommit(self)
         self._closed = False
         return self
 
@@ -258,17 +289,21 @@ class Intake:
         with self._lock:
             if self._closed:
                 return self.counts
-            self._closed = True
+            self._closed = True  # handlers still in flight answer "shutting down" from here on
+        if self._commits is not None:
+            self._commits.close()  # the last batch becomes durable (its handlers answer) first
+        self._stop_engine()
+        with self._lock:
             open_studies, manifest_current = len(self._studies), False
             try:
                 manifest_current = self._write_manifest()
             finally:
                 if self.reid_writer is not None:
                     self.reid_writer.close()
-                try:  # only resends' digests can be pending: every output was journaled before its status
-                    self.done.checkpoint(force=True)
+                try:  # the journal's lines were appended unsynced (the trail and the outputs can rebuild them)
+                    self.done.sync()
                 except OSError as err:
-                    log.warning("the done-index could not be extended (%s); a resend is de-identified again",
+                    log.warning("the done-index could not be synced (%s); the next start rebuilds it from the trail",
                                 err.strerror or err)
                 self.trail.append(KIND_STOPPED, **vars(self.counts), studies_open=open_studies,
                                   manifest_current=manifest_current, key_fingerprint=_key_fingerprint(self._secret))
@@ -281,9 +316,54 @@ class Intake:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _start_engine(self) -> None:
+        """The de-identification engine: forked worker processes, or this process for one worker."""
+        if self.workers > 1:
+            self._pool = _new_pool(self.job, self.workers, fork=True)
+        else:
+            init_worker(self.job)
+
+    def _stop_engine(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _catch_up(self, records: list[dict[str, Any]]) -> int:
+        """Journal lines a crash lost, rebuilt from the trail and the outputs on disk; how many.
+
+        An instance is answered Success once its output and its trail record are durable; its
+        done-index line is appended without a flush of its own (:class:`_GroupCommit`). After a
+        crash the trail says which received instances were placed (``input_digest``, ``path``);
+        each whose output is on disk and whose digest the journal lacks gets its line back, the
+        manifest row read from the de-identified output itself.
+        """
+        placed = {str(r["input_digest"]): str(r["path"]) for r in records
+                  if r.get("kind") == KIND_DEIDENTIFIED and r.get("via") == "dicom"
+                  and r.get("input_digest") and r.get("path")}
+        if not placed:
+            return 0
+        index = load_done_index(self.done.path)
+        lines = []
+        for digest, rel in placed.items():
+            if is_done(index, digest):
+                continue
+            row = _row_of_output(self.dst, rel)
+            if row is not False:
+                line = DoneIndex.line(digest, row or None)
+                if line is not None:
+                    lines.append(line)
+        self.done.append(lines)
+        if lines:
+            log.warning("rebuilt %d done-index line(s) a crash had lost (from the trail and the outputs)", len(lines))
+        return len(lines)
+
     # ---- one instance -----------------------------------------------------------------
     def receive(self, data: bytes, calling_ae: str = "") -> Outcome:
-        """De-identify one received instance (DICOM file bytes); the status to answer with."""
+        """De-identify one received instance (DICOM file bytes); the status to answer with.
+
+        Success only once the de-identified output (its bytes, its name) and its trail record are
+        on disk; the flush is shared with every instance placed meanwhile (:class:`_GroupCommit`).
+        """
         with self._lock:
             if self._closed:
                 return Outcome(STATUS_OUT_OF_RESOURCES, KIND_REFUSED, "the intake is shutting down")
@@ -291,41 +371,76 @@ class Intake:
             if self._low_on_space(len(data)):
                 return self._refuse("", f"less than {self.min_free_bytes} bytes would be left free on the store's "
                                     "or the spool's disk (watermark)")
-            spool = self.spool_dir / f"{secrets.token_hex(8)}{SPOOL_SUFFIX}"
+        spool = self.spool_dir / f"{secrets.token_hex(8)}{SPOOL_SUFFIX}"
+        try:
             try:
-                try:
-                    fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                    with os.fdopen(fd, "wb") as fh:
-                        fh.write(data)
-                except OSError as err:
+                fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+            except OSError as err:
+                with self._lock:
                     return self._refuse("", f"the spool could not hold the instance ({err.strerror or err})")
-                result = process_path(str(spool))
-                return self._commit(result, spool, calling_ae)
-            finally:
-                spool.unlink(missing_ok=True)  # the original never outlives this call
+            result = self._deidentify(spool)
+            with self._lock:
+                if self._closed:
+                    if result.tmp_path:
+                        Path(result.tmp_path).unlink(missing_ok=True)
+                    return Outcome(STATUS_OUT_OF_RESOURCES, KIND_REFUSED, "the intake is shutting down")
+                outcome, pending = self._commit(result, spool, calling_ae)
+            if pending is None:
+                return outcome
+            try:
+                pending.wait()
+            except OSError as err:
+                with self._lock:
+                    return self._undo(pending, result, err)
+            with self._lock:
+                self._settle(pending)
+            return outcome
+        finally:
+            spool.unlink(missing_ok=True)  # the original never outlives this call
 
-    def _commit(self, result: FileResult, spool: Path, calling_ae: str) -> Outcome:
+    def _deidentify(self, spool: Path) -> FileResult:
+        """The engine's result for the spool file: from a worker process, or here for one worker."""
+        pool = self._pool
+        if pool is None:
+            with self._engine_lock:
+                return process_path(str(spool))
+        try:
+            return pool.submit(process_path, str(spool)).result()
+        except Exception:  # noqa: BLE001 - a worker died (BrokenProcessPool): find out whether this file did it
+            if self._closed:  # the pool was shut down under us: nothing stored, the sender retries
+                raise
+            log.warning("a de-identification worker died; running the instance alone to tell")
+            with self._engine_lock:
+                if self._pool is pool and not self._closed:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    self._pool = _new_pool(self.job, self.workers, fork=False)
+            return _isolated(_Task(spool, spool.name), self.job, process_path)
+
+    def _commit(self, result: FileResult, spool: Path, calling_ae: str) -> tuple[Outcome, _Pending | None]:
+        """Place the output and record it (lock held); the pending flush its Success waits for."""
         if result.kind == KIND_DISK_FULL:
-            return self._refuse(result.input_digest, f"the store's disk is full ({result.reason})")
+            return self._refuse(result.input_digest, f"the store's disk is full ({result.reason})"), None
         if result.kind == KIND_DONE:
             self.trail.append(KIND_SKIPPED, input_digest=result.input_digest, reason=REASON_ALREADY_DONE,
                               via="dicom", calling_ae=calling_ae)
             self.counts.duplicates += 1
-            return Outcome(STATUS_SUCCESS, KIND_SKIPPED, REASON_ALREADY_DONE)
+            return Outcome(STATUS_SUCCESS, KIND_SKIPPED, REASON_ALREADY_DONE), None
         if result.kind != KIND_DEIDENTIFIED or result.rel_path is None or result.tmp_path is None:
-            return self._quarantine(result, spool, calling_ae, result.reason or screening.REASON_UNREADABLE)
+            return self._quarantine(result, spool, calling_ae, result.reason or screening.REASON_UNREADABLE), None
         target = self.dst / result.rel_path
         tmp = Path(result.tmp_path)
-        if _written_this_run(target, self.done.mark_ns):  # a resend: one output
+        commits = self._commits
+        assert commits is not None
+        if _written_this_run(target, self.done.mark_ns):  # a resend: one output (its flush may still be pending)
             tmp.unlink(missing_ok=True)
             if _file_sha256(target) != result.output_digest:
-                return self._quarantine(result, spool, calling_ae, screening.REASON_DUPLICATE)
+                return self._quarantine(result, spool, calling_ae, screening.REASON_DUPLICATE), None
             self.trail.append(KIND_SKIPPED, input_digest=result.input_digest, sop_uid=result.sop_uid,
                               reason=REASON_DUPLICATE_RECEIVED, via="dicom", calling_ae=calling_ae)
-            self.done.add(result.input_digest)
-            self.counts.duplicates += 1
-            self._sync_records()
-            return Outcome(STATUS_SUCCESS, KIND_SKIPPED, REASON_DUPLICATE_RECEIVED)
+            pending = commits.submit(_Pending(target, DoneIndex.line(result.input_digest), placed=False))
+            return Outcome(STATUS_SUCCESS, KIND_SKIPPED, REASON_DUPLICATE_RECEIVED), pending
         _top, patient, study = result.rel_path.split("/")[:3]
         late = study in self._completed
         try:
@@ -338,19 +453,30 @@ class Intake:
             )
             if self.reid_writer is not None and result.reid_row is not None:
                 self.reid_writer.add(*result.reid_row)
-            self.done.add(result.input_digest, result.row)
-            self.done.checkpoint(force=True)  # syncfs(DST): output and trail durable, then the journal line
-            self._sync_records(synced_dst=True)
         except OSError as err:
             tmp.unlink(missing_ok=True)
             target.unlink(missing_ok=True)
-            self.done._pending.clear()
             if is_disk_full(err):
-                return self._refuse(result.input_digest, f"the store's disk is full ({err.strerror})")
+                return self._refuse(result.input_digest, f"the store's disk is full ({err.strerror})"), None
             raise
-        self._touch(study, patient, late)
+        pending = commits.submit(_Pending(target, DoneIndex.line(result.input_digest, result.row), study=study,
+                                          patient=patient, late=late))
+        return Outcome(STATUS_SUCCESS, KIND_DEIDENTIFIED, late=late), pending
+
+    def _settle(self, pending: _Pending) -> None:
+        """The output is durable: count it and keep its study open (lock held)."""
+        if not pending.placed:
+            self.counts.duplicates += 1
+            return
+        self._touch(pending.study, pending.patient, pending.late)
         self.counts.deidentified += 1
-        return Outcome(STATUS_SUCCESS, KIND_DEIDENTIFIED, late=late)
+
+    def _undo(self, pending: _Pending, result: FileResult, err: OSError) -> Outcome:
+        """The flush failed: the output is not known durable, so it goes and the sender retries (lock held)."""
+        if pending.placed:
+            pending.target.unlink(missing_ok=True)
+        what = "full" if is_disk_full(err) else f"failing ({err.strerror or err})"
+        return self._refuse(result.input_digest, f"the store's disk is {what}: the output could not be made durable")
 
     def _quarantine(self, result: FileResult, spool: Path, calling_ae: str, reason: str) -> Outcome:
         relative = f"dicom-{_SAFE_AE.sub('_', calling_ae) or 'unknown'}/{result.input_digest[:32] or spool.stem}.dcm"
@@ -452,6 +578,131 @@ class Intake:
             journal.close()
         self._manifest_stale = False
         return True
+
+
+def _row_of_output(dst: Path, rel: str) -> dict[str, str] | None | bool:
+    """The manifest row of a placed output, read from its de-identified header; None for a non-image
+    object (no row); False if the output is not on disk (never made durable: no line)."""
+    from pydicom import dcmread
+
+    path = dst / rel
+    if not path.is_file():
+        return False
+    _fsync(path)  # what survived a crash of the process may still be in the page cache only
+    if not rel.startswith(f"{IMAGES_DIR}/"):
+        return None
+    try:
+        ds = dcmread(path, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - unreadable: the line is left out, a resend redoes it
+        return False
+    return {"patient": str(ds.get("PatientID", "")), "study_uid": str(ds.get("StudyInstanceUID", "") or ""),
+            "series_uid": str(ds.get("SeriesInstanceUID", "") or ""), "sop_uid": str(ds.get("SOPInstanceUID", "")),
+            "accession": str(ds.get("AccessionNumber", "") or ""), "path": rel}
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One instance waiting for its output to be durable (or a resend waiting for the first copy's)."""
+
+    target: Path
+    line: str | None  # its done-index line, appended once the output is durable
+    placed: bool = True  # False: a resend; the output is an earlier instance's
+    study: str = ""
+    patient: str = ""
+    late: bool = False
+    error: OSError | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def wait(self) -> None:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+
+
+def _fsync(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _GroupCommit:
+    """Group commit: one thread makes every output placed since its last flush durable at once.
+
+    Each instance's handler places its output and writes its trail record, then waits here;
+    the committer takes whatever is waiting, fsyncs those outputs, their folders (and a new
+    folder's parents) and the trail - concurrently, so the filesystem joins them in one journal
+    commit - then appends their done-index lines and releases every waiting handler. Instances
+    arriving together on several associations share one flush; on one association each
+    instance costs one flush. The done-index lines are not flushed each time: the trail and
+    the outputs can rebuild them (:meth:`Intake._catch_up`).
+    """
+
+    def __init__(self, intake: Intake) -> None:
+        self._intake = intake
+        self._cond = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._stopping = False
+        self.flushes = 0
+        self._known: set[Path] = set()  # folders whose own entry is known durable
+        self._io = ThreadPoolExecutor(8, thread_name_prefix="medfed-intake-fsync")
+        self._thread = threading.Thread(target=self._run, name="medfed-intake-commit", daemon=True)
+        self._thread.start()
+
+    def submit(self, pending: _Pending) -> _Pending:
+        with self._cond:
+            self._queue.append(pending)
+            self._cond.notify()
+        return pending
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+        self._io.shutdown(wait=True)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue, []
+            error: OSError | None = None
+            try:
+                self._flush(batch)
+            except OSError as err:
+                error = err
+            except Exception as err:  # noqa: BLE001 - never leave a handler waiting, never claim durability
+                error = OSError(f"the commit failed ({type(err).__name__})")
+            for pending in batch:
+                pending.error = error
+                pending.done.set()
+
+    def _flush(self, batch: list[_Pending]) -> None:
+        intake = self._intake
+        paths: set[Path] = set()
+        folders: set[Path] = set()
+        for pending in batch:
+            paths.add(pending.target)
+            folder = pending.target.parent
+            paths.add(folder)  # the rename
+            if folder not in self._known:  # a new study (or patient) folder: its entry in its parents too
+                folders.add(folder)
+                paths.update(p for p in (folder.parent, folder.parent.parent, intake.dst) if _inside(p, intake.dst))
+        with intake._lock:  # the trail's active file as of now: every record of this batch is in it
+            trail = intake.trail.path if intake.trail.path.exists() else None
+        if trail is not None:
+            paths.add(trail)
+        self.flushes += 1
+        list(self._io.map(_fsync, paths))  # raises the first failure
+        self._known.update(folders)
+        if len(self._known) > 100_000:
+            self._known.clear()
+        intake.done.append([p.line for p in batch if p.line is not None], fsync=False)
 
 
 # ---- the network side --------------------------------------------------------------------

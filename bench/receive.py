@@ -4,8 +4,9 @@ Same machine, same files, same run: ``--files`` synthetic CT instances from
 ``medfed synth`` (no burned-in text, so every instance is stored by both) are
 sent by DCMTK's ``storescu`` over loopback, once to ``storescp`` writing the raw
 files, once to ``medfed site receive`` (the real command in its own process:
-spool on tmpfs as in the systemd unit, de-identification, atomic rename, syncfs
-and a journal fsync before each Success, audit trail, done-index); storescp
+spool on tmpfs as in the systemd unit, de-identification in worker processes,
+atomic rename, the output, its folder and the trail fsynced before each Success
+(shared by the instances placed together), audit trail, done-index); storescp
 writes without any fsync. DCMTK runs with ``TCP_NODELAY=1`` (else each instance
 waits ~40 ms for a delayed ACK). The clock covers storescu's whole run (association to release).
 Runs alternate (storescp, medfed, storescp, ...) ``--repeat`` times; each side's

@@ -8,6 +8,7 @@ in DST (only the quarantine may hold one).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -219,9 +220,10 @@ def test_tls_clients_without_a_certificate_from_the_ca_are_refused(tmp_path: Pat
 
 
 # ---- resend, late instance, quarantine ---------------------------------------------------------
-def test_the_same_instance_sent_twice_gives_one_output(tmp_path: Path, start_receiver) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_same_instance_sent_twice_gives_one_output(tmp_path: Path, start_receiver, workers: int) -> None:
     files = make_study(tmp_path / "src", 3)
-    rx = start_receiver()
+    rx = start_receiver(workers=workers)
 
     first = send(rx.port, files)
     again = send(rx.port, files)
@@ -245,6 +247,64 @@ def test_after_a_restart_a_resend_is_recognised_by_the_done_index(tmp_path: Path
 
     assert len(outputs(second.dst)) == 2
     assert [r["reason"] for r in audit_kinds(second.dst, "skipped")] == ["already de-identified (done-index)"] * 2
+
+
+def test_associations_at_once_are_deidentified_in_parallel_and_recorded_once(tmp_path: Path, start_receiver) -> None:
+    """Four senders at once, two worker processes: every instance stored once, recorded once, in the manifest."""
+    import threading
+
+    studies = [make_study(tmp_path / "src", 5, patient=10 + i) for i in range(4)]
+    rx = start_receiver(workers=2)
+    statuses: dict[int, list[int]] = {}
+    threads = [threading.Thread(target=lambda i=i: statuses.__setitem__(i, send(rx.port, studies[i])))
+               for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=WAIT)
+
+    assert [statuses.get(i) for i in range(4)] == [[STATUS_SUCCESS] * 5] * 4
+    assert len(outputs(rx.dst)) == 20
+    assert len({r["input_digest"] for r in audit_kinds(rx.dst, "deidentified")}) == 20
+    rx.stop()
+    assert len(read_manifest(rx.dst / "manifest.csv")) == 20
+
+
+def test_instances_placed_during_a_flush_share_the_next_one(tmp_path: Path, start_receiver, monkeypatch) -> None:
+    """Group commit: while one flush waits on the disk, the instances placed meanwhile wait for one more, together."""
+    import threading
+
+    import anonymization.intake as intake_module
+
+    files = make_study(tmp_path / "src", 4)
+    rx = start_receiver(workers=2)
+    gate, entered = threading.Event(), threading.Event()
+    real_fsync = intake_module._fsync
+
+    def slow_fsync(path: Path | str) -> None:
+        entered.set()
+        assert gate.wait(WAIT)
+        real_fsync(path)
+
+    monkeypatch.setattr(intake_module, "_fsync", slow_fsync)
+    statuses: dict[int, list[int]] = {}
+    first = threading.Thread(target=lambda: statuses.__setitem__(0, send(rx.port, files[:1])))
+    first.start()
+    assert entered.wait(WAIT)  # the first instance's flush has begun and is held
+    rest = [threading.Thread(target=lambda i=i: statuses.__setitem__(i, send(rx.port, files[i:i + 1])))
+            for i in range(1, 4)]
+    for thread in rest:
+        thread.start()
+    commits = rx.intake._commits
+    assert commits is not None
+    wait_until(lambda: len(commits._queue) == 3, "three instances placed, waiting for the next flush")
+    assert outputs(rx.dst) and statuses == {}  # placed, but nobody answered before the flush
+    gate.set()
+    for thread in (first, *rest):
+        thread.join(timeout=WAIT)
+
+    assert [statuses.get(i) for i in range(4)] == [[STATUS_SUCCESS]] * 4
+    assert commits.flushes == 2
 
 
 def test_a_late_instance_is_added_and_recorded_as_late(tmp_path: Path, start_receiver) -> None:
@@ -391,6 +451,85 @@ def test_an_association_aborted_mid_instance_leaves_nothing_partial(tmp_path: Pa
     assert len(outputs(rx.dst)) == 2
     assert send(rx.port, files[2:]) == [STATUS_SUCCESS]  # the intake carries on
     assert len(outputs(rx.dst)) == 3
+
+
+def _listening(proc: subprocess.Popen, port: int) -> bool:
+    assert proc.poll() is None, f"the receiver exited ({proc.returncode})"
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_success_means_durable_even_if_the_receiver_is_killed_right_after(tmp_path: Path) -> None:
+    """SIGKILL the real ``medfed site receive`` (and its workers, as systemd kills the unit's group) the moment
+    a Success arrives: the instance is in the store, and after a restart it is in the manifest and a resend is
+    recognised."""
+    from pydicom import dcmread
+    from pynetdicom import AE, StoragePresentationContexts
+
+    files = make_study(tmp_path / "src", 3, patient=11)
+    dst, key, port = tmp_path / "dst", tmp_path / "keys" / "site.key", free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medfed.cli", "site", "receive", str(dst), "--key", str(key), "--port", str(port),
+         "--host", "127.0.0.1", "--ae-title", "MEDFED", "--allow-ae", "STORESCU", "--min-free", "0",
+         "--study-timeout", "3600"], env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+
+    def kill() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    try:
+        wait_until(lambda: _listening(proc, port), "medfed site receive to listen")
+        ae = AE(ae_title="STORESCU")
+        ae.requested_contexts = StoragePresentationContexts
+        assoc = ae.associate("127.0.0.1", port, ae_title="MEDFED")
+        assert assoc.is_established
+        assert [int(assoc.send_c_store(dcmread(f)).Status) for f in files[:2]] == [STATUS_SUCCESS] * 2
+        kill()  # the moment the second Success arrived
+        assoc.abort()
+    finally:
+        kill()
+        proc.wait(timeout=WAIT)
+
+    stored = outputs(dst)
+    assert len(stored) == 2
+    assert sorted(str(dcmread(p).InstanceNumber) for p in stored) == ["1", "2"]  # whole files, not torn
+    intake = Intake(dst, key, min_free_bytes=0).open()  # the restart
+    server = ReceiveServer(intake, ae_title="MEDFED", allowed=["STORESCU"], port=0, host="127.0.0.1")
+    port = server.start()
+    try:
+        assert send(port, files) == [STATUS_SUCCESS] * 3
+    finally:
+        server.stop()
+    assert len(outputs(dst)) == 3
+    assert [r["reason"] for r in audit_kinds(dst, "skipped")] == ["already de-identified (done-index)"] * 2
+    assert sorted(r["path"] for r in read_manifest(dst / "manifest.csv")) == [
+        p.relative_to(dst).as_posix() for p in outputs(dst)]
+    assert_clean(tmp_path)
+
+
+def test_done_index_lines_lost_in_a_crash_are_rebuilt_from_the_trail(tmp_path: Path, start_receiver) -> None:
+    """The journal is appended without a flush of its own: a power cut may lose its last lines. The next
+    start rebuilds them from the durable trail and outputs: the manifest lists every output, a resend is known."""
+    from anonymization.batch import DONE_DIR
+
+    files = make_study(tmp_path / "src", 2)
+    first = start_receiver()
+    assert send(first.port, files) == [STATUS_SUCCESS] * 2
+    first.stop()
+    (journal,) = (first.dst / DONE_DIR).glob("*.txt")
+    journal.write_text(journal.read_text().splitlines()[0][:20])  # one line lost, the other torn
+    (first.dst / "manifest.csv").unlink()
+
+    second = start_receiver()
+    (recovered,) = audit_kinds(second.dst, "intake_recovered")
+    assert recovered["instances"] == 2
+    assert send(second.port, files) == [STATUS_SUCCESS] * 2
+    assert [r["reason"] for r in audit_kinds(second.dst, "skipped")] == ["already de-identified (done-index)"] * 2
+    second.stop()
+    rows = read_manifest(second.dst / "manifest.csv")
+    assert sorted(r["path"] for r in rows) == [p.relative_to(second.dst).as_posix() for p in outputs(second.dst)]
+    assert all(r["series_uid"] and r["accession"] for r in rows)
 
 
 def test_the_spool_is_cleared_at_start(tmp_path: Path, start_receiver) -> None:
