@@ -50,7 +50,7 @@ DEFAULT_MODE: dict[str, str] = {
     "densenet121": "ew",
     "resnet18": "ew",
     "resnet50": "ew",
-    "efficientnet-b0": "hooks",
+    "efficientnet-b0": "functorch",
 }
 #: Bytes read at a time when hashing a weights file.
 _CHUNK = 1 << 20
