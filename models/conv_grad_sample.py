@@ -59,7 +59,8 @@ def _conv_utils() -> Any | None:
     return conv_utils
 
 
-def _by_taps(input: torch.Tensor, grad_output: torch.Tensor, weight_shape: Any, stride: Any, padding: Any) -> torch.Tensor:
+def _by_taps(input: torch.Tensor, grad_output: torch.Tensor, weight_shape: Any, stride: Any,
+             padding: Any) -> torch.Tensor:
     """Per-sample weight gradients of a 2-D convolution (no groups, no dilation), one kernel tap at a time."""
     batch, in_ch = input.shape[:2]
     out_ch, out_h, out_w = grad_output.shape[1:]
