@@ -50,7 +50,7 @@ DEFAULT_MODE: dict[str, str] = {
     "densenet121": "ew",
     "resnet18": "ew",
     "resnet50": "ew",
-    "efficientnet-b0": "hooks",
+    "efficientnet-b0": "functorch",
 }
 #: Bytes read at a time when hashing a weights file.
 _CHUNK = 1 << 20
@@ -260,12 +260,21 @@ def apply_trainable(model: nn.Module, part: str) -> nn.Module:
     if part == "all":
         return model
     if part == "norm-and-bias":
-        head = head_module(model)
-        keep = {id(p) for m in model.modules() if isinstance(m, nn.GroupNorm | nn.LayerNorm) for p in m.parameters()}
-        keep |= {id(p) for p in head.parameters()}
-        for name, p in model.named_parameters():
-            p.requires_grad_(id(p) in keep or name.endswith(".bias"))
-        return model
+        return _norm_and_bias(model)
+    return _split(model, part)
+
+
+def _norm_and_bias(model: nn.Module) -> nn.Module:
+    """Train every normalisation scale and shift, every bias and the head; freeze the rest in place."""
+    keep = {id(p) for m in model.modules() if isinstance(m, nn.GroupNorm | nn.LayerNorm) for p in m.parameters()}
+    keep |= {id(p) for p in head_module(model).parameters()}
+    for name, p in model.named_parameters():
+        p.requires_grad_(id(p) in keep or name.endswith(".bias"))
+    return model
+
+
+def _split(model: nn.Module, part: str) -> SplitNetwork:
+    """Freeze the stages before the last block (``last-block``) or before the head (``head``)."""
     stages, last_block, head_name = _stages(model)
     cut = [n for n, _ in stages].index(last_block if part == "last-block" else head_name)
     front = nn.Sequential(OrderedDict(stages[:cut]))
@@ -345,23 +354,29 @@ def load_initial_weights(model: nn.Module, study: Study, base_dir: str | Path) -
     return True
 
 
+def _some(label: str, keys: list[str]) -> str:
+    return f"{label} {', '.join(keys[:3])}" + ("…" if len(keys) > 3 else "")
+
+
+def _mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], head: str) -> str:
+    """What in ``state`` does not fit ``own`` (empty when it fits); the head's tensors may be missing."""
+    extra = sorted(set(state) - set(own))
+    missing = sorted(k for k in set(own) - set(state) if not k.startswith(head))
+    wrong = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
+    parts = [_some("unexpected", extra)] if extra else []
+    parts += [_some("missing", missing)] if missing else []
+    parts += [f"{k} is {tuple(state[k].shape)}, the network's {tuple(own[k].shape)}" for k in wrong[:3]]
+    return "; ".join(parts)
+
+
 def _check_state(model: nn.Module, state: object, path: Path) -> None:
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise NetworkError(f"initial weights {path} are not a state dict (names to tensors); "
                            "save them with torch.save(model.state_dict(), FILE)")
-    own = model.state_dict()
     head = _head_prefix(model)
-    extra = sorted(set(state) - set(own))
-    missing = sorted(k for k in set(own) - set(state) if not k.startswith(head))
-    wrong = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
-    if extra or missing or wrong:
-        detail = "; ".join(part for part in (
-            f"unexpected {', '.join(extra[:3])}" + ("…" if len(extra) > 3 else "") if extra else "",
-            f"missing {', '.join(missing[:3])}" + ("…" if len(missing) > 3 else "") if missing else "",
-            ", ".join(f"{k} is {tuple(state[k].shape)}, the network's {tuple(own[k].shape)}" for k in wrong[:3])
-            if wrong else "",
-        ) if part)
+    detail = _mismatch(model.state_dict(), state, head)
+    if detail:
         raise NetworkError(f"initial weights {path} do not fit the study's {type(model).__name__} ({detail}); "
                            "save build_network(study).state_dict() for the same network, channels and classes "
                            f"(the head, {head}*, may be left out); nothing is loaded")
