@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -89,54 +90,83 @@ def read_labels(
 
 def _parse(fh: TextIO, path: Path, pseudonymizer: Pseudonymizer, retain_uids: bool,
            study: StudyLike | None) -> LabelTable:
-    labels: dict[str, str] = {}
+    """The table of an open labels CSV: its key column, then every row; a file that is no UTF-8 CSV is refused."""
     reader = csv.DictReader(fh)
     try:
-        fields = [f.strip() for f in (reader.fieldnames or [])]
-        keys = [f for f in fields if f in LABEL_KEYS]
-        if "label" not in fields or len(keys) != 1:
-            raise LabelsError(
-                f"labels file {path} needs a header with one key column ({', '.join(LABEL_KEYS)}) and a "
-                f"label column, e.g. AccessionNumber,label (found {len(keys)} key column(s)"
-                + ("" if "label" in fields else ", no label column") + ")"
-            )
-        key = keys[0]
-        if study is not None and key != study.labels.key:
-            raise LabelsError(
-                f"labels file {path} is keyed by {key}, but the study takes labels by {study.labels.key}: "
-                "use a CSV keyed as the study says, or change the study's labels.key"
-            )
-        reader.fieldnames = fields
-        for row in reader:
-            line = reader.line_num
-            value = (row.get(key) or "").strip()
-            label = (row.get("label") or "").strip()
-            if not value and not label:
-                continue
-            if not value:
-                raise LabelsError(f"labels file {path}, line {line}: empty {key}")
-            if not valid_label(label):
-                raise LabelsError(
-                    f"labels file {path}, line {line}: a label is a class name or index (letters, digits, "
-                    f"space, '.', '_', '-'), or findings joined by '{MULTILABEL_SEPARATOR}', or '{NO_FINDING}'"
-                )
-            if study is not None:
-                try:
-                    study.target(label)
-                except ValueError as err:
-                    raise LabelsError(f"labels file {path}, line {line}: {err}") from None
-            if key == "AccessionNumber":
-                pseudonym = pseudonymizer.accession(value)
-            else:
-                pseudonym = value if retain_uids else pseudonymizer.uid(value)
-            if labels.get(pseudonym, label) != label:
-                raise LabelsError(f"labels file {path}, line {line}: this {key} already has a different label")
-            labels[pseudonym] = label
+        key = _key_column(reader, path, study)
+        labels = _read_rows(reader, key, path, study, lambda v: _pseudonym(key, v, pseudonymizer, retain_uids))
     except csv.Error:
         raise LabelsError(f"labels file {path} is not a valid CSV file (line {reader.line_num})") from None
     except UnicodeDecodeError:
         raise LabelsError(f"labels file {path} is not UTF-8 text") from None
     return LabelTable(key, labels)
+
+
+def _key_column(reader: csv.DictReader, path: Path, study: StudyLike | None) -> str:
+    """The header's one key column (and a label column), the study's key when a study is given.
+
+    The header's names are stripped, so `` AccessionNumber , label`` reads as the user meant.
+    """
+    fields = [f.strip() for f in (reader.fieldnames or [])]
+    keys = [f for f in fields if f in LABEL_KEYS]
+    if "label" not in fields or len(keys) != 1:
+        raise LabelsError(
+            f"labels file {path} needs a header with one key column ({', '.join(LABEL_KEYS)}) and a "
+            f"label column, e.g. AccessionNumber,label (found {len(keys)} key column(s)"
+            + ("" if "label" in fields else ", no label column") + ")"
+        )
+    key = keys[0]
+    if study is not None and key != study.labels.key:
+        raise LabelsError(
+            f"labels file {path} is keyed by {key}, but the study takes labels by {study.labels.key}: "
+            "use a CSV keyed as the study says, or change the study's labels.key"
+        )
+    reader.fieldnames = fields
+    return key
+
+
+def _read_rows(reader: csv.DictReader, key: str, path: Path, study: StudyLike | None,
+               pseudonymise: Callable[[str], str]) -> dict[str, str]:
+    """Pseudonymised key -> label of every row; blank rows are skipped, a key given two labels is refused.
+
+    Errors name the line, never the key's value (it is an identifier).
+    """
+    labels: dict[str, str] = {}
+    for row in reader:
+        line = reader.line_num
+        value = (row.get(key) or "").strip()
+        label = (row.get("label") or "").strip()
+        if not value and not label:
+            continue
+        if not value:
+            raise LabelsError(f"labels file {path}, line {line}: empty {key}")
+        _check_label(label, path, line, study)
+        pseudonym = pseudonymise(value)
+        if labels.get(pseudonym, label) != label:
+            raise LabelsError(f"labels file {path}, line {line}: this {key} already has a different label")
+        labels[pseudonym] = label
+    return labels
+
+
+def _check_label(label: str, path: Path, line: int, study: StudyLike | None) -> None:
+    """A label of class-name characters, and (with a study) one the study reads."""
+    if not valid_label(label):
+        raise LabelsError(
+            f"labels file {path}, line {line}: a label is a class name or index (letters, digits, "
+            f"space, '.', '_', '-'), or findings joined by '{MULTILABEL_SEPARATOR}', or '{NO_FINDING}'"
+        )
+    if study is not None:
+        try:
+            study.target(label)
+        except ValueError as err:
+            raise LabelsError(f"labels file {path}, line {line}: {err}") from None
+
+
+def _pseudonym(key: str, value: str, pseudonymizer: Pseudonymizer, retain_uids: bool) -> str:
+    """The pseudonym the manifest holds for a key: the accession's, or the UID's (kept as is under Retain UIDs)."""
+    if key == "AccessionNumber":
+        return pseudonymizer.accession(value)
+    return value if retain_uids else pseudonymizer.uid(value)
 
 
 def load_labels(path: Path, pseudonymizer: Pseudonymizer) -> dict[str, str]:

@@ -122,53 +122,78 @@ def plot_metrics(path: Path, history: RunHistory) -> None:
     nodes = sorted({n for r in rounds for n in r["sites"]}, key=lambda n: names.get(n, n))
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     ax_auc, ax_macro, ax_class, ax_eps = axes.flat
+    _plot_auc(ax_auc, rounds, nodes, names)
+    _plot_pooled_macro(ax_macro, rounds)
+    _plot_class_auc(ax_class, rounds)
+    _plot_epsilon(ax_eps, rounds, nodes, names)
+    _round_axes(axes.flat, rounds)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
 
+
+def _plot_auc(ax: Any, rounds: list[dict[str, Any]], nodes: list[str], names: dict[str, str]) -> None:
+    """AUC per round: the pooled macro AUC (else the mean over sites) in black, then each site's own."""
     xs, ys = _series(rounds, lambda r: (r.get("pooled") or {}).get("macro", {}).get("auc"))
     if xs:
-        ax_auc.plot(xs, ys, color="black", label="pooled (macro)", **_style(0, len(nodes) + 1))
+        ax.plot(xs, ys, color="black", label="pooled (macro)", **_style(0, len(nodes) + 1))
     else:
         xs, ys = _series(rounds, lambda r: r["auc"])
-        ax_auc.plot(xs, ys, color="black", label="mean over sites", **_style(0, len(nodes) + 1))
+        ax.plot(xs, ys, color="black", label="mean over sites", **_style(0, len(nodes) + 1))
     for i, node in enumerate(nodes):
         sx, sy = _series(rounds, lambda r, n=node: r["sites"].get(n, {}).get("evaluate", {}).get("auc"))
         if sx:
-            ax_auc.plot(sx, sy, label=names[node], **_style(i + 1, len(nodes) + 1))
-    ax_auc.set_ylabel("AUC (sites' test splits)")
-    ax_auc.set_ylim(0.0, 1.0)
-    ax_auc.set_title("AUC: pooled and per site")
+            ax.plot(sx, sy, label=names[node], **_style(i + 1, len(nodes) + 1))
+    ax.set_ylabel("AUC (sites' test splits)")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_title("AUC: pooled and per site")
 
+
+def _plot_pooled_macro(ax: Any, rounds: list[dict[str, Any]]) -> None:
+    """The pooled macro figures other than AUC (AUC has its own panel), one line each."""
     shown = [k for k in CLASS_METRICS if k != "auc"]
     for i, k in enumerate(shown):
         mx, my = _series(rounds, lambda r, k=k: (r.get("pooled") or {}).get("macro", {}).get(k))
         if mx:
-            ax_macro.plot(mx, my, label=k, **_style(i, len(shown)))
-    ax_macro.set_ylim(0.0, 1.0)
-    ax_macro.set_title("Pooled macro figures")
+            ax.plot(mx, my, label=k, **_style(i, len(shown)))
+    ax.set_ylim(0.0, 1.0)
+    ax.set_title("Pooled macro figures")
 
+
+def _plot_class_auc(ax: Any, rounds: list[dict[str, Any]]) -> None:
+    """The pooled AUC of each class of the last pooled round, so a class the model misses shows."""
     classes = next((r["pooled"]["classes"] for r in reversed(rounds) if r.get("pooled")), [])
     for i, c in enumerate(classes):
         cx, cy = _series(rounds, lambda r, c=c: (r.get("pooled") or {}).get("per-class", {}).get(c, {}).get("auc"))
         if cx:
-            ax_class.plot(cx, cy, label=c, **_style(i, len(classes)))
-    ax_class.set_ylim(0.0, 1.0)
-    ax_class.set_title("Pooled AUC per class")
+            ax.plot(cx, cy, label=c, **_style(i, len(classes)))
+    ax.set_ylim(0.0, 1.0)
+    ax.set_title("Pooled AUC per class")
 
+
+def _plot_epsilon(ax: Any, rounds: list[dict[str, Any]], nodes: list[str], names: dict[str, str]) -> None:
+    """ε spent per site per round, with the site's cap (its first known one) dashed in the same colour."""
     for i, node in enumerate(nodes):
         ex, ey = _series(rounds, lambda r, n=node: r["sites"][n]["epsilon"] if n in r["sites"] else None)
         if not ex:
             continue
-        line = ax_eps.plot(ex, ey, label=names[node], **_style(i, len(nodes)))
+        line = ax.plot(ex, ey, label=names[node], **_style(i, len(nodes)))
         caps = [r["sites"][node]["epsilon_cap"] for r in rounds if node in r["sites"]]
         cap = next((c for c in caps if c is not None and not math.isnan(c)), None)
         if cap is not None:
-            ax_eps.axhline(cap, linestyle="--", color=line[0].get_color(), alpha=0.6)
-    ax_eps.set_ylabel("ε spent (dashed: cap)")
-    ax_eps.set_title("Privacy spent per site")
+            ax.axhline(cap, linestyle="--", color=line[0].get_color(), alpha=0.6)
+    ax.set_ylabel("ε spent (dashed: cap)")
+    ax.set_title("Privacy spent per site")
 
+
+def _round_axes(axes: Any, rounds: list[dict[str, Any]]) -> None:
+    """Every panel: x is the round, ticked at whole rounds (never 0.975), with a grid and a legend if any."""
     numbers = sorted({int(r["round"]) for r in rounds})
-    for ax in axes.flat:
+    for ax in axes:
         ax.set_xlabel("round")
-        if numbers:  # rounds are whole numbers: tick them, never 0.975
+        if numbers:
             ax.set_xlim(numbers[0] - 0.5, numbers[-1] + 0.5)
         if 0 < len(numbers) <= 20:
             ax.set_xticks(numbers)
@@ -177,8 +202,3 @@ def plot_metrics(path: Path, history: RunHistory) -> None:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)

@@ -315,67 +315,117 @@ def calibrate_noise(
     """
     check_accountant(accountant)
     _check_delta(delta)
-    past = _normalise(history)
-    later = _normalise(reserve)
-    if rounds_left < 1:
-        raise AccountingError(f"rounds_left must be >= 1 (got {rounds_left})")
-    if steps_per_round < 0:
-        raise AccountingError(f"steps_per_round must be >= 0 (got {steps_per_round})")
-    if floor <= 0:
-        raise AccountingError(f"the noise floor must be > 0 (got {floor}): training here is always DP")
-    if ceiling < floor:
-        raise AccountingError(f"ceiling {ceiling} is below the floor {floor}")
-    if epsilon_cap <= 0:
-        raise AccountingError(f"epsilon_cap must be > 0 (got {epsilon_cap})")
-    steps = rounds_left * steps_per_round
-    spent = epsilon_of_history(past, delta, accountant)
-    committed = epsilon_of_history(past + later, delta, accountant) if later else spent
-
-    def eps_at(sigma: float) -> float:
-        return epsilon_of_history(past + later + ((sigma, sample_rate, steps),), delta, accountant)
-
-    if committed >= epsilon_cap:
-        reserved = f" ({committed:.4g} with the planned evaluations reserved)" if later else ""
-        fix = ("raise the cap, or raise the site's evaluation-noise, or plan fewer evaluated rounds "
-               "(num-server-rounds, fraction-evaluate = 0)") if later and spent < epsilon_cap else "raise the cap"
-        raise AccountingError(
-            f"epsilon {spent:.4g} is already spent{reserved}, at or over the cap {epsilon_cap:g} "
-            f"(delta={delta:g}): no noise multiplier lets another round in; {fix}"
-        )
-    if eps_at(floor) <= epsilon_cap:
+    search = _Calibration(_normalise(history), _normalise(reserve), sample_rate, steps_per_round, rounds_left,
+                          epsilon_cap, delta, accountant, floor, ceiling, rtol)
+    search.check_arguments()
+    committed = search.check_room()
+    if search.eps_at(floor) <= epsilon_cap:
         return floor
-    # Warm start: a run calibrated last round needs (almost) the same σ now; two checks confirm it.
-    last = next((s for s, q, _ in reversed(past) if q == sample_rate), None)
-    if last is not None and last > floor and eps_at(last) <= epsilon_cap < eps_at(last / (1 + rtol)):
+    last = search.warm_start()
+    if last is not None:
         return last
-    hi: float | None = None
-    if accountant == "prv":
-        # RDP is never below our PRV figure (we keep the smaller of the two), so the σ that
-        # meets the cap by RDP brackets PRV's from above, cheaply.
-        try:
-            hi = calibrate_noise(past, sample_rate, steps_per_round, rounds_left, epsilon_cap, delta, "rdp",
-                                 floor, ceiling, rtol, later)
-        except AccountingError:
-            hi = None  # RDP sees no room where PRV may: search up to the ceiling by PRV
-    if hi is None:
-        if eps_at(ceiling) > epsilon_cap:
+    return search.solve(search.upper_bracket(committed))
+
+
+@dataclass(frozen=True)
+class _Calibration:
+    """One :func:`calibrate_noise` problem, and its steps: the spend so far and reserved, the rounds to come
+    at (q, steps) each, the cap, and the bounds and tolerance of the search for σ."""
+
+    past: tuple[Segment, ...]
+    later: tuple[Segment, ...]
+    sample_rate: float
+    steps_per_round: int
+    rounds_left: int
+    epsilon_cap: float
+    delta: float
+    accountant: str
+    floor: float
+    ceiling: float
+    rtol: float
+
+    def eps_at(self, sigma: float) -> float:
+        """ε after the past, the reserve and the rounds left at noise multiplier ``sigma``."""
+        steps = self.rounds_left * self.steps_per_round
+        return epsilon_of_history(self.past + self.later + ((sigma, self.sample_rate, steps),), self.delta,
+                                  self.accountant)
+
+    def check_arguments(self) -> None:
+        """Refuse a plan that makes no sense: no round left, negative steps, no noise, an empty σ range or cap."""
+        if self.rounds_left < 1:
+            raise AccountingError(f"rounds_left must be >= 1 (got {self.rounds_left})")
+        if self.steps_per_round < 0:
+            raise AccountingError(f"steps_per_round must be >= 0 (got {self.steps_per_round})")
+        if self.floor <= 0:
+            raise AccountingError(f"the noise floor must be > 0 (got {self.floor}): training here is always DP")
+        if self.ceiling < self.floor:
+            raise AccountingError(f"ceiling {self.ceiling} is below the floor {self.floor}")
+        if self.epsilon_cap <= 0:
+            raise AccountingError(f"epsilon_cap must be > 0 (got {self.epsilon_cap})")
+
+    def check_room(self) -> float:
+        """ε spent and reserved already; refuse when it leaves no room under the cap, saying what to change."""
+        spent = epsilon_of_history(self.past, self.delta, self.accountant)
+        later = self.later
+        committed = epsilon_of_history(self.past + later, self.delta, self.accountant) if later else spent
+        if committed >= self.epsilon_cap:
+            reserved = f" ({committed:.4g} with the planned evaluations reserved)" if later else ""
+            fix = "raise the cap"
+            if later and spent < self.epsilon_cap:
+                fix = ("raise the cap, or raise the site's evaluation-noise, or plan fewer evaluated rounds "
+                       "(num-server-rounds, fraction-evaluate = 0)")
             raise AccountingError(
-                f"even noise multiplier {ceiling:g} (the most that still lets the model learn) spends epsilon "
-                f"{eps_at(ceiling):.4g} > cap {epsilon_cap:g} over {rounds_left} round(s) (delta={delta:g}, "
-                f"{committed:.4g} already spent or reserved); raise the cap, or lower num-server-rounds or "
-                "local-epochs, or raise batch-size"
+                f"epsilon {spent:.4g} is already spent{reserved}, at or over the cap {self.epsilon_cap:g} "
+                f"(delta={self.delta:g}): no noise multiplier lets another round in; {fix}"
             )
-        hi = ceiling
-    # Brent's method on ε(σ) - cap: ε is smooth and falling in σ, so a handful of evaluations do.
-    root = float(brentq(lambda s: eps_at(s) - epsilon_cap, floor, hi, xtol=1e-4, rtol=rtol / 4))
-    sigma = _round_up(root)
-    for _ in range(20):  # step up until the cap holds (the root may sit a hair below the σ that meets it)
-        if eps_at(sigma) <= epsilon_cap:
-            break
-        sigma = _round_up(sigma * (1 + rtol / 4) + 1e-4)
-    else:
-        raise AccountingError(f"calibration did not converge for cap {epsilon_cap:g}; try the rdp accountant")
-    return sigma
+        return committed
+
+    def warm_start(self) -> float | None:
+        """The σ of the last round at this q when it still meets the cap and no smaller step would.
+
+        A run calibrated last round needs (almost) the same σ now; two checks confirm it.
+        """
+        last = next((s for s, q, _ in reversed(self.past) if q == self.sample_rate), None)
+        if last is None or last <= self.floor:
+            return None
+        return last if self.eps_at(last) <= self.epsilon_cap < self.eps_at(last / (1 + self.rtol)) else None
+
+    def upper_bracket(self, committed: float) -> float:
+        """A σ that meets the cap, to search below: RDP's answer under PRV, else the ceiling if it suffices.
+
+        RDP is never below our PRV figure (we keep the smaller of the two), so the σ that meets the
+        cap by RDP brackets PRV's from above, cheaply.
+        """
+        if self.accountant == "prv":
+            try:
+                return calibrate_noise(self.past, self.sample_rate, self.steps_per_round, self.rounds_left,
+                                       self.epsilon_cap, self.delta, "rdp", self.floor, self.ceiling, self.rtol,
+                                       self.later)
+            except AccountingError:
+                pass  # RDP sees no room where PRV may: search up to the ceiling by PRV
+        if self.eps_at(self.ceiling) > self.epsilon_cap:
+            raise AccountingError(
+                f"even noise multiplier {self.ceiling:g} (the most that still lets the model learn) spends epsilon "
+                f"{self.eps_at(self.ceiling):.4g} > cap {self.epsilon_cap:g} over {self.rounds_left} round(s) "
+                f"(delta={self.delta:g}, {committed:.4g} already spent or reserved); raise the cap, or lower "
+                "num-server-rounds or local-epochs, or raise batch-size"
+            )
+        return self.ceiling
+
+    def solve(self, hi: float) -> float:
+        """Brent's method on ε(σ) - cap in [floor, hi], rounded up to 4 digits and stepped up until the cap holds.
+
+        ε is smooth and falling in σ, so a handful of evaluations do; the root may sit a hair below
+        the σ that meets the cap.
+        """
+        cap, rtol = self.epsilon_cap, self.rtol
+        root = float(brentq(lambda s: self.eps_at(s) - cap, self.floor, hi, xtol=1e-4, rtol=rtol / 4))
+        sigma = _round_up(root)
+        for _ in range(20):
+            if self.eps_at(sigma) <= cap:
+                return sigma
+            sigma = _round_up(sigma * (1 + rtol / 4) + 1e-4)
+        raise AccountingError(f"calibration did not converge for cap {cap:g}; try the rdp accountant")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from monai.transforms import Compose, RandFlip, RandRotate, RandScaleIntensity
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset, get_worker_info
 
-from models.cache import CacheError, ImageCache, ShardReader, fingerprint
+from models.cache import CacheError, Entry, ImageCache, ShardReader, fingerprint
 from models.preprocess import Preprocessed, Unusable, preprocess, read_dicom
 from models.study import DEFAULT_STUDY, Study
 
@@ -253,6 +253,55 @@ def augmentation_transform(study: Study) -> Compose | None:
     return Compose(steps) if steps else None
 
 
+def _check_split(split: str, study: Study, test_fraction: float | None) -> float:
+    """The test fraction to use (the study's unless given); refuse an unknown split or a fraction outside [0, 1]."""
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all' (got {split!r})")
+    test_fraction = study.test_fraction if test_fraction is None else test_fraction
+    if not 0.0 <= test_fraction <= 1.0:
+        raise ValueError(f"test_fraction must lie in [0, 1] (got {test_fraction})")
+    return test_fraction
+
+
+def _labelled_store(root: Path, study: Study) -> StoreRows:
+    """The store's rows, refused when any row is bad (training never skips a label problem) or none is labelled."""
+    store = read_store_rows(root, study)
+    if store.bad:
+        row, _rel, reason = store.bad[0]
+        raise DatasetError(f"{MANIFEST_NAME} row {row}: {reason}. Fix the label table and re-run "
+                           "`medfed deid run` (`medfed data check` lists every problem).")
+    if not store.labelled:
+        raise DatasetError(
+            f"{root / MANIFEST_NAME} has {store.total} row(s) but none has a label. "
+            "Provide the label table to `medfed deid run` so that the manifest carries labels."
+        )
+    return store
+
+
+def _select_split(store: StoreRows, split: str, test_fraction: float) -> list[LabelledRow]:
+    """The labelled rows of ``split`` (patients are split, never images); an empty split is refused."""
+    splits = assign_splits((r.patient for r in store.labelled), test_fraction)
+    selected = [r for r in store.labelled if split == "all" or splits[r.patient] == split]
+    if not selected:
+        n_patients = len({r.patient for r in store.labelled})
+        raise DatasetError(
+            f"split {split!r} is empty: {len(store.labelled)} labelled image(s) from {n_patients} patient(s), "
+            f"test_fraction={test_fraction}. Add patients or change test_fraction."
+        )
+    return selected
+
+
+def _cached_entries(cache: ImageCache, root: Path, study: Study, selected: list[LabelledRow]) -> dict[str, Entry]:
+    """Each selected image's cache entry, preprocessing those not cached yet; a store or cache problem refuses."""
+    items = store_items(root, selected)
+    try:
+        return cache.ensure(items, producer(study, selected))
+    except StoreProblem as err:
+        raise DatasetError(str(err)) from None
+    except CacheError as err:
+        raise DatasetError(str(err)) from None
+
+
 class StudyDataset(Dataset):
     """One split of a de-identified store, preprocessed for a study; items ``(image (C, S, S), target)``.
 
@@ -272,11 +321,7 @@ class StudyDataset(Dataset):
         test_fraction: float | None = None,
         seed: int | None = None,
     ) -> None:
-        if split not in ("train", "test", "all"):
-            raise ValueError(f"split must be 'train', 'test' or 'all' (got {split!r})")
-        test_fraction = study.test_fraction if test_fraction is None else test_fraction
-        if not 0.0 <= test_fraction <= 1.0:
-            raise ValueError(f"test_fraction must lie in [0, 1] (got {test_fraction})")
+        test_fraction = _check_split(split, study, test_fraction)
         self.deid_dir = Path(deid_dir)
         self.study = study
         self.split: Split = split
@@ -285,39 +330,24 @@ class StudyDataset(Dataset):
         self.seed = seed
 
         root = self.deid_dir.resolve()
-        store = read_store_rows(root, study)
-        if store.bad:
-            row, _rel, reason = store.bad[0]
-            raise DatasetError(f"{MANIFEST_NAME} row {row}: {reason}. Fix the label table and re-run "
-                               "`medfed deid run` (`medfed data check` lists every problem).")
-        if not store.labelled:
-            raise DatasetError(
-                f"{root / MANIFEST_NAME} has {store.total} row(s) but none has a label. "
-                "Provide the label table to `medfed deid run` so that the manifest carries labels."
-            )
-        splits = assign_splits((r.patient for r in store.labelled), test_fraction)
-        selected = [r for r in store.labelled if split == "all" or splits[r.patient] == split]
-        if not selected:
-            n_patients = len({r.patient for r in store.labelled})
-            raise DatasetError(
-                f"split {split!r} is empty: {len(store.labelled)} labelled image(s) from {n_patients} patient(s), "
-                f"test_fraction={test_fraction}. Add patients or change test_fraction."
-            )
-
+        store = _labelled_store(root, study)
+        selected = _select_split(store, split, test_fraction)
         self.cache = ImageCache.for_store(root, study, cache_dir)
-        items = store_items(root, selected)
-        try:
-            entries = self.cache.ensure(items, producer(study, selected))
-        except StoreProblem as err:
-            raise DatasetError(str(err)) from None
-        except CacheError as err:
-            raise DatasetError(str(err)) from None
+        self._index(selected, _cached_entries(self.cache, root, study, selected))
+        self._reader: ShardReader = self.cache.reader()
+        self._augment = augmentation_transform(study) if split == "train" else None
+        self._rng_key: object = _UNSEEDED
+        self._log_loaded(store.total)
 
+    def _index(self, selected: list[LabelledRow], entries: dict[str, Entry]) -> None:
+        """Index every usable example (one per frame) by shard and offset, with its patient, path and target.
+
+        Unusable images are kept in ``refused``; a split with no usable image at all is refused.
+        """
         self.patients: list[str] = []
         self.paths: list[str] = []
         self.frames: list[int] = []
         self.refused: list[tuple[str, str]] = []
-        shards: list[str] = []
         shard_no: dict[str, int] = {}
         locations: list[tuple[int, int]] = []
         targets: list[int | tuple[float, ...]] = []
@@ -332,27 +362,27 @@ class StudyDataset(Dataset):
                 self.paths.append(r.path)
                 self.frames.append(frame)
                 targets.append(r.target)
-        shards = sorted(shard_no, key=shard_no.__getitem__)
         if not locations:
             reasons = Counter(reason for _p, reason in self.refused).most_common(3)
             raise DatasetError(
-                f"split {split!r} has no usable image for the {study.modality} study: {len(self.refused)} refused ("
+                f"split {self.split!r} has no usable image for the {self.study.modality} study: "
+                f"{len(self.refused)} refused ("
                 + "; ".join(f"{n} x {reason}" for reason, n in reasons)
                 + "). Run `medfed data check DEID_DIR --study FILE` for the list."
             )
-        self._shards = shards
+        self._shards = sorted(shard_no, key=shard_no.__getitem__)
         self._locations = np.asarray(locations, dtype=np.int64)
-        dtype = {"binary": np.float32, "multiclass": np.int64, "multilabel": np.float32}[study.task]
+        dtype = {"binary": np.float32, "multiclass": np.int64, "multilabel": np.float32}[self.study.task]
         self.labels: np.ndarray = np.asarray(targets, dtype=dtype)
-        self._reader: ShardReader = self.cache.reader()
-        self._augment = augmentation_transform(study) if split == "train" else None
-        self._rng_key: object = _UNSEEDED
+
+    def _log_loaded(self, manifest_rows: int) -> None:
+        """Log what the split holds and what the cache did; warn (with one reason) when images were refused."""
         if self.refused:
             logger.warning("%d %s image(s) refused for the %s study (e.g. %s); `medfed data check` lists them",
-                           len(self.refused), split, study.modality, self.refused[0][1])
+                           len(self.refused), self.split, self.study.modality, self.refused[0][1])
         logger.info(
             "%d %s example(s) from %d patient(s) out of %d manifest row(s); cache %s (%d built, %d reused)",
-            len(self.labels), split, len(set(self.patients)), store.total, self.cache.root,
+            len(self.labels), self.split, len(set(self.patients)), manifest_rows, self.cache.root,
             self.cache.stats.built, self.cache.stats.reused,
         )
 

@@ -90,64 +90,94 @@ def check_reply(content: RecordDict, message_type: str, expected_arrays: ArrayRe
     must carry exactly those array names and shapes, so no extra tensor can
     smuggle data out.
     """
+    category, allowed_metrics = _allowed_metrics(message_type)
+    report = EgressReport(message_type=message_type)
+    _check_records(content, category)
+    report.anchor = _check_anchor(content[ANCHOR_RECORD])  # the only config record that may leave
+    report.metrics = _check_metrics(content[METRICS_KEY], category, allowed_metrics)
+    if category == "train":
+        report.arrays, report.bytes, report.digest = _check_arrays(content[ARRAYS_KEY], expected_arrays)
+    else:
+        report.digest = summarize(ArrayRecord())["digest"]  # the digest of nothing: no arrays left
+    return report
+
+
+def _allowed_metrics(message_type: str) -> tuple[str, frozenset[str]]:
+    """The reply's category (train or evaluate) and its metric allow-list; any other message may not leave."""
     category = _category(message_type)
     if category == "train":
-        allowed_metrics = TRAIN_METRICS
-    elif category == "evaluate":
-        allowed_metrics = EVALUATE_METRICS
-    else:
-        raise EgressViolation(f"message type {message_type!r} is not allowed to leave the site")
+        return category, TRAIN_METRICS
+    if category == "evaluate":
+        return category, EVALUATE_METRICS
+    raise EgressViolation(f"message type {message_type!r} is not allowed to leave the site")
 
-    report = EgressReport(message_type=message_type)
+
+def _check_records(content: RecordDict, category: str) -> None:
+    """Exactly the records a reply of this category has: metrics, the anchor and (train only) the arrays."""
     keys = set(content.keys())
     expected_keys = {METRICS_KEY, ARRAYS_KEY, ANCHOR_RECORD} if category == "train" else {METRICS_KEY, ANCHOR_RECORD}
     if keys != expected_keys:
         raise EgressViolation(f"reply records {sorted(keys)} differ from the allowed {sorted(expected_keys)}")
-    report.anchor = _check_anchor(content[ANCHOR_RECORD])  # the only config record that may leave
 
-    metrics = content[METRICS_KEY]
+
+def _check_metrics(metrics: Any, category: str, allowed: frozenset[str]) -> list[str]:
+    """A MetricRecord of allowed names, each one finite number or (evaluate) a list of noisy counts.
+
+    Returns the metric names, sorted, for the audit trail.
+    """
     if not isinstance(metrics, MetricRecord):
         raise EgressViolation(f"'{METRICS_KEY}' must be a MetricRecord")
     lists = EVALUATE_COUNT_LISTS if category == "evaluate" else {}
     for name, value in metrics.items():
-        if name not in allowed_metrics:
+        if name not in allowed:
             raise EgressViolation(f"metric {name!r} is not on the {category} allow-list")
-        if name in lists and isinstance(value, list):
-            _check_count_list(name, value, lists[name])
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise EgressViolation(f"metric {name!r} must be a single number, not {type(value).__name__}")
-        if isinstance(value, float) and math.isinf(value):
-            raise EgressViolation(f"metric {name!r} is infinite")
+        _check_metric_value(name, value, lists)
     if category == "evaluate":
         sizes = {len(v) for k, v in metrics.items() if k in ("histogram-with", "histogram-without")}
         if len(sizes) > 1:
             raise EgressViolation("'histogram-with' and 'histogram-without' differ in length")
-    report.metrics = sorted(metrics.keys())
+    return sorted(metrics.keys())
 
-    if category == "train":
-        arrays = content[ARRAYS_KEY]
-        if not isinstance(arrays, ArrayRecord):
-            raise EgressViolation(f"'{ARRAYS_KEY}' must be an ArrayRecord")
-        if expected_arrays is not None:
-            want = {k: tuple(a.shape) for k, a in expected_arrays.items()}
-            got = {k: tuple(a.shape) for k, a in arrays.items()}
-            if want != got:
-                extra = sorted(set(got) - set(want))
-                missing = sorted(set(want) - set(got))
-                raise EgressViolation(
-                    f"model arrays differ from the global model (extra {extra}, missing {missing}, "
-                    "or shapes changed)"
-                )
-        for name, arr in arrays.items():
-            values = arr.numpy()
-            if values.dtype.kind == "f" and not np.isfinite(values).all():
-                raise EgressViolation(f"model array {name!r} holds non-finite values (NaN or inf)")
-        summary = summarize(arrays)
-        report.arrays, report.bytes, report.digest = summary["arrays"], summary["bytes"], summary["digest"]
-    else:
-        report.digest = summarize(ArrayRecord())["digest"]  # the digest of nothing: no arrays left
-    return report
+
+def _check_metric_value(name: str, value: Any, lists: dict[str, int]) -> None:
+    """One metric's value: a count list where ``lists`` allows one, else a single number that is not infinite."""
+    if name in lists and isinstance(value, list):
+        _check_count_list(name, value, lists[name])
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise EgressViolation(f"metric {name!r} must be a single number, not {type(value).__name__}")
+    if isinstance(value, float) and math.isinf(value):
+        raise EgressViolation(f"metric {name!r} is infinite")
+
+
+def _check_arrays(arrays: Any, expected_arrays: ArrayRecord | None) -> tuple[list[dict[str, Any]], int, str]:
+    """A train reply's ArrayRecord: the global model's names and shapes, finite values.
+
+    Returns what the audit trail records of it: the arrays' summaries, their bytes and digest.
+    """
+    if not isinstance(arrays, ArrayRecord):
+        raise EgressViolation(f"'{ARRAYS_KEY}' must be an ArrayRecord")
+    if expected_arrays is not None:
+        _check_shapes(arrays, expected_arrays)
+    for name, arr in arrays.items():
+        values = arr.numpy()
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise EgressViolation(f"model array {name!r} holds non-finite values (NaN or inf)")
+    summary = summarize(arrays)
+    return summary["arrays"], summary["bytes"], summary["digest"]
+
+
+def _check_shapes(arrays: ArrayRecord, expected_arrays: ArrayRecord) -> None:
+    """The same array names and shapes as the global model, so no extra tensor can carry data out."""
+    want = {k: tuple(a.shape) for k, a in expected_arrays.items()}
+    got = {k: tuple(a.shape) for k, a in arrays.items()}
+    if want != got:
+        extra = sorted(set(got) - set(want))
+        missing = sorted(set(want) - set(got))
+        raise EgressViolation(
+            f"model arrays differ from the global model (extra {extra}, missing {missing}, "
+            "or shapes changed)"
+        )
 
 
 def _check_count_list(name: str, value: list[Any], longest: int) -> None:

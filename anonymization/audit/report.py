@@ -175,11 +175,26 @@ def _bucket(times: list[_dt.datetime]) -> tuple[str, str]:
 
 
 def _files(records: list[dict[str, Any]]) -> str:
+    """The files section: counts, files per time bucket, quarantine reasons, and each de-identification run."""
     files = [r for r in records if r.get("kind") in _FILE_KINDS]
+    return (
+        '<section id="files"><h2>Files de-identified and quarantined</h2>'
+        f'<div class="cards">{_file_cards(files)}</div>{_files_chart(files)}'
+        "<h3>Quarantine reasons</h3>"
+        + _table(("reason", "files", "first", "last"), _quarantine_rows(files))
+        + "<h3>De-identification runs</h3>"
+        + _table(("finished", "files", "de-identified", "quarantined", "skipped", "profile options"),
+                 _deid_run_rows(records))
+        + "</section>"
+    )
+
+
+def _file_cards(files: list[dict[str, Any]]) -> str:
+    """The headline counts: files de-identified, quarantined, skipped, pixel-cleaned, text regions blanked."""
     counts = Counter(r["kind"] for r in files)
     pixel_cleaned = sum(1 for r in files if r.get("kind") == "deidentified" and _pixels_cleaned(r))
     regions = sum(_regions_blanked(r) for r in files if r.get("kind") == "deidentified")
-    cards = "".join(
+    return "".join(
         f'<div class="card">{_e(label)}<b>{n}</b></div>'
         for label, n in (
             ("files de-identified", counts["deidentified"]),
@@ -189,50 +204,53 @@ def _files(records: list[dict[str, Any]]) -> str:
             ("text regions blanked", regions),
         )
     )
-    chart = ""
+
+
+def _files_chart(files: list[dict[str, Any]]) -> str:
+    """Stacked bars of files de-identified and quarantined per day, hour or minute; "" when none is dated."""
     dated = [(t, r["kind"]) for r in files if (t := _time(r.get("time"))) is not None]
-    if dated:
-        pattern, unit = _bucket([t for t, _k in dated])
-        per: dict[str, Counter[str]] = defaultdict(Counter)
-        for t, kind in dated:
-            per[t.strftime(pattern)][kind] += 1
-        keys = sorted(per)
-        plt = _pyplot()
-        fig, ax = plt.subplots(figsize=(9, 3.2))
-        x = range(len(keys))
-        de = [per[k]["deidentified"] for k in keys]
-        qu = [per[k]["quarantined"] for k in keys]
-        ax.bar(x, de, color="#3b7dd8", label="de-identified")
-        ax.bar(x, qu, bottom=de, color="#e8872b", label="quarantined")
-        ax.set_xticks(list(x), keys, rotation=30 if len(keys) > 4 else 0, ha="right" if len(keys) > 4 else "center")
-        ax.set_ylabel("files")
-        ax.set_title(f"Files per {unit} (UTC)")
-        ax.legend()
-        ax.grid(axis="y", alpha=0.3)
-        chart = _png(fig, f"files de-identified and quarantined per {unit}")
+    if not dated:
+        return ""
+    pattern, unit = _bucket([t for t, _k in dated])
+    per: dict[str, Counter[str]] = defaultdict(Counter)
+    for t, kind in dated:
+        per[t.strftime(pattern)][kind] += 1
+    keys = sorted(per)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    x = range(len(keys))
+    de = [per[k]["deidentified"] for k in keys]
+    qu = [per[k]["quarantined"] for k in keys]
+    ax.bar(x, de, color="#3b7dd8", label="de-identified")
+    ax.bar(x, qu, bottom=de, color="#e8872b", label="quarantined")
+    ax.set_xticks(list(x), keys, rotation=30 if len(keys) > 4 else 0, ha="right" if len(keys) > 4 else "center")
+    ax.set_ylabel("files")
+    ax.set_title(f"Files per {unit} (UTC)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig, f"files de-identified and quarantined per {unit}")
+
+
+def _quarantine_rows(files: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """One row per quarantine reason, commonest first: how many files, the first and last time."""
     reasons: dict[str, list[str]] = defaultdict(list)
     for r in files:
         if r.get("kind") == "quarantined":
             reasons[str(r.get("reason", "?"))].append(str(r.get("time", "")))
-    reason_rows = [
+    return [
         (_e(reason), f'<span class="num">{len(ts)}</span>', _short_time(min(ts)), _short_time(max(ts)))
         for reason, ts in sorted(reasons.items(), key=lambda kv: -len(kv[1]))
     ]
+
+
+def _deid_run_rows(records: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """One row per finished de-identification run: its counts and the profile options it used."""
     runs = [r for r in records if r.get("kind") == "deid_run"]
-    run_rows = [
+    return [
         (_short_time(r.get("time")), _num(r.get("files")), _num(r.get("deidentified")), _num(r.get("quarantined")),
          _num(r.get("skipped")), _e(", ".join(map(str, r.get("profile") or [])) or "basic"))
         for r in runs
     ]
-    return (
-        '<section id="files"><h2>Files de-identified and quarantined</h2>'
-        f'<div class="cards">{cards}</div>{chart}'
-        "<h3>Quarantine reasons</h3>"
-        + _table(("reason", "files", "first", "last"), reason_rows)
-        + "<h3>De-identification runs</h3>"
-        + _table(("finished", "files", "de-identified", "quarantined", "skipped", "profile options"), run_rows)
-        + "</section>"
-    )
 
 
 def _pixels_cleaned(record: dict[str, Any]) -> bool:
@@ -315,55 +333,12 @@ def _policy(records: list[dict[str, Any]]) -> str:
 
 
 def _privacy(records: list[dict[str, Any]]) -> str:
+    """The privacy section: ε spent per round against the cap (chart), and a row per round trained or declined."""
     rounds = [r for r in records if r.get("kind") in _ROUND_KINDS]
-    chart = ""
     trained = [r for r in rounds if r.get("kind") in ("round_trained", "round_declined")]
-    if trained:
-        plt = _pyplot()
-        fig, ax = plt.subplots(figsize=(9, 3.6))
-        by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for r in trained:
-            by_run[str(r.get("run_id"))].append(r)
-        caps: set[float] = set()
-        for run, items in by_run.items():
-            done = [r for r in items if r["kind"] == "round_trained"]
-            xs = [0] + [int(r.get("server_round", 0)) for r in done]
-            ys = [float(done[0].get("epsilon_before", 0.0)) if done else 0.0] + [
-                float(r.get("epsilon_after", 0.0)) for r in done
-            ]
-            ax.plot(xs, ys, marker="o", label=f"run {run}: ε spent")
-            declined = [r for r in items if r["kind"] == "round_declined"]
-            if declined:
-                ax.scatter([int(r.get("server_round", 0)) for r in declined],
-                           [float(r.get("epsilon_projected", 0.0)) for r in declined],
-                           marker="x", s=80, color="#d9534f", zorder=5, label=f"run {run}: declined (would reach)")
-            caps.update(float(r.get("epsilon_cap")) for r in items if isinstance(r.get("epsilon_cap"), (int, float)))
-        for cap in sorted(caps):
-            ax.axhline(cap, color="#d9534f", linestyle="--", linewidth=1.2)
-            ax.annotate(f"cap ε = {cap:g}", xy=(0, cap), xytext=(4, 4), textcoords="offset points", color="#d9534f")
-        from matplotlib.ticker import MaxNLocator
-
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("round")
-        ax.set_ylabel("ε (cumulative, this run)")
-        ax.set_title("Privacy budget spent per round against the cap")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-        chart = _png(fig, "privacy budget epsilon spent per round against the cap")
-    rows, classes = [], []
-    for r in rounds:
-        kind = r.get("kind")
-        status = _ROUND_STATUS[str(kind)]
-        eps_after = r.get("epsilon_after") if kind == "round_trained" else r.get("epsilon_projected")
-        rows.append((
-            _e(r.get("run_id")), _num(r.get("server_round")), _short_time(r.get("time")), _e(status),
-            _num(r.get("steps")), _num(r.get("sample_rate"), 4), _num(r.get("noise_multiplier")),
-            _num(r.get("max_grad_norm")), _num(r.get("epsilon_before")),
-            (_num(eps_after) + (" (would reach)" if kind == "round_declined" else "")) if eps_after is not None else "",
-            _num(r.get("epsilon_cap"), 2), _num(r.get("delta"), 7) if r.get("delta") is not None else "",
-            _update_cell(r.get("update")), _e(r.get("reason", "")),
-        ))
-        classes.append("declined" if kind != "round_trained" else "")
+    chart = _privacy_chart(trained) if trained else ""
+    rows = [_round_row(r) for r in rounds]
+    classes = ["declined" if r.get("kind") != "round_trained" else "" for r in rounds]
     return (
         '<section id="privacy"><h2>Privacy budget per round</h2>' + chart
         + _table(
@@ -372,6 +347,61 @@ def _privacy(records: list[dict[str, Any]]) -> str:
             rows, row_classes=classes,
         )
         + "</section>"
+    )
+
+
+def _privacy_chart(trained: list[dict[str, Any]]) -> str:
+    """ε spent per round, one line per run, declined rounds marked at the ε they would have reached, caps dashed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in trained:
+        by_run[str(r.get("run_id"))].append(r)
+    caps: set[float] = set()
+    for run, items in by_run.items():
+        _plot_run_epsilon(ax, run, items)
+        caps.update(float(r.get("epsilon_cap")) for r in items if isinstance(r.get("epsilon_cap"), (int, float)))
+    for cap in sorted(caps):
+        ax.axhline(cap, color="#d9534f", linestyle="--", linewidth=1.2)
+        ax.annotate(f"cap ε = {cap:g}", xy=(0, cap), xytext=(4, 4), textcoords="offset points", color="#d9534f")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("ε (cumulative, this run)")
+    ax.set_title("Privacy budget spent per round against the cap")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _png(fig, "privacy budget epsilon spent per round against the cap")
+
+
+def _plot_run_epsilon(ax: Any, run: str, items: list[dict[str, Any]]) -> None:
+    """One run's line: ε before its first trained round, then after each; declined rounds as crosses."""
+    done = [r for r in items if r["kind"] == "round_trained"]
+    xs = [0] + [int(r.get("server_round", 0)) for r in done]
+    ys = [float(done[0].get("epsilon_before", 0.0)) if done else 0.0] + [
+        float(r.get("epsilon_after", 0.0)) for r in done
+    ]
+    ax.plot(xs, ys, marker="o", label=f"run {run}: ε spent")
+    declined = [r for r in items if r["kind"] == "round_declined"]
+    if declined:
+        ax.scatter([int(r.get("server_round", 0)) for r in declined],
+                   [float(r.get("epsilon_projected", 0.0)) for r in declined],
+                   marker="x", s=80, color="#d9534f", zorder=5, label=f"run {run}: declined (would reach)")
+
+
+def _round_row(r: dict[str, Any]) -> tuple[str, ...]:
+    """One round's table row: its DP parameters, ε before and after (or would reach, if declined), the update."""
+    kind = r.get("kind")
+    status = _ROUND_STATUS[str(kind)]
+    eps_after = r.get("epsilon_after") if kind == "round_trained" else r.get("epsilon_projected")
+    return (
+        _e(r.get("run_id")), _num(r.get("server_round")), _short_time(r.get("time")), _e(status),
+        _num(r.get("steps")), _num(r.get("sample_rate"), 4), _num(r.get("noise_multiplier")),
+        _num(r.get("max_grad_norm")), _num(r.get("epsilon_before")),
+        (_num(eps_after) + (" (would reach)" if kind == "round_declined" else "")) if eps_after is not None else "",
+        _num(r.get("epsilon_cap"), 2), _num(r.get("delta"), 7) if r.get("delta") is not None else "",
+        _update_cell(r.get("update")), _e(r.get("reason", "")),
     )
 
 

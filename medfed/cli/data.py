@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -207,25 +208,52 @@ def data_check(
     training would refuse the store, or nothing is usable.
     """
     study = _load(study_file)
-    from models.cache import CacheError, ImageCache
-    from models.dataset import (
-        MANIFEST_NAME,
-        DatasetError,
-        StoreProblem,
-        assign_splits,
-        fingerprint,
-        producer,
-        read_store_rows,
-        safe_relative,
-    )
-
     root = deid_dir.resolve()
+    store = _read_store(root, study)
+    usage = _Usage(refused=[(rel or f"row {row}", reason) for row, rel, reason in store.bad], fatal=len(store.bad))
+    rows_ok, items = _locate_files(root, store, usage)
+    cache, entries, problems = _preprocess(root, study, cache_dir, rows_ok, items)
+    _count_usable(study, store, rows_ok, entries, problems, usage)
+    _print_usage(study, deid_dir, store, cache, usage, max_listed)
+    if usage.fatal or not usage.usable:
+        raise typer.Exit(1)
+
+
+@dataclass
+class _Usage:
+    """What `data check` found, filled step by step: refusals (``fatal`` ones stop training) and counts."""
+
+    refused: list[tuple[str, str]]
+    fatal: int
+    per_class: Counter[str] = field(default_factory=Counter)
+    per_split: Counter[tuple[str, str]] = field(default_factory=Counter)
+    sizes: Counter[str] = field(default_factory=Counter)
+    usable: int = 0
+    examples: int = 0
+
+    def refuse(self, rel: str, reason: str, *, fatal: bool) -> None:
+        """Record one refused image; a fatal refusal is one training would stop on, not just skip."""
+        self.refused.append((rel, reason))
+        self.fatal += fatal
+
+
+def _read_store(root: Path, study):  # noqa: ANN001, ANN202 - Study and StoreRows, imported lazily
+    """The store's manifest rows for this study; a folder that is no store ends the command (exit 1)."""
+    from models.dataset import DatasetError, read_store_rows
+
     try:
-        store = read_store_rows(root, study)
+        return read_store_rows(root, study)
     except DatasetError as err:
         fail(str(err), 1)
-    refused: list[tuple[str, str]] = [(rel or f"row {row}", reason) for row, rel, reason in store.bad]
-    fatal = len(store.bad)
+
+
+def _locate_files(root: Path, store, usage: _Usage) -> tuple[list, list]:  # noqa: ANN001 - StoreRows
+    """Labelled rows whose file is inside the store and present, with the cache items to build for them.
+
+    A path escaping the store or a missing file is a fatal refusal: training would stop on it too.
+    """
+    from models.dataset import DatasetError, fingerprint, safe_relative
+
     items = []
     rows_ok = []
     for r in store.labelled:
@@ -234,11 +262,21 @@ def data_check(
             items.append((r.path, fingerprint(full), full))
             rows_ok.append(r)
         except DatasetError as err:
-            refused.append((r.path or f"row {r.row}", str(err).split(": ", 1)[-1]))
-            fatal += 1
+            usage.refuse(r.path or f"row {r.row}", str(err).split(": ", 1)[-1], fatal=True)
         except OSError:
-            refused.append((r.path, "file is missing from the store"))
-            fatal += 1
+            usage.refuse(r.path, "file is missing from the store", fatal=True)
+    return rows_ok, items
+
+
+def _preprocess(root: Path, study, cache_dir: Path | None, rows_ok: list, items: list):  # noqa: ANN001, ANN202
+    """Preprocess every located image into the cache training reads: (cache, entries, problems by path).
+
+    A store problem (e.g. a file not marked de-identified) is kept per path, not raised, so the
+    report lists them all; a cache that cannot be used ends the command (exit 1).
+    """
+    from models.cache import CacheError, ImageCache
+    from models.dataset import StoreProblem, producer
+
     problems: dict[str, str] = {}
     produce = producer(study, rows_ok)
 
@@ -254,60 +292,85 @@ def data_check(
         entries = cache.ensure(items, checked)
     except CacheError as err:
         fail(str(err), 1)
+    return cache, entries, problems
+
+
+def _count_usable(study, store, rows_ok: list, entries: dict, problems: dict[str, str],  # noqa: ANN001
+                  usage: _Usage) -> None:
+    """Count usable images per class and split, examples and source sizes; refuse the rest.
+
+    Store problems are fatal; an image the study cannot use (wrong modality, ...) is only skipped.
+    """
+    from models.dataset import assign_splits
+
     splits = assign_splits((r.patient for r in store.labelled), study.test_fraction) if store.labelled else {}
-    per_class: Counter[str] = Counter()
-    per_split: Counter[tuple[str, str]] = Counter()
-    sizes: Counter[str] = Counter()
-    usable = examples = 0
     for r in rows_ok:
         if r.path in problems:
-            refused.append((r.path, problems[r.path]))
-            fatal += 1
+            usage.refuse(r.path, problems[r.path], fatal=True)
             continue
         entry = entries.get(r.path)
         if entry is None or not entry.usable:
-            refused.append((r.path, entry.reason if entry is not None else "not examined"))
+            usage.refuse(r.path, entry.reason if entry is not None else "not examined", fatal=False)
             continue
-        usable += 1
-        examples += len(entry.frames)
-        sizes[entry.size or "?"] += 1
-        if study.task == "multilabel":
-            names = [c for c, v in zip(study.classes, r.target, strict=True) if v] or ["none"]  # type: ignore[arg-type]
-        else:
-            names = [study.classes[int(r.target)]]  # type: ignore[arg-type]
-        for name in names:
-            per_class[name] += 1
-            per_split[(name, splits.get(r.patient, "train"))] += 1
+        usage.usable += 1
+        usage.examples += len(entry.frames)
+        usage.sizes[entry.size or "?"] += 1
+        for name in _class_names_of(study, r.target):
+            usage.per_class[name] += 1
+            usage.per_split[(name, splits.get(r.patient, "train"))] += 1
+
+
+def _class_names_of(study, target) -> list[str]:  # noqa: ANN001 - Study and a row's target
+    """The class names a row's target stands for; a multilabel row with no finding counts as "none"."""
+    if study.task == "multilabel":
+        return [c for c, v in zip(study.classes, target, strict=True) if v] or ["none"]
+    return [study.classes[int(target)]]
+
+
+def _print_usage(study, deid_dir: Path, store, cache, usage: _Usage, max_listed: int) -> None:  # noqa: ANN001
+    """Print the report: the study, the store and cache, counts per class, sizes, refusals and the verdict."""
+    from models.dataset import MANIFEST_NAME
 
     for line in describe_study(study):
         typer.echo(line)
     typer.echo(f"store {deid_dir}: {store.total} manifest row(s); cache {cache.root} "
                f"({cache.stats.built} preprocessed now, {cache.stats.reused} reused)")
+    _print_counts(study, usage)
+    _print_refused(usage.refused, max_listed)
+    if usage.fatal:
+        typer.echo(f"training refuses this store until {usage.fatal} problem(s) are fixed (labels or files of "
+                   f"{MANIFEST_NAME}); re-run `medfed deid run`")
+    typer.echo(f"{usage.usable} usable, {len(usage.refused)} refused, {store.unlabelled} unlabelled")
+
+
+def _print_counts(study, usage: _Usage) -> None:  # noqa: ANN001 - Study, imported lazily
+    """Print usable images per class (train / test), examples when frames differ, and the commonest sizes."""
     typer.echo("usable images per class (train / test split by patient):")
     width = max(len(c) for c in (*study.classes, "none"))
     for name in (*study.classes, *(["none"] if study.task == "multilabel" else [])):
-        typer.echo(f"  {name:<{width}}  {per_class[name]:>7}  ({per_split[(name, 'train')]} / "
-                   f"{per_split[(name, 'test')]})")
-    if examples != usable:
-        typer.echo(f"  {examples} example(s) from {usable} image(s) (frames: {study.preprocessing.frames})")
+        typer.echo(f"  {name:<{width}}  {usage.per_class[name]:>7}  ({usage.per_split[(name, 'train')]} / "
+                   f"{usage.per_split[(name, 'test')]})")
+    if usage.examples != usage.usable:
+        typer.echo(f"  {usage.examples} example(s) from {usage.usable} image(s) "
+                   f"(frames: {study.preprocessing.frames})")
+    sizes = usage.sizes
     if sizes:
         typer.echo("source sizes (rows x columns): "
                    + ", ".join(f"{s} x{n}" for s, n in sizes.most_common(8))
                    + (f", {len(sizes) - 8} more" if len(sizes) > 8 else ""))
-    if refused:
-        typer.echo("refused:")
-        for rel, reason in refused[:max_listed]:
-            typer.echo(f"  {rel}: {reason}")
-        if len(refused) > max_listed:
-            typer.echo(f"  ... {len(refused) - max_listed} more")
-        typer.echo("refusals by reason: " + "; ".join(
-            f"{n} x {reason}" for reason, n in Counter(_kind(r) for _p, r in refused).most_common()))
-    if fatal:
-        typer.echo(f"training refuses this store until {fatal} problem(s) are fixed (labels or files of "
-                   f"{MANIFEST_NAME}); re-run `medfed deid run`")
-    typer.echo(f"{usable} usable, {len(refused)} refused, {store.unlabelled} unlabelled")
-    if fatal or not usable:
-        raise typer.Exit(1)
+
+
+def _print_refused(refused: list[tuple[str, str]], max_listed: int) -> None:
+    """Print refused images (at most ``max_listed``, the rest counted) and a tally of refusals by kind."""
+    if not refused:
+        return
+    typer.echo("refused:")
+    for rel, reason in refused[:max_listed]:
+        typer.echo(f"  {rel}: {reason}")
+    if len(refused) > max_listed:
+        typer.echo(f"  ... {len(refused) - max_listed} more")
+    typer.echo("refusals by reason: " + "; ".join(
+        f"{n} x {reason}" for reason, n in Counter(_kind(r) for _p, r in refused).most_common()))
 
 
 def _kind(reason: str) -> str:

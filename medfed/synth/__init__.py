@@ -273,40 +273,137 @@ def _generate_site(
     """Write one site under ``root/<name>``; return its sites.json entry and counts.
 
     For binary CT every random draw happens in the order it always did, so a seed
-    gives the same bytes as before multiclass, multilabel and DX existed.
+    gives the same bytes as before multiclass, multilabel and DX existed: each step
+    below draws from the site's one generator, in this order.
     """
-    name = site_name(index)
-    prof = _PROFILES[index % len(_PROFILES)]
-    rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
-    eq, short = _equipment(index, prof, rng, modality)
-    scanner = Scanner(
-        matrix=prof.matrix,
-        fov_mm=prof.fov_mm,
-        gain=prof.gain,
-        offset_hu=prof.offset_hu,
-        noise_hu=prof.noise_hu,
-        blur_mm=prof.blur_mm,
-        table_y_mm=prof.table_y_mm,
-    )
-    dx_prof = _DX_PROFILES[index % len(_DX_PROFILES)] if modality == "DX" else None
+    site = _Site.draw(index, seed, task, classes, modality)
+    studies = site.draw_studies(n_patients)
+    n_images = len(studies)
+    targets, n_pos = site.draw_targets(n_images)
+    burned, n_burn = _draw_burned(site.rng, n_images, burned_in_fraction)
 
-    # Staff recur across the site's studies, as at a real department.
-    referrers = [people.make_person(rng) for _ in range(8)]
-    radiologists = [people.make_person(rng) for _ in range(3)]
-    technologists = [people.make_person(rng) for _ in range(4)]
+    site_dir = root / site.name
+    dicom_dir = site_dir / "dicom"
+    dicom_dir.mkdir(parents=True)
+    labels = io.StringIO()
+    writer = csv.writer(labels, lineterminator="\n")
+    writer.writerow(["AccessionNumber", "label"])
+    for i, st in enumerate(studies):
+        accession = site.write_image(dicom_dir, st, targets[i], bool(burned[i]))
+        writer.writerow([accession, label_text(task, classes, targets[i])])
+    (site_dir / "labels.csv").write_text(labels.getvalue(), encoding="utf-8")
+    entry = site.entry(n_patients, n_images, n_pos, n_burn, targets)
+    return entry, n_images, int(n_pos), int(n_burn)
 
-    # Patients and their studies (1-2 each, months apart).
-    mrns: set[str] = set()
-    accession_serial = int(rng.integers(100000, 400000))
-    studies: list[dict] = []
-    for p in range(n_patients):
+
+def _draw_burned(rng: np.random.Generator, n_images: int, fraction: float) -> tuple[np.ndarray, int]:
+    """Which images get burned-in text: ``fraction`` of them, at least one when the fraction is above 0."""
+    n_burn = round(fraction * n_images)
+    if fraction > 0 and n_burn == 0:
+        n_burn = 1
+    burned = np.zeros(n_images, dtype=bool)
+    burned[rng.choice(n_images, size=n_burn, replace=False)] = True
+    return burned, n_burn
+
+
+@dataclass
+class _Visit:
+    """When one study was made and by whom: times of the study, series and acquisition, and the staff."""
+
+    start: dt.datetime
+    series_t: dt.datetime
+    acq_t: dt.datetime
+    referrer: people.Person
+    radiologist: people.Person
+    tech: people.Person
+
+
+@dataclass
+class _Pixels:
+    """One image's pixels and geometry, with the patient weight its body implies (DX: the VOI to write)."""
+
+    weight: float
+    pixel_mm: float
+    position: tuple[float, float, float]
+    pixels: np.ndarray
+    dx_image: DXImage | None = None
+
+
+@dataclass
+class _Site:
+    """One synthetic site while it is written: its identity, equipment, staff and random generator.
+
+    Every method draws from ``rng``; :func:`_generate_site` calls them in the order that keeps
+    a seed's bytes.
+    """
+
+    name: str
+    index: int
+    seed: int
+    task: str
+    classes: tuple[str, ...]
+    modality: str
+    prof: _Profile
+    rng: np.random.Generator
+    eq: Equipment
+    short: str
+    scanner: Scanner
+    dx_prof: _DXProfile | None
+    referrers: list[people.Person]
+    radiologists: list[people.Person]
+    technologists: list[people.Person]
+
+    @classmethod
+    def draw(cls, index: int, seed: int, task: str, classes: tuple[str, ...], modality: str) -> _Site:
+        """The site's equipment, then its staff (who recur across its studies, as at a real department)."""
+        prof = _PROFILES[index % len(_PROFILES)]
+        rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
+        eq, short = _equipment(index, prof, rng, modality)
+        scanner = Scanner(
+            matrix=prof.matrix,
+            fov_mm=prof.fov_mm,
+            gain=prof.gain,
+            offset_hu=prof.offset_hu,
+            noise_hu=prof.noise_hu,
+            blur_mm=prof.blur_mm,
+            table_y_mm=prof.table_y_mm,
+        )
+        dx_prof = _DX_PROFILES[index % len(_DX_PROFILES)] if modality == "DX" else None
+        referrers = [people.make_person(rng) for _ in range(8)]
+        radiologists = [people.make_person(rng) for _ in range(3)]
+        technologists = [people.make_person(rng) for _ in range(4)]
+        return cls(site_name(index), index, seed, task, classes, modality, prof, rng, eq, short, scanner, dx_prof,
+                   referrers, radiologists, technologists)
+
+    def draw_studies(self, n_patients: int) -> list[dict]:
+        """Patients and their studies (1-2 each, months apart), each study with its accession number."""
+        mrns: set[str] = set()
+        accession_serial = int(self.rng.integers(100000, 400000))
+        studies: list[dict] = []
+        for p in range(n_patients):
+            patient, dates = self._draw_patient(p, mrns)
+            for s, date in enumerate(dates):
+                accession_serial += int(self.rng.integers(1, 60))
+                studies.append(
+                    {
+                        "patient": patient,
+                        "index": (p, s),
+                        "date": date,
+                        "accession": f"{self.short}{date.year % 100:02d}{accession_serial:07d}",
+                    }
+                )
+        return studies
+
+    def _draw_patient(self, p: int, mrns: set[str]) -> tuple[dict, list[dt.date]]:
+        """Patient ``p``: identity, an MRN unique at the site, body, and the dates of their studies."""
+        rng = self.rng
         person = people.make_person(rng)
         while True:
             mrn = f"{int(rng.integers(10_000_000, 100_000_000))}"
             if mrn not in mrns:
                 mrns.add(mrn)
                 break
-        body = draw_thorax(rng) if dx_prof else draw_body(rng)
+        body = draw_thorax(rng) if self.dx_prof else draw_body(rng)
         first = _FIRST_STUDY + dt.timedelta(days=int(rng.integers(0, _STUDY_SPAN_DAYS)))
         birth = first - dt.timedelta(days=int(rng.integers(25 * 365, 89 * 365)))
         n_studies = 1 + int(rng.random() < 0.5)
@@ -318,186 +415,199 @@ def _generate_site(
             "mrn": mrn,
             "other_id": f"E{int(rng.integers(10**8, 10**9))}",
             "birth": birth,
-            "address": people.make_address(rng, index),
+            "address": people.make_address(rng, self.index),
             "phone": people.make_phone(rng),
             "body": body,
             "height": float(np.clip(rng.normal(1.76 if person.sex == "M" else 1.63, 0.07), 1.45, 2.05)),
-            "uid": make_uid(seed, name, "patient", p),
+            "uid": make_uid(self.seed, self.name, "patient", p),
             "folder": f"{mrn}_{_safe_name(person.last)}_{_safe_name(person.first)}",
         }
-        for s, date in enumerate(dates):
-            accession_serial += int(rng.integers(1, 60))
-            studies.append(
-                {
-                    "patient": patient,
-                    "index": (p, s),
-                    "date": date,
-                    "accession": f"{short}{date.year % 100:02d}{accession_serial:07d}",
-                }
-            )
+        return patient, dates
 
-    n_images = len(studies)
-    if task == "binary":
-        n_pos = round(prof.prevalence * n_images)
-        positive = np.zeros(n_images, dtype=bool)
-        positive[rng.permutation(n_images)[:n_pos]] = True
-        targets: list[Target] = [int(v) for v in positive]
-    else:
-        targets = draw_targets(rng, task, classes, n_images, prof.prevalence)
-        n_pos = sum(has_finding(task, t) for t in targets)
-    n_burn = round(burned_in_fraction * n_images)
-    if burned_in_fraction > 0 and n_burn == 0:
-        n_burn = 1
-    burned = np.zeros(n_images, dtype=bool)
-    burned[rng.choice(n_images, size=n_burn, replace=False)] = True
+    def draw_targets(self, n_images: int) -> tuple[list[Target], int]:
+        """Each image's target and how many show a finding (binary: the site's prevalence, exactly)."""
+        if self.task == "binary":
+            n_pos = round(self.prof.prevalence * n_images)
+            positive = np.zeros(n_images, dtype=bool)
+            positive[self.rng.permutation(n_images)[:n_pos]] = True
+            return [int(v) for v in positive], n_pos
+        targets = draw_targets(self.rng, self.task, self.classes, n_images, self.prof.prevalence)
+        return targets, sum(has_finding(self.task, t) for t in targets)
 
-    site_dir = root / name
-    dicom_dir = site_dir / "dicom"
-    dicom_dir.mkdir(parents=True)
-    labels = io.StringIO()
-    writer = csv.writer(labels, lineterminator="\n")
-    writer.writerow(["AccessionNumber", "label"])
-
-    for i, st in enumerate(studies):
+    def write_image(self, dicom_dir: Path, st: dict, target: Target, burned: bool) -> str:
+        """Render and write one study's image where a PACS export puts it; return its accession number."""
         pat = st["patient"]
         person: people.Person = pat["person"]
-        p, s = st["index"]
         date: dt.date = st["date"]
+        visit = self._draw_visit(date)
+        fill = self._fill(pat, date, visit)
+        overlay = [person.overlay, f"MRN {pat['mrn']}", f"{date:%d-%b-%Y}".upper()]
+        if self.dx_prof is None:
+            image = self._ct_pixels(pat, target, burned, overlay)
+        else:
+            image = self._dx_pixels(self.dx_prof, pat, target, burned, overlay)
+        rec = self._record(st, visit, fill, burned, image)
+        if image.dx_image is None:
+            ds = build_dataset(rec, self.eq, image.pixels)
+        else:
+            ds = build_dx_dataset(rec, self.eq, image.pixels, image.dx_image)
+        folder = dicom_dir / pat["folder"] / f"{rec.study_date}_{rec.accession}"
+        folder.mkdir(parents=True, exist_ok=True)
+        write(folder / f"{self.modality}{rec.instance_number:06d}.dcm", ds)
+        return rec.accession
+
+    def _draw_visit(self, date: dt.date) -> _Visit:
+        """The study's time of day, series and acquisition a few minutes later, and the staff on duty."""
+        rng = self.rng
         start = dt.datetime.combine(date, dt.time(7, 0)) + dt.timedelta(seconds=int(rng.integers(0, 13 * 3600)))
         series_t = start + dt.timedelta(seconds=int(rng.integers(120, 600)))
         acq_t = series_t + dt.timedelta(seconds=int(rng.integers(5, 60)))
-        referrer = referrers[int(rng.integers(len(referrers)))]
-        radiologist = radiologists[int(rng.integers(len(radiologists)))]
-        tech = technologists[int(rng.integers(len(technologists)))]
-        dob = pat["birth"].strftime("%Y%m%d")
-        fill = {
+        referrer = self.referrers[int(rng.integers(len(self.referrers)))]
+        radiologist = self.radiologists[int(rng.integers(len(self.radiologists)))]
+        tech = self.technologists[int(rng.integers(len(self.technologists)))]
+        return _Visit(start, series_t, acq_t, referrer, radiologist, tech)
+
+    def _fill(self, pat: dict, date: dt.date, visit: _Visit) -> dict[str, str]:
+        """The values free-text notes quote (name, MRN, dates...), so PHI sits in text as it does in real files."""
+        person: people.Person = pat["person"]
+        return {
             "name": person.display,
             "first": person.first.title(),
             "mrn": pat["mrn"],
-            "dob": dob,
-            "ref": referrer.last.title(),
-            "op": tech.display,
+            "dob": pat["birth"].strftime("%Y%m%d"),
+            "ref": visit.referrer.last.title(),
+            "op": visit.tech.display,
             "address": pat["address"].title(),
-            "dob_like": (date - dt.timedelta(days=int(rng.integers(3, 60)))).strftime("%d/%m/%Y"),
+            "dob_like": (date - dt.timedelta(days=int(self.rng.integers(3, 60)))).strftime("%d/%m/%Y"),
         }
-        pick = lambda items: items[int(rng.integers(len(items)))]  # noqa: E731
-        body = pat["body"]
-        overlay = [person.overlay, f"MRN {pat['mrn']}", f"{date:%d-%b-%Y}".upper()]
-        dx_image: DXImage | None = None
-        if dx_prof is None:
-            weight = 22.0 * pat["height"] ** 2 * (body.half_width / 135.0) ** 1.5 * (1.0 + body.fat_mm / 80.0)
-            z = float(rng.uniform(-180.0, -80.0))
-            pixel_mm = scanner.pixel_mm
-            corner = -scanner.fov_mm / 2.0 + pixel_mm / 2.0
-            position = (corner, corner, round(z, 1))
-            lesion, extras = draw_ct(rng, task, targets[i])
-            hu = render_slice(rng, body, lesion, scanner, **extras)
-            if burned[i]:
-                burn_text(hu, overlay)
-            pixels = to_stored(hu, eq)
-        else:
-            det = dx_prof.detector
-            weight = 22.0 * pat["height"] ** 2 * (body.half_width / 150.0) ** 2
-            pixel_mm, position = det.pixel_mm, (0.0, 0.0, 0.0)
-            pixels = render_chest(rng, body, draw_dx(rng, task, targets[i]), det)
-            if burned[i]:
-                canvas = pixels.astype(np.float64)
-                burn_text(canvas, overlay)
-                pixels = np.clip(canvas, 0, 2**det.bits_stored - 1).astype("<u2")
-            window = voi_window(pixels, det)
-            dx_image = DXImage(
-                window_center=window[0], window_width=window[1],
-                voi_lut=_voi_lut(window, det.bits_stored) if dx_prof.voi_lut else None,
-                detector_id=f"{short}D{index:02d}", exposure_ms=int(rng.integers(5, 25)),
-            )
 
-        rec = ImageRecord(
+    def _ct_pixels(self, pat: dict, target: Target, burned: bool, overlay: list[str]) -> _Pixels:
+        """A CT slice through the patient's body (with the target's finding), in stored values."""
+        rng, scanner, body = self.rng, self.scanner, pat["body"]
+        weight = 22.0 * pat["height"] ** 2 * (body.half_width / 135.0) ** 1.5 * (1.0 + body.fat_mm / 80.0)
+        z = float(rng.uniform(-180.0, -80.0))
+        pixel_mm = scanner.pixel_mm
+        corner = -scanner.fov_mm / 2.0 + pixel_mm / 2.0
+        position = (corner, corner, round(z, 1))
+        lesion, extras = draw_ct(rng, self.task, target)
+        hu = render_slice(rng, body, lesion, scanner, **extras)
+        if burned:
+            burn_text(hu, overlay)
+        return _Pixels(weight, pixel_mm, position, to_stored(hu, self.eq))
+
+    def _dx_pixels(self, dx_prof: _DXProfile, pat: dict, target: Target, burned: bool, overlay: list[str]) -> _Pixels:
+        """A chest radiograph on the room's detector (with the target's findings), its window and VOI LUT."""
+        rng, body = self.rng, pat["body"]
+        det = dx_prof.detector
+        weight = 22.0 * pat["height"] ** 2 * (body.half_width / 150.0) ** 2
+        pixels = render_chest(rng, body, draw_dx(rng, self.task, target), det)
+        if burned:
+            canvas = pixels.astype(np.float64)
+            burn_text(canvas, overlay)
+            pixels = np.clip(canvas, 0, 2**det.bits_stored - 1).astype("<u2")
+        window = voi_window(pixels, det)
+        dx_image = DXImage(
+            window_center=window[0], window_width=window[1],
+            voi_lut=_voi_lut(window, det.bits_stored) if dx_prof.voi_lut else None,
+            detector_id=f"{self.short}D{self.index:02d}", exposure_ms=int(rng.integers(5, 25)),
+        )
+        return _Pixels(weight, det.pixel_mm, (0.0, 0.0, 0.0), pixels, dx_image)
+
+    def _pick(self, items: tuple[str, ...] | list[str]) -> str:
+        """One of ``items``, drawn from the site's generator."""
+        return items[int(self.rng.integers(len(items)))]
+
+    def _record(self, st: dict, visit: _Visit, fill: dict[str, str], burned: bool, image: _Pixels) -> ImageRecord:
+        """Every header value of one image (keyword order is draw order: it keeps a seed's bytes)."""
+        pat, rng, pick = st["patient"], self.rng, self._pick
+        person: people.Person = pat["person"]
+        p, s = st["index"]
+        date: dt.date = st["date"]
+        seed, name = self.seed, self.name
+        return ImageRecord(
             patient_name=person.pn,
             patient_display=person.display,
             patient_id=pat["mrn"],
             other_patient_id=pat["other_id"],
-            birth_date=dob,
+            birth_date=pat["birth"].strftime("%Y%m%d"),
             sex=person.sex,
             age=_age(pat["birth"], date),
             size_m=pat["height"],
-            weight_kg=round(weight, 1),
+            weight_kg=round(image.weight, 1),
             address=pat["address"],
             phone=pat["phone"],
             patient_comment=pick(people.PATIENT_NOTES).format(**fill),
             patient_uid=pat["uid"],
             study_uid=make_uid(seed, name, "study", p, s),
             study_date=date.strftime("%Y%m%d"),
-            study_time=_fmt_time(start),
+            study_time=_fmt_time(visit.start),
             accession=st["accession"],
             study_id=str(int(rng.integers(1000, 99999))),
-            referring=referrer.pn,
-            reading=radiologist.pn,
+            referring=visit.referrer.pn,
+            reading=visit.radiologist.pn,
             study_comment=pick(people.STUDY_NOTES).format(**fill),
             history=pick(people.HISTORY_NOTES).format(**fill),
             requested_procedure_id=f"RP{int(rng.integers(10**6, 10**7))}",
             scheduled_step_id=f"SPS{int(rng.integers(10**6, 10**7))}",
             series_uid=make_uid(seed, name, "series", p, s),
             series_number=int(rng.integers(2, 6)),
-            series_time=_fmt_time(series_t),
+            series_time=_fmt_time(visit.series_t),
             frame_uid=make_uid(seed, name, "frame", p, s),
             sop_uid=make_uid(seed, name, "image", p, s),
             instance_number=int(rng.integers(20, 90)),
-            acquisition_time=_fmt_time(acq_t),
-            performing=radiologist.pn,
-            operator=tech.pn,
+            acquisition_time=_fmt_time(visit.acq_t),
+            performing=visit.radiologist.pn,
+            operator=visit.tech.pn,
             image_comment=pick(people.IMAGE_NOTES).format(**fill),
-            burned_in=bool(burned[i]),
-            position=position,
-            pixel_mm=pixel_mm,
+            burned_in=burned,
+            position=image.position,
+            pixel_mm=image.pixel_mm,
             slice_mm=5.0,
-            table_height=scanner.table_y_mm + 40.0,
+            table_height=self.scanner.table_y_mm + 40.0,
             ctdi=float(rng.uniform(6.0, 14.0)),
-            mas=int(rng.integers(120, 320)) if dx_image is None else int(rng.integers(2, 8)),
+            mas=int(rng.integers(120, 320)) if image.dx_image is None else int(rng.integers(2, 8)),
         )
-        ds = build_dataset(rec, eq, pixels) if dx_image is None else build_dx_dataset(rec, eq, pixels, dx_image)
-        folder = dicom_dir / pat["folder"] / f"{rec.study_date}_{rec.accession}"
-        folder.mkdir(parents=True, exist_ok=True)
-        write(folder / f"{modality}{rec.instance_number:06d}.dcm", ds)
-        writer.writerow([rec.accession, label_text(task, classes, targets[i])])
 
-    (site_dir / "labels.csv").write_text(labels.getvalue(), encoding="utf-8")
-    entry = {
-        "name": name,
-        "institution": eq.institution,
-        "dicom_dir": f"{name}/dicom",
-        "labels_csv": f"{name}/labels.csv",
-        "patients": n_patients,
-        "studies": n_images,
-        "images": n_images,
-        "prevalence": prof.prevalence,
-        "positives": int(n_pos),
-        "burned_in_images": int(n_burn),
-    }
-    if dx_prof is None:
-        entry["scanner"] = {
-            "manufacturer": eq.manufacturer,
-            "model": eq.model,
-            "kvp": eq.kvp,
-            "kernel": eq.kernel,
-            "matrix": scanner.matrix,
-            "fov_mm": scanner.fov_mm,
-            "pixel_spacing_mm": scanner.pixel_mm,
-            "gain": scanner.gain,
-            "offset_hu": scanner.offset_hu,
-            "noise_hu": scanner.noise_hu,
-            "blur_mm": scanner.blur_mm,
-            "pixel_representation": eq.pixel_representation,
-            "bits_stored": eq.bits_stored,
-            "rescale_intercept": eq.rescale_intercept,
+    def entry(self, n_patients: int, n_images: int, n_pos: int, n_burn: int, targets: list[Target]) -> dict:
+        """The site's sites.json entry: where its files are, its counts, and its scanner or detector."""
+        eq, prof, scanner, dx_prof = self.eq, self.prof, self.scanner, self.dx_prof
+        entry = {
+            "name": self.name,
+            "institution": eq.institution,
+            "dicom_dir": f"{self.name}/dicom",
+            "labels_csv": f"{self.name}/labels.csv",
+            "patients": n_patients,
+            "studies": n_images,
+            "images": n_images,
+            "prevalence": prof.prevalence,
+            "positives": int(n_pos),
+            "burned_in_images": int(n_burn),
         }
-    else:
-        entry["detector"] = {
-            "manufacturer": eq.manufacturer, "model": eq.model, "kvp": eq.kvp, "voi_lut": dx_prof.voi_lut,
-            **dataclasses.asdict(dx_prof.detector),
-        }
-    if (task, modality) != ("binary", "CT"):
-        entry["class_counts"] = _class_counts(task, classes, targets)
-    return entry, n_images, int(n_pos), int(n_burn)
+        if dx_prof is None:
+            entry["scanner"] = {
+                "manufacturer": eq.manufacturer,
+                "model": eq.model,
+                "kvp": eq.kvp,
+                "kernel": eq.kernel,
+                "matrix": scanner.matrix,
+                "fov_mm": scanner.fov_mm,
+                "pixel_spacing_mm": scanner.pixel_mm,
+                "gain": scanner.gain,
+                "offset_hu": scanner.offset_hu,
+                "noise_hu": scanner.noise_hu,
+                "blur_mm": scanner.blur_mm,
+                "pixel_representation": eq.pixel_representation,
+                "bits_stored": eq.bits_stored,
+                "rescale_intercept": eq.rescale_intercept,
+            }
+        else:
+            entry["detector"] = {
+                "manufacturer": eq.manufacturer, "model": eq.model, "kvp": eq.kvp, "voi_lut": dx_prof.voi_lut,
+                **dataclasses.asdict(dx_prof.detector),
+            }
+        if (self.task, self.modality) != ("binary", "CT"):
+            entry["class_counts"] = _class_counts(self.task, self.classes, targets)
+        return entry
 
 
 def _class_counts(task: str, classes: tuple[str, ...], targets: list[Target]) -> dict[str, int]:
