@@ -661,17 +661,15 @@ def _progress(enabled: bool) -> Progress:
         def render(self, task: Task) -> Text:
             elapsed = task.elapsed or 0.0
             rate = task.completed / elapsed if elapsed > 0 else 0.0
-            return Text(f"{rate:,.1f} files/s", style="progress.data.speed")
+            return Text(f"{rate:,.1f}/s", style="progress.data.speed")
 
+    # Within 80 columns: files done, files/s and the quarantined count; the summary line gives the rest.
     return Progress(
-        TextColumn("de-identifying"),
-        BarColumn(),
+        TextColumn("deid"),
+        BarColumn(bar_width=12),
         MofNCompleteColumn(),
         FilesPerSecond(),
-        TextColumn(
-            "[green]{task.fields[ok]} ok[/] [yellow]{task.fields[quarantined]} quarantined[/] "
-            "{task.fields[skipped]} skipped {task.fields[resumed]} done before"
-        ),
+        TextColumn("[yellow]{task.fields[quarantined]} quar.[/]"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=Console(stderr=True),

@@ -45,6 +45,7 @@ class DemoSummary:
     model: Path
     metrics: Path
     plot: Path
+    release: Path
     wall_seconds: float
     simulation_seconds: float
 
@@ -154,6 +155,6 @@ def run_demo(
     metrics = json.loads(result.metrics.read_text())
     return DemoSummary(
         out=out, rounds=metrics["rounds"], sites=[site_outcome(s) for s in site_cfgs],
-        model=result.model, metrics=result.metrics, plot=result.plot,
+        model=result.model, metrics=result.metrics, plot=result.plot, release=result.release,
         wall_seconds=time.monotonic() - t0, simulation_seconds=result.seconds,
     )

@@ -22,7 +22,8 @@ def deid_run(
     src: Annotated[Path, typer.Argument(help="Raw DICOM folder (e.g. a PACS export). Never modified.")],
     dst: Annotated[Path, typer.Argument(help="De-identified store to write (images, manifest.csv, audit/).")],
     key: Annotated[Path, typer.Option("--key", help="Site secret; created with mode 0600 if missing.")],
-    labels: Annotated[Path | None, typer.Option(help="CSV with AccessionNumber,label.")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Labels CSV: a key column (AccessionNumber, StudyInstanceUID, "
+                                                    "SeriesInstanceUID or SOPInstanceUID) and label.")] = None,
     quarantine: Annotated[Path | None, typer.Option(help="Where refused files go (default: DST-quarantine).")] = None,
     audit: Annotated[Path | None, typer.Option(help="Audit trail folder (default: DST/audit).")] = None,
     audit_key: Annotated[Path | None, typer.Option(
@@ -77,7 +78,8 @@ def _report_labels(dst: Path, labels: Path | None) -> None:
 def deid_labels(
     dst: Annotated[Path, typer.Argument(help="De-identified store (`medfed deid run` or `medfed site receive` DST).")],
     key: Annotated[Path, typer.Option("--key", help="The site secret the store was de-identified with.")],
-    labels: Annotated[Path, typer.Option("--labels", help="CSV with AccessionNumber,label.")],
+    labels: Annotated[Path, typer.Option("--labels", help="Labels CSV: a key column (AccessionNumber, StudyInstanceUID, "
+                                         "SeriesInstanceUID or SOPInstanceUID) and label.")],
     audit: Annotated[Path | None, typer.Option(help="Audit trail folder (default: DST/audit).")] = None,
     audit_key: Annotated[Path | None, typer.Option("--audit-key", help="Key sealing the audit trail.")] = None,
 ) -> None:

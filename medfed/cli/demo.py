@@ -112,7 +112,8 @@ def _print_demo(s: DemoSummary) -> None:
     console.print(
         f"wall time {s.wall_seconds:.0f}s (simulation {s.simulation_seconds:.0f}s, "
         f"{sum(per_round) / max(1, len(per_round)):.1f}s per round)\n"
-        f"model:   {s.model}\nmetrics: {s.metrics}\nplot:    {s.plot}"
+        f"model:   {s.model}\nmetrics: {s.metrics}\nplot:    {s.plot}\nrelease: {s.release}  (check it: medfed model "
+        f"verify {s.release} --public-key {s.out / 'release-signing.pub'})"
     )
 
 

@@ -267,7 +267,9 @@ def site_receive(
     tls_ca: Annotated[Path | None, typer.Option(
         "--tls-ca", help="CA whose client certificates are accepted (PEM); others are refused.")] = None,
     policy: Annotated[Path | None, typer.Option("--policy", help="Site de-identification policy (TOML).")] = None,
-    labels: Annotated[Path | None, typer.Option("--labels", help="CSV with AccessionNumber,label.")] = None,
+    labels: Annotated[Path | None, typer.Option(
+        "--labels", help="Labels CSV keyed by AccessionNumber, StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID.")]
+    = None,
     quarantine: Annotated[Path | None, typer.Option(help="Where refused files go (default: DST-quarantine).")] = None,
     spool: Annotated[Path | None, typer.Option(help="Private folder for raw files in flight (default: DST-spool).")]
     = None,
@@ -277,6 +279,8 @@ def site_receive(
         "--min-free", help="Answer Out of Resources (0xA700) once less than this is free (e.g. 500M, 2G).")] = "1G",
     study_timeout: Annotated[float, typer.Option(
         "--study-timeout", help="Seconds without a new instance after which a study is recorded complete.")] = 60.0,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", min=1, help="De-identification worker processes (default: one per core).")] = None,
 ) -> None:
     """Receive images from PACS by DICOM C-STORE and de-identify them as they arrive (no original kept)."""
     from anonymization.errors import DeidError
@@ -289,7 +293,8 @@ def site_receive(
         counts = run_receive(dst, key, ae_title=ae_title, allowed=split_ae_titles(allow_ae), port=port, host=host,
                              tls=TlsFiles(tls_cert, tls_key, tls_ca) if tls_cert and tls_key and tls_ca else None,
                              policy=policy, labels=labels, quarantine=quarantine, spool=spool, audit=audit,
-                             audit_key=audit_key, min_free_bytes=parse_size(min_free), study_timeout=study_timeout)
+                             audit_key=audit_key, min_free_bytes=parse_size(min_free), study_timeout=study_timeout,
+                             workers=workers)
     except DeidError as err:  # IntakeError, KeyFileError, LabelsError...: the message says what to do
         fail(str(err))
         return

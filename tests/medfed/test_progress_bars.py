@@ -7,6 +7,7 @@ wide console; the two must be the same text, every line within 80 characters.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable
 
 import pytest
@@ -44,12 +45,13 @@ def _deid() -> Progress:
 
 @pytest.mark.parametrize("make", [
     pytest.param(_scoring, id="predict-scoring"),
-    pytest.param(_deid, id="deid-run", marks=pytest.mark.xfail(
-        strict=True, reason="anonymization/batch.py's _progress is wider than 80 columns (fixed with batch.py)")),
+    pytest.param(_deid, id="deid-run"),
 ])
 def test_the_bar_fits_80_columns(make: Callable[[], Progress]) -> None:
     bar = make()
     narrow, wide = _rendered(bar, 80), _rendered(bar, 200)
-    assert narrow == wide, f"squeezed at 80 columns:\n{wide}"
+    rate = re.compile(r"[\d,.]+/s")  # a throughput moves between the two renders; its width is what counts
+    assert [rate.sub("R/s", ln) for ln in narrow] == [rate.sub("R/s", ln) for ln in wide], \
+        f"squeezed at 80 columns:\n{wide}"
     assert wide and all(len(line) <= 80 for line in wide), wide
     assert f"{DONE}/{TOTAL}" in " ".join(wide)
