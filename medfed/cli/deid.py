@@ -78,8 +78,9 @@ def _report_labels(dst: Path, labels: Path | None) -> None:
 def deid_labels(
     dst: Annotated[Path, typer.Argument(help="De-identified store (`medfed deid run` or `medfed site receive` DST).")],
     key: Annotated[Path, typer.Option("--key", help="The site secret the store was de-identified with.")],
-    labels: Annotated[Path, typer.Option("--labels", help="Labels CSV: a key column (AccessionNumber, StudyInstanceUID, "
-                                         "SeriesInstanceUID or SOPInstanceUID) and label.")],
+    labels: Annotated[Path, typer.Option(
+        "--labels", help="Labels CSV: a key column (AccessionNumber, StudyInstanceUID, SeriesInstanceUID or "
+        "SOPInstanceUID) and label.")],
     audit: Annotated[Path | None, typer.Option(help="Audit trail folder (default: DST/audit).")] = None,
     audit_key: Annotated[Path | None, typer.Option("--audit-key", help="Key sealing the audit trail.")] = None,
 ) -> None:
