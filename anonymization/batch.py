@@ -640,7 +640,7 @@ def _finished(future: Future[list[FileResult]]) -> bool:
     return future.done() and not future.cancelled() and future.exception() is None
 
 
-def _progress(enabled: bool) -> Progress:
+def progress_bar(enabled: bool) -> Progress:
     """A rich progress bar on stderr: files/s and counts only, never a file name."""
     from rich.console import Console
     from rich.progress import (
@@ -952,7 +952,7 @@ def _deidentify_all(
     pydicom_logger = logging.getLogger("pydicom")
     pydicom_level = pydicom_logger.level
     try:
-        with closing(results), _progress(progress) as bar:  # closing: the pool is gone before the sweep
+        with closing(results), progress_bar(progress) as bar:  # closing: the pool is gone before the sweep
             bar_task = bar.add_task("deid", total=total, ok=0, quarantined=0, skipped=0, resumed=0)
             tally = recorder.tally
             for task, result in results:

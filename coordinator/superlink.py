@@ -238,7 +238,7 @@ def control_client(directory: Path, port: int | None = None) -> Iterator[Any]:
         client.close()
 
 
-def _key_bytes(line: bytes) -> bytes:
+def key_bytes(line: bytes) -> bytes:
     """An OpenSSH public key line as the bytes Flower stores (PEM SubjectPublicKeyInfo)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -274,7 +274,7 @@ def sync_registrations(directory: Path, port: int | None = None) -> dict[str, An
         by_key = {bytes(n.public_key): n for n in nodes if n.status != "unregistered"}
         active_keys: set[bytes] = set()
         for site in cfg.sites:
-            key = _key_bytes(public_key_line(directory, site))
+            key = key_bytes(public_key_line(directory, site))
             node = by_key.get(key)
             if site.status == "active":
                 active_keys.add(key)

@@ -74,7 +74,7 @@ RDP_ORDERS: tuple[float, ...] = tuple(
     + [64, 80, 96, 128, 160, 192, 256, 384, 512, 768, 1024]
 )
 #: Opacus' RDPAccountant.DEFAULT_ALPHAS are the first this many of RDP_ORDERS (checked by a test).
-_N_OPACUS_ORDERS = 99 + 52
+N_OPACUS_ORDERS = 99 + 52
 #: Smallest noise multiplier `plan` considers (the search's lower end).
 MIN_NOISE_MULTIPLIER = 0.05
 
@@ -151,7 +151,7 @@ def _rdp_epsilon(history: tuple[Segment, ...], delta: float, opacus_orders: bool
 
     if any(sigma == 0 for sigma, _, _ in history):
         return math.inf
-    n = _N_OPACUS_ORDERS if opacus_orders else len(RDP_ORDERS)
+    n = N_OPACUS_ORDERS if opacus_orders else len(RDP_ORDERS)
     rdp = sum(t * _rdp_per_step(s, q)[:n] for s, q, t in history)
     with warnings.catch_warnings():
         # Opacus warns when the best order is at an end of the list; the bound is still valid there.
@@ -183,7 +183,7 @@ class GaussianPRV:
         return alpha / (2 * self.noise_multiplier**2)
 
 
-def _opacus_prv_upper(history: tuple[Segment, ...], delta: float, eps_error: float, delta_error: float) -> float:
+def opacus_prv_upper(history: tuple[Segment, ...], delta: float, eps_error: float, delta_error: float) -> float:
     """Opacus' ``PRVAccountant.get_epsilon``, step for step, with its safe-domain RDP bounds cached.
 
     Why not call the accountant: ~90% of its time goes to RDP curves for the safe domain
@@ -234,9 +234,9 @@ def _prv_epsilon(history: tuple[Segment, ...], delta: float) -> float:
             warnings.simplefilter("ignore")
             # A coarse pass (its error scaled to RDP's ε) sizes the error of the final one.
             coarse_error = max(PRV_EPS_ERROR, PRV_COARSE_RELATIVE_ERROR * rdp)
-            coarse = _opacus_prv_upper(history, delta, coarse_error, delta / 1000)
+            coarse = opacus_prv_upper(history, delta, coarse_error, delta / 1000)
             eps_error = max(PRV_EPS_ERROR_FLOOR, PRV_EPS_RELATIVE_ERROR * min(coarse, rdp))
-            eps = _opacus_prv_upper(history, delta, eps_error, delta / 1000) if eps_error < coarse_error else coarse
+            eps = opacus_prv_upper(history, delta, eps_error, delta / 1000) if eps_error < coarse_error else coarse
     except (RuntimeError, ValueError, FloatingPointError, OverflowError, ZeroDivisionError) as err:
         log.warning("PRV accountant failed on %s at delta=%g (%s); using the RDP bound %.4f", history, delta, err, rdp)
         return rdp

@@ -265,7 +265,7 @@ def _caps(site: SiteConfig, ledger: PrivacyLedger, run_id: str) -> list[tuple[st
     return caps
 
 
-def _evaluations_reserved(site: SiteConfig, cfg: RunConfig, ledger: PrivacyLedger, run_id: str,
+def evaluations_reserved(site: SiteConfig, cfg: RunConfig, ledger: PrivacyLedger, run_id: str,
                           study: Study | None = None) -> list[Segment]:
     """The run's evaluations still to come (one a round if fraction-evaluate > 0), priced in by calibration.
 
@@ -300,7 +300,7 @@ def _round_noise(
     where = f"site {site.name} (lifetime cap {site.epsilon_cap:g}{per_run}, delta={site.delta:g}, " \
             f"accountant {cfg.accountant})"
     if cfg.calibrate_noise:
-        reserve = _evaluations_reserved(site, cfg, ledger, run_id, study)
+        reserve = evaluations_reserved(site, cfg, ledger, run_id, study)
         need = sigma
         for name, history, cap in caps:  # the largest σ any cap needs meets them all
             try:

@@ -109,15 +109,15 @@ def paths_from_cwd(func: Callable[..., object]) -> Callable[..., object]:
     return wrapper
 
 
-def _every_command(typer_app: typer.Typer) -> list[typer.models.CommandInfo]:
+def every_command(typer_app: typer.Typer) -> list[typer.models.CommandInfo]:
     found = list(typer_app.registered_commands)
     for group in typer_app.registered_groups:
         if group.typer_instance is not None:
-            found.extend(_every_command(group.typer_instance))
+            found.extend(every_command(group.typer_instance))
     return found
 
 
-for _command in _every_command(app):
+for _command in every_command(app):
     if _command.callback is not None and not getattr(_command.callback, "paths_from_cwd", False):
         _command.callback = paths_from_cwd(_command.callback)
 

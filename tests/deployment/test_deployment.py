@@ -873,12 +873,12 @@ def test_two_runs_on_one_site_stop_at_its_lifetime_cap(world: World, tmp_path: P
 def test_sync_removes_foreign_keys_and_survives_a_key_already_in_use(world: World) -> None:
     from flwr.proto.control_pb2 import RegisterNodeRequest
 
-    from coordinator.superlink import _key_bytes, control_client, sync_registrations
+    from coordinator.superlink import control_client, key_bytes, sync_registrations
 
     late = generate_site_key(world.root / "sites" / "hospital-late")
     # someone with Control API access registers a key of their own ...
     with control_client(world.cons) as client:
-        client.RegisterNode(RegisterNodeRequest(public_key=_key_bytes(late.public.read_bytes()), name="intruder"))
+        client.RegisterNode(RegisterNodeRequest(public_key=key_bytes(late.public.read_bytes()), name="intruder"))
     assert world.nodes().get("intruder") == "registered"
     regs = sync_registrations(world.cons)  # ... and the consortium's sync unregisters it
     assert world.nodes().get("intruder") == "unregistered" and "intruder" not in regs

@@ -53,9 +53,9 @@ def test_every_parameter_of_every_command_has_help() -> None:
 
 
 def test_every_command_takes_paths_relative_to_the_current_folder() -> None:
-    from medfed.cli import _every_command
+    from medfed.cli import every_command
 
-    assert all(getattr(c.callback, "paths_from_cwd", False) for c in _every_command(app))
+    assert all(getattr(c.callback, "paths_from_cwd", False) for c in every_command(app))
 
 
 def test_version_and_help_render_in_80_columns() -> None:

@@ -35,9 +35,9 @@ def _scoring() -> Progress:
 
 
 def _deid() -> Progress:
-    from anonymization.batch import _progress
+    from anonymization.batch import progress_bar
 
-    bar = _progress(True)
+    bar = progress_bar(True)
     task = bar.add_task("deid", total=TOTAL, ok=0, quarantined=0, skipped=0, resumed=0)
     bar.update(task, advance=DONE, ok=DONE - 4_321, quarantined=4_321, skipped=12_345, resumed=10_000)
     return bar

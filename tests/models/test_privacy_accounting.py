@@ -112,15 +112,15 @@ def test_prv_is_opacus_prv_and_rdp_widens_opacus_orders() -> None:
     # Opacus' number; our ε asks for a relative error (0.3% of ε), so it stays close to Opacus' and above PLD.
     from opacus.accountants import PRVAccountant, RDPAccountant
 
-    from models.accounting import _N_OPACUS_ORDERS, RDP_ORDERS, _opacus_prv_upper
+    from models.accounting import N_OPACUS_ORDERS, RDP_ORDERS, opacus_prv_upper
 
     history = [(1.2, 0.1, 30), (1.5, 0.1, 50)]
     acc = PRVAccountant()
     acc.history = list(history)
     opacus = acc.get_epsilon(1e-5)
-    assert _opacus_prv_upper(tuple(history), 1e-5, PRV_EPS_ERROR, 1e-5 / 1000) == opacus
+    assert opacus_prv_upper(tuple(history), 1e-5, PRV_EPS_ERROR, 1e-5 / 1000) == opacus
     assert 0.99 * pld_epsilon(history, 1e-5) <= epsilon_of_history(history, 1e-5, "prv") <= 1.005 * opacus
-    assert list(RDP_ORDERS[:_N_OPACUS_ORDERS]) == RDPAccountant.DEFAULT_ALPHAS
+    assert list(RDP_ORDERS[:N_OPACUS_ORDERS]) == RDPAccountant.DEFAULT_ALPHAS
     rdp = RDPAccountant()
     rdp.history = list(history)
     assert epsilon_of_history(history, 1e-5, "rdp") <= rdp.get_epsilon(1e-5)

@@ -136,12 +136,12 @@ def test_the_ledger_charges_the_study_sensitivity(tmp_path: Path, study: Study) 
 
 
 def test_calibration_reserves_evaluations_at_the_study_price(tmp_path: Path) -> None:
-    from site_client.task import _evaluations_reserved
+    from site_client.task import evaluations_reserved
 
     site = _site(tmp_path, "hospital-r", noise=10.0)
     ledger = ledger_for(site)
-    assert _evaluations_reserved(site, CFG, ledger, "run-r", MULTICLASS) == [(5.0, 1.0, 3)]
-    assert _evaluations_reserved(site, CFG, ledger, "run-r") == [(10.0, 1.0, 3)]
+    assert evaluations_reserved(site, CFG, ledger, "run-r", MULTICLASS) == [(5.0, 1.0, 3)]
+    assert evaluations_reserved(site, CFG, ledger, "run-r") == [(10.0, 1.0, 3)]
 
 
 @pytest.mark.parametrize("study", [BINARY, MULTICLASS, MULTILABEL], ids=lambda s: s.task)
