@@ -650,7 +650,6 @@ def progress_bar(enabled: bool) -> Progress:
         ProgressColumn,
         Task,
         TextColumn,
-        TimeElapsedColumn,
         TimeRemainingColumn,
     )
     from rich.text import Text
@@ -661,16 +660,15 @@ def progress_bar(enabled: bool) -> Progress:
         def render(self, task: Task) -> Text:
             elapsed = task.elapsed or 0.0
             rate = task.completed / elapsed if elapsed > 0 else 0.0
-            return Text(f"{rate:,.1f}/s", style="progress.data.speed")
+            return Text(f"{rate:,.1f} files/s", style="progress.data.speed")
 
-    # Within 80 columns: files done, files/s and the quarantined count; the summary line gives the rest.
+    # Within 80 columns: files done, files/s, ok and quarantined, time left; the summary line gives the rest.
     return Progress(
         TextColumn("deid"),
-        BarColumn(bar_width=12),
+        BarColumn(bar_width=8),
         MofNCompleteColumn(),
         FilesPerSecond(),
-        TextColumn("[yellow]{task.fields[quarantined]} quar.[/]"),
-        TimeElapsedColumn(),
+        TextColumn("[green]{task.fields[ok]} ok[/] [yellow]{task.fields[quarantined]} quarantined[/]"),
         TimeRemainingColumn(),
         console=Console(stderr=True),
         disable=not enabled,
