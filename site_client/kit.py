@@ -413,19 +413,35 @@ class SiteFatal(Exception):  # noqa: N818 - what the operator reads is the messa
     """The site cannot run until its kit, key, certificate or host changes; restarting will not help."""
 
 
-def check_clientapp_port(kit: Kit) -> None:
-    """Refuse at once when the ClientApp port is taken (another site, or an old SuperNode, on this host)."""
+#: How long a taken ClientApp port may stay taken before `site start` calls it fatal: a SuperNode
+#: killed a moment ago (a restart after a crash) is still letting go of it.
+PORT_GRACE_SECONDS = 20.0
+
+
+def check_clientapp_port(kit: Kit, grace: float = PORT_GRACE_SECONDS) -> None:
+    """Refuse when the ClientApp port stays taken (another site, or an old SuperNode, on this host).
+
+    SO_REUSEADDR as every server sets it, so connections of a stopped SuperNode still in TIME_WAIT do
+    not count; only a live listener does, and only if it is still there after ``grace`` seconds.
+    """
     import socket
+    import time
 
     port = kit.config.clientapp_port
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError as err:
-            raise SiteFatal(
-                f"the ClientApp port 127.0.0.1:{port} (clientapp-port in {kit.root / KIT_FILE}) is in use "
-                f"({err.strerror}): another site or an old SuperNode runs on this host. Stop it, or give this site "
-                "its own port (clientapp-port in kit.toml, or --clientapp-port)") from None
+    deadline = time.monotonic() + grace
+    while True:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+                return
+            except OSError as err:
+                if time.monotonic() >= deadline:
+                    raise SiteFatal(
+                        f"the ClientApp port 127.0.0.1:{port} (clientapp-port in {kit.root / KIT_FILE}) is in use "
+                        f"({err.strerror}): another site or an old SuperNode runs on this host. Stop it, or give this "
+                        "site its own port (clientapp-port in kit.toml, or --clientapp-port)") from None
+        time.sleep(0.5)
 
 
 def run_site(kit: Kit, site_toml: Path, *, reconnect_seconds: float | None = None, backoff: float = 5.0) -> int:

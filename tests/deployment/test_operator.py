@@ -121,9 +121,11 @@ def test_each_kit_gets_its_own_clientapp_port_and_a_taken_one_is_refused(tmp_pat
     kit = load_kit(kits["a"])
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
+        busy.listen()  # a live SuperNode's ClientApp port
         kit.config.clientapp_port = busy.getsockname()[1]
         with pytest.raises(SiteFatal, match="is in use"):
-            check_clientapp_port(kit)
+            check_clientapp_port(kit, grace=1.0)
+    check_clientapp_port(kit, grace=0.0)  # let go: free again at once (SO_REUSEADDR, as the SuperNode binds)
 
 
 def test_site_start_refuses_a_store_with_no_label_once_with_the_fatal_code(tmp_path: Path,
