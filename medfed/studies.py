@@ -69,9 +69,8 @@ def train_site(deid_dir: Path, study: Study, study_dir: Path, out: Path, *, epsi
     With ``site`` (the site's own `site.toml`), the rounds are paid from that site's lifetime ledger;
     otherwise from a ledger in ``OUT/state``.
     """
-    import torch
-
     from coordinator.federation import initial_state
+    from models.release import state_bytes
     from site_client.task import SiteRefusal, ledger_for, train_round
 
     out = out.resolve()
@@ -96,7 +95,7 @@ def train_site(deid_dir: Path, study: Study, study_dir: Path, out: Path, *, epsi
         log.info("round %d of %d trained (ε %.3f of %g)", rnd, cfg.num_server_rounds, reply.metrics["epsilon"],
                  site.epsilon_cap)
     test = exact_metrics(site, study, state)
-    write_file(out / "model.pt", _torch_bytes(torch, state))
+    write_file(out / "model.pt", state_bytes(state))
     eps = ledger_for(site).epsilon(run_name, site.delta)
     body = {"study": study.name, "study_sha256": study.digest(), "run": run_name, "rounds_trained": trained,
             "declined": declined, "epsilon": eps, "epsilon_cap": site.epsilon_cap, "delta": site.delta,
@@ -115,14 +114,6 @@ def exact_metrics(site: SiteConfig, study: Study, state: dict) -> dict[str, Any]
     model = site_network(study, state)
     logits, targets = predict(model, site_dataset(site, study, "test"))
     return metrics_from_logits(logits, targets, study).to_json()
-
-
-def _torch_bytes(torch: Any, state: dict) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
 
 
 def _jsonable(value: Any) -> Any:

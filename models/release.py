@@ -71,7 +71,8 @@ def _canonical(obj: Any) -> bytes:
     return (json.dumps(obj, sort_keys=True, indent=2, allow_nan=False) + "\n").encode()
 
 
-def _weights_bytes(state_dict: dict[str, Any]) -> bytes:
+def state_bytes(state_dict: dict[str, Any]) -> bytes:
+    """A state dict as the bytes ``torch.save`` writes (CPU, contiguous): what a release and `train` store."""
     import torch
 
     buf = io.BytesIO()
@@ -84,7 +85,7 @@ def write_release(out: Path, state_dict: dict[str, Any], study: Any, card: dict[
     """Write and sign ``out`` (a fresh folder): weights, study, card, manifest, signature."""
     if out.exists() and any(out.iterdir()):
         raise ReleaseError(f"{out} already holds files; a release is written once, into a fresh folder")
-    files = {WEIGHTS: _weights_bytes(state_dict), STUDY: study.canonical_json().encode()}
+    files = {WEIGHTS: state_bytes(state_dict), STUDY: study.canonical_json().encode()}
     files[CARD] = _canonical({**card, "weights_sha256": _sha256(files[WEIGHTS]),
                               "device_uid": device_uid(_sha256(files[WEIGHTS])),
                               "study_sha256": study.digest()})

@@ -131,10 +131,10 @@ def _collate(items: list[Any]) -> list[Any]:
 
 
 def probabilities(logits: torch.Tensor, study: Study) -> np.ndarray:
-    """Scores per class: the positive class's sigmoid (binary), softmax (multiclass), sigmoids (multilabel)."""
-    if study.task == "multiclass":
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
-    return torch.sigmoid(logits.float()).cpu().numpy().reshape(len(logits), -1)
+    """Scores per class, one row per image (binary: one column): models.metrics' mapping of the logits."""
+    from models.metrics import probabilities as mapped
+
+    return mapped(logits.detach().float().cpu(), study.task).reshape(len(logits), -1)
 
 
 def decide(scores: np.ndarray, study: Study, thresholds: tuple[float, ...]) -> tuple[str, tuple[bool, ...]]:
