@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from medfed.cli.output import console, fail
+from medfed.cli.output import console, fail, figure
 
 if TYPE_CHECKING:
     from anonymization.intake import TlsFiles
@@ -78,19 +78,17 @@ def print_card(card: dict, key_id: str) -> None:
     for name, s in card.get("sites", {}).items():
         m = s.get("metrics", {})
         auc = m.get("macro", m).get("auc")
-        sites.add_row(name, _num(s.get("epsilon")), _num(s.get("epsilon_cap")), f"{s.get('delta')}", _num(auc))
+        sites.add_row(name, figure(s.get("epsilon")), figure(s.get("epsilon_cap")), f"{s.get('delta')}", figure(auc))
     console.print(sites)
     pooled = card.get("metrics", {})
     macro = pooled.get("macro", pooled)
     if macro:
-        console.print("pooled (macro): " + ", ".join(f"{k} {_num(v)}" for k, v in macro.items()
+        console.print("pooled (macro): " + ", ".join(f"{k} {figure(v)}" for k, v in macro.items()
                                                      if isinstance(v, int | float)))
     for name, row in pooled.get("per-class", {}).items():
-        console.print(f"  {name}: " + ", ".join(f"{k} {_num(v)}" for k, v in row.items() if isinstance(v, int | float)))
+        console.print(f"  {name}: " + ", ".join(f"{k} {figure(v)}" for k, v in row.items()
+                                                 if isinstance(v, int | float)))
 
-
-def _num(v: object) -> str:
-    return "n/a" if not isinstance(v, int | float) or v != v else f"{v:.3f}"
 
 
 def _verified(release_dir: Path, public_key: Path):  # noqa: ANN202 - models.release.Release, imported lazily
@@ -126,7 +124,7 @@ def calibrate(
         table.add_column(col, justify="left" if col == "class" else "right")
     for (name, (s1, p1)), t in zip(cal.chosen_on.items(), cal.thresholds, strict=True):
         s2, p2 = cal.test[name]
-        table.add_row(name, f"{t:.4f}", _num(s1), _num(p1), _num(s2), _num(p2))
+        table.add_row(name, f"{t:.4f}", figure(s1), figure(p1), figure(s2), figure(p2))
     console.print(table)
     console.print(f"{cal.images['train']} train and {cal.images['test']} test images; written to {path}")
 

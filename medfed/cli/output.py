@@ -25,3 +25,8 @@ def fail(message: str, code: int = 2) -> NoReturn:
     """
     _errors.print(Text.assemble(("error:", "bold red"), " ", message))
     raise typer.Exit(code)
+
+
+def figure(value: object) -> str:
+    """A metric as tables print it: three decimals, or n/a when it is missing or undefined (NaN)."""
+    return "n/a" if not isinstance(value, int | float) or value != value else f"{value:.3f}"

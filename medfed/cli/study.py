@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from medfed.cli.output import console, fail
+from medfed.cli.output import console, fail, figure
 
 _STUDY = Annotated[Path, typer.Option("--study", help="The study file (`medfed study init` writes one).")]
 _RUN_CONFIG = Annotated[list[str] | None, typer.Option(
@@ -120,12 +120,9 @@ def _print_test(m: dict[str, Any], title: str) -> None:
     for k in names:
         table.add_column(k, justify="right")
     for cls, row in list(m.get("per-class", {}).items()) + [("macro", m.get("macro", {}))]:
-        table.add_row(cls, *(_fmt(row.get(k)) for k in names))
+        table.add_row(cls, *(figure(row.get(k)) for k in names))
     console.print(table)
 
-
-def _fmt(v: Any) -> str:
-    return "n/a" if v is None or v != v else f"{v:.3f}"
 
 
 def register_study_commands(app: typer.Typer) -> None:
