@@ -74,10 +74,10 @@ class RunConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0.0, alias="max-grad-norm")
     # Record-level DP at the sites (issue 5): the run's accountant, noise calibration to each
     # site's cap (noise-multiplier is then the floor), Opacus' per-sample-gradient mode (same
-    # guarantee in every mode; default = models.training.DEFAULT_GRAD_SAMPLE_MODE, the fastest here).
+    # guarantee in every mode; "auto" = the fastest measured for the study's network, models.registry.DEFAULT_MODE).
     accountant: Literal["rdp", "prv"] = "prv"
     calibrate_noise: bool = Field(True, alias="calibrate-noise")
-    grad_sample_mode: Literal["hooks", "functorch", "ew", "ghost"] = Field("ew", alias="grad-sample-mode")
+    grad_sample_mode: Literal["auto", "hooks", "functorch", "ew", "ghost"] = Field("auto", alias="grad-sample-mode")
     # A multiple of 4 (models.network.IMAGE_MULTIPLE): the scattering front end subsamples by 4.
     image_size: int = Field(64, ge=16, le=512, multiple_of=4, alias="image-size")
     # The study (models.study.Study) as canonical JSON; "" is the default study (binary soft-tissue CT at

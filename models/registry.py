@@ -38,15 +38,17 @@ from torch import nn
 from medfed.settings import ConfigError
 from models.network import IMAGE_MULTIPLE, MIN_IMAGE_SIZE, ScatterCTNet
 from models.study import NETWORKS, TRAINABLE, Study
+from models.training import DEFAULT_GRAD_SAMPLE_MODE
 
 logger = logging.getLogger(__name__)
 
 #: GroupNorm groups per network: every normalised channel count must divide by it
 #: (DenseNet's and ResNet's are multiples of 32; EfficientNet-B0's of 8: 16, 24, 40, 112 ...).
 GROUPS: dict[str, int] = {"densenet121": 32, "resnet18": 32, "resnet50": 32, "efficientnet-b0": 8}
-#: The fastest Opacus per-sample-gradient mode per network on CPU (bench/dp_networks.py, bench/RESULTS.md).
+#: The fastest Opacus per-sample-gradient mode per network on CPU (bench/dp_networks.py, bench/RESULTS.md);
+#: a run's ``grad-sample-mode = "auto"`` (the default) trains each network in its own.
 DEFAULT_MODE: dict[str, str] = {
-    "scatter-head": "ew",
+    "scatter-head": DEFAULT_GRAD_SAMPLE_MODE,
     "densenet121": "ew",
     "resnet18": "ew",
     "resnet50": "ew",
@@ -54,6 +56,11 @@ DEFAULT_MODE: dict[str, str] = {
 }
 #: Bytes read at a time when hashing a weights file.
 _CHUNK = 1 << 20
+
+
+def grad_sample_mode(network: str, requested: str) -> str:
+    """The Opacus mode a site trains ``network`` with: the run's choice, or for ``auto`` the fastest measured."""
+    return DEFAULT_MODE[network] if requested == "auto" else requested
 
 
 class NetworkError(ConfigError):

@@ -40,7 +40,8 @@ OPTIMIZERS = ("sgd", "adam")
 DEFAULT_ACCOUNTANT = "rdp"
 #: Opacus' per-sample-gradient implementations a site may pick (RunConfig ``grad-sample-mode``).
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch", "ew", "ghost")
-#: The fastest mode for our model on CPU as measured by bench/dp_overhead.py (see the README).
+#: The fastest mode for the scattering head on CPU (bench/dp_overhead.py); other networks'
+#: fastest modes are in models.registry.DEFAULT_MODE, which a run's ``grad-sample-mode = "auto"`` uses.
 DEFAULT_GRAD_SAMPLE_MODE = "ew"
 #: Examples per forward/backward pass when the caller does not say; a larger logical (Poisson)
 #: batch is split into physical batches of at most this many (Opacus' BatchMemoryManager).

@@ -30,7 +30,7 @@ from medfed.settings import ConfigError, OutOfBounds, RunConfig, SiteConfig
 from models.accounting import MAX_NOISE_MULTIPLIER, AccountingError, Segment, calibrate_noise, epsilon_of_history
 from models.dataset import DatasetError, StudyDataset
 from models.evaluation import predict
-from models.registry import apply_trainable, build_network
+from models.registry import apply_trainable, build_network, grad_sample_mode
 from models.study import DEFAULT_STUDY, Study, served_study, study_from_json, study_of
 from models.training import DPSettings, planned_steps, round_lr, train_local
 from site_client.ledger import EVALUATED, EVALUATION_SAMPLE_RATE, CapExceeded, LedgerError, PrivacyLedger
@@ -450,6 +450,7 @@ def train_round(
     accountant = ledger.accountant(run_id, cfg.accountant)
     opt_state = load_optimizer_state(site, run_id) if cfg.keep_optimizer_state else None
     lr = round_lr(cfg.lr, server_round, cfg.num_server_rounds, cfg.lr_schedule)
+    mode = grad_sample_mode(study.network.name, cfg.grad_sample_mode)
     outcome = train_local(
         model,
         dataset,
@@ -461,7 +462,7 @@ def train_round(
         device=_device(cfg),
         dp=DPSettings(noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm),
         accountant=accountant,
-        grad_sample_mode=cfg.grad_sample_mode,
+        grad_sample_mode=mode,
         proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
         seed=None,
         sampling_size=bucket,
@@ -494,7 +495,7 @@ def train_round(
         "round_trained", run_id=run_id, server_round=server_round, steps=outcome.steps,
         sample_rate=outcome.sample_rate, noise_multiplier=sigma, noise_calibrated=cfg.calibrate_noise,
         lr=lr,
-        accountant=cfg.accountant, grad_sample_mode=cfg.grad_sample_mode,
+        accountant=cfg.accountant, grad_sample_mode=mode,
         max_grad_norm=cfg.max_grad_norm, epsilon_before=eps_before, epsilon_after=eps_after,
         epsilon_cap=site.epsilon_cap, delta=site.delta, declined=False, update=update_summary(state),
     )

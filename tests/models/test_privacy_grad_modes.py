@@ -9,6 +9,7 @@ from torch.utils.data import TensorDataset
 from medfed.settings import RunConfig
 from models.accounting import make_accountant
 from models.network import build_model
+from models.registry import DEFAULT_MODE, grad_sample_mode
 from models.training import DEFAULT_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES, DPSettings, train_local
 from tests.models_factory import torch_threads
 
@@ -38,9 +39,14 @@ def test_modes_agree_without_noise() -> None:
             assert torch.allclose(got[k], ref[k], atol=1e-5, rtol=1e-4), (mode, k)
 
 
-def test_default_mode_is_the_run_config_default_and_valid() -> None:
-    assert RunConfig().grad_sample_mode == DEFAULT_GRAD_SAMPLE_MODE in GRAD_SAMPLE_MODES
-    assert set(RunConfig.model_fields["grad_sample_mode"].annotation.__args__) == set(GRAD_SAMPLE_MODES)
+def test_run_default_is_each_networks_fastest_mode_and_valid() -> None:
+    """``auto`` resolves per network to the measured fastest mode; an explicit mode is kept as given."""
+    assert RunConfig().grad_sample_mode == "auto"
+    assert set(RunConfig.model_fields["grad_sample_mode"].annotation.__args__) == {"auto", *GRAD_SAMPLE_MODES}
+    assert grad_sample_mode("scatter-head", "auto") == DEFAULT_GRAD_SAMPLE_MODE in GRAD_SAMPLE_MODES
+    assert grad_sample_mode("efficientnet-b0", "auto") == DEFAULT_MODE["efficientnet-b0"] == "functorch"
+    assert all(grad_sample_mode(name, "auto") in GRAD_SAMPLE_MODES for name in DEFAULT_MODE)
+    assert grad_sample_mode("efficientnet-b0", "ghost") == "ghost"
     with pytest.raises(ValueError, match="grad_sample_mode must be one of"):
         train_local(build_model(16), TensorDataset(torch.zeros(2, 1, 16, 16), torch.zeros(2)), epochs=1,
                     batch_size=1, lr=0.1, dp=DPSettings(1.0, 1.0), grad_sample_mode="vmap")

@@ -15,6 +15,7 @@ from coordinator.federation import initial_state
 from medfed.protocol import EGRESS_BLOCKED, SITE_DECLINED, SITE_FAILED, SITE_REFUSED
 from medfed.settings import RunConfig, SiteConfig
 from medfed.wire import MODEL_ARRAY, pack, unpack
+from models.registry import DEFAULT_MODE
 from site_client.client_app import build_app, make_egress_guard
 from site_client.egress import EVALUATE_METRICS
 from site_client.task import ledger_for, train_round
@@ -81,6 +82,15 @@ def test_train_round_declines_over_cap_without_spending(tmp_path: Path, store: P
     assert f"cap of {site.epsilon_cap:g}" in reply.declined
     assert ledger_for(site).epsilon("run-1", site.delta) == pytest.approx(eps)
     assert [r["kind"] for r in AuditTrail(site.audit_path).records()] == ["round_trained", "round_declined"]
+
+
+def test_auto_mode_trains_in_the_networks_fastest_mode_and_says_so(tmp_path: Path, store: Path) -> None:
+    """The run's default ``auto`` is resolved per network before training; the record names the mode used."""
+    assert CFG.grad_sample_mode == "auto"
+    site = _site(tmp_path, store)
+    train_round(site, CFG, "run-1", 1, initial_state(CFG))
+    (trained,) = [r for r in AuditTrail(site.audit_path).records() if r["kind"] == "round_trained"]
+    assert trained["grad_sample_mode"] == DEFAULT_MODE["scatter-head"]
 
 
 def test_delta_not_below_one_over_the_bucket_is_refused(tmp_path: Path, store: Path) -> None:
