@@ -9,13 +9,18 @@ pydicom template whose pixel data change per file. Then, each in a fresh process
    preprocessed (modality LUT, soft-tissue window, resize to ``--size``) and written
    to the memory-mapped cache - images/s from DICOM;
 2. the same dataset again (the cache is complete) and one full epoch through a
-   ``DataLoader`` (shuffled, batch 64, ``--workers`` workers) - images/s from the cache.
+   ``DataLoader`` (shuffled, batch 64, ``--workers`` workers) - images/s from the cache;
+3. with ``--train NETWORK``, one epoch of DP-SGD (``train_local`` as a site runs it: Poisson
+   batches of ``--batch`` expected examples split by Opacus' BatchMemoryManager into
+   physical batches of at most ``--physical``, the network's default per-sample-gradient
+   mode) on the whole store, training the ``--trainable`` part - images/s of training.
 
 Peak memory: each phase's own peak resident set (``resource.getrusage``), its
 workers' largest, and the largest total of the phase and its workers sampled every
 0.2 s (psutil). The goal: under 4 GB for 20,000 images of 256 x 256.
 
     .venv/bin/python bench/data_scale.py [--work DIR] [--images 20000] [--size 256] [--workers 2] [--keep]
+                                         [--train resnet18 --trainable last-block --batch 256 --physical 64]
 """
 
 from __future__ import annotations
@@ -96,8 +101,8 @@ def make_store(root: Path, n: int, size: int) -> float:
     return time.perf_counter() - start
 
 
-def _phase(store: str, size: int, workers: int, phase: str) -> dict:
-    """Run in a child process: build the cache, or read one epoch from it."""
+def _phase(store: str, size: int, workers: int, phase: str, train: dict | None = None) -> dict:
+    """Run in a child process: build the cache, read one epoch from it, or train one DP-SGD epoch on it."""
     import resource
     import threading
 
@@ -140,6 +145,8 @@ def _phase(store: str, size: int, workers: int, phase: str) -> dict:
             checksum += float(x[:, 0, 0, 0].sum())
         out["epoch_s"] = time.perf_counter() - start
         out["seen"] = seen
+    if phase == "train":
+        out.update(_train_epoch(ds, study, train or {}))
     stop.set()
     sampler.join()
     out["peak_rss_self"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -149,9 +156,30 @@ def _phase(store: str, size: int, workers: int, phase: str) -> dict:
     return out
 
 
-def run_phase(store: Path, size: int, workers: int, phase: str) -> dict:
+def _train_epoch(ds: object, study: object, train: dict) -> dict:
+    """One DP-SGD epoch over ``ds`` as a site trains (seconds, steps); its memory is the phase's."""
+    import torch
+
+    from models.accounting import make_accountant
+    from models.registry import grad_sample_mode
+    from models.training import DPSettings, train_local
+    from site_client.task import site_network
+
+    torch.set_num_threads(train.get("threads", 2))
+    study = study.model_copy(update={"network": study.network.model_copy(
+        update={"name": train["network"], "trainable": train["trainable"]})})
+    model = site_network(study)
+    start = time.perf_counter()
+    outcome = train_local(model, ds, epochs=1, batch_size=train["batch"], lr=1e-3, optimizer="adam",
+                          dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0), accountant=make_accountant("rdp"),
+                          grad_sample_mode=grad_sample_mode(train["network"], "auto"),
+                          max_physical_batch_size=train["physical"], task=study.task)
+    return {"train_s": time.perf_counter() - start, "steps": outcome.steps}
+
+
+def run_phase(store: Path, size: int, workers: int, phase: str, train: dict | None = None) -> dict:
     code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from bench.data_scale import _phase; "
-            f"print('RESULT ' + json.dumps(_phase({str(store)!r}, {size}, {workers}, {phase!r})))")
+            f"print('RESULT ' + json.dumps(_phase({str(store)!r}, {size}, {workers}, {phase!r}, {train!r})))")
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     for line in proc.stdout.splitlines():
@@ -167,6 +195,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep", action="store_true", help="keep the store and its cache")
+    ap.add_argument("--train", default=None, help="also train one DP-SGD epoch of this registry network")
+    ap.add_argument("--trainable", default="last-block", help="all | last-block | head | norm-and-bias")
+    ap.add_argument("--batch", type=int, default=256, help="expected (Poisson) batch of the DP-SGD epoch")
+    ap.add_argument("--physical", type=int, default=64, help="largest physical batch (BatchMemoryManager)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="medfed-data-scale-"))
     store = work / "deid"
@@ -180,10 +212,15 @@ def main() -> None:
               f"({args.images / made:.0f} files/s)")
         build = run_phase(store, args.size, args.workers, "build")
         epoch = run_phase(store, args.size, args.workers, "epoch")
+        train = None
+        if args.train:
+            train = run_phase(store, args.size, args.workers, "train", {
+                "network": args.train, "trainable": args.trainable, "batch": args.batch, "physical": args.physical})
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     assert build["cache_built"] == args.images and epoch["cache_built"] == 0 and epoch["seen"] == args.images
+    assert train is None or train["cache_built"] == 0
     print(f"from DICOM (building the cache): {args.images / build['open_s']:.0f} images/s "
           f"({build['open_s']:.0f} s; cache {build['cache_bytes'] / gib:.2f} GiB on disk)")
     print(f"from the cache: open {epoch['open_s']:.1f} s, one epoch through a DataLoader "
@@ -191,6 +228,12 @@ def main() -> None:
           f"({epoch['epoch_s']:.0f} s)")
     peak = max(build["peak_total_sampled"], epoch["peak_total_sampled"], build["peak_rss_self"],
                epoch["peak_rss_self"] + epoch["peak_rss_children"])
+    if train is not None:
+        print(f"one DP-SGD epoch of {args.train} ({args.trainable}), expected batch {args.batch}, physical <= "
+              f"{args.physical}: {train['steps']} steps, {args.images / train['train_s']:.1f} images/s "
+              f"({train['train_s']:.0f} s); peak RSS {train['peak_rss_self'] / gib:.2f} GiB, largest sampled total "
+              f"{train['peak_total_sampled'] / gib:.2f} GiB")
+        peak = max(peak, train["peak_rss_self"], train["peak_total_sampled"])
     print(f"peak RSS: build {build['peak_rss_self'] / gib:.2f} GiB; epoch main {epoch['peak_rss_self'] / gib:.2f} GiB, "
           f"largest worker {epoch['peak_rss_children'] / gib:.2f} GiB, largest sampled total "
           f"{epoch['peak_total_sampled'] / gib:.2f} GiB")
