@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from medfed.cli.output import console, fail
+from medfed.cli.output import console, fail, round_table
 
 if TYPE_CHECKING:
     from medfed.demo import DemoSummary
@@ -84,19 +84,7 @@ def demo(
 
 
 def _print_demo(s: DemoSummary) -> None:
-    rounds = Table(title="Global model per round (AUC on the sites' test splits)")
-    rounds.add_column("round", justify="right")
-    rounds.add_column("AUC", justify="right")
-    rounds.add_column("accuracy", justify="right")
-    rounds.add_column("sites trained", justify="right")
-    rounds.add_column("seconds", justify="right")
-    for r in s.rounds:
-        trained = sum(1 for v in r["sites"].values() if v["status"] == "trained")
-        auc = r.get("auc")
-        acc = r["evaluate"].get("accuracy")
-        rounds.add_row(str(r["round"]), "n/a" if auc is None else f"{auc:.3f}",
-                       "n/a" if acc is None else f"{acc:.3f}", f"{trained}/{len(r['sites'])}", f"{r['seconds']:.1f}")
-    console.print(rounds)
+    console.print(round_table(s.rounds, "global model per round (pooled over the sites' test splits)"))
     sites = Table(title="Privacy spent per site (record-level DP)")
     sites.add_column("site", no_wrap=True)
     for col in ("images", "quarant.", "ε spent", "ε cap", "δ", "trained", "declined"):

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from medfed.cli.output import console, fail
+from medfed.cli.output import console, fail, round_table
 
 log = logging.getLogger("medfed")
 
@@ -388,15 +388,7 @@ def _summary(directory: Path, name: str, out: Path, metrics: dict) -> None:
     from coordinator.receipts import AGGREGATION_FILE, RECEIVED_FILE
 
     names = site_names(directory)
-    table = Table(title=f"run {name}")
-    for col in ("round", "AUC", "sites trained", "seconds"):
-        table.add_column(col, justify="right")
-    for r in metrics["rounds"]:
-        trained = sum(1 for v in r["sites"].values() if v["status"] == "trained")
-        auc = r.get("auc")
-        table.add_row(str(r["round"]), "n/a" if auc is None else f"{auc:.3f}", f"{trained}/{len(r['sites'])}",
-                      f"{r.get('seconds', 0):.1f}")
-    console.print(table)
+    console.print(round_table(metrics["rounds"], f"run {name}: global model per round"))
     spent: dict[str, tuple[float | None, float | None, int]] = {}
     for r in metrics["rounds"]:
         for node, v in r["sites"].items():

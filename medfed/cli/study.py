@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from medfed.cli.output import console, fail, figure
+from medfed.cli.output import console, fail, figure, round_table
 
 _STUDY = Annotated[Path, typer.Option("--study", help="The study file (`medfed study init` writes one).")]
 _RUN_CONFIG = Annotated[list[str] | None, typer.Option(
@@ -102,14 +102,7 @@ def print_run(metrics_json: Path) -> None:
     import json
 
     metrics = json.loads(metrics_json.read_text())
-    table = Table(title="global model per round (pooled over the sites' test splits)")
-    for col in ("round", "AUC (macro)", "sites trained"):
-        table.add_column(col, justify="right")
-    for r in metrics["rounds"]:
-        trained = sum(1 for v in r["sites"].values() if v["status"] == "trained")
-        auc = r.get("auc")
-        table.add_row(str(r["round"]), "n/a" if auc is None else f"{auc:.3f}", f"{trained}/{len(r['sites'])}")
-    console.print(table)
+    console.print(round_table(metrics["rounds"], "global model per round (pooled over the sites' test splits)"))
 
 
 def _print_test(m: dict[str, Any], title: str) -> None:

@@ -51,3 +51,21 @@ def test_demo_refuses_to_clobber_a_foreign_folder(tmp_path: Path) -> None:
     result = runner.invoke(app, ["demo", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "not a medfed demo folder" in result.output
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_round_table_shows_each_rounds_figures_and_says_na_for_what_is_missing() -> None:
+    """The one per-round table (demo, simulate, deploy): a declined site, a round without evaluation."""
+    from rich.console import Console
+
+    from medfed.cli.output import round_table
+
+    rounds = [
+        {"round": 1, "auc": 0.71234, "evaluate": {"accuracy": 0.65}, "seconds": 3.21,
+         "sites": {"1": {"status": "trained"}, "2": {"status": "declined"}}},
+        {"round": 2, "auc": None, "sites": {"1": {"status": "trained"}, "2": {"status": "trained"}}},
+    ]
+    console = Console(width=120, record=True)
+    console.print(round_table(rounds, "per round"))
+    lines = [line.split("│")[1:-1] for line in console.export_text().splitlines() if line.count("│") == 6]
+    cells = [[c.strip() for c in line] for line in lines]
+    assert cells[-2:] == [["1", "0.712", "0.650", "1/2", "3.2"], ["2", "n/a", "n/a", "2/2", "n/a"]]
