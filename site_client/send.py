@@ -133,8 +133,35 @@ class SendReport:
                 f" ({'TLS' if self.tls else 'no TLS'}, {self.seconds:.1f} s)")
 
 
-def write_report(report: SendReport, path: Path, root: Path) -> None:
-    """``sent.csv``: one row per file (its path under ``root``), so what was not sent is plain to see."""
+REPORT_COLUMNS = ("path", "sop_instance_uid", "sent", "status", "reason", "tries", "target")
+
+
+def read_report(path: Path) -> list[dict[str, str]]:
+    """The rows of an earlier ``sent.csv`` (none if there is none); a file not in our format is an error."""
+    import csv
+
+    if not path.exists():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != REPORT_COLUMNS:
+            raise SendError(f"{path} is not a send report (columns {', '.join(REPORT_COLUMNS)}): "
+                            "move it away, or pass --all to send every result again")
+        return list(reader)
+
+
+def unsent(paths: Sequence[Path], earlier: Sequence[dict[str, str]], root: Path) -> list[Path]:
+    """The files of ``paths`` that no row of an earlier report says were sent."""
+    done = {r["path"] for r in earlier if r["sent"] == "yes"}
+    return [p for p in paths if str(p.relative_to(root)) not in done]
+
+
+def write_report(report: SendReport, path: Path, root: Path, earlier: Sequence[dict[str, str]] = ()) -> None:
+    """``sent.csv``: one row per file (its path under ``root``), so what was not sent is plain to see.
+
+    Rows of an ``earlier`` report for files this send did not touch are kept, so after a re-send the
+    report still covers every result.
+    """
     import csv
     import io
 
@@ -142,11 +169,15 @@ def write_report(report: SendReport, path: Path, root: Path) -> None:
 
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "sop_instance_uid", "sent", "status", "reason", "tries", "target"])
+    w.writerow(REPORT_COLUMNS)
+    rows = {}
     for o in report.outcomes:
         rel = o.path.relative_to(root) if o.path.is_relative_to(root) else o.path
-        w.writerow([str(rel), o.sop_instance_uid, "yes" if o.sent else "no",
-                    "" if o.status is None else f"0x{o.status:04X}", o.reason, o.tries, str(report.target)])
+        rows[str(rel)] = [str(rel), o.sop_instance_uid, "yes" if o.sent else "no",
+                          "" if o.status is None else f"0x{o.status:04X}", o.reason, o.tries, str(report.target)]
+    for r in earlier:
+        rows.setdefault(r["path"], [r[c] for c in REPORT_COLUMNS])
+    w.writerows(rows[k] for k in sorted(rows))
     write_file(path, buf.getvalue().encode())
 
 

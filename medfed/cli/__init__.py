@@ -44,7 +44,7 @@ from medfed.cli.data import register_data_commands  # noqa: E402
 from medfed.cli.deid import deid_app  # noqa: E402
 from medfed.cli.demo import register_demo_commands  # noqa: E402
 from medfed.cli.deploy import register_deploy_commands  # noqa: E402
-from medfed.cli.model import model_app  # noqa: E402
+from medfed.cli.model import model_app, send_results  # noqa: E402
 from medfed.cli.model import predict as predict_command  # noqa: E402
 from medfed.cli.privacy import privacy_app  # noqa: E402
 from medfed.cli.study import register_study_commands  # noqa: E402
@@ -65,6 +65,7 @@ register_deploy_commands(app)
 register_study_commands(app)
 app.add_typer(model_app, name="model")
 app.command("predict")(predict_command)
+app.command("send")(send_results)
 register_data_commands(app)
 register_demo_commands(app)
 

@@ -19,6 +19,16 @@ _TlsParts = tuple[Path | None, Path | None, Path | None]
 model_app = typer.Typer(help="The consortium's signed model releases: release, verify, calibrate.",
                         no_args_is_help=True)
 
+# The --send options, shared by `predict` and `send` (site_client.send has the defaults' reasons).
+_SEND_HELP = "Store the SRs and saliency maps in PACS by C-STORE: AE@HOST:PORT."
+_SEND_AE = Annotated[str, typer.Option("--send-ae-title", help="Our calling AE title for --send.")]
+_SEND_CERT = Annotated[Path | None, typer.Option("--send-tls-cert", help="Our client certificate (PEM).")]
+_SEND_KEY = Annotated[Path | None, typer.Option("--send-tls-key", help="Its private key (PEM).")]
+_SEND_CA = Annotated[Path | None, typer.Option(
+    "--send-tls-ca", help="CA that issued the PACS's certificate (PEM); no other is trusted.")]
+_SEND_TRIES = Annotated[int, typer.Option("--send-tries", min=1, max=10, help="Tries per file.")]
+_SEND_TIMEOUT = Annotated[float, typer.Option(
+    "--send-timeout", min=0.1, help="Seconds to wait for each step of the PACS's answers.")]
 _RELEASE = Annotated[Path, typer.Argument(help="A release folder (model.pt, study.json, card.json, signature).")]
 _PUBLIC = Annotated[Path, typer.Option(
     "--public-key",
@@ -143,18 +153,13 @@ def predict(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
-    send: Annotated[str | None, typer.Option(
-        "--send", help="Store the SRs and saliency maps in PACS by C-STORE: AE@HOST:PORT.")] = None,
-    send_ae_title: Annotated[str, typer.Option("--send-ae-title", help="Our calling AE title for --send.")]
-    = "MEDFED",
-    send_tls_cert: Annotated[Path | None, typer.Option("--send-tls-cert", help="Our client certificate (PEM).")]
-    = None,
-    send_tls_key: Annotated[Path | None, typer.Option("--send-tls-key", help="Its private key (PEM).")] = None,
-    send_tls_ca: Annotated[Path | None, typer.Option(
-        "--send-tls-ca", help="CA that issued the PACS's certificate (PEM); no other is trusted.")] = None,
-    send_tries: Annotated[int, typer.Option("--send-tries", min=1, max=10, help="Tries per file.")] = 3,
-    send_timeout: Annotated[float, typer.Option(
-        "--send-timeout", min=0.1, help="Seconds to wait for each step of the PACS's answers.")] = 30.0,
+    send: Annotated[str | None, typer.Option("--send", help=_SEND_HELP)] = None,
+    send_ae_title: _SEND_AE = "MEDFED",
+    send_tls_cert: _SEND_CERT = None,
+    send_tls_key: _SEND_KEY = None,
+    send_tls_ca: _SEND_CA = None,
+    send_tries: _SEND_TRIES = 3,
+    send_timeout: _SEND_TIMEOUT = 30.0,
 ) -> None:
     """Score new studies with a verified release, at the site; results go only to the PACS --send names."""
     from medfed.settings import ConfigError
@@ -229,8 +234,43 @@ def _send_target(text: str, calling_ae: str, writes_dicom: bool, tls: _TlsParts)
     return target
 
 
+def send_results(
+    out: Annotated[Path, typer.Argument(help="The --out folder of `medfed predict` (its sr/ and explain/).")],
+    send: Annotated[str, typer.Option("--send", help=_SEND_HELP)],
+    all_files: Annotated[bool, typer.Option(
+        "--all", help="Send every result again, not only those sent.csv does not list as sent.")] = False,
+    send_ae_title: _SEND_AE = "MEDFED",
+    send_tls_cert: _SEND_CERT = None,
+    send_tls_key: _SEND_KEY = None,
+    send_tls_ca: _SEND_CA = None,
+    send_tries: _SEND_TRIES = 3,
+    send_timeout: _SEND_TIMEOUT = 30.0,
+) -> None:
+    """Send a predict run's results to PACS again, scoring nothing: by default only what was not sent."""
+    from site_client.inference import EXPLAIN_DIR, SR_DIR
+    from site_client.send import SEND_REPORT, SendError, read_report, unsent
+
+    tls = (send_tls_cert, send_tls_key, send_tls_ca)
+    target = _send_target(send, send_ae_title, True, tls)
+    if not out.is_dir():
+        fail(f"{out} is not a folder: give the --out folder of `medfed predict`")
+    results = sorted([*(out / SR_DIR).glob("*.dcm"), *(out / EXPLAIN_DIR).glob("*.dcm")])
+    if not results:
+        fail(f"{out} holds no results ({SR_DIR}/ or {EXPLAIN_DIR}/): run `medfed predict` with --sr or --explain")
+    try:
+        earlier = [] if all_files else read_report(out / SEND_REPORT)
+    except SendError as err:
+        fail(str(err))
+    paths = unsent(results, earlier, out)
+    if not paths:
+        console.print(f"send: nothing left to send: {out / SEND_REPORT} lists all {len(results)} result(s) as sent "
+                      "(--all sends them again)")
+        return
+    _send_results(paths, out, target, _tls_files(tls), send_ae_title, send_tries, send_timeout, earlier)
+
+
 def _send_results(paths: list[Path], out: Path, target: Target, tls: TlsFiles | None, calling_ae: str, tries: int,
-                  timeout: float) -> None:
+                  timeout: float, earlier: list[dict[str, str]] | None = None) -> None:
     """C-STORE the results; a file not sent stays in OUT, is named, and the exit status says so."""
     from site_client.send import SEND_FAILED_EXIT, SEND_REPORT, SendError, send_files, write_report
 
@@ -241,7 +281,7 @@ def _send_results(paths: list[Path], out: Path, target: Target, tls: TlsFiles | 
         report = send_files(paths, target, tls, calling_ae, tries, timeout)
     except SendError as err:
         fail(str(err))
-    write_report(report, out / SEND_REPORT, out)
+    write_report(report, out / SEND_REPORT, out, earlier or ())
     console.print(f"send: {report.line()}")
     for o in report.failed[:20]:
         console.print(f"  not sent: {o.path.relative_to(out)}: {o.describe()}")
@@ -249,4 +289,5 @@ def _send_results(paths: list[Path], out: Path, target: Target, tls: TlsFiles | 
         console.print(f"  … and {len(report.failed) - 20} more in {out / SEND_REPORT}")
     if not report.ok:
         fail(f"{len(report.failed)} file(s) not sent to {target}; they stay in {out} "
-             f"(listed in {out / SEND_REPORT}): fix the cause above and run the command again", SEND_FAILED_EXIT)
+             f"(listed in {out / SEND_REPORT}): fix the cause above, then `medfed send {out} --send {target}` "
+             "sends what is left", SEND_FAILED_EXIT)

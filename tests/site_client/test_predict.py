@@ -247,6 +247,57 @@ def test_send_to_a_closed_port_exits_non_zero_naming_what_was_not_sent(pacs: Pat
     assert {r["sent"] for r in csv.DictReader((out / "sent.csv").open())} == {"no"}
 
 
+@pytest.mark.deployment
+def test_send_delivers_what_predict_could_not_and_nothing_twice(pacs: Path, tmp_path: Path, orthanc) -> None:
+    """PACS down during predict: `medfed send OUT` later sends only what sent.csv does not list as sent."""
+    from tests.dicom_peers import free_port
+
+    release, kit = _release(tmp_path)
+    out = tmp_path / "out"
+    first = _run("predict", str(release), str(pacs), "--out", str(out), "--public-key", str(kit), "--sr",
+                 "--no-progress", "--send", f"PACS@127.0.0.1:{free_port()}", "--send-tries", "1")
+    assert first.returncode == 3 and f"medfed send {out}" in " ".join(first.stderr.split())
+    report = out / "sent.csv"
+    rows = list(csv.DictReader(report.open()))
+    assert len(rows) >= 2 and {r["sent"] for r in rows} == {"no"}
+    rows[0]["sent"] = "yes"  # as if this one had got through: it must not be sent again
+    with report.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    peer = orthanc({})
+    target = f"{peer.aet}@127.0.0.1:{peer.dicom}"
+    again = _run("send", str(out), "--send", target)
+    assert again.returncode == 0, again.stdout + again.stderr
+    stored = {peer.rest("GET", f"/instances/{i}/simplified-tags")["SOPInstanceUID"]  # type: ignore[index]
+              for i in peer.rest("GET", "/instances")}  # type: ignore[union-attr]
+    assert stored == {r["sop_instance_uid"] for r in rows[1:]}
+    after = list(csv.DictReader(report.open()))
+    assert sorted(r["path"] for r in after) == sorted(r["path"] for r in rows)  # the report still covers every file
+    assert {r["sent"] for r in after} == {"yes"}
+    assert {r["target"] for r in after if r["path"] != rows[0]["path"]} == {target}
+    third = _run("send", str(out), "--send", target)
+    assert third.returncode == 0 and "nothing left to send" in third.stdout
+    assert len(peer.rest("GET", "/instances")) == len(stored)  # type: ignore[arg-type]
+
+
+def test_send_says_what_is_wrong_with_its_folder(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medfed.cli import app
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = CliRunner().invoke(app, ["send", str(empty), "--send", "PACS@127.0.0.1:104"])
+    assert done.exit_code == 2 and "holds no results" in " ".join(done.output.split())
+    (empty / "sr").mkdir()
+    (empty / "sr" / "a.dcm").write_bytes(b"x")
+    (empty / "sent.csv").write_text("who,what\n1,2\n")
+    done = CliRunner().invoke(app, ["send", str(empty), "--send", "PACS@127.0.0.1:104"])
+    assert done.exit_code == 2 and "is not a send report" in " ".join(done.output.split())
+    assert isinstance(done.exception, SystemExit)
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--sr", "--send", "PACS@pacs.local"], "is not AE@HOST:PORT"),
     (["--send", "PACS@pacs.local:104"], "--send stores the results as DICOM: add --sr"),
