@@ -30,12 +30,14 @@ from anonymization.intake import (
     KIND_REFUSED,
     KIND_SPOOL_CLEARED,
     KIND_STUDY_COMPLETE,
+    MAX_PDU_BYTES,
     STATUS_CANNOT_DEIDENTIFY,
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
     Intake,
     ReceiveServer,
     TlsFiles,
+    received_file,
 )
 from anonymization.manifest import read_manifest
 from anonymization.quarantine import QUARANTINE_LOG
@@ -163,6 +165,49 @@ def test_storescu_study_is_deidentified_as_it_arrives(tmp_path: Path, start_rece
     rx.stop()
     stopped = audit_kinds(rx.dst, "intake_stopped")[-1]
     assert (stopped["received"], stopped["deidentified"], stopped["quarantined"]) == (8, 8, 0)
+
+
+@pytest.mark.parametrize(("syntax", "uid_suffix"), [("1.2.840.10008.1.2.1", "1"), ("1.2.840.10008.1.2", "12")])
+def test_the_spool_file_has_the_bytes_pynetdicom_would_write(syntax: str, uid_suffix: str) -> None:
+    """The hand-written file meta equals pynetdicom's ``encoded_dataset()`` (odd and even UID lengths)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pynetdicom import evt
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.presentation import build_context
+
+    ds = make_ct(Patient(0), study=0, instance=1)
+    ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.{uid_suffix}"
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, syntax == "1.2.840.10008.1.2"
+    write_dataset(buffer, ds)
+    request = C_STORE()
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    request.DataSet = io.BytesIO(buffer.getvalue())
+    context = build_context(ds.SOPClassUID, syntax)
+    context.context_id = 1
+    event = evt.Event(None, evt.EVT_C_STORE, {"request": request, "context": context.as_tuple})  # type: ignore[arg-type]
+
+    assert received_file(event) == event.encoded_dataset(include_meta=True)
+
+
+def test_senders_are_asked_for_large_but_bounded_pdus_and_no_log_formatting(start_receiver) -> None:
+    """storescu then sends its largest PDUs (128 KiB); pynetdicom's standard log handlers are not bound."""
+    from pynetdicom import AE, StoragePresentationContexts, _handlers, evt
+
+    rx = start_receiver()
+    ae = AE(ae_title="STORESCU")
+    ae.requested_contexts = StoragePresentationContexts[:2]
+    assoc = ae.associate("127.0.0.1", rx.port, ae_title="MEDFED")
+    try:
+        assert assoc.is_established
+        assert assoc.acceptor.maximum_length == MAX_PDU_BYTES
+        assert 128 * 1024 <= MAX_PDU_BYTES <= 16 * 1024 * 1024
+        (ours,) = rx.server._server.active_associations
+        bound = [handler for handler, _args in ours.get_handlers(evt.EVT_DIMSE_RECV)]
+        assert not any(handler.__module__ == _handlers.__name__ for handler in bound), bound
+    finally:
+        assoc.release()
 
 
 @pytest.mark.deployment
