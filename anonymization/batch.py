@@ -8,9 +8,12 @@ names a patient (docs/design.md invariant 4).
 
 Workers: each worker reads, screens, cleans, encodes, hashes and writes its
 files to temporary names (:class:`~anonymization.worker.FileWorker`); files go
-to the pool a chunk at a time (one round trip per chunk, not per file), and the
+to the pool a chunk at a time (one round trip per chunk, not per file; smaller
+chunks at the end of the run, so the workers finish together), and the
 parent takes the results back in listing order, so the trail, the journal, the
 quarantine log and the manifest are the same whatever the number of workers.
+The workers get their first chunks before the parent counts SRC for the
+progress bar and opens the trail: that serial start overlaps their work.
 Where the platform has ``fork`` the workers are forked, before the trail's
 signing key is loaded, and so start in milliseconds instead of re-importing the
 engine. The parent's own work per file is a rename, a stat and a trail record.
