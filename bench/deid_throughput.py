@@ -31,7 +31,8 @@ on all 1,000 CT_small copies - flat in the number of files.
 ``--scaling`` measures only how medfed scales with cores: ``medfed deid run`` with one
 worker and with ``--scaling-workers`` (default 2) worker processes, unpinned, alternating
 in the same run over the same corpus, best of ``--repeat`` runs each; it prints files/s
-for both and their ratio (goal >= 1.8x with 2 workers on 2 cores).
+for both and their ratio (goal >= 1.8x with 2 workers on 2 cores). Each run writes a
+store of its own, deleted after the last run (see :func:`scaling` for why not before each).
 
 A last section measures Clean Pixel Data on synthetic images with the patient's
 name burned in: the share of burned-in names that OCR still reads after medfed
@@ -41,6 +42,7 @@ cleaned them (must be 0), and the share it read before (shows the OCR works).
                                               [--tools medfed,dicom-anonymizer,...] [--repeat 3]
                                               [--no-ocr] [--no-memory]
     .venv/bin/python bench/deid_throughput.py --scaling [--copies 1800 --synthetic 200] [--repeat 5]
+                                              [--scaling-delete-each]
 
 The peers are optional dependencies: ``pip install -e '.[bench]'``
 (dicom-anonymizer 2.1.0, dicognito, deid); a missing one is reported, not fatal.
@@ -395,7 +397,7 @@ def ocr_residual(work: Path, patients: int) -> None:
 SCALING_GOAL = 1.8  # files/s with 2 workers over 1 worker, on 2 cores
 
 
-def scaling(src: Path, work: Path, repeat: int, workers: int) -> None:
+def scaling(src: Path, work: Path, repeat: int, workers: int, delete_each: bool = False) -> None:
     """Files/s of ``medfed deid run`` with 1 and with ``workers`` worker processes, in one run.
 
     The two alternate round by round (1, N, 1, N, ...), unpinned, so a busy minute on a
@@ -408,6 +410,7 @@ def scaling(src: Path, work: Path, repeat: int, workers: int) -> None:
     inodes, to every ``mkdir`` and file the run creates (measured: system time 0.15 s
     after a quiet minute, 0.4-1.0 s right after a clean-up, on 700 files), and unevenly
     so to concurrent workers. The disk needs room for ``2 * repeat`` stores.
+    ``delete_each`` measures the old way (each store deleted right before the next run), for comparison.
     """
     counts = (1, workers)
     best: dict[int, dict[str, float]] = {}
@@ -420,7 +423,7 @@ def scaling(src: Path, work: Path, repeat: int, workers: int) -> None:
                 print(f"round {round_ + 1}/{repeat}: medfed, {count} worker(s) ...", file=sys.stderr)
                 os.sync()  # the last run's outputs must not weigh on this run's syncfs
                 result = measure("medfed", src, work, count, pin=False,
-                                 keep=f"scaling-runs/out-{count}-{round_}")
+                                 keep="" if delete_each else f"scaling-runs/out-{count}-{round_}")
                 if isinstance(result, str):
                     raise SystemExit(f"medfed with {count} worker(s) {result}")
                 if count not in best or result["seconds"] < best[count]["seconds"]:
@@ -428,7 +431,8 @@ def scaling(src: Path, work: Path, repeat: int, workers: int) -> None:
     finally:
         shutil.rmtree(runs, ignore_errors=True)
     print(f"\nCorpus: {len(inputs(src))} files in {src}; {os.cpu_count()} CPUs, python {sys.version.split()[0]}; "
-          f"best of {repeat} runs per line, alternating; load average at the end {os.getloadavg()[0]:.1f}\n")
+          f"best of {repeat} runs per line, alternating; load average at the end {os.getloadavg()[0]:.1f}; "
+          f"{'each store deleted right before the next run' if delete_each else 'stores deleted after the last run'}\n")
     print("| workers | files | seconds | files/s | CPU s of that run |")
     print("|---:|---:|---:|---:|---:|")
     rate = {}
@@ -457,6 +461,9 @@ def main() -> None:
     parser.add_argument("--scaling", action="store_true",
                         help="only measure medfed with 1 and with --scaling-workers workers, and their ratio")
     parser.add_argument("--scaling-workers", type=int, default=2)
+    parser.add_argument("--scaling-delete-each", action="store_true",
+                        help="delete each run's store right before the next run (the kernel then bills that "
+                             "clean-up to the next run's inode allocations; for comparison only)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--src", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dst", type=Path, help=argparse.SUPPRESS)
@@ -471,7 +478,7 @@ def main() -> None:
     print(f"building the corpus in {args.work} ...", file=sys.stderr)
     src = build_corpus(args.work, args.copies, args.synthetic)
     if args.scaling:
-        scaling(src, args.work, args.repeat, args.scaling_workers)
+        scaling(src, args.work, args.repeat, args.scaling_workers, args.scaling_delete_each)
         return
     n = len(inputs(src))
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
