@@ -575,7 +575,11 @@ def _results(
     pending: deque[tuple[list[_Task], Future[list[FileResult]]]] = deque()
     todo = iter(tasks)
     plan = plan if plan is not None else _Plan(chunk)
-    handed_out = _hand_out(pool, todo, pending, workers, fn, plan, 0)  # the workers start now, not at next()
+    try:
+        handed_out = _hand_out(pool, todo, pending, workers, fn, plan, 0)  # the workers start now, not at next()
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
     return _Results(_pooled(pool, todo, job, workers, fn, plan, deaths, pending, handed_out), pool, deaths)
 
 
