@@ -8,9 +8,12 @@ names a patient (docs/design.md invariant 4).
 
 Workers: each worker reads, screens, cleans, encodes, hashes and writes its
 files to temporary names (:class:`~anonymization.worker.FileWorker`); files go
-to the pool a chunk at a time (one round trip per chunk, not per file), and the
+to the pool a chunk at a time (one round trip per chunk, not per file; smaller
+chunks at the end of the run, so the workers finish together), and the
 parent takes the results back in listing order, so the trail, the journal, the
 quarantine log and the manifest are the same whatever the number of workers.
+The workers get their first chunks before the parent counts SRC for the
+progress bar and opens the trail: that serial start overlaps their work.
 Where the platform has ``fork`` the workers are forked, before the trail's
 signing key is loaded, and so start in milliseconds instead of re-importing the
 engine. The parent's own work per file is a rename, a stat and a trail record.
@@ -487,8 +490,34 @@ def _run_chunk(fn: ProcessFn, paths: list[str]) -> list[FileResult]:
 
 
 def _chunk_size(total: int, workers: int) -> int:
-    """Files per pool task: :data:`CHUNK_FILES`, fewer when a small run would leave a worker idle."""
+    """Files per pool task: :data:`CHUNK_FILES`, fewer when a small run would leave a worker idle.
+
+    Applied to the files still to hand out, it also shrinks the last tasks of a run, so that
+    no worker ends long after the others (guided self-scheduling, see :class:`_Plan`).
+    """
     return max(1, min(CHUNK_FILES, total // (workers * 4)))
+
+
+def _listed_at_most(src: Path, excluded: list[Path], cap: int) -> int:
+    """How many files :func:`_iter_files` lists, counting no further than ``cap`` (a short walk)."""
+    return sum(1 for _ in islice(_iter_files(src, excluded), cap))
+
+
+@dataclass
+class _Plan:
+    """How many files each pool task takes: :func:`_chunk_size` of the files left, once their number is known.
+
+    The full count is made while the workers already run (it is a walk of SRC), so it
+    arrives after the first tasks were handed out; until then tasks take ``chunk`` files.
+    """
+
+    chunk: int
+    total: int | None = None  # files listed in all, once counted
+
+    def size(self, handed_out: int, workers: int) -> int:
+        if self.total is None:
+            return self.chunk
+        return min(self.chunk, _chunk_size(self.total - handed_out, workers))
 
 
 def _isolated(task: _Task, job: Job, fn: ProcessFn) -> FileResult:
@@ -527,20 +556,31 @@ def _new_pool(job: Job, workers: int, *, fork: bool) -> ProcessPoolExecutor:
 
 
 def _results(
-    tasks: Iterable[_Task], job: Job, workers: int, fn: ProcessFn = process_path, chunk: int = CHUNK_FILES
+    tasks: Iterable[_Task], job: Job, workers: int, fn: ProcessFn = process_path, chunk: int = CHUNK_FILES,
+    plan: _Plan | None = None,
 ) -> _Results:
     """Results in task order: in this process, or from a process pool, ``chunk`` files per task.
 
-    The pool (if any) is started by this call, not by the first ``next``. Links and special
-    files are answered here, unread, in their place in the order. If a worker process dies
-    (a decoder crash, the OOM killer), the files it may have held are re-run in fresh
-    processes: the culprit is quarantined, the others are de-identified, the batch goes on.
+    The pool (if any) is started, and its first tasks handed out, by this call, not by the
+    first ``next``. ``plan`` (optional) sizes the tasks instead of ``chunk``, smaller towards
+    the end. Links and special files are answered here, unread, in their place in the order.
+    If a worker process dies (a decoder crash, the OOM killer), the files it may have held
+    are re-run in fresh processes: the culprit is quarantined, the others are de-identified,
+    the batch goes on.
     """
     if workers <= 1:
         init_worker(job)
         return _Results(_in_process(tasks, fn), None, [])
     pool, deaths = _new_pool(job, workers, fork=True), []
-    return _Results(_pooled(pool, tasks, job, workers, fn, chunk, deaths), pool, deaths)
+    pending: deque[tuple[list[_Task], Future[list[FileResult]]]] = deque()
+    todo = iter(tasks)
+    plan = plan if plan is not None else _Plan(chunk)
+    try:
+        handed_out = _hand_out(pool, todo, pending, workers, fn, plan, 0)  # the workers start now, not at next()
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    return _Results(_pooled(pool, todo, job, workers, fn, plan, deaths, pending, handed_out), pool, deaths)
 
 
 class _Results(Iterator[tuple[_Task, FileResult]]):
@@ -578,17 +618,28 @@ def _merged(batch: list[_Task], results: list[FileResult]) -> Iterator[tuple[_Ta
         yield task, _refused_unread(task) if task.refusal is not None else next(done)
 
 
+def _hand_out(
+    pool: ProcessPoolExecutor, todo: Iterator[_Task], pending: deque[tuple[list[_Task], Future[list[FileResult]]]],
+    workers: int, fn: ProcessFn, plan: _Plan, handed_out: int,
+) -> int:
+    """Submit tasks until :data:`WINDOW_CHUNKS` per worker are in flight; returns the files handed out so far."""
+    while len(pending) < workers * WINDOW_CHUNKS and (batch := list(islice(todo, plan.size(handed_out, workers)))):
+        paths = [str(t.path) for t in batch if t.refusal is None]
+        pending.append((batch, pool.submit(_run_chunk, fn, paths)))
+        handed_out += len(batch)
+    return handed_out
+
+
 def _pooled(
-    pool: ProcessPoolExecutor, tasks: Iterable[_Task], job: Job, workers: int, fn: ProcessFn, chunk: int,
-    deaths: list[int],
+    pool: ProcessPoolExecutor, todo: Iterator[_Task], job: Job, workers: int, fn: ProcessFn, plan: _Plan,
+    deaths: list[int], pending: deque[tuple[list[_Task], Future[list[FileResult]]]] | None = None,
+    handed_out: int = 0,
 ) -> Generator[tuple[_Task, FileResult], None, None]:
-    todo = iter(tasks)
-    pending: deque[tuple[list[_Task], Future[list[FileResult]]]] = deque()
+    pending = pending if pending is not None else deque()
+    chunk = plan.chunk
     try:
         while True:
-            while len(pending) < workers * WINDOW_CHUNKS and (batch := list(islice(todo, chunk))):
-                paths = [str(t.path) for t in batch if t.refusal is None]
-                pending.append((batch, pool.submit(_run_chunk, fn, paths)))
+            handed_out = _hand_out(pool, todo, pending, workers, fn, plan, handed_out)
             if not pending:
                 return
             batch, future = pending.popleft()
@@ -630,7 +681,7 @@ def _rerun(
     tasks: list[_Task], job: Job, workers: int, fn: ProcessFn, chunk: int, deaths: list[int]
 ) -> Iterator[tuple[_Task, FileResult]]:
     if chunk > 1:
-        yield from _pooled(_new_pool(job, workers, fork=False), tasks, job, workers, fn, 1, deaths)
+        yield from _pooled(_new_pool(job, workers, fork=False), iter(tasks), job, workers, fn, _Plan(1), deaths)
         return
     for task in tasks:
         yield task, _refused_unread(task) if task.refusal is not None else _isolated(task, job, fn)
@@ -1039,19 +1090,22 @@ def run_deid(
     labels_read = (read_labels(paths.labels, Pseudonymizer(secret), retain_uids=site_policy.retain_uids)
                    if paths.labels is not None else None)
     store = _prepare_store(paths, secret, site_policy, reid_table)
-    total = sum(1 for _ in _iter_files(paths.src, paths.excluded(store.reid_writer)))  # the bar's total
-    log.info("de-identifying %d file(s) with %d worker(s)", total, workers)
     done = _prepare_done_index(paths, secret, site_policy, store)
     job = Job(secret=secret, dst=str(paths.dst.resolve()), options=site_policy.table_options, policy=site_policy,
               reid_public_key=store.reid_key_pem, done_index=str(done.path))
-    tasks = _iter_files(paths.src, paths.excluded(store.reid_writer))
+    excluded = paths.excluded(store.reid_writer)
+    # A short walk sizes the first tasks; the full count (the bar's total) runs while the workers do.
+    plan = _Plan(_chunk_size(_listed_at_most(paths.src, excluded, CHUNK_FILES * workers * 4), workers))
     results: _Results | None = None
     try:  # the workers start before the trail opens: they never hold its signing key
-        results = _results(tasks, job, workers, chunk=_chunk_size(total, workers))
+        results = _results(_iter_files(paths.src, excluded), job, workers, chunk=plan.chunk, plan=plan)
+        plan.total = total = sum(1 for _ in _iter_files(paths.src, excluded))
+        log.info("de-identifying %d file(s) with %d worker(s)", total, workers)
         trail = _prepare_trail(paths, site_policy, store, total)
     except BaseException:
         if results is not None:
             results.close()
+            _sweep_temporaries(paths.dst)  # the first tasks were handed out: their outputs are never placed
         store.reserve.release()
         raise
     recorder = _Recorder(paths, trail, done, store)

@@ -8,7 +8,10 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,9 +19,12 @@ import pytest
 from anonymization import batch
 from anonymization.audit import read_records
 from anonymization.audit.verify import verify_trail
-from anonymization.batch import DONE_DIR, run_deid
+from anonymization.batch import DONE_DIR, DeidError, run_deid
+from anonymization.keys import load_or_create_secret
 from anonymization.quarantine import QUARANTINE_LOG
 from anonymization.screening import REASON_DUPLICATE
+from anonymization.table import DEFAULT_OPTIONS
+from anonymization.worker import KIND_QUARANTINED, FileResult, Job
 from tests.dicom_factory import Patient, make_ct, write
 
 pytestmark = pytest.mark.integration
@@ -187,3 +193,53 @@ def test_a_worker_never_holds_the_audit_signing_key(tmp_path: Path, monkeypatch:
     run_deid(src, tmp_path / "out", key, workers=2, progress=False)
     assert found.pop("parent")  # the search finds the key where it is
     assert len(found) == 2 and not any(found.values()), found
+
+
+def _answer(path: str) -> FileResult:
+    """Stands in for the engine where only the order and the sizes of the pool's tasks matter."""
+    return FileResult(KIND_QUARANTINED, "", reason=Path(path).name)
+
+
+def test_the_last_pool_tasks_shrink_so_no_worker_ends_long_after_the_other(tmp_path: Path) -> None:
+    tasks = [batch._Task(tmp_path / f"f{i:03d}", f"f{i:03d}") for i in range(200)]
+    plan = batch._Plan(batch.CHUNK_FILES, total=len(tasks))
+    sizes, answered, todo, handed_out = [], [], iter(tasks), 0
+    pending: deque[tuple[list[batch._Task], Future[list[FileResult]]]] = deque()
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        while True:
+            handed_out = batch._hand_out(pool, todo, pending, 2, _answer, plan, handed_out)
+            if not pending:
+                break
+            chunk, future = pending.popleft()
+            sizes.append(len(chunk))
+            answered += [result.reason for result in future.result()]
+    assert answered == [task.relative for task in tasks]  # every file, once, in order
+    assert sizes[0] == batch.CHUNK_FILES and sizes[-1] == 1  # 200 = 12 x 16 + 8 would end on a task of 8
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_the_workers_start_before_the_first_result_is_asked_for(tmp_path: Path) -> None:
+    """The parent lists SRC in full (the bar's total) while the workers already de-identify."""
+    src, key = tmp_path / "src", tmp_path / "k.key"
+    make_mixed_source(src)
+    job = Job(secret=load_or_create_secret(key), dst=str(tmp_path / "out"), options=DEFAULT_OPTIONS)
+    results = batch._results(batch._iter_files(src, []), job, 2, chunk=4)
+    try:
+        deadline = time.monotonic() + 20
+        while not list((tmp_path / "out").rglob("*.tmp")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list((tmp_path / "out").rglob("*.tmp")), "no worker wrote an output before next()"
+        assert [task.relative for task, _result in results] == [t.relative for t in batch._iter_files(src, [])]
+    finally:
+        results.close()
+
+
+def test_a_run_whose_trail_cannot_open_leaves_no_temporary_of_its_started_workers(tmp_path: Path) -> None:
+    src, key, dst = tmp_path / "src", tmp_path / "k.key", tmp_path / "out"
+    make_mixed_source(src)
+    not_a_folder = tmp_path / "audit"
+    not_a_folder.write_text("a file where the trail's folder should be\n")
+    with pytest.raises(DeidError, match="cannot write"):
+        run_deid(src, dst, key, workers=2, progress=False, audit=not_a_folder)
+    assert (dst / "images").is_dir()  # the workers had begun ...
+    assert not list(dst.rglob("*.tmp"))  # ... and what they wrote was swept
