@@ -13,6 +13,9 @@ import csv
 import io
 import logging
 import os
+import queue
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +81,7 @@ class PredictSummary:
     seconds: float
     srs: list[Path] = field(default_factory=list)
     saliency: list[Path] = field(default_factory=list)
+    timing: Timing | None = None
 
     def line(self) -> str:
         return (f"{self.images} image(s) from {self.files} file(s) scored, {len(self.unusable)} unusable; "
@@ -164,31 +168,157 @@ def load_model(release: Release, device: str) -> torch.nn.Module:
     return model.to(device).eval()
 
 
+@dataclass
+class Timing:
+    """Where scoring's time went: what the reader and the network each cost per image, for tuning."""
+
+    images: int = 0
+    read_cpu_s: float = 0.0  # CPU time of reading and preprocessing (the reader thread; 0 with worker processes)
+    model_s: float = 0.0  # wall time of the forward passes
+    threads: int = 0  # the network's CPU threads after tuning (0 on a GPU)
+
+
+def _read_in_thread(dataset: _Files, ahead: int, timing: Timing) -> Iterator[Any]:
+    """``dataset``'s items in order, read by one thread of this process while the caller runs the network.
+
+    The network releases the GIL for its whole forward pass and pydicom and numpy need little of it,
+    so on few cores a thread overlaps as well as a worker process without its start-up, its own
+    torch thread pool and the pickling of every header and array (which costs the parent a third
+    of the decoding again).
+    """
+    ready: queue.Queue[Any] = queue.Queue(maxsize=ahead)
+    stop = threading.Event()
+    done = object()
+
+    def offer(item: object) -> bool:
+        """Queue ``item``; False once the caller has stopped reading (then nothing more is read)."""
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for i in range(len(dataset)):
+                cpu = time.thread_time()
+                item = dataset[i]
+                timing.read_cpu_s += time.thread_time() - cpu
+                if not offer(item):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, who raises it
+            offer(exc)
+            return
+        offer(done)
+
+    reader = threading.Thread(target=read, name="medfed-predict-reader", daemon=True)
+    reader.start()
+    try:
+        while (item := ready.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join()
+
+
+def _read_in_workers(dataset: _Files, workers: int) -> Iterator[Any]:
+    """``dataset``'s items in order, read by ``workers`` DataLoader processes (many cores, a fast device)."""
+    loader = DataLoader(dataset, batch_size=8, num_workers=workers, collate_fn=_collate,
+                        persistent_workers=False, prefetch_factor=4)
+    for items in loader:
+        yield from items
+
+
+def default_workers(device: str) -> int:
+    """Reader processes: none on a CPU (one reader thread), else all cores but one, at most 8.
+
+    On a CPU the network and the reading share the same cores whatever does the reading, so a
+    process buys nothing and costs pickling; a GPU leaves the cores to reading, which then limits.
+    """
+    cpus = os.cpu_count() or 1
+    return 0 if device == "cpu" else max(0, min(8, cpus - 1))
+
+
+class _ThreadTuner:
+    """The network's CPU threads, chosen by measured throughput: all cores, or all but the reader's one.
+
+    Which wins depends on what an image costs to read against what the network costs: a small network
+    at 64 px is faster on one core beside the reader than on two that the reader keeps interrupting,
+    a DenseNet at 224 px is not. A warm-up batch, then ``trial`` batches of each; the faster stays.
+    """
+
+    def __init__(self, cpus: int, enabled: bool, trial: int = 2) -> None:
+        self.plan = [cpus] * (1 + trial) + [cpus - 1] * trial if enabled and cpus > 1 else [cpus]
+        self.rates: dict[int, list[float]] = {}
+        self.batches = 0
+        self.chosen = self.plan[0]
+
+    def threads(self) -> int:
+        """Threads for the next batch (set by the caller)."""
+        if self.batches < len(self.plan):
+            return self.plan[self.batches]
+        return self.chosen
+
+    def record(self, threads: int, images: int, seconds: float) -> None:
+        if 0 < self.batches < len(self.plan) and seconds > 0:  # the first batch warms up, not measured
+            self.rates.setdefault(threads, []).append(images / seconds)
+        self.batches += 1
+        if self.batches == len(self.plan) and self.rates:
+            self.chosen = max(self.rates, key=lambda t: sum(self.rates[t]) / len(self.rates[t]))
+            log.debug("network threads: %s img/s per thread count -> %d", self.rates, self.chosen)
+
+
 def score_batches(model: torch.nn.Module, files: list[Path], study: Study, *, device: str, batch_size: int,
-                  workers: int) -> Iterator[tuple[list[tuple[int, Dataset, int, np.ndarray]],
-                                              list[tuple[int, str]], np.ndarray]]:
-    """Yield ``(examples (file index, header, frame, array), unusable (index, reason), scores)`` per batch."""
-    loader = DataLoader(_Files(files, study), batch_size=max(1, batch_size // 2), num_workers=workers,
-                        collate_fn=_collate, persistent_workers=False, prefetch_factor=4 if workers else None)
+                  workers: int, timing: Timing | None = None) -> Iterator[
+                      tuple[list[tuple[int, Dataset, int, np.ndarray]], list[tuple[int, str]], np.ndarray]]:
+    """Yield ``(examples (file index, header, frame, array), unusable (index, reason), scores)`` per batch.
+
+    Files are read in order by a thread (``workers=0``) or by worker processes while the network
+    scores the batch before; each batch is scored as soon as it is full. On a CPU with a reader
+    thread, the network's threads are tuned on the first batches (:class:`_ThreadTuner`).
+    """
+    timing = timing if timing is not None else Timing()
+    dataset = _Files(files, study)
+    items = _read_in_workers(dataset, workers) if workers else _read_in_thread(dataset, 2 * batch_size, timing)
+    cpu = device == "cpu"
+    batches = len(files) // batch_size
+    tuner = _ThreadTuner(torch.get_num_threads(), cpu and not workers and batches >= 3, trial=1 if batches < 10 else 2)
     pending: list[tuple[int, Dataset, int, np.ndarray]] = []
     bad: list[tuple[int, str]] = []
 
     def run(batch: list[tuple[int, Dataset, int, np.ndarray]]) -> np.ndarray:
         x = torch.from_numpy(np.stack([a for *_, a in batch])).to(device)
+        t = time.perf_counter()
         with torch.inference_mode(), torch.autocast("cuda", enabled=device == "cuda"):
-            return probabilities(model(x), study)
+            scores = probabilities(model(x), study)
+        timing.model_s += time.perf_counter() - t
+        timing.images += len(batch)
+        return scores
 
-    for items in loader:
-        for i, header, examples, reason in items:
-            if reason is not None:
-                bad.append((i, reason))
-            pending.extend((i, header, e.frame, e.array) for e in examples)
+    threads = tuner.threads()
+    if cpu:
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    for i, header, examples, reason in items:
+        if reason is not None:
+            bad.append((i, reason))
+        pending.extend((i, header, e.frame, e.array) for e in examples)
         while len(pending) >= batch_size:
             batch, pending = pending[:batch_size], pending[batch_size:]
-            yield batch, bad, run(batch)
+            scores = run(batch)
+            tuner.record(threads, len(batch), time.perf_counter() - started)
+            if cpu and (threads := tuner.threads()) != torch.get_num_threads():
+                torch.set_num_threads(threads)
+            yield batch, bad, scores
             bad = []
+            started = time.perf_counter()
     if pending or bad:
         yield pending, bad, run(pending) if pending else np.zeros((0, study.num_outputs))
+    timing.threads = torch.get_num_threads() if cpu else 0
 
 
 def scoring_progress(enabled: bool) -> Progress:
@@ -203,8 +333,6 @@ def predict_folder(release: Release, src: Path, out: Path, *, thresholds: tuple[
                    sr: bool = False, explain: bool = False, device: str = "cpu", batch_size: int = 32,
                    workers: int | None = None, progress: bool = True) -> PredictSummary:
     """Score every usable image under ``src``; write predictions.csv, unusable.csv, and SRs / saliency maps."""
-    import time
-
     t0 = time.monotonic()
     study = release.study
     files = source_files(src)
@@ -212,20 +340,16 @@ def predict_folder(release: Release, src: Path, out: Path, *, thresholds: tuple[
         raise PredictError(f"{src} holds no files; pass the folder PACS exported the studies to")
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(release, device)
-    cpus = os.cpu_count() or 1
-    workers = min(2, cpus) if workers is None else workers
+    workers = default_workers(device) if workers is None else workers
     threads = torch.get_num_threads()
-    if device == "cpu" and workers:
-        # The workers decode on their own cores; a model spread over the same cores as well thrashes
-        # (2 cores: 33 img/s with 2 model threads, 70 with 1).
-        torch.set_num_threads(max(1, min(threads, cpus - workers)))
+    timing = Timing()
     scored: list[Scored] = []
     unusable: list[tuple[str, str]] = []
     with scoring_progress(progress) as bar:
         task = bar.add_task("scoring", total=len(files))
         seen: set[int] = set()
         for batch, bad, scores in score_batches(model, files, study, device=device, batch_size=batch_size,
-                                                workers=workers):
+                                                workers=workers, timing=timing):
             unusable.extend((str(files[i].relative_to(src)), reason) for i, reason in bad)
             for (i, header, frame, _), s in zip(batch, scores, strict=True):
                 decision, positive = decide(s, study, thresholds)
@@ -237,7 +361,7 @@ def predict_folder(release: Release, src: Path, out: Path, *, thresholds: tuple[
     _write_predictions(out, scored, study, threshold_label)
     _write_unusable(out, unusable)
     summary = PredictSummary(out=out, images=len(scored), files=len(files), unusable=unusable,
-                             threshold=threshold_label, seconds=0.0)
+                             threshold=threshold_label, seconds=0.0, timing=timing)
     if sr:
         from site_client.results_dicom import write_srs
 

@@ -269,3 +269,88 @@ def test_send_options_are_checked_before_anything_is_scored(pacs: Path, tmp_path
     assert message in " ".join(done.output.split())
     assert isinstance(done.exception, SystemExit), done.exception  # a clear message, no traceback
     assert not out.exists()
+
+
+# ---- the scoring pipeline: a reader thread (CPU) or worker processes, the same scores ---------------
+def test_reader_thread_and_worker_processes_score_as_the_model_does_on_preprocess(pacs: Path, tmp_path: Path) -> None:
+    """predictions.csv is the network's output on models.preprocess's tensors, whoever reads the files and
+    whatever thread count the tuning tries on the way (batches of one: the tuner runs)."""
+    from models.preprocess import preprocess, read_dicom
+    from site_client.inference import load_model, predict_folder, probabilities
+
+    release, kit = _release(tmp_path)
+    rel = verify_release(release, _raw(kit))
+    threads = torch.get_num_threads()
+    tables = {}
+    for workers in (0, 2):
+        summary = predict_folder(rel, pacs, tmp_path / f"out{workers}", thresholds=(0.5,), threshold_label="t",
+                                 batch_size=1, workers=workers, progress=False)
+        assert torch.get_num_threads() == threads  # the tuner gives the threads back
+        rows = list(csv.DictReader((tmp_path / f"out{workers}" / "predictions.csv").open()))
+        tables[workers] = rows
+        assert (tmp_path / f"out{workers}" / "unusable.csv").read_text().count("\n") == 3  # header, mr, notes
+        timing = summary.timing
+        assert timing is not None and timing.images == len(rows) and timing.model_s > 0
+        assert (timing.read_cpu_s > 0) == (workers == 0)
+    model = load_model(rel, "cpu")
+    for rows in tables.values():
+        assert [r["path"] for r in rows] == sorted(r["path"] for r in rows)  # the scan's order
+        for r in rows:
+            x = torch.from_numpy(preprocess(read_dicom(pacs / r["path"]), rel.study).arrays[0])[None]
+            with torch.inference_mode():
+                expected = float(probabilities(model(x), rel.study)[0, 0])
+            assert abs(float(r["score_present"]) - expected) <= 2e-6, r["path"]
+    strip = [{k: v for k, v in r.items() if k != "score_present"} for r in tables[0]]
+    assert strip == [{k: v for k, v in r.items() if k != "score_present"} for r in tables[2]]
+
+
+class _Items:
+    """A dataset of ``n`` items that raises at ``fail`` (if given) and counts what was read."""
+
+    def __init__(self, n: int, fail: int | None = None) -> None:
+        self.n, self.fail, self.read = n, fail, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        if i == self.fail:
+            raise RuntimeError("disk gone")
+        self.read += 1
+        return i
+
+
+def test_reader_thread_stops_when_scoring_stops_and_passes_on_its_error() -> None:
+    import threading
+
+    from site_client.inference import Timing, _read_in_thread
+
+    items = _Items(10_000)
+    reader = _read_in_thread(items, 4, Timing())  # type: ignore[arg-type]
+    assert [next(reader) for _ in range(3)] == [0, 1, 2]
+    reader.close()  # the caller stops (an error in the network, Ctrl-C): the thread ends, reads no more
+    assert not any(t.name == "medfed-predict-reader" for t in threading.enumerate())
+    assert items.read < 20
+    failing = _read_in_thread(_Items(10, fail=3), 4, Timing())  # type: ignore[arg-type]
+    got = []
+    with pytest.raises(RuntimeError, match="disk gone"):
+        for i in failing:
+            got.append(i)
+    assert got == [0, 1, 2]
+
+
+def test_thread_tuner_keeps_the_faster_thread_count() -> None:
+    from site_client.inference import _ThreadTuner
+
+    for faster in (4, 3):
+        tuner = _ThreadTuner(4, enabled=True, trial=2)
+        tried = []
+        for _ in range(8):
+            n = tuner.threads()
+            tried.append(n)
+            tuner.record(n, 32, 1.0 if n == faster else 2.0)
+        assert tried == [4, 4, 4, 3, 3] + [faster] * 3
+    off = _ThreadTuner(4, enabled=False)
+    for _ in range(4):
+        assert off.threads() == 4
+        off.record(4, 32, 1.0)
