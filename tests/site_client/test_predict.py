@@ -276,7 +276,7 @@ def test_reader_thread_and_worker_processes_score_as_the_model_does_on_preproces
     """predictions.csv is the network's output on models.preprocess's tensors, whoever reads the files and
     whatever thread count the tuning tries on the way (batches of one: the tuner runs)."""
     from models.preprocess import preprocess, read_dicom
-    from site_client.inference import load_model, predict_folder, probabilities
+    from site_client.inference import predict_folder, probabilities
 
     release, kit = _release(tmp_path)
     rel = verify_release(release, _raw(kit))
@@ -292,7 +292,10 @@ def test_reader_thread_and_worker_processes_score_as_the_model_does_on_preproces
         timing = summary.timing
         assert timing is not None and timing.images == len(rows) and timing.model_s > 0
         assert (timing.read_cpu_s > 0) == (workers == 0)
-    model = load_model(rel, "cpu")
+    from models.registry import build_network
+
+    model = build_network(rel.study).eval()  # the plain way: fresh weights, then the release's copied in
+    model.load_state_dict(rel.state_dict)
     for rows in tables.values():
         assert [r["path"] for r in rows] == sorted(r["path"] for r in rows)  # the scan's order
         for r in rows:
@@ -302,6 +305,22 @@ def test_reader_thread_and_worker_processes_score_as_the_model_does_on_preproces
             assert abs(float(r["score_present"]) - expected) <= 2e-6, r["path"]
     strip = [{k: v for k, v in r.items() if k != "score_present"} for r in tables[0]]
     assert strip == [{k: v for k, v in r.items() if k != "score_present"} for r in tables[2]]
+
+
+def test_load_model_takes_every_weight_from_the_release_and_leaves_torch_init_alone(tmp_path: Path) -> None:
+    """The network is built without drawing random weights (the release overwrites them all), and
+    torch.nn.init draws again afterwards (training in the same process must still initialise)."""
+    from site_client.inference import load_model
+
+    release, kit = _release(tmp_path)
+    rel = verify_release(release, _raw(kit))
+    model = load_model(rel, "cpu")
+    state = model.state_dict()
+    assert set(state) == set(rel.state_dict)
+    assert all(torch.equal(state[k], v) and state[k].dtype == v.dtype for k, v in rel.state_dict.items())
+    assert not model.training and all(p.requires_grad for p in model.parameters())
+    fresh = torch.nn.init.uniform_(torch.zeros(1000))
+    assert fresh.abs().sum() > 0
 
 
 class _Items:
