@@ -201,6 +201,7 @@ class Timing:
     """Where scoring's time went: what the reader and the network each cost per image, for tuning."""
 
     images: int = 0
+    read: int = 0  # files read by the reader thread
     read_cpu_s: float = 0.0  # CPU time of reading and preprocessing (the reader thread; 0 with worker processes)
     model_s: float = 0.0  # wall time of the forward passes
     threads: int = 0  # the network's CPU threads after tuning (0 on a GPU)
@@ -234,6 +235,7 @@ def _read_in_thread(dataset: _Files, ahead: int, timing: Timing) -> Iterator[Any
                 cpu = time.thread_time()
                 item = dataset[i]
                 timing.read_cpu_s += time.thread_time() - cpu
+                timing.read += 1
                 if not offer(item):
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the caller, who raises it
@@ -272,32 +274,40 @@ def default_workers(device: str) -> int:
 
 
 class _ThreadTuner:
-    """The network's CPU threads, chosen by measured throughput: all cores, or all but the reader's one.
+    """The network's CPU threads, chosen by measurement: all cores, or all but the one the reader needs.
 
     Which wins depends on what an image costs to read against what the network costs: a small network
-    at 64 px is faster on one core beside the reader than on two that the reader keeps interrupting,
-    a DenseNet at 224 px is not. A warm-up batch, then ``trial`` batches of each; the faster stays.
+    at 64 px can be faster on one core beside the reader than on two that the reader keeps
+    interrupting; a DenseNet at 224 px is not. After a warm-up batch, ``trial`` batches run on all
+    cores; one core fewer is tried (``trial`` batches) only if reading takes a fifth or more of the
+    time per image, so a heavy network never pays for the trial. The faster measured rate is kept.
     """
 
     def __init__(self, cpus: int, enabled: bool, trial: int = 2) -> None:
-        self.plan = [cpus] * (1 + trial) + [cpus - 1] * trial if enabled and cpus > 1 else [cpus]
+        self.cpus, self.trial = cpus, trial
+        self.plan = [cpus] * (1 + trial) if enabled and cpus > 1 else []
         self.rates: dict[int, list[float]] = {}
         self.batches = 0
-        self.chosen = self.plan[0]
+        self.chosen = cpus
 
     def threads(self) -> int:
-        """Threads for the next batch (set by the caller)."""
-        if self.batches < len(self.plan):
-            return self.plan[self.batches]
-        return self.chosen
+        """Threads for the next batch (the caller sets them)."""
+        return self.plan[self.batches] if self.batches < len(self.plan) else self.chosen
 
-    def record(self, threads: int, images: int, seconds: float) -> None:
-        if 0 < self.batches < len(self.plan) and seconds > 0:  # the first batch warms up, not measured
+    def record(self, threads: int, images: int, seconds: float, read_per_image: float) -> None:
+        """One batch: ``seconds`` from asking for its files to its scores; the reader's CPU time per file so far."""
+        if 0 < self.batches < len(self.plan) and seconds > 0 and images:  # the first batch warms up, not measured
             self.rates.setdefault(threads, []).append(images / seconds)
         self.batches += 1
-        if self.batches == len(self.plan) and self.rates:
-            self.chosen = max(self.rates, key=lambda t: sum(self.rates[t]) / len(self.rates[t]))
-            log.debug("network threads: %s img/s per thread count -> %d", self.rates, self.chosen)
+        if self.batches != len(self.plan) or not self.rates:
+            return
+        if len(self.plan) == 1 + self.trial and self.cpus in self.rates:
+            per_image = sum(1 / r for r in self.rates[self.cpus]) / len(self.rates[self.cpus])
+            if read_per_image >= per_image / 5:  # reading is a real share: a core of its own may pay
+                self.plan += [self.cpus - 1] * self.trial
+                return
+        self.chosen = max(self.rates, key=lambda t: sum(self.rates[t]) / len(self.rates[t]))
+        log.debug("network threads: %s img/s per thread count -> %d", self.rates, self.chosen)
 
 
 def score_batches(model: torch.nn.Module, files: list[Path], study: Study, *, device: str, batch_size: int,
@@ -338,7 +348,7 @@ def score_batches(model: torch.nn.Module, files: list[Path], study: Study, *, de
         while len(pending) >= batch_size:
             batch, pending = pending[:batch_size], pending[batch_size:]
             scores = run(batch)
-            tuner.record(threads, len(batch), time.perf_counter() - started)
+            tuner.record(threads, len(batch), time.perf_counter() - started, timing.read_cpu_s / max(1, timing.read))
             if cpu and (threads := tuner.threads()) != torch.get_num_threads():
                 torch.set_num_threads(threads)
             yield batch, bad, scores
