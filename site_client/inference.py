@@ -1,7 +1,8 @@
 """`medfed predict`: a verified release applied to DICOM as it comes from PACS, at the site.
 
-Files are read and preprocessed exactly as the study trains (models.preprocess) by DataLoader
-workers while the model scores the previous batch, so decoding overlaps inference. The
+Files are read and preprocessed exactly as the study trains (models.preprocess) by a reader
+thread (CPU) or DataLoader workers (GPU) while the model scores the batch before, so decoding
+overlaps inference (docs/inference.md, "Speed"). The
 predictions, the results as DICOM and the saliency maps stay in OUT, in the hospital's own
 identifiers (these are the hospital's images, not a de-identified store); only `--send` stores
 the DICOM results in the PACS the site names (site_client.send).
