@@ -381,22 +381,26 @@ def predict_folder(release: Release, src: Path, out: Path, *, thresholds: tuple[
     model = load_model(release, device)
     workers = default_workers(device) if workers is None else workers
     threads = torch.get_num_threads()
+    if device == "cpu" and workers:  # worker processes on the same cores: the network takes what they leave
+        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - workers)))
     timing = Timing()
     scored: list[Scored] = []
     unusable: list[tuple[str, str]] = []
-    with scoring_progress(progress) as bar:
-        task = bar.add_task("scoring", total=len(files))
-        seen: set[int] = set()
-        for batch, bad, scores in score_batches(model, files, study, device=device, batch_size=batch_size,
-                                                workers=workers, timing=timing):
-            unusable.extend((str(files[i].relative_to(src)), reason) for i, reason in bad)
-            for (i, header, frame, _), s in zip(batch, scores, strict=True):
-                decision, positive = decide(s, study, thresholds)
-                scored.append(Scored(str(files[i].relative_to(src)), header, frame, s, decision, positive))
-            new = {i for i, *_ in batch} | {i for i, _ in bad}
-            bar.advance(task, len(new - seen))
-            seen |= new
-    torch.set_num_threads(threads)
+    try:
+        with scoring_progress(progress) as bar:
+            task = bar.add_task("scoring", total=len(files))
+            seen: set[int] = set()
+            for batch, bad, scores in score_batches(model, files, study, device=device, batch_size=batch_size,
+                                                    workers=workers, timing=timing):
+                unusable.extend((str(files[i].relative_to(src)), reason) for i, reason in bad)
+                for (i, header, frame, _), s in zip(batch, scores, strict=True):
+                    decision, positive = decide(s, study, thresholds)
+                    scored.append(Scored(str(files[i].relative_to(src)), header, frame, s, decision, positive))
+                new = {i for i, *_ in batch} | {i for i, _ in bad}
+                bar.advance(task, len(new - seen))
+                seen |= new
+    finally:
+        torch.set_num_threads(threads)  # the tuning's choice was for this run only
     _write_predictions(out, scored, study, threshold_label)
     _write_unusable(out, unusable)
     summary = PredictSummary(out=out, images=len(scored), files=len(files), unusable=unusable,
