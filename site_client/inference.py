@@ -279,15 +279,18 @@ class _ThreadTuner:
 
     Which wins depends on what an image costs to read against what the network costs: a small network
     at 64 px can be faster on one core beside the reader than on two that the reader keeps
-    interrupting; a DenseNet at 224 px is not. After a warm-up batch, ``trial`` batches run on all
-    cores; one core fewer is tried (``trial`` batches) only if reading takes a fifth or more of the
-    time per image, so a heavy network never pays for the trial. The faster measured rate is kept.
+    interrupting; a DenseNet at 224 px is not, unless other work holds cores of the machine (threads
+    then wait for each other). After a warm-up batch, ``trial`` batches run on all cores; one core
+    fewer is tried (``trial`` batches) only if reading takes a fifth or more of the time per image or
+    the process got half a core less than it asked for, so a heavy network on a quiet machine never
+    pays for the trial. The faster measured rate is kept.
     """
 
-    def __init__(self, cpus: int, enabled: bool, trial: int = 2) -> None:
+    def __init__(self, cpus: int, enabled: bool, trial: int = 1) -> None:
         self.cpus, self.trial = cpus, trial
         self.plan = [cpus] * (1 + trial) if enabled and cpus > 1 else []
         self.rates: dict[int, list[float]] = {}
+        self.cores: list[float] = []  # CPU seconds per second the process got, on all cores
         self.batches = 0
         self.chosen = cpus
 
@@ -295,16 +298,20 @@ class _ThreadTuner:
         """Threads for the next batch (the caller sets them)."""
         return self.plan[self.batches] if self.batches < len(self.plan) else self.chosen
 
-    def record(self, threads: int, images: int, seconds: float, read_per_image: float) -> None:
-        """One batch: ``seconds`` from asking for its files to its scores; the reader's CPU time per file so far."""
+    def record(self, threads: int, images: int, seconds: float, cpu_seconds: float, read_per_image: float) -> None:
+        """One batch: ``seconds`` (and the process's ``cpu_seconds``) from asking for its files to its
+        scores; the reader's CPU time per file so far."""
         if 0 < self.batches < len(self.plan) and seconds > 0 and images:  # the first batch warms up, not measured
             self.rates.setdefault(threads, []).append(images / seconds)
+            if threads == self.cpus:
+                self.cores.append(cpu_seconds / seconds)
         self.batches += 1
         if self.batches != len(self.plan) or not self.rates:
             return
         if len(self.plan) == 1 + self.trial and self.cpus in self.rates:
             per_image = sum(1 / r for r in self.rates[self.cpus]) / len(self.rates[self.cpus])
-            if read_per_image >= per_image / 5:  # reading is a real share: a core of its own may pay
+            crowded = sum(self.cores) / len(self.cores) < self.cpus - 0.5
+            if read_per_image >= per_image / 5 or crowded:  # a core for the reader, or fewer waits, may pay
                 self.plan += [self.cpus - 1] * self.trial
                 return
         self.chosen = max(self.rates, key=lambda t: sum(self.rates[t]) / len(self.rates[t]))
@@ -325,7 +332,7 @@ def score_batches(model: torch.nn.Module, files: list[Path], study: Study, *, de
     items = _read_in_workers(dataset, workers) if workers else _read_in_thread(dataset, 2 * batch_size, timing)
     cpu = device == "cpu"
     batches = len(files) // batch_size
-    tuner = _ThreadTuner(torch.get_num_threads(), cpu and not workers and batches >= 3, trial=1 if batches < 10 else 2)
+    tuner = _ThreadTuner(torch.get_num_threads(), cpu and not workers and batches >= 3)
     pending: list[tuple[int, Dataset, int, np.ndarray]] = []
     bad: list[tuple[int, str]] = []
 
@@ -341,7 +348,7 @@ def score_batches(model: torch.nn.Module, files: list[Path], study: Study, *, de
     threads = tuner.threads()
     if cpu:
         torch.set_num_threads(threads)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for i, header, examples, reason in items:
         if reason is not None:
             bad.append((i, reason))
@@ -349,12 +356,13 @@ def score_batches(model: torch.nn.Module, files: list[Path], study: Study, *, de
         while len(pending) >= batch_size:
             batch, pending = pending[:batch_size], pending[batch_size:]
             scores = run(batch)
-            tuner.record(threads, len(batch), time.perf_counter() - started, timing.read_cpu_s / max(1, timing.read))
+            tuner.record(threads, len(batch), time.perf_counter() - started, time.process_time() - cpu_started,
+                         timing.read_cpu_s / max(1, timing.read))
             if cpu and (threads := tuner.threads()) != torch.get_num_threads():
                 torch.set_num_threads(threads)
             yield batch, bad, scores
             bad = []
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
     if pending or bad:
         yield pending, bad, run(pending) if pending else np.zeros((0, study.num_outputs))
     timing.threads = torch.get_num_threads() if cpu else 0

@@ -361,18 +361,20 @@ def test_reader_thread_stops_when_scoring_stops_and_passes_on_its_error() -> Non
 def test_thread_tuner_tries_a_core_for_the_reader_only_when_reading_costs_and_keeps_the_faster() -> None:
     from site_client.inference import _ThreadTuner
 
-    def run(read_per_image: float, faster: int) -> list[int]:
+    def run(read_per_image: float, faster: int, cores: float = 4.0) -> list[int]:
         tuner, tried = _ThreadTuner(4, enabled=True, trial=2), []
         for _ in range(8):
             n = tuner.threads()
             tried.append(n)
-            tuner.record(n, 32, 0.032 if n == faster else 0.064, read_per_image)  # 1 or 2 ms per image
+            seconds = 0.032 if n == faster else 0.064  # 1 or 2 ms per image
+            tuner.record(n, 32, seconds, seconds * cores, read_per_image)
         return tried
 
-    assert run(0.0001, faster=3) == [4] * 8  # reading is cheap: all cores, no trial
+    assert run(0.0001, faster=3) == [4] * 8  # reading is cheap, the cores are ours: all cores, no trial
+    assert run(0.0001, faster=3, cores=2.5) == [4, 4, 4, 3, 3, 3, 3, 3]  # a crowded machine: fewer may pay
     assert run(0.001, faster=3) == [4, 4, 4, 3, 3, 3, 3, 3]
     assert run(0.001, faster=4) == [4, 4, 4, 3, 3, 4, 4, 4]
     off = _ThreadTuner(4, enabled=False)
     for _ in range(4):
         assert off.threads() == 4
-        off.record(4, 32, 1.0, 1.0)
+        off.record(4, 32, 1.0, 4.0, 1.0)
