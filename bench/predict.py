@@ -128,7 +128,7 @@ def main() -> None:
             f = measure(name, src, work, args.image_size, args.batch, args.device)
             t = f.timing
             print(f"{name:<14} {f.images:>6} {f.predict:>13.1f} {f.bare:>10.1f} {f.predict / f.bare:>5.2f} "
-                  f"{f.decode:>12.1f}   {1e3 * t.read_cpu_s / max(1, t.images):.2f}, "
+                  f"{f.decode:>12.1f}   {1e3 * t.read_cpu_s / max(1, t.read):.2f}, "
                   f"{1e3 * t.model_s / max(1, t.images):.2f}; {t.threads or '-'} (bare best: {f.bare_threads})")
 
 

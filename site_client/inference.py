@@ -282,15 +282,15 @@ class _ThreadTuner:
     interrupting; a DenseNet at 224 px is not, unless other work holds cores of the machine (threads
     then wait for each other). After a warm-up batch, ``trial`` batches run on all cores; one core
     fewer is tried (``trial`` batches) only if reading takes a fifth or more of the time per image or
-    the process got half a core less than it asked for, so a heavy network on a quiet machine never
-    pays for the trial. The faster measured rate is kept.
+    the process got half a core less than it asked for (seen already in the warm-up batch, which
+    then ends the all-cores trial), so a heavy network on a quiet machine never pays for the trial.
+    The faster measured rate is kept.
     """
 
     def __init__(self, cpus: int, enabled: bool, trial: int = 1) -> None:
         self.cpus, self.trial = cpus, trial
         self.plan = [cpus] * (1 + trial) if enabled and cpus > 1 else []
         self.rates: dict[int, list[float]] = {}
-        self.cores: list[float] = []  # CPU seconds per second the process got, on all cores
         self.batches = 0
         self.chosen = cpus
 
@@ -301,16 +301,18 @@ class _ThreadTuner:
     def record(self, threads: int, images: int, seconds: float, cpu_seconds: float, read_per_image: float) -> None:
         """One batch: ``seconds`` (and the process's ``cpu_seconds``) from asking for its files to its
         scores; the reader's CPU time per file so far."""
-        if 0 < self.batches < len(self.plan) and seconds > 0 and images:  # the first batch warms up, not measured
+        measured = seconds > 0 and images > 0 and self.batches < len(self.plan)
+        crowded = measured and threads == self.cpus and cpu_seconds / seconds < self.cpus - 0.5
+        if measured and (self.batches > 0 or crowded):  # a first batch warms up; it counts only to say "crowded"
             self.rates.setdefault(threads, []).append(images / seconds)
-            if threads == self.cpus:
-                self.cores.append(cpu_seconds / seconds)
         self.batches += 1
+        if self.batches == 1 and crowded:  # other work holds cores: no more batches on all of them
+            self.plan = [self.cpus] + [self.cpus - 1] * self.trial
+            return
         if self.batches != len(self.plan) or not self.rates:
             return
-        if len(self.plan) == 1 + self.trial and self.cpus in self.rates:
+        if self.plan[-1] == self.cpus and self.cpus in self.rates:
             per_image = sum(1 / r for r in self.rates[self.cpus]) / len(self.rates[self.cpus])
-            crowded = sum(self.cores) / len(self.cores) < self.cpus - 0.5
             if read_per_image >= per_image / 5 or crowded:  # a core for the reader, or fewer waits, may pay
                 self.plan += [self.cpus - 1] * self.trial
                 return

@@ -371,7 +371,8 @@ def test_thread_tuner_tries_a_core_for_the_reader_only_when_reading_costs_and_ke
         return tried
 
     assert run(0.0001, faster=3) == [4] * 8  # reading is cheap, the cores are ours: all cores, no trial
-    assert run(0.0001, faster=3, cores=2.5) == [4, 4, 4, 3, 3, 3, 3, 3]  # a crowded machine: fewer may pay
+    assert run(0.0001, faster=3, cores=2.5) == [4, 3, 3, 3, 3, 3, 3, 3]  # a crowded machine: fewer may pay
+    assert run(0.0001, faster=4, cores=2.5) == [4, 3, 3, 4, 4, 4, 4, 4]
     assert run(0.001, faster=3) == [4, 4, 4, 3, 3, 3, 3, 3]
     assert run(0.001, faster=4) == [4, 4, 4, 3, 3, 4, 4, 4]
     off = _ThreadTuner(4, enabled=False)
