@@ -344,18 +344,21 @@ def test_reader_thread_stops_when_scoring_stops_and_passes_on_its_error() -> Non
 
     from site_client.inference import Timing, _read_in_thread
 
+    interval = sys.getswitchinterval()
     items = _Items(10_000)
     reader = _read_in_thread(items, 4, Timing())  # type: ignore[arg-type]
     assert [next(reader) for _ in range(3)] == [0, 1, 2]
+    assert sys.getswitchinterval() < interval  # the network gets the GIL back quickly between operations
     reader.close()  # the caller stops (an error in the network, Ctrl-C): the thread ends, reads no more
     assert not any(t.name == "medfed-predict-reader" for t in threading.enumerate())
     assert items.read < 20
+    assert sys.getswitchinterval() == interval
     failing = _read_in_thread(_Items(10, fail=3), 4, Timing())  # type: ignore[arg-type]
     got = []
     with pytest.raises(RuntimeError, match="disk gone"):
         for i in failing:
             got.append(i)
-    assert got == [0, 1, 2]
+    assert got == [0, 1, 2] and sys.getswitchinterval() == interval
 
 
 def test_thread_tuner_tries_a_core_for_the_reader_only_when_reading_costs_and_keeps_the_faster() -> None:
