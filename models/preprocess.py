@@ -2,8 +2,8 @@
 
 Pixel values are interpreted with pydicom's own LUT functions (modality LUT, VOI LUT
 or window, colour palette, colour space) so that every site reads a file the way a
-viewer does, whatever its transfer syntax; MONAI does the intensity scaling and the
-anti-aliased resize. The result of every example is a float32 array
+viewer does, whatever its transfer syntax; the resize gives MONAI's Resize numbers (area
+interpolation when shrinking: anti-aliased). The result of every example is a float32 array
 ``(study.in_channels, S, S)``. A file the study cannot use is never an exception for
 the caller: :func:`preprocess_file` returns the reason (no header value in it).
 """
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from monai.transforms import Resize
+import torch
+import torch.nn.functional as F
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, convert_color_space, pixel_array
@@ -286,16 +287,69 @@ def _colour(ds: Dataset, index: int, source: Source, study: Study) -> np.ndarray
     return rgb.astype(np.float32)
 
 
+def _block_mean(image: np.ndarray, k: int) -> np.ndarray:
+    """Mean of each ``k x k`` block of ``(C, H, W)`` (512 -> 64: k = 8), as a strided sum of views."""
+    c, h, w = image.shape
+    blocks = image.reshape(c, h // k, k, w // k, k)
+    out = blocks[:, :, 0, :, 0].copy()
+    for i in range(k):
+        for j in range(k):
+            if i or j:
+                out += blocks[:, :, i, :, j]
+    out /= np.float32(k)
+    out /= np.float32(k)
+    return out
+
+
+def _windows(n: int, out: int) -> tuple[np.ndarray, np.ndarray]:
+    """First source index and length of each output's window, as torch's adaptive average pooling has them."""
+    i = np.arange(out)
+    start = (i * n) // out
+    return start, -((-(i + 1) * n) // out) - start
+
+
+def _area(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Area shrink of ``(C, H, W)`` to ``(C, out_h, out_w)``: each output is the mean of the pixels it covers.
+
+    Bit for bit torch's ``interpolate(mode="area")`` (what MONAI's Resize calls): the same windows,
+    summed in the same order (row by row, a window's missing cells adding an exact 0) and divided by
+    the window's height, then width. numpy keeps it off the thread pool the network uses (a reader
+    thread of `medfed predict` runs it beside the forward pass); an integral factor takes block means.
+    """
+    c, h, w = image.shape
+    if h % out_h == 0 and w % out_w == 0 and h // out_h == w // out_w:
+        return _block_mean(image, h // out_h)
+    row_start, row_len = _windows(h, out_h)
+    col_start, col_len = _windows(w, out_w)
+    padded = np.zeros((c, h + 1, w + 1), dtype=np.float32)  # row h and column w: the 0 of a missing cell
+    padded[:, :h, :w] = image
+    out = np.zeros((c, out_h, out_w), dtype=np.float32)
+    for dh in range(int(row_len.max())):
+        rows = padded[:, np.where(dh < row_len, row_start + dh, h)]
+        for dw in range(int(col_len.max())):
+            out += rows[:, :, np.where(dw < col_len, col_start + dw, w)]
+    out /= row_len.astype(np.float32)[:, None]
+    out /= col_len.astype(np.float32)[None, :]
+    return out
+
+
 def resize(image: np.ndarray, size: int) -> np.ndarray:
     """Fit ``(C, H, W)`` into ``(C, size, size)``, keeping the aspect ratio, padding with the image's minimum.
 
-    Shrinking averages source pixels (MONAI Resize, mode "area": anti-aliased);
-    enlarging interpolates bilinearly.
+    Shrinking averages source pixels (area interpolation: anti-aliased); enlarging interpolates
+    bilinearly. The numbers are bit for bit those of MONAI's ``Resize(size, size_mode="longest")``
+    that the first releases were trained with (tests/models/test_models_preprocess.py).
     """
     _c, h, w = image.shape
-    if (h, w) != (size, size):
-        mode = "area" if max(h, w) >= size else "bilinear"
-        image = np.asarray(Resize(spatial_size=size, size_mode="longest", mode=mode)(image), dtype=np.float32)
+    image = np.asarray(image, dtype=np.float32)
+    scale = size / max(h, w)
+    out = (int(round(h * scale)), int(round(w * scale)))  # as MONAI's size_mode="longest"
+    if out != (h, w):
+        if max(h, w) >= size:
+            image = _area(image, *out)
+        else:
+            image = F.interpolate(torch.from_numpy(np.ascontiguousarray(image))[None], size=out,
+                                  mode="bilinear")[0].numpy()
     _c, h, w = image.shape
     if (h, w) != (size, size):
         top, left = (size - h) // 2, (size - w) // 2

@@ -42,6 +42,48 @@ def _read(name: str) -> pydicom.Dataset:
     return pydicom.dcmread(_file(name))
 
 
+# ---- the resize: MONAI's numbers, exact block means for an integral factor ----------------------
+@pytest.mark.parametrize(("shape", "size"), [
+    ((1, 256, 256), 64), ((3, 512, 512), 64), ((1, 512, 512), 224), ((1, 300, 600), 100), ((2, 96, 96), 32),
+    ((1, 512, 256), 64), ((1, 600, 300), 64), ((1, 40, 40), 64), ((3, 50, 20), 64), ((1, 64, 30), 64),
+    ((1, 64, 64), 64), ((1, 256, 256), 224), ((3, 333, 517), 100), ((1, 517, 333), 224), ((1, 100, 7), 64),
+])
+def test_resize_gives_monai_resize_numbers_bit_for_bit(shape: tuple[int, int, int], size: int) -> None:
+    """Training and prediction share resize(); it must keep giving the numbers the released models saw."""
+    from monai.transforms import Resize
+
+    image = (np.random.default_rng(sum(shape) + size).standard_normal(shape) * 1000).astype(np.float32)
+    got = resize(image, size)
+    assert got.shape == (shape[0], size, size) and got.dtype == np.float32 and got.flags.c_contiguous
+    h, w = shape[1:]
+    mode = "area" if max(h, w) >= size else "bilinear"
+    ref = np.asarray(Resize(spatial_size=size, size_mode="longest", mode=mode)(image), dtype=np.float32)
+    rh, rw = ref.shape[1:]
+    top, left = (size - rh) // 2, (size - rw) // 2
+    np.testing.assert_array_equal(got[:, top:top + rh, left:left + rw], ref)
+    if (rh, rw) != (size, size):  # padded with the image's minimum
+        assert (got[:, :top] == ref.min()).all() and (got[:, :, :left] == ref.min()).all()
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_shrinking_averages_every_pixel_in_numpy_not_on_torch_threads(size: int) -> None:
+    """512 -> 64 is the mean of each 8 x 8 block (anti-aliased: no pixel dropped); no shrink calls torch,
+    whose thread pool the network uses while `medfed predict` reads the next files."""
+    image = np.arange(512 * 512, dtype=np.float32).reshape(1, 512, 512) % 1009
+    calls: list[object] = []
+    original = torch.nn.functional.interpolate
+    try:
+        torch.nn.functional.interpolate = lambda *a, **k: calls.append(a) or original(*a, **k)
+        got = resize(image, size)
+    finally:
+        torch.nn.functional.interpolate = original
+    assert not calls
+    if size == 64:
+        np.testing.assert_allclose(got, image.reshape(1, 64, 8, 64, 8).astype(np.float64).mean(axis=(2, 4)),
+                                   rtol=1e-6)
+    np.testing.assert_allclose(got.mean(), image.mean(), rtol=1e-3)
+
+
 # ---- every transfer syntax of one image gives the same input -------------------------------
 @pytest.mark.parametrize(("modality", "files"), [
     ("MR", ["MR_small.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm",

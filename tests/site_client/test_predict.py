@@ -320,3 +320,116 @@ def test_send_options_are_checked_before_anything_is_scored(pacs: Path, tmp_path
     assert message in " ".join(done.output.split())
     assert isinstance(done.exception, SystemExit), done.exception  # a clear message, no traceback
     assert not out.exists()
+
+
+# ---- the scoring pipeline: a reader thread (CPU) or worker processes, the same scores ---------------
+def test_reader_thread_and_worker_processes_score_as_the_model_does_on_preprocess(pacs: Path, tmp_path: Path) -> None:
+    """predictions.csv is the network's output on models.preprocess's tensors, whoever reads the files and
+    whatever thread count the tuning tries on the way (batches of one: the tuner runs)."""
+    from models.preprocess import preprocess, read_dicom
+    from site_client.inference import predict_folder, probabilities
+
+    release, kit = _release(tmp_path)
+    rel = verify_release(release, _raw(kit))
+    threads = torch.get_num_threads()
+    tables = {}
+    for workers in (0, 2):
+        summary = predict_folder(rel, pacs, tmp_path / f"out{workers}", thresholds=(0.5,), threshold_label="t",
+                                 batch_size=1, workers=workers, progress=False)
+        assert torch.get_num_threads() == threads  # the tuner gives the threads back
+        rows = list(csv.DictReader((tmp_path / f"out{workers}" / "predictions.csv").open()))
+        tables[workers] = rows
+        assert (tmp_path / f"out{workers}" / "unusable.csv").read_text().count("\n") == 3  # header, mr, notes
+        timing = summary.timing
+        assert timing is not None and timing.images == len(rows) and timing.model_s > 0
+        assert (timing.read_cpu_s > 0) == (workers == 0)
+    from models.registry import build_network
+
+    model = build_network(rel.study).eval()  # the plain way: fresh weights, then the release's copied in
+    model.load_state_dict(rel.state_dict)
+    for rows in tables.values():
+        assert [r["path"] for r in rows] == sorted(r["path"] for r in rows)  # the scan's order
+        for r in rows:
+            x = torch.from_numpy(preprocess(read_dicom(pacs / r["path"]), rel.study).arrays[0])[None]
+            with torch.inference_mode():
+                expected = float(probabilities(model(x), rel.study)[0, 0])
+            assert abs(float(r["score_present"]) - expected) <= 2e-6, r["path"]
+    strip = [{k: v for k, v in r.items() if k != "score_present"} for r in tables[0]]
+    assert strip == [{k: v for k, v in r.items() if k != "score_present"} for r in tables[2]]
+
+
+def test_load_model_takes_every_weight_from_the_release_and_leaves_torch_init_alone(tmp_path: Path) -> None:
+    """The network is built without drawing random weights (the release overwrites them all), and
+    torch.nn.init draws again afterwards (training in the same process must still initialise)."""
+    from site_client.inference import load_model
+
+    release, kit = _release(tmp_path)
+    rel = verify_release(release, _raw(kit))
+    model = load_model(rel, "cpu")
+    state = model.state_dict()
+    assert set(state) == set(rel.state_dict)
+    assert all(torch.equal(state[k], v) and state[k].dtype == v.dtype for k, v in rel.state_dict.items())
+    assert not model.training and all(p.requires_grad for p in model.parameters())
+    fresh = torch.nn.init.uniform_(torch.zeros(1000))
+    assert fresh.abs().sum() > 0
+
+
+class _Items:
+    """A dataset of ``n`` items that raises at ``fail`` (if given) and counts what was read."""
+
+    def __init__(self, n: int, fail: int | None = None) -> None:
+        self.n, self.fail, self.read = n, fail, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        if i == self.fail:
+            raise RuntimeError("disk gone")
+        self.read += 1
+        return i
+
+
+def test_reader_thread_stops_when_scoring_stops_and_passes_on_its_error() -> None:
+    import threading
+
+    from site_client.inference import Timing, _read_in_thread
+
+    interval = sys.getswitchinterval()
+    items = _Items(10_000)
+    reader = _read_in_thread(items, 4, Timing())  # type: ignore[arg-type]
+    assert [next(reader) for _ in range(3)] == [0, 1, 2]
+    assert sys.getswitchinterval() < interval  # the network gets the GIL back quickly between operations
+    reader.close()  # the caller stops (an error in the network, Ctrl-C): the thread ends, reads no more
+    assert not any(t.name == "medfed-predict-reader" for t in threading.enumerate())
+    assert items.read < 20
+    assert sys.getswitchinterval() == interval
+    failing = _read_in_thread(_Items(10, fail=3), 4, Timing())  # type: ignore[arg-type]
+    got = []
+    with pytest.raises(RuntimeError, match="disk gone"):
+        for i in failing:
+            got.append(i)
+    assert got == [0, 1, 2] and sys.getswitchinterval() == interval
+
+
+def test_thread_tuner_tries_a_core_for_the_reader_only_when_reading_costs_and_keeps_the_faster() -> None:
+    from site_client.inference import _ThreadTuner
+
+    def run(read_per_image: float, faster: int, cores: float = 4.0) -> list[int]:
+        tuner, tried = _ThreadTuner(4, enabled=True, trial=2), []
+        for _ in range(8):
+            n = tuner.threads()
+            tried.append(n)
+            seconds = 0.032 if n == faster else 0.064  # 1 or 2 ms per image
+            tuner.record(n, 32, seconds, seconds * cores, read_per_image)
+        return tried
+
+    assert run(0.0001, faster=3) == [4] * 8  # reading is cheap, the cores are ours: all cores, no trial
+    assert run(0.0001, faster=3, cores=2.5) == [4, 3, 3, 3, 3, 3, 3, 3]  # a crowded machine: fewer may pay
+    assert run(0.0001, faster=4, cores=2.5) == [4, 3, 3, 4, 4, 4, 4, 4]
+    assert run(0.001, faster=3) == [4, 4, 4, 3, 3, 3, 3, 3]
+    assert run(0.001, faster=4) == [4, 4, 4, 3, 3, 4, 4, 4]
+    off = _ThreadTuner(4, enabled=False)
+    for _ in range(4):
+        assert off.threads() == 4
+        off.record(4, 32, 1.0, 4.0, 1.0)
