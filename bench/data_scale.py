@@ -14,6 +14,9 @@ pydicom template whose pixel data change per file. Then, each in a fresh process
    batches of ``--batch`` expected examples split by Opacus' BatchMemoryManager into
    physical batches of at most ``--physical``, the network's default per-sample-gradient
    mode) on the whole store, training the ``--trainable`` part - images/s of training.
+   ``--train-images N`` stops the epoch once N images were drawn (the sampling rate and every
+   step are still those of the whole store), so a slow CPU can measure memory in bounded time;
+   ``--train-only`` reuses the store and cache a ``--keep`` run left in ``--work``.
 
 Peak memory: each phase's own peak resident set (``resource.getrusage``), its
 workers' largest, and the largest total of the phase and its workers sampled every
@@ -21,6 +24,7 @@ workers' largest, and the largest total of the phase and its workers sampled eve
 
     .venv/bin/python bench/data_scale.py [--work DIR] [--images 20000] [--size 256] [--workers 2] [--keep]
                                          [--train resnet18 --trainable last-block --batch 256 --physical 64]
+                                         [--train-images N] [--train-only]
 """
 
 from __future__ import annotations
@@ -156,8 +160,31 @@ def _phase(store: str, size: int, workers: int, phase: str, train: dict | None =
     return out
 
 
+class _Enough(Exception):
+    """Raised by the counting dataset once the bounded epoch has drawn its images."""
+
+
+def _counting(ds: object, limit: int | None) -> object:
+    """``ds`` as the same dataset that counts the images drawn and ends the epoch after ``limit``."""
+    from torch.utils.data import Dataset
+
+    class Counting(Dataset):
+        drawn = 0
+
+        def __len__(self) -> int:
+            return len(ds)  # type: ignore[arg-type]
+
+        def __getitem__(self, i: int) -> object:
+            if limit is not None and self.drawn >= limit:
+                raise _Enough
+            self.drawn += 1
+            return ds[i]  # type: ignore[index]
+
+    return Counting()
+
+
 def _train_epoch(ds: object, study: object, train: dict) -> dict:
-    """One DP-SGD epoch over ``ds`` as a site trains (seconds, steps); its memory is the phase's."""
+    """One DP-SGD epoch over ``ds`` as a site trains (seconds, images, steps); its memory is the phase's."""
     import torch
 
     from models.accounting import make_accountant
@@ -169,12 +196,16 @@ def _train_epoch(ds: object, study: object, train: dict) -> dict:
     study = study.model_copy(update={"network": study.network.model_copy(
         update={"name": train["network"], "trainable": train["trainable"]})})
     model = site_network(study)
+    data = _counting(ds, train.get("images"))
     start = time.perf_counter()
-    outcome = train_local(model, ds, epochs=1, batch_size=train["batch"], lr=1e-3, optimizer="adam",
-                          dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0), accountant=make_accountant("rdp"),
-                          grad_sample_mode=grad_sample_mode(train["network"], "auto"),
-                          max_physical_batch_size=train["physical"], task=study.task)
-    return {"train_s": time.perf_counter() - start, "steps": outcome.steps}
+    try:
+        steps = train_local(model, data, epochs=1, batch_size=train["batch"], lr=1e-3, optimizer="adam",
+                            dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0), accountant=make_accountant("rdp"),
+                            grad_sample_mode=grad_sample_mode(train["network"], "auto"),
+                            max_physical_batch_size=train["physical"], task=study.task).steps
+    except _Enough:
+        steps = None
+    return {"train_s": time.perf_counter() - start, "steps": steps, "drawn": data.drawn}
 
 
 def run_phase(store: Path, size: int, workers: int, phase: str, train: dict | None = None) -> dict:
@@ -188,6 +219,22 @@ def run_phase(store: Path, size: int, workers: int, phase: str, train: dict | No
     raise SystemExit(f"phase {phase} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
+def _print_train(train: dict, args: argparse.Namespace) -> int:
+    """Print the DP-SGD phase's line; return its peak bytes."""
+    gib = 1024**3
+    done = (f"{train['steps']} steps (the whole epoch)" if train["steps"] is not None
+            else f"stopped after {train['drawn']} images")
+    peak = max(train["peak_rss_self"], train["peak_total_sampled"])
+    print(f"DP-SGD on {train['examples']} images: {args.train} ({args.trainable}), expected batch {args.batch}, "
+          f"physical <= {args.physical}: {done}, {train['drawn'] / train['train_s']:.1f} images/s "
+          f"({train['train_s']:.0f} s); peak RSS {train['peak_rss_self'] / gib:.2f} GiB, largest sampled total "
+          f"{train['peak_total_sampled'] / gib:.2f} GiB")
+    verdict = "met" if peak < GOAL_BYTES else "NOT met"
+    print(f"goal: peak memory of DP training under 4 GiB at {train['examples']} images of {args.size}x{args.size}: "
+          f"{peak / gib:.2f} GiB -> {verdict}")
+    return peak
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=None, help="folder for the store (default: a temporary one)")
@@ -199,23 +246,29 @@ def main() -> None:
     ap.add_argument("--trainable", default="last-block", help="all | last-block | head | norm-and-bias")
     ap.add_argument("--batch", type=int, default=256, help="expected (Poisson) batch of the DP-SGD epoch")
     ap.add_argument("--physical", type=int, default=64, help="largest physical batch (BatchMemoryManager)")
+    ap.add_argument("--train-images", type=int, default=None, help="end the DP-SGD epoch after this many images")
+    ap.add_argument("--train-only", action="store_true", help="reuse the store and cache in --work; train only")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="medfed-data-scale-"))
     store = work / "deid"
+    gib = 1024**3
+    spec = {"network": args.train, "trainable": args.trainable, "batch": args.batch, "physical": args.physical,
+            "images": args.train_images}
+    if args.train_only:
+        if not args.train or not (store / "manifest.csv").exists():
+            raise SystemExit(f"--train-only needs --train NETWORK and the store a --keep run left in {store}")
+        _print_train(run_phase(store, args.size, args.workers, "train", spec), args)
+        return
     if store.exists():
         shutil.rmtree(store)
     store.mkdir(parents=True)
-    gib = 1024**3
     try:
         made = make_store(store, args.images, args.size)
         print(f"wrote {args.images} DICOM files of {args.size}x{args.size} in {made:.0f} s "
               f"({args.images / made:.0f} files/s)")
         build = run_phase(store, args.size, args.workers, "build")
         epoch = run_phase(store, args.size, args.workers, "epoch")
-        train = None
-        if args.train:
-            train = run_phase(store, args.size, args.workers, "train", {
-                "network": args.train, "trainable": args.trainable, "batch": args.batch, "physical": args.physical})
+        train = run_phase(store, args.size, args.workers, "train", spec) if args.train else None
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -229,11 +282,7 @@ def main() -> None:
     peak = max(build["peak_total_sampled"], epoch["peak_total_sampled"], build["peak_rss_self"],
                epoch["peak_rss_self"] + epoch["peak_rss_children"])
     if train is not None:
-        print(f"one DP-SGD epoch of {args.train} ({args.trainable}), expected batch {args.batch}, physical <= "
-              f"{args.physical}: {train['steps']} steps, {args.images / train['train_s']:.1f} images/s "
-              f"({train['train_s']:.0f} s); peak RSS {train['peak_rss_self'] / gib:.2f} GiB, largest sampled total "
-              f"{train['peak_total_sampled'] / gib:.2f} GiB")
-        peak = max(peak, train["peak_rss_self"], train["peak_total_sampled"])
+        peak = max(peak, _print_train(train, args))
     print(f"peak RSS: build {build['peak_rss_self'] / gib:.2f} GiB; epoch main {epoch['peak_rss_self'] / gib:.2f} GiB, "
           f"largest worker {epoch['peak_rss_children'] / gib:.2f} GiB, largest sampled total "
           f"{epoch['peak_total_sampled'] / gib:.2f} GiB")
