@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -166,36 +165,18 @@ def load_model(release: Release, device: str) -> torch.nn.Module:
 
     if device == "cuda" and not torch.cuda.is_available():
         raise PredictError("--device cuda was asked but this machine has no CUDA device; use --device cpu")
-    with _no_random_init():
+    # Built on the meta device (no memory, no random draws: most of building a ResNet or DenseNet, a
+    # tenth of a second or more of every run), then every parameter and buffer taken from the release
+    # as it is (strict, assign), in the dtype the network was built with.
+    with torch.device("meta"):
         model = build_network(release.study)
-    # Strict: every parameter and buffer comes from the release; taken as they are (assign), in the
-    # dtype the network was built with, rather than copied into freshly allocated memory.
     dtypes = {name: t.dtype for name, t in (*model.named_parameters(), *model.named_buffers())}
     state = {k: v.to(dtypes[k]) if k in dtypes else v for k, v in release.state_dict.items()}
     model.load_state_dict(state, assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a buffer the state dict does not hold
+        model = build_network(release.study)
+        model.load_state_dict(release.state_dict)
     return model.to(device).eval()
-
-
-#: torch.nn.init's random initialisers, which a network built only to receive a release's weights skips.
-_RANDOM_INIT = ("uniform_", "normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
-                "trunc_normal_", "orthogonal_")
-
-
-@contextmanager
-def _no_random_init() -> Iterator[None]:
-    """Build without drawing random weights that the release's (strictly loaded) state dict overwrites.
-
-    Drawing them is most of building a ResNet or DenseNet: a tenth of a second or more of every
-    `medfed predict`, the order of scoring a few hundred small images.
-    """
-    saved = {name: getattr(torch.nn.init, name) for name in _RANDOM_INIT}
-    try:
-        for name in _RANDOM_INIT:
-            setattr(torch.nn.init, name, lambda tensor, *_args, **_kwargs: tensor)
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(torch.nn.init, name, function)
 
 
 @dataclass
