@@ -19,7 +19,8 @@ local epochs), with the same optimizer, batch size and per-round learning rate
 ``--networks scatter-head,densenet121,resnet18`` runs the network column instead:
 the scattering head against DenseNet-121 and ResNet-18 (GroupNorm) pretrained
 without DP on a separate synthetic "public" hospital (another seed; saved and
-pinned by SHA-256 like a study's weights) and fine-tuned (``--net-trainable``,
+pinned by SHA-256 like a study's weights; their AUC on the sites' test images
+before any fine-tuning is the "public weights only" column) and fine-tuned (``--net-trainable``,
 default the last block) by in-process FedAvg + DP at each ε, against pooled
 non-private training of the same network.
 
@@ -31,8 +32,9 @@ as at a real site, and one run's AUC moves by several hundredths with the noise 
     .venv/bin/python bench/utility.py [--work DIR] [--patients 2000] [--rounds 20]
                                       [--local-epochs 2] [--batch-size 256] [--lr 0.01]
                                       [--goal-repeats 3]
-    .venv/bin/python bench/utility.py --networks scatter-head,densenet121,resnet18 [--image-size 32]
-                                      [--patients 1000] [--rounds 10] [--public-patients 600]
+    .venv/bin/python bench/utility.py --networks scatter-head,densenet121,resnet18 [--image-size 64]
+                                      [--patients 1000] [--rounds 10] [--public-patients 2000]
+                                      [--pretrain-epochs 10] [--pretrain-lr 3e-4] [--threads 1]
 """
 
 from __future__ import annotations
@@ -215,6 +217,10 @@ def fedavg_flower(work: Path, sites: list[SiteConfig], args: argparse.Namespace,
 
 #: The network column: the scattering head against two MONAI networks fine-tuned from "public" weights.
 NETWORK_COLUMN = ("scatter-head", "densenet121", "resnet18")
+#: Pretraining batch on the public set (no DP, so a small batch: more steps per epoch).
+PRETRAIN_BATCH = 32
+#: Below this AUC on the sites' test images the public weights carry nothing to fine-tune.
+PUBLIC_AUC_FLOOR = 0.6
 
 
 def public_set(work: Path, args: argparse.Namespace) -> TensorDataset:
@@ -237,18 +243,27 @@ def pretrain(work: Path, name: str, public: TensorDataset, args: argparse.Namesp
     """Train the whole network on the public set without DP; save it and return (file name, SHA-256).
 
     This is what a consortium would download once, pin by hash in its study and ship to every site.
+    Adam at ``--pretrain-lr`` (3e-4): at 1e-3 the GroupNorm networks trained from scratch collapse to
+    a constant output (features identical for every image), which no fine-tuning can recover.
     """
     from models.registry import build_network, file_sha256
     from models.study import Study
 
-    path = work / f"public-{name}-{args.image_size}px-{args.pretrain_epochs}ep-{len(public)}.pt"
+    path = work / (f"public-{name}-{args.image_size}px-{args.pretrain_epochs}ep-lr{args.pretrain_lr:g}-"
+                   f"{len(public)}.pt")
     if not path.exists():
         t = time.monotonic()
         torch.manual_seed(args.seed)
         model = build_network(Study.model_validate({"image-size": args.image_size, "network": {"name": name}}))
-        train_local(model, public, epochs=args.pretrain_epochs, batch_size=64, lr=1e-3, optimizer="adam",
-                    seed=args.seed)
-        torch.save(model.state_dict(), path)
+        state: dict = {}
+        for epoch in range(1, args.pretrain_epochs + 1):
+            out = train_local(model, public, epochs=1, batch_size=PRETRAIN_BATCH, lr=args.pretrain_lr,
+                              optimizer="adam", optimizer_state=state, seed=args.seed * 1000 + epoch)
+            print(f"  pretraining {name}: epoch {epoch}/{args.pretrain_epochs}, loss {out.loss:.3f} "
+                  f"({time.monotonic() - t:.0f}s)", flush=True)
+        partial = path.with_suffix(".partial")
+        torch.save(model.state_dict(), partial)
+        partial.replace(path)  # atomic: a concurrent run never reads a half-written file
         print(f"  pretrained {name} on {len(public)} public images in {time.monotonic() - t:.0f}s", flush=True)
     return path.name, file_sha256(path)
 
@@ -294,6 +309,10 @@ def network_table(work: Path, sites: list[SiteConfig], unseen: SiteConfig, args:
 
         if name != "scatter-head":
             score("public weights only", make(), time.monotonic())
+            if row["public weights only"]["pooled"] < PUBLIC_AUC_FLOOR:
+                print(f"  WARNING: {name}'s public weights score {row['public weights only']['pooled']:.3f} on the "
+                      f"sites' test images (< {PUBLIC_AUC_FLOOR}): they carry no task to fine-tune; pretrain "
+                      "longer, on more public images or at a larger image size", flush=True)
         t = time.monotonic()
         score("pooled, no DP", train_alone(pooled_train, net_args, epochs, None, args.seed, make), t)
         for eps in epsilons:
@@ -304,8 +323,8 @@ def network_table(work: Path, sites: list[SiteConfig], unseen: SiteConfig, args:
     columns = ["public weights only", "pooled, no DP", *[f"FedAvg + DP ε={e:g}" for e in epsilons]]
     print(f"\nAUC on the pooled test splits (unseen site in brackets), {size}x{size}, {args.rounds} rounds x "
           f"{args.local_epochs} local epochs, batch {args.batch_size}, {args.optimizer}; scatter-head lr {args.lr:g}, "
-          f"fine-tuned ({args.net_trainable}) lr {args.net_lr:g}, pretrained {args.pretrain_epochs} epochs on "
-          f"{len(public)} public images; delta {DELTA:g}")
+          f"fine-tuned ({args.net_trainable}) lr {args.net_lr:g}, pretrained {args.pretrain_epochs} epochs (Adam lr "
+          f"{args.pretrain_lr:g}, batch {PRETRAIN_BATCH}) on {len(public)} public images; delta {DELTA:g}")
     print("| network | " + " | ".join(columns) + " |")
     print("|---|" + "---|" * len(columns))
     for name, row in table.items():
@@ -354,14 +373,17 @@ def main() -> None:
     parser.add_argument("--no-round-eval", action="store_true", help="skip per-round federated evaluation (faster)")
     parser.add_argument("--networks", default=None, help="run only the network column, for these registry networks "
                         f"(comma-separated, e.g. {','.join(NETWORK_COLUMN)})")
-    parser.add_argument("--public-patients", type=int, default=600, help="patients of the public pretraining set")
-    parser.add_argument("--pretrain-epochs", type=int, default=6)
+    parser.add_argument("--public-patients", type=int, default=2000, help="patients of the public pretraining set")
+    parser.add_argument("--pretrain-epochs", type=int, default=10)
+    parser.add_argument("--pretrain-lr", type=float, default=3e-4, help="Adam's rate on the public set (no DP)")
     parser.add_argument("--net-trainable", default="last-block", choices=("last-block", "head", "norm-and-bias", "all"))
     parser.add_argument("--net-lr", type=float, default=0.002, help="learning rate of the fine-tuned networks")
     parser.add_argument("--grad-sample-mode", default=None, help="Opacus mode (default: train_local's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core; on a "
+                        "machine shared with other work, 1 is often faster)")
     args = parser.parse_args()
     logs.setup(False)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     t0 = time.monotonic()
     work = (args.work or Path(tempfile.mkdtemp(prefix="medfed-utility-"))).resolve()
     sites, unseen = prepare(work, args.patients, args.seed)
