@@ -135,27 +135,27 @@ class DeidSummary:
 
 
 @dataclass(frozen=True)
-class _Task:
+class FileTask:
     path: Path
     relative: str  # relative to SRC, posix (only ever written to the quarantine folder)
     refusal: str | None = None  # a link or special file: refused unread, never handed to a worker
 
 
 # ---- argument checks ------------------------------------------------------------
-def _inside(path: Path, folder: Path) -> bool:
+def lies_inside(path: Path, folder: Path) -> bool:
     """True if ``path`` is ``folder`` or below it (both resolved)."""
     path, folder = path.resolve(), folder.resolve()
     return path == folder or folder in path.parents
 
 
-def _key_fingerprint(secret: bytes) -> str:
+def key_fingerprint(secret: bytes) -> str:
     return hmac.new(secret, b"medfed/key-fingerprint", hashlib.sha256).hexdigest()[:16]
 
 
-def _check_store(dst: Path, secret: bytes, options: tuple[str, ...]) -> None:
+def check_store(dst: Path, secret: bytes, options: tuple[str, ...]) -> None:
     """Refuse to mix pseudonyms of two keys in one store; record ours on first use."""
     state = dst / STATE_FILE
-    fingerprint = _key_fingerprint(secret)
+    fingerprint = key_fingerprint(secret)
     if state.exists():
         try:
             recorded = json.loads(state.read_text("utf-8")).get("key_fingerprint")
@@ -174,15 +174,15 @@ def _check_store(dst: Path, secret: bytes, options: tuple[str, ...]) -> None:
     os.replace(tmp, state)
 
 
-def _files(src: Path, excluded: list[Path]) -> list[_Task]:
+def _files(src: Path, excluded: list[Path]) -> list[FileTask]:
     """Every regular file under SRC in a stable order, minus our own outputs and inputs."""
     return list(_iter_files(src, excluded))
 
 
-def _iter_files(src: Path, excluded: list[Path]) -> Iterator[_Task]:
+def _iter_files(src: Path, excluded: list[Path]) -> Iterator[FileTask]:
     """:func:`_files`, streamed: one directory listing in memory at a time."""
     if src.is_file():
-        yield _Task(src.resolve(), src.name)  # named on the command line: the one path we resolve
+        yield FileTask(src.resolve(), src.name)  # named on the command line: the one path we resolve
         return
     skip = {str(p.resolve()) for p in excluded}
     top = src.resolve()
@@ -193,14 +193,14 @@ def _iter_files(src: Path, excluded: list[Path]) -> Iterator[_Task]:
         resolved = here.resolve()
         if resolved != top and top not in resolved.parents:  # a folder swapped for a link mid-walk
             dirs[:] = []
-            yield _Task(here, here.relative_to(src).as_posix(), REASON_LINK)
+            yield FileTask(here, here.relative_to(src).as_posix(), REASON_LINK)
             continue
         yield from _listed(here, here.relative_to(src).as_posix(), f"{resolved}{os.sep}", dirs, names, skip)
 
 
 def _listed(
     here: Path, relative: str, resolved: str, dirs: list[str], names: list[str], skip: set[str]
-) -> Iterator[_Task]:
+) -> Iterator[FileTask]:
     """One folder of :func:`_iter_files`: its files and links in name order; prunes ``dirs`` in place.
 
     Every folder above ``here`` was checked against ``skip`` on the way down, so a name is checked alone.
@@ -216,7 +216,7 @@ def _listed(
             refusal = refusal_for_mode(os.lstat(path).st_mode)  # lstat: a link is never followed
         except OSError:
             continue  # gone since the listing
-        yield _Task(path, prefix + name, refusal)
+        yield FileTask(path, prefix + name, refusal)
 
 
 def _cannot_write(err: OSError, folder: Path) -> str:
@@ -445,7 +445,7 @@ def _journal_field(value: str) -> str:
     return str(value).replace("\t", " ").replace("\n", " ").replace("\r", " ")
 
 
-def _written_this_run(path: Path, mark_ns: int) -> bool:
+def written_this_run(path: Path, mark_ns: int) -> bool:
     """True if ``path`` exists and was written after the run's start mark (by this run)."""
     try:
         return path.stat().st_mtime_ns >= mark_ns
@@ -453,7 +453,7 @@ def _written_this_run(path: Path, mark_ns: int) -> bool:
         return False
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -461,7 +461,7 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _sweep_temporaries(dst: Path) -> None:
+def sweep_temporaries(dst: Path) -> None:
     """Remove temporary outputs a crashed run may have left (never a finished file)."""
     for top in (IMAGES_DIR, OBJECTS_DIR):
         base = dst / top
@@ -479,7 +479,7 @@ CHUNK_FILES = 16  # files per pool task at most: one inter-process round trip se
 WINDOW_CHUNKS = 3  # tasks in flight per worker: keeps every worker busy while the parent records
 
 
-def _refused_unread(task: _Task) -> FileResult:
+def _refused_unread(task: FileTask) -> FileResult:
     """The result for a link or special file: refused here, in order, never handed to a worker."""
     return FileResult(KIND_QUARANTINED, "", reason=task.refusal or REASON_LINK, unread=True)
 
@@ -520,7 +520,7 @@ class _Plan:
         return min(self.chunk, _chunk_size(self.total - handed_out, workers))
 
 
-def _isolated(task: _Task, job: Job, fn: ProcessFn) -> FileResult:
+def isolated(task: FileTask, job: Job, fn: ProcessFn) -> FileResult:
     """Re-run one file alone in a fresh process, to tell which file killed a worker."""
     ctx = multiprocessing.get_context("spawn")
     try:
@@ -534,7 +534,7 @@ def _isolated(task: _Task, job: Job, fn: ProcessFn) -> FileResult:
         return FileResult(KIND_QUARANTINED, digest, reason=screening.REASON_CRASH)
 
 
-def _new_pool(job: Job, workers: int, *, fork: bool) -> ProcessPoolExecutor:
+def new_pool(job: Job, workers: int, *, fork: bool) -> ProcessPoolExecutor:
     """A pool whose workers each hold a :class:`~anonymization.worker.FileWorker` for ``job``.
 
     ``fork`` (where the platform has it): the workers inherit the parent's imported engine
@@ -556,7 +556,7 @@ def _new_pool(job: Job, workers: int, *, fork: bool) -> ProcessPoolExecutor:
 
 
 def _results(
-    tasks: Iterable[_Task], job: Job, workers: int, fn: ProcessFn = process_path, chunk: int = CHUNK_FILES,
+    tasks: Iterable[FileTask], job: Job, workers: int, fn: ProcessFn = process_path, chunk: int = CHUNK_FILES,
     plan: _Plan | None = None,
 ) -> _Results:
     """Results in task order: in this process, or from a process pool, ``chunk`` files per task.
@@ -571,8 +571,8 @@ def _results(
     if workers <= 1:
         init_worker(job)
         return _Results(_in_process(tasks, fn), None, [])
-    pool, deaths = _new_pool(job, workers, fork=True), []
-    pending: deque[tuple[list[_Task], Future[list[FileResult]]]] = deque()
+    pool, deaths = new_pool(job, workers, fork=True), []
+    pending: deque[tuple[list[FileTask], Future[list[FileResult]]]] = deque()
     todo = iter(tasks)
     plan = plan if plan is not None else _Plan(chunk)
     try:
@@ -583,10 +583,10 @@ def _results(
     return _Results(_pooled(pool, todo, job, workers, fn, plan, deaths, pending, handed_out), pool, deaths)
 
 
-class _Results(Iterator[tuple[_Task, FileResult]]):
+class _Results(Iterator[tuple[FileTask, FileResult]]):
     """What :func:`_results` returns; ``close`` also stops a pool that no result was read from yet."""
 
-    def __init__(self, results: Generator[tuple[_Task, FileResult], None, None],
+    def __init__(self, results: Generator[tuple[FileTask, FileResult], None, None],
                  pool: ProcessPoolExecutor | None, deaths: list[int]) -> None:
         self._results = results
         self._pool = pool
@@ -597,7 +597,7 @@ class _Results(Iterator[tuple[_Task, FileResult]]):
         """A worker process died during the run (its files were re-run; it may have left temporaries)."""
         return bool(self._deaths)
 
-    def __next__(self) -> tuple[_Task, FileResult]:
+    def __next__(self) -> tuple[FileTask, FileResult]:
         return next(self._results)
 
     def close(self) -> None:
@@ -606,12 +606,12 @@ class _Results(Iterator[tuple[_Task, FileResult]]):
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _in_process(tasks: Iterable[_Task], fn: ProcessFn) -> Iterator[tuple[_Task, FileResult]]:
+def _in_process(tasks: Iterable[FileTask], fn: ProcessFn) -> Iterator[tuple[FileTask, FileResult]]:
     for task in tasks:
         yield task, _refused_unread(task) if task.refusal is not None else fn(str(task.path))
 
 
-def _merged(batch: list[_Task], results: list[FileResult]) -> Iterator[tuple[_Task, FileResult]]:
+def _merged(batch: list[FileTask], results: list[FileResult]) -> Iterator[tuple[FileTask, FileResult]]:
     """A chunk's tasks with their results (the workers saw only its regular files)."""
     done = iter(results)
     for task in batch:
@@ -619,8 +619,9 @@ def _merged(batch: list[_Task], results: list[FileResult]) -> Iterator[tuple[_Ta
 
 
 def _hand_out(
-    pool: ProcessPoolExecutor, todo: Iterator[_Task], pending: deque[tuple[list[_Task], Future[list[FileResult]]]],
-    workers: int, fn: ProcessFn, plan: _Plan, handed_out: int,
+    pool: ProcessPoolExecutor, todo: Iterator[FileTask],
+    pending: deque[tuple[list[FileTask], Future[list[FileResult]]]], workers: int, fn: ProcessFn, plan: _Plan,
+    handed_out: int,
 ) -> int:
     """Submit tasks until :data:`WINDOW_CHUNKS` per worker are in flight; returns the files handed out so far."""
     while len(pending) < workers * WINDOW_CHUNKS and (batch := list(islice(todo, plan.size(handed_out, workers)))):
@@ -631,10 +632,10 @@ def _hand_out(
 
 
 def _pooled(
-    pool: ProcessPoolExecutor, todo: Iterator[_Task], job: Job, workers: int, fn: ProcessFn, plan: _Plan,
-    deaths: list[int], pending: deque[tuple[list[_Task], Future[list[FileResult]]]] | None = None,
+    pool: ProcessPoolExecutor, todo: Iterator[FileTask], job: Job, workers: int, fn: ProcessFn, plan: _Plan,
+    deaths: list[int], pending: deque[tuple[list[FileTask], Future[list[FileResult]]]] | None = None,
     handed_out: int = 0,
-) -> Generator[tuple[_Task, FileResult], None, None]:
+) -> Generator[tuple[FileTask, FileResult], None, None]:
     pending = pending if pending is not None else deque()
     chunk = plan.chunk
     try:
@@ -652,7 +653,7 @@ def _pooled(
                 held = [(batch, future), *pending]
                 pending.clear()
                 yield from _recovered(held, job, workers, fn, chunk, deaths)
-                pool = _new_pool(job, workers, fork=False)
+                pool = new_pool(job, workers, fork=False)
                 continue
             yield from _merged(batch, results)
     finally:
@@ -660,9 +661,9 @@ def _pooled(
 
 
 def _recovered(
-    held: list[tuple[list[_Task], Future[list[FileResult]]]], job: Job, workers: int, fn: ProcessFn, chunk: int,
+    held: list[tuple[list[FileTask], Future[list[FileResult]]]], job: Job, workers: int, fn: ProcessFn, chunk: int,
     deaths: list[int],
-) -> Iterator[tuple[_Task, FileResult]]:
+) -> Iterator[tuple[FileTask, FileResult]]:
     """The held tasks' results, in order, after a worker died.
 
     A chunk that finished keeps its results. The others run again one file per task in
@@ -678,13 +679,13 @@ def _recovered(
 
 
 def _rerun(
-    tasks: list[_Task], job: Job, workers: int, fn: ProcessFn, chunk: int, deaths: list[int]
-) -> Iterator[tuple[_Task, FileResult]]:
+    tasks: list[FileTask], job: Job, workers: int, fn: ProcessFn, chunk: int, deaths: list[int]
+) -> Iterator[tuple[FileTask, FileResult]]:
     if chunk > 1:
-        yield from _pooled(_new_pool(job, workers, fork=False), iter(tasks), job, workers, fn, _Plan(1), deaths)
+        yield from _pooled(new_pool(job, workers, fork=False), iter(tasks), job, workers, fn, _Plan(1), deaths)
         return
     for task in tasks:
-        yield task, _refused_unread(task) if task.refusal is not None else _isolated(task, job, fn)
+        yield task, _refused_unread(task) if task.refusal is not None else isolated(task, job, fn)
 
 
 def _finished(future: Future[list[FileResult]]) -> bool:
@@ -773,9 +774,9 @@ def _check_source_and_destination(src: Path, dst: Path) -> None:
         raise DeidError(f"source {src} does not exist; pass the folder holding the DICOM export")
     if dst.resolve() == src.resolve():
         raise DeidError("the destination must differ from the source")
-    if _inside(src, dst):
+    if lies_inside(src, dst):
         raise DeidError(f"the source {src} lies inside the destination {dst}; choose another destination")
-    if src.is_dir() and _inside(dst, src):
+    if src.is_dir() and lies_inside(dst, src):
         raise DeidError(
             f"the destination {dst} lies inside the source {src}: a later run would read its own "
             "output back in as input; choose a destination outside the source"
@@ -785,17 +786,17 @@ def _check_source_and_destination(src: Path, dst: Path) -> None:
 
 
 def _check_quarantine_and_key(src: Path, dst: Path, quarantine_dir: Path, key_file: Path) -> None:
-    if _inside(quarantine_dir, dst):
+    if lies_inside(quarantine_dir, dst):
         raise DeidError(
             f"the quarantine {quarantine_dir} lies inside the destination {dst}: it holds raw, "
             "identifying files; choose a folder outside the destination"
         )
-    if src.is_dir() and _inside(quarantine_dir, src):
+    if src.is_dir() and lies_inside(quarantine_dir, src):
         raise DeidError(
             f"the quarantine {quarantine_dir} lies inside the source {src}: a later run would read "
             "its copies back in as input; choose a folder outside the source (--quarantine)"
         )
-    if _inside(key_file, dst):
+    if lies_inside(key_file, dst):
         raise DeidError(
             f"the key file {key_file} lies inside the destination {dst}; the site secret must "
             "never be stored with de-identified data: keep it elsewhere"
@@ -829,8 +830,8 @@ def _prepare_store(paths: _Paths, secret: bytes, site_policy: Policy, reid_table
     try:
         reid_writer, reid_key_pem = open_reid_for_run(site_policy, reid_table, paths.dst)
         paths.dst.mkdir(parents=True, exist_ok=True)
-        _check_store(paths.dst, secret, site_policy.applied_options)
-        _sweep_temporaries(paths.dst)
+        check_store(paths.dst, secret, site_policy.applied_options)
+        sweep_temporaries(paths.dst)
         return _Store(reid_writer, reid_key_pem, _Reserve(paths.dst))
     except OSError as err:
         raise DeidError(_cannot_write(err, paths.dst)) from None
@@ -906,14 +907,14 @@ class _Recorder:
         self.quarantine = Quarantine(paths.quarantine_dir)
         self.tally = _Tally()
 
-    def record(self, task: _Task, result: FileResult) -> None:
+    def record(self, task: FileTask, result: FileResult) -> None:
         """Place a worker's output, or quarantine its input, and record which; then checkpoint."""
         try:
             self._record(task, result)
         finally:
             self.done.checkpoint()
 
-    def _record(self, task: _Task, result: FileResult) -> None:
+    def _record(self, task: FileTask, result: FileResult) -> None:
         if result.kind == KIND_DISK_FULL:  # no file is to blame: stop, quarantine nothing
             raise DiskFullError(_disk_full(self.paths.dst, result.reason))
         if result.kind == KIND_DONE:
@@ -926,10 +927,10 @@ class _Recorder:
         else:
             self._place(task, result, result.rel_path, result.tmp_path)
 
-    def _place(self, task: _Task, result: FileResult, rel_path: str, tmp_path: str) -> None:
+    def _place(self, task: FileTask, result: FileResult, rel_path: str, tmp_path: str) -> None:
         """Rename the output into place (or settle a duplicate of this run) and journal its input."""
         target = self.paths.dst / rel_path
-        if _written_this_run(target, self.done.mark_ns):
+        if written_this_run(target, self.done.mark_ns):
             Path(tmp_path).unlink(missing_ok=True)
             self._duplicate(task, result, target)
             return
@@ -948,9 +949,9 @@ class _Recorder:
         if self.store.reid_writer is not None and result.reid_row is not None:
             self.store.reid_writer.add(*result.reid_row)
 
-    def _duplicate(self, task: _Task, result: FileResult, target: Path) -> None:
+    def _duplicate(self, task: FileTask, result: FileResult, target: Path) -> None:
         """A second input with the same output path: the same bytes are a duplicate, others a conflict."""
-        if _file_sha256(target) != result.output_digest:
+        if file_sha256(target) != result.output_digest:
             self.refuse(task, result, screening.REASON_DUPLICATE)
             return
         self.trail.append(KIND_SKIPPED, input_digest=result.input_digest, sop_uid=result.sop_uid,
@@ -958,7 +959,7 @@ class _Recorder:
         self.tally.skipped += 1
         self.done.add(result.input_digest)  # its row is the first copy's
 
-    def refuse(self, task: _Task, result: FileResult, reason: str) -> None:
+    def refuse(self, task: FileTask, result: FileResult, reason: str) -> None:
         """Quarantine the input (a copy, unless it was never read) and record why."""
         try:
             self.quarantine.add(task.path, task.relative, reason, result.input_digest, copy=not result.unread)
@@ -979,7 +980,7 @@ class _Recorder:
         A run that received every result, with no worker lost, left none: each output was renamed or removed.
         """
         if sweep:
-            _sweep_temporaries(self.paths.dst)  # also gives back the space of outputs still in flight
+            sweep_temporaries(self.paths.dst)  # also gives back the space of outputs still in flight
         self.store.reserve.release()  # after a full disk: room for the last journal lines and the stop record
         try:
             if self.store.reid_writer is not None:
@@ -993,7 +994,7 @@ class _Recorder:
 
 
 def _deidentify_all(
-    recorder: _Recorder, results: Iterator[tuple[_Task, FileResult]] | _Results, total: int, progress: bool
+    recorder: _Recorder, results: Iterator[tuple[FileTask, FileResult]] | _Results, total: int, progress: bool
 ) -> DiskFullError | None:
     """Record every result; a full disk stops the run (returned), anything else propagates."""
     stopped: DiskFullError | None = None
@@ -1030,7 +1031,7 @@ def _finish(recorder: _Recorder, stopped: DiskFullError | None, total: int, secr
     """Seal the trail: with the stop record (and raise), or after rebuilding the manifest."""
     trail, paths = recorder.trail, recorder.paths
     counts = recorder.tally.counts(total)
-    fingerprint = _key_fingerprint(secret)
+    fingerprint = key_fingerprint(secret)
     if stopped is not None:
         try:
             trail.append("deid_stopped", reason=str(stopped), **counts, key_fingerprint=fingerprint)
@@ -1105,7 +1106,7 @@ def run_deid(
     except BaseException:
         if results is not None:
             results.close()
-            _sweep_temporaries(paths.dst)  # the first tasks were handed out: their outputs are never placed
+            sweep_temporaries(paths.dst)  # the first tasks were handed out: their outputs are never placed
         store.reserve.release()
         raise
     recorder = _Recorder(paths, trail, done, store)

@@ -44,15 +44,15 @@ from anonymization.audit import AuditError, AuditTrail, open_trail, read_records
 from anonymization.audit.keys import SIGNING_KEY_NAME
 from anonymization.batch import (
     DoneIndex,
-    _check_store,
-    _file_sha256,
-    _inside,
-    _isolated,
-    _key_fingerprint,
-    _new_pool,
-    _sweep_temporaries,
-    _Task,
-    _written_this_run,
+    FileTask,
+    check_store,
+    file_sha256,
+    isolated,
+    key_fingerprint,
+    lies_inside,
+    new_pool,
+    sweep_temporaries,
+    written_this_run,
 )
 from anonymization.engine import MEDFED_VERSION
 from anonymization.errors import DeidError, is_disk_full
@@ -77,7 +77,7 @@ from anonymization.worker import (
     load_done_index,
     process_path,
 )
-from anonymization.writer import _meta_bytes
+from anonymization.writer import file_meta_bytes
 
 log = logging.getLogger(__name__)
 
@@ -209,10 +209,10 @@ class Intake:
         if self.min_free_bytes < 0:
             raise IntakeError("--min-free must not be negative")
         for name, folder in (("quarantine", self.quarantine_dir), ("spool", self.spool_dir)):
-            if _inside(folder, self.dst):
+            if lies_inside(folder, self.dst):
                 raise IntakeError(f"the {name} {folder} lies inside the destination {self.dst}: it holds raw, "
                                   f"identifying files; choose a folder outside the destination (--{name})")
-        if _inside(self.key_file, self.dst):
+        if lies_inside(self.key_file, self.dst):
             raise IntakeError(f"the key file {self.key_file} lies inside the destination {self.dst}; the site "
                               "secret must never be stored with de-identified data: keep it elsewhere")
         self._policy_arg = policy
@@ -243,8 +243,8 @@ class Intake:
         try:
             self.reid_writer, reid_key_pem = open_reid_for_run(self.policy, None, self.dst)
             self.dst.mkdir(parents=True, exist_ok=True)
-            _check_store(self.dst, secret, self.policy.applied_options)
-            _sweep_temporaries(self.dst)
+            check_store(self.dst, secret, self.policy.applied_options)
+            sweep_temporaries(self.dst)
             leftovers = self._clear_spool()
             flush = getattr(self.reid_writer, "flush", None)
             self.done = DoneIndex(self.dst, secret, self.policy, before_commit=flush if callable(flush) else None)
@@ -287,7 +287,7 @@ class Intake:
         """Record the listener's settings (AE titles, TLS, port: no identifier) in the trail."""
         with self._lock:
             self.trail.append(KIND_STARTED, **fields, study_timeout=self.study_timeout,
-                              min_free_bytes=self.min_free_bytes, key_fingerprint=_key_fingerprint(self._secret))
+                              min_free_bytes=self.min_free_bytes, key_fingerprint=key_fingerprint(self._secret))
             self.trail.sync()
 
     def close(self) -> IntakeCounts:
@@ -312,7 +312,7 @@ class Intake:
                     log.warning("the done-index could not be synced (%s); the next start rebuilds it from the trail",
                                 err.strerror or err)
                 self.trail.append(KIND_STOPPED, **vars(self.counts), studies_open=open_studies,
-                                  manifest_current=manifest_current, key_fingerprint=_key_fingerprint(self._secret))
+                                  manifest_current=manifest_current, key_fingerprint=key_fingerprint(self._secret))
                 self.trail.close()
         return self.counts
 
@@ -325,7 +325,7 @@ class Intake:
     def _start_engine(self) -> None:
         """The de-identification engine: forked worker processes, or this process for one worker."""
         if self.workers > 1:
-            self._pool = _new_pool(self.job, self.workers, fork=True)
+            self._pool = new_pool(self.job, self.workers, fork=True)
         else:
             init_worker(self.job)
 
@@ -421,8 +421,8 @@ class Intake:
             with self._engine_lock:
                 if self._pool is pool and not self._closed:
                     pool.shutdown(wait=False, cancel_futures=True)
-                    self._pool = _new_pool(self.job, self.workers, fork=False)
-            return _isolated(_Task(spool, spool.name), self.job, process_path)
+                    self._pool = new_pool(self.job, self.workers, fork=False)
+            return isolated(FileTask(spool, spool.name), self.job, process_path)
 
     def _commit(self, result: FileResult, spool: Path, calling_ae: str) -> tuple[Outcome, _Pending | None]:
         """Place the output and record it (lock held); the pending flush its Success waits for."""
@@ -439,9 +439,9 @@ class Intake:
         tmp = Path(result.tmp_path)
         commits = self._commits
         assert commits is not None
-        if _written_this_run(target, self.done.mark_ns):  # a resend: one output (its flush may still be pending)
+        if written_this_run(target, self.done.mark_ns):  # a resend: one output (its flush may still be pending)
             tmp.unlink(missing_ok=True)
-            if _file_sha256(target) != result.output_digest:
+            if file_sha256(target) != result.output_digest:
                 return self._quarantine(result, spool, calling_ae, screening.REASON_DUPLICATE), None
             self.trail.append(KIND_SKIPPED, input_digest=result.input_digest, sop_uid=result.sop_uid,
                               reason=REASON_DUPLICATE_RECEIVED, via="dicom", calling_ae=calling_ae)
@@ -512,7 +512,7 @@ class Intake:
 
     def _sync_records(self, *, synced_dst: bool = False) -> None:
         """The trail is durable before a status goes out (a syncfs of DST covers it when it lives there)."""
-        if not synced_dst or not _inside(self.audit_dir, self.dst):
+        if not synced_dst or not lies_inside(self.audit_dir, self.dst):
             self.trail.sync()
 
     def _low_on_space(self, incoming: int) -> bool:
@@ -698,7 +698,7 @@ class _GroupCommit:
             paths.add(folder)  # the rename
             if folder not in self._known:  # a new study (or patient) folder: its entry in its parents too
                 folders.add(folder)
-                paths.update(p for p in (folder.parent, folder.parent.parent, intake.dst) if _inside(p, intake.dst))
+                paths.update(p for p in (folder.parent, folder.parent.parent, intake.dst) if lies_inside(p, intake.dst))
         with intake._lock:  # the trail's active file as of now: every record of this batch is in it
             trail = intake.trail.path if intake.trail.path.exists() else None
         if trail is not None:
@@ -862,14 +862,14 @@ def received_file(event: Any) -> bytes:
     """A C-STORE request's instance as a DICOM file: the bytes of ``event.encoded_dataset()``, made faster.
 
     pynetdicom builds the file meta through pydicom datasets (about a third of the SCP's own work per
-    instance); these five elements are written by hand instead (:func:`anonymization.writer._meta_bytes`),
+    instance); these five elements are written by hand instead (:func:`anonymization.writer.file_meta_bytes`),
     with the same values: the request's SOP class and instance, the context's transfer syntax, pynetdicom's
     implementation UID and version. The dataset is kept as the peer sent it.
     """
     from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
     request = event.request
-    meta = _meta_bytes({
+    meta = file_meta_bytes({
         "MediaStorageSOPClassUID": request.AffectedSOPClassUID or "",
         "MediaStorageSOPInstanceUID": request.AffectedSOPInstanceUID or "",
         "TransferSyntaxUID": event.context.transfer_syntax,

@@ -207,7 +207,7 @@ def attach_labels(dst: Path, key_file: Path, labels: Path, *, audit: Path | None
     """
     from anonymization.audit import AuditError, open_trail, resolve_key_path
     from anonymization.audit.keys import SIGNING_KEY_NAME
-    from anonymization.batch import STATE_FILE, _key_fingerprint
+    from anonymization.batch import STATE_FILE, key_fingerprint
     from anonymization.keys import load_or_create_secret
     from anonymization.manifest import COLUMNS, MANIFEST_FILE, read_manifest
     from medfed.files import write_file
@@ -224,7 +224,7 @@ def attach_labels(dst: Path, key_file: Path, labels: Path, *, audit: Path | None
         recorded = json.loads((dst / STATE_FILE).read_text("utf-8")).get("key_fingerprint")
     except (OSError, ValueError):
         recorded = None
-    if recorded != _key_fingerprint(secret):
+    if recorded != key_fingerprint(secret):
         raise LabelsError(f"{dst} was de-identified with a different site key; pass that key (--key)")
     try:
         profile = json.loads((dst / STATE_FILE).read_text("utf-8")).get("profile", [])

@@ -48,7 +48,7 @@ def encode_file(ds: Dataset, meta: FileMetaDataset | Mapping[str, str], source: 
             syntax = UID(values["TransferSyntaxUID"])
             encoding = (syntax.is_implicit_VR, syntax.is_little_endian)
             if source is not None and syntax != DeflatedExplicitVRLittleEndian and _same_encoding(ds, encoding):
-                return _encode(ds, _meta_bytes(values), encoding, source)
+                return _encode(ds, file_meta_bytes(values), encoding, source)
         full = FileMetaDataset()
         for keyword, value in values.items():
             setattr(full, keyword, value)
@@ -157,7 +157,7 @@ def encode_file_meta(meta: FileMetaDataset) -> bytes:
         head.is_implicit_VR, head.is_little_endian = False, True
         write_file_meta_info(head, meta, enforce_standard=True)
         return head.getvalue()
-    return _meta_bytes({keyword: str(meta[tag].value) for keyword, tag in _META_KEYWORDS.items()})
+    return file_meta_bytes({keyword: str(meta[tag].value) for keyword, tag in _META_KEYWORDS.items()})
 
 
 _META_KEYWORDS = {
@@ -169,7 +169,7 @@ _META_KEYWORDS = {
 }
 
 
-def _meta_bytes(values: Mapping[str, str]) -> bytes:
+def file_meta_bytes(values: Mapping[str, str]) -> bytes:
     body = [_short(0x00020001, b"OB", b"\x00\x01", long=True)]
     for keyword, tag in _META_KEYWORDS.items():  # in tag order
         text = str(values[keyword]).encode("ascii")

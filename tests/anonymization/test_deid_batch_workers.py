@@ -201,10 +201,10 @@ def _answer(path: str) -> FileResult:
 
 
 def test_the_last_pool_tasks_shrink_so_no_worker_ends_long_after_the_other(tmp_path: Path) -> None:
-    tasks = [batch._Task(tmp_path / f"f{i:03d}", f"f{i:03d}") for i in range(200)]
+    tasks = [batch.FileTask(tmp_path / f"f{i:03d}", f"f{i:03d}") for i in range(200)]
     plan = batch._Plan(batch.CHUNK_FILES, total=len(tasks))
     sizes, answered, todo, handed_out = [], [], iter(tasks), 0
-    pending: deque[tuple[list[batch._Task], Future[list[FileResult]]]] = deque()
+    pending: deque[tuple[list[batch.FileTask], Future[list[FileResult]]]] = deque()
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
         while True:
             handed_out = batch._hand_out(pool, todo, pending, 2, _answer, plan, handed_out)
