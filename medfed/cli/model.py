@@ -19,7 +19,9 @@ _TlsParts = tuple[Path | None, Path | None, Path | None]
 model_app = typer.Typer(help="The consortium's signed model releases: release, verify, calibrate.",
                         no_args_is_help=True)
 
-# The --send options, shared by `predict` and `send` (site_client.send has the defaults' reasons).
+# The --send options, shared by `predict` and `send`. Their defaults are site_client.send's (which this light
+# module does not import; tests/site_client/test_send.py checks they agree).
+_SEND_AE_DEFAULT, _SEND_TRIES_DEFAULT, _SEND_TIMEOUT_DEFAULT = "MEDFED", 3, 30.0
 _SEND_HELP = "Store the SRs and saliency maps in PACS by C-STORE: AE@HOST:PORT."
 _SEND_AE = Annotated[str, typer.Option("--send-ae-title", help="Our calling AE title for --send.")]
 _SEND_CERT = Annotated[Path | None, typer.Option("--send-tls-cert", help="Our client certificate (PEM).")]
@@ -154,12 +156,12 @@ def predict(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     send: Annotated[str | None, typer.Option("--send", help=_SEND_HELP)] = None,
-    send_ae_title: _SEND_AE = "MEDFED",
+    send_ae_title: _SEND_AE = _SEND_AE_DEFAULT,
     send_tls_cert: _SEND_CERT = None,
     send_tls_key: _SEND_KEY = None,
     send_tls_ca: _SEND_CA = None,
-    send_tries: _SEND_TRIES = 3,
-    send_timeout: _SEND_TIMEOUT = 30.0,
+    send_tries: _SEND_TRIES = _SEND_TRIES_DEFAULT,
+    send_timeout: _SEND_TIMEOUT = _SEND_TIMEOUT_DEFAULT,
 ) -> None:
     """Score new studies with a verified release, at the site; results go only to the PACS --send names."""
     from medfed.settings import ConfigError
@@ -239,12 +241,12 @@ def send_results(
     send: Annotated[str, typer.Option("--send", help=_SEND_HELP)],
     all_files: Annotated[bool, typer.Option(
         "--all", help="Send every result again, not only those sent.csv does not list as sent.")] = False,
-    send_ae_title: _SEND_AE = "MEDFED",
+    send_ae_title: _SEND_AE = _SEND_AE_DEFAULT,
     send_tls_cert: _SEND_CERT = None,
     send_tls_key: _SEND_KEY = None,
     send_tls_ca: _SEND_CA = None,
-    send_tries: _SEND_TRIES = 3,
-    send_timeout: _SEND_TIMEOUT = 30.0,
+    send_tries: _SEND_TRIES = _SEND_TRIES_DEFAULT,
+    send_timeout: _SEND_TIMEOUT = _SEND_TIMEOUT_DEFAULT,
 ) -> None:
     """Send a predict run's results to PACS again, scoring nothing: by default only what was not sent."""
     from site_client.inference import EXPLAIN_DIR, SR_DIR

@@ -292,3 +292,17 @@ def test_plain_send_to_a_tls_port_fails_cleanly(files: list[Path], tmp_path: Pat
     report = send_files(files, Target("PACS", "127.0.0.1", port), tries=1, timeout=3)
     assert not report.sent and list(received.iterdir()) == []
     assert report.failed[0].reason, report.failed[0].reason
+
+
+def test_the_cli_send_options_default_to_the_senders_own_defaults() -> None:
+    """`medfed predict --send` and `medfed send` spell the defaults out (a light module); they must be these."""
+    import inspect
+
+    from medfed.cli.model import predict, send_results
+    from site_client.send import DEFAULT_CALLING_AE, DEFAULT_TIMEOUT, DEFAULT_TRIES
+
+    for command in (predict, send_results):
+        params = inspect.signature(command).parameters
+        assert params["send_ae_title"].default == DEFAULT_CALLING_AE
+        assert params["send_tries"].default == DEFAULT_TRIES
+        assert params["send_timeout"].default == DEFAULT_TIMEOUT
