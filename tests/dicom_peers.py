@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from medfed.processes import stop_child
+
 if TYPE_CHECKING:  # imported where used: conftest.py loads this module for every test
     from anonymization.intake import TlsFiles
 
@@ -108,14 +110,9 @@ def start_orthanc(folder: Path, modalities: dict[str, list], procs: list[subproc
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
-    """Terminate each process, kill it after WAIT seconds."""
+    """Terminate each process, kill it after WAIT seconds (medfed's own way of stopping a child)."""
     for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(timeout=WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=WAIT)
+        stop_child(proc, WAIT)
 
 
 # ---- a hospital PKI -----------------------------------------------------------------------------
