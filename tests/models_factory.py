@@ -21,6 +21,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from models.dataset import MANIFEST_COLUMNS, MANIFEST_NAME
+from models.study import Study
 
 HU_INTERCEPT = -1024.0
 
@@ -83,6 +84,24 @@ class Store:
             writer = csv.DictWriter(fh, fieldnames=list(MANIFEST_COLUMNS))
             writer.writeheader()
             writer.writerows(self.rows)
+
+
+def signal_logits(study: Study, n: int, seed: int, shift: tuple[float, float, float] = (1.2, 1.5, 1.2),
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Logits with some signal about random targets of ``study``'s task: noise N(0, 1.5) plus ``shift``
+    (binary, multiclass, multilabel) where the target is present."""
+    rng = np.random.default_rng(seed)
+    k = len(study.classes)
+    if study.task == "binary":
+        y = rng.integers(0, 2, n)
+        return rng.normal(0, 1.5, n) + shift[0] * y, y
+    if study.task == "multiclass":
+        y = rng.integers(0, k, n)
+        logits = rng.normal(0, 1.5, (n, k))
+        logits[np.arange(n), y] += shift[1]
+        return logits, y
+    y = rng.integers(0, 2, (n, k))
+    return rng.normal(0, 1.5, (n, k)) + shift[2] * y, y
 
 
 def make_store(

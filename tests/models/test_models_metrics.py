@@ -30,6 +30,7 @@ from models.metrics import (
     release_edges,
 )
 from models.study import Study
+from tests.models_factory import signal_logits
 
 BINARY = Study()
 MULTICLASS = Study(task="multiclass", classes=("normal", "benign", "malignant"))
@@ -38,18 +39,7 @@ MULTILABEL = Study(task="multilabel", classes=("effusion", "nodule", "edema"))
 
 def _data(study: Study, n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Logits that carry some signal about random targets of ``study``'s task."""
-    rng = np.random.default_rng(seed)
-    k = len(study.classes)
-    if study.task == "binary":
-        y = rng.integers(0, 2, n)
-        return rng.normal(0, 1.5, n) + 1.2 * y, y
-    if study.task == "multiclass":
-        y = rng.integers(0, k, n)
-        logits = rng.normal(0, 1.5, (n, k))
-        logits[np.arange(n), y] += 1.5
-        return logits, y
-    y = rng.integers(0, 2, (n, k))
-    return rng.normal(0, 1.5, (n, k)) + 1.2 * y, y
+    return signal_logits(study, n, seed)
 
 
 def _ece(p: np.ndarray, y: np.ndarray, bins: int) -> float:

@@ -37,6 +37,7 @@ from site_client.dp_evaluation import (
 from site_client.egress import EVALUATE_METRICS, check_reply
 from site_client.task import evaluate_round, ledger_for
 from tests.grid_factory import Sites
+from tests.models_factory import signal_logits
 
 MULTICLASS = Study(task="multiclass", classes=("normal", "benign", "malignant"))
 MULTILABEL = Study(task="multilabel", classes=("effusion", "nodule"))
@@ -46,18 +47,7 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _scores(study: Study, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    k = len(study.classes)
-    if study.task == "binary":
-        y = rng.integers(0, 2, n)
-        return rng.normal(0, 1.5, n) + y, y
-    if study.task == "multiclass":
-        y = rng.integers(0, k, n)
-        logits = rng.normal(0, 1.5, (n, k))
-        logits[np.arange(n), y] += 1.5
-        return logits, y
-    y = rng.integers(0, 2, (n, k))
-    return rng.normal(0, 1.5, (n, k)) + 1.5 * y, y
+    return signal_logits(study, n, seed, shift=(1.0, 1.5, 1.5))
 
 
 def _vector(counts: object) -> np.ndarray:
