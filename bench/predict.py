@@ -2,10 +2,11 @@
 
 The baseline is the least a scorer can do: the same network over the same already-decoded tensors, in
 batches, nothing else, at its best thread count. `medfed predict` also reads, decodes and preprocesses
-every file (a reader thread on a CPU, overlapping the network), loads the release and writes its CSV.
-The ratio says how much of the model's own speed the whole command keeps; goal >= 0.8x. Beside it:
+every file (reader processes, taking turns with the network on a CPU), loads the release and writes its CSV.
+The ratio says how much of the model's own speed the whole command keeps; goal >= 0.8x. Both are
+measured ``--repeat`` times in turns and the best of each kept. Beside them:
 what decoding alone costs per image (one core, in-process), and what predict's reader and network
-each cost per image in the run, with the network threads its tuning chose. On few cores decoding and
+each cost per image in the run (reading: CPU summed over the readers). On few cores decoding and
 the network share the cores, so the ratio is bounded by model / (model + decode) for a cheap network.
 
     python bench/predict.py [--images 400] [--networks scatter-head,resnet18] [--image-size 64]
@@ -65,11 +66,14 @@ def _bare(model: torch.nn.Module, tensors: torch.Tensor, batch: int, device: str
 
 
 def _forward(model: torch.nn.Module, tensors: torch.Tensor, batch: int, device: str) -> float:
+    # Each batch its own tensor, as predict stacks them (a slice of one big tensor can run at another speed).
+    batches = [tensors[i:i + batch].clone() for i in range(0, len(tensors), batch)]
     with torch.inference_mode():
-        model(tensors[:batch].to(device))  # warm-up
+        for x in batches[:3]:  # warm-up: a scattering head's first batches build its filters
+            model(x.to(device))
         t0 = time.perf_counter()
-        for i in range(0, len(tensors), batch):
-            model(tensors[i:i + batch].to(device))
+        for x in batches:
+            model(x.to(device))
         if device == "cuda":
             torch.cuda.synchronize()
     return len(tensors) / (time.perf_counter() - t0)
@@ -85,7 +89,7 @@ class Figures:
     timing: Timing
 
 
-def measure(name: str, src: Path, work: Path, size: int, batch: int, device: str) -> Figures:
+def measure(name: str, src: Path, work: Path, size: int, batch: int, device: str, repeat: int) -> Figures:
     study = DEFAULT_STUDY.model_copy(update={"image_size": size, "network": Network(name=name)})
     signer = AuditSigner.generate()
     model = build_network(study).eval()
@@ -96,13 +100,21 @@ def measure(name: str, src: Path, work: Path, size: int, batch: int, device: str
     arrays = [a for p in source_files(src) for a in preprocess(read_dicom(p), study).arrays]
     decode = len(arrays) / (time.perf_counter() - t0)
     tensors = torch.from_numpy(np.stack(arrays))
-    bare, bare_threads = _bare(model.to(device), tensors, batch, device)
-    t0 = time.perf_counter()
-    summary = predict_folder(release, src, work / f"out-{name}", thresholds=(0.5,), threshold_label="bench",
-                             device=device, batch_size=batch, progress=False)
-    full = summary.images / (time.perf_counter() - t0)
-    assert summary.timing is not None
-    return Figures(full, bare, bare_threads, decode, summary.images, summary.timing)
+    best: Figures | None = None
+    for _ in range(repeat):  # taken in turns, best of each: a shared VM's noise hits both alike
+        bare, bare_threads = _bare(model.to(device), tensors, batch, device)
+        t0 = time.perf_counter()
+        summary = predict_folder(release, src, work / f"out-{name}", thresholds=(0.5,), threshold_label="bench",
+                                 device=device, batch_size=batch, progress=False)
+        full = summary.images / (time.perf_counter() - t0)
+        assert summary.timing is not None
+        if best is None:
+            best = Figures(full, bare, bare_threads, decode, summary.images, summary.timing)
+        best.bare, best.bare_threads = max((best.bare, best.bare_threads), (bare, bare_threads))
+        if full > best.predict:
+            best.predict, best.timing = full, summary.timing
+    assert best is not None
+    return best
 
 
 def main() -> None:
@@ -111,6 +123,7 @@ def main() -> None:
     parser.add_argument("--networks", default="scatter-head,resnet18")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3, help="measurements of each, best kept")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -125,7 +138,7 @@ def main() -> None:
         print(f"{'network':<14} {'images':>6} {'predict img/s':>13} {'bare img/s':>10} {'ratio':>5} "
               f"{'decode img/s':>12}   predict ms/img: read (CPU), network; network threads")
         for name in args.networks.split(","):
-            f = measure(name, src, work, args.image_size, args.batch, args.device)
+            f = measure(name, src, work, args.image_size, args.batch, args.device, args.repeat)
             t = f.timing
             print(f"{name:<14} {f.images:>6} {f.predict:>13.1f} {f.bare:>10.1f} {f.predict / f.bare:>5.2f} "
                   f"{f.decode:>12.1f}   {1e3 * t.read_cpu_s / max(1, t.read):.2f}, "

@@ -1,33 +1,36 @@
 """`medfed predict`: a verified release applied to DICOM as it comes from PACS, at the site.
 
-Files are read and preprocessed exactly as the study trains (models.preprocess) by a reader
-thread (CPU) or DataLoader workers (GPU) while the model scores the batch before, so decoding
-overlaps inference (docs/inference.md, "Speed"). The
-predictions, the results as DICOM and the saliency maps stay in OUT, in the hospital's own
-identifiers (these are the hospital's images, not a de-identified store); only `--send` stores
-the DICOM results in the PACS the site names (site_client.send).
+Files are read and preprocessed exactly as the study trains (models.preprocess) by reader
+processes: on a CPU they take turns with the network, each using every core; on a GPU they read
+ahead while it scores (docs/inference.md, "Speed"). The predictions, the results as DICOM and
+the saliency maps stay in OUT, in the hospital's own identifiers (these are the hospital's images,
+not a de-identified store); only `--send` stores the DICOM results in the PACS the site names
+(site_client.send).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import logging
+import multiprocessing
 import os
-import queue
-import sys
-import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+import pydicom
 import torch
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from torch.utils.data import DataLoader
-from torch.utils.data import Dataset as TorchDataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from medfed.files import write_file
 from models.release import Release
@@ -48,92 +51,6 @@ _HEADER_ONLY = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 class PredictError(Exception):
     """Prediction cannot run as asked; the message says what to do."""
-
-
-@dataclass
-class Example:
-    """One preprocessed frame of one source file."""
-
-    index: int  # the file's position in the scan
-    frame: int
-    array: np.ndarray
-
-
-@dataclass
-class Scored:
-    """One image's scores and decision, with what the SR and the CSV need to reference it."""
-
-    path: str
-    header: Dataset
-    frame: int
-    scores: np.ndarray
-    decision: str
-    positive: tuple[bool, ...]
-
-
-@dataclass
-class PredictSummary:
-    """What `medfed predict` did."""
-
-    out: Path
-    images: int
-    files: int
-    unusable: list[tuple[str, str]]
-    threshold: str
-    seconds: float
-    srs: list[Path] = field(default_factory=list)
-    saliency: list[Path] = field(default_factory=list)
-    timing: Timing | None = None
-
-    def line(self) -> str:
-        return (f"{self.images} image(s) from {self.files} file(s) scored, {len(self.unusable)} unusable; "
-                f"threshold {self.threshold}")
-
-
-def source_files(src: Path) -> list[Path]:
-    """Every regular file under ``src`` (symbolic links are not followed), in a stable order."""
-    if not src.is_dir():
-        raise PredictError(f"{src} is not a folder; pass the folder of DICOM files to score")
-    found = []
-    for root, dirs, files in os.walk(src, followlinks=False):
-        dirs.sort()
-        for name in sorted(files):
-            p = Path(root) / name
-            if p.is_file() and not p.is_symlink():
-                found.append(p)
-    return found
-
-
-class _Files(TorchDataset):
-    """One item per file: its header (no pixels), its preprocessed frames, or the reason it has none."""
-
-    def __init__(self, files: list[Path], study: Study) -> None:
-        self.files, self.study = files, study
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[int, Dataset | None, list[Example], str | None]:
-        from models.preprocess import Unusable, preprocess, read_dicom
-
-        try:
-            ds = read_dicom(self.files[i])
-            done = preprocess(ds, self.study)
-        except Unusable as err:
-            return i, None, [], err.reason
-        except Exception as exc:  # noqa: BLE001 - one odd file must not stop the scan
-            return i, None, [], f"cannot be preprocessed ({type(exc).__name__})"
-        if not done.usable:
-            return i, None, [], done.reason or "no usable frame"
-        header = ds.copy()
-        for kw in _HEADER_ONLY:
-            if kw in header:
-                delattr(header, kw)
-        return i, header, [Example(i, f, a) for f, a in zip(done.frames, done.arrays, strict=True)], None
-
-
-def _collate(items: list[Any]) -> list[Any]:
-    return items
 
 
 def probabilities(logits: torch.Tensor, study: Study) -> np.ndarray:
@@ -180,156 +97,268 @@ def load_model(release: Release, device: str) -> torch.nn.Module:
 
 
 @dataclass
-class Timing:
-    """Where scoring's time went: what the reader and the network each cost per image, for tuning."""
+class SourceHeader:
+    """A scored file's identifiers, and its header for the SR and saliency maps, parsed only when written.
 
-    images: int = 0
-    read: int = 0  # files read by the reader thread
-    read_cpu_s: float = 0.0  # CPU time of reading and preprocessing (the reader thread; 0 with worker processes)
-    model_s: float = 0.0  # wall time of the forward passes
-    threads: int = 0  # the network's CPU threads after tuning (0 on a GPU)
-
-
-#: Seconds the reader may hold the GIL while the network waits for it between two operations (Python's
-#: default, 5 ms, made a ResNet-18's forward pass 25-45 % slower beside a reader parsing DICOM).
-_SWITCH_INTERVAL = 0.0002
-
-
-def _read_in_thread(dataset: _Files, ahead: int, timing: Timing) -> Iterator[Any]:
-    """``dataset``'s items in order, read by one thread of this process while the caller runs the network.
-
-    The network releases the GIL inside each operation, so on few cores a thread overlaps as well as
-    a worker process without its start-up, its own torch thread pool and the pickling of every header
-    and array (which costs the parent a third of the decoding again). The network takes the GIL back
-    between operations; while the reader runs, Python's switch interval is cut to
-    ``_SWITCH_INTERVAL`` so that it does not wait long for it.
+    ``raw`` is the file's bytes before its pixel data (a fortieth of a CT slice, cheap to hand from a
+    reader process; parsing it again is what the CSV alone never pays), or the header itself where
+    those bytes are not the file's own (a deflated or very large file).
     """
-    ready: queue.Queue[Any] = queue.Queue(maxsize=ahead)
-    stop = threading.Event()
-    done = object()
 
-    def offer(item: object) -> bool:
-        """Queue ``item``; False once the caller has stopped reading (then nothing more is read)."""
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    sop: str
+    study: str
+    series: str
+    raw: bytes | Dataset
 
-    def read() -> None:
-        try:
-            for i in range(len(dataset)):
-                cpu = time.thread_time()
-                item = dataset[i]
-                timing.read_cpu_s += time.thread_time() - cpu
-                timing.read += 1
-                if not offer(item):
-                    return
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller, who raises it
-            offer(exc)
-            return
-        offer(done)
+    @cached_property
+    def dataset(self) -> Dataset:
+        return self.raw if isinstance(self.raw, Dataset) else pydicom.dcmread(io.BytesIO(self.raw))
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(min(interval, _SWITCH_INTERVAL))
-    reader = threading.Thread(target=read, name="medfed-predict-reader", daemon=True)
-    reader.start()
+
+@dataclass
+class Scored:
+    """One image's scores and decision, with what the SR and the CSV need to reference it."""
+
+    path: str
+    source: SourceHeader
+    frame: int
+    scores: np.ndarray
+    decision: str
+    positive: tuple[bool, ...]
+
+    @property
+    def header(self) -> Dataset:
+        """The source file's header, without its pixels."""
+        return self.source.dataset
+
+
+@dataclass
+class PredictSummary:
+    """What `medfed predict` did."""
+
+    out: Path
+    images: int
+    files: int
+    unusable: list[tuple[str, str]]
+    threshold: str
+    seconds: float
+    srs: list[Path] = field(default_factory=list)
+    saliency: list[Path] = field(default_factory=list)
+    timing: Timing | None = None
+
+    def line(self) -> str:
+        return (f"{self.images} image(s) from {self.files} file(s) scored, {len(self.unusable)} unusable; "
+                f"threshold {self.threshold}")
+
+
+def source_files(src: Path) -> list[Path]:
+    """Every regular file under ``src`` (symbolic links are not followed), in a stable order."""
+    if not src.is_dir():
+        raise PredictError(f"{src} is not a folder; pass the folder of DICOM files to score")
+    found = []
+    for root, dirs, files in os.walk(src, followlinks=False):
+        dirs.sort()
+        for name in sorted(files):
+            p = Path(root) / name
+            if p.is_file() and not p.is_symlink():
+                found.append(p)
+    return found
+
+
+@dataclass
+class _Read:
+    """One file as a reader hands it over: its header and preprocessed frames, or why it has none."""
+
+    index: int
+    source: SourceHeader | None
+    frames: list[tuple[int, np.ndarray]]
+    reason: str | None
+    cpu_s: float
+
+
+#: Top-level pixel data elements: where a file's header ends.
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+
+
+def _header_of(data: bytes | None, ds: Dataset) -> bytes | Dataset:
+    """The bytes of ``data`` before its pixel data; the header itself where they are not the parsed bytes.
+
+    Called before the pixels are decoded: only an unconverted element still knows where it was read.
+    """
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if data is not None and syntax != DeflatedExplicitVRLittleEndian:  # deflated: offsets are the inflated stream's
+        for tag in _PIXEL_TAGS:
+            if tag in ds:
+                raw = ds.get_item(tag)
+                if isinstance(raw, RawDataElement) and raw.value_tell:
+                    return data[:raw.value_tell - (8 if raw.is_implicit_VR else 12)]
+                break
+    header = ds.copy()
+    for kw in _HEADER_ONLY:
+        if kw in header:
+            delattr(header, kw)
+    return header
+
+
+def _read_file(path: Path, index: int, study: Study) -> _Read:
+    """Read and preprocess one file as the study trains; any failure becomes the reason it is unusable."""
+    from models.preprocess import Unusable, preprocess, read_dicom_bytes
+
+    cpu = time.thread_time()
     try:
-        while (item := ready.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        reader.join()
-        sys.setswitchinterval(interval)
+        ds, data = read_dicom_bytes(path)
+        header = _header_of(data, ds)
+        done = preprocess(ds, study)
+        if not done.usable:
+            raise Unusable(done.reason or "no usable frame")
+        source = SourceHeader(str(ds.get("SOPInstanceUID", "") or ""), str(ds.get("StudyInstanceUID", "") or ""),
+                              str(ds.get("SeriesInstanceUID", "") or ""), header)
+        return _Read(index, source, list(zip(done.frames, done.arrays, strict=True)), None, time.thread_time() - cpu)
+    except Unusable as err:
+        reason = err.reason
+    except Exception as exc:  # noqa: BLE001 - one odd file must not stop the scan
+        reason = f"cannot be preprocessed ({type(exc).__name__})"
+    return _Read(index, None, [], reason, time.thread_time() - cpu)
 
 
-def _read_in_workers(dataset: _Files, workers: int) -> Iterator[Any]:
-    """``dataset``'s items in order, read by ``workers`` DataLoader processes (many cores, a fast device)."""
-    loader = DataLoader(dataset, batch_size=8, num_workers=workers, collate_fn=_collate,
-                        persistent_workers=False, prefetch_factor=4)
-    for items in loader:
-        yield from items
+#: What a reader process reads from: the scan's files and the study (set once per process, at fork).
+_READER: tuple[list[Path], Study] | None = None
+
+
+def _start_reader(files: list[Path], study: Study) -> None:
+    global _READER
+    _READER = (files, study)
+    torch.set_num_threads(1)  # a reader enlarges small images with torch: one thread, not the parent's pool
+
+
+def _read_range(start: int, stop: int) -> list[_Read]:
+    assert _READER is not None
+    files, study = _READER
+    return [_read_file(files[i], i, study) for i in range(start, stop)]
+
+
+#: Why a file was not scored when the process reading it died (a decoder crash, or out of memory).
+READER_DIED = "the process reading it died (a decoder crashed on it, or memory ran out)"
+
+
+class _Readers:
+    """Files read and preprocessed by worker processes, a group at a time, in the scan's order.
+
+    Separate processes, not threads: pydicom parses in Python, and a thread parsing beside the network
+    holds the GIL the network needs between operations (a ResNet-18 at 64 px ran at a third of its
+    speed). A decoder that crashes on a hostile file takes down only its reader: the group is read
+    again one file per process, and the file that kills its reader is listed as unusable.
+    ``workers=0`` reads in this process (tests, one core). Unless ``keep``, the readers end with
+    each turn: idle forked readers made the network beside them 8-13 % slower (measured, DenseNet-121
+    at 224 px on 2 cores), more than forking them again costs.
+    """
+
+    def __init__(self, files: list[Path], study: Study, workers: int, keep: bool) -> None:
+        self.files, self.study, self.workers, self.keep = files, study, workers, keep
+        self.pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> _Readers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self.pool is None:
+            # fork: a reader starts in milliseconds with the parent's modules (a spawned one imports torch
+            # and pydicom again, seconds); what it inherits of torch's thread pool it does not use.
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
+                                            initializer=_start_reader, initargs=(self.files, self.study))
+        return self.pool
+
+    def submit(self, start: int, stop: int) -> list[Future[list[_Read]]] | list[_Read]:
+        """Start reading files ``start:stop``, split evenly over the readers (or read them now, in-process)."""
+        if not self.workers:
+            return [_read_file(self.files[i], i, self.study) for i in range(start, stop)]
+        bounds = np.linspace(start, stop, min(self.workers, stop - start) + 1).round().astype(int)
+        pool = self._pool()
+        return [pool.submit(_read_range, int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
+
+    def collect(self, start: int, stop: int, pending: list[Future[list[_Read]]] | list[_Read]) -> list[_Read]:
+        """What :meth:`submit` started, in order; a group whose reader died is read again a file at a time."""
+        if not self.workers:
+            return pending  # type: ignore[return-value]
+        try:
+            out = [r for f in pending for r in f.result()]  # type: ignore[union-attr]
+        except BrokenProcessPool:
+            self._stop()
+            out = []
+            for i in range(start, stop):
+                try:
+                    out.extend(self._pool().submit(_read_range, i, i + 1).result())
+                except BrokenProcessPool:
+                    self._stop()
+                    out.append(_Read(i, None, [], READER_DIED, 0.0))
+        if not self.keep:
+            self._stop()
+        return out
 
 
 def default_workers(device: str) -> int:
-    """Reader processes: none on a CPU (one reader thread), else all cores but one, at most 8.
+    """Reader processes: every core on a CPU (reading and scoring take turns), else all but one, at most 8.
 
-    On a CPU the network and the reading share the same cores whatever does the reading, so a
-    process buys nothing and costs pickling; a GPU leaves the cores to reading, which then limits.
+    One core reads in this process, without the cost of handing results between processes.
     """
-    cpus = os.cpu_count() or 1
-    return 0 if device == "cpu" else max(0, min(8, cpus - 1))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cpus == 1:
+        return 0
+    return cpus if device == "cpu" else min(8, cpus - 1)
 
 
-class _ThreadTuner:
-    """The network's CPU threads, chosen by measurement: all cores, or all but the one the reader needs.
+#: Bytes of preprocessed examples one turn of the readers produces, at most (above one batch).
+TURN_BYTES = 64 << 20
 
-    Which wins depends on what an image costs to read against what the network costs: a small network
-    at 64 px can be faster on one core beside the reader than on two that the reader keeps
-    interrupting; a DenseNet at 224 px is not, unless other work holds cores of the machine (threads
-    then wait for each other). After a warm-up batch, ``trial`` batches run on all cores; one core
-    fewer is tried (``trial`` batches) only if reading takes a fifth or more of the time per image or
-    the process got half a core less than it asked for (seen already in the warm-up batch, which
-    then ends the all-cores trial), so a heavy network on a quiet machine never pays for the trial.
-    The faster measured rate is kept.
+
+def files_per_turn(study: Study, batch_size: int) -> int:
+    """Files the readers take per turn: up to eight batches, within ``TURN_BYTES`` of examples.
+
+    Fewer, longer turns: each switch between reading and scoring costs the network its warm caches
+    and sleeping threads (a ResNet-18 at 64 px scored 30 % slower in turns of one batch than of eight).
     """
+    per_example = 4 * study.in_channels * study.image_size**2
+    return max(batch_size, min(8 * batch_size, TURN_BYTES // per_example))
 
-    def __init__(self, cpus: int, enabled: bool, trial: int = 1) -> None:
-        self.cpus, self.trial = cpus, trial
-        self.plan = [cpus] * (1 + trial) if enabled and cpus > 1 else []
-        self.rates: dict[int, list[float]] = {}
-        self.batches = 0
-        self.chosen = cpus
 
-    def threads(self) -> int:
-        """Threads for the next batch (the caller sets them)."""
-        return self.plan[self.batches] if self.batches < len(self.plan) else self.chosen
+@dataclass
+class Timing:
+    """Where scoring's time went: what reading and the network each cost per image, for tuning."""
 
-    def record(self, threads: int, images: int, seconds: float, cpu_seconds: float, read_per_image: float) -> None:
-        """One batch: ``seconds`` (and the process's ``cpu_seconds``) from asking for its files to its
-        scores; the reader's CPU time per file so far."""
-        measured = seconds > 0 and images > 0 and self.batches < len(self.plan)
-        crowded = measured and threads == self.cpus and cpu_seconds / seconds < self.cpus - 0.5
-        if measured and (self.batches > 0 or crowded):  # a first batch warms up; it counts only to say "crowded"
-            self.rates.setdefault(threads, []).append(images / seconds)
-        self.batches += 1
-        if self.batches == 1 and crowded:  # other work holds cores: no more batches on all of them
-            self.plan = [self.cpus] + [self.cpus - 1] * self.trial
-            return
-        if self.batches != len(self.plan) or not self.rates:
-            return
-        if self.plan[-1] == self.cpus and self.cpus in self.rates:
-            per_image = sum(1 / r for r in self.rates[self.cpus]) / len(self.rates[self.cpus])
-            if read_per_image >= per_image / 5 or crowded:  # a core for the reader, or fewer waits, may pay
-                self.plan += [self.cpus - 1] * self.trial
-                return
-        self.chosen = max(self.rates, key=lambda t: sum(self.rates[t]) / len(self.rates[t]))
-        log.debug("network threads: %s img/s per thread count -> %d", self.rates, self.chosen)
+    images: int = 0
+    read: int = 0  # files read
+    read_cpu_s: float = 0.0  # CPU time of reading and preprocessing, summed over the readers
+    model_s: float = 0.0  # wall time of the forward passes
+    threads: int = 0  # the network's CPU threads (0 on a GPU)
 
 
 def score_batches(model: torch.nn.Module, files: list[Path], study: Study, *, device: str, batch_size: int,
                   workers: int, timing: Timing | None = None) -> Iterator[
-                      tuple[list[tuple[int, Dataset, int, np.ndarray]], list[tuple[int, str]], np.ndarray]]:
+                      tuple[list[tuple[int, SourceHeader, int, np.ndarray]], list[tuple[int, str]], np.ndarray]]:
     """Yield ``(examples (file index, header, frame, array), unusable (index, reason), scores)`` per batch.
 
-    Files are read in order by a thread (``workers=0``) or by worker processes while the network
-    scores the batch before; each batch is scored as soon as it is full. On a CPU with a reader
-    thread, the network's threads are tuned on the first batches (:class:`_ThreadTuner`).
+    Files are read in groups (:func:`files_per_turn`) by ``workers`` processes. On a CPU, reading and the
+    network take turns, each with every core: the cores are the limit, and a reader running beside the
+    network's threads makes them wait for each other (measured: slower than taking turns). On a GPU,
+    the readers work two groups ahead while the device scores.
     """
     timing = timing if timing is not None else Timing()
-    dataset = _Files(files, study)
-    items = _read_in_workers(dataset, workers) if workers else _read_in_thread(dataset, 2 * batch_size, timing)
-    cpu = device == "cpu"
-    batches = len(files) // batch_size
-    tuner = _ThreadTuner(torch.get_num_threads(), cpu and not workers and batches >= 3)
-    pending: list[tuple[int, Dataset, int, np.ndarray]] = []
+    ahead = 0 if device == "cpu" else 2
+    group = files_per_turn(study, batch_size)
+    groups = [(s, min(s + group, len(files))) for s in range(0, len(files), group)]
+    pending: list[tuple[int, SourceHeader, int, np.ndarray]] = []
     bad: list[tuple[int, str]] = []
 
-    def run(batch: list[tuple[int, Dataset, int, np.ndarray]]) -> np.ndarray:
+    def run(batch: list[tuple[int, SourceHeader, int, np.ndarray]]) -> np.ndarray:
         x = torch.from_numpy(np.stack([a for *_, a in batch])).to(device)
         t = time.perf_counter()
         with torch.inference_mode(), torch.autocast("cuda", enabled=device == "cuda"):
@@ -338,27 +367,29 @@ def score_batches(model: torch.nn.Module, files: list[Path], study: Study, *, de
         timing.images += len(batch)
         return scores
 
-    threads = tuner.threads()
-    if cpu:
-        torch.set_num_threads(threads)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    for i, header, examples, reason in items:
-        if reason is not None:
-            bad.append((i, reason))
-        pending.extend((i, header, e.frame, e.array) for e in examples)
-        while len(pending) >= batch_size:
-            batch, pending = pending[:batch_size], pending[batch_size:]
-            scores = run(batch)
-            tuner.record(threads, len(batch), time.perf_counter() - started, time.process_time() - cpu_started,
-                         timing.read_cpu_s / max(1, timing.read))
-            if cpu and (threads := tuner.threads()) != torch.get_num_threads():
-                torch.set_num_threads(threads)
-            yield batch, bad, scores
-            bad = []
-            started, cpu_started = time.perf_counter(), time.process_time()
+    with _Readers(files, study, workers, keep=ahead > 0) as readers:
+        started = {g: readers.submit(*groups[g]) for g in range(min(1 + ahead, len(groups)))}
+        for g, bounds in enumerate(groups):
+            reads = readers.collect(*bounds, started.pop(g))
+            if ahead and g + 1 + ahead < len(groups):
+                started[g + 1 + ahead] = readers.submit(*groups[g + 1 + ahead])
+            for r in reads:
+                timing.read += 1
+                timing.read_cpu_s += r.cpu_s
+                if r.reason is not None:
+                    bad.append((r.index, r.reason))
+                else:
+                    assert r.source is not None
+                    pending.extend((r.index, r.source, frame, array) for frame, array in r.frames)
+            while len(pending) >= batch_size:
+                batch, pending = pending[:batch_size], pending[batch_size:]
+                yield batch, bad, run(batch)
+                bad = []
+            if ahead == 0 and g + 1 < len(groups):  # taking turns: the next group once this one is scored
+                started[g + 1] = readers.submit(*groups[g + 1])
     if pending or bad:
         yield pending, bad, run(pending) if pending else np.zeros((0, study.num_outputs))
-    timing.threads = torch.get_num_threads() if cpu else 0
+    timing.threads = torch.get_num_threads() if device == "cpu" else 0
 
 
 def scoring_progress(enabled: bool) -> Progress:
@@ -381,27 +412,21 @@ def predict_folder(release: Release, src: Path, out: Path, *, thresholds: tuple[
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(release, device)
     workers = default_workers(device) if workers is None else workers
-    threads = torch.get_num_threads()
-    if device == "cpu" and workers:  # worker processes on the same cores: the network takes what they leave
-        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - workers)))
     timing = Timing()
     scored: list[Scored] = []
     unusable: list[tuple[str, str]] = []
-    try:
-        with scoring_progress(progress) as bar:
-            task = bar.add_task("scoring", total=len(files))
-            seen: set[int] = set()
-            for batch, bad, scores in score_batches(model, files, study, device=device, batch_size=batch_size,
-                                                    workers=workers, timing=timing):
-                unusable.extend((str(files[i].relative_to(src)), reason) for i, reason in bad)
-                for (i, header, frame, _), s in zip(batch, scores, strict=True):
-                    decision, positive = decide(s, study, thresholds)
-                    scored.append(Scored(str(files[i].relative_to(src)), header, frame, s, decision, positive))
-                new = {i for i, *_ in batch} | {i for i, _ in bad}
-                bar.advance(task, len(new - seen))
-                seen |= new
-    finally:
-        torch.set_num_threads(threads)  # the tuning's choice was for this run only
+    with scoring_progress(progress) as bar:
+        task = bar.add_task("scoring", total=len(files))
+        seen: set[int] = set()
+        for batch, bad, scores in score_batches(model, files, study, device=device, batch_size=batch_size,
+                                                workers=workers, timing=timing):
+            unusable.extend((str(files[i].relative_to(src)), reason) for i, reason in bad)
+            for (i, source, frame, _), s in zip(batch, scores, strict=True):
+                decision, positive = decide(s, study, thresholds)
+                scored.append(Scored(str(files[i].relative_to(src)), source, frame, s, decision, positive))
+            new = {i for i, *_ in batch} | {i for i, _ in bad}
+            bar.advance(task, len(new - seen))
+            seen |= new
     _write_predictions(out, scored, study, threshold_label)
     _write_unusable(out, unusable)
     summary = PredictSummary(out=out, images=len(scored), files=len(files), unusable=unusable,
@@ -425,9 +450,8 @@ def _write_predictions(out: Path, scored: list[Scored], study: Study, threshold_
                 *(f"score_{c}" for c in (study.classes[1:] if study.task == "binary" else study.classes)),
                 "decision", "threshold"])
     for s in scored:
-        h = s.header
-        w.writerow([h.get("SOPInstanceUID", ""), h.get("StudyInstanceUID", ""), h.get("SeriesInstanceUID", ""),
-                    s.frame, s.path, *(f"{v:.6f}" for v in s.scores), s.decision, threshold_label])
+        w.writerow([s.source.sop, s.source.study, s.source.series, s.frame, s.path,
+                    *(f"{v:.6f}" for v in s.scores), s.decision, threshold_label])
     write_file(out / PREDICTIONS, buf.getvalue().encode())
 
 

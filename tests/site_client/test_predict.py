@@ -322,10 +322,10 @@ def test_send_options_are_checked_before_anything_is_scored(pacs: Path, tmp_path
     assert not out.exists()
 
 
-# ---- the scoring pipeline: a reader thread (CPU) or worker processes, the same scores ---------------
-def test_reader_thread_and_worker_processes_score_as_the_model_does_on_preprocess(pacs: Path, tmp_path: Path) -> None:
-    """predictions.csv is the network's output on models.preprocess's tensors, whoever reads the files and
-    whatever thread count the tuning tries on the way (batches of one: the tuner runs)."""
+# ---- the scoring pipeline: reader processes (or this process), the same scores ---------------------
+def test_reader_processes_and_in_process_reading_score_as_the_model_does_on_preprocess(pacs: Path,
+                                                                                        tmp_path: Path) -> None:
+    """predictions.csv is the network's output on models.preprocess's tensors, whoever reads the files."""
     from models.preprocess import preprocess, read_dicom
     from site_client.inference import predict_folder, probabilities
 
@@ -336,13 +336,13 @@ def test_reader_thread_and_worker_processes_score_as_the_model_does_on_preproces
     for workers in (0, 2):
         summary = predict_folder(rel, pacs, tmp_path / f"out{workers}", thresholds=(0.5,), threshold_label="t",
                                  batch_size=1, workers=workers, progress=False)
-        assert torch.get_num_threads() == threads  # the tuner gives the threads back
+        assert torch.get_num_threads() == threads
         rows = list(csv.DictReader((tmp_path / f"out{workers}" / "predictions.csv").open()))
         tables[workers] = rows
         assert (tmp_path / f"out{workers}" / "unusable.csv").read_text().count("\n") == 3  # header, mr, notes
         timing = summary.timing
         assert timing is not None and timing.images == len(rows) and timing.model_s > 0
-        assert (timing.read_cpu_s > 0) == (workers == 0)
+        assert timing.read == len(rows) + 2 and timing.read_cpu_s > 0  # the readers' CPU comes back with them
     from models.registry import build_network
 
     model = build_network(rel.study).eval()  # the plain way: fresh weights, then the release's copied in
@@ -350,7 +350,9 @@ def test_reader_thread_and_worker_processes_score_as_the_model_does_on_preproces
     for rows in tables.values():
         assert [r["path"] for r in rows] == sorted(r["path"] for r in rows)  # the scan's order
         for r in rows:
-            x = torch.from_numpy(preprocess(read_dicom(pacs / r["path"]), rel.study).arrays[0])[None]
+            ds = read_dicom(pacs / r["path"])
+            assert (r["sop_instance_uid"], r["study_instance_uid"]) == (ds.SOPInstanceUID, ds.StudyInstanceUID)
+            x = torch.from_numpy(preprocess(ds, rel.study).arrays[0])[None]
             with torch.inference_mode():
                 expected = float(probabilities(model(x), rel.study)[0, 0])
             assert abs(float(r["score_present"]) - expected) <= 2e-6, r["path"]
@@ -374,62 +376,70 @@ def test_load_model_takes_every_weight_from_the_release_and_none_is_left_unloade
     assert torch.isfinite(model(x)).all()
 
 
-class _Items:
-    """A dataset of ``n`` items that raises at ``fail`` (if given) and counts what was read."""
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "image_dfl.dcm", "SC_rgb.dcm"])
+def test_the_header_a_reader_hands_over_is_the_files_header_without_its_pixels(name: str) -> None:
+    """The SR and saliency maps are built from what the reader passed on: every attribute but the pixels,
+    whether that travels as the file's leading bytes (explicit or implicit VR) or as the header (deflated)."""
+    from models.preprocess import read_dicom_bytes
+    from site_client.inference import SourceHeader, _header_of
 
-    def __init__(self, n: int, fail: int | None = None) -> None:
-        self.n, self.fail, self.read = n, fail, 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        if i == self.fail:
-            raise RuntimeError("disk gone")
-        self.read += 1
-        return i
-
-
-def test_reader_thread_stops_when_scoring_stops_and_passes_on_its_error() -> None:
-    import threading
-
-    from site_client.inference import Timing, _read_in_thread
-
-    interval = sys.getswitchinterval()
-    items = _Items(10_000)
-    reader = _read_in_thread(items, 4, Timing())  # type: ignore[arg-type]
-    assert [next(reader) for _ in range(3)] == [0, 1, 2]
-    assert sys.getswitchinterval() < interval  # the network gets the GIL back quickly between operations
-    reader.close()  # the caller stops (an error in the network, Ctrl-C): the thread ends, reads no more
-    assert not any(t.name == "medfed-predict-reader" for t in threading.enumerate())
-    assert items.read < 20
-    assert sys.getswitchinterval() == interval
-    failing = _read_in_thread(_Items(10, fail=3), 4, Timing())  # type: ignore[arg-type]
-    got = []
-    with pytest.raises(RuntimeError, match="disk gone"):
-        for i in failing:
-            got.append(i)
-    assert got == [0, 1, 2] and sys.getswitchinterval() == interval
+    path = Path(get_testdata_file(name))
+    ds, data = read_dicom_bytes(path)
+    raw = _header_of(data, ds)
+    assert isinstance(raw, bytes) == ("dfl" not in name)
+    header = SourceHeader("", "", "", raw).dataset
+    expected = pydicom.dcmread(path, stop_before_pixels=True)
+    assert "PixelData" not in header
+    assert [e.tag for e in header] == [e.tag for e in expected]
+    assert all(header[e.tag].value == e.value for e in expected if e.VR != "SQ")
+    assert header.file_meta.TransferSyntaxUID == expected.file_meta.TransferSyntaxUID
 
 
-def test_thread_tuner_tries_a_core_for_the_reader_only_when_reading_costs_and_keeps_the_faster() -> None:
-    from site_client.inference import _ThreadTuner
+@pytest.mark.adversarial
+def test_a_file_that_kills_its_reader_is_listed_and_the_rest_are_scored(pacs: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decoder crashing on a hostile file (here: the reader process exiting on one file, as a segfault
+    would) must cost that file only, not the run, and leave no reader process behind."""
+    import multiprocessing
 
-    def run(read_per_image: float, faster: int, cores: float = 4.0) -> list[int]:
-        tuner, tried = _ThreadTuner(4, enabled=True, trial=2), []
-        for _ in range(8):
-            n = tuner.threads()
-            tried.append(n)
-            seconds = 0.032 if n == faster else 0.064  # 1 or 2 ms per image
-            tuner.record(n, 32, seconds, seconds * cores, read_per_image)
-        return tried
+    import site_client.inference as inference
 
-    assert run(0.0001, faster=3) == [4] * 8  # reading is cheap, the cores are ours: all cores, no trial
-    assert run(0.0001, faster=3, cores=2.5) == [4, 3, 3, 3, 3, 3, 3, 3]  # a crowded machine: fewer may pay
-    assert run(0.0001, faster=4, cores=2.5) == [4, 3, 3, 4, 4, 4, 4, 4]
-    assert run(0.001, faster=3) == [4, 4, 4, 3, 3, 3, 3, 3]
-    assert run(0.001, faster=4) == [4, 4, 4, 3, 3, 4, 4, 4]
-    off = _ThreadTuner(4, enabled=False)
-    for _ in range(4):
-        assert off.threads() == 4
-        off.record(4, 32, 1.0, 4.0, 1.0)
+    release, kit = _release(tmp_path)
+    rel = verify_release(release, _raw(kit))
+    files = inference.source_files(pacs)
+    victim = next(p for p in files if p.suffix == ".dcm" and p.name != "mr.dcm")
+    real = inference._read_file
+
+    def crashing(path: Path, index: int, study: object) -> object:
+        if path == victim:
+            os._exit(139)  # the reader process dies mid-file (forked readers inherit this patch)
+        return real(path, index, study)
+
+    monkeypatch.setattr(inference, "_read_file", crashing)
+    summary = inference.predict_folder(rel, pacs, tmp_path / "out", thresholds=(0.5,), threshold_label="t",
+                                       batch_size=4, workers=2, progress=False)
+    dead = [(p, r) for p, r in summary.unusable if r == inference.READER_DIED]
+    assert dead == [(str(victim.relative_to(pacs)), inference.READER_DIED)]
+    rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
+    assert {r["path"] for r in rows} == {str(p.relative_to(pacs)) for p in files
+                                        if p.suffix == ".dcm" and p not in (victim, pacs / "mr.dcm")}
+    assert not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_readers_end_with_their_turn_or_with_the_scan(pacs: Path, keep: bool) -> None:
+    """On a CPU the readers end with each turn (idle forked readers slow the network); on a GPU they are
+    kept to read ahead, and end with the scan however it ends (an error, Ctrl-C)."""
+    import multiprocessing
+
+    from site_client.inference import _Readers, source_files
+
+    files = source_files(pacs) * 10
+    with _Readers(files, STUDY, 2, keep=keep) as readers:
+        pending = readers.submit(0, 20)
+        assert len(multiprocessing.active_children()) == 2
+        reads = readers.collect(0, 20, pending)
+        assert [r.index for r in reads] == list(range(20))
+        assert bool(multiprocessing.active_children()) == keep
+        readers.submit(20, 40)  # started, never collected: the scan stops here
+    assert not multiprocessing.active_children()
