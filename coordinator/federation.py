@@ -21,6 +21,7 @@ from coordinator.checkpoint import latest_checkpoint, load_checkpoint, save_chec
 from coordinator.grid import PromptGrid
 from coordinator.history import RunHistory
 from coordinator.receipts import Receipts, train_digests
+from coordinator.release import DELIVERY_TIMEOUT
 from coordinator.report import plot_metrics, write_metrics
 from coordinator.secure import SecAggPlusGrid
 from coordinator.strategy import build_strategy, wait_for_nodes
@@ -150,17 +151,18 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Feder
     write_metrics(out / METRICS_FILE, history, run_config, {"final_model": MODEL_FILE, **site_dp_extra()})
     plot_metrics(out / PLOT_FILE, history)
     if cfg.release_key:
-        _release(out, Path(cfg.release_key))
+        _release(out, Path(cfg.release_key), grid, cfg, max((r.round for r in history.rounds), default=0))
     return FederationResult(out, model_path, out / METRICS_FILE, out / PLOT_FILE, history,
                             max((r.round for r in history.rounds), default=0))
 
 
 
-def _release(out: Path, key: Path) -> None:
-    """Sign the final model as the consortium's release (a fresh release/ per finished run)."""
+def _release(out: Path, key: Path, grid: Grid, cfg: RunConfig, last_round: int) -> None:
+    """Sign the final model as the consortium's release (a fresh release/ per finished run) and send it to
+    the sites in the run's last message; a site that does not keep it gets it as a file, as before."""
     import shutil
 
-    from coordinator.release import RELEASE_DIR, release_run
+    from coordinator.release import RELEASE_DIR, deliver_release, release_run
     from medfed.signing import load_signing_key
     from models.release import RELEASE_KEY_WHAT
 
@@ -168,6 +170,13 @@ def _release(out: Path, key: Path) -> None:
         shutil.rmtree(out / RELEASE_DIR)
     path = release_run(out, load_signing_key(key, what=RELEASE_KEY_WHAT))
     log.info("release signed: %s", path)
+    try:
+        report = deliver_release(grid, path, last_round, timeout=min(cfg.round_timeout, DELIVERY_TIMEOUT))
+    except Exception as err:  # noqa: BLE001 - the release is signed on disk; sending it is a convenience
+        log.warning("the release was not sent to the sites (%s: %s); distribute %s as a file",
+                    type(err).__name__, err, path)
+        return
+    log.info("release sent to the sites: %s", report)
 
 
 def _run_id(grid: Grid) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.checkpoint import load_checkpoint
+from medfed.files import write_text
 from medfed.settings import RunConfig
 from medfed.signing import Signer
 from models.release import ReleaseError, model_card, write_release
@@ -66,3 +67,56 @@ def release_run(run_dir: Path, signer: Signer, *, server_round: int | None = Non
                       metrics=last.get("pooled") or last.get("evaluate", {}), sites=_sites(last))
     target = out or (run_dir / (RELEASE_DIR if server_round is None else f"{RELEASE_DIR}-round-{server_round:04d}"))
     return write_release(target, state, study, card, signer)
+
+
+#: The file beside release/ that says which site kept the release sent in the run's last message.
+DELIVERY_FILE = "release-delivery.json"
+#: Longest wait for the sites' answers to that message: a site that is away gets the release as a file.
+DELIVERY_TIMEOUT = 60.0
+
+
+def deliver_release(grid: Any, release_dir: Path, server_round: int, timeout: float = DELIVERY_TIMEOUT) -> Path:
+    """Send the signed release to every connected site in the run's last message; write who kept it.
+
+    Each site verifies it with the release key of its own kit and keeps it, or refuses it
+    (site_client.releases); the coordinator only reports. ``release-delivery.json`` (beside
+    ``release_dir``) maps each node to its site's name and "kept", or the site's reason, or "no answer".
+    """
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from anonymization.audit.anchors import ANCHOR_RECORD, AnchorError, parse_anchor
+    from medfed.protocol import RELEASE_RECORD
+    from models.release import release_bytes
+
+    files = release_bytes(release_dir)
+    nodes = sorted(grid.get_node_ids())
+    messages = [Message(RecordDict({RELEASE_RECORD: ConfigRecord(dict(files)),
+                                    "config": ConfigRecord({"server-round": server_round})}),
+                        dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
+    outcome: dict[str, dict[str, str]] = {str(n): {"site": "", "outcome": "no answer"} for n in nodes}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        entry = outcome.setdefault(str(reply.metadata.src_node_id), {"site": "", "outcome": ""})
+        if reply.has_error():
+            entry["outcome"] = f"not kept: {reply.error.reason}"
+            continue
+        entry["outcome"] = "kept"
+        try:
+            entry["site"] = parse_anchor(reply.content[ANCHOR_RECORD])[0]
+        except (AnchorError, KeyError, TypeError):
+            entry["site"] = ""
+    path = Path(release_dir).parent / DELIVERY_FILE
+    write_text(path, json.dumps({"release": Path(release_dir).name, "nodes": outcome}, indent=2) + "\n")
+    return path
+
+
+def delivery_line(release_dir: Path) -> str:
+    """One line on who kept the release sent in the run's last message, for the run's summary ("" if none was sent)."""
+    path = Path(release_dir).parent / DELIVERY_FILE
+    if not path.is_file():
+        return ""
+    nodes = json.loads(path.read_text()).get("nodes", {})
+    kept = sorted(n.get("site") or node for node, n in nodes.items() if n.get("outcome") == "kept")
+    others = [f"{n.get('site') or node}: {n.get('outcome')}" for node, n in sorted(nodes.items())
+              if n.get("outcome") != "kept"]
+    return f"sent to the sites: kept by {len(kept)} of {len(nodes)} ({', '.join(kept) or 'none'})" + (
+        f"; {'; '.join(others)}" if others else "")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.settings import DEFAULT_EVALUATION_NOISE, RunConfig, SiteConfig
+from models.release import RELEASE_PUBLIC_KEY
 from models.study import Study
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ def prepare_sites(
         )
         log.info("%s: %s", info.name, summary.line())
         cfg = SiteConfig(name=info.name, data_dir=site_dir / "deid", state_dir=site_dir / "state",
-                         audit_key=audit_key, epsilon_cap=cap, delta=delta, evaluation_noise=evaluation_noise,
+                         audit_key=audit_key, release_key=out.resolve() / RELEASE_PUBLIC_KEY, epsilon_cap=cap,
+                         delta=delta, evaluation_noise=evaluation_noise,
                          approved_studies=() if study is None else (study.digest(),))
         (site_dir / "site.toml").write_text(cfg.to_toml())
         configs.append(cfg)

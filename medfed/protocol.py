@@ -25,6 +25,11 @@ ARRAY_NAMES_KEY = "array-names"
 #: Train-config key asking the sites to weight their masked update uniformly (site-level DP, uniform weights).
 UNIFORM_WEIGHT_KEY = "uniform-weight"
 
+#: The record of a run's last message that carries the signed release (file name -> bytes), and the one
+#: metric a site answers it with: 1, it verified the release and kept it.
+RELEASE_RECORD = "release"
+RELEASE_KEPT = "release-kept"
+
 ERROR_NAMES = {
     SITE_DECLINED: "declined",
     SITE_REFUSED: "refused",

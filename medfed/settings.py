@@ -262,6 +262,10 @@ class SiteConfig(BaseModel):
     audit_dir: Path | None = Field(None, alias="audit-dir", description="the audit trail (default: DATA/audit)")
     # Ed25519 key that seals the audit trail; default: the one the trail records, else STATE/audit-signing.key.
     audit_key: Path | None = Field(None, alias="audit-key", description="the key that seals the audit trail")
+    # The consortium's release public key from the site's kit: a release the coordinator sends at a run's end
+    # is kept (STATE/releases/) only if it verifies with this key; unset, none is kept.
+    release_key: Path | None = Field(None, alias="release-key",
+                                     description="the consortium's release public key (the kit's release-signing.pub)")
     # The site's privacy budget over its LIFETIME: every run on its data, every evaluation, composed.
     epsilon_cap: float = Field(alias="epsilon-cap", gt=0.0,
                                description="the site's privacy budget for its LIFETIME: every run, every evaluation")
@@ -328,7 +332,7 @@ class SiteConfig(BaseModel):
             raise ConfigError(f"site config {path} does not exist; create it or pass the right path") from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"site config {path} is not valid TOML: {err}") from None
-        for key in ("data-dir", "state-dir", "audit-dir", "audit-key"):
+        for key in ("data-dir", "state-dir", "audit-dir", "audit-key", "release-key"):
             if key in raw and not Path(raw[key]).is_absolute():
                 raw[key] = str((path.parent / raw[key]).resolve())
         try:
@@ -355,6 +359,8 @@ class SiteConfig(BaseModel):
             lines.append(f'audit-dir = "{self.audit_dir}"')
         if self.audit_key is not None:
             lines.append(f'audit-key = "{self.audit_key}"')
+        if self.release_key is not None:
+            lines.append(f'release-key = "{self.release_key}"')
         lines.append(f"epsilon-cap = {self.epsilon_cap!r}")
         if self.epsilon_cap_per_run is not None:
             lines.append(f"epsilon-cap-per-run = {self.epsilon_cap_per_run!r}")

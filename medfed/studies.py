@@ -18,6 +18,7 @@ from typing import Any
 
 from medfed.files import write_file
 from medfed.settings import DEFAULT_EVALUATION_NOISE, ConfigError, RunConfig, SiteConfig
+from models.release import RELEASE_PUBLIC_KEY
 from models.study import Study
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,12 @@ def study_run_config(study: Study, study_dir: Path, **overrides: Any) -> RunConf
 
 
 def site_config(name: str, data_dir: Path, state_dir: Path, study: Study, *, epsilon_cap: float, delta: float,
-                audit_key: Path | None = None, evaluation_noise: float = DEFAULT_EVALUATION_NOISE) -> SiteConfig:
+                audit_key: Path | None = None, evaluation_noise: float = DEFAULT_EVALUATION_NOISE,
+                release_key: Path | None = None) -> SiteConfig:
     """A site that serves ``study`` (its operator is the one running the command, so it is approved)."""
     try:
         return SiteConfig(name=name, data_dir=data_dir.resolve(), state_dir=state_dir.resolve(), audit_key=audit_key,
+                          release_key=release_key,
                           epsilon_cap=epsilon_cap, delta=delta, evaluation_noise=evaluation_noise,
                           approved_studies=(study.digest(),))
     except ValueError as err:
@@ -125,7 +128,7 @@ def _jsonable(value: Any) -> Any:
 def release_key(folder: Path) -> Path:
     """The simulation's own release key (``FOLDER/release-signing.key``, public half beside it)."""
     from medfed.signing import load_or_create_signing_key
-    from models.release import RELEASE_KEY, RELEASE_KEY_WHAT, RELEASE_PUBLIC_KEY
+    from models.release import RELEASE_KEY, RELEASE_KEY_WHAT
 
     signer, created = load_or_create_signing_key(folder / RELEASE_KEY, what=RELEASE_KEY_WHAT)
     if created or not (folder / RELEASE_PUBLIC_KEY).exists():
@@ -157,7 +160,8 @@ def prepare_stores(out: Path, stores: dict[str, Path], study: Study, *, epsilon_
                                 "run `medfed deid run RAW STORE --key KEY --labels CSV` first")
         site_dir = out / "sites" / name
         site_dir.mkdir(parents=True, exist_ok=True)
-        cfg = site_config(name, store, site_dir / "state", study, epsilon_cap=epsilon_cap, delta=delta)
+        cfg = site_config(name, store, site_dir / "state", study, epsilon_cap=epsilon_cap, delta=delta,
+                          release_key=out.resolve() / RELEASE_PUBLIC_KEY)  # simulate_study's release key
         write_file(site_dir / "site.toml", cfg.to_toml().encode(), mode=0o644)
         configs.append(cfg)
     return configs

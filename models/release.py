@@ -13,6 +13,11 @@ import base64
 import hashlib
 import io
 import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +33,8 @@ CARD = "card.json"
 MANIFEST = "manifest.json"
 SIGNATURE = "signature"
 SIGNED_FILES: tuple[str, ...] = (WEIGHTS, STUDY, CARD)
+#: Every file of a release folder: what travels when the coordinator sends a release in a run's last message.
+RELEASE_FILES: tuple[str, ...] = (*SIGNED_FILES, MANIFEST, SIGNATURE)
 FORMAT = 1
 #: The consortium's release key (consortium folder) and its public half (in every site kit).
 RELEASE_KEY = "release-signing.key"
@@ -152,6 +159,43 @@ def verify_release(path: Path, public_key: bytes) -> Release:
             raise ReleaseError(f"{path / name} does not match the hash the consortium signed: the file was altered "
                                "after signing; refused — ask the consortium for the release again")
     return _load(path, data, key_id(public_key))
+
+
+def release_bytes(path: Path) -> dict[str, bytes]:
+    """Every file of the release folder ``path``, by name (what the coordinator sends to the sites)."""
+    return {name: _read(Path(path) / name) for name in RELEASE_FILES}
+
+
+def keep_release(files: Mapping[str, object], public_key: bytes, root: Path) -> Release:
+    """Verify a release that arrived as bytes exactly as one on disk; keep it under ``root`` only if it verifies.
+
+    The files are written to a fresh folder beside their final place and checked there by
+    :func:`verify_release` (the same check as every command that loads a release), so a hostile
+    sender's files never sit where a release is looked for. The release's folder is named after its
+    card and the weights' hash; the same release sent again is kept once.
+    """
+    if set(files) != set(RELEASE_FILES) or not all(isinstance(v, bytes) for v in files.values()):
+        raise ReleaseError(f"the release sent holds {sorted(files)}, not the files of a release "
+                           f"({', '.join(RELEASE_FILES)}); refused")
+    too_big = [name for name, data in files.items() if len(data) > MAX_FILE_BYTES]  # type: ignore[arg-type]
+    if too_big:
+        raise ReleaseError(f"{too_big[0]} of the release sent is larger than any release file; refused")
+    root = Path(root)
+    incoming = root / f".incoming-{secrets.token_hex(8)}"
+    try:
+        for name in RELEASE_FILES:
+            write_file(incoming / name, files[name])  # type: ignore[arg-type]
+        release = verify_release(incoming, public_key)
+        label = re.sub(r"[^A-Za-z0-9._-]+", "-", str(release.card.get("name", "release")))[:80].strip(".-")
+        final = root / f"{label or 'release'}-{release.weights_sha256[:12]}"
+        if final.exists():
+            if (final / MANIFEST).read_bytes() != files[MANIFEST]:
+                raise ReleaseError(f"{final} already holds another release; move it away and ask again")
+        else:
+            os.replace(incoming, final)
+        return verify_release(final, public_key)
+    finally:
+        shutil.rmtree(incoming, ignore_errors=True)
 
 
 def _load(path: Path, data: dict[str, bytes], signer_id: str) -> Release:

@@ -14,7 +14,7 @@ from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from anonymization.audit import AuditError
-from medfed.protocol import EGRESS_BLOCKED, SITE_DECLINED, SITE_FAILED, SITE_REFUSED
+from medfed.protocol import EGRESS_BLOCKED, RELEASE_KEPT, SITE_DECLINED, SITE_FAILED, SITE_REFUSED
 from medfed.settings import ConfigError, OutOfBounds, RunConfig
 from medfed.wire import WireError, pack, unpack
 from models.study import served_study
@@ -160,6 +160,20 @@ def build_app(base: RunConfig | None = None) -> ClientApp:
         server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
         metrics = evaluate_round(site, cfg, run_key(cfg, context), global_state, server_round)
         return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """The run's last message: the signed release, kept only if the site's own release key verifies it."""
+        from site_client.releases import ReleaseNotKept, keep_sent_release
+
+        cfg = RunConfig.from_flower(context.run_config, base)
+        site = resolve_site(context.node_config, cfg)
+        try:
+            keep_sent_release(site, msg.content, run_key(cfg, context))
+        except ReleaseNotKept as err:
+            log.warning("%s", err)
+            return _error(msg, SITE_DECLINED if err.declined else SITE_REFUSED, str(err))
+        return Message(content=RecordDict({METRICS_KEY: MetricRecord({RELEASE_KEPT: 1})}), reply_to=msg)
 
     return app
 

@@ -20,6 +20,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from anonymization.audit.anchors import ANCHOR_RECORD, EGRESS_ANCHOR_FIELD, AnchorError, parse_anchor
+from medfed.protocol import RELEASE_KEPT
 from medfed.wire import summarize
 
 ARRAYS_KEY = "arrays"
@@ -49,6 +50,10 @@ EVALUATE_METRICS: frozenset[str] = frozenset(
 #: The evaluate metrics that are lists of noisy counts (every other metric is one number), and the longest
 #: each may be: 64 classes x 51 bins (a study's limits: models.study), a 64 x 64 confusion matrix.
 EVALUATE_COUNT_LISTS: dict[str, int] = {"histogram-with": 64 * 51, "histogram-without": 64 * 51, "confusion": 64 * 64}
+
+
+#: A site's answer to the release sent in a run's last message: whether it kept it, nothing else.
+RELEASE_METRICS: frozenset[str] = frozenset({RELEASE_KEPT})
 
 
 class EgressViolation(Exception):
@@ -109,6 +114,8 @@ def _allowed_metrics(message_type: str) -> tuple[str, frozenset[str]]:
         return category, TRAIN_METRICS
     if category == "evaluate":
         return category, EVALUATE_METRICS
+    if category == "query":
+        return category, RELEASE_METRICS
     raise EgressViolation(f"message type {message_type!r} is not allowed to leave the site")
 
 

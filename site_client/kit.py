@@ -40,6 +40,7 @@ from medfed.settings import (
     SiteConfig,
     describe_validation,
 )
+from models.release import RELEASE_PUBLIC_KEY
 from site_client.supernode import CLIENT_CERT_FLAG, CLIENT_KEY_FLAG, FATAL_EXIT, FATAL_FILE_ENV
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def _explain(source: Path, err: ValidationError) -> KitError:
 
 
 #: The kit's [site] paths: strings there, relative to the kit folder (data-dir: `--data` usually fills it).
-_TEMPLATE_PATHS = {"data_dir": "", "state_dir": "state", "audit_dir": "", "audit_key": ""}
+_TEMPLATE_PATHS = {"data_dir": "", "state_dir": "state", "audit_dir": "", "audit_key": "", "release_key": ""}
 
 
 def _template_fields() -> dict[str, Any]:
@@ -304,6 +305,10 @@ def write_site_config(kit: Kit, data_dir: Path | None) -> tuple[SiteConfig, Path
         values["audit-dir"] = str(kit._path(tpl.audit_dir))
     if tpl.audit_key:
         values["audit-key"] = str(kit._path(tpl.audit_key))
+    # The consortium's release key as provisioned in the kit, never one the coordinator sends.
+    release_key = kit._path(tpl.release_key) if tpl.release_key else kit.root / RELEASE_PUBLIC_KEY
+    if release_key.is_file():
+        values["release-key"] = str(release_key)
     try:
         site = SiteConfig.from_mapping(values, f"{kit.root / KIT_FILE} [site] with --data")
     except ConfigError as err:

@@ -13,8 +13,8 @@ from typing import Any
 
 from medfed.settings import ConfigError, RunConfig, SiteConfig
 
-SITE_KEYS = ("name", "data-dir", "state-dir", "audit-dir", "epsilon-cap", "epsilon-cap-per-run", "delta",
-             "evaluation-noise", "size-bucket", "max-model-abs")
+SITE_KEYS = ("name", "data-dir", "state-dir", "audit-dir", "release-key", "epsilon-cap", "epsilon-cap-per-run",
+             "delta", "evaluation-noise", "size-bucket", "max-model-abs")
 
 
 def demo_site_dirs(demo_dir: Path) -> list[Path]:

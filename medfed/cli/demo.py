@@ -84,6 +84,8 @@ def demo(
 
 
 def _print_demo(s: DemoSummary) -> None:
+    from coordinator.release import delivery_line
+
     console.print(round_table(s.rounds, "global model per round (pooled over the sites' test splits)"))
     sites = Table(title="Privacy spent per site (record-level DP)")
     sites.add_column("site", no_wrap=True)
@@ -103,6 +105,8 @@ def _print_demo(s: DemoSummary) -> None:
         f"model:   {s.model}\nmetrics: {s.metrics}\nplot:    {s.plot}\nrelease: {s.release}  (check it: medfed model "
         f"verify {s.release} --public-key {s.out / 'release-signing.pub'})"
     )
+    if line := delivery_line(s.release):
+        console.print(f"release {line}")
 
 
 def register_demo_commands(app: typer.Typer) -> None:

@@ -94,7 +94,11 @@ def simulate(
         fail(str(err))
     print_run(result.metrics)
     console.print(f"simulation {result.seconds:.0f}s\nmodel:   {result.model}\nmetrics: {result.metrics}\n"
-                  f"plot:    {result.plot}")
+                  f"plot:    {result.plot}\nrelease: {result.release}")
+    from coordinator.release import delivery_line
+
+    if line := delivery_line(result.release):
+        console.print(f"release {line}")
 
 
 def print_run(metrics_json: Path) -> None:

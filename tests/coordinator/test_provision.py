@@ -222,7 +222,7 @@ def test_kit_site_template_is_site_config_with_kit_relative_folders(tmp_path: Pa
     for name, field in SiteConfig.model_fields.items():
         tpl = SiteTemplate.model_fields[name]
         assert (tpl.alias, tpl.description) == (field.alias, field.description), name
-        if name not in ("data_dir", "state_dir", "audit_dir", "audit_key"):
+        if name not in ("data_dir", "state_dir", "audit_dir", "audit_key", "release_key"):
             assert (tpl.annotation, tpl.metadata, tpl.default) == (field.annotation, field.metadata, field.default)
     with pytest.raises(ValueError, match="epsilon-cap"):
         SiteTemplate.model_validate({"name": "a", "epsilon-cap": 0})

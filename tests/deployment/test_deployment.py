@@ -471,6 +471,23 @@ def test_two_rounds_over_tls_with_auth_complete_and_change_the_model(world: Worl
         assert [r["server_round"] for r in rows if r["status"] == "spent"] == [1, 2]
 
 
+def test_each_site_keeps_the_signed_release_the_run_sends_last(world: World, basic_run: dict[str, Any]) -> None:
+    """The release travels to the SuperNodes in the run's last message; each site verifies it with its own
+    kit's release key (never one the coordinator sends) and keeps it for `medfed predict`."""
+    from models.release import public_key_of, verify_release
+
+    out = world.run_dir("basic")
+    signed = verify_release(out / "release", public_key_of(world.cons / "coordinator" / "release-signing.pub"))
+    delivery = json.loads((out / "release-delivery.json").read_text())["nodes"]
+    kept = {n["site"] for n in delivery.values() if n["outcome"] == "kept"}
+    assert kept == set(SITES)
+    for name in SITES:
+        site = world.site_config(name)
+        assert site.release_key == world.kit(name) / "release-signing.pub"
+        (folder,) = (site.state_dir / "releases").iterdir()
+        assert verify_release(folder, public_key_of(site.release_key)).weights_sha256 == signed.weights_sha256
+
+
 def test_egress_only_model_arrays_and_allowed_scalars(world: World, basic_run: dict[str, Any]) -> None:
     keys = _model_keys()
     # what the sites recorded sending
@@ -479,9 +496,11 @@ def test_egress_only_model_arrays_and_allowed_scalars(world: World, basic_run: d
         recs = [r for r in read_records(world.site_config(name).audit_path) if r.get("run_id") == "basic"]
         assert not [r for r in recs if r["kind"] in ("egress_blocked", "egress_secagg")]
         egress = [r for r in recs if r["kind"] == "egress"]
-        assert {r["message_type"] for r in egress} <= {"train", "evaluate"} and egress
+        assert {r["message_type"] for r in egress} <= {"train", "evaluate", "query"} and egress
         for r in egress:
-            if r["message_type"] == "train":
+            if r["message_type"] == "query":  # the answer to the release sent last: kept or not, nothing else
+                assert r["arrays"] == [] and r["metrics"] == ["release-kept"]
+            elif r["message_type"] == "train":
                 assert [a["name"] for a in r["arrays"]] == keys
                 assert all(a["dtype"] == "float32" for a in r["arrays"])
                 assert set(r["metrics"]) <= TRAIN_METRICS

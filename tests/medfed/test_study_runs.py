@@ -59,6 +59,15 @@ def test_a_three_class_study_runs_in_the_simulation_with_per_class_metrics(tmp_p
     rel = verify_release(out / "coordinator" / "release", public_key_of(out / "release-signing.pub"))
     assert rel.study == study and rel.card["classes"] == list(study.classes)
     assert {name for name in rel.card["sites"]} == set(stores)  # the card names the sites
+    # The run's last message carried the release; each site verified it with its own key and kept it.
+    delivery = json.loads((out / "coordinator" / "release-delivery.json").read_text())
+    assert "release sent to the sites: kept by 2 of 2 (hospital-a, hospital-b)" in " ".join(done.stdout.split())
+    outcomes = sorted((n["site"], n["outcome"]) for n in delivery["nodes"].values())
+    assert outcomes == [(s, "kept") for s in sorted(stores)]
+    for name in stores:
+        kept = list((out / "sites" / name / "state" / "releases").iterdir())
+        assert len(kept) == 1 and verify_release(kept[0], public_key_of(out / "release-signing.pub")).weights_sha256 \
+            == rel.weights_sha256
 
 
 @pytest.mark.e2e

@@ -7,6 +7,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from anonymization.audit.anchors import anchor_fields
+from medfed.protocol import RELEASE_KEPT
 from site_client.egress import EVALUATE_METRICS, TRAIN_METRICS, EgressViolation, check_reply
 
 ANCHOR = anchor_fields("hospital-a", 12, "ab" * 32)  # every reply carries the audit trail's head
@@ -74,9 +75,15 @@ def test_evaluate_reply_may_not_carry_arrays() -> None:
     assert check_reply(ok, "evaluate", None).arrays == []
 
 
-def test_query_messages_never_leave() -> None:
-    with pytest.raises(EgressViolation, match="query"):
-        check_reply(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), "query", None)
+def test_a_query_reply_says_only_whether_the_release_was_kept() -> None:
+    report = check_reply(_reply(metrics=MetricRecord({RELEASE_KEPT: 1})), "query", None)
+    assert report.metrics == [RELEASE_KEPT] and report.arrays == []
+    with pytest.raises(EgressViolation, match="not on the query allow-list"):
+        check_reply(_reply(metrics=MetricRecord({"num-examples": 1})), "query", None)
+    with pytest.raises(EgressViolation, match="differ from the allowed"):
+        check_reply(_reply(metrics=MetricRecord({RELEASE_KEPT: 1}), arrays=_global()), "query", None)
+    with pytest.raises(EgressViolation, match="not allowed to leave"):
+        check_reply(_reply(metrics=MetricRecord({RELEASE_KEPT: 1})), "reconnect", None)
 
 
 def test_allow_lists_hold_only_aggregate_scalars() -> None:
