@@ -17,7 +17,7 @@ from coordinator.federation import initial_state
 from medfed.demo import DemoSummary, run_demo, simulate
 from medfed.settings import RunConfig, SiteConfig
 from medfed.wire import MODEL_ARRAY
-from site_client.egress import EVALUATE_METRICS, TRAIN_METRICS
+from site_client.egress import EVALUATE_METRICS, RELEASE_METRICS, TRAIN_METRICS
 from site_client.task import ledger_for
 
 pytestmark = pytest.mark.e2e
@@ -98,8 +98,10 @@ def test_every_reply_stayed_on_the_allow_list(demo: DemoSummary) -> None:
         assert not [r for r in records if r["kind"] == "egress_blocked"]
         assert len([r for r in egress if r["message_type"].startswith("train")]) == 2
         assert len([r for r in egress if r["message_type"].startswith("evaluate")]) == 2
+        assert [r["metrics"] for r in egress if r["message_type"] == "query"] == [["release-kept"]]  # the release
         for r in egress:
-            allowed = TRAIN_METRICS if r["message_type"].startswith("train") else EVALUATE_METRICS
+            kind = r["message_type"].split(".")[0]
+            allowed = {"train": TRAIN_METRICS, "evaluate": EVALUATE_METRICS, "query": RELEASE_METRICS}[kind]
             assert set(r["metrics"]) <= allowed
             if r["message_type"].startswith("train"):
                 assert {a["name"] for a in r["arrays"]} == model_keys and r["bytes"] > 0
