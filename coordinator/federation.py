@@ -162,7 +162,7 @@ def _release(out: Path, key: Path, grid: Grid, cfg: RunConfig, last_round: int) 
     the sites in the run's last message; a site that does not keep it gets it as a file, as before."""
     import shutil
 
-    from coordinator.release import RELEASE_DIR, deliver_release, release_run
+    from coordinator.release import RELEASE_DIR, deliver_release, delivery_line, release_run
     from medfed.signing import load_signing_key
     from models.release import RELEASE_KEY_WHAT
 
@@ -176,7 +176,7 @@ def _release(out: Path, key: Path, grid: Grid, cfg: RunConfig, last_round: int) 
         log.warning("the release was not sent to the sites (%s: %s); distribute %s as a file",
                     type(err).__name__, err, path)
         return
-    log.info("release sent to the sites: %s", report)
+    log.info("release %s (%s)", delivery_line(path), report)
 
 
 def _run_id(grid: Grid) -> str:
