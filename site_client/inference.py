@@ -250,7 +250,7 @@ class _Readers:
     speed). A decoder that crashes on a hostile file takes down only its reader: the group is read
     again one file per process, and the file that kills its reader is listed as unusable.
     ``workers=0`` reads in this process (tests, one core). Unless ``keep``, the readers end with
-    each turn: idle forked readers made the network beside them 8-13 % slower (measured, DenseNet-121
+    each turn: idle forked readers made the network beside them 7-13 % slower (measured, DenseNet-121
     at 224 px on 2 cores), more than forking them again costs.
     """
 
@@ -325,7 +325,7 @@ def files_per_turn(study: Study, batch_size: int) -> int:
     """Files the readers take per turn: up to eight batches, within ``TURN_BYTES`` of examples.
 
     Fewer, longer turns: each switch between reading and scoring costs the network its warm caches
-    and sleeping threads (a ResNet-18 at 64 px scored 30 % slower in turns of one batch than of eight).
+    and sleeping threads (a ResNet-18 at 64 px scored a third slower in turns of one batch than of eight).
     """
     per_example = 4 * study.in_channels * study.image_size**2
     return max(batch_size, min(8 * batch_size, TURN_BYTES // per_example))
