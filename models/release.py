@@ -218,7 +218,8 @@ def model_card(*, study: Any, run_name: str, rounds: int, fab_sha256: str | None
     import medfed
 
     return {
-        "name": f"{study.name}-{run_name}",
+        # The study, then the run; a run already named after its study (medfed simulate, demo) is not repeated.
+        "name": run_name if run_name.startswith(f"{study.name}-") else f"{study.name}-{run_name}",
         "network": study.network.name,
         "task": study.task,
         "classes": list(study.classes),

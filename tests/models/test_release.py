@@ -20,6 +20,7 @@ from models.release import (
     SIGNED_FILES,
     ReleaseError,
     device_uid,
+    model_card,
     public_key_of,
     verify_release,
 )
@@ -60,6 +61,12 @@ def test_a_release_verifies_and_carries_its_card(released: tuple[Path, AuditSign
     assert rel.device_uid.startswith("2.25.") and len(rel.device_uid) <= 64
     model_state = torch.load(path.parent / "model.pt", weights_only=True)
     assert all(torch.equal(model_state[k], rel.state_dict[k]) for k in model_state)
+
+
+@pytest.mark.parametrize(("run", "name"), [("r1", "nodule-r1"), ("nodule-20261207T1200", "nodule-20261207T1200"),
+                                          ("noduleX", "nodule-noduleX")])
+def test_the_card_names_the_study_and_the_run_once(run: str, name: str) -> None:
+    assert model_card(study=STUDY, run_name=run, rounds=1, fab_sha256=None, metrics={}, sites={})["name"] == name
 
 
 @pytest.mark.adversarial
