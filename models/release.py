@@ -10,6 +10,7 @@ parsed from the same bytes, so nothing can change between the check and the use.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
 import json
@@ -188,12 +189,12 @@ def keep_release(files: Mapping[str, object], public_key: bytes, root: Path) -> 
         release = verify_release(incoming, public_key)
         label = re.sub(r"[^A-Za-z0-9._-]+", "-", str(release.card.get("name", "release")))[:80].strip(".-")
         final = root / f"{label or 'release'}-{release.weights_sha256[:12]}"
-        if final.exists():
+        if final.exists():  # kept before: the copy already there is what a later command loads, so check it
             if (final / MANIFEST).read_bytes() != files[MANIFEST]:
                 raise ReleaseError(f"{final} already holds another release; move it away and ask again")
-        else:
-            os.replace(incoming, final)
-        return verify_release(final, public_key)
+            return verify_release(final, public_key)
+        os.replace(incoming, final)  # the very files just verified, moved whole
+        return dataclasses.replace(release, path=final)
     finally:
         shutil.rmtree(incoming, ignore_errors=True)
 
