@@ -141,11 +141,12 @@ def test_released_figures_converge_to_the_exact_ones_as_noise_vanishes(study: St
     binned = metrics_from_counts(binned_counts(p, y, study), study).flat()
     exact = compute_metrics(p, y, study).flat()
     errors = []
-    for noise in (10.0, 1.0, 1e-6):
-        released = metrics_from_histograms(noisy_histograms(logits, y, noise, study=study), study)
+    for noise in (10.0, 1.0, 1e-6):  # seeded: a tail draw must not decide the test
+        noisy = noisy_histograms(logits, y, noise, np.random.default_rng(7), study=study)
+        released = metrics_from_histograms(noisy, study)
         assert set(released) == set(RELEASED_METRICS) and set(released) < EVALUATE_METRICS
         errors.append(max(abs(released[k] - binned[k]) for k in binned))  # type: ignore[operator]
-    assert errors[2] < 1e-5 and errors[0] > errors[2]
+    assert errors[2] < 1e-4 < errors[1] < errors[0]  # the error shrinks with the noise
     for k in ("auc", "calibration-error"):  # binning costs little against the exact figures
         assert released[k] == pytest.approx(exact[k], abs=0.03)
     for k in ("accuracy", "sensitivity", "specificity", "precision", "f1"):
