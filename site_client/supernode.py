@@ -32,6 +32,8 @@ from typing import Any
 
 #: Longest wait between two pulls of the SuperNode (and between checks for the site's reply).
 POLL_SECONDS = 0.5
+#: Longest wait between two attempts to reach a coordinator that does not answer (Flower's: 20 s).
+RECONNECT_MAX_SECONDS = 4
 #: Our own arguments (the site's TLS client certificate and key), removed before Flower's parser sees argv.
 CLIENT_CERT_FLAG = "--medfed-client-cert"
 CLIENT_KEY_FLAG = "--medfed-client-key"
@@ -127,6 +129,20 @@ def present_client_certificate(cert: str | None, key: str | None, *, superlink: 
     fleet_http_connection.FleetHttpClient = _FleetClientWithCertificate  # type: ignore[misc]
 
 
+def cap_reconnect_wait() -> None:
+    """Make the Fleet connection's retries wait at most :data:`RECONNECT_MAX_SECONDS` between attempts."""
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
+    from flwr.supernode import fleet_http_connection
+
+    def _invoker() -> RetryInvoker:
+        invoker = make_simple_http_retry_invoker()
+        invoker.wait_gen_factory = lambda: exponential(max_delay=RECONNECT_MAX_SECONDS)
+        return invoker
+
+    fleet_http_connection.make_simple_http_retry_invoker = _invoker  # type: ignore[assignment]
+
+
 def main() -> int:
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli import flower_supernode
@@ -136,6 +152,7 @@ def main() -> int:
     ca = (sys.argv[sys.argv.index("--root-certificates") + 1] if "--root-certificates" in sys.argv[:-1]
           else "the kit's ca.pem")
     present_client_certificate(cert, key, superlink=superlink, ca_cert=ca)
+    cap_reconnect_wait()
     if getattr(start_client_internal, "time", None) is _time:
         start_client_internal.time = _CappedClock()  # type: ignore[assignment]
     sys.argv[0] = "flower-supernode"

@@ -305,3 +305,23 @@ def test_the_supernodes_fleet_client_presents_the_site_certificate(tmp_path: Pat
     get_run()  # patched: the handshake presents the site certificate
     listener.close()
     assert seen == ["refused", "a"]
+
+
+def test_the_supernode_tries_a_lost_coordinator_again_within_seconds(monkeypatch: Any) -> None:
+    """Flower waits up to 20 s between attempts; a site must be back soon after its coordinator restarts."""
+    import itertools
+
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supernode import fleet_http_connection
+
+    from site_client import supernode
+
+    flowers = make_simple_http_retry_invoker()
+    assert max(itertools.islice(flowers.wait_gen_factory(), 8)) == 20  # what it would be left alone
+    monkeypatch.setattr(fleet_http_connection, "make_simple_http_retry_invoker", make_simple_http_retry_invoker)
+    supernode.cap_reconnect_wait()
+    ours = fleet_http_connection.make_simple_http_retry_invoker()
+    assert list(itertools.islice(ours.wait_gen_factory(), 6)) == [1, 2, 4, 4, 4, 4]
+    # everything else is Flower's: what it retries, when it gives up, how it waits
+    assert ours.recoverable_exceptions == flowers.recoverable_exceptions and ours.max_time is None
+    assert ours.should_giveup is not None and ours.jitter is flowers.jitter
