@@ -45,7 +45,7 @@ from coordinator.provision import (
     public_key_line,
 )
 from medfed import hardening
-from medfed.processes import stop_child
+from medfed.processes import stop_child, stop_processes_in
 
 log = logging.getLogger(__name__)
 
@@ -498,6 +498,12 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[b
     raise CoordinatorError(f"{what} did not listen on {host}:{port} within {timeout:g}s")
 
 
+#: Flower processes the SuperLink starts in a session of their own (its SuperExec, and the ServerApp of a
+#: run): stopping or killing the SuperLink leaves them behind, and a ServerApp whose SuperLink is gone
+#: retries forever. They work in the coordinator's state folder, which is how they are found and stopped.
+FLOWER_DETACHED = ("flower-superexec", "flwr-serverapp")
+
+
 def start_coordinator(directory: Path, *, port: int | None = None, bind_host: str | None = None,
                       ready_timeout: float = 120.0, foreground: bool = True) -> int:
     """Start the SuperLink (loopback) and nginx (public port), register the sites, then wait until either exits."""
@@ -511,6 +517,9 @@ def start_coordinator(directory: Path, *, port: int | None = None, bind_host: st
                                f"killed); stop it (`kill {pid}`) and start again")
     for d in (paths.state, paths.runs):
         d.mkdir(parents=True, exist_ok=True)
+    if left := stop_processes_in(paths.state, FLOWER_DETACHED):
+        log.warning("stopped %d Flower process(es) left by a coordinator that was killed (pids %s)",
+                    len(left), ", ".join(map(str, left)))
     public_port, host = port or cfg.port, bind_host or cfg.bind_host
     internal = _free_loopback_port()
     write_nginx_config(directory, public_port=public_port, bind_host=host, internal=internal)
@@ -538,6 +547,7 @@ def start_coordinator(directory: Path, *, port: int | None = None, bind_host: st
         if proxy is not None:
             stop_child(proxy)
         stop_child(child)
+        stop_processes_in(paths.state, FLOWER_DETACHED)
 
     try:
         try:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
+import time
+from pathlib import Path
 
 
 def stop_child(child: subprocess.Popen[bytes] | None, timeout: float = 20.0) -> None:
@@ -15,3 +20,49 @@ def stop_child(child: subprocess.Popen[bytes] | None, timeout: float = 20.0) -> 
     except subprocess.TimeoutExpired:
         child.kill()
         child.wait(timeout=timeout)
+
+
+def processes_in(folder: Path, names: tuple[str, ...]) -> list[int]:
+    """Pids of this user's processes working in ``folder`` whose command line names one of ``names``."""
+    folder = folder.resolve()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if Path(os.readlink(entry / "cwd")) != folder:
+                continue
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone, or another user's
+            continue
+        if any(name in cmdline for name in names):
+            found.append(int(entry.name))
+    return found
+
+
+def stop_processes_in(folder: Path, names: tuple[str, ...], grace: float = 5.0) -> list[int]:
+    """SIGTERM what :func:`processes_in` finds, then SIGKILL what is still there after ``grace`` seconds.
+
+    Found again before each signal (folder and command line), so a pid reused meanwhile is never hit.
+    """
+    pids = processes_in(folder, names)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        targets = [pid for pid in processes_in(folder, names) if pid in pids and _alive(pid)]
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(pid) for pid in targets):
+            time.sleep(0.1)
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its parent) is not running
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -35,11 +35,12 @@ import torch
 
 from anonymization.audit import read_records
 from coordinator.federation import initial_state
-from coordinator.provision import CertificateAuthority
+from coordinator.provision import CertificateAuthority, Layout
 from coordinator.receipts import arrays_digest, read_jsonl
-from coordinator.superlink import internal_port, list_nodes
+from coordinator.superlink import FLOWER_DETACHED, CoordinatorPaths, internal_port, list_nodes
 from medfed import hardening
 from medfed.demo import prepare_sites
+from medfed.processes import processes_in
 from medfed.settings import RunConfig, SiteConfig
 from medfed.wire import MODEL_ARRAY, pack
 from models.dataset import ManifestDataset
@@ -683,11 +684,15 @@ def test_coordinator_killed_after_round_1_resumes_without_losing_or_double_count
     try:
         wait_for(lambda: (out / "checkpoints" / "round-0001.pt").exists(), 600, "the round-1 checkpoint")
         assert world.coordinator is not None
-        world.coordinator.kill()  # the coordinator host dies: SuperLink, SuperExec and ServerApp at once
+        state = CoordinatorPaths(Layout(world.cons)).state
+        left = processes_in(state, FLOWER_DETACHED)  # in sessions of their own: the kill below misses them
+        assert left, "the run's ServerApp and the SuperExec work in the coordinator's state folder"
+        world.coordinator.kill()  # the coordinator dies: SuperLink and nginx at once
         assert "final_model" not in json.loads((out / "metrics.json").read_text())
     finally:
         run.stop()
     world.start_coordinator()  # same state database, same port
+    assert not set(left) & set(processes_in(state, FLOWER_DETACHED))  # what the dead one left is stopped
     world.wait_online(timeout=300)  # the sites reconnect by themselves
     res = world.run("--resume", "--run-name", "resumable")
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
