@@ -426,20 +426,20 @@ def test_a_file_that_kills_its_reader_is_listed_and_the_rest_are_scored(pacs: Pa
     assert not multiprocessing.active_children()
 
 
-@pytest.mark.parametrize("keep", [False, True])
-def test_readers_end_with_their_turn_or_with_the_scan(pacs: Path, keep: bool) -> None:
-    """On a CPU the readers end with each turn (idle forked readers slow the network); on a GPU they are
-    kept to read ahead, and end with the scan however it ends (an error, Ctrl-C)."""
+def test_readers_live_for_the_scan_and_end_with_it(pacs: Path) -> None:
+    """Forked once (not each turn), the readers end with the scan however it ends (an error, Ctrl-C)."""
     import multiprocessing
 
     from site_client.inference import _Readers, source_files
 
     files = source_files(pacs) * 10
-    with _Readers(files, STUDY, 2, keep=keep) as readers:
+    with _Readers(files, STUDY, 2) as readers:
         pending = readers.submit(0, 20)
-        assert len(multiprocessing.active_children()) == 2
+        first = {p.pid for p in multiprocessing.active_children()}
+        assert len(first) == 2
         reads = readers.collect(0, 20, pending)
         assert [r.index for r in reads] == list(range(20))
-        assert bool(multiprocessing.active_children()) == keep
-        readers.submit(20, 40)  # started, never collected: the scan stops here
+        assert readers.collect(20, 30, readers.submit(20, 30))[0].index == 20
+        assert {p.pid for p in multiprocessing.active_children()} == first  # the same two, not forked again
+        readers.submit(30, 40)  # started, never collected: the scan stops here
     assert not multiprocessing.active_children()
