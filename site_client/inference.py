@@ -17,11 +17,11 @@ import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,11 +77,16 @@ def decide(scores: np.ndarray, study: Study, thresholds: tuple[float, ...]) -> t
     return ("|".join(names) if names else "none"), present
 
 
+def check_device(device: str) -> None:
+    """PredictError when ``device`` is not one this machine has."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PredictError("--device cuda was asked but this machine has no CUDA device; use --device cpu")
+
+
 def load_model(release: Release, device: str) -> torch.nn.Module:
     from models.registry import build_network
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PredictError("--device cuda was asked but this machine has no CUDA device; use --device cpu")
+    check_device(device)
     # Built on the meta device (no memory, no random draws: most of building a ResNet or DenseNet, a
     # tenth of a second or more of every run), then every parameter and buffer taken from the release
     # as it is (strict, assign), in the dtype the network was built with.
@@ -340,15 +345,16 @@ class Timing:
     threads: int = 0  # the network's CPU threads (0 on a GPU)
 
 
-def score_batches(model: torch.nn.Module, files: list[Path], study: Study, *, device: str, batch_size: int,
-                  workers: int, timing: Timing | None = None) -> Iterator[
+def score_batches(load: Callable[[], torch.nn.Module], files: list[Path], study: Study, *, device: str,
+                  batch_size: int, workers: int, timing: Timing | None = None) -> Iterator[
                       tuple[list[tuple[int, SourceHeader, int, np.ndarray]], list[tuple[int, str]], np.ndarray]]:
     """Yield ``(examples (file index, header, frame, array), unusable (index, reason), scores)`` per batch.
 
     Files are read in groups (:func:`files_per_turn`) by ``workers`` processes. On a CPU, reading and the
     network take turns, each with every core: the cores are the limit, and a reader running beside the
     network's threads makes them wait for each other (measured: slower than taking turns). On a GPU,
-    the readers work two groups ahead while the device scores.
+    the readers work two groups ahead while the device scores. The network is built (``load``) once the
+    readers have started: building it overlaps the first group's reading, and they fork the smaller parent.
     """
     timing = timing if timing is not None else Timing()
     ahead = 0 if device == "cpu" else 2
@@ -368,6 +374,7 @@ def score_batches(model: torch.nn.Module, files: list[Path], study: Study, *, de
 
     with _Readers(files, study, workers) as readers:
         started = {g: readers.submit(*groups[g]) for g in range(min(1 + ahead, len(groups)))}
+        model = load()
         for g, bounds in enumerate(groups):
             reads = readers.collect(*bounds, started.pop(g))
             if ahead and g + 1 + ahead < len(groups):
@@ -409,7 +416,8 @@ def predict_folder(release: Release, src: Path, out: Path, *, thresholds: tuple[
     if not files:
         raise PredictError(f"{src} holds no files; pass the folder PACS exported the studies to")
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(release, device)
+    check_device(device)
+    model = cache(lambda: load_model(release, device))  # built while the readers start on the first files
     workers = default_workers(device) if workers is None else workers
     timing = Timing()
     scored: list[Scored] = []
@@ -437,7 +445,7 @@ def predict_folder(release: Release, src: Path, out: Path, *, thresholds: tuple[
     if explain:
         from site_client.results_dicom import write_saliency
 
-        summary.saliency = write_saliency(out / EXPLAIN_DIR, model, files, src, scored, release, device)
+        summary.saliency = write_saliency(out / EXPLAIN_DIR, model(), files, src, scored, release, device)
     summary.seconds = time.monotonic() - t0
     return summary
 
