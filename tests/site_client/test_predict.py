@@ -426,6 +426,21 @@ def test_a_file_that_kills_its_reader_is_listed_and_the_rest_are_scored(pacs: Pa
     assert not multiprocessing.active_children()
 
 
+def test_readers_end_once_the_last_turn_is_read(pacs: Path) -> None:
+    """The last batches score with no idle reader beside them (idle readers cost a long network a few %)."""
+    import multiprocessing
+
+    from models.registry import build_network
+    from site_client.inference import files_per_turn, score_batches, source_files
+
+    files = source_files(pacs) * 13
+    assert len(files) > 2 * files_per_turn(STUDY, 2)  # three turns or more
+    model = build_network(STUDY).eval()
+    alive = [bool(multiprocessing.active_children()) for _ in score_batches(
+        lambda: model, files, STUDY, device="cpu", batch_size=2, workers=2)]
+    assert alive[0] and not alive[-1]
+
+
 def test_readers_live_for_the_scan_and_end_with_it(pacs: Path) -> None:
     """Forked once (not each turn), the readers end with the scan however it ends (an error, Ctrl-C)."""
     import multiprocessing
