@@ -84,3 +84,29 @@ def test_refuses_what_it_cannot_transform(size: int, J: int, L: int) -> None:
 def test_refuses_wrong_input_shape() -> None:
     with pytest.raises(ValueError, match=r"\(B, 1, 32, 32\)"):
         Scattering2D(32)(torch.zeros(2, 1, 64, 64))
+
+
+@pytest.mark.parametrize(("sigma", "slant", "summed"), [(0.8, 0.5, 4), (1.6, 0.5, 16), (1.6, 1.0, 4)])
+def test_copies_that_underflow_are_skipped_and_the_filter_is_the_same_bit_for_bit(
+        sigma: float, slant: float, summed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building the filters is most of building a scattering head (every round, every site): a periodic
+    copy whose every term underflows to 0.0 adds nothing, so skipping it changes no bit."""
+    import math
+
+    import numpy as np
+
+    import models.scattering as scattering
+
+    size = padded_size(64, 2)
+    calls = []
+    meshgrid = np.meshgrid
+    monkeypatch.setattr(scattering.np, "meshgrid", lambda *a, **k: calls.append(1) or meshgrid(*a, **k))
+    for theta in (0.0, 3 * math.pi / 8):
+        fast = scattering.gabor_2d(size, sigma, theta, 0.75 * math.pi / sigma, slant)
+        assert len(calls) == summed  # of 25 copies
+        calls.clear()
+        with monkeypatch.context() as every:
+            every.setattr(scattering, "_UNDERFLOW", math.inf)
+            full = scattering.gabor_2d(size, sigma, theta, 0.75 * math.pi / sigma, slant)
+        assert len(calls) == 25 and fast.tobytes() == full.tobytes()
+        calls.clear()
