@@ -24,9 +24,11 @@ def stop_child(child: subprocess.Popen[bytes] | None, timeout: float = 20.0) -> 
 
 def processes_in(folder: Path, names: tuple[str, ...]) -> list[int]:
     """Pids of this user's processes working in ``folder`` whose command line names one of ``names``."""
-    folder = folder.resolve()
-    found = []
-    for entry in Path("/proc").iterdir():
+    folder, proc = folder.resolve(), Path("/proc")
+    found: list[int] = []
+    if not proc.is_dir():  # not Linux: nothing to find this way
+        return found
+    for entry in proc.iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
