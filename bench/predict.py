@@ -72,7 +72,7 @@ def _forward(model: torch.nn.Module, tensors: torch.Tensor, batch: int, device: 
     # Each batch its own tensor, as predict stacks them (a slice of one big tensor can run at another speed).
     batches = [tensors[i:i + batch].clone() for i in range(0, len(tensors), batch)]
     with torch.inference_mode():
-        for x in batches[:3]:  # warm-up: a scattering head's first batches build its filters
+        for x in batches[:3]:  # warm-up: a network's first batches run slower (the scattering head's most)
             model(x.to(device))
         t0 = time.perf_counter()
         for x in batches:
@@ -110,7 +110,7 @@ def measure(name: str, src: Path, work: Path, size: int, batch: int, device: str
     decode = len(arrays) / (time.perf_counter() - t0)
     tensors = torch.from_numpy(np.stack(arrays))
     best: Figures | None = None
-    for _ in range(repeat):  # taken in turns, best of each: a shared VM's noise hits both alike
+    for _ in range(repeat):  # in pairs, one right after the other: a drift of the VM's speed hits both alike
         bare, bare_threads = _bare(model.to(device), tensors, batch, device)
         t0 = time.perf_counter()
         summary = predict_folder(release, src, work / f"out-{name}", thresholds=(0.5,), threshold_label="bench",
@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--networks", default="scatter-head,resnet18")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=5, help="measured pairs (predict, then bare)")
+    parser.add_argument("--repeat", type=int, default=5, help="measured pairs (bare, then predict)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -150,10 +150,10 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Feder
         torch.save(final_state, fh)
     write_metrics(out / METRICS_FILE, history, run_config, {"final_model": MODEL_FILE, **site_dp_extra()})
     plot_metrics(out / PLOT_FILE, history)
+    last_round = max((r.round for r in history.rounds), default=0)
     if cfg.release_key:
-        _release(out, Path(cfg.release_key), grid, cfg, max((r.round for r in history.rounds), default=0))
-    return FederationResult(out, model_path, out / METRICS_FILE, out / PLOT_FILE, history,
-                            max((r.round for r in history.rounds), default=0))
+        _release(out, Path(cfg.release_key), grid, cfg, last_round)
+    return FederationResult(out, model_path, out / METRICS_FILE, out / PLOT_FILE, history, last_round)
 
 
 
