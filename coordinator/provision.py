@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -40,7 +41,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from medfed.files import write_file
 from medfed.node_keys import NodeKeyError, fingerprint, load_public_key, parse_public_key, public_line
-from medfed.settings import DEFAULT_EVALUATION_NOISE, DEFAULT_MAX_MODEL_ABS, describe_validation, site_template_lines
+from medfed.settings import (
+    DEFAULT_EVALUATION_NOISE,
+    DEFAULT_MAX_MODEL_ABS,
+    describe_validation,
+    site_template_lines,
+    toml_value,
+)
 
 CONSORTIUM_FILE = "consortium.toml"
 KIT_FILE = "kit.toml"
@@ -97,6 +104,13 @@ class SiteEntry(BaseModel):
         return v
 
 
+#: What heads every consortium.toml this module writes: who reads it, and how sites change.
+CONSORTIUM_HEADER = (
+    "# medfed consortium: read by `medfed coordinator start` and `medfed run`.\n"
+    "# Sites are added and revoked with `medfed consortium add-site` / `revoke-site`.\n"
+)
+
+
 class ConsortiumConfig(BaseModel):
     """`consortium.toml`: the coordinator's view of the consortium (no private key in it)."""
 
@@ -116,21 +130,7 @@ class ConsortiumConfig(BaseModel):
         return [s for s in self.sites if s.status == "active"]
 
     def to_toml(self) -> str:
-        hosts = ", ".join(_q(h) for h in self.coordinator_hosts)
-        lines = [
-            "# medfed consortium: read by `medfed coordinator start` and `medfed run`.",
-            "# Sites are added and revoked with `medfed consortium add-site` / `revoke-site`.",
-            f"name = {_q(self.name)}",
-            f"coordinator-hosts = [{hosts}]",
-            f"port = {self.port}",
-            f"bind-host = {_q(self.bind_host)}",
-        ]
-        for s in self.sites:
-            lines += ["", "[[sites]]", f"name = {_q(s.name)}", f"public-key = {_q(s.public_key)}",
-                      f"status = {_q(s.status)}", f"added = {_q(s.added)}"]
-            if s.revoked:
-                lines.append(f"revoked = {_q(s.revoked)}")
-        return "\n".join(lines) + "\n"
+        return CONSORTIUM_HEADER + tomli_w.dumps(self.model_dump(mode="json", by_alias=True))
 
 
 def load_consortium(directory: Path) -> ConsortiumConfig:
@@ -149,11 +149,6 @@ def load_consortium(directory: Path) -> ConsortiumConfig:
         return ConsortiumConfig.model_validate(raw)
     except ValidationError as err:
         raise explain(path, err) from None
-
-
-def _q(value: str) -> str:
-    """A TOML basic string (paths and names only; no control characters)."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 # ---- files ---------------------------------------------------------------------------------------
@@ -430,9 +425,9 @@ def kit_toml(consortium: str, site: str, superlink: str, clientapp: int = DEFAUL
     """The site's kit.toml (validated at the site by site_client.kit.KitConfig)."""
     return f"""# medfed site kit for {site} in consortium {consortium}.
 # `medfed site start KIT --data DEID_DIR` reads this file. Paths are relative to this folder.
-consortium = {_q(consortium)}
-name = {_q(site)}                   # this site
-superlink = {_q(superlink)}         # the coordinator's SuperLink (HTTPS, outbound only)
+consortium = {toml_value(consortium)}
+name = {toml_value(site)}                   # this site
+superlink = {toml_value(superlink)}         # the coordinator's SuperLink (HTTPS, outbound only)
 ca-cert = "ca.pem"                  # checks the coordinator's TLS certificate
 auth-key = "auth/node.key"          # made here by `medfed site keygen` (mode 0600; never leaves the site)
 tls-cert = "auth/tls.pem"           # this site's TLS client certificate, signed by the consortium CA

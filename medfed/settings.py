@@ -6,12 +6,12 @@ value is refused with the field's name before anything trains.
 
 from __future__ import annotations
 
-import json
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 #: Default bound on |value| in an arriving global model (SiteConfig ``max-model-abs``).
@@ -349,35 +349,13 @@ class SiteConfig(BaseModel):
             raise _explain(source, err) from None
 
     def to_toml(self) -> str:
-        """Serialise as `site.toml` text (paths absolute)."""
-        lines = [
-            f'name = "{self.name}"',
-            f'data-dir = "{self.data_dir}"',
-            f'state-dir = "{self.state_dir}"',
-        ]
-        if self.audit_dir is not None:
-            lines.append(f'audit-dir = "{self.audit_dir}"')
-        if self.audit_key is not None:
-            lines.append(f'audit-key = "{self.audit_key}"')
-        if self.release_key is not None:
-            lines.append(f'release-key = "{self.release_key}"')
-        lines.append(f"epsilon-cap = {self.epsilon_cap!r}")
-        if self.epsilon_cap_per_run is not None:
-            lines.append(f"epsilon-cap-per-run = {self.epsilon_cap_per_run!r}")
-        lines += [f"delta = {self.delta!r}", f"evaluation-noise = {self.evaluation_noise!r}"]
-        if self.size_bucket is not None:
-            lines.append(f"size-bucket = {self.size_bucket}")
-        lines.append(f"max-model-abs = {self.max_model_abs!r}")
-        if self.approved_studies:
-            lines.append(f"approved-studies = {json.dumps(list(self.approved_studies))}")
-        lines += ["", "[run-bounds]"]
-        for key, value in self.run_bounds.model_dump(by_alias=True).items():
-            lines.append(f"{key} = {json.dumps(list(value) if isinstance(value, tuple) else value)}")
-        return "\n".join(lines) + "\n"
+        """Serialise as `site.toml` text (paths absolute), every field from the model itself."""
+        return tomli_w.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True))
 
 
-def _toml_value(value: Any) -> str:
-    return json.dumps(str(value)) if isinstance(value, str | Path) else repr(value)
+def toml_value(value: Any) -> str:
+    """``value`` as a TOML value (strings and paths escaped by tomli_w), for hand-laid, commented TOML files."""
+    return tomli_w.dumps({"v": str(value) if isinstance(value, Path) else value}).removeprefix("v = ").rstrip("\n")
 
 
 def site_template_lines(values: Mapping[str, Any], commented: Mapping[str, Any] | None = None) -> list[str]:
@@ -394,7 +372,7 @@ def site_template_lines(values: Mapping[str, Any], commented: Mapping[str, Any] 
         for source, prefix in ((values, ""), (commented, "# ")):
             if key in source:
                 unknown.discard(key)
-                setting = f"{prefix}{key} = {_toml_value(source[key])}"
+                setting = f"{prefix}{key} = {toml_value(source[key])}"
                 lines.append(f"{setting:<35} # {field.description}" if field.description else setting)
     if unknown:
         raise ValueError(f"not SiteConfig keys: {sorted(unknown)}")

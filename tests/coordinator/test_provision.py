@@ -118,6 +118,16 @@ def test_consortium_and_kit_files_validate(cons: Path) -> None:
         assert (cons / "kits" / s / "medfed-site.service").read_text().count("ExecStart=") == 1
 
 
+def test_names_with_quotes_and_backslashes_survive_the_files(tmp_path: Path) -> None:
+    """A consortium named as people name things still writes TOML its readers parse back to the same name."""
+    name = 'St. Mary\'s "North" \\ Partners'
+    d = tmp_path / "cons"
+    init_consortium(d, name, ["coord.example.org"], [("hospital-a", keygen(d, "hospital-a"))])
+    assert load_consortium(d).name == name
+    kit = KitConfig.model_validate(tomllib.loads((d / "kits" / "hospital-a" / "kit.toml").read_text()))
+    assert kit.consortium == name
+
+
 def test_add_and_revoke_site(cons: Path) -> None:
     entry = add_site(cons, "hospital-d", keygen(cons, "hospital-d"))
     assert entry.status == "active" and (cons / "kits" / "hospital-d" / "auth" / "node.pub").is_file()

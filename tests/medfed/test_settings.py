@@ -74,6 +74,15 @@ def test_site_toml_roundtrip_and_relative_paths(tmp_path: Path) -> None:
     assert got.data_dir == (tmp_path / "deid").resolve()
 
 
+def test_site_toml_keeps_paths_with_quotes_and_backslashes(tmp_path: Path) -> None:
+    odd = tmp_path / 'St "Mary\'s" \\ radiology'
+    cfg = SiteConfig(name="h", data_dir=odd / "deid", state_dir=odd / "state", epsilon_cap=8.0,
+                     approved_studies=("a" * 64,))
+    path = tmp_path / "site.toml"
+    path.write_text(cfg.to_toml())
+    assert SiteConfig.from_toml(path) == cfg
+
+
 def test_site_toml_errors_name_file_and_field(tmp_path: Path) -> None:
     path = tmp_path / "site.toml"
     path.write_text('name = "x"\ndata-dir = "d"\nstate-dir = "s"\nepsilon-cap = -1\n')
