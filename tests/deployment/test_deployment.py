@@ -654,9 +654,11 @@ def test_site_killed_mid_round_round_completes_and_site_rejoins(world: World) ->
     before = _count(world.sites[victim].text(), "Receiving: train message")
     run = Proc("run-sitekill", [MEDFED, "run", str(world.cons), "--rounds", "2", "--run-name", "sitekill",
                                 # the killed site's round-1 message may go unanswered: round 1 then ends at
-                                # the round timeout, so keep it short (the others train in seconds)
+                                # the round timeout, so keep it short (the others train in seconds); the
+                                # restarted site is refused until its old session misses two heartbeats
+                                # (20 s with the site's, 60 s with Flower's), and must be back for round 2
                                 "--run-config", BASE_CONFIG.replace("min-train-nodes=3", "min-train-nodes=2")
-                                .replace("round-timeout=300.0", "round-timeout=75.0")
+                                .replace("round-timeout=300.0", "round-timeout=45.0")
                                 + " fraction-evaluate=0.0"], world.root / "logs" / "run-sitekill.log").start()
     try:
         wait_for(lambda: _count(world.sites[victim].text(), "Receiving: train message") > before, 300,

@@ -325,3 +325,22 @@ def test_the_supernode_tries_a_lost_coordinator_again_within_seconds(monkeypatch
     # everything else is Flower's: what it retries, when it gives up, how it waits
     assert ours.recoverable_exceptions == flowers.recoverable_exceptions and ours.max_time is None
     assert ours.should_giveup is not None and ours.jitter is flowers.jitter
+
+
+def test_the_supernode_heartbeats_so_a_crashed_site_rejoins_within_20_seconds(monkeypatch: Any) -> None:
+    """The coordinator refuses a restarted site until its old session misses two heartbeats: 60 s with
+    Flower's interval. Ours is announced and kept at 10 s, the least Flower's SuperLink accepts."""
+    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_MIN_INTERVAL, HEARTBEAT_PATIENCE
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
+
+    from site_client import supernode
+
+    assert HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL == 60  # what it would be left alone
+    for module in (heartbeat, fleet_http_connection):
+        monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", HEARTBEAT_DEFAULT_INTERVAL)
+    supernode.shorten_heartbeat()
+    # the interval the SuperNode announces on activation and with each beat, and the one its sender keeps
+    assert fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL == heartbeat.HEARTBEAT_DEFAULT_INTERVAL == 10
+    assert HEARTBEAT_MIN_INTERVAL <= supernode.HEARTBEAT_SECONDS  # the SuperLink refuses a shorter one
+    assert HEARTBEAT_PATIENCE * supernode.HEARTBEAT_SECONDS == 20
