@@ -152,12 +152,13 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Feder
     plot_metrics(out / PLOT_FILE, history)
     last_round = max((r.round for r in history.rounds), default=0)
     if cfg.release_key:
-        _release(out, Path(cfg.release_key), grid, cfg, last_round)
+        _release(out, Path(cfg.release_key), grid, cfg, last_round,
+                 {node: s.name for r in history.rounds for node, s in r.sites.items() if s.name})
     return FederationResult(out, model_path, out / METRICS_FILE, out / PLOT_FILE, history, last_round)
 
 
 
-def _release(out: Path, key: Path, grid: Grid, cfg: RunConfig, last_round: int) -> None:
+def _release(out: Path, key: Path, grid: Grid, cfg: RunConfig, last_round: int, names: dict[str, str]) -> None:
     """Sign the final model as the consortium's release (a fresh release/ per finished run) and send it to
     the sites in the run's last message; a site that does not keep it gets it as a file, as before."""
     import shutil
@@ -171,7 +172,7 @@ def _release(out: Path, key: Path, grid: Grid, cfg: RunConfig, last_round: int) 
     path = release_run(out, load_signing_key(key, what=RELEASE_KEY_WHAT))
     log.info("release signed: %s", path)
     try:
-        report = deliver_release(grid, path, last_round, timeout=min(cfg.round_timeout, DELIVERY_TIMEOUT))
+        report = deliver_release(grid, path, last_round, timeout=min(cfg.round_timeout, DELIVERY_TIMEOUT), names=names)
     except Exception as err:  # noqa: BLE001 - the release is signed on disk; sending it is a convenience
         log.warning("the release was not sent to the sites (%s: %s); distribute %s as a file",
                     type(err).__name__, err, path)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,16 +77,17 @@ DELIVERY_FILE = "release-delivery.json"
 DELIVERY_TIMEOUT = 60.0
 
 
-def deliver_release(grid: Any, release_dir: Path, server_round: int, timeout: float = DELIVERY_TIMEOUT) -> Path:
+def deliver_release(grid: Any, release_dir: Path, server_round: int, timeout: float = DELIVERY_TIMEOUT,
+                    names: Mapping[str, str] | None = None) -> Path:
     """Send the signed release to every connected site in the run's last message; write who kept it.
 
     Each site verifies it with the release key of its own kit and keeps it, or refuses it
     (site_client.releases); the coordinator only reports. ``release-delivery.json`` (beside
     ``release_dir``) maps each node to its site's name and "kept", or the site's reason, or "no answer".
+    ``names`` (node id -> site) names the sites whose answer carries no name: a refusal, or silence.
     """
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-    from anonymization.audit.anchors import ANCHOR_RECORD, AnchorError, parse_anchor
     from medfed.protocol import RELEASE_RECORD
     from models.release import release_bytes
 
@@ -93,20 +96,28 @@ def deliver_release(grid: Any, release_dir: Path, server_round: int, timeout: fl
     messages = [Message(RecordDict({RELEASE_RECORD: ConfigRecord(dict(files)),
                                     "config": ConfigRecord({"server-round": server_round})}),
                         dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
-    outcome: dict[str, dict[str, str]] = {str(n): {"site": "", "outcome": "no answer"} for n in nodes}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        entry = outcome.setdefault(str(reply.metadata.src_node_id), {"site": "", "outcome": ""})
+    outcome = delivery_outcomes(nodes, grid.send_and_receive(messages, timeout=timeout), names or {})
+    path = Path(release_dir).parent / DELIVERY_FILE
+    write_text(path, json.dumps({"release": Path(release_dir).name, "nodes": outcome}, indent=2) + "\n")
+    return path
+
+
+def delivery_outcomes(nodes: Iterable[int], replies: Iterable[Any],
+                      names: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """Node id -> its site and "kept", "not kept: REASON" or "no answer"; a keeping site names itself (its anchor)."""
+    from anonymization.audit.anchors import ANCHOR_RECORD, AnchorError, parse_anchor
+
+    outcome = {str(n): {"site": names.get(str(n), ""), "outcome": "no answer"} for n in nodes}
+    for reply in replies:
+        node = str(reply.metadata.src_node_id)
+        entry = outcome.setdefault(node, {"site": names.get(node, ""), "outcome": ""})
         if reply.has_error():
             entry["outcome"] = f"not kept: {reply.error.reason}"
             continue
         entry["outcome"] = "kept"
-        try:
+        with contextlib.suppress(AnchorError, KeyError, TypeError):  # no anchor: the name the run knew, if any
             entry["site"] = parse_anchor(reply.content[ANCHOR_RECORD])[0]
-        except (AnchorError, KeyError, TypeError):
-            entry["site"] = ""
-    path = Path(release_dir).parent / DELIVERY_FILE
-    write_text(path, json.dumps({"release": Path(release_dir).name, "nodes": outcome}, indent=2) + "\n")
-    return path
+    return outcome
 
 
 def delivery_line(release_dir: Path) -> str:
@@ -115,8 +126,12 @@ def delivery_line(release_dir: Path) -> str:
     if not path.is_file():
         return ""
     nodes = json.loads(path.read_text()).get("nodes", {})
-    kept = sorted(n.get("site") or node for node, n in nodes.items() if n.get("outcome") == "kept")
-    others = [f"{n.get('site') or node}: {n.get('outcome')}" for node, n in sorted(nodes.items())
+
+    def label(node: str, entry: dict[str, str]) -> str:  # "site node N": `medfed run` puts the enrolled name there
+        return entry.get("site") or f"site node {node}"
+
+    kept = sorted(label(node, n) for node, n in nodes.items() if n.get("outcome") == "kept")
+    others = [f"{label(node, n)}: {n.get('outcome')}" for node, n in sorted(nodes.items())
               if n.get("outcome") != "kept"]
     return f"sent to the sites: kept by {len(kept)} of {len(nodes)} ({', '.join(kept) or 'none'})" + (
         f"; {'; '.join(others)}" if others else "")

@@ -54,6 +54,8 @@ pytestmark = [pytest.mark.deployment, pytest.mark.timeout(1500)]
 MEDFED = str(Path(sys.executable).parent / "medfed")
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 REVOKED = "hospital-r"
+#: hospital-r is enrolled but connects only for the refusal tests: a run waits a little for it, not 120 s.
+WAIT_BRIEFLY = ("--wait-for-sites", "5")
 #: Small and fast: 32x32 images, batches of 8.
 BASE_CONFIG = ("image-size=32 batch-size=8 min-available-nodes=3 min-train-nodes=3 min-evaluate-nodes=1 "
                "round-timeout=300.0")
@@ -199,8 +201,7 @@ class World:
         return {k: int(v["node_id"]) for k, v in regs.items() if v["node_id"] is not None}
 
     def run(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        # hospital-r is enrolled but connects only for the refusal tests: wait a little for it, not 120 s
-        wait = () if "--wait-for-sites" in args else ("--wait-for-sites", "5")
+        wait = () if "--wait-for-sites" in args else WAIT_BRIEFLY
         return subprocess.run([MEDFED, "run", str(self.cons), *args, *wait], capture_output=True, text=True,
                               timeout=timeout, env=hardening.child_env())
 
@@ -653,6 +654,7 @@ def test_site_killed_mid_round_round_completes_and_site_rejoins(world: World) ->
     victim = "hospital-c"
     before = _count(world.sites[victim].text(), "Receiving: train message")
     run = Proc("run-sitekill", [MEDFED, "run", str(world.cons), "--rounds", "2", "--run-name", "sitekill",
+                                *WAIT_BRIEFLY,
                                 # the killed site's round-1 message may go unanswered: round 1 then ends at
                                 # the round timeout, so keep it short (the others train in seconds); the
                                 # restarted site is refused until its old session misses two heartbeats
@@ -681,7 +683,7 @@ def test_site_killed_mid_round_round_completes_and_site_rejoins(world: World) ->
 def test_coordinator_killed_after_round_1_resumes_without_losing_or_double_counting_spend(world: World) -> None:
     out = world.run_dir("resumable")
     run = Proc("run-resumable", [MEDFED, "run", str(world.cons), "--rounds", "2", "--run-name", "resumable",
-                                 "--run-config", BASE_CONFIG + " fraction-evaluate=0.0"],
+                                 *WAIT_BRIEFLY, "--run-config", BASE_CONFIG + " fraction-evaluate=0.0"],
                world.root / "logs" / "run-resumable.log").start()
     try:
         wait_for(lambda: (out / "checkpoints" / "round-0001.pt").exists(), 600, "the round-1 checkpoint")

@@ -141,3 +141,31 @@ def _pem(tmp_path: Path, signer: AuditSigner) -> Path:
     pub = tmp_path / "pub.pem"
     pub.write_bytes(signer.public_pem())
     return pub
+
+
+def test_the_delivery_report_names_every_site_the_run_knew_kept_refused_or_silent(tmp_path: Path) -> None:
+    """A site that refuses the release sends no anchor: the report names it by the name the run knew."""
+    from flwr.app import ConfigRecord, Error, Message, MessageType, Metadata, RecordDict
+
+    from anonymization.audit.anchors import ANCHOR_RECORD, anchor_fields
+    from coordinator.release import DELIVERY_FILE, delivery_line, delivery_outcomes
+
+    def reply(node: int, **kw: object) -> Message:
+        meta = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="m",
+                        group_id="", created_at=0.0, ttl=60.0, message_type=MessageType.QUERY)
+        return Message(metadata=meta, **kw)  # type: ignore[arg-type]
+
+    kept = reply(11, content=RecordDict({ANCHOR_RECORD: ConfigRecord(anchor_fields("hospital-a", 3, "a" * 64))}))
+    refused = reply(12, error=Error(code=0, reason="signed by another key"))
+    names = {"11": "hospital-a", "12": "hospital-b", "13": "hospital-c"}
+    out = delivery_outcomes([11, 12, 13], [kept, refused], names)
+    assert out == {"11": {"site": "hospital-a", "outcome": "kept"},
+                   "12": {"site": "hospital-b", "outcome": "not kept: signed by another key"},
+                   "13": {"site": "hospital-c", "outcome": "no answer"}}
+    (tmp_path / DELIVERY_FILE).write_text(json.dumps({"release": "release", "nodes": out}))
+    assert delivery_line(tmp_path / "release") == (
+        "sent to the sites: kept by 1 of 3 (hospital-a); hospital-b: not kept: signed by another key; "
+        "hospital-c: no answer")
+    # a node the run never named stays a node, in the words `medfed run` replaces with its enrolled name
+    (tmp_path / DELIVERY_FILE).write_text(json.dumps({"nodes": delivery_outcomes([12], [refused], {})}))
+    assert delivery_line(tmp_path / "release").endswith("(none); site node 12: not kept: signed by another key")
