@@ -61,15 +61,16 @@ class Runtime:
 
     def client(self, token: str | None = None) -> Any:
         from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-        from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
+
+        from site_client.supernode import capped_retry_invoker
 
         interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
         if token is not None:
             interceptors.append(RuntimeTokenHttpInterceptor(token))
         return RuntimeHttpClient.from_server_address(
             server_address=self.address, insecure=False, root_certificates=self.ca_file.read_bytes(),
-            interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+            interceptors=interceptors, retry_invoker=capped_retry_invoker())
 
 
 def _heartbeat(client: Any, stop: threading.Event) -> None:

@@ -32,7 +32,10 @@ import os
 import ssl
 import sys
 import time as _time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flwr.supercore.retry import RetryInvoker
 
 #: Longest wait between two pulls of the SuperNode (and between checks for the site's reply).
 POLL_SECONDS = 0.5
@@ -137,18 +140,25 @@ def present_client_certificate(cert: str | None, key: str | None, *, superlink: 
     fleet_http_connection.FleetHttpClient = _FleetClientWithCertificate  # type: ignore[misc]
 
 
+def capped_retry_invoker() -> RetryInvoker:
+    """Flower's HTTP retry invoker, waiting at most :data:`RECONNECT_MAX_SECONDS` between attempts (Flower's: 20 s).
+
+    What is retried, the jitter and when to give up stay Flower's. Used by the SuperNode towards the
+    coordinator and by the site executor towards its SuperNode, which `medfed site start` may be restarting.
+    """
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.retry.retry_invoker import exponential
+
+    invoker = make_simple_http_retry_invoker()
+    invoker.wait_gen_factory = lambda: exponential(max_delay=RECONNECT_MAX_SECONDS)
+    return invoker
+
+
 def cap_reconnect_wait() -> None:
     """Make the Fleet connection's retries wait at most :data:`RECONNECT_MAX_SECONDS` between attempts."""
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
     from flwr.supernode import fleet_http_connection
 
-    def _invoker() -> RetryInvoker:
-        invoker = make_simple_http_retry_invoker()
-        invoker.wait_gen_factory = lambda: exponential(max_delay=RECONNECT_MAX_SECONDS)
-        return invoker
-
-    fleet_http_connection.make_simple_http_retry_invoker = _invoker  # type: ignore[assignment]
+    fleet_http_connection.make_simple_http_retry_invoker = capped_retry_invoker  # type: ignore[assignment]
 
 
 def shorten_heartbeat() -> None:

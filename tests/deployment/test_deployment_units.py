@@ -327,6 +327,25 @@ def test_the_supernode_tries_a_lost_coordinator_again_within_seconds(monkeypatch
     assert ours.should_giveup is not None and ours.jitter is flowers.jitter
 
 
+def test_the_site_executor_finds_its_restarted_supernode_within_seconds(tmp_path: Path) -> None:
+    """`medfed site start` restarts a SuperNode the coordinator refused; the executor beside it retries its
+    loopback Runtime API with the same capped waits, not Flower's growing 20 s."""
+    import itertools
+
+    from coordinator.provision import Layout, init_consortium
+    from site_client.executor import Runtime
+    from site_client.kit import generate_site_key
+
+    cons = tmp_path / "c"
+    init_consortium(cons, "n", ["localhost"], [("a", generate_site_key(tmp_path / "site").public)])
+    client = Runtime("127.0.0.1:9", Layout(cons).tls / "ca.pem").client()
+    try:
+        invoker = client._retry_invoker  # Flower's ProtobufClient keeps the invoker it retries every call with
+        assert list(itertools.islice(invoker.wait_gen_factory(), 6)) == [1, 2, 4, 4, 4, 4]
+    finally:
+        client.close()
+
+
 def test_the_supernode_heartbeats_so_a_crashed_site_rejoins_within_20_seconds(monkeypatch: Any) -> None:
     """The coordinator refuses a restarted site until its old session misses two heartbeats: 60 s with
     Flower's interval. Ours is announced and kept at 10 s, the least Flower's SuperLink accepts."""
