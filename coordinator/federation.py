@@ -152,8 +152,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Feder
     plot_metrics(out / PLOT_FILE, history)
     last_round = max((r.round for r in history.rounds), default=0)
     if cfg.release_key:
-        _release(out, Path(cfg.release_key), grid, cfg, last_round,
-                 {node: s.name for r in history.rounds for node, s in r.sites.items() if s.name})
+        _release(out, Path(cfg.release_key), grid, cfg, last_round, history.named_sites())
     return FederationResult(out, model_path, out / METRICS_FILE, out / PLOT_FILE, history, last_round)
 
 

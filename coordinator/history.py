@@ -60,13 +60,13 @@ class RunHistory:
 
     rounds: list[RoundRecord] = field(default_factory=list)
 
+    def named_sites(self) -> dict[str, str]:
+        """node id -> the name its site gave (its audit anchor), for the nodes that gave one (the latest)."""
+        return {node: s.name for r in self.rounds for node, s in r.sites.items() if s.name}
+
     def site_names(self) -> dict[str, str]:
         """node id -> the label a person reads: the site's name (with its node where two share one)."""
-        named: dict[str, str] = {}
-        for r in self.rounds:
-            for node, s in r.sites.items():
-                if s.name:
-                    named[node] = s.name
+        named = self.named_sites()
         nodes = sorted({n for r in self.rounds for n in r.sites})
         counts: dict[str, int] = {}
         for n in nodes:
