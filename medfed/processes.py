@@ -45,18 +45,23 @@ def processes_in(folder: Path, names: tuple[str, ...]) -> list[int]:
 def stop_processes_in(folder: Path, names: tuple[str, ...], grace: float = 5.0) -> list[int]:
     """SIGTERM what :func:`processes_in` finds, then SIGKILL what is still there after ``grace`` seconds.
 
-    Found again before each signal (folder and command line), so a pid reused meanwhile is never hit.
+    Found again before the SIGKILL (folder and command line), so a pid reused meanwhile is never hit.
     """
     pids = processes_in(folder, names)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        targets = [pid for pid in processes_in(folder, names) if pid in pids and _alive(pid)]
-        for pid in targets:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(_alive(pid) for pid in targets):
-            time.sleep(0.1)
+    left = _signal_and_wait([pid for pid in pids if _alive(pid)], signal.SIGTERM, grace)
+    _signal_and_wait([pid for pid in processes_in(folder, names) if pid in left], signal.SIGKILL, grace)
     return pids
+
+
+def _signal_and_wait(pids: list[int], sig: signal.Signals, grace: float) -> list[int]:
+    """Send ``sig`` to ``pids``; the ones still alive after at most ``grace`` seconds."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    return [pid for pid in pids if _alive(pid)]
 
 
 def _alive(pid: int) -> bool:
